@@ -1,0 +1,215 @@
+"""pydantic models of loopd.yaml, with ``LOOPD_*`` environment overrides.
+
+Paths in the file are relative to the file's own directory. Overrides:
+``LOOPD_LISTEN``, ``LOOPD_STORE_PATH``, ``LOOPD_LOG_FORMAT``, ``LOOPD_LOG_LEVEL``,
+``LOOPD_KAFKA_BOOTSTRAP`` (every kafka source), ``LOOPD_MQTT_HOST`` /
+``LOOPD_MQTT_PORT`` (every mqtt source).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loopd.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: int | str) -> int:
+    """``1048576``, ``"512KiB"``, ``"1MiB"`` -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = text[len(digits):].strip()
+    if unit not in _SIZE_UNITS or not digits:
+        raise ValueError(f"bad size {value!r} (use bytes or KiB/MiB)")
+    return int(float(digits) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: int | float | str) -> float:
+    """``30``, ``"500ms"``, ``"10m"``, ``"1h30m"`` -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"bad duration {value!r} (use e.g. 30s, 10m, 1h)")
+    text, total, number = value.strip().lower(), 0.0, ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in _DURATION_UNITS or not number:
+            raise ValueError(f"bad duration {value!r} (use e.g. 30s, 10m, 1h)")
+        total += float(number) * _DURATION_UNITS[unit]
+        number = ""
+        i += len(unit)
+    if number:  # trailing bare number means seconds
+        total += float(number)
+    return total
+
+
+Duration = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SourceBase(Strict):
+    name: str
+    max_payload: int = 1024 * 1024
+
+    @field_validator("max_payload", mode="before")
+    @classmethod
+    def _size(cls, v: int | str) -> int:
+        return parse_size(v)
+
+
+class WebhookSourceConfig(_SourceBase):
+    """Generic events posted to ``POST /v1/events``."""
+
+    type: Literal["webhook"]
+
+
+class AlertmanagerSourceConfig(_SourceBase):
+    """Alertmanager webhook payloads (version 4) posted to ``POST /v1/alertmanager``."""
+
+    type: Literal["alertmanager"]
+
+
+class MqttSourceConfig(_SourceBase):
+    type: Literal["mqtt"]
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topics: list[str] = Field(min_length=1)
+    qos: Literal[0, 1, 2] = 1
+    client_id: str | None = None
+    username: str | None = None
+    password_ref: str | None = None
+    keepalive: int = 30
+
+
+class KafkaSourceConfig(_SourceBase):
+    type: Literal["kafka"]
+    bootstrap: str = "127.0.0.1:9092"
+    topics: list[str] = Field(min_length=1)
+    group: str = "loopd"
+    dead_letter_topic: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    commit_interval: Duration = 0.5
+
+
+SourceConfig = Annotated[
+    WebhookSourceConfig | AlertmanagerSourceConfig | MqttSourceConfig | KafkaSourceConfig,
+    Field(discriminator="type"),
+]
+
+
+class StoreConfig(Strict):
+    path: Path = Path("var/loopd.db")
+    batch_max: int = 2000
+    batch_wait: Duration = 0.002
+
+
+class LogConfig(Strict):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class EngineConfig(Strict):
+    queue_size: int = Field(default=10_000, ge=1)
+    max_concurrent_runs: int = Field(default=64, ge=1)
+    dedup_window: int = Field(default=200_000, ge=1000)
+
+
+class LoopdConfig(Strict):
+    listen: str = "127.0.0.1:8080"
+    sources: list[SourceConfig] = Field(default_factory=list)
+    rules: list[Path] = Field(default_factory=lambda: [Path("rules")])
+    packs: list[Path] = Field(default_factory=lambda: [Path("packs")])
+    inventory: Path | None = None
+    store: StoreConfig = StoreConfig()
+    log: LogConfig = LogConfig()
+    engine: EngineConfig = EngineConfig()
+    source_file: Path | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        seen: set[str] = set()
+        for s in sources:
+            if s.name in seen:
+                raise ValueError(f"duplicate source name {s.name!r}")
+            seen.add(s.name)
+        return sources
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+
+def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
+    """Read, override from the environment, validate and resolve relative paths."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", origin=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', exc)}", origin=where) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping", origin=str(path))
+    _apply_env(raw)
+    if listen:
+        raw["listen"] = listen
+    try:
+        cfg = LoopdConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{loc}: {first['msg']}", origin=str(path)) from None
+    base = path.parent
+    return cfg.model_copy(update={
+        "rules": [base / p for p in cfg.rules],
+        "packs": [base / p for p in cfg.packs],
+        "inventory": base / cfg.inventory if cfg.inventory else None,
+        "store": cfg.store.model_copy(update={"path": base / cfg.store.path}),
+        "source_file": path,
+    })
+
+
+def _apply_env(raw: dict[str, object]) -> None:
+    env = os.environ
+    if "LOOPD_LISTEN" in env:
+        raw["listen"] = env["LOOPD_LISTEN"]
+    for var, section, key in (
+        ("LOOPD_STORE_PATH", "store", "path"), ("LOOPD_LOG_FORMAT", "log", "format"),
+        ("LOOPD_LOG_LEVEL", "log", "level"),
+    ):
+        if var in env:
+            sub = raw.setdefault(section, {})
+            if isinstance(sub, dict):
+                sub[key] = env[var]
+    for src in raw.get("sources") or []:  # type: ignore[attr-defined]
+        if not isinstance(src, dict):
+            continue
+        if src.get("type") == "kafka" and "LOOPD_KAFKA_BOOTSTRAP" in env:
+            src["bootstrap"] = env["LOOPD_KAFKA_BOOTSTRAP"]
+        if src.get("type") == "mqtt":
+            if "LOOPD_MQTT_HOST" in env:
+                src["host"] = env["LOOPD_MQTT_HOST"]
+            if "LOOPD_MQTT_PORT" in env:
+                src["port"] = int(env["LOOPD_MQTT_PORT"])

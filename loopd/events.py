@@ -1,0 +1,146 @@
+"""Event: one normalized message; Delivery: an event plus how to acknowledge it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from loopd.errors import DecodeError, PayloadTooLarge
+
+JSON = Any
+Ack = Callable[[], None]
+
+
+def _no_ack() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class Event:
+    """One normalized message from any source.
+
+    ``data`` is the decoded payload (an object); rules match on dotted paths
+    inside it. ``vars`` holds values captured from the topic pattern of the
+    source (``telemetry/{host}/cpu`` -> ``{"host": "web-1"}``). ``origin``
+    names where the message came from, for error messages and logs.
+    """
+
+    id: str
+    source: str
+    topic: str
+    data: dict[str, JSON]
+    key: str | None = None
+    time: float = field(default_factory=time.time)
+    headers: dict[str, str] = field(default_factory=dict)
+    vars: dict[str, str] = field(default_factory=dict)
+    origin: str = ""
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "id": self.id, "source": self.source, "topic": self.topic, "key": self.key,
+            "time": self.time, "headers": self.headers, "vars": self.vars, "data": self.data,
+        }
+
+
+@dataclass(slots=True)
+class Delivery:
+    """An event handed from a source to the engine.
+
+    The engine calls ``ack`` exactly once, after the decision about the event
+    is durable (or once it knows there is nothing to decide). A source must not
+    consider the message consumed before that (Kafka commits its offset then).
+    """
+
+    event: Event
+    ack: Ack = _no_ack
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def decode_object(payload: bytes, *, max_payload: int, origin: str) -> dict[str, JSON]:
+    """Decode a JSON object payload, or raise an EventError naming ``origin``."""
+    if len(payload) > max_payload:
+        raise PayloadTooLarge(
+            f"payload of {len(payload)} bytes exceeds max_payload {max_payload}", origin=origin
+        )
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}", origin=origin) from None
+    if not isinstance(data, dict):
+        raise DecodeError(
+            f"expected a JSON object, got {type(data).__name__}", origin=origin
+        )
+    return data
+
+
+def parse_time(value: JSON, *, origin: str) -> float:
+    """Accept epoch seconds (int/float) or an RFC 3339 string."""
+    if isinstance(value, bool):
+        raise DecodeError(f"time must be a number or RFC 3339 string, got {value!r}", origin=origin)
+    if isinstance(value, int | float):
+        # milliseconds since epoch are common on Kafka; anything past year 5138 is ms
+        return float(value) / 1000.0 if value > 1e11 else float(value)
+    if isinstance(value, str):
+        from datetime import datetime
+
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise DecodeError(f"time {value!r} is not RFC 3339", origin=origin) from None
+        if parsed.tzinfo is None:
+            from datetime import UTC
+
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    raise DecodeError(
+        f"time must be a number or RFC 3339 string, got {type(value).__name__}", origin=origin
+    )
+
+
+def event_from_object(
+    obj: dict[str, JSON], *, source: str, topic: str, origin: str, default_id: str | None = None,
+    default_key: str | None = None,
+) -> Event:
+    """Build an Event from a generic JSON envelope or a bare payload.
+
+    An envelope has a ``data`` object and optionally ``id``, ``topic``, ``key``,
+    ``time`` and ``headers``; anything else is taken as the data itself.
+    """
+    if isinstance(obj.get("data"), dict):
+        data: dict[str, JSON] = obj["data"]
+        ident = obj.get("id", default_id)
+        key = obj.get("key", default_key)
+        topic = obj.get("topic", topic)
+        headers = obj.get("headers") or {}
+        when = obj.get("time")
+        for name, value, types in (
+            ("id", ident, (str, int, type(None))), ("key", key, (str, type(None))),
+            ("topic", topic, (str,)), ("headers", headers, (dict,)),
+        ):
+            if not isinstance(value, types):
+                raise DecodeError(
+                    f"field {name!r} has wrong type {type(value).__name__}", origin=origin
+                )
+    else:
+        data, ident, key, headers, when = obj, default_id, default_key, {}, None
+    return Event(
+        id=str(ident) if ident is not None else new_id(),
+        source=source,
+        topic=topic,
+        data=data,
+        key=key,
+        time=parse_time(when, origin=origin) if when is not None else time.time(),
+        headers={str(k): str(v) for k, v in headers.items()},
+        origin=origin,
+    )
