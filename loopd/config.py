@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from loopd import yamlfile
 from loopd.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2}
@@ -138,6 +139,7 @@ class LoopdConfig(Strict):
     rules: list[Path] = Field(default_factory=lambda: [Path("rules")])
     packs: list[Path] = Field(default_factory=lambda: [Path("packs")])
     inventory: Path | None = None
+    pack_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     store: StoreConfig = StoreConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
@@ -163,7 +165,7 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
     """Read, override from the environment, validate and resolve relative paths."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yamlfile.load(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror}", origin=str(path)) from None
     except yaml.YAMLError as exc:
@@ -182,11 +184,15 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
         loc = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{loc}: {first['msg']}", origin=str(path)) from None
     base = path.parent
+
+    def rel(p: Path) -> Path:
+        return p if str(p) == ":memory:" else Path(os.path.normpath(base / p))
+
     return cfg.model_copy(update={
-        "rules": [base / p for p in cfg.rules],
-        "packs": [base / p for p in cfg.packs],
-        "inventory": base / cfg.inventory if cfg.inventory else None,
-        "store": cfg.store.model_copy(update={"path": base / cfg.store.path}),
+        "rules": [rel(p) for p in cfg.rules],
+        "packs": [rel(p) for p in cfg.packs],
+        "inventory": rel(cfg.inventory) if cfg.inventory else None,
+        "store": cfg.store.model_copy(update={"path": rel(cfg.store.path)}),
         "source_file": path,
     })
 

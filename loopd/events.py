@@ -58,6 +58,7 @@ class Delivery:
 
     event: Event
     ack: Ack = _no_ack
+    received: float = field(default_factory=time.monotonic)
 
 
 def new_id() -> str:

@@ -1,0 +1,121 @@
+"""The HTTP API (aiohttp, one port): health, metrics, ingest, rules, runs, reload.
+
+Every error is JSON ``{"error": "...", "status": N}`` naming the problem; an
+unexpected exception in a handler is logged with the request and answered 500
+without taking the daemon down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from loopd import metrics
+from loopd.engine import Engine
+from loopd.packs.registry import PackRegistry
+from loopd.sources.base import Source
+from loopd.store.base import Store
+from loopd.workflow.dispatcher import Dispatcher
+
+log = structlog.get_logger("loopd.api")
+
+
+@dataclass(slots=True)
+class ReloadResult:
+    rules: int
+    errors: list[str]
+
+
+@dataclass(slots=True)
+class ApiContext:
+    engine: Engine
+    store: Store
+    dispatcher: Dispatcher
+    registry: Callable[[], PackRegistry]
+    reload: Callable[[], Awaitable[ReloadResult]]
+    sources: dict[str, Source] = field(default_factory=dict)
+    push_sources: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> type, max
+    decision_timeout: float = 30.0
+    approve: Callable[[str, bool, str | None], Awaitable[str | None]] | None = None
+
+
+CTX = web.AppKey("loopd", ApiContext)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data, default=str), status=status,
+                        content_type="application/json")
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    return json_response({"error": message, "status": status, **extra}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason if exc.text is None else exc.text.strip())
+    except Exception:  # API boundary: answer 500, keep serving
+        log.exception("request failed", method=request.method, path=request.path)
+        return error(500, "internal error; see loopd's log")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    sources = {name: s.connected for name, s in ctx.sources.items()}
+    ready = all(sources.values())
+    return json_response({"ready": ready, "sources": sources}, status=200 if ready else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(body=metrics.exposition(),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def rules(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    ruleset = ctx.engine.ruleset
+    return json_response({
+        "rules": [{
+            "name": r.name, "origin": r.origin, "enabled": r.rule.enabled,
+            "source": r.source, "run": {r.kind: r.target}, "matches": ctx.engine.matches[r.name],
+            "for": r.for_s, "throttle": r.throttle.model_dump() if r.throttle else None,
+        } for r in ruleset.rules],
+        "errors": [str(e) for e in ruleset.errors],
+    })
+
+
+async def reload(request: web.Request) -> web.Response:
+    result = await request.app[CTX].reload()
+    return json_response({"rules": result.rules, "errors": result.errors})
+
+
+def build_app(ctx: ApiContext) -> web.Application:
+    from loopd.api import ingest, runs
+
+    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    app[CTX] = ctx
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/v1/rules", rules)
+    app.router.add_post("/v1/reload", reload)
+    ingest.add_routes(app)
+    runs.add_routes(app)
+    return app

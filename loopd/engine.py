@@ -1,0 +1,270 @@
+"""The engine: delivery -> match -> decide -> record -> ack.
+
+Two tasks share the work so the decision loop never waits on the disk:
+
+* the *decider* takes deliveries from the bounded queue in batches and decides
+  each event synchronously against in-memory state (open incidents, ``for:``
+  timers, throttles, recent event ids), appending what it decided to a Batch;
+* the *writer* commits each Batch in one transaction, then acknowledges its
+  deliveries (Kafka offsets become committable) and hands new runs over.
+
+In-memory state runs ahead of the disk, never the acknowledgements: after a
+crash the unacknowledged events are redelivered and decided again from the
+durable state, so no event is lost and none is decided twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loopd import metrics
+from loopd.catalog.inventory import Inventory
+from loopd.catalog.telemetry import Telemetry
+from loopd.errors import ConditionError, StoreError
+from loopd.events import Delivery, Event, new_id
+from loopd.rules.compile import CompiledRule
+from loopd.rules.loader import RuleSet
+from loopd.rules.matcher import RuleIndex
+from loopd.rules.throttle import ForTimers, Throttles
+from loopd.store.base import Batch, DecisionRecord, EventRecord, IncidentRecord, RunRecord, Store
+
+Clock = Callable[[Event], float]
+RunsReady = Callable[[list[RunRecord]], None]
+NO_KEY = "-"
+THROTTLE_MEMORY = 7 * 86400.0
+
+
+def wall_clock(_: Event) -> float:
+    return time.time()
+
+
+@dataclass(slots=True)
+class _Pending:
+    batch: Batch
+    deliveries: list[Delivery]
+    runs: list[RunRecord] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self, store: Store, rules: RuleSet, *, inventory: Inventory | None = None,
+        queue_size: int = 10_000, batch_max: int = 2000, dedup_window: int = 200_000,
+        clock: Clock = wall_clock, on_runs: RunsReady | None = None,
+    ) -> None:
+        self.store = store
+        self.inventory = inventory or Inventory()
+        self.telemetry = Telemetry()
+        self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
+        self.clock = clock
+        self.on_runs = on_runs
+        self.matches: Counter[str] = Counter()
+        self._batch_max = batch_max
+        self._dedup_window = dedup_window
+        self._written: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=2)
+        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._incidents: dict[tuple[str, str], IncidentRecord] = {}
+        self._throttles = Throttles()
+        self._timers = ForTimers()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.ruleset = rules
+        self._index = RuleIndex(rules.rules)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Restore what the store knows, before the first delivery."""
+        state = await self.store.load_state(
+            since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
+        for inc in state.open_incidents:
+            self._incidents[(inc.rule, inc.key)] = inc
+        for rule, key, since in state.for_timers:
+            self._timers.load(rule, key, since)
+        for rule, key, created in state.run_starts:
+            self._throttles.record(rule, key, created)
+        for ident in state.recent_events:
+            self._recent[ident] = None
+
+    async def run(self) -> None:
+        """Decide and write until cancelled; both halves stop together."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._decider(), name="engine-decider")
+            tg.create_task(self._writer(), name="engine-writer")
+
+    async def emit(self, delivery: Delivery) -> None:
+        """Hand a delivery to the engine; waits while the queue is full (backpressure)."""
+        self._in_flight += 1
+        self._idle.clear()
+        await self.queue.put(delivery)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every delivery handed in so far is decided, written and acked."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    def swap_rules(self, rules: RuleSet) -> None:
+        """Atomically switch to a new rule set (reload); open incidents are kept."""
+        self._index = RuleIndex(rules.rules)
+        self.ruleset = rules
+
+    def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
+        return self._incidents.get((rule, key))
+
+    async def finish_incident(self, incident_id: str, outcome: str) -> None:
+        """The incident's run ended: close it so the next event may start a new run."""
+        for ident, inc in list(self._incidents.items()):
+            if inc.id == incident_id:
+                del self._incidents[ident]
+                break
+        await self.store.close_incident(incident_id, time.time(), outcome)
+
+    # -- the two halves -------------------------------------------------------------
+
+    async def _decider(self) -> None:
+        queue = self.queue
+        while True:
+            first = await queue.get()
+            pending = _Pending(Batch(), [first])
+            self._decide(first.event, pending)
+            # Take what is already queued; no waiting, so latency stays low at low rates.
+            while len(pending.deliveries) < self._batch_max and not queue.empty():
+                delivery = queue.get_nowait()
+                pending.deliveries.append(delivery)
+                self._decide(delivery.event, pending)
+            metrics.queue_depth(queue.qsize())
+            # Waits when two batches are already being written: backpressure to the queue.
+            await self._written.put(pending)
+
+    async def _writer(self) -> None:
+        delay = 0.05
+        while True:
+            pending = await self._written.get()
+            if pending is None:
+                return
+            while pending.batch:
+                try:
+                    await self.store.commit(pending.batch)
+                    break
+                except StoreError as exc:
+                    # Never ack an undecided event: hold everything and retry.
+                    metrics.log.error("store commit failed; retrying", error=str(exc),
+                                      retry_in_s=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            delay = 0.05
+            done = time.monotonic()
+            for delivery in pending.deliveries:
+                delivery.ack()
+                metrics.DECISION_SECONDS.observe(done - delivery.received)
+            for d in pending.batch.decisions:
+                metrics.DECISIONS.labels(d.rule, d.outcome).inc()
+            if pending.runs and self.on_runs is not None:
+                self.on_runs(pending.runs)
+            self._in_flight -= len(pending.deliveries)
+            if self._in_flight <= 0:
+                self._in_flight = 0
+                self._idle.set()
+
+    # -- the hot path ----------------------------------------------------------------
+
+    def _decide(self, event: Event, pending: _Pending) -> None:
+        self.telemetry.observe(event)
+        candidates = self._index.candidates(event)
+        if not candidates:
+            return
+        ident: tuple[str, str] | None = None
+        matched = False
+        now = self.clock(event)
+        for rule in candidates:
+            tvars = rule.accepts(event)
+            if tvars is None:
+                continue
+            if ident is None:
+                ident = (event.source, event.id)
+                if ident in self._recent:
+                    metrics.event_duplicate(event.source, event.id)
+                    return
+            scope = {"event": event, "vars": tvars, "inventory": self.inventory.entities,
+                     "telemetry": self.telemetry, "now": now}
+            try:
+                holds = rule.condition is None or bool(rule.condition(scope))
+                if not holds and rule.for_s is None:
+                    continue
+                key = NO_KEY
+                if rule.key is not None:
+                    key = str(rule.key(scope))
+                elif event.key is not None:
+                    key = event.key
+            except ConditionError as exc:
+                metrics.rule_error(rule.name, exc, event.origin)
+                continue
+            if not holds:  # a `for:` rule whose condition stopped holding
+                if self._timers.reset(rule.name, key):
+                    pending.batch.timers_cleared.append((rule.name, key))
+                continue
+            matched = True
+            self.matches[rule.name] += 1
+            metrics.rule_matched(rule.name)
+            scope["key"] = key
+            self._decide_rule(rule, event, key, scope, now, pending)
+        if matched and ident is not None:
+            self._remember(ident)
+            pending.batch.events.append(
+                EventRecord(event.source, event.id, event.topic, event.key, event.time,
+                            event.data))
+
+    def _decide_rule(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, object],
+                     now: float, pending: _Pending) -> None:
+        batch, name = pending.batch, rule.name
+
+        def record(outcome: str, reason: str | None = None,
+                   incident: IncidentRecord | None = None) -> None:
+            batch.decisions.append(DecisionRecord(
+                event.source, event.id, name, key, outcome, reason, now,
+                incident.id if incident else None, incident.run_id if incident else None))
+
+        if rule.for_s is not None:
+            since, started = self._timers.hold(name, key, now)
+            if started:
+                batch.timers_set.append((name, key, since))
+            if now - since < rule.for_s:
+                record("suppressed", f"for: held {now - since:.0f}s of {rule.for_s:g}s")
+                return
+        incident = self._incidents.get((name, key))
+        if incident is not None:
+            incident.events += 1
+            batch.incidents[incident.id] = incident
+            record("joined", "incident already open", incident)
+            return
+        if rule.throttle is not None:
+            why = self._throttles.blocked(name, key, rule.throttle, now)
+            if why is not None:
+                record("suppressed", why)
+                return
+        scope["entity"] = self.inventory.entities.get(key)
+        try:
+            inputs = rule.input(scope)
+        except ConditionError as exc:
+            metrics.rule_error(name, exc, event.origin)
+            record("error", f"run.input: {exc}")
+            return
+        run_id = new_id()
+        incident = IncidentRecord(new_id(), name, key, "open", now, run_id=run_id)
+        run = RunRecord(run_id, incident.id, name, key, rule.kind, rule.target, inputs,
+                        "pending", now, event=event.to_json())
+        self._incidents[(name, key)] = incident
+        self._throttles.record(name, key, now)
+        batch.incidents[incident.id] = incident
+        batch.runs.append(run)
+        pending.runs.append(run)
+        record("run_created", None, incident)
+
+    def _remember(self, ident: tuple[str, str]) -> None:
+        recent = self._recent
+        recent[ident] = None
+        if len(recent) > self._dedup_window:
+            recent.popitem(last=False)

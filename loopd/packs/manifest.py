@@ -1,0 +1,133 @@
+"""pydantic models of ``pack.yaml``: a pack's actions, their runners and inputs.
+
+```yaml
+name: linux
+version: 1.0.0
+description: Services, disks and commands on Linux hosts over SSH
+config:                       # validated against loopd.yaml `packs: {linux: {...}}`
+  sudo: {type: boolean, default: true}
+actions:
+  restart_service:
+    runner: ssh               # python | ssh | http | publish (discriminates the fields below)
+    input:
+      host: {type: string, required: true}
+      service: {type: string, required: true}
+    command: "sudo systemctl restart {{ input.service }}"
+    timeout: 60s
+    idempotent: true          # safe to retry after a crash
+    rollback: {action: linux.start_service, input: {host: "{{ input.host }}"}}
+    dry_run: {exit_status: 0, stdout: ""}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loopd.config import parse_duration
+
+FieldType = Literal["string", "integer", "number", "boolean", "object", "array", "any"]
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+    "object": (dict,), "array": (list,),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputField(_Strict):
+    type: FieldType = "string"
+    required: bool = False
+    default: Any = None
+    description: str = ""
+    secret: bool = False  # redacted wherever a run's input is shown
+    enum: list[Any] | None = None
+
+    def check(self, name: str, value: Any) -> str | None:
+        """None when ``value`` fits, else what is wrong with it."""
+        if self.type == "any" or value is None:
+            return None
+        types = _PY_TYPES[self.type]
+        if isinstance(value, bool) and self.type in ("integer", "number"):
+            return f"{name}: expected {self.type}, got boolean"
+        if not isinstance(value, types):
+            return f"{name}: expected {self.type}, got {type(value).__name__}"
+        if self.enum is not None and value not in self.enum:
+            return f"{name}: {value!r} is not one of {self.enum}"
+        return None
+
+
+class Rollback(_Strict):
+    action: str
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Action(_Strict):
+    description: str = ""
+    input: dict[str, InputField] = Field(default_factory=dict)
+    timeout: float = 60.0
+    idempotent: bool = False
+    rollback: Rollback | None = None
+    dry_run: dict[str, Any] | None = None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class PythonAction(_Action):
+    runner: Literal["python"]
+    entry: str | None = None  # function in the pack's actions.py; default: the action's name
+
+
+class SshAction(_Action):
+    runner: Literal["ssh"]
+    command: str
+    host: str = "{{ input.host }}"
+    ok_exit_status: list[int] = Field(default_factory=lambda: [0])
+
+
+class HttpAuth(_Strict):
+    type: Literal["basic", "bearer"]
+    credentials: str  # a key of the inventory's credentials, or a template resolving to one
+
+
+class HttpAction(_Action):
+    runner: Literal["http"]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    query: dict[str, Any] = Field(default_factory=dict)
+    json_body: Any = Field(default=None, alias="json")
+    form: dict[str, Any] | None = None
+    auth: HttpAuth | None = None
+    expect: list[int] = Field(default_factory=lambda: [200, 201, 202, 204])
+    retries: int = Field(default=2, ge=0)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PublishAction(_Action):
+    runner: Literal["publish"]
+    bus: str  # the name of a kafka or mqtt source/sink in loopd.yaml
+    topic: str
+    payload: Any = None
+    key: str | None = None
+
+
+ActionSpec = Annotated[
+    PythonAction | SshAction | HttpAction | PublishAction, Field(discriminator="runner")
+]
+
+
+class PackManifest(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    version: str = "0.0.0"
+    description: str = ""
+    config: dict[str, InputField] = Field(default_factory=dict)
+    actions: dict[str, ActionSpec] = Field(default_factory=dict)

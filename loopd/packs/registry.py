@@ -1,0 +1,177 @@
+"""Pack discovery: folders under ``packs/`` become actions (and workflows).
+
+Registries are plain dicts filled by ``PackRegistry.load``; importing a module
+registers nothing. A pack's ``actions.py`` is loaded from its file with
+importlib (its functions are looked up by the names ``pack.yaml`` gives), so a
+pack never needs to be installed as a package. A broken pack is reported with
+its file and the other packs keep working.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from loopd import yamlfile
+from loopd.errors import PackError
+from loopd.packs.manifest import ActionSpec, InputField, PackManifest, PythonAction
+
+
+@dataclass(slots=True)
+class Action:
+    name: str                       # pack.action
+    pack: Pack
+    spec: ActionSpec
+    func: Callable[..., Any] | None = None
+    input_model: type[BaseModel] | None = None
+
+
+@dataclass(slots=True)
+class Pack:
+    manifest: PackManifest
+    path: Path
+    config: dict[str, Any]
+    actions: dict[str, Action] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+@dataclass(slots=True)
+class PackRegistry:
+    packs: dict[str, Pack] = field(default_factory=dict)
+    actions: dict[str, Action] = field(default_factory=dict)
+    workflows: dict[str, Any] = field(default_factory=dict)
+    errors: list[PackError] = field(default_factory=list)
+
+    def check_target(self, kind: str, target: str) -> str | None:
+        """For rule validation: None when ``target`` exists, else the problem."""
+        table: dict[str, Any] = self.actions if kind == "action" else self.workflows
+        if target in table:
+            return None
+        pack = target.partition(".")[0]
+        if pack not in self.packs:
+            known = ", ".join(sorted(self.packs)) or "none"
+            return f"unknown pack {pack!r} in {kind} {target!r} (packs: {known})"
+        return f"pack {pack!r} has no {kind} {target.partition('.')[2]!r}"
+
+    @classmethod
+    def load(cls, paths: Iterable[Path], pack_config: dict[str, dict[str, Any]] | None = None
+             ) -> PackRegistry:
+        reg = cls()
+        pack_config = pack_config or {}
+        for root in paths:
+            if not root.is_dir():
+                reg.errors.append(PackError("packs folder does not exist", origin=str(root)))
+                continue
+            for folder in sorted(p for p in root.iterdir() if (p / "pack.yaml").is_file()):
+                try:
+                    pack = _load_pack(folder, pack_config)
+                except PackError as exc:
+                    reg.errors.append(exc)
+                    continue
+                if pack.name in reg.packs:
+                    reg.errors.append(PackError(
+                        f"duplicate pack name {pack.name!r} (also in {reg.packs[pack.name].path})",
+                        origin=str(folder / "pack.yaml")))
+                    continue
+                reg.packs[pack.name] = pack
+                reg.actions.update(pack.actions)
+        unknown = set(pack_config) - set(reg.packs)
+        for name in sorted(unknown):
+            reg.errors.append(PackError(f"configuration for unknown pack {name!r}",
+                                        origin="loopd.yaml pack_config"))
+        return reg
+
+
+def validate_fields(fields: dict[str, InputField], values: dict[str, Any], what: str
+                    ) -> dict[str, Any]:
+    """Apply defaults, check required fields and types; raise ValueError naming the field."""
+    unknown = set(values) - set(fields)
+    if unknown and fields:
+        raise ValueError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+    out = dict(values)
+    for name, spec in fields.items():
+        if name not in out or out[name] is None:
+            if spec.required:
+                raise ValueError(f"{what}: {name} is required")
+            out[name] = spec.default
+        problem = spec.check(name, out[name])
+        if problem:
+            raise ValueError(f"{what}: {problem}")
+    return out
+
+
+def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]) -> Pack:
+    manifest_path = folder / "pack.yaml"
+    try:
+        raw = yamlfile.load(manifest_path.read_text())
+        manifest = PackManifest.model_validate(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{manifest_path}:{mark.line + 1}" if mark else str(manifest_path)
+        raise PackError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
+                        origin=where) from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise PackError(f"{loc}: {msg}", origin=str(manifest_path)) from None
+    try:
+        config = validate_fields(manifest.config, pack_config.get(manifest.name, {}), "config")
+    except ValueError as exc:
+        raise PackError(f"pack {manifest.name}: {exc}", origin=str(manifest_path)) from None
+    pack = Pack(manifest, folder, config)
+    module = None
+    for short, spec in manifest.actions.items():
+        action = Action(f"{manifest.name}.{short}", pack, spec)
+        if isinstance(spec, PythonAction):
+            module = module or _load_module(folder, manifest.name)
+            entry = spec.entry or short
+            func = getattr(module, entry, None)
+            if func is None or not inspect.iscoroutinefunction(func):
+                raise PackError(f"actions.{short}: actions.py has no async function {entry!r}",
+                                origin=str(manifest_path))
+            action.func = func
+            action.input_model = _input_model(func)
+        pack.actions[action.name] = action
+    return pack
+
+
+def _load_module(folder: Path, name: str) -> ModuleType:
+    path = folder / "actions.py"
+    if not path.is_file():
+        raise PackError("python actions need an actions.py beside pack.yaml", origin=str(folder))
+    module_name = f"loopd_pack_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PackError("cannot load actions.py", origin=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses/pydantic look their module up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken pack must not take the daemon down
+        sys.modules.pop(module_name, None)
+        raise PackError(f"actions.py failed to import: {type(exc).__name__}: {exc}",
+                        origin=str(path)) from None
+    return module
+
+
+def _input_model(func: Callable[..., Any]) -> type[BaseModel] | None:
+    params = list(inspect.signature(func, eval_str=True).parameters.values())
+    if not params:
+        return None
+    annotation = params[0].annotation
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    return None

@@ -1,0 +1,65 @@
+"""The rule index: from an event to the few rules that can match it.
+
+Rules are bucketed by source, then by their first ``on.match`` equality
+(path -> value -> rules). An event costs one dict lookup per distinct indexed
+path of its source, so 1,000 alert rules cost about what 10 do.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from loopd.events import Event
+from loopd.rules.compile import CompiledRule, Path, lookup
+from loopd.rules.model import Scalar
+
+_ANY = "*"
+
+
+class _SourceIndex:
+    __slots__ = ("by_path", "unindexed")
+
+    def __init__(self) -> None:
+        self.by_path: dict[Path, dict[Scalar, list[CompiledRule]]] = {}
+        self.unindexed: list[CompiledRule] = []
+
+    def add(self, rule: CompiledRule) -> None:
+        if rule.index is None:
+            self.unindexed.append(rule)
+            return
+        path, values = rule.index
+        table = self.by_path.setdefault(path, defaultdict(list))
+        for value in values:
+            table[value].append(rule)
+
+    def collect(self, event: Event, out: list[CompiledRule]) -> None:
+        data = event.data
+        for path, table in self.by_path.items():
+            value = lookup(data, path)
+            try:
+                hit = table.get(value)
+            except TypeError:  # an unhashable value (dict/list) never equals a scalar
+                continue
+            if hit:
+                out.extend(hit)
+        out.extend(self.unindexed)
+
+
+class RuleIndex:
+    def __init__(self, rules: Iterable[CompiledRule]) -> None:
+        self._sources: dict[str, _SourceIndex] = defaultdict(_SourceIndex)
+        for rule in rules:
+            if rule.rule.enabled:
+                self._sources[rule.source or _ANY].add(rule)
+        self._any = self._sources.get(_ANY)
+
+    def candidates(self, event: Event) -> list[CompiledRule]:
+        """Rules whose indexed equality holds; ``accepts`` checks the rest."""
+        out: list[CompiledRule] = []
+        index = self._sources.get(event.source)
+        if index is not None:
+            index.collect(event, out)
+        if self._any is not None:
+            self._any.collect(event, out)
+        return out

@@ -1,0 +1,87 @@
+"""pydantic models of rule files (``rules/*.yaml``): validated at the edge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loopd.config import parse_duration
+
+Scalar = str | int | float | bool | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class On(_Strict):
+    """Which events a rule looks at: cheap checks, indexed at load time."""
+
+    source: str | None = None
+    topic: str | None = None
+    match: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict)
+
+
+class Throttle(_Strict):
+    """``once_within``: at most one run per key per window; ``max``/``per``: N per window."""
+
+    once_within: float | None = None
+    max: int | None = Field(default=None, ge=1)
+    per: float | None = None
+
+    @field_validator("once_within", "per", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Throttle:
+        if self.once_within is None and self.max is None:
+            raise ValueError("throttle needs once_within or max + per")
+        if (self.max is None) != (self.per is None):
+            raise ValueError("throttle max and per go together")
+        return self
+
+
+class Run(_Strict):
+    """What to start: a pack workflow or a single pack action."""
+
+    workflow: str | None = None
+    action: str | None = None
+    input: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Run:
+        if (self.workflow is None) == (self.action is None):
+            raise ValueError("run needs exactly one of workflow or action")
+        return self
+
+    @property
+    def target(self) -> str:
+        return self.workflow or self.action or ""
+
+    @property
+    def kind(self) -> str:
+        return "workflow" if self.workflow else "action"
+
+
+class Rule(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str = ""
+    enabled: bool = True
+    on: On = Field(default_factory=On)
+    if_: str | None = Field(default=None, alias="if")
+    key: str | None = None
+    for_: float | None = Field(default=None, alias="for")
+    throttle: Throttle | None = None
+    run: Run
+
+    @field_validator("for_", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+
+class RuleFile(_Strict):
+    rules: list[dict[str, Any]] = Field(default_factory=list)

@@ -1,0 +1,129 @@
+"""MQTT source: JSON messages from several topic filters, with a persistent session.
+
+The client uses a stable identifier (``client_id`` or ``loopd-<name>``) and
+``clean_session=False``, so the broker keeps the subscriptions and queues QoS 1/2
+messages published while loopd is disconnected, and delivers them after the
+reconnect. Every connect subscribes to every filter again anyway (a broker that
+lost its state gets the subscriptions back).
+
+Delivery semantics, and their limit: paho-mqtt (under aiomqtt) sends the PUBACK
+of a QoS 1 message as soon as it is received, before the engine has decided
+anything, so ``Delivery.ack`` is a no-op here. That makes MQTT at-least-once
+*up to loopd*: a message received but not yet decided when loopd crashes is
+lost, unlike Kafka. For the same reason MQTT has no backpressure towards the
+broker: while ``emit`` blocks, aiomqtt keeps received messages in its own
+(unbounded) in-memory queue. Retained messages are delivered again on every
+(re)subscribe, each time with a fresh event id unless the payload is an
+envelope carrying one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from loopd import metrics
+from loopd.catalog.credentials import resolve_secret
+from loopd.config import MqttSourceConfig
+from loopd.errors import ConfigError, EventError, SourceError
+from loopd.events import Delivery, decode_object, event_from_object
+from loopd.sources.base import Emit
+
+
+class MqttSource:
+    """One MQTT connection subscribed to ``config.topics`` at ``config.qos``."""
+
+    def __init__(self, config: MqttSourceConfig, *, timeout: float = 10.0) -> None:
+        """``timeout`` bounds connect, subscribe and disconnect, each."""
+        for topic in config.topics:
+            try:
+                aiomqtt.Wildcard(topic)
+            except ValueError:
+                raise ConfigError(
+                    f"invalid MQTT topic filter {topic!r}", origin=f"source {config.name}"
+                ) from None
+        if config.password_ref is not None:
+            resolve_secret(config.password_ref)  # fail at startup, not on every reconnect
+        self.config = config
+        self.name = config.name
+        self.client_id = config.client_id or f"loopd-{config.name}"
+        self._timeout = timeout
+        self._where = f"mqtt {config.host}:{config.port}"
+        self._connected = False
+        self._closed = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def run(self, emit: Emit) -> None:
+        """Connect, subscribe, emit until the connection is lost (raise) or close() (return)."""
+        if self._closed.is_set():
+            return
+        # The session runs in its own task so close() can end it at any await,
+        # including a connect to an unresponsive broker.
+        session = asyncio.create_task(self._session(emit), name=f"loopd source {self.name}")
+        closed = asyncio.create_task(self._closed.wait(), name=f"loopd close {self.name}")
+        try:
+            await asyncio.wait((session, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            session.cancel()
+            # bounded: the session's own exit waits at most self._timeout to disconnect
+            await asyncio.gather(session, closed, return_exceptions=True)
+        if not session.cancelled() and (error := session.exception()) is not None:
+            raise error
+
+    async def close(self) -> None:
+        self._closed.set()
+
+    async def _session(self, emit: Emit) -> None:
+        cfg = self.config
+        # resolved on every connect so a rotated secret file is picked up
+        password = resolve_secret(cfg.password_ref) if cfg.password_ref else None
+        client = aiomqtt.Client(
+            cfg.host, cfg.port, identifier=self.client_id, username=cfg.username,
+            password=password, clean_session=False, keepalive=cfg.keepalive,
+            timeout=self._timeout,
+        )
+        try:
+            # connect: paho's socket connect is bounded (5 s), CONNACK by timeout
+            async with client:
+                filters: list[tuple[str, int]] = [(topic, cfg.qos) for topic in cfg.topics]
+                granted = await client.subscribe(filters)
+                self._check_granted(granted)
+                self._connected = True
+                metrics.source_up(self.name, True)
+                try:
+                    await self._pump(client, emit)
+                finally:
+                    self._connected = False
+        except aiomqtt.MqttError as exc:
+            raise SourceError(f"{exc}", origin=self._where) from exc
+
+    def _check_granted(self, granted: Sequence[int | ReasonCode]) -> None:
+        for topic, code in zip(self.config.topics, granted, strict=False):
+            if code >= 0x80 if isinstance(code, int) else code.is_failure:
+                raise SourceError(f"broker refused subscription to {topic!r}", origin=self._where)
+
+    async def _pump(self, client: aiomqtt.Client, emit: Emit) -> None:
+        # Raises MqttError when the connection is lost; the Supervisor reconnects.
+        max_payload = self.config.max_payload
+        async for message in client.messages:
+            topic = message.topic.value
+            origin = f"mqtt {topic}"
+            payload = message.payload
+            try:
+                if not isinstance(payload, bytes | bytearray):  # paho always gives bytes
+                    payload = str(payload).encode()
+                data = decode_object(bytes(payload), max_payload=max_payload, origin=origin)
+                event = event_from_object(data, source=self.name, topic=topic, origin=origin)
+            except EventError as exc:
+                # counted and logged, never emitted; nothing to ack (see module docstring)
+                metrics.event_rejected(self.name, exc.reason, exc, topic=topic)
+                continue
+            # blocks while the engine queue is full (aiomqtt keeps buffering meanwhile)
+            await emit(Delivery(event))

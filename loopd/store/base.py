@@ -1,0 +1,151 @@
+"""The Store protocol: what loopd keeps durably, and the records it keeps.
+
+Contract (every implementation passes ``tests/unit/test_store_contract.py``):
+
+* ``commit(batch)`` writes the whole batch in one transaction or raises
+  ``StoreError``; nothing of a failed batch is visible afterwards.
+* A decision is unique per ``(source, event_id, rule)``: writing it twice is
+  a no-op, so a redelivered event can never create a second run.
+* ``load_state()`` returns everything the engine needs to carry on after a
+  restart: open incidents, pending ``for:`` timers, recent run starts (for
+  throttles) and recently decided event ids (for de-duplication).
+* Run records and their steps are written as they change, so a crash leaves
+  every run in the last state it reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+JSON = Any
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    source: str
+    event_id: str
+    rule: str
+    key: str | None
+    outcome: str          # run_created | joined | suppressed | error
+    reason: str | None
+    time: float
+    incident_id: str | None = None
+    run_id: str | None = None
+
+
+@dataclass(slots=True)
+class EventRecord:
+    source: str
+    id: str
+    topic: str
+    key: str | None
+    time: float
+    data: JSON
+
+
+@dataclass(slots=True)
+class IncidentRecord:
+    id: str
+    rule: str
+    key: str
+    status: str           # open | closed
+    opened: float
+    closed: float | None = None
+    events: int = 1
+    run_id: str | None = None
+    outcome: str | None = None
+
+
+@dataclass(slots=True)
+class RunRecord:
+    id: str
+    incident_id: str | None
+    rule: str | None
+    key: str | None
+    kind: str             # action | workflow
+    target: str           # pack.action or pack.workflow
+    input: JSON
+    status: str           # see loopd.workflow.states
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    reason: str | None = None
+    ctx: JSON = field(default_factory=dict)
+    outcome: str | None = None
+    event: JSON = None    # the event that started the run
+
+
+@dataclass(slots=True)
+class StepRecord:
+    run_id: str
+    seq: int
+    task: str
+    action: str | None
+    attempt: int
+    status: str
+    started: float
+    finished: float | None = None
+    input: JSON = None
+    output: JSON = None
+    error: str | None = None
+    transition: str | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one engine flush writes, in one transaction."""
+
+    events: list[EventRecord] = field(default_factory=list)
+    decisions: list[DecisionRecord] = field(default_factory=list)
+    incidents: dict[str, IncidentRecord] = field(default_factory=dict)
+    runs: list[RunRecord] = field(default_factory=list)
+    timers_set: list[tuple[str, str, float]] = field(default_factory=list)
+    timers_cleared: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.decisions or self.incidents or self.runs or self.timers_set
+                    or self.timers_cleared)
+
+
+@dataclass(slots=True)
+class EngineState:
+    open_incidents: list[IncidentRecord]
+    for_timers: list[tuple[str, str, float]]          # rule, key, since
+    run_starts: list[tuple[str, str, float]]          # rule, key, created
+    recent_events: list[tuple[str, str]]              # source, event id
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def commit(self, batch: Batch) -> None: ...
+
+    async def load_state(self, *, since: float, recent: int) -> EngineState: ...
+
+    async def save_run(self, run: RunRecord) -> None: ...
+
+    async def save_step(self, step: StepRecord) -> None: ...
+
+    async def close_incident(self, incident_id: str, closed: float, outcome: str) -> None: ...
+
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    async def list_runs(self, *, status: str | None = None, limit: int = 100) -> list[RunRecord]:
+        ...
+
+    async def runs_in_status(self, statuses: tuple[str, ...]) -> list[RunRecord]: ...
+
+    async def steps(self, run_id: str) -> list[StepRecord]: ...
+
+    async def list_incidents(self, *, status: str | None = None,
+                             limit: int = 100) -> list[IncidentRecord]: ...
+
+    async def decisions_for(self, *, run_id: str | None = None, incident_id: str | None = None,
+                            limit: int = 1000) -> list[DecisionRecord]: ...
+
+    async def count_decisions(self, *, rule: str | None = None) -> int: ...
+
+    async def get_event(self, source: str, event_id: str) -> EventRecord | None: ...

@@ -1,0 +1,148 @@
+"""The dispatcher: runs created by the engine, executed under a concurrency cap.
+
+Each run executes in its own task inside the dispatcher's TaskGroup; the
+engine's writer hands runs over only after they are durable. On start the
+dispatcher resumes what the store says was in flight: a pending run starts; a
+run that was executing an action when loopd died is retried when that action
+is idempotent and otherwise ends ``interrupted``, so no run stays ``running``
+forever and no non-idempotent action runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+
+from loopd import metrics
+from loopd.catalog.inventory import Inventory
+from loopd.packs.executor import ActionContext, Executor
+from loopd.store.base import RunRecord, StepRecord, Store
+from loopd.workflow import states
+
+log = structlog.get_logger("loopd.dispatcher")
+
+FinishIncident = Callable[[str, str], Awaitable[None]]
+
+
+class WorkflowExecutor(Protocol):
+    """Executes a run of kind ``workflow`` (see loopd.workflow.runner)."""
+
+    async def execute(self, run: RunRecord, *, resumed: bool) -> None: ...
+
+
+class Dispatcher:
+    def __init__(
+        self, store: Store, executor: Executor, *, inventory: Inventory,
+        finish_incident: FinishIncident, max_concurrent: int = 64,
+        workflows: WorkflowExecutor | None = None, dry_run: bool = False,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.inventory = inventory
+        self.workflows = workflows
+        self.dry_run = dry_run
+        self._finish_incident = finish_incident
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._inbox: asyncio.Queue[tuple[RunRecord, bool]] = asyncio.Queue()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.shutting_down = False
+
+    def submit(self, runs: list[RunRecord]) -> None:
+        """Called by the engine once the runs are durable; never blocks."""
+        for run in runs:
+            self._idle.clear()
+            self._inbox.put_nowait((run, False))
+
+    async def resume(self) -> int:
+        """Re-dispatch what was in flight when loopd stopped; returns how many."""
+        runs = await self.store.runs_in_status(states.ACTIVE)
+        for run in runs:
+            self._idle.clear()
+            self._inbox.put_nowait((run, True))
+        if runs:
+            log.info("resuming runs", count=len(runs))
+        return len(runs)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            while True:
+                run, resumed = await self._inbox.get()
+                task = group.create_task(self._execute(run, resumed), name=f"run-{run.id}")
+                self._tasks[run.id] = task
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until no run is queued or executing (tests, simulation, shutdown)."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    def active(self) -> int:
+        return len(self._tasks)
+
+    async def cancel(self, run_id: str) -> bool:
+        task = self._tasks.get(run_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def _execute(self, run: RunRecord, resumed: bool) -> None:
+        try:
+            async with self._slots:
+                if run.kind == "workflow" and self.workflows is not None:
+                    await self.workflows.execute(run, resumed=resumed)
+                else:
+                    await self._run_action(run, resumed)
+        except asyncio.CancelledError:
+            if self.shutting_down:
+                raise  # left as it is in the store; resumed at next start
+            await self._end(run, states.CANCELLED, "cancelled through the API")
+        except Exception as exc:  # task boundary: a loopd bug ends this run, not the daemon
+            log.exception("run crashed", run=run.id)
+            await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._tasks.pop(run.id, None)
+            if not self._tasks and self._inbox.empty():
+                self._idle.set()
+
+    async def _run_action(self, run: RunRecord, resumed: bool) -> None:
+        if run.kind != "action":
+            await self._end(run, states.FAILED, f"no executor for {run.kind} runs")
+            return
+        if resumed and run.status == states.RUNNING:
+            action = self.executor.registry.actions.get(run.target)
+            if action is None or not action.spec.idempotent:
+                await self._end(run, states.INTERRUPTED,
+                                "loopd stopped while a non-idempotent action was running")
+                return
+        run.status, run.started = states.RUNNING, time.time()
+        await self.store.save_run(run)
+        metrics.run_started(run.target, run.id)
+        step = StepRecord(run.id, 1, "action", run.target, 1, states.RUNNING, time.time(),
+                          input=run.input)
+        await self.store.save_step(step)
+        ctx = ActionContext(run.id, "action", self.inventory, dry_run=self.dry_run)
+        inputs: dict[str, Any] = run.input if isinstance(run.input, dict) else {}
+        result = await self.executor.execute(run.target, inputs, ctx)
+        step.finished = time.time()
+        step.status = states.SUCCEEDED if result.ok else states.FAILED
+        step.output, step.error = result.output, result.error
+        await self.store.save_step(step)
+        run.ctx = {**(run.ctx or {}), "action": result.output}
+        status = states.SUCCEEDED if result.ok else states.FAILED
+        await self._end(run, status, result.error, started=True)
+
+    async def _end(self, run: RunRecord, status: str, reason: str | None, *,
+                   started: bool = False) -> None:
+        now = time.time()
+        run.status, run.finished, run.reason = status, now, reason
+        run.outcome = run.outcome or states.default_outcome(status)
+        await self.store.save_run(run)
+        if started:
+            metrics.run_finished(run.target, run.id, status, now - (run.started or now), reason)
+        if run.incident_id:
+            await self._finish_incident(run.incident_id, run.outcome)

@@ -1,0 +1,269 @@
+"""Safe expressions and templates, compiled once at load time.
+
+Conditions (``if:``) and templates (``key:``, ``input:``) use Jinja2 syntax.
+Most of them are plain expressions (``event.labels.severity in ['critical']``,
+``event.value > 90``), which this module compiles to a Python closure through a
+whitelisted AST: about 50x faster than Jinja's sandbox, and just as safe:
+
+* only literals, names from the scope, boolean/compare/arithmetic operators,
+  conditional expressions, subscripts, attribute reads, and calls to a short
+  list of pure functions and string/dict methods are accepted;
+* attribute reads become dictionary lookups (``_get``), never ``getattr``;
+  names starting with ``_`` are refused at compile time;
+* a missing key reads as ``None`` (like Jinja's chainable undefined).
+
+Anything outside that subset (filters ``|``, tests ``is defined``, ``~``,
+statements) falls back to Jinja2's ``SandboxedEnvironment``: slower, still safe.
+Both paths raise ``ConditionError`` at evaluation and ``ValueError`` (turned into
+a ``RuleError``/``PackError`` with a location by the caller) at compile time.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from loopd.errors import ConditionError
+from loopd.events import Event
+
+Scope = Mapping[str, Any]
+Compiled = Callable[[Scope], Any]
+
+_JINJA = SandboxedEnvironment(undefined=jinja2.ChainableUndefined, autoescape=False)
+_EXPR = re.compile(r"\{\{(.*?)\}\}", re.S)
+_CONSTANTS = {"true": True, "false": False, "none": None, "True": True, "False": False,
+              "None": None}
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "len": len, "int": int, "float": float, "str": str, "bool": bool, "abs": abs,
+    "min": min, "max": max, "round": round, "sum": sum, "any": any, "all": all,
+    "sorted": sorted,
+}
+_METHODS: dict[type, set[str]] = {
+    str: {"startswith", "endswith", "lower", "upper", "strip", "split", "replace", "count",
+          "isdigit"},
+    dict: {"get", "keys", "values", "items"},
+    list: {"count", "index"},
+}
+_NODES = (
+    ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
+    ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.FloorDiv, ast.Compare,
+    ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Is, ast.IsNot,
+    ast.Name, ast.Load, ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.Attribute,
+    ast.Subscript, ast.Call, ast.IfExp, ast.Slice,
+)
+
+
+class _Unsupported(Exception):
+    """The expression is outside the fast subset; use Jinja instead."""
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name)
+    if isinstance(obj, Event):
+        if name in _EVENT_FIELDS:
+            return getattr(obj, name)
+        return obj.data.get(name)
+    return None
+
+
+_EVENT_FIELDS = frozenset({"id", "source", "topic", "key", "time", "headers", "vars", "data"})
+
+
+def _item(obj: Any, index: Any) -> Any:
+    if isinstance(obj, dict | Event):
+        return _get(obj, index) if isinstance(index, str) else None
+    if isinstance(obj, list | tuple | str):
+        try:
+            return obj[index]
+        except (IndexError, TypeError):
+            return None
+    return None
+
+
+def _method(obj: Any, name: str) -> Callable[..., Any]:
+    allowed = _METHODS.get(type(obj))
+    if allowed is None or name not in allowed:
+        raise ConditionError(f"method {name!r} is not available on {type(obj).__name__}")
+    method: Callable[..., Any] = getattr(obj, name)
+    return method
+
+
+class _Rewrite(ast.NodeTransformer):
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        if not isinstance(node, _NODES):
+            raise _Unsupported(type(node).__name__)
+        return super().generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in _CONSTANTS:
+            return ast.copy_location(ast.Constant(_CONSTANTS[node.id]), node)
+        if node.id in self.names or node.id in _FUNCTIONS:
+            return node
+        raise _Unsupported(node.id)
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        if node.attr.startswith("_"):
+            raise ValueError(f"attribute {node.attr!r} is not allowed")
+        value = self.visit(node.value)
+        call = ast.Call(ast.Name("_get", ast.Load()), [value, ast.Constant(node.attr)], [])
+        return ast.copy_location(call, node)
+
+    def visit_Subscript(self, node: ast.Subscript) -> ast.AST:
+        if isinstance(node.slice, ast.Slice):
+            return self.generic_visit(node)
+        value, index = self.visit(node.value), self.visit(node.slice)
+        call = ast.Call(ast.Name("_item", ast.Load()), [value, index], [])
+        return ast.copy_location(call, node)
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if node.keywords:
+            raise _Unsupported("keyword arguments")
+        args = [self.visit(a) for a in node.args]
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in _FUNCTIONS:
+            return ast.copy_location(ast.Call(func, args, []), node)
+        if isinstance(func, ast.Attribute) and not func.attr.startswith("_"):
+            target = ast.Call(ast.Name("_method", ast.Load()),
+                              [self.visit(func.value), ast.Constant(func.attr)], [])
+            return ast.copy_location(ast.Call(target, args, []), node)
+        raise _Unsupported("call")
+
+
+def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except SyntaxError:
+        raise _Unsupported("syntax") from None
+    body = _Rewrite(names).visit(tree).body
+    ordered = sorted(names)
+    lam = ast.Lambda(
+        ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in ordered], kwonlyargs=[],
+                      kw_defaults=[], defaults=[]),
+        body,
+    )
+    module = ast.fix_missing_locations(ast.Expression(lam))
+    env: dict[str, Any] = {"__builtins__": {}, "_get": _get, "_item": _item,
+                           "_method": _method, **_FUNCTIONS}
+    fn = eval(compile(module, "<loopd-expression>", "eval"), env)  # whitelisted AST only
+
+    def run(scope: Scope) -> Any:
+        try:
+            return fn(*[scope.get(n) for n in ordered])
+        except ConditionError:
+            raise
+        except Exception as exc:  # any evaluation error of user code, e.g. None > 3
+            raise ConditionError(f"{source.strip()!r}: {type(exc).__name__}: {exc}") from None
+
+    return run
+
+
+def _jinja_scope(scope: Scope) -> dict[str, Any]:
+    """Jinja sees an Event as a mapping: its data plus its envelope fields."""
+    out = dict(scope)
+    for name, value in scope.items():
+        if isinstance(value, Event):
+            view = dict(value.data)
+            view.update({f: getattr(value, f) for f in _EVENT_FIELDS})
+            out[name] = view
+    return out
+
+
+def _compile_jinja_expression(source: str) -> Compiled:
+    try:
+        expr = _JINJA.compile_expression(source.strip(), undefined_to_none=True)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"invalid expression {source.strip()!r}: {exc.message}") from None
+
+    def run(scope: Scope) -> Any:
+        try:
+            return expr(**_jinja_scope(scope))
+        except jinja2.TemplateError as exc:
+            raise ConditionError(f"{source.strip()!r}: {exc}") from None
+        except Exception as exc:  # evaluation error inside user code
+            raise ConditionError(f"{source.strip()!r}: {type(exc).__name__}: {exc}") from None
+
+    return run
+
+
+def compile_expression(text: str, names: frozenset[str]) -> Compiled:
+    """Compile a condition; ``{{ ... }}`` around it is optional."""
+    match = _EXPR.fullmatch(text.strip())
+    source = match.group(1) if match else text
+    if not source.strip():
+        raise ValueError("empty expression")
+    try:
+        return _compile_fast(source, names)
+    except _Unsupported:
+        return _compile_jinja_expression(source)
+
+
+def compile_template(text: Any, names: frozenset[str]) -> Compiled:
+    """Compile a value that may contain templates.
+
+    A string that is exactly one ``{{ expr }}`` keeps the expression's native
+    type (a number stays a number); other strings render to text; dicts and
+    lists are compiled item by item; other values are constants.
+    """
+    if isinstance(text, dict):
+        parts = {k: compile_template(v, names) for k, v in text.items()}
+        return lambda scope: {k: f(scope) for k, f in parts.items()}
+    if isinstance(text, list):
+        items = [compile_template(v, names) for v in text]
+        return lambda scope: [f(scope) for f in items]
+    if not isinstance(text, str) or ("{{" not in text and "{%" not in text):
+        return lambda scope: text
+    single = _EXPR.fullmatch(text.strip())
+    if single and "{{" not in single.group(1):
+        return compile_expression(single.group(1), names)
+    if "{%" not in text and "{#" not in text:
+        try:
+            return _compile_fast_text(text, names)
+        except _Unsupported:
+            pass
+    try:
+        template = _JINJA.from_string(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"invalid template {text!r}: {exc.message}") from None
+
+    def render(scope: Scope) -> Any:
+        try:
+            return template.render(**_jinja_scope(scope))
+        except jinja2.TemplateError as exc:
+            raise ConditionError(f"template {text!r}: {exc}") from None
+        except Exception as exc:  # evaluation error inside user code
+            raise ConditionError(f"template {text!r}: {type(exc).__name__}: {exc}") from None
+
+    return render
+
+
+def _compile_fast_text(text: str, names: frozenset[str]) -> Compiled:
+    pieces: list[Compiled | str] = []
+    pos = 0
+    for m in _EXPR.finditer(text):
+        if m.start() > pos:
+            pieces.append(text[pos:m.start()])
+        pieces.append(_compile_fast(m.group(1), names))
+        pos = m.end()
+    if pos < len(text):
+        pieces.append(text[pos:])
+
+    def render(scope: Scope) -> str:
+        out = []
+        for p in pieces:
+            if isinstance(p, str):
+                out.append(p)
+            else:
+                value = p(scope)
+                out.append("" if value is None else str(value))
+        return "".join(out)
+
+    return render
