@@ -126,4 +126,5 @@ class MqttSource:
                 metrics.event_rejected(self.name, exc.reason, exc, topic=topic)
                 continue
             # blocks while the engine queue is full (aiomqtt keeps buffering meanwhile)
+            metrics.event_received(self.name)
             await emit(Delivery(event))

@@ -74,7 +74,9 @@ async def supervised(source: MqttSource, emit: Collector) -> AsyncIterator[Super
 
 
 async def test_messages_on_several_filters_become_events(mqtt_broker: MqttBroker) -> None:
-    """Messages matching any of the filters (literal, ``+``, ``#``) become events with their topic, source and origin; others are not received."""
+    """Messages matching any of the filters (literal, ``+``, ``#``) become events with their topic,
+    source and origin; others are not received.
+    """
     source = MqttSource(config(mqtt_broker, "mq-filters", ["telemetry/+/cpu", "alerts/#", "exact"]))
     emit = Collector()
     async with supervised(source, emit):
@@ -105,7 +107,9 @@ async def test_messages_on_several_filters_become_events(mqtt_broker: MqttBroker
 async def test_rejected_messages_are_counted_and_the_stream_continues(
     mqtt_broker: MqttBroker,
 ) -> None:
-    """Malformed JSON, a JSON list and an oversized payload are counted in loopd_events_rejected_total, never emitted, and later messages still arrive."""
+    """Malformed JSON, a JSON list and an oversized payload are counted in
+    loopd_events_rejected_total, never emitted, and later messages still arrive.
+    """
     name = "mq-rejects"
     source = MqttSource(config(mqtt_broker, name, ["in/#"], max_payload=64))
     emit = Collector()
@@ -132,7 +136,9 @@ async def test_rejected_messages_are_counted_and_the_stream_continues(
 
 
 async def test_broker_restart_reconnects_and_resubscribes(mqtt_broker: MqttBroker) -> None:
-    """When the broker restarts, loopd_source_up drops to 0, the supervised source reconnects and resubscribes (back to 1), and later messages arrive."""
+    """When the broker restarts, loopd_source_up drops to 0, the supervised source reconnects and
+    resubscribes (back to 1), and later messages arrive.
+    """
     name = "mq-restart"
     source = MqttSource(config(mqtt_broker, name, ["t/+"]))
     emit = Collector()
@@ -156,7 +162,9 @@ async def test_broker_restart_reconnects_and_resubscribes(mqtt_broker: MqttBroke
 async def test_qos1_messages_published_while_disconnected_arrive_after_reconnect(
     mqtt_broker: MqttBroker, restart_broker: bool,
 ) -> None:
-    """QoS 1 messages published while loopd is disconnected are queued in its persistent session and delivered, in order, when it reconnects (also across a broker restart)."""
+    """QoS 1 messages published while loopd is disconnected are queued in its persistent session and
+    delivered, in order, when it reconnects (also across a broker restart).
+    """
     if restart_broker:
         require(mqtt_broker.persistent, "MQTT broker that persists sessions (mosquitto)")
     cfg = config(mqtt_broker, "mq-offline", ["jobs/#"])
@@ -190,7 +198,9 @@ async def test_close_makes_run_return_promptly(mqtt_broker: MqttBroker) -> None:
 
 
 async def test_connect_failure_raises_for_the_supervisor(mqtt_broker: MqttBroker) -> None:
-    """With no broker listening, run() raises a SourceError naming the address instead of retrying itself."""
+    """With no broker listening, run() raises a SourceError naming the address instead of retrying
+    itself.
+    """
     mqtt_broker.stop()
     source = MqttSource(config(mqtt_broker, "mq-refused", ["x"]))
     with pytest.raises(SourceError, match=rf"mqtt 127\.0\.0\.1:{mqtt_broker.port}"):
@@ -219,7 +229,9 @@ async def hung_broker() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]
 
 
 async def test_connect_to_a_hung_broker_times_out() -> None:
-    """A broker that accepts TCP but never sends CONNACK makes run() raise SourceError after the timeout, not hang."""
+    """A broker that accepts TCP but never sends CONNACK makes run() raise SourceError after the
+    timeout, not hang.
+    """
     async with hung_broker() as (port, _):
         cfg = MqttSourceConfig.model_validate(
             {"type": "mqtt", "name": "mq-hung", "port": port, "topics": ["x"]}
@@ -243,7 +255,9 @@ async def test_close_while_connecting_returns_promptly() -> None:
 
 
 def test_bad_configuration_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An invalid topic filter or an unresolvable password reference raises ConfigError naming the culprit, never the secret."""
+    """An invalid topic filter or an unresolvable password reference raises ConfigError naming the
+    culprit, never the secret.
+    """
     base = {"type": "mqtt", "name": "mq-bad", "topics": ["ok/#"]}
     with pytest.raises(ConfigError, match=r"invalid MQTT topic filter 'a/#/b'"):
         MqttSource(MqttSourceConfig.model_validate({**base, "topics": ["ok", "a/#/b"]}))

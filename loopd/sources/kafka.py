@@ -1,0 +1,289 @@
+"""KafkaSource: a consumer group whose offsets follow the engine's acknowledgements.
+
+Each record becomes one Delivery. Offsets are committed by loopd, never by
+aiokafka: per partition, the commit point is the offset after the longest run
+of acknowledged records from the start of what this consumer was handed, so a
+slow decision on one record holds back the commit (not the stream) and a
+crash redelivers it. Commits happen every ``commit_interval``, before
+partitions are revoked in a rebalance, and on close.
+
+``run`` returns or raises when the broker is unreachable (commit or metadata
+probe fails or times out); the supervisor then builds a new consumer, which
+resumes from the committed offsets. Acknowledgements for records of an older
+consumer or of a revoked partition are ignored: those records are redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from loopd import metrics
+from loopd.config import KafkaSourceConfig
+from loopd.errors import EventError, SourceError
+from loopd.events import Delivery, Event, decode_object, event_from_object
+from loopd.sources.base import Emit
+
+_TIMEOUT = 10.0  # connect, commit, dead-letter send and stop: every broker call is bounded
+_PROBE_INTERVAL = 1.0  # how often an idle consumer checks that the broker still answers
+_MAX_RECORDS = 500
+
+
+class _Partition:
+    """Offsets handed out on one partition, in order, and which of them are acked."""
+
+    __slots__ = ("acked", "commit_at", "committed", "pending")
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.acked: set[int] = set()
+        self.commit_at: int | None = None
+        self.committed: int | None = None
+
+    def delivered(self, offset: int) -> None:
+        self.pending.append(offset)
+
+    def ack(self, offset: int) -> None:
+        if not self.pending or offset < self.pending[0]:
+            return  # already committed past it (a duplicate ack)
+        self.acked.add(offset)
+        while self.pending and self.pending[0] in self.acked:
+            done = self.pending.popleft()
+            self.acked.discard(done)
+            self.commit_at = done + 1  # offsets may have gaps (compaction, txn markers)
+
+
+class _Session:
+    """State of one consumer connection; dropped whole when ``run`` ends."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+        self.partitions: dict[TopicPartition, _Partition] = {}
+        self.commit_lock = asyncio.Lock()
+
+    def track(self, tp: TopicPartition, offset: int) -> _Partition:
+        part = self.partitions.get(tp)
+        if part is None:
+            part = self.partitions[tp] = _Partition()
+        part.delivered(offset)
+        return part
+
+    async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit every partition whose contiguous acked prefix moved; bounded by _TIMEOUT."""
+        async with self.commit_lock:
+            tps = self.partitions.keys() if only is None else only
+            due = {
+                tp: p.commit_at for tp in tps
+                if (p := self.partitions.get(tp)) is not None
+                and p.commit_at is not None and p.commit_at != p.committed
+            }
+            if not due:
+                return
+            try:
+                await asyncio.wait_for(self.consumer.commit(due), _TIMEOUT)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # the group rebalanced under us: the partitions are revoked (the listener
+                # drops them) and their records come again to whoever owns them now
+                metrics.log.warning("kafka commit skipped, group rebalanced", error=str(exc))
+                return
+            except (KafkaError, TimeoutError) as exc:
+                raise SourceError(f"commit failed: {exc or type(exc).__name__}") from exc
+            for tp, offset in due.items():
+                if (p := self.partitions.get(tp)) is not None:
+                    p.committed = offset
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # commit what is decided before another member takes these partitions over
+        try:
+            await self._session.commit(revoked)
+        except SourceError as exc:
+            metrics.log.warning("kafka commit on revoke failed", error=str(exc))
+        for tp in revoked:
+            self._session.partitions.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        return None
+
+
+class KafkaSource:
+    """Consumes ``config.topics`` in consumer group ``config.group``; see the module doc."""
+
+    def __init__(self, config: KafkaSourceConfig, *, session_timeout: float = 10.0) -> None:
+        self.name = config.name
+        self.config = config
+        self._session_timeout_ms = int(session_timeout * 1000)
+        self._connected = False
+        self._closing = asyncio.Event()
+        self._finished: asyncio.Event | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def run(self, emit: Emit) -> None:
+        if self._closing.is_set():
+            return
+        cfg = self.config
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.bootstrap, group_id=cfg.group, enable_auto_commit=False,
+            auto_offset_reset=cfg.auto_offset_reset, session_timeout_ms=self._session_timeout_ms,
+            heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
+        )
+        producer = (
+            AIOKafkaProducer(bootstrap_servers=cfg.bootstrap) if cfg.dead_letter_topic else None
+        )
+        session = _Session(consumer)
+        self._finished = finished = asyncio.Event()
+        lost = False
+        try:
+            try:
+                # start() only bootstraps; the group join runs in the background once subscribed
+                await asyncio.wait_for(consumer.start(), _TIMEOUT)
+                if producer is not None:
+                    await asyncio.wait_for(producer.start(), _TIMEOUT)
+            except (KafkaError, TimeoutError, OSError) as exc:
+                lost = True
+                raise SourceError(f"cannot connect: {exc or type(exc).__name__}",
+                                  origin=f"kafka {cfg.bootstrap}") from exc
+            consumer.subscribe(cfg.topics, listener=_Rebalance(session))
+            self._connected = True
+            metrics.source_up(self.name, True)
+            await self._until_first_done(
+                self._consume(session, producer, emit), self._watch(session)
+            )
+        except SourceError:
+            lost = True
+            raise
+        finally:
+            self._connected = False
+            try:
+                if not lost:  # flush what was decided; pointless against a dead broker
+                    await session.commit()
+            except SourceError as exc:
+                metrics.log.warning("kafka final commit failed", source=self.name, error=str(exc))
+            finally:
+                await self._stop(consumer, producer)
+                finished.set()
+
+    async def close(self) -> None:
+        """Make ``run`` return, after it committed and stopped its clients."""
+        self._closing.set()
+        if self._finished is not None:
+            # run's own commit and stop are bounded; this only guards a wedged loop
+            await asyncio.wait_for(self._finished.wait(), 3 * _TIMEOUT)
+
+    async def _until_first_done(self, *work: Any) -> None:
+        """Run the coroutines and ``close``; return at the first to finish, re-raising its error."""
+        tasks = [asyncio.create_task(w) for w in (*work, self._closing.wait())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
+
+    async def _consume(
+        self, session: _Session, producer: AIOKafkaProducer | None, emit: Emit
+    ) -> None:
+        while True:
+            # no timeout needed: getmany returns after timeout_ms with whatever it has
+            batches = await session.consumer.getmany(timeout_ms=500, max_records=_MAX_RECORDS)
+            for tp, records in batches.items():
+                for record in records:
+                    if tp not in session.consumer.assignment():
+                        break  # revoked while we were emitting: the new owner reads these
+                    part = session.track(tp, record.offset)
+                    event = await self._decode(record, producer)
+                    if event is None:
+                        part.ack(record.offset)
+                        continue
+                    metrics.event_received(self.name)
+                    # blocks while the engine's queue is full: that is the backpressure
+                    await emit(Delivery(event, functools.partial(part.ack, record.offset)))
+
+    async def _decode(self, record: Any, producer: AIOKafkaProducer | None) -> Event | None:
+        topic, partition, offset = record.topic, record.partition, record.offset
+        origin = f"kafka {topic}[{partition}]@{offset}"
+        payload: bytes = record.value or b""
+        try:
+            obj = decode_object(payload, max_payload=self.config.max_payload, origin=origin)
+            event = event_from_object(
+                obj, source=self.name, topic=topic, origin=origin,
+                default_id=f"{topic}:{partition}:{offset}",
+                default_key=record.key.decode(errors="replace") if record.key is not None else None,
+            )
+        except EventError as exc:
+            metrics.event_rejected(self.name, exc.reason, exc, topic=topic, partition=partition,
+                                   offset=offset)
+            if producer is not None:
+                await self._dead_letter(producer, record, exc)
+            return None
+        envelope_time = isinstance(obj.get("data"), dict) and obj.get("time") is not None
+        if not envelope_time and record.timestamp is not None and record.timestamp >= 0:
+            event.time = record.timestamp / 1000.0
+        if record.headers:
+            kafka = {k: v.decode(errors="replace") for k, v in record.headers if v is not None}
+            event.headers = {**kafka, **event.headers}
+        return event
+
+    async def _dead_letter(self, producer: AIOKafkaProducer, record: Any, exc: EventError) -> None:
+        """Send the original bytes with why and where they failed; ack only once it is stored."""
+        headers = [*(record.headers or ()), *(
+            (k, v.encode()) for k, v in (
+                ("loopd-error", str(exc)), ("loopd-topic", record.topic),
+                ("loopd-partition", str(record.partition)), ("loopd-offset", str(record.offset)),
+                ("loopd-source", self.name),
+            )
+        )]
+        try:
+            await asyncio.wait_for(producer.send_and_wait(
+                self.config.dead_letter_topic, record.value or b"", key=record.key,
+                headers=headers,
+            ), _TIMEOUT)
+        except (KafkaError, TimeoutError) as exc2:
+            # not acked: after the reconnect the record comes again and is retried
+            raise SourceError(f"dead-letter send failed: {exc2 or type(exc2).__name__}",
+                              origin=f"kafka {self.config.dead_letter_topic}") from exc2
+
+    async def _watch(self, session: _Session) -> None:
+        """Commit every ``commit_interval``; raise SourceError once the broker stops answering."""
+        interval = self.config.commit_interval
+        last_commit = last_probe = time.monotonic()
+        while True:
+            await asyncio.sleep(max(0.05, min(interval, _PROBE_INTERVAL)))
+            now = time.monotonic()
+            if now - last_commit >= interval:
+                last_commit = now
+                await session.commit()
+            if now - last_probe >= _PROBE_INTERVAL:
+                last_probe = now
+                try:
+                    # a metadata request: aiokafka itself reconnects forever and never says
+                    await asyncio.wait_for(session.consumer.topics(), _TIMEOUT)
+                except (KafkaError, TimeoutError) as exc:
+                    raise SourceError(f"broker unreachable: {exc or type(exc).__name__}",
+                                      origin=f"kafka {self.config.bootstrap}") from exc
+
+    async def _stop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer | None) -> None:
+        for client in (consumer, producer):
+            if client is None:
+                continue
+            try:
+                await asyncio.wait_for(client.stop(), _TIMEOUT)
+            except (KafkaError, TimeoutError, OSError) as exc:
+                metrics.log.warning("kafka client stop failed", source=self.name, error=str(exc))
