@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from loopd import __version__
 from loopd.config import LoopdConfig, load_config
@@ -74,7 +76,7 @@ def run(path: Path, listen: str | None) -> int:
     return EXIT_OK
 
 
-def _event_loop_runner():  # type: ignore[no-untyped-def]
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     try:
         import uvloop
 

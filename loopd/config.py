@@ -133,6 +133,20 @@ class EngineConfig(Strict):
     dedup_window: int = Field(default=200_000, ge=1000)
 
 
+class PrometheusConfig(Strict):
+    """The Prometheus HTTP API that confirm tasks query (``query:``)."""
+
+    url: str
+    timeout: Duration = 10.0
+
+
+class OutcomesConfig(Strict):
+    """Where the outcome event of every finished run is published (besides loopd itself)."""
+
+    bus: str | None = None  # the name of a kafka or mqtt source whose broker gets it
+    topic: str = "loopd.outcomes"
+
+
 class LoopdConfig(Strict):
     listen: str = "127.0.0.1:8080"
     sources: list[SourceConfig] = Field(default_factory=list)
@@ -141,6 +155,8 @@ class LoopdConfig(Strict):
     inventory: Path | None = None
     pack_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     store: StoreConfig = StoreConfig()
+    prometheus: PrometheusConfig | None = None
+    outcomes: OutcomesConfig = OutcomesConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
     source_file: Path | None = None

@@ -29,14 +29,20 @@ from loopd.config import (
     WebhookSourceConfig,
 )
 from loopd.engine import Engine
+from loopd.events import Delivery, Event
 from loopd.packs.executor import Executor, Runner
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
 from loopd.rules.loader import RuleSet, load_rules
 from loopd.sources.base import Source, Supervisor
 from loopd.sources.webhook import PushSource
+from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
+from loopd.workflow.confirm import PromQL
 from loopd.workflow.dispatcher import Dispatcher
+from loopd.workflow.loader import load_workflows
+from loopd.workflow.runner import WorkflowRunner
+from loopd.workflow.tasks import TaskKinds
 
 log = structlog.get_logger("loopd")
 
@@ -62,7 +68,19 @@ def build_runners() -> dict[str, Runner]:
 
 def load_packs_and_rules(config: LoopdConfig) -> tuple[PackRegistry, RuleSet]:
     registry = PackRegistry.load(config.packs, config.pack_config)
+    load_workflows(registry)
     return registry, load_rules(config.rules, registry.check_target)
+
+
+def outcome_event(run: RunRecord, topic: str) -> Event:
+    data = {
+        "run": run.id, "rule": run.rule, "key": run.key, run.kind: run.target,
+        "status": run.status, "outcome": run.outcome, "reason": run.reason,
+        "created": run.created, "finished": run.finished,
+        "duration_s": (run.finished - run.created) if run.finished else None,
+    }
+    return Event(id=f"outcome:{run.id}", source="loopd", topic=topic, data=data, key=run.key,
+                 origin=f"loopd run {run.id}")
 
 
 class Daemon:
@@ -71,15 +89,24 @@ class Daemon:
         self.store = SqliteStore(config.store.path)
         self.inventory = Inventory.load(config.inventory)
         self.registry, ruleset = load_packs_and_rules(config)
-        self.executor = Executor(self.registry, build_runners())
+        self.executor = Executor(self.registry, build_runners(),
+                                 max_concurrent=config.engine.max_concurrent_runs)
         self.engine = Engine(
             self.store, ruleset, inventory=self.inventory, queue_size=config.engine.queue_size,
             batch_max=config.store.batch_max, dedup_window=config.engine.dedup_window,
         )
+        prometheus = PromQL(config.prometheus.url, config.prometheus.timeout) \
+            if config.prometheus else None
+        self.tasks = TaskKinds(self.store, self.executor, prometheus=prometheus,
+                               services={"store": self.store})
+        self.workflows = WorkflowRunner(
+            self.store, lambda: self.registry, self.tasks, inventory=self.inventory,
+            telemetry=self.engine.telemetry)
+        self.engine.on_event = self.tasks.hub.offer
         self.dispatcher = Dispatcher(
             self.store, self.executor, inventory=self.inventory,
-            finish_incident=self.engine.finish_incident,
-            max_concurrent=config.engine.max_concurrent_runs,
+            finish_incident=self.engine.finish_incident, workflows=self.workflows,
+            on_finished=self._run_finished,
         )
         self.engine.on_runs = self.dispatcher.submit
         self.sources = {c.name: build_source(c) for c in config.sources}
@@ -92,6 +119,12 @@ class Daemon:
 
     async def _emit(self, delivery: Any) -> None:
         await self.engine.emit(delivery)
+
+    async def _run_finished(self, run: RunRecord) -> None:
+        """Close the loop for others: an outcome event into loopd's own rules and a bus."""
+        outcome = outcome_event(run, self.config.outcomes.topic)
+        metrics.event_received("loopd")
+        await self.engine.emit(Delivery(outcome))
 
     def _report_load(self, ruleset: RuleSet) -> None:
         for err in [*self.registry.errors, *ruleset.errors]:
@@ -140,6 +173,8 @@ class Daemon:
                 await self._shutdown(feeds, workers)
         finally:
             await self.executor.close()
+            if self.tasks.prometheus is not None:
+                await self.tasks.prometheus.close()
             await self.store.close()
             log.info("loopd stopped")
 
@@ -171,7 +206,7 @@ class Daemon:
         ctx = ApiContext(
             engine=self.engine, store=self.store, dispatcher=self.dispatcher,
             registry=lambda: self.registry, reload=self.reload, sources=self.sources,
-            push_sources=push,
+            push_sources=push, approve=self._approve,
         )
         self.runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0)
         await self.runner.setup()
@@ -181,6 +216,9 @@ class Daemon:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def _approve(self, run_id: str, approved: bool, reason: str | None) -> str | None:
+        return self.tasks.decide(run_id, approved, reason)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -54,6 +54,7 @@ class Engine:
         self, store: Store, rules: RuleSet, *, inventory: Inventory | None = None,
         queue_size: int = 10_000, batch_max: int = 2000, dedup_window: int = 200_000,
         clock: Clock = wall_clock, on_runs: RunsReady | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.store = store
         self.inventory = inventory or Inventory()
@@ -61,6 +62,7 @@ class Engine:
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
         self.clock = clock
         self.on_runs = on_runs
+        self.on_event = on_event  # e.g. confirm tasks waiting for evidence
         self.matches: Counter[str] = Counter()
         self._batch_max = batch_max
         self._dedup_window = dedup_window
@@ -173,6 +175,8 @@ class Engine:
 
     def _decide(self, event: Event, pending: _Pending) -> None:
         self.telemetry.observe(event)
+        if self.on_event is not None:
+            self.on_event(event)
         candidates = self._index.candidates(event)
         if not candidates:
             return

@@ -8,10 +8,13 @@ workflow, action, status, reason); never an event id or a host.
 from __future__ import annotations
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
+)
 
 log = structlog.get_logger("loopd")
 
+disable_created_metrics()  # *_created series double the exposition for no operator value
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 EVENTS_RECEIVED = Counter(
@@ -56,6 +59,14 @@ ACTION_SECONDS = Histogram(
     buckets=(0.005, 0.05, 0.25, 1, 5, 15, 60, 300),
 )
 RUNS_ACTIVE = Gauge("loopd_runs_active", "Runs executing now", registry=REGISTRY)
+CONFIRMATIONS = Counter("loopd_confirmations_total", "Confirm task results",
+                        ["workflow", "result"], registry=REGISTRY)
+TIME_TO_FIX = Histogram(
+    "loopd_time_to_fix_seconds", "From the first event of an incident to its confirmed fix",
+    ["rule"], registry=REGISTRY, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
+OUTCOMES = Counter("loopd_run_outcomes_total", "Run outcomes", ["workflow", "outcome"],
+                   registry=REGISTRY)
 
 
 def exposition() -> bytes:
@@ -123,6 +134,16 @@ def run_finished(workflow: str, run_id: str, status: str, seconds: float,
     RUN_SECONDS.labels(workflow).observe(seconds)
     log.info("run finished", workflow=workflow, run=run_id, status=status,
              seconds=round(seconds, 3), reason=reason)
+
+
+def confirmation(workflow: str, result: str) -> None:
+    CONFIRMATIONS.labels(workflow, result).inc()
+
+
+def outcome(workflow: str, rule: str | None, outcome: str, time_to_fix: float | None) -> None:
+    OUTCOMES.labels(workflow, outcome).inc()
+    if time_to_fix is not None and rule is not None:
+        TIME_TO_FIX.labels(rule).observe(time_to_fix)
 
 
 def action_finished(action: str, status: str, seconds: float) -> None:

@@ -89,9 +89,12 @@ class Runner(Protocol):
 class Executor:
     """Finds the action, validates its input, applies its timeout, times it."""
 
-    def __init__(self, registry: PackRegistry, runners: dict[str, Runner]) -> None:
+    def __init__(self, registry: PackRegistry, runners: dict[str, Runner], *,
+                 max_concurrent: int = 64) -> None:
         self.registry = registry
         self.runners = runners
+        # Caps actions executing at once; runs waiting (confirm, approval, delay) hold no slot.
+        self._slots = asyncio.Semaphore(max_concurrent)
 
     def action(self, name: str) -> Action:
         action = self.registry.actions.get(name)
@@ -117,7 +120,7 @@ class Executor:
                 if runner is None:
                     raise ActionError(f"runner {action.spec.runner!r} is not available")
                 try:
-                    async with asyncio.timeout(action.spec.timeout):
+                    async with self._slots, asyncio.timeout(action.spec.timeout):
                         output = await runner.run(action, values, ctx)
                 except TimeoutError:
                     raise ActionTimeout(f"timed out after {action.spec.timeout:g}s") from None

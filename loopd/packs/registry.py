@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from loopd import yamlfile
 from loopd.errors import PackError
 from loopd.packs.manifest import ActionSpec, InputField, PackManifest, PythonAction
+from loopd.workflow.render import WORKFLOW_SCOPE, Compiled, compile_template
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class Action:
     spec: ActionSpec
     func: Callable[..., Any] | None = None
     input_model: type[BaseModel] | None = None
+    rollback_input: Compiled | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +137,12 @@ def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]) -> Pack:
     module = None
     for short, spec in manifest.actions.items():
         action = Action(f"{manifest.name}.{short}", pack, spec)
+        if spec.rollback is not None:
+            try:
+                action.rollback_input = compile_template(spec.rollback.input, WORKFLOW_SCOPE)
+            except ValueError as exc:
+                raise PackError(f"actions.{short}.rollback.input: {exc}",
+                                origin=str(manifest_path)) from None
         if isinstance(spec, PythonAction):
             module = module or _load_module(folder, manifest.name)
             entry = spec.entry or short

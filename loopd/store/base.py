@@ -74,6 +74,7 @@ class RunRecord:
     ctx: JSON = field(default_factory=dict)
     outcome: str | None = None
     event: JSON = None    # the event that started the run
+    progress: JSON = None  # the workflow runner's resumable state (loopd.workflow.runner)
 
 
 @dataclass(slots=True)
@@ -149,3 +150,9 @@ class Store(Protocol):
     async def count_decisions(self, *, rule: str | None = None) -> int: ...
 
     async def get_event(self, source: str, event_id: str) -> EventRecord | None: ...
+
+    async def kv_get(self, namespace: str, key: str) -> JSON:
+        """A value packs keep between runs (e.g. a device's last known good config)."""
+        ...
+
+    async def kv_put(self, namespace: str, key: str, value: JSON) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE runs (id TEXT PRIMARY KEY, incident_id TEXT, rule TEXT, key TEXT,
                kind TEXT NOT NULL, target TEXT NOT NULL, input BLOB, status TEXT NOT NULL,
                created REAL NOT NULL, started REAL, finished REAL, reason TEXT, ctx BLOB,
-               outcome TEXT, event BLOB)""",
+               outcome TEXT, event BLOB, progress BLOB)""",
         "CREATE INDEX runs_status ON runs (status)",
         "CREATE INDEX runs_rule_key ON runs (rule, key, created)",
         """CREATE TABLE steps (run_id TEXT NOT NULL, seq INTEGER NOT NULL, task TEXT NOT NULL,
@@ -57,6 +58,8 @@ MIGRATIONS: dict[int, list[str]] = {
                PRIMARY KEY (run_id, seq))""",
         """CREATE TABLE timers (rule TEXT NOT NULL, key TEXT NOT NULL, since REAL NOT NULL,
                PRIMARY KEY (rule, key))""",
+        """CREATE TABLE kv (namespace TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+               updated REAL NOT NULL, PRIMARY KEY (namespace, key))""",
     ],
 }
 
@@ -148,7 +151,7 @@ class SqliteStore:
                 )
             if batch.runs:
                 await db.executemany(
-                    "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [self._run_row(r) for r in batch.runs],
                 )
             if batch.timers_set:
@@ -167,7 +170,7 @@ class SqliteStore:
     def _run_row(r: RunRecord) -> tuple[Any, ...]:
         return (r.id, r.incident_id, r.rule, r.key, r.kind, r.target, _dump(r.input), r.status,
                 r.created, r.started, r.finished, r.reason, _dump(r.ctx), r.outcome,
-                _dump(r.event))
+                _dump(r.event), _dump(r.progress))
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         async with self._lock, self.db.execute(sql, tuple(params)) as cur:
@@ -193,7 +196,7 @@ class SqliteStore:
 
     async def save_run(self, run: RunRecord) -> None:
         await self._write(
-            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             self._run_row(run))
 
     async def save_step(self, step: StepRecord) -> None:
@@ -211,9 +214,10 @@ class SqliteStore:
     @staticmethod
     def _run(row: Any) -> RunRecord:
         (rid, inc, rule, key, kind, target, inp, status, created, started, finished, reason,
-         ctx, outcome, event) = row
+         ctx, outcome, event, progress) = row
         return RunRecord(rid, inc, rule, key, kind, target, _load(inp), status, created, started,
-                         finished, reason, _load(ctx) or {}, outcome, _load(event))
+                         finished, reason, _load(ctx) or {}, outcome, _load(event),
+                         _load(progress))
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._all("SELECT * FROM runs WHERE id=?", (run_id,))
@@ -260,6 +264,15 @@ class SqliteStore:
             sql, params = sql + " WHERE rule=?", (rule,)  # type: ignore[assignment]
         rows = await self._all(sql, params)
         return int(rows[0][0])
+
+    async def kv_get(self, namespace: str, key: str) -> Any:
+        rows = await self._all("SELECT value FROM kv WHERE namespace=? AND key=?",
+                               (namespace, key))
+        return _load(rows[0][0]) if rows else None
+
+    async def kv_put(self, namespace: str, key: str, value: Any) -> None:
+        await self._write("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
+                          (namespace, key, _dump(value), time.time()))
 
     async def get_event(self, source: str, event_id: str) -> EventRecord | None:
         rows = await self._all("SELECT * FROM events WHERE source=? AND id=?", (source, event_id))

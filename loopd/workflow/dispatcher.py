@@ -31,14 +31,19 @@ FinishIncident = Callable[[str, str], Awaitable[None]]
 class WorkflowExecutor(Protocol):
     """Executes a run of kind ``workflow`` (see loopd.workflow.runner)."""
 
-    async def execute(self, run: RunRecord, *, resumed: bool) -> None: ...
+    async def execute(self, run: RunRecord, *, resumed: bool) -> tuple[str, str | None]: ...
+
+    def outcome(self, run: RunRecord, status: str) -> str: ...
+
+
+RunFinished = Callable[[RunRecord], Awaitable[None]]
 
 
 class Dispatcher:
     def __init__(
         self, store: Store, executor: Executor, *, inventory: Inventory,
-        finish_incident: FinishIncident, max_concurrent: int = 64,
-        workflows: WorkflowExecutor | None = None, dry_run: bool = False,
+        finish_incident: FinishIncident, workflows: WorkflowExecutor | None = None,
+        dry_run: bool = False, on_finished: RunFinished | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -46,7 +51,7 @@ class Dispatcher:
         self.workflows = workflows
         self.dry_run = dry_run
         self._finish_incident = finish_incident
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self.on_finished = on_finished
         self._inbox: asyncio.Queue[tuple[RunRecord, bool]] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._idle = asyncio.Event()
@@ -61,7 +66,8 @@ class Dispatcher:
 
     async def resume(self) -> int:
         """Re-dispatch what was in flight when loopd stopped; returns how many."""
-        runs = await self.store.runs_in_status(states.ACTIVE)
+        # sub-workflow runs ("parent/task") are resumed by their parent
+        runs = [r for r in await self.store.runs_in_status(states.ACTIVE) if "/" not in r.id]
         for run in runs:
             self._idle.clear()
             self._inbox.put_nowait((run, True))
@@ -92,15 +98,19 @@ class Dispatcher:
 
     async def _execute(self, run: RunRecord, resumed: bool) -> None:
         try:
-            async with self._slots:
-                if run.kind == "workflow" and self.workflows is not None:
-                    await self.workflows.execute(run, resumed=resumed)
-                else:
-                    await self._run_action(run, resumed)
+            if run.kind == "workflow" and self.workflows is not None:
+                metrics.run_started(run.target, run.id)
+                status, reason = await self.workflows.execute(run, resumed=resumed)
+                run.outcome = self.workflows.outcome(run, status)
+                await self._end(run, status, reason, started=True)
+            else:
+                await self._run_action(run, resumed)
         except asyncio.CancelledError:
             if self.shutting_down:
                 raise  # left as it is in the store; resumed at next start
-            await self._end(run, states.CANCELLED, "cancelled through the API")
+            if self.workflows is not None and run.kind == "workflow":
+                run.outcome = self.workflows.outcome(run, states.CANCELLED)
+            await self._end(run, states.CANCELLED, "cancelled through the API", started=True)
         except Exception as exc:  # task boundary: a loopd bug ends this run, not the daemon
             log.exception("run crashed", run=run.id)
             await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
@@ -144,5 +154,9 @@ class Dispatcher:
         await self.store.save_run(run)
         if started:
             metrics.run_finished(run.target, run.id, status, now - (run.started or now), reason)
+        fixed_in = now - run.created if run.outcome == states.FIXED else None
+        metrics.outcome(run.target, run.rule, run.outcome, fixed_in)
         if run.incident_id:
             await self._finish_incident(run.incident_id, run.outcome)
+        if self.on_finished is not None:
+            await self.on_finished(run)

@@ -108,6 +108,8 @@ class Task(_Strict):
     def _next(cls, v: Any) -> Any:
         if isinstance(v, str):  # `next: verify` = on success go to verify
             return [{"when": "succeeded", "do": v}]
+        if isinstance(v, dict):  # a single transition
+            return [v]
         return v
 
     @model_validator(mode="after")

@@ -32,6 +32,12 @@ from loopd.errors import ConditionError
 from loopd.events import Event
 
 Scope = Mapping[str, Any]
+
+# Names a workflow's templates and conditions can read (see loopd.workflow.runner.scope).
+WORKFLOW_SCOPE = frozenset({
+    "ctx", "input", "result", "status", "error", "item", "now", "event", "run", "inventory",
+    "telemetry", "history", "key", "entity", "vars",
+})
 Compiled = Callable[[Scope], Any]
 
 _JINJA = SandboxedEnvironment(undefined=jinja2.ChainableUndefined, autoescape=False)

@@ -106,7 +106,7 @@ class KafkaBroker:
 
     def start(self) -> None:
         """Start tansu on the same port (and storage) as before."""
-        self._require_restartable()
+        self.require_restartable()
         if self.running:
             return
         assert self.binary is not None and self.workdir is not None
@@ -127,7 +127,7 @@ class KafkaBroker:
 
     def stop(self) -> None:
         """Stop tansu (SIGTERM); with S3 storage its data survives for ``start``."""
-        self._require_restartable()
+        self.require_restartable()
         _stop_process(self._proc)
         self._proc = None
 
@@ -138,7 +138,8 @@ class KafkaBroker:
             self._log.close()
             self._log = None
 
-    def _require_restartable(self) -> None:
+    def require_restartable(self) -> None:
+        """Skip the test when the broker came from the environment."""
         if not self.restartable:
             pytest.skip(f"broker from {EXTERNAL_ENV} cannot be restarted by the tests")
 

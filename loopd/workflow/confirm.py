@@ -1,0 +1,142 @@
+"""Evidence for confirm tasks: events offered by the engine, PromQL polled.
+
+Every event the engine sees is offered to the hub; only runs waiting on a
+confirm task hold waiters, indexed by source, so with nobody waiting an event
+costs one dict lookup. A waiter succeeds on the first event that matches its
+``on`` part and satisfies its ``if``; a matching event that fails the ``if`` is
+counter-evidence (the fix did not work), which turns "no evidence" at the
+deadline into ``failed`` instead of ``inconclusive``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+
+from loopd.errors import ConditionError
+from loopd.events import Event
+from loopd.rules.compile import lookup
+from loopd.workflow.loader import Evidence
+
+log = structlog.get_logger("loopd.confirm")
+
+_MISSING = object()
+
+
+@dataclass(eq=False)
+class Waiter:
+    evidence: Evidence
+    scope: Callable[[Event, dict[str, str]], dict[str, Any]]
+    found: asyncio.Future[Event] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+    against: int = 0
+    last_against: dict[str, Any] | None = None
+
+    def offer(self, event: Event) -> None:
+        ev = self.evidence
+        if self.found.done():
+            return
+        if ev.topic is not None:
+            tvars = ev.topic(event.topic)
+            if tvars is None:
+                return
+        else:
+            tvars = {}
+        for path, values in ev.match:
+            value = lookup(event.data, path)
+            try:
+                if value not in values:
+                    return
+            except TypeError:
+                return
+        if ev.condition is None:
+            self.found.set_result(event)
+            return
+        try:
+            ok = bool(ev.condition(self.scope(event, tvars)))
+        except ConditionError:
+            return  # an event this condition cannot read is no evidence either way
+        if ok:
+            self.found.set_result(event)
+        else:
+            self.against += 1
+            self.last_against = event.to_json()
+
+
+class ConfirmHub:
+    def __init__(self) -> None:
+        self._by_source: dict[str | None, set[Waiter]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(w) for w in self._by_source.values())
+
+    def add(self, waiter: Waiter) -> None:
+        self._by_source.setdefault(waiter.evidence.source, set()).add(waiter)
+
+    def remove(self, waiter: Waiter) -> None:
+        waiters = self._by_source.get(waiter.evidence.source)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._by_source[waiter.evidence.source]
+
+    def offer(self, event: Event) -> None:
+        if not self._by_source:
+            return
+        for source in (event.source, None):
+            for waiter in list(self._by_source.get(source, ())):
+                waiter.offer(event)
+
+
+class PromQL:
+    """Instant queries against a Prometheus HTTP API (``/api/v1/query``).
+
+    Like an alerting rule: a non-empty vector is true (``up == 1`` keeps the
+    series that are up), a scalar is true when non-zero.
+    """
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def holds(self, query: str) -> bool | None:
+        """True/False from a vector result; None when Prometheus could not answer."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout))
+        try:
+            async with self._session.get(f"{self.url}/api/v1/query",
+                                         params={"query": query}) as resp:
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("prometheus query failed", query=query, error=str(exc))
+            return None
+        if not isinstance(body, dict) or body.get("status") != "success":
+            log.warning("prometheus query error", query=query,
+                        error=body.get("error") if isinstance(body, dict) else body)
+            return None
+        data = body.get("data") or {}
+        result = data.get("result")
+        if data.get("resultType") == "scalar" and isinstance(result, list):
+            return _truthy(result[1])
+        if isinstance(result, list):  # alerting semantics: any series left means true
+            return len(result) > 0
+        return None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _truthy(value: Any) -> bool:
+    try:
+        return float(value) != 0.0
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,295 @@
+"""Load, compile and check the workflows of every pack.
+
+Everything that can be caught before a run is caught here and reported as
+``PackError`` with ``file:line task field``: unknown actions, tasks and
+sub-workflows, template syntax errors, inputs an action does not take, and
+transition cycles with no way out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from loopd.errors import ConfigError, PackError
+from loopd.packs.registry import PackRegistry
+from loopd.rules.compile import Path as DataPath
+from loopd.sources.topics import TopicMatcher, compile_topic_pattern
+from loopd.workflow.model import RESULT_WORDS, Task, Workflow
+from loopd.workflow.render import (
+    WORKFLOW_SCOPE,
+    Compiled,
+    compile_expression,
+    compile_template,
+)
+from loopd.yamlfile import Loader
+
+SCOPE = WORKFLOW_SCOPE
+
+
+@dataclass(slots=True)
+class CompiledEvidence:
+    """A confirm task's event evidence. ``topic`` and ``match`` values are templates,
+    rendered with the run's context when the task starts (``telemetry/{{ ctx.host }}/cpu``),
+    which makes the evidence about this run's entity; ``condition`` says whether an event
+    about it shows the fix worked."""
+
+    source: str | None
+    topic: Compiled | None
+    match: tuple[tuple[DataPath, Compiled], ...]
+    condition: Compiled | None
+
+
+@dataclass(slots=True)
+class Evidence:
+    """CompiledEvidence rendered for one run: what the hub's waiter matches on."""
+
+    source: str | None
+    topic: TopicMatcher | None
+    match: tuple[tuple[DataPath, frozenset[Any]], ...]
+    condition: Compiled | None
+
+
+def render_evidence(ev: CompiledEvidence, scope: dict[str, Any]) -> Evidence:
+    """Render for one run; raises ConditionError or ConfigError naming the part."""
+    topic = compile_topic_pattern(str(ev.topic(scope))) if ev.topic is not None else None
+    match = []
+    for path, value in ev.match:
+        rendered = value(scope)
+        match.append((path, frozenset(rendered if isinstance(rendered, list) else [rendered])))
+    return Evidence(ev.source, topic, tuple(match), ev.condition)
+
+
+@dataclass(slots=True)
+class CompiledTask:
+    name: str
+    task: Task
+    origin: str
+    input: Compiled
+    publish: Compiled | None
+    items: Compiled | None
+    transitions: list[tuple[str | Compiled, list[str]]]
+    retry_when: Compiled | None
+    evidence: CompiledEvidence | None = None
+    query: Compiled | None = None
+    message: Compiled | None = None   # approval message, succeed outcome, fail reason
+
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+
+@dataclass(slots=True)
+class CompiledWorkflow:
+    name: str
+    model: Workflow
+    origin: str
+    tasks: dict[str, CompiledTask] = field(default_factory=dict)
+
+
+def load_workflows(registry: PackRegistry) -> None:
+    """Add every pack's workflows to ``registry.workflows``; errors to ``registry.errors``."""
+    found: dict[str, tuple[Path, Workflow, dict[str, str]]] = {}
+    for pack in registry.packs.values():
+        folder = pack.path / "workflows"
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.y*ml")):
+            name = f"{pack.name}.{path.stem}"
+            try:
+                found[name] = (path, *_read(path))
+            except PackError as exc:
+                registry.errors.append(exc)
+    for action in registry.actions.values():
+        rollback = action.spec.rollback
+        if rollback is not None and rollback.action not in registry.actions:
+            registry.errors.append(PackError(
+                f"action {action.name} rollback: "
+                f"{registry.check_target('action', rollback.action)}",
+                origin=str(action.pack.path / "pack.yaml")))
+    known = set(found)
+    for name, (path, wf, lines) in found.items():
+        try:
+            registry.workflows[name] = _compile(name, path, wf, lines, registry, known)
+        except PackError as exc:
+            registry.errors.append(exc)
+
+
+def _read(path: Path) -> tuple[Workflow, dict[str, str]]:
+    try:
+        loader = Loader(path.read_text())
+        try:
+            node = loader.get_single_node()
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except OSError as exc:
+        raise PackError(f"cannot read: {exc.strerror}", origin=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PackError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
+                        origin=where) from None
+    lines: dict[str, str] = {}
+    if node is not None and isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            lines[k.value] = f"{path}:{k.start_mark.line + 1}"
+            if k.value == "tasks" and isinstance(v, yaml.MappingNode):
+                for tk, _ in v.value:
+                    lines[f"tasks.{tk.value}"] = f"{path}:{tk.start_mark.line + 1}"
+    try:
+        return Workflow.model_validate(raw), lines
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        where = lines.get(".".join(loc[:2]), lines.get(loc[0], str(path))) if loc else str(path)
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        raise PackError(f"{'.'.join(loc)}: {msg}", origin=where) from None
+
+
+def _compile(name: str, path: Path, wf: Workflow, lines: dict[str, str],
+             registry: PackRegistry, workflows: set[str]) -> CompiledWorkflow:
+    out = CompiledWorkflow(name, wf, lines.get("tasks", str(path)))
+    if wf.start is not None and wf.start not in wf.tasks:
+        raise PackError(f"start: unknown task {wf.start!r}", origin=lines.get("start", str(path)))
+    for tname, task in wf.tasks.items():
+        origin = lines.get(f"tasks.{tname}", str(path))
+
+        def fail(fld: str, msg: str, origin: str = origin, tname: str = tname) -> PackError:
+            return PackError(f"task {tname} {fld}: {msg}", origin=origin)
+
+        def tmpl(value: Any, fld: str) -> Compiled:
+            try:
+                return compile_template(value, SCOPE)
+            except ValueError as exc:
+                raise fail(fld, str(exc)) from None
+
+        def expr(text: str, fld: str) -> Compiled:
+            try:
+                return compile_expression(text, SCOPE)
+            except ValueError as exc:
+                raise fail(fld, str(exc)) from None
+
+        if task.action is not None:
+            problem = registry.check_target("action", task.action)
+            if problem:
+                raise fail("action", problem)
+            fields = registry.actions[task.action].spec.input
+            unknown = set(task.input) - set(fields)
+            if fields and unknown:
+                raise fail("input", f"{task.action} takes no input {', '.join(sorted(unknown))}")
+            missing = [f for f, spec in fields.items()
+                       if spec.required and spec.default is None and f not in task.input]
+            if missing and task.with_items is None:
+                raise fail("input", f"{task.action} needs {', '.join(missing)}")
+        if task.workflow is not None and task.workflow not in workflows:
+            raise fail("workflow", registry.check_target("workflow", task.workflow)
+                       or f"unknown workflow {task.workflow!r}")
+        transitions: list[tuple[str | Compiled, list[str]]] = []
+        for i, tr in enumerate(task.next):
+            for target in tr.do:
+                if target not in wf.tasks:
+                    raise fail(f"next[{i}].do", f"unknown task {target!r}")
+            when: str | Compiled = tr.when if tr.when in RESULT_WORDS else expr(
+                tr.when, f"next[{i}].when")
+            transitions.append((when, tr.do))
+        for member in task.join or []:
+            if member not in wf.tasks:
+                raise fail("join", f"unknown task {member!r}")
+        ctask = CompiledTask(
+            name=tname, task=task, origin=origin, input=tmpl(task.input, "input"),
+            publish=tmpl(task.publish, "publish") if task.publish else None,
+            items=tmpl(task.with_items, "with_items") if task.with_items is not None else None,
+            transitions=transitions,
+            retry_when=expr(task.retry.when, "retry.when") if task.retry and task.retry.when
+            else None,
+        )
+        if task.confirm is not None:
+            ev = task.confirm.event
+            if ev is not None:
+                topic = None
+                if ev.topic is not None:
+                    topic = tmpl(ev.topic, "confirm.event.topic")
+                    if "{{" not in ev.topic:  # a constant pattern: check it now
+                        try:
+                            compile_topic_pattern(ev.topic)
+                        except ConfigError as exc:
+                            raise fail("confirm.event.topic", exc.message) from None
+                match = tuple((tuple(k.split(".")), tmpl(v, f"confirm.event.match.{k}"))
+                              for k, v in ev.match.items())
+                ctask.evidence = CompiledEvidence(
+                    ev.source, topic, match,
+                    expr(ev.if_, "confirm.event.if") if ev.if_ else None)
+            if task.confirm.promql is not None:
+                ctask.query = tmpl(task.confirm.promql, "confirm.query")
+        message = task.approval.message if task.approval else task.succeed or task.fail
+        if message:
+            ctask.message = tmpl(message, task.kind)
+        out.tasks[tname] = ctask
+    _check_cycles(out, lines, path)
+    return out
+
+
+def _check_cycles(wf: CompiledWorkflow, lines: dict[str, str], path: Path) -> None:
+    """Refuse a set of tasks that can only ever transition among themselves."""
+    graph = {n: {t for _, targets in ct.transitions for t in targets}
+             for n, ct in wf.tasks.items()}
+    for scc in _sccs(graph):
+        if len(scc) == 1:
+            (only,) = scc
+            if only not in graph[only]:
+                continue
+        trapped = True
+        for n in scc:
+            ct = wf.tasks[n]
+            words = {w for w, _ in ct.transitions if isinstance(w, str)}
+            covers = "always" in words or {"succeeded", "failed"} <= words
+            leaves = any(t not in scc for t in graph[n])
+            if leaves or not covers or ct.kind in ("succeed", "fail"):
+                trapped = False
+                break
+        if trapped:
+            first = sorted(scc)[0]
+            raise PackError(
+                f"tasks {', '.join(sorted(scc))} form a transition cycle with no way out",
+                origin=lines.get(f"tasks.{first}", str(path)))
+
+
+def _sccs(graph: dict[str, set[str]]) -> list[set[str]]:
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[set[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            out.append(comp)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out

@@ -1,0 +1,252 @@
+"""The workflow runner: tasks, transitions, retries, branches; resumable.
+
+A run's resumable state lives in ``run.progress`` and is saved before every
+step takes effect (task started, attempt, timer set, task finished, context
+published), so a restart continues where the run was: timers and deadlines
+keep their original instants; a task that was executing at the crash is
+retried if its action is idempotent and is otherwise ``interrupted`` (which
+follows the ``failed`` transition).
+
+Transitions: the first ``next`` entry whose ``when`` holds is taken; its
+``do`` may start several tasks (parallel branches); a task with ``join`` starts
+only once every task it names has finished. A task with no matching
+transition ends its branch; the run ends when no branch is active, with the
+status of an explicit ``succeed``/``fail`` task, else ``failed`` if a branch
+ended failed, else ``succeeded``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from loopd import metrics
+from loopd.catalog.inventory import Inventory
+from loopd.catalog.telemetry import Telemetry
+from loopd.errors import ConditionError
+from loopd.packs.registry import PackRegistry, validate_fields
+from loopd.store.base import RunRecord, Store
+from loopd.workflow import states
+from loopd.workflow.confirm import ConfirmHub, PromQL
+from loopd.workflow.loader import CompiledTask, CompiledWorkflow
+from loopd.workflow.tasks import TaskKinds, TaskResult
+
+log = structlog.get_logger("loopd.workflow")
+
+FAILURES = (states.FAILED, states.TIMED_OUT, states.INTERRUPTED, states.EXPIRED,
+            states.REJECTED)
+_CONFIRM_OUTCOME = {states.SUCCEEDED: states.FIXED, states.FAILED: states.NOT_FIXED,
+                    "inconclusive": states.INCONCLUSIVE}
+
+
+class WorkflowRunner:
+    def __init__(self, store: Store, registry: Callable[[], PackRegistry], kinds: TaskKinds,
+                 *, inventory: Inventory, telemetry: Telemetry | None = None) -> None:
+        self.store = store
+        self.registry = registry
+        self.kinds = kinds
+        self.inventory = inventory
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        kinds.runner = self
+
+    @property
+    def hub(self) -> ConfirmHub:
+        return self.kinds.hub
+
+    @property
+    def prometheus(self) -> PromQL | None:
+        return self.kinds.prometheus
+
+    # -- scope ---------------------------------------------------------------------
+
+    def scope(self, run: RunRecord, **extra: Any) -> dict[str, Any]:
+        progress = run.progress or {}
+        history = "\n".join(progress.get("history", []))
+        ctx = run.ctx
+        ctx["history"] = history
+        scope = {
+            "ctx": ctx, "input": run.input, "now": time.time(), "event": run.event,
+            "run": {"id": run.id, "rule": run.rule, "key": run.key, "workflow": run.target},
+            "inventory": self.inventory.entities, "telemetry": self.telemetry,
+            "history": history, "key": run.key,
+            "entity": self.inventory.entities.get(run.key or ""),
+        }
+        scope.update(extra)
+        return scope
+
+    # -- a run ---------------------------------------------------------------------
+
+    async def execute(self, run: RunRecord, *, resumed: bool) -> tuple[str, str | None]:
+        """Run (or resume) a workflow run to its end; returns (status, reason)."""
+        wf = self.registry().workflows.get(run.target)
+        if not isinstance(wf, CompiledWorkflow):
+            return states.FAILED, f"unknown workflow {run.target!r}"
+        if run.progress is None:
+            try:
+                inputs = validate_fields(wf.model.input, dict(run.input or {}), "input")
+            except ValueError as exc:
+                return states.FAILED, f"workflow {run.target}: {exc}"
+            run.ctx = {**inputs, **(run.ctx or {})}
+            run.progress = {
+                "ready": [wf.model.first], "tasks": {}, "arrived": {}, "completed": [],
+                "history": [], "seq": 0, "ended": None, "failed_branch": None,
+                "deadline": time.time() + wf.model.timeout if wf.model.timeout else None,
+            }
+        progress = run.progress
+        if run.status != states.RUNNING or not run.started:
+            run.started = run.started or time.time()
+        run.status = states.RUNNING
+        if resumed:
+            self._resume(run, wf)
+        await self.store.save_run(run)
+        deadline = progress.get("deadline")
+        try:
+            if deadline is not None:
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    await self._schedule(run, wf)
+            else:
+                await self._schedule(run, wf)
+        except TimeoutError:
+            reason = f"workflow timed out after {wf.model.timeout:g}s"
+            progress["history"].append(f"run: timed out ({reason})")
+            return states.TIMED_OUT, reason
+        ended = progress.get("ended") or {}
+        if ended.get("status"):
+            return ended["status"], ended.get("reason")
+        failed = progress.get("failed_branch")
+        if failed:
+            return states.FAILED, failed
+        return states.SUCCEEDED, None
+
+    def _resume(self, run: RunRecord, wf: CompiledWorkflow) -> None:
+        """Tasks that were active at the crash are started again (see module doc)."""
+        progress = run.progress
+        for name, tstate in progress["tasks"].items():
+            if tstate.get("state") not in ("running", "waiting"):
+                continue
+            if name not in progress["ready"]:
+                progress["ready"].append(name)
+            ct = wf.tasks.get(name)
+            if ct is None or tstate.get("state") != "running" or ct.kind != "action":
+                continue
+            action = self.registry().actions.get(ct.task.action or "")
+            if action is None or not action.spec.idempotent:
+                tstate["interrupted"] = True
+        progress["history"].append("run: resumed after a restart")
+
+    async def _schedule(self, run: RunRecord, wf: CompiledWorkflow) -> None:
+        progress = run.progress
+        done: asyncio.Queue[tuple[str, TaskResult]] = asyncio.Queue()
+        active: dict[str, asyncio.Task[None]] = {}
+
+        async def one(name: str) -> None:
+            result = await self.kinds.run(run, wf, wf.tasks[name])
+            await done.put((name, result))
+
+        async with asyncio.TaskGroup() as tg:
+            for name in list(progress["ready"]):
+                active[name] = tg.create_task(one(name))
+            while active:
+                name, result = await done.get()
+                active.pop(name, None)
+                for target in await self._complete(run, wf, wf.tasks[name], result):
+                    if target not in active:
+                        active[target] = tg.create_task(one(target))
+                if progress.get("ended"):
+                    for task in active.values():
+                        task.cancel()
+                    break
+
+    async def _complete(self, run: RunRecord, wf: CompiledWorkflow, ct: CompiledTask,
+                        result: TaskResult) -> list[str]:
+        """Publish the result, choose the transition, persist; return tasks to start."""
+        progress = run.progress
+        name = ct.name
+        progress["tasks"][name] = {"state": "done", "status": result.status,
+                                   "attempt": result.attempt}
+        if name in progress["ready"]:
+            progress["ready"].remove(name)
+        run.ctx[name] = {"status": result.status, **result.output}
+        if result.error:
+            run.ctx[name]["error"] = result.error
+        if ct.kind == "confirm":
+            progress["confirm"] = result.status
+            metrics.confirmation(run.target, result.status)
+        if result.status == states.SUCCEEDED and ct.kind in ("action", "workflow"):
+            progress["completed"].append(name)
+        if result.status == states.SUCCEEDED and ct.publish is not None:
+            try:
+                published = ct.publish(self.scope(run, result=result.output))
+                if isinstance(published, dict):
+                    run.ctx.update(published)
+            except ConditionError as exc:
+                result.status, result.error = states.FAILED, f"task {name} publish: {exc}"
+        if ct.kind in ("succeed", "fail"):
+            progress["ended"] = {"status": states.SUCCEEDED if ct.kind == "succeed"
+                                 else states.FAILED, "reason": result.error,
+                                 "outcome": result.output.get("outcome")}
+        targets, why = self._transition(run, ct, result)
+        progress["history"].append(
+            f"{name}: {result.status}" + (f" ({result.error})" if result.error else "")
+            + (f" -> {', '.join(targets)} [{why}]" if targets else ""))
+        await self.kinds.mark_transition(run, ct, result, targets, why)
+        if not targets and result.status in FAILURES and not progress.get("ended"):
+            progress["failed_branch"] = result.error or f"task {name} {result.status}"
+        if targets and result.status in FAILURES:
+            progress["failed_branch"] = None  # the failure was handled
+        starts = []
+        for target in targets:
+            join = wf.tasks[target].task.join
+            if join:
+                arrived = progress["arrived"].setdefault(target, [])
+                if name not in arrived:
+                    arrived.append(name)
+                finished = {n for n, t in progress["tasks"].items() if t.get("state") == "done"}
+                if not set(join) <= finished:
+                    continue
+            progress["tasks"][target] = {"state": "ready", "attempt": 0}
+            progress["ready"].append(target)
+            starts.append(target)
+        await self.store.save_run(run)
+        return starts
+
+    def _transition(self, run: RunRecord, ct: CompiledTask, result: TaskResult
+                    ) -> tuple[list[str], str]:
+        status = result.status
+        for when, targets in ct.transitions:
+            if isinstance(when, str):
+                if when == "always" or when == status or (
+                        when == "failed" and status in FAILURES):
+                    return targets, f"when {when}"
+                continue
+            try:
+                scope = self.scope(run, result=result.output, status=status,
+                                   error=result.error)
+                if when(scope):
+                    return targets, "when condition held"
+            except ConditionError as exc:
+                log.warning("transition condition failed", run=run.id, task=ct.name,
+                            error=str(exc))
+        return [], "no transition"
+
+    def outcome(self, run: RunRecord, status: str) -> str:
+        progress = run.progress or {}
+        ended = progress.get("ended") or {}
+        if ended.get("outcome"):
+            return str(ended["outcome"])
+        if status in (states.CANCELLED, states.REJECTED, states.EXPIRED):
+            return states.OUTCOME_CANCELLED
+        confirm = progress.get("confirm")
+        if confirm is not None:
+            return _CONFIRM_OUTCOME.get(confirm, states.INCONCLUSIVE)
+        return states.default_outcome(status)
+
+
+def _loop_time(wall: float) -> float:
+    """Convert a wall-clock instant (persisted) to the event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (wall - time.time())
