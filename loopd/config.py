@@ -69,6 +69,7 @@ class Strict(BaseModel):
 class _SourceBase(Strict):
     name: str
     max_payload: int = 1024 * 1024
+    telemetry: bool = True  # keep the latest values per event key for conditions
 
     @field_validator("max_payload", mode="before")
     @classmethod
@@ -86,6 +87,7 @@ class AlertmanagerSourceConfig(_SourceBase):
     """Alertmanager webhook payloads (version 4) posted to ``POST /v1/alertmanager``."""
 
     type: Literal["alertmanager"]
+    telemetry: bool = False  # alerts are not telemetry
 
 
 class MqttSourceConfig(_SourceBase):

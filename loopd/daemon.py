@@ -94,6 +94,7 @@ class Daemon:
         self.engine = Engine(
             self.store, ruleset, inventory=self.inventory, queue_size=config.engine.queue_size,
             batch_max=config.store.batch_max, dedup_window=config.engine.dedup_window,
+            telemetry_sources=frozenset(c.name for c in config.sources if c.telemetry),
         )
         prometheus = PromQL(config.prometheus.url, config.prometheus.timeout) \
             if config.prometheus else None

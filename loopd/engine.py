@@ -55,10 +55,12 @@ class Engine:
         queue_size: int = 10_000, batch_max: int = 2000, dedup_window: int = 200_000,
         clock: Clock = wall_clock, on_runs: RunsReady | None = None,
         on_event: Callable[[Event], None] | None = None,
+        telemetry_sources: frozenset[str] | None = None,
     ) -> None:
         self.store = store
         self.inventory = inventory or Inventory()
         self.telemetry = Telemetry()
+        self._telemetry_sources = telemetry_sources  # None: every source
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
         self.clock = clock
         self.on_runs = on_runs
@@ -118,11 +120,14 @@ class Engine:
 
     async def finish_incident(self, incident_id: str, outcome: str) -> None:
         """The incident's run ended: close it so the next event may start a new run."""
+        now = time.time()
         for ident, inc in list(self._incidents.items()):
             if inc.id == incident_id:
                 del self._incidents[ident]
+                # a batch still holding this record must write it closed, not reopen it
+                inc.status, inc.closed, inc.outcome = "closed", now, outcome
                 break
-        await self.store.close_incident(incident_id, time.time(), outcome)
+        await self.store.close_incident(incident_id, now, outcome)
 
     # -- the two halves -------------------------------------------------------------
 
@@ -174,7 +179,8 @@ class Engine:
     # -- the hot path ----------------------------------------------------------------
 
     def _decide(self, event: Event, pending: _Pending) -> None:
-        self.telemetry.observe(event)
+        if self._telemetry_sources is None or event.source in self._telemetry_sources:
+            self.telemetry.observe(event)
         if self.on_event is not None:
             self.on_event(event)
         candidates = self._index.candidates(event)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -61,8 +63,13 @@ class Delivery:
     received: float = field(default_factory=time.monotonic)
 
 
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count(1)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """Unique across processes (random prefix per process) and cheap (a counter)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def decode_object(payload: bytes, *, max_payload: int, origin: str) -> dict[str, JSON]:
@@ -90,18 +97,11 @@ def parse_time(value: JSON, *, origin: str) -> float:
         # milliseconds since epoch are common on Kafka; anything past year 5138 is ms
         return float(value) / 1000.0 if value > 1e11 else float(value)
     if isinstance(value, str):
-        from datetime import datetime
-
-        text = value.strip()
-        if text.endswith("Z"):
-            text = text[:-1] + "+00:00"
-        try:
-            parsed = datetime.fromisoformat(text)
+        try:  # Python 3.11 reads RFC 3339 including "Z" and fractional seconds
+            parsed = datetime.fromisoformat(value)
         except ValueError:
             raise DecodeError(f"time {value!r} is not RFC 3339", origin=origin) from None
         if parsed.tzinfo is None:
-            from datetime import UTC
-
             parsed = parsed.replace(tzinfo=UTC)
         return parsed.timestamp()
     raise DecodeError(

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import structlog
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
 )
 
 log = structlog.get_logger("loopd")
 
-disable_created_metrics()  # *_created series double the exposition for no operator value
+disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the exposition for no operator value
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 EVENTS_RECEIVED = Counter(

@@ -36,7 +36,7 @@ class CompiledRule:
     origin: str
     rule: Rule
     source: str | None
-    index: tuple[Path, tuple[Scalar, ...]] | None
+    matches: tuple[tuple[Path, tuple[Scalar, ...]], ...]
     checks: tuple[tuple[Path, frozenset[Scalar]], ...]
     topic: Callable[[str], dict[str, str] | None] | None
     condition: Compiled | None
@@ -73,9 +73,8 @@ def compile_rule(rule: Rule, origin: str) -> CompiledRule:
         if not values:
             raise RuleError("match list is empty", rule=rule.name, field=f"on.match.{dotted}")
         matches.append((tuple(dotted.split(".")), values))
-    # Index on the first equality: the index turns N rules into one dict lookup.
-    index = matches[0] if matches else None
-    checks = tuple((p, _hashable(v)) for p, v in matches[1:])
+    # The index (matcher.py) picks the most selective equality; accepts() checks them all.
+    checks = tuple((p, _hashable(v)) for p, v in matches)
 
     def expr(text: str | None, fld: str) -> Compiled | None:
         if text is None:
@@ -102,8 +101,8 @@ def compile_rule(rule: Rule, origin: str) -> CompiledRule:
     except ValueError as exc:
         raise RuleError(str(exc), rule=rule.name, field="run.input") from None
     return CompiledRule(
-        name=rule.name, origin=origin, rule=rule, source=rule.on.source, index=index,
-        checks=checks, topic=topic, condition=expr(rule.if_, "if"), key=key,
+        name=rule.name, origin=origin, rule=rule, source=rule.on.source,
+        matches=tuple(matches), checks=checks, topic=topic, condition=expr(rule.if_, "if"), key=key,
         for_s=rule.for_, throttle=rule.throttle, kind=rule.run.kind, target=rule.run.target,
         input=inputs,
     )

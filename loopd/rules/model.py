@@ -67,7 +67,7 @@ class Run(_Strict):
 
 
 class Rule(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: str = Field(min_length=1, pattern=r"^\S+$")
     description: str = ""
     enabled: bool = True
     on: On = Field(default_factory=On)

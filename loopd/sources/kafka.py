@@ -270,7 +270,7 @@ class KafkaSource:
             if now - last_commit >= interval:
                 last_commit = now
                 await session.commit()
-            if False:
+            if now - last_probe >= _PROBE_INTERVAL:
                 last_probe = now
                 try:
                     # a metadata request: aiokafka itself reconnects forever and never says

@@ -21,6 +21,7 @@ a ``RuleError``/``PackError`` with a location by the caller) at compile time.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -103,6 +104,7 @@ def _method(obj: Any, name: str) -> Callable[..., Any]:
 class _Rewrite(ast.NodeTransformer):
     def __init__(self, names: frozenset[str]) -> None:
         self.names = names
+        self.used: set[str] = set()
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
         if not isinstance(node, _NODES):
@@ -112,7 +114,10 @@ class _Rewrite(ast.NodeTransformer):
     def visit_Name(self, node: ast.Name) -> ast.AST:
         if node.id in _CONSTANTS:
             return ast.copy_location(ast.Constant(_CONSTANTS[node.id]), node)
-        if node.id in self.names or node.id in _FUNCTIONS:
+        if node.id in self.names:
+            self.used.add(node.id)
+            return node
+        if node.id in _FUNCTIONS:
             return node
         raise _Unsupported(node.id)
 
@@ -144,13 +149,15 @@ class _Rewrite(ast.NodeTransformer):
         raise _Unsupported("call")
 
 
+@functools.lru_cache(maxsize=4096)
 def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
     try:
         tree = ast.parse(source.strip(), mode="eval")
     except SyntaxError:
         raise _Unsupported("syntax") from None
-    body = _Rewrite(names).visit(tree).body
-    ordered = sorted(names)
+    rewrite = _Rewrite(names)
+    body = rewrite.visit(tree).body
+    ordered = sorted(rewrite.used)  # the closure takes only the names it reads
     lam = ast.Lambda(
         ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in ordered], kwonlyargs=[],
                       kw_defaults=[], defaults=[]),
@@ -160,6 +167,20 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
     env: dict[str, Any] = {"__builtins__": {}, "_get": _get, "_item": _item,
                            "_method": _method, **_FUNCTIONS}
     fn = eval(compile(module, "<loopd-expression>", "eval"), env)  # whitelisted AST only
+
+    if len(ordered) == 1:
+        (only,) = ordered
+
+        def run_one(scope: Scope) -> Any:
+            try:
+                return fn(scope.get(only))
+            except ConditionError:
+                raise
+            except Exception as exc:  # any evaluation error of user code, e.g. None > 3
+                raise ConditionError(
+                    f"{source.strip()!r}: {type(exc).__name__}: {exc}") from None
+
+        return run_one
 
     def run(scope: Scope) -> Any:
         try:

@@ -1,0 +1,98 @@
+"""Shared pieces of the benchmarks: the rule corpus, realistic alerts, measurements."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ALERTS = ROOT.parent / "shared" / "data" / "alert-rules" / "awesome-prometheus-alerts.json"
+
+
+def alert_corpus() -> list[dict[str, Any]]:
+    return list(json.loads(ALERTS.read_text()))
+
+
+def write_rules(folder: Path, count: int) -> list[str]:
+    """One rule per alert name (cycling with a suffix past 954), condition on severity
+    and a numeric value; returns the alert names the rules cover."""
+    corpus = alert_corpus()
+    lines = ["rules:"]
+    names = []
+    for i in range(count):
+        alert = corpus[i % len(corpus)]
+        name = alert["alert"] if i < len(corpus) else f"{alert['alert']}{i // len(corpus)}"
+        names.append(name)
+        severity = alert["severity"]
+        lines += [
+            f"  - name: 'r{i}-{name}'",
+            f"    on: {{source: alertmanager, match: {{status: firing, labels.alertname: '{name}'}}}}",
+            f"    if: \"event.labels.severity == '{severity}' and "
+            f"float(event.annotations.value) > 90\"",
+            "    key: \"{{ event.labels.instance }}\"",
+            "    throttle: {once_within: 10m}",
+            "    run: {action: core.noop, input: {alert: \"{{ event.labels.alertname }}\","
+            " host: \"{{ event.labels.instance }}\"}}",
+        ]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.yaml").write_text("\n".join(lines) + "\n")
+    return names
+
+
+def alerts(count: int, rule_names: list[str], *, match_ratio: float = 0.1, hosts: int = 200,
+           seed: int = 7) -> list[dict[str, Any]]:
+    """Alertmanager-shaped alerts; about ``match_ratio`` of them satisfy a rule."""
+    rng = random.Random(seed)
+    corpus = alert_corpus()
+    severity = {a["alert"]: a["severity"] for a in corpus}
+    covered = set(rule_names)
+    others = [a["alert"] for a in corpus if a["alert"] not in covered] or ["UnwatchedAlert"]
+    out = []
+    for i in range(count):
+        roll = rng.random()
+        if roll < match_ratio:  # covered, right severity, value over the threshold
+            name = rng.choice(rule_names)
+            sev, value = severity.get(name.rstrip("0123456789"), "critical"), 95.0
+        elif roll < match_ratio * 3:  # covered but the condition is false
+            name = rng.choice(rule_names)
+            sev, value = severity.get(name.rstrip("0123456789"), "critical"), 50.0
+        else:  # an alert no rule watches
+            name = rng.choice(others)
+            sev, value = "warning", 95.0
+        host = f"host-{rng.randrange(hosts)}:9100"
+        out.append({
+            "status": "firing",
+            "labels": {"alertname": name, "severity": sev, "instance": host, "job": "node"},
+            "annotations": {"summary": f"{name} on {host}", "value": str(value)},
+            "startsAt": f"2026-11-23T03:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z",
+            "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus:9090/graph",
+            "fingerprint": f"{i:016x}",
+        })
+    return out
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)

@@ -1,0 +1,168 @@
+"""Ingest benchmark: events -> rules -> durable decisions.
+
+    python benchmarks/ingest.py --rules 10 100 1000 --events 100000 [--mode inproc kafka]
+
+Prints one JSON object per line: name, mode, rules, events, events_per_s, p99_ms
+(event -> durable decision at a paced 1,000 events/s), rss_mb, startup_s (the
+daemon process from exec to ready, with that many rules), matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT, alerts, emit, machine, percentile, rss_mb, write_rules
+from loopd.config import load_config
+from loopd.daemon import Daemon
+from loopd.events import Delivery, Event
+from loopd.sources.webhook import alertmanager_events
+
+POOL = 10_000
+
+
+def make_config(folder: Path, extra_sources: str = "") -> Path:
+    cfg = folder / "loopd.yaml"
+    cfg.write_text(
+        "listen: 127.0.0.1:0\n"
+        "sources:\n  - {name: alertmanager, type: alertmanager}\n" + extra_sources +
+        f"rules: [rules]\npacks: [{ROOT / 'packs'}]\n"
+        "store: {path: state.db}\nlog: {format: json, level: warning}\n"
+        "engine: {queue_size: 20000}\n")
+    return cfg
+
+
+def payload_pool(rule_names: list[str]) -> list[bytes]:
+    group = {"receiver": "loopd", "groupKey": "{}:{alertname=\"x\"}", "version": "4",
+             "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+             "externalURL": "http://alertmanager:9093", "status": "firing"}
+    return [orjson.dumps({**group, "alerts": [a]}) for a in alerts(POOL, rule_names)]
+
+
+async def inproc(rules: int, events: int, folder: Path) -> dict[str, object]:
+    names = write_rules(folder / "rules", rules)
+    pool = payload_pool(names)
+    daemon = Daemon(load_config(make_config(folder)))
+    ready = asyncio.Event()
+    runner = asyncio.create_task(daemon.run(on_ready=lambda _: ready.set()))
+    await ready.wait()
+    engine = daemon.engine
+    acked = 0
+
+    def ack() -> None:
+        nonlocal acked
+        acked += 1
+
+    def events_from(i: int, body: bytes) -> list[Event]:
+        out = []
+        for ev in alertmanager_events(orjson.loads(body), source="alertmanager", origin="bench"):
+            if isinstance(ev, Event):
+                ev.id = f"{i}"
+                out.append(ev)
+        return out
+
+    started = time.perf_counter()
+    for i, body in zip(range(events), itertools.cycle(pool), strict=False):
+        for ev in events_from(i, body):
+            await engine.emit(Delivery(ev, ack))
+    await engine.drain(timeout=600)
+    elapsed = time.perf_counter() - started
+    matched = sum(engine.matches.values())
+
+    # latency at a steady 1,000 events/s: event handed in -> decision durable and acked
+    latencies: list[float] = []
+
+    def timed_ack(sent: float) -> Delivery:
+        def done() -> None:
+            latencies.append(time.perf_counter() - sent)
+        return Delivery(Event("x", "alertmanager", "", {}), done)
+
+    base = events
+    t0 = time.perf_counter()
+    for j in range(3000):
+        target = t0 + j / 1000
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        body = pool[j % POOL]
+        for ev in events_from(base + j, body):
+            d = timed_ack(time.perf_counter())
+            d.event = ev
+            await engine.emit(d)
+    await engine.drain(timeout=60)
+    daemon.stop()
+    await runner
+    return {"events_per_s": round(events / elapsed), "p99_ms": round(
+        percentile(latencies, 0.99) * 1000, 3), "p50_ms": round(
+        percentile(latencies, 0.5) * 1000, 3), "matched": matched, "acked": acked}
+
+
+def startup(folder: Path) -> float:
+    """Seconds from exec of `loopd run` to /healthz answering, with the folder's rules."""
+    cfg = folder / "startup.yaml"
+    port = 18999
+    cfg.write_text((folder / "loopd.yaml").read_text().replace("127.0.0.1:0",
+                                                               f"127.0.0.1:{port}")
+                   .replace("state.db", "startup.db"))
+    exe = Path(sys.executable).parent / "loopd"
+    began = time.perf_counter()
+    proc = subprocess.Popen([str(exe), "run", "-c", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    return time.perf_counter() - began
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() - began > 30:
+                    raise RuntimeError("loopd did not start") from None
+                time.sleep(0.005)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--mode", nargs="+", default=["inproc"], choices=["inproc", "kafka"])
+    args = parser.parse_args()
+    for mode in args.mode:
+        for rules in args.rules:
+            # each measurement in a fresh process so RSS and startup are its own
+            cmd = [sys.executable, __file__, "--one", mode, str(rules), str(args.events)]
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+def one(mode: str, rules: int, events: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if mode == "inproc":
+            result = asyncio.run(inproc(rules, events, folder))
+        else:
+            from benchmarks.kafka_mode import kafka
+            result = asyncio.run(kafka(rules, events, folder))
+        result["rss_mb"] = round(rss_mb(), 1)
+        result["startup_s"] = round(startup(folder), 3)
+    emit({"name": f"ingest-{mode}", "mode": mode, "rules": rules, "events": events, **result,
+          "machine": machine()})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()
