@@ -236,4 +236,4 @@ def _apply_env(raw: dict[str, object]) -> None:
             if "LOOPD_MQTT_HOST" in env:
                 src["host"] = env["LOOPD_MQTT_HOST"]
             if "LOOPD_MQTT_PORT" in env:
-                src["port"] = int(env["LOOPD_MQTT_PORT"])
+                src["port"] = env["LOOPD_MQTT_PORT"]  # validated (and named) by pydantic

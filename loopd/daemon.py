@@ -31,8 +31,10 @@ from loopd.config import (
 from loopd.engine import Engine
 from loopd.events import Delivery, Event
 from loopd.packs.executor import Executor, Runner
+from loopd.packs.http import HttpRunner
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
+from loopd.packs.ssh import SshRunner
 from loopd.rules.loader import RuleSet, load_rules
 from loopd.sources.base import Source, Supervisor
 from loopd.sources.webhook import PushSource
@@ -63,7 +65,8 @@ def build_source(config: SourceConfig) -> Source:
 
 
 def build_runners() -> dict[str, Runner]:
-    return {"python": PythonRunner()}
+    """runner name -> Runner; a plain mapping (``publish`` joins when buses exist)."""
+    return {"python": PythonRunner(), "ssh": SshRunner(), "http": HttpRunner()}
 
 
 def load_packs_and_rules(config: LoopdConfig) -> tuple[PackRegistry, RuleSet]:

@@ -71,6 +71,7 @@ class Engine:
         self._written: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=2)
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._incidents: dict[tuple[str, str], IncidentRecord] = {}
+        self._incident_ids: dict[str, tuple[str, str]] = {}  # incident id -> (rule, key)
         self._throttles = Throttles()
         self._timers = ForTimers()
         self._in_flight = 0
@@ -87,6 +88,7 @@ class Engine:
             since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
         for inc in state.open_incidents:
             self._incidents[(inc.rule, inc.key)] = inc
+            self._incident_ids[inc.id] = (inc.rule, inc.key)
         for rule, key, since in state.for_timers:
             self._timers.load(rule, key, since)
         for rule, key, created in state.run_starts:
@@ -121,12 +123,11 @@ class Engine:
     async def finish_incident(self, incident_id: str, outcome: str) -> None:
         """The incident's run ended: close it so the next event may start a new run."""
         now = time.time()
-        for ident, inc in list(self._incidents.items()):
-            if inc.id == incident_id:
-                del self._incidents[ident]
-                # a batch still holding this record must write it closed, not reopen it
-                inc.status, inc.closed, inc.outcome = "closed", now, outcome
-                break
+        ident = self._incident_ids.pop(incident_id, None)
+        inc = self._incidents.pop(ident, None) if ident is not None else None
+        if inc is not None:
+            # a batch still holding this record must write it closed, not reopen it
+            inc.status, inc.closed, inc.outcome = "closed", now, outcome
         await self.store.close_incident(incident_id, now, outcome)
 
     # -- the two halves -------------------------------------------------------------
@@ -267,6 +268,7 @@ class Engine:
         run = RunRecord(run_id, incident.id, name, key, rule.kind, rule.target, inputs,
                         "pending", now, event=event.to_json())
         self._incidents[(name, key)] = incident
+        self._incident_ids[incident.id] = (name, key)
         self._throttles.record(name, key, now)
         batch.incidents[incident.id] = incident
         batch.runs.append(run)

@@ -10,4 +10,6 @@ from __future__ import annotations
 pytest_plugins = [
     "tests.servers.kafka",
     "tests.servers.mqtt",
+    "tests.servers.ssh",
+    "tests.servers.http_targets",
 ]

@@ -151,7 +151,12 @@ def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]) -> Pack:
                 raise PackError(f"actions.{short}: actions.py has no async function {entry!r}",
                                 origin=str(manifest_path))
             action.func = func
-            action.input_model = _input_model(func)
+            try:
+                action.input_model = _input_model(func)
+            except Exception as exc:  # e.g. an annotation naming what only TYPE_CHECKING imports
+                raise PackError(f"actions.{short}: cannot read the signature of {entry!r}: "
+                                f"{type(exc).__name__}: {exc}",
+                                origin=str(folder / "actions.py")) from None
         pack.actions[action.name] = action
     return pack
 

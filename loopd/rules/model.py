@@ -22,6 +22,17 @@ class On(_Strict):
     topic: str | None = None
     match: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict)
 
+    @field_validator("match", mode="before")
+    @classmethod
+    def _scalars(cls, v: Any) -> Any:
+        # one clear message instead of one per member of the union
+        if isinstance(v, dict):
+            for path, value in v.items():
+                items = value if isinstance(value, list) else [value]
+                if any(isinstance(i, dict | list) for i in items):
+                    raise ValueError(f"{path}: expected a scalar or a list of scalars")
+        return v
+
 
 class Throttle(_Strict):
     """``once_within``: at most one run per key per window; ``max``/``per``: N per window."""

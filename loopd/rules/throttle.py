@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from loopd.rules.model import Throttle
+
+_KEEP = 256  # starts remembered per (rule, key): more than any sane max-per-window
 
 
 class Throttles:
     """Run start times per (rule, key); answers "may another run start now?"."""
 
     def __init__(self) -> None:
-        self._starts: dict[tuple[str, str], deque[float]] = {}
+        self._starts: dict[tuple[str, str], list[float]] = {}
 
     def record(self, rule: str, key: str, when: float) -> None:
-        self._starts.setdefault((rule, key), deque(maxlen=1024)).append(when)
+        starts = self._starts.get((rule, key))
+        if starts is None:
+            self._starts[(rule, key)] = [when]
+            return
+        starts.append(when)
+        if len(starts) > _KEEP:
+            del starts[: len(starts) - _KEEP]
 
     def blocked(self, rule: str, key: str, throttle: Throttle, now: float) -> str | None:
         """None when a run may start, else why not (for the decision record)."""
@@ -26,8 +32,6 @@ class Throttles:
             return f"throttled: once within {throttle.once_within:g}s ({left:.0f}s left)"
         if throttle.max is not None and throttle.per is not None:
             window_start = now - throttle.per
-            while starts and starts[0] < window_start - 86400:  # forget the far past
-                starts.popleft()
             recent = sum(1 for t in starts if t >= window_start)
             if recent >= throttle.max:
                 return f"throttled: {recent} runs within {throttle.per:g}s (max {throttle.max})"

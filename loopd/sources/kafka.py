@@ -67,6 +67,7 @@ class _Session:
         self.consumer = consumer
         self.partitions: dict[TopicPartition, _Partition] = {}
         self.commit_lock = asyncio.Lock()
+        self.generation = 0  # bumped at every revoke: records fetched before it are stale
 
     def track(self, tp: TopicPartition, offset: int) -> _Partition:
         part = self.partitions.get(tp)
@@ -110,6 +111,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._session.commit(revoked)
         except SourceError as exc:
             metrics.log.warning("kafka commit on revoke failed", error=str(exc))
+        self._session.generation += 1
         for tp in revoked:
             self._session.partitions.pop(tp, None)
 
@@ -203,10 +205,11 @@ class KafkaSource:
         while True:
             # no timeout needed: getmany returns after timeout_ms with whatever it has
             batches = await session.consumer.getmany(timeout_ms=500, max_records=_MAX_RECORDS)
+            generation = session.generation
             for tp, records in batches.items():
                 for record in records:
-                    if tp not in session.consumer.assignment():
-                        break  # revoked while we were emitting: the new owner reads these
+                    if session.generation != generation:
+                        break  # a rebalance while we emitted: the owner refetches from the commit
                     part = session.track(tp, record.offset)
                     event = await self._decode(record, producer)
                     if event is None:

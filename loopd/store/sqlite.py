@@ -14,6 +14,7 @@ survive power loss too, at a cost in throughput.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -71,7 +72,10 @@ MIGRATIONS: dict[int, list[str]] = {
 
 
 def _dump(value: Any) -> bytes:
-    return orjson.dumps(value, default=str)
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # e.g. an integer beyond 64 bits from a template: orjson refuses it
+        return json.dumps(value, default=str, skipkeys=True).encode()
 
 
 def _load(blob: bytes | None) -> Any:
@@ -161,10 +165,13 @@ class SqliteStore:
                     i += 1
                 await db.executemany(sql, rows)
             await db.execute("COMMIT")
-        except aiosqlite.Error as exc:
+        except Exception as exc:
+            # Whatever failed, never leave the transaction open (every later write would
+            # fail) nor a waiter of this group without an answer (it would hang).
             if db.in_transaction:
                 await db.execute("ROLLBACK")
-            error = StoreError(f"write failed: {exc}", origin=str(self.path))
+            error = StoreError(f"write failed: {type(exc).__name__}: {exc}",
+                               origin=str(self.path))
             for _, done in ops:
                 if not done.done():
                     done.set_exception(error)
@@ -224,8 +231,8 @@ class SqliteStore:
             "SELECT * FROM incidents WHERE status='open'")]
         timers = [(r, k, float(s)) for r, k, s in await self._all("SELECT * FROM timers")]
         starts = [(r, k, float(c)) for r, k, c in await self._all(
-            "SELECT rule, key, created FROM runs WHERE created >= ? AND rule IS NOT NULL",
-            (since,))]
+            "SELECT rule, key, created FROM runs WHERE created >= ? AND rule IS NOT NULL "
+            "ORDER BY created", (since,))]
         seen = [(s, i) for s, i in reversed(await self._all(
             "SELECT source, event_id FROM decisions ORDER BY seq DESC LIMIT ?", (recent,)))]
         return EngineState(incidents, timers, starts, seen)

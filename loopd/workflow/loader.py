@@ -52,16 +52,20 @@ class Evidence:
     topic: TopicMatcher | None
     match: tuple[tuple[DataPath, frozenset[Any]], ...]
     condition: Compiled | None
+    literal_topic: str | None = None  # the topic when the pattern has no wildcard
 
 
 def render_evidence(ev: CompiledEvidence, scope: dict[str, Any]) -> Evidence:
     """Render for one run; raises ConditionError or ConfigError naming the part."""
-    topic = compile_topic_pattern(str(ev.topic(scope))) if ev.topic is not None else None
+    pattern = str(ev.topic(scope)) if ev.topic is not None else None
+    topic = compile_topic_pattern(pattern) if pattern is not None else None
+    literal = pattern if pattern is not None and not any(
+        c in pattern for c in "+#{") else None
     match = []
     for path, value in ev.match:
         rendered = value(scope)
         match.append((path, frozenset(rendered if isinstance(rendered, list) else [rendered])))
-    return Evidence(ev.source, topic, tuple(match), ev.condition)
+    return Evidence(ev.source, topic, tuple(match), ev.condition, literal)
 
 
 @dataclass(slots=True)

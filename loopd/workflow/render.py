@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
+from jinja2.parser import Parser
 from jinja2.sandbox import SandboxedEnvironment
 
 from loopd.errors import ConditionError
@@ -50,6 +52,7 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "min": min, "max": max, "round": round, "sum": sum, "any": any, "all": all,
     "sorted": sorted,
 }
+_JINJA.globals.update(_FUNCTIONS)  # the fallback offers the same functions as the fast path
 _METHODS: dict[type, set[str]] = {
     str: {"startswith", "endswith", "lower", "upper", "strip", "split", "replace", "count",
           "isdigit"},
@@ -204,8 +207,17 @@ def _jinja_scope(scope: Scope) -> dict[str, Any]:
     return out
 
 
+def _refuse_private(tree: nodes.Node) -> None:
+    """Refuse ``x._name`` at compile time, as the fast path does (the sandbox would
+    only turn it into an undefined value at evaluation)."""
+    for node in tree.find_all(nodes.Getattr):
+        if node.attr.startswith("_"):
+            raise ValueError(f"attribute {node.attr!r} is not allowed")
+
+
 def _compile_jinja_expression(source: str) -> Compiled:
     try:
+        _refuse_private(Parser(_JINJA, source.strip(), state="variable").parse_expression())
         expr = _JINJA.compile_expression(source.strip(), undefined_to_none=True)
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"invalid expression {source.strip()!r}: {exc.message}") from None
@@ -257,6 +269,7 @@ def compile_template(text: Any, names: frozenset[str]) -> Compiled:
         except _Unsupported:
             pass
     try:
+        _refuse_private(_JINJA.parse(text))
         template = _JINJA.from_string(text)
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"invalid template {text!r}: {exc.message}") from None

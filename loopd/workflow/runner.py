@@ -140,6 +140,16 @@ class WorkflowRunner:
 
     async def _schedule(self, run: RunRecord, wf: CompiledWorkflow) -> None:
         progress = run.progress
+        # One branch (the usual case): run tasks inline, no extra asyncio tasks per run.
+        while len(progress["ready"]) == 1 and not progress.get("ended"):
+            name = progress["ready"][0]
+            result = await self.kinds.run(run, wf, wf.tasks[name])
+            await self._complete(run, wf, wf.tasks[name], result)
+        if progress["ready"] and not progress.get("ended"):
+            await self._parallel(run, wf)
+
+    async def _parallel(self, run: RunRecord, wf: CompiledWorkflow) -> None:
+        progress = run.progress
         done: asyncio.Queue[tuple[str, TaskResult]] = asyncio.Queue()
         active: dict[str, asyncio.Task[None]] = {}
 

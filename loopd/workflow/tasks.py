@@ -316,10 +316,10 @@ class TaskKinds:
             if waiter is None:
                 await asyncio.sleep(wait)
                 continue
-            try:
-                return await asyncio.wait_for(asyncio.shield(waiter.found), wait)
-            except TimeoutError:
-                continue
+            # asyncio.wait, not wait_for: no extra task per waiting run
+            await asyncio.wait((waiter.found,), timeout=wait)
+            if waiter.found.done():
+                return waiter.found.result()
 
     def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
         """Resolve a pending approval; None when done, else why it cannot be."""

@@ -1,0 +1,294 @@
+"""Rule files: every error names file:line, rule and field; one bad rule never stops the rest."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from loopd import yamlfile
+from loopd.errors import RuleError
+from loopd.rules.loader import RuleSet, load_rules
+from tests.unit.conftest import RulesFrom
+
+GOOD = """\
+  - name: good-before
+    on: {source: alertmanager, match: {status: firing}}
+    run: {action: core.log, input: {message: "{{ event.labels.alertname }}"}}
+"""
+GOOD_AFTER = """\
+  - name: good-after
+    on: {source: webhook}
+    run: {action: core.noop}
+"""
+
+
+def _line(text: str, needle: str, after: str = "") -> int:
+    """1-based number of the first line containing ``needle`` at or after ``after``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    for number, line in enumerate(lines[start:], start + 1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in text")
+
+
+def _only_error(rules: RuleSet) -> RuleError:
+    assert len(rules.errors) == 1, [str(e) for e in rules.errors]
+    return rules.errors[0]
+
+
+def _file(rules: RuleSet) -> Path:
+    assert len(rules.files) == 1
+    return rules.files[0]
+
+
+def _with_good_neighbours(bad: str) -> str:
+    return "rules:\n" + GOOD + textwrap.indent(textwrap.dedent(bad), "  ") + GOOD_AFTER
+
+
+BAD_RULES = [
+    pytest.param(
+        """\
+        - name: typo
+          on: {source: webhook}
+          colour: red
+          run: {action: core.noop}
+        """, "typo", "colour", "colour: red", "unknown field", id="unknown-key"),
+    pytest.param(
+        """\
+        - name: nested-typo
+          on: {source: webhook, mtach: {a: 1}}
+          run: {action: core.noop}
+        """, "nested-typo", "on.mtach", "mtach", "unknown field", id="unknown-nested-key"),
+    pytest.param(
+        """\
+        - name: broken-if
+          on: {source: webhook}
+          if: "event.value >"
+          run: {action: core.noop}
+        """, "broken-if", "if", "if:", "invalid expression 'event.value >'",
+        id="condition-syntax"),
+    pytest.param(
+        """\
+        - name: private-key
+          key: "{{ event.__class__ }}"
+          run: {action: core.noop}
+        """, "private-key", "key", "key:", "'__class__' is not allowed", id="unsafe-key"),
+    pytest.param(
+        """\
+        - name: broken-input
+          run:
+            action: core.log
+            input: {message: "{{ event.value > }}"}
+        """, "broken-input", "run.input", "run:", "invalid", id="input-template"),
+    pytest.param(
+        """\
+        - name: no-such-pack
+          run: {action: nope.restart}
+        """, "no-such-pack", "run.action", "run:", "unknown pack 'nope' in action 'nope.restart'",
+        id="unknown-pack"),
+    pytest.param(
+        """\
+        - name: no-such-action
+          run: {action: core.reboot}
+        """, "no-such-action", "run.action", "run:", "pack 'core' has no action 'reboot'",
+        id="unknown-action"),
+    pytest.param(
+        """\
+        - name: no-such-workflow
+          run: {workflow: core.restart_and_verify}
+        """, "no-such-workflow", "run.workflow", "run:",
+        "pack 'core' has no workflow 'restart_and_verify'", id="unknown-workflow"),
+    pytest.param(
+        """\
+        - name: two-targets
+          run: {action: core.noop, workflow: core.other}
+        """, "two-targets", "run", "run:", "exactly one of workflow or action",
+        id="two-targets"),
+    pytest.param(
+        """\
+        - name: half-throttle
+          throttle: {max: 3}
+          run: {action: core.noop}
+        """, "half-throttle", "throttle", "throttle:", "max and per go together",
+        id="throttle"),
+    pytest.param(
+        """\
+        - name: vague-for
+          for: soon
+          run: {action: core.noop}
+        """, "vague-for", "for", "for:", "bad duration 'soon'", id="duration"),
+    pytest.param(
+        """\
+        - name: bad-topic
+          on: {topic: "a/#/b"}
+          run: {action: core.noop}
+        """, "bad-topic", "on.topic", "on:", "'#' must be the last level", id="topic"),
+    pytest.param(
+        """\
+        - name: empty-list
+          on: {match: {status: []}}
+          run: {action: core.noop}
+        """, "empty-list", "on.match.status", "on:", "match list is empty", id="empty-match"),
+    pytest.param(
+        """\
+        - name: object-match
+          on: {match: {labels: {severity: critical}}}
+          run: {action: core.noop}
+        """, "object-match", "on.match", "on:", "labels: expected a scalar or a list",
+        id="object-match"),
+    pytest.param(
+        """\
+        - name: no-run
+          on: {source: webhook}
+        """, "no-run", "run", "name: no-run", "Field required", id="missing-run"),
+]
+
+
+@pytest.mark.parametrize("bad, rule, field, line_of, message", BAD_RULES)
+def test_each_error_names_file_line_rule_and_field(
+    rules_from: RulesFrom, bad: str, rule: str, field: str, line_of: str, message: str,
+) -> None:
+    """A bad rule is reported as ``file:line rule field: message``; its neighbours still load."""
+    text = _with_good_neighbours(bad)
+    rules = rules_from(text)
+    error = _only_error(rules)
+    where = f"{_file(rules)}:{_line(text, line_of, after=f'name: {rule}')}"
+    assert (error.origin, error.rule, error.field) == (where, rule, field)
+    assert message in error.message
+    assert str(error).startswith(f"{where} {rule} {field}: ")
+    assert [r.name for r in rules.rules] == ["good-before", "good-after"]
+
+
+def test_duplicate_rule_name_points_at_both_definitions(rules_from: RulesFrom) -> None:
+    """The second rule with a taken name is refused, naming where the first one is."""
+    second = GOOD.replace("run: {action: core.log", "run: {action: core.noop")
+    rules = rules_from("rules:\n" + GOOD + second)
+    error = _only_error(rules)
+    path = _file(rules)
+    assert error.origin == f"{path}:5"
+    assert (error.rule, error.field) == ("good-before", "name")
+    assert f"first defined at {path}:2" in error.message
+    assert [r.target for r in rules.rules] == ["core.log"]
+
+
+def test_duplicate_names_across_files_are_caught(tmp_path: Path) -> None:
+    """Rule names are unique across all rule files, not just within one."""
+    (tmp_path / "a.yaml").write_text("rules:\n" + GOOD)
+    (tmp_path / "b.yaml").write_text("rules:\n" + GOOD)
+    rules = load_rules([tmp_path])
+    error = _only_error(rules)
+    assert error.origin == f"{tmp_path / 'b.yaml'}:2"
+    assert "first defined at" in error.message and "a.yaml:2" in error.message
+
+
+def test_invalid_yaml_is_reported_with_its_line_and_other_files_load(tmp_path: Path) -> None:
+    """A file that is not YAML is one error with file:line; the other files still load."""
+    (tmp_path / "a.yaml").write_text("rules:\n" + GOOD)
+    (tmp_path / "b.yaml").write_text(
+        "rules:\n  - name: broken\n    on: {source: webhook\n    run: {}\n")
+    rules = load_rules([tmp_path])
+    error = _only_error(rules)
+    assert error.origin == f"{tmp_path / 'b.yaml'}:4"
+    assert error.message.startswith("invalid YAML:")
+    assert [r.name for r in rules.rules] == ["good-before"]
+
+
+@pytest.mark.parametrize("text", ["- just: a list\n", "rules: {a: 1}\n", "42\n"])
+def test_a_file_without_a_rules_list_is_reported(rules_from: RulesFrom, text: str) -> None:
+    """A rule file must be a mapping holding a ``rules:`` list; anything else names the file."""
+    rules = rules_from(text)
+    error = _only_error(rules)
+    assert error.origin == f"{_file(rules)}:1"
+    assert "'rules:' list" in error.message
+    assert rules.rules == []
+
+
+def test_an_empty_file_is_no_error(rules_from: RulesFrom) -> None:
+    """An empty rule file holds no rules and no errors (a placeholder is not a mistake)."""
+    rules = rules_from("# nothing yet\n")
+    assert (rules.rules, rules.errors) == ([], [])
+
+
+def test_a_rule_that_is_not_a_mapping_is_reported(rules_from: RulesFrom) -> None:
+    """A list item that is not a mapping is an error at its line; the other rules load."""
+    text = "rules:\n" + GOOD + "  - restart everything\n" + GOOD_AFTER
+    rules = rules_from(text)
+    error = _only_error(rules)
+    assert error.origin == f"{_file(rules)}:{_line(text, 'restart everything')}"
+    assert error.message == "a rule must be a mapping"
+    assert [r.name for r in rules.rules] == ["good-before", "good-after"]
+
+
+def test_unknown_top_level_field_is_reported_but_rules_load(rules_from: RulesFrom) -> None:
+    """An unknown field beside ``rules:`` is an error; the rules in the file still load."""
+    rules = rules_from("version: 2\nrules:\n" + GOOD)
+    error = _only_error(rules)
+    assert "unknown top-level field(s): version" in error.message
+    assert [r.name for r in rules.rules] == ["good-before"]
+
+
+def test_on_is_a_string_key_not_a_yaml11_boolean(rules_from: RulesFrom) -> None:
+    """``on:`` (and ``yes``/``off`` keys) stay strings: loopd reads YAML 1.2 booleans."""
+    assert yamlfile.load("on: 1\nyes: 2\noff: 3\ntrue: 4\n") == {
+        "on": 1, "yes": 2, "off": 3, True: 4}
+    rules = rules_from(
+        "rules:\n  - name: on-key\n    on: {source: webhook, match: {state: on}}\n"
+        "    run: {action: core.noop}\n")
+    assert rules.errors == []
+    (rule,) = rules.rules
+    assert rule.source == "webhook"
+    assert rule.rule.on.match == {"state": "on"}
+
+
+def test_several_errors_in_one_rule_are_all_reported(rules_from: RulesFrom) -> None:
+    """Every invalid field of a rule is its own error, each with its own line."""
+    text = ("rules:\n  - name: many\n    colour: red\n    for: soon\n"
+            "    run: {action: core.noop}\n")
+    rules = rules_from(text)
+    fields = sorted((e.field, e.origin) for e in rules.errors)
+    path = _file(rules)
+    assert fields == [("colour", f"{path}:3"), ("for", f"{path}:4")]
+
+
+def test_an_unreadable_path_is_reported(tmp_path: Path) -> None:
+    """A configured rule file that does not exist is an error naming the path."""
+    missing = tmp_path / "missing.yaml"
+    rules = load_rules([missing])
+    error = _only_error(rules)
+    assert error.origin == str(missing)
+    assert error.message.startswith("cannot read")
+
+
+def test_rule_folders_are_searched_recursively_in_order(tmp_path: Path) -> None:
+    """Every .yaml/.yml file under a rules folder loads, sorted; other files are ignored."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two.yml").write_text("rules:\n" + GOOD_AFTER)
+    (tmp_path / "a.yaml").write_text("rules:\n" + GOOD)
+    (tmp_path / "README.md").write_text("not rules")
+    rules = load_rules([tmp_path])
+    assert rules.errors == []
+    assert [r.name for r in rules.rules] == ["good-before", "good-after"]
+    assert [p.name for p in rules.files] == ["a.yaml", "two.yml"]
+
+
+def test_durations_and_throttles_are_parsed(rules_from: RulesFrom) -> None:
+    """``for``, ``once_within`` and ``per`` accept human durations and become seconds."""
+    rules = rules_from(
+        "rules:\n  - name: timed\n    for: 1m30s\n"
+        "    throttle: {once_within: 10m, max: 3, per: 1h}\n    run: {action: core.noop}\n")
+    (rule,) = rules.rules
+    assert rule.for_s == 90.0
+    assert rule.throttle is not None
+    assert (rule.throttle.once_within, rule.throttle.max, rule.throttle.per) == (600.0, 3, 3600)
+
+
+def test_shipped_example_rules_load_cleanly(registry: object) -> None:
+    """The example rules in ``rules/`` load without a single error."""
+    from tests.unit.conftest import REPO
+
+    rules = load_rules([REPO / "rules"])
+    assert rules.errors == []
+    assert len(rules.rules) >= 2
