@@ -163,6 +163,14 @@ class LoopdConfig(Strict):
     engine: EngineConfig = EngineConfig()
     source_file: Path | None = None
 
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        port = v.rpartition(":")[2]
+        if not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen must be HOST:PORT, got {v!r}")
+        return v
+
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:

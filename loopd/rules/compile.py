@@ -50,10 +50,13 @@ class CompiledRule:
     def accepts(self, event: Event) -> dict[str, str] | None:
         """The topic variables when ``on`` matches the event, else None."""
         data = event.data
-        for path, values in self.checks:
-            value = lookup(data, path)
-            if value is _MISSING or value not in values:
-                return None
+        try:
+            for path, values in self.checks:
+                value = lookup(data, path)
+                if value is _MISSING or value not in values:
+                    return None
+        except TypeError:  # an unhashable value (dict/list) never equals a scalar
+            return None
         if self.topic is None:
             return event.vars
         captured = self.topic(event.topic)

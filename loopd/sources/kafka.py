@@ -78,6 +78,7 @@ class _Session:
 
     async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit every partition whose contiguous acked prefix moved; bounded by _TIMEOUT."""
+        print("DBG commit wait lock", time.monotonic(), flush=True)
         async with self.commit_lock:
             tps = self.partitions.keys() if only is None else only
             due = {
@@ -87,6 +88,7 @@ class _Session:
             }
             if not due:
                 return
+            print("DBG commit", due, time.monotonic(), flush=True)
             try:
                 await asyncio.wait_for(self.consumer.commit(due), _TIMEOUT)
             except (CommitFailedError, IllegalStateError) as exc:
@@ -106,7 +108,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._session = session
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # commit what is decided before another member takes these partitions over
+        print("DBG revoke", revoked, time.monotonic(), flush=True)
         try:
             await self._session.commit(revoked)
         except SourceError as exc:
@@ -169,6 +171,7 @@ class KafkaSource:
             lost = True
             raise
         finally:
+            print("DBG teardown start", time.monotonic(), flush=True)
             self._connected = False
             try:
                 if not lost:  # flush what was decided; pointless against a dead broker
@@ -176,7 +179,9 @@ class KafkaSource:
             except SourceError as exc:
                 metrics.log.warning("kafka final commit failed", source=self.name, error=str(exc))
             finally:
+                print("DBG final commit done", time.monotonic(), flush=True)
                 await self._stop(consumer, producer)
+                print("DBG stopped", time.monotonic(), flush=True)
                 finished.set()
 
     async def close(self) -> None:
@@ -192,9 +197,11 @@ class KafkaSource:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            print("DBG cancel tasks", time.monotonic(), flush=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            print("DBG tasks gone", time.monotonic(), flush=True)
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc

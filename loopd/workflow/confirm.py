@@ -28,7 +28,12 @@ log = structlog.get_logger("loopd.confirm")
 _MISSING = object()
 
 
-@dataclass(eq=False)
+def _wake(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+@dataclass(eq=False, slots=True)
 class Waiter:
     evidence: Evidence
     scope: Callable[[Event, dict[str, str]], dict[str, Any]]
@@ -36,6 +41,24 @@ class Waiter:
         default_factory=lambda: asyncio.get_running_loop().create_future())
     against: int = 0
     last_against: dict[str, Any] | None = None
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for evidence; True when it was found."""
+        if self.found.done():
+            return True
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[bool] = loop.create_future()
+        handle = loop.call_later(seconds, _wake, wake, False)
+
+        def on_found(_: asyncio.Future[Event]) -> None:
+            _wake(wake, True)
+
+        self.found.add_done_callback(on_found)
+        try:
+            return await wake
+        finally:
+            handle.cancel()
+            self.found.remove_done_callback(on_found)
 
     def offer(self, event: Event) -> None:
         ev = self.evidence

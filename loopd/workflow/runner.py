@@ -97,12 +97,16 @@ class WorkflowRunner:
                 "deadline": time.time() + wf.model.timeout if wf.model.timeout else None,
             }
         progress = run.progress
-        if run.status != states.RUNNING or not run.started:
-            run.started = run.started or time.time()
-        run.status = states.RUNNING
+        run.started = run.started or time.time()
+        # A run resumed while it waits (confirm, approval) has nothing new to write yet:
+        # 10,000 waiting runs resume without 10,000 writes.
+        waiting = resumed and run.status in (states.WAITING, states.AWAITING_APPROVAL)
+        if not waiting:
+            run.status = states.RUNNING
         if resumed:
             self._resume(run, wf)
-        await self.store.save_run(run)
+        if not waiting:
+            await self.store.save_run(run)
         deadline = progress.get("deadline")
         try:
             if deadline is not None:

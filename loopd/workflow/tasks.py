@@ -59,6 +59,18 @@ class TaskKinds:
 
     # -- bookkeeping -------------------------------------------------------------
 
+    async def _waiting_step(self, run: RunRecord, ct: CompiledTask, tstate: dict[str, Any],
+                            status: str, input: Any = None) -> StepRecord:
+        """The step of a confirm/approval: created once, found again after a restart."""
+        if "step" in tstate and run.status == status:
+            return StepRecord(run.id, tstate["step"], ct.name, None, 1, states.RUNNING,
+                              tstate["step_started"], input=input)
+        run.status = status
+        await self.store.save_run(run)
+        step = await self._step(run, ct.name, None, 1, input)
+        tstate["step"], tstate["step_started"] = step.seq, step.started
+        return step
+
     async def _step(self, run: RunRecord, task: str, action: str | None, attempt: int,
                     input: Any = None) -> StepRecord:
         run.progress["seq"] += 1
@@ -248,9 +260,7 @@ class TaskKinds:
         if "deadline" not in tstate:
             tstate["deadline"] = time.time() + confirm.within
         tstate["state"] = "waiting"
-        run.status = states.WAITING
-        await self.store.save_run(run)
-        step = await self._step(run, ct.name, None, 1)
+        step = await self._waiting_step(run, ct, tstate, states.WAITING)
         waiter = None
         if ct.evidence is not None:
             try:
@@ -316,9 +326,8 @@ class TaskKinds:
             if waiter is None:
                 await asyncio.sleep(wait)
                 continue
-            # asyncio.wait, not wait_for: no extra task per waiting run
-            await asyncio.wait((waiter.found,), timeout=wait)
-            if waiter.found.done():
+            # one future and one timer handle per waiting run; no extra task or coroutine
+            if await waiter.wait(wait):
                 return waiter.found.result()
 
     def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
@@ -342,10 +351,8 @@ class TaskKinds:
                 message = str(ct.message(self.wf.scope(run)))
             except ConditionError as exc:
                 message = f"(message failed to render: {exc})"
-        run.status = states.AWAITING_APPROVAL
-        await self.store.save_run(run)
-        step = await self._step(run, ct.name, None, 1, {"message": message,
-                                                       "expires": tstate["deadline"]})
+        step = await self._waiting_step(run, ct, tstate, states.AWAITING_APPROVAL,
+                                        {"message": message, "expires": tstate["deadline"]})
         future = self._approvals[run.id] = asyncio.get_running_loop().create_future()
         try:
             left = max(0.0, tstate["deadline"] - time.time())

@@ -1,0 +1,193 @@
+"""loopd.yaml: sizes, durations, validation errors naming file and field, env overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loopd.config import (
+    AlertmanagerSourceConfig,
+    KafkaSourceConfig,
+    MqttSourceConfig,
+    load_config,
+    parse_duration,
+    parse_size,
+)
+from loopd.errors import ConfigError
+from tests.unit.conftest import REPO
+
+ENV_VARS = ("LOOPD_LISTEN", "LOOPD_STORE_PATH", "LOOPD_LOG_FORMAT", "LOOPD_LOG_LEVEL",
+            "LOOPD_KAFKA_BOOTSTRAP", "LOOPD_MQTT_HOST", "LOOPD_MQTT_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf" / "loopd.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, seconds", [
+    (30, 30.0), (1.5, 1.5), ("30", 30.0), ("500ms", 0.5), ("10m", 600.0), ("1h30m", 5400.0),
+    ("2d", 172800.0), (" 45s ", 45.0), ("1m30", 90.0),
+])
+def test_durations_are_read_in_human_units(text: int | float | str, seconds: float) -> None:
+    """Durations accept plain seconds and s/ms/m/h/d units, also combined."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5x", "m", "h1", True, None])
+def test_bad_durations_are_refused(text: object) -> None:
+    """Anything that is not a duration raises ValueError quoting the value."""
+    with pytest.raises(ValueError, match="bad duration"):
+        parse_duration(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text, size", [
+    (1024, 1024), ("512KiB", 512 * 1024), ("1MiB", 1024**2), ("2 MB", 2_000_000), ("10kb", 10_000),
+    ("100", 100), ("64b", 64),
+])
+def test_sizes_are_read_in_binary_and_decimal_units(text: int | str, size: int) -> None:
+    """Sizes accept bytes, KiB/MiB and kB/MB."""
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "5GiB", "KiB"])
+def test_bad_sizes_are_refused(text: str) -> None:
+    """An unknown unit or a missing number raises ValueError quoting the value."""
+    with pytest.raises(ValueError, match="bad size"):
+        parse_size(text)
+
+
+def test_relative_paths_are_resolved_against_the_config_file(tmp_path: Path) -> None:
+    """rules, packs, inventory and store paths are relative to the config file's folder."""
+    path = _write(tmp_path, "rules: [../rules, extra.yaml]\npacks: [p]\ninventory: inv.yaml\n"
+                            "store: {path: var/state.db}\n")
+    cfg = load_config(path)
+    base = path.parent
+    assert cfg.rules == [tmp_path / "rules", base / "extra.yaml"]
+    assert cfg.packs == [base / "p"]
+    assert cfg.inventory == base / "inv.yaml"
+    assert cfg.store.path == base / "var" / "state.db"
+    assert cfg.source_file == path
+
+
+def test_sources_are_a_discriminated_union_with_sizes(tmp_path: Path) -> None:
+    """Each source is validated by its ``type``; max_payload accepts a size with units."""
+    path = _write(tmp_path, """
+sources:
+  - {name: am, type: alertmanager, max_payload: 64KiB}
+  - {name: k, type: kafka, topics: [alerts], dead_letter_topic: alerts.dlq}
+  - {name: m, type: mqtt, topics: ["telemetry/+/cpu"]}
+""")
+    am, kafka, mqtt = load_config(path).sources
+    assert isinstance(am, AlertmanagerSourceConfig) and am.max_payload == 64 * 1024
+    assert isinstance(kafka, KafkaSourceConfig) and kafka.dead_letter_topic == "alerts.dlq"
+    assert isinstance(mqtt, MqttSourceConfig) and mqtt.port == 1883
+
+
+@pytest.mark.parametrize("text, message", [
+    ("listen: 127.0.0.1:8080\ncolour: red\n", "colour: Extra inputs are not permitted"),
+    ("sources: [{name: x, type: carrier-pigeon}]\n", "sources.0"),
+    ("sources: [{name: k, type: kafka}]\n", "sources.0.kafka.topics: Field required"),
+    ("sources: [{name: a, type: webhook}, {name: a, type: alertmanager}]\n",
+     "duplicate source name 'a'"),
+    ("sources: [{name: w, type: webhook, max_payload: lots}]\n", "bad size 'lots'"),
+    ("engine: {queue_size: 0}\n", "engine.queue_size"),
+    ("listen: localhost\n", "listen must be HOST:PORT"),
+    ("log: {level: chatty}\n", "log.level"),
+])
+def test_invalid_config_names_file_and_field(tmp_path: Path, text: str, message: str) -> None:
+    """A validation error is a ConfigError naming the config file and the field."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.origin == str(path)
+    assert message in str(info.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    """A config that is not YAML fails with file:line."""
+    path = _write(tmp_path, "listen: 127.0.0.1:8080\nsources: [\n  {name: a\nstore: {}\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
+        load_config(path)
+    assert info.value.origin is not None and info.value.origin.startswith(f"{path}:")
+
+
+def test_config_must_be_a_mapping_and_must_exist(tmp_path: Path) -> None:
+    """A list as config, or a missing file, is a ConfigError naming the file."""
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="cannot read config") as info:
+        load_config(tmp_path / "nope.yaml")
+    assert info.value.origin == str(tmp_path / "nope.yaml")
+
+
+def test_an_empty_config_gives_the_defaults(tmp_path: Path) -> None:
+    """An empty file is a valid config: loopback API, SQLite store, rules/ and packs/."""
+    path = _write(tmp_path, "")
+    cfg = load_config(path)
+    assert cfg.listen_host_port == ("127.0.0.1", 8080)
+    assert cfg.rules == [path.parent / "rules"]
+    assert cfg.sources == []
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOOPD_* variables override listen, store, log and every kafka/mqtt source."""
+    path = _write(tmp_path, """
+listen: 127.0.0.1:8080
+sources:
+  - {name: k1, type: kafka, topics: [a], bootstrap: "10.0.0.1:9092"}
+  - {name: k2, type: kafka, topics: [b]}
+  - {name: m, type: mqtt, topics: [c], host: broker}
+""")
+    monkeypatch.setenv("LOOPD_LISTEN", "0.0.0.0:9999")
+    monkeypatch.setenv("LOOPD_STORE_PATH", "/srv/loopd/state.db")
+    monkeypatch.setenv("LOOPD_LOG_FORMAT", "json")
+    monkeypatch.setenv("LOOPD_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+    monkeypatch.setenv("LOOPD_MQTT_HOST", "127.0.0.2")
+    monkeypatch.setenv("LOOPD_MQTT_PORT", "18830")
+    cfg = load_config(path)
+    assert cfg.listen_host_port == ("0.0.0.0", 9999)
+    assert cfg.store.path == Path("/srv/loopd/state.db")
+    assert cfg.log.format == "json"
+    k1, k2, m = cfg.sources
+    assert isinstance(k1, KafkaSourceConfig) and isinstance(k2, KafkaSourceConfig)
+    assert k1.bootstrap == k2.bootstrap == "127.0.0.1:19092"
+    assert isinstance(m, MqttSourceConfig) and (m.host, m.port) == ("127.0.0.2", 18830)
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("LOOPD_MQTT_PORT", "not-a-port", "sources.0.mqtt.port"),
+    ("LOOPD_LOG_LEVEL", "loud", "log.level"),
+    ("LOOPD_LISTEN", "nowhere", "listen must be HOST:PORT"),
+])
+def test_bad_environment_overrides_are_config_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str, message: str,
+) -> None:
+    """A bad LOOPD_* value is reported like a bad field, never as a crash."""
+    path = _write(tmp_path, "sources: [{name: m, type: mqtt, topics: [c]}]\n")
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_listen_argument_wins(tmp_path: Path) -> None:
+    """``load_config(listen=...)`` (the CLI's ``--listen``) overrides the file."""
+    cfg = load_config(_write(tmp_path, "listen: 127.0.0.1:8080\n"), listen="127.0.0.1:0")
+    assert cfg.listen_host_port == ("127.0.0.1", 0)
+
+
+def test_the_shipped_config_loads() -> None:
+    """config/loopd.yaml is valid and points at the shipped rules and packs."""
+    cfg = load_config(REPO / "config" / "loopd.yaml")
+    assert {s.name for s in cfg.sources} == {"webhook", "alertmanager"}
+    assert cfg.rules == [REPO / "rules"]
+    assert cfg.packs == [REPO / "packs"]

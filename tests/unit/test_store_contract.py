@@ -1,0 +1,266 @@
+"""The Store contract (loopd/store/base.py), run against every implementation.
+
+Each implementation is one ``params`` entry of the ``impl`` fixture; a new store
+(Postgres) adds itself there and must pass every test in this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loopd.errors import StoreError
+from loopd.store.base import (
+    Batch,
+    DecisionRecord,
+    EventRecord,
+    IncidentRecord,
+    RunRecord,
+    StepRecord,
+    Store,
+)
+from loopd.store.sqlite import SCHEMA_VERSION, SqliteStore
+
+Opener = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite"])
+async def impl(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens a store on the same durable location each time it is called (a "restart")."""
+    opened: list[Store] = []
+
+    async def open_store() -> Store:
+        store = SqliteStore(tmp_path / "loopd.db")
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        await store.close()
+
+
+def _run(run_id: str, *, rule: str = "r", key: str = "web-1", created: float | None = None,
+         status: str = "pending", **extra: Any) -> RunRecord:
+    return RunRecord(run_id, f"inc-{run_id}", rule, key, "action", "core.noop", {"a": 1}, status,
+                     created if created is not None else time.time(), **extra)
+
+
+def _decision(event_id: str, rule: str = "r", outcome: str = "run_created",
+              source: str = "webhook") -> DecisionRecord:
+    return DecisionRecord(source, event_id, rule, "web-1", outcome, None, time.time())
+
+
+def _event(event_id: str, source: str = "webhook") -> EventRecord:
+    return EventRecord(source, event_id, "topic", "web-1", time.time(), {"value": 1})
+
+
+async def test_a_committed_batch_is_readable(impl: Opener) -> None:
+    """Everything in a committed batch can be read back: events, decisions, incidents, runs."""
+    store = await impl()
+    run = _run("run-1")
+    incident = IncidentRecord("inc-run-1", "r", "web-1", "open", time.time(), run_id="run-1")
+    await store.commit(Batch(
+        events=[_event("e1")], decisions=[DecisionRecord(
+            "webhook", "e1", "r", "web-1", "run_created", None, time.time(), incident.id,
+            run.id)],
+        incidents={incident.id: incident}, runs=[run]))
+    event = await store.get_event("webhook", "e1")
+    assert event is not None and event.data == {"value": 1}
+    assert (await store.get_run("run-1")) == run
+    (decision,) = await store.decisions_for(run_id="run-1")
+    assert (decision.event_id, decision.outcome, decision.incident_id) == (
+        "e1", "run_created", "inc-run-1")
+    assert [i.id for i in await store.list_incidents(status="open")] == ["inc-run-1"]
+
+
+async def test_commit_is_atomic(impl: Opener) -> None:
+    """A batch that fails part-way raises StoreError and leaves nothing of itself behind."""
+    store = await impl()
+    bad = DecisionRecord("webhook", "e2", None, "web-1", "run_created", None, time.time())  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="write failed"):
+        await store.commit(Batch(
+            events=[_event("e1"), _event("e2")],
+            decisions=[_decision("e1"), bad],
+            runs=[_run("run-1")],
+            timers_set=[("r", "web-1", 1.0)]))
+    assert await store.get_event("webhook", "e1") is None
+    assert await store.count_decisions() == 0
+    assert await store.get_run("run-1") is None
+    assert (await store.load_state(since=0, recent=10)).for_timers == []
+    # the store is still usable afterwards: no transaction was left open
+    await store.commit(Batch(events=[_event("e3")], decisions=[_decision("e3")]))
+    assert await store.count_decisions() == 1
+
+
+async def test_decisions_are_unique_per_source_event_and_rule(impl: Opener) -> None:
+    """Writing the same (source, event id, rule) decision twice keeps the first one only."""
+    store = await impl()
+    await store.commit(Batch(decisions=[_decision("e1", outcome="run_created")]))
+    await store.commit(Batch(decisions=[_decision("e1", outcome="suppressed")]))
+    await store.commit(Batch(decisions=[_decision("e1", rule="other"),
+                                        _decision("e1", source="kafka")]))
+    assert await store.count_decisions() == 3
+    assert await store.count_decisions(rule="r") == 2
+    first = [d for d in await store.decisions_for(incident_id="") if d.source == "webhook"]
+    assert first == []  # decisions without incident are not listed by incident
+    state = await store.load_state(since=0, recent=10)
+    assert state.recent_events.count(("webhook", "e1")) == 2  # once per rule
+
+
+async def test_load_state_returns_what_the_engine_needs_after_a_restart(impl: Opener) -> None:
+    """Open incidents, for-timers, recent run starts and decided event ids survive a reopen."""
+    store = await impl()
+    now = time.time()
+    await store.commit(Batch(
+        decisions=[_decision(f"e{i}") for i in range(5)],
+        incidents={
+            "i-open": IncidentRecord("i-open", "r", "web-1", "open", now),
+            "i-done": IncidentRecord("i-done", "r", "web-2", "open", now),
+        },
+        runs=[_run("old", created=now - 1000), _run("new", created=now - 10)],
+        timers_set=[("r", "web-1", now - 30), ("r", "web-2", now - 20)],
+    ))
+    await store.commit(Batch(timers_cleared=[("r", "web-2")]))
+    await store.close_incident("i-done", now, "fixed")
+
+    reopened = await impl()
+    state = await reopened.load_state(since=now - 100, recent=3)
+    assert [i.id for i in state.open_incidents] == ["i-open"]
+    assert state.for_timers == [("r", "web-1", pytest.approx(now - 30))]
+    assert state.run_starts == [("r", "web-1", pytest.approx(now - 10))]
+    assert state.recent_events == [("webhook", "e2"), ("webhook", "e3"), ("webhook", "e4")]
+
+
+async def test_run_starts_come_oldest_first_even_after_updates(impl: Opener) -> None:
+    """Run starts are ordered by creation, whatever order the runs were last written in."""
+    store = await impl()
+    now = time.time()
+    first, second = _run("a", created=now - 50), _run("b", created=now - 5)
+    await store.commit(Batch(runs=[first, second]))
+    first.status = "succeeded"
+    await store.save_run(first)  # the older run is written last
+    state = await store.load_state(since=0, recent=10)
+    assert [c for _, _, c in state.run_starts] == [pytest.approx(now - 50),
+                                                     pytest.approx(now - 5)]
+
+
+async def test_runs_and_steps_are_saved_as_they_change(impl: Opener) -> None:
+    """save_run replaces the run's record and save_step its step; both survive a reopen."""
+    store = await impl()
+    run = _run("run-1")
+    await store.commit(Batch(runs=[run]))
+    run.status, run.started, run.ctx = "running", time.time(), {"host": "web-1"}
+    await store.save_run(run)
+    step = StepRecord("run-1", 1, "restart", "linux.restart_service", 1, "running", time.time(),
+                      input={"host": "web-1"})
+    await store.save_step(step)
+    step.status, step.output, step.finished = "succeeded", {"exit_status": 0}, time.time()
+    await store.save_step(step)
+
+    reopened = await impl()
+    assert await reopened.get_run("run-1") == run
+    assert await reopened.steps("run-1") == [step]
+    assert [r.id for r in await reopened.runs_in_status(("running",))] == ["run-1"]
+    assert [r.id for r in await reopened.list_runs(status="running")] == ["run-1"]
+    assert await reopened.list_runs(status="failed") == []
+    assert await reopened.get_run("nope") is None
+
+
+async def test_a_run_is_created_once(impl: Opener) -> None:
+    """Committing a run that already exists never overwrites its later state."""
+    store = await impl()
+    run = _run("run-1")
+    await store.commit(Batch(runs=[run]))
+    await store.save_run(_run("run-1", status="succeeded", created=run.created))
+    await store.commit(Batch(runs=[run]))  # e.g. a batch retried after a lost ack
+    saved = await store.get_run("run-1")
+    assert saved is not None and saved.status == "succeeded"
+
+
+async def test_values_json_cannot_hold_natively_are_stored(impl: Opener) -> None:
+    """Huge integers and non-string keys in run input are stored instead of failing a batch."""
+    store = await impl()
+    run = _run("run-1")
+    run.input = {"big": 2**70, "codes": {200: "ok"}}
+    await store.commit(Batch(runs=[run], decisions=[_decision("e1")]))
+    saved = await store.get_run("run-1")
+    assert saved is not None
+    assert saved.input["codes"] == {"200": "ok"}
+    assert saved.input["big"] == pytest.approx(2**70)
+    await store.commit(Batch(decisions=[_decision("e2")]))
+    assert await store.count_decisions() == 2
+
+
+async def test_concurrent_writers_are_all_committed(impl: Opener) -> None:
+    """Batches and run writes submitted at the same time are all durable once awaited."""
+    store = await impl()
+    runs = [_run(f"run-{i}") for i in range(20)]
+    await store.commit(Batch(runs=runs))
+    writes: list[Awaitable[None]] = []
+    for i, run in enumerate(runs):
+        run.status = "succeeded"
+        writes.append(store.save_run(run))
+        writes.append(store.commit(Batch(decisions=[_decision(f"e{i}")])))
+    await asyncio.gather(*writes)
+    assert await store.count_decisions() == 20
+    assert len(await store.list_runs(status="succeeded")) == 20
+
+
+async def test_kv_values_persist(impl: Opener) -> None:
+    """kv_put stores a JSON value per (namespace, key) that kv_get returns after a reopen."""
+    store = await impl()
+    assert await store.kv_get("netdev", "sw-1") is None
+    await store.kv_put("netdev", "sw-1", {"config": "hostname sw-1"})
+    await store.kv_put("netdev", "sw-1", {"config": "hostname sw-1\nntp 10.0.0.1"})
+    reopened = await impl()
+    assert await reopened.kv_get("netdev", "sw-1") == {"config": "hostname sw-1\nntp 10.0.0.1"}
+    assert await reopened.kv_get("other", "sw-1") is None
+
+
+async def test_the_schema_version_is_recorded(tmp_path: Path) -> None:
+    """A new SQLite store records the schema version it created in ``user_version``."""
+    path = tmp_path / "loopd.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    again = SqliteStore(path)  # opening an up-to-date store migrates nothing
+    await again.open()
+    await again.close()
+
+
+async def test_a_store_from_a_newer_loopd_is_refused(tmp_path: Path) -> None:
+    """Opening a store whose schema is newer than this loopd raises StoreError naming the file."""
+    path = tmp_path / "loopd.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    store = SqliteStore(path)
+    with pytest.raises(StoreError, match="newer than this loopd") as info:
+        await store.open()
+    assert info.value.origin == str(path)
+    await store.close()
+
+
+async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
+    """A store path that cannot hold a database raises StoreError, not an OS traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = SqliteStore(blocker / "loopd.db")
+    with pytest.raises(StoreError, match="cannot open store"):
+        await store.open()
+    await store.close()
+
+
+async def test_using_a_closed_store_is_a_store_error(tmp_path: Path) -> None:
+    """Reading from a store that is not open raises StoreError."""
+    store = SqliteStore(tmp_path / "loopd.db")
+    with pytest.raises(StoreError, match="not open"):
+        await store.get_run("x")
