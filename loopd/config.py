@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from loopd import yamlfile
 from loopd.errors import ConfigError
@@ -112,6 +119,28 @@ class KafkaSourceConfig(_SourceBase):
     commit_interval: Duration = 0.5
 
 
+class KafkaSinkConfig(Strict):
+    """A Kafka broker loopd only publishes to (publish actions, outcome events)."""
+
+    type: Literal["kafka"]
+    name: str
+    bootstrap: str = "127.0.0.1:9092"
+
+
+class MqttSinkConfig(Strict):
+    """An MQTT broker loopd only publishes to."""
+
+    type: Literal["mqtt"]
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str | None = None
+    username: str | None = None
+    password_ref: str | None = None
+
+
+SinkConfig = Annotated[KafkaSinkConfig | MqttSinkConfig, Field(discriminator="type")]
+
 SourceConfig = Annotated[
     WebhookSourceConfig | AlertmanagerSourceConfig | MqttSourceConfig | KafkaSourceConfig,
     Field(discriminator="type"),
@@ -152,6 +181,7 @@ class OutcomesConfig(Strict):
 class LoopdConfig(Strict):
     listen: str = "127.0.0.1:8080"
     sources: list[SourceConfig] = Field(default_factory=list)
+    sinks: list[SinkConfig] = Field(default_factory=list)
     rules: list[Path] = Field(default_factory=lambda: [Path("rules")])
     packs: list[Path] = Field(default_factory=lambda: [Path("packs")])
     inventory: Path | None = None
@@ -171,15 +201,18 @@ class LoopdConfig(Strict):
             raise ValueError(f"listen must be HOST:PORT, got {v!r}")
         return v
 
-    @field_validator("sources")
-    @classmethod
-    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+    @model_validator(mode="after")
+    def _unique_names(self) -> LoopdConfig:
         seen: set[str] = set()
-        for s in sources:
+        for s in [*self.sources, *self.sinks]:
             if s.name in seen:
-                raise ValueError(f"duplicate source name {s.name!r}")
+                raise ValueError(f"duplicate source/sink name {s.name!r}")
             seen.add(s.name)
-        return sources
+        bus = self.outcomes.bus
+        buses = {s.name for s in [*self.sources, *self.sinks] if s.type in ("kafka", "mqtt")}
+        if bus is not None and bus not in buses:
+            raise ValueError(f"outcomes.bus {bus!r} is not a kafka or mqtt source or sink")
+        return self
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

@@ -29,9 +29,11 @@ from loopd.config import (
     WebhookSourceConfig,
 )
 from loopd.engine import Engine
+from loopd.errors import ActionError
 from loopd.events import Delivery, Event
 from loopd.packs.executor import Executor, Runner
 from loopd.packs.http import HttpRunner
+from loopd.packs.publish import Bus, PublishRunner, build_buses, encode
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
 from loopd.packs.ssh import SshRunner
@@ -64,9 +66,10 @@ def build_source(config: SourceConfig) -> Source:
     return MqttSource(config)
 
 
-def build_runners() -> dict[str, Runner]:
-    """runner name -> Runner; a plain mapping (``publish`` joins when buses exist)."""
-    return {"python": PythonRunner(), "ssh": SshRunner(), "http": HttpRunner()}
+def build_runners(buses: dict[str, Bus]) -> dict[str, Runner]:
+    """runner name -> Runner; a plain mapping, nothing registers itself."""
+    return {"python": PythonRunner(), "ssh": SshRunner(), "http": HttpRunner(),
+            "publish": PublishRunner(buses)}
 
 
 def load_packs_and_rules(config: LoopdConfig) -> tuple[PackRegistry, RuleSet]:
@@ -92,7 +95,8 @@ class Daemon:
         self.store = SqliteStore(config.store.path)
         self.inventory = Inventory.load(config.inventory)
         self.registry, ruleset = load_packs_and_rules(config)
-        self.executor = Executor(self.registry, build_runners(),
+        self.buses = build_buses([*config.sources, *config.sinks])
+        self.executor = Executor(self.registry, build_runners(self.buses),
                                  max_concurrent=config.engine.max_concurrent_runs)
         self.engine = Engine(
             self.store, ruleset, inventory=self.inventory, queue_size=config.engine.queue_size,
@@ -129,6 +133,12 @@ class Daemon:
         outcome = outcome_event(run, self.config.outcomes.topic)
         metrics.event_received("loopd")
         await self.engine.emit(Delivery(outcome))
+        bus = self.buses.get(self.config.outcomes.bus or "")
+        if bus is not None:
+            try:
+                await bus.publish(outcome.topic, encode(outcome.data), run.key)
+            except ActionError as exc:  # the run is over either way; say so and go on
+                log.warning("outcome event not published", run=run.id, error=str(exc))
 
     def _report_load(self, ruleset: RuleSet) -> None:
         for err in [*self.registry.errors, *ruleset.errors]:

@@ -100,17 +100,21 @@ class SqliteStore:
         return self._db
 
     async def open(self) -> None:
-        if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             sync = os.environ.get("LOOPD_SQLITE_SYNC", "NORMAL").upper()
             for pragma in ("journal_mode=WAL", f"synchronous={sync}", "foreign_keys=OFF",
                            "busy_timeout=5000"):
                 await self.db.execute(f"PRAGMA {pragma}")
             await self._migrate()
-        except (OSError, aiosqlite.Error) as exc:
-            raise StoreError(f"cannot open store: {exc}", origin=str(self.path)) from None
+        except BaseException as exc:
+            # close what was opened: aiosqlite's thread would keep the process alive
+            await self.close()
+            if isinstance(exc, OSError | aiosqlite.Error):
+                raise StoreError(f"cannot open store: {exc}", origin=str(self.path)) from None
+            raise
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:

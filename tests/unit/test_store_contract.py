@@ -83,11 +83,13 @@ async def test_a_committed_batch_is_readable(impl: Opener) -> None:
 async def test_commit_is_atomic(impl: Opener) -> None:
     """A batch that fails part-way raises StoreError and leaves nothing of itself behind."""
     store = await impl()
-    bad = DecisionRecord("webhook", "e2", None, "web-1", "run_created", None, time.time())  # type: ignore[arg-type]
+    # an incident without a rule violates the schema after events and decisions were written
+    bad = IncidentRecord("i-1", None, "web-1", "open", time.time())  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="write failed"):
         await store.commit(Batch(
             events=[_event("e1"), _event("e2")],
-            decisions=[_decision("e1"), bad],
+            decisions=[_decision("e1"), _decision("e2")],
+            incidents={"i-1": bad},
             runs=[_run("run-1")],
             timers_set=[("r", "web-1", 1.0)]))
     assert await store.get_event("webhook", "e1") is None
@@ -246,7 +248,9 @@ async def test_a_store_from_a_newer_loopd_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="newer than this loopd") as info:
         await store.open()
     assert info.value.origin == str(path)
-    await store.close()
+    # the connection was released (its thread would otherwise keep the process alive)
+    with pytest.raises(StoreError, match="not open"):
+        await store.get_run("x")
 
 
 async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
@@ -256,7 +260,6 @@ async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
     store = SqliteStore(blocker / "loopd.db")
     with pytest.raises(StoreError, match="cannot open store"):
         await store.open()
-    await store.close()
 
 
 async def test_using_a_closed_store_is_a_store_error(tmp_path: Path) -> None:
