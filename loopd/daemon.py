@@ -31,12 +31,10 @@ from loopd.config import (
 from loopd.engine import Engine
 from loopd.errors import ActionError
 from loopd.events import Delivery, Event
-from loopd.packs.executor import Executor, Runner
-from loopd.packs.http import HttpRunner
+from loopd.packs.executor import ActionContext, Executor, Runner
 from loopd.packs.publish import Bus, PublishRunner, build_buses, encode
 from loopd.packs.python import PythonRunner
-from loopd.packs.registry import PackRegistry
-from loopd.packs.ssh import SshRunner
+from loopd.packs.registry import Action, PackRegistry
 from loopd.rules.loader import RuleSet, load_rules
 from loopd.sources.base import Source, Supervisor
 from loopd.sources.webhook import PushSource
@@ -66,9 +64,40 @@ def build_source(config: SourceConfig) -> Source:
     return MqttSource(config)
 
 
+class LazyRunner:
+    """A runner built on first use: asyncssh and friends cost start-up time only
+    when a pack action needs them."""
+
+    def __init__(self, build: Callable[[], Runner]) -> None:
+        self._build = build
+        self._runner: Runner | None = None
+
+    async def run(self, action: Action, input: dict[str, Any], ctx: ActionContext
+                  ) -> dict[str, Any]:
+        if self._runner is None:
+            self._runner = self._build()
+        return await self._runner.run(action, input, ctx)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.close()
+
+
+def _ssh() -> Runner:
+    from loopd.packs.ssh import SshRunner
+
+    return SshRunner()
+
+
+def _http() -> Runner:
+    from loopd.packs.http import HttpRunner
+
+    return HttpRunner()
+
+
 def build_runners(buses: dict[str, Bus]) -> dict[str, Runner]:
     """runner name -> Runner; a plain mapping, nothing registers itself."""
-    return {"python": PythonRunner(), "ssh": SshRunner(), "http": HttpRunner(),
+    return {"python": PythonRunner(), "ssh": LazyRunner(_ssh), "http": LazyRunner(_http),
             "publish": PublishRunner(buses)}
 
 

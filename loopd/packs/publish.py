@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiomqtt
 import orjson
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from loopd.catalog.credentials import resolve_secret
 from loopd.config import KafkaSinkConfig, KafkaSourceConfig, MqttSinkConfig, MqttSourceConfig
@@ -25,6 +22,10 @@ from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import PublishAction
 from loopd.packs.registry import Action
 from loopd.workflow.render import WORKFLOW_SCOPE, Compiled, compile_template
+
+if TYPE_CHECKING:  # the client libraries load when a bus first connects
+    import aiomqtt
+    from aiokafka import AIOKafkaProducer
 
 _TIMEOUT = 10.0
 _SCOPE = WORKFLOW_SCOPE | {"config"}
@@ -46,6 +47,9 @@ class KafkaBus:
         self._lock = asyncio.Lock()
 
     async def _connect(self) -> AIOKafkaProducer:
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import KafkaError
+
         async with self._lock:
             if self._producer is None:
                 producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
@@ -61,6 +65,8 @@ class KafkaBus:
             return self._producer
 
     async def publish(self, topic: str, payload: bytes, key: str | None) -> None:
+        from aiokafka.errors import KafkaError
+
         producer = await self._connect()
         try:
             async with asyncio.timeout(_TIMEOUT):
@@ -84,6 +90,8 @@ class MqttBus:
         self._lock = asyncio.Lock()
 
     async def _connect(self) -> aiomqtt.Client:
+        import aiomqtt
+
         async with self._lock:
             if self._client is None:
                 cfg = self.config
@@ -100,6 +108,8 @@ class MqttBus:
             return self._client
 
     async def publish(self, topic: str, payload: bytes, key: str | None) -> None:
+        import aiomqtt
+
         for attempt in (1, 2):
             client = await self._connect()
             try:
@@ -112,6 +122,8 @@ class MqttBus:
                                       f"{exc}") from None
 
     async def _drop(self) -> None:
+        import aiomqtt
+
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError):  # already gone
