@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -256,7 +257,7 @@ class Harness:
 
     def write(self, name: str, text: str) -> Path:
         path = self.pack / "workflows" / f"{name}.yaml"
-        path.write_text(text)
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
         return path
 
     def load(self, **workflows: str) -> PackRegistry:
