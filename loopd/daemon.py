@@ -2,9 +2,9 @@
 
 Start: store -> packs and rules -> engine state -> dispatcher resume -> engine
 and dispatcher tasks -> sources (supervised) -> HTTP API. Stop (SIGTERM/SIGINT):
-API -> sources (Kafka commits what is decided) -> engine drains in-flight
-decisions -> runs get a short grace period, the rest resume at next start ->
-runners -> store. SIGHUP and ``POST /v1/reload`` reload rules and packs.
+API -> sources stop feeding the engine -> engine drains in-flight decisions ->
+sources close (Kafka commits everything decided) -> runs get a short grace
+period, the rest resume at next start -> runners -> store. SIGHUP and ``POST /v1/reload`` reload rules and packs.
 """
 
 from __future__ import annotations
@@ -152,9 +152,14 @@ class Daemon:
         self.port: int | None = None
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
+        self._holding = False  # set at shutdown: sources no longer feed the engine
         self._report_load(ruleset)
 
     async def _emit(self, delivery: Any) -> None:
+        if self._holding:
+            # Shutting down: the delivery stays unacknowledged (Kafka redelivers it) while
+            # the engine finishes what it has; the source's close() cancels this wait.
+            await asyncio.Event().wait()
         await self.engine.emit(delivery)
 
     async def _run_finished(self, run: RunRecord) -> None:
@@ -225,14 +230,15 @@ class Daemon:
                         workers: list[asyncio.Task[None]]) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
-        for sup in self.supervisors:
-            await sup.stop()
-        for task in feeds:
-            task.cancel()
-        try:  # decisions in flight are finished and acknowledged
+        self._holding = True
+        try:  # decisions in flight are finished and acknowledged ...
             await self.engine.drain(timeout=5.0)
         except TimeoutError:
             log.warning("engine did not drain in 5s; undecided events will be redelivered")
+        for sup in self.supervisors:  # ... before the sources commit and close
+            await sup.stop()
+        for task in feeds:
+            task.cancel()
         try:
             await self.dispatcher.drain(timeout=SHUTDOWN_GRACE)
         except TimeoutError:

@@ -207,7 +207,11 @@ class Engine:
                     continue
                 key = NO_KEY
                 if rule.key is not None:
-                    key = str(rule.key(scope))
+                    rendered = rule.key(scope)
+                    if rendered is None or rendered == "":
+                        # never lump unrelated entities into one incident
+                        raise ConditionError(f"key {rule.rule.key!r} rendered empty")
+                    key = str(rendered)
                 elif event.key is not None:
                     key = event.key
             except ConditionError as exc:

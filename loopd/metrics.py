@@ -98,7 +98,8 @@ def rule_matched(rule: str) -> None:
 
 def rule_error(rule: str, error: object, origin: str) -> None:
     RULE_ERRORS.labels(rule).inc()
-    log.warning("rule evaluation failed", rule=rule, error=str(error), event=origin)
+    # not event=: that is the name of structlog's message argument (a TypeError)
+    log.warning("rule evaluation failed", rule=rule, error=str(error), origin=origin)
 
 
 def decided(rule: str, outcome: str, seconds: float) -> None:

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from loopd.catalog.inventory import Inventory
 from loopd.errors import PackError
 from loopd.packs.executor import Executor
@@ -240,25 +238,37 @@ class Process:
             self._task = None
 
 
+def write_packs(root: Path) -> Path:
+    """A packs folder with the shipped ``core`` pack and the test pack ``t``; returns
+    ``t``'s folder (its workflows go in ``workflows/``)."""
+    shutil.copytree(REPO / "packs" / "core", root / "core")
+    pack = root / "t"
+    (pack / "workflows").mkdir(parents=True)
+    (pack / "pack.yaml").write_text(PACK_YAML)
+    (pack / "actions.py").write_text(ACTIONS_PY)
+    return pack
+
+
+def load_packs(root: Path, **workflows: str) -> PackRegistry:
+    """Write ``t.<name>`` workflows (dedented YAML) under ``root`` and load every pack."""
+    for name, text in workflows.items():
+        (root / "t" / "workflows" / f"{name}.yaml").write_text(
+            textwrap.dedent(text).lstrip("\n"))
+    registry = PackRegistry.load([root])
+    load_workflows(registry)
+    return registry
+
+
 class Harness:
     def __init__(self, tmp_path: Path) -> None:
         self.root = tmp_path / "packs"
-        shutil.copytree(REPO / "packs" / "core", self.root / "core")
-        self.pack = self.root / "t"
-        (self.pack / "workflows").mkdir(parents=True)
-        (self.pack / "pack.yaml").write_text(PACK_YAML)
-        (self.pack / "actions.py").write_text(ACTIONS_PY)
+        self.pack = write_packs(self.root)
         self.calls = Calls()
         self.inventory = Inventory({"web-1": {"role": "web"}, "web-2": {"role": "web"}})
         self.store = SqliteStore(tmp_path / "loopd.db")
         self.registry = PackRegistry()
         self.executor = Executor(self.registry, {"python": PythonRunner()})
         self.process = Process(self)
-
-    def write(self, name: str, text: str) -> Path:
-        path = self.pack / "workflows" / f"{name}.yaml"
-        path.write_text(textwrap.dedent(text).lstrip("\n"))
-        return path
 
     def load(self, **workflows: str) -> PackRegistry:
         """Write ``t.<name>`` workflows and (re)load the packs; fail on any error."""
@@ -267,10 +277,7 @@ class Harness:
         return self.registry
 
     def load_with_errors(self, **workflows: str) -> list[PackError]:
-        for name, text in workflows.items():
-            self.write(name, text)
-        self.registry = PackRegistry.load([self.root])
-        load_workflows(self.registry)
+        self.registry = load_packs(self.root, **workflows)
         self.executor.registry = self.registry
         return self.registry.errors
 
@@ -286,12 +293,12 @@ class Harness:
     def dispatcher(self) -> Dispatcher:
         return self.process.dispatcher
 
-    async def start(self, workflow: str, *, key: str = "web-1", incident: str | None = None,
-                    **input: Any) -> RunRecord:
+    async def start(self, workflow: str, *, entity: str = "web-1",
+                    incident: str | None = None, **input: Any) -> RunRecord:
         """Create a durable run and hand it to the dispatcher, as the engine does."""
         if "." not in workflow:
             workflow = f"t.{workflow}"
-        run = RunRecord(uuid.uuid4().hex[:12], incident, "test-rule", key, "workflow",
+        run = RunRecord(uuid.uuid4().hex[:12], incident, "test-rule", entity, "workflow",
                         workflow, input, states.PENDING, time.time())
         await self.store.save_run(run)
         self.dispatcher.submit([run])
@@ -305,20 +312,28 @@ class Harness:
         assert stored is not None, f"no run {run_id}"
         return Finished(stored, await self.store.steps(run_id))
 
-    async def run(self, workflow: str, *, key: str = "web-1", **input: Any) -> Finished:
-        return await self.wait(await self.start(workflow, key=key, **input))
+    async def run(self, workflow: str, *, entity: str = "web-1", **input: Any) -> Finished:
+        return await self.wait(await self.start(workflow, entity=entity, **input))
 
     async def waiting_for_evidence(self, count: int = 1) -> None:
         await wait_until(lambda: len(self.kinds.hub) == count, timeout=5,
                          what=f"{count} run(s) to wait for evidence")
 
-    async def restart(self) -> Process:
-        """Stop this process as at shutdown and start another on the same store."""
+    async def crash(self) -> None:
+        """Stop this process as loopd.daemon does at shutdown: active runs stay stored as
+        they are (``dispatcher.shutting_down``), to be resumed by the next process."""
         await self.process.stop()
+
+    async def resume(self) -> Process:
+        """Start a new process on the same store; it resumes what was in flight."""
         self.process = Process(self)
         await self.process.dispatcher.resume()
         self.process.start()
         return self.process
+
+    async def restart(self) -> Process:
+        await self.crash()
+        return await self.resume()
 
     async def stored(self, run: RunRecord | str) -> RunRecord:
         stored = await self.store.get_run(run if isinstance(run, str) else run.id)
@@ -326,8 +341,17 @@ class Harness:
         return stored
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def open_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """A started Harness; everything it started is stopped and closed on exit.
+
+    Test modules wrap it in their own fixture::
+
+        @pytest.fixture
+        async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+            async with open_harness(tmp_path) as h:
+                yield h
+    """
     h = Harness(tmp_path)
     await h.store.open()
     h.process.start()

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
@@ -31,8 +32,14 @@ from loopd.errors import EventError, SourceError
 from loopd.events import Delivery, Event, decode_object, event_from_object
 from loopd.sources.base import Emit
 
-_TIMEOUT = 10.0  # connect, commit, dead-letter send and stop: every broker call is bounded
-_PROBE_INTERVAL = 1.0  # how often an idle consumer checks that the broker still answers
+log = structlog.get_logger("loopd.kafka")
+
+# every broker call is bounded; asyncio.timeout, not wait_for, which can swallow a
+# cancellation on Python 3.11 and leave a loop running after close
+_TIMEOUT = 10.0
+# how often run checks that the broker still answers (an all-topics metadata request: cheap
+# on loopd-sized clusters, and it fails at once when the broker is gone)
+_PROBE_INTERVAL = 3.0
 _MAX_RECORDS = 500
 
 
@@ -63,7 +70,8 @@ class _Partition:
 class _Session:
     """State of one consumer connection; dropped whole when ``run`` ends."""
 
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, source: str, consumer: AIOKafkaConsumer) -> None:
+        self.source = source
         self.consumer = consumer
         self.partitions: dict[TopicPartition, _Partition] = {}
         self.commit_lock = asyncio.Lock()
@@ -78,29 +86,26 @@ class _Session:
 
     async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit every partition whose contiguous acked prefix moved; bounded by _TIMEOUT."""
-        print("DBG commit wait lock", time.monotonic(), flush=True)
-        async with self.commit_lock:
-            tps = self.partitions.keys() if only is None else only
-            due = {
-                tp: p.commit_at for tp in tps
-                if (p := self.partitions.get(tp)) is not None
-                and p.commit_at is not None and p.commit_at != p.committed
-            }
-            if not due:
-                return
-            print("DBG commit", due, time.monotonic(), flush=True)
-            try:
-                await asyncio.wait_for(self.consumer.commit(due), _TIMEOUT)
-            except (CommitFailedError, IllegalStateError) as exc:
-                # the group rebalanced under us: the partitions are revoked (the listener
-                # drops them) and their records come again to whoever owns them now
-                metrics.log.warning("kafka commit skipped, group rebalanced", error=str(exc))
-                return
-            except (KafkaError, TimeoutError) as exc:
-                raise SourceError(f"commit failed: {exc or type(exc).__name__}") from exc
-            for tp, offset in due.items():
-                if (p := self.partitions.get(tp)) is not None:
-                    p.committed = offset
+        try:
+            async with asyncio.timeout(_TIMEOUT), self.commit_lock:
+                tps = self.partitions.keys() if only is None else only
+                due = {
+                    tp: p.commit_at for tp in tps
+                    if (p := self.partitions.get(tp)) is not None
+                    and p.commit_at is not None and p.commit_at != p.committed
+                }
+                if not due:
+                    return
+                await self.consumer.commit(due)
+                for tp, offset in due.items():
+                    if (p := self.partitions.get(tp)) is not None:
+                        p.committed = offset
+        except (CommitFailedError, IllegalStateError) as exc:
+            # the group rebalanced under us: the partitions are revoked (the listener
+            # drops them) and their records come again to whoever owns them now
+            log.warning("commit skipped, group rebalanced", source=self.source, error=str(exc))
+        except (KafkaError, TimeoutError) as exc:
+            raise SourceError(f"commit failed: {exc or type(exc).__name__}") from exc
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -108,11 +113,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._session = session
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        print("DBG revoke", revoked, time.monotonic(), flush=True)
+        # commit what is decided before another member takes these partitions over
         try:
             await self._session.commit(revoked)
         except SourceError as exc:
-            metrics.log.warning("kafka commit on revoke failed", error=str(exc))
+            log.warning("commit on revoke failed", source=self._session.source, error=str(exc))
         self._session.generation += 1
         for tp in revoked:
             self._session.partitions.pop(tp, None)
@@ -122,7 +127,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class KafkaSource:
-    """Consumes ``config.topics`` in consumer group ``config.group``; see the module doc."""
+    """Consumes ``config.topics`` in consumer group ``config.group``; see the module doc.
+
+    ``session_timeout`` is the group session: how long the group waits for a silent
+    member before its partitions move (some brokers also hold each join that long).
+    """
 
     def __init__(self, config: KafkaSourceConfig, *, session_timeout: float = 10.0) -> None:
         self.name = config.name
@@ -148,15 +157,16 @@ class KafkaSource:
         producer = (
             AIOKafkaProducer(bootstrap_servers=cfg.bootstrap) if cfg.dead_letter_topic else None
         )
-        session = _Session(consumer)
+        session = _Session(self.name, consumer)
         self._finished = finished = asyncio.Event()
         lost = False
         try:
             try:
                 # start() only bootstraps; the group join runs in the background once subscribed
-                await asyncio.wait_for(consumer.start(), _TIMEOUT)
-                if producer is not None:
-                    await asyncio.wait_for(producer.start(), _TIMEOUT)
+                async with asyncio.timeout(_TIMEOUT):
+                    await consumer.start()
+                    if producer is not None:
+                        await producer.start()
             except (KafkaError, TimeoutError, OSError) as exc:
                 lost = True
                 raise SourceError(f"cannot connect: {exc or type(exc).__name__}",
@@ -171,25 +181,27 @@ class KafkaSource:
             lost = True
             raise
         finally:
-            print("DBG teardown start", time.monotonic(), flush=True)
             self._connected = False
             try:
                 if not lost:  # flush what was decided; pointless against a dead broker
                     await session.commit()
             except SourceError as exc:
-                metrics.log.warning("kafka final commit failed", source=self.name, error=str(exc))
+                log.warning("final commit failed", source=self.name, error=str(exc))
             finally:
-                print("DBG final commit done", time.monotonic(), flush=True)
                 await self._stop(consumer, producer)
-                print("DBG stopped", time.monotonic(), flush=True)
                 finished.set()
 
     async def close(self) -> None:
         """Make ``run`` return, after it committed and stopped its clients."""
         self._closing.set()
-        if self._finished is not None:
-            # run's own commit and stop are bounded; this only guards a wedged loop
-            await asyncio.wait_for(self._finished.wait(), 3 * _TIMEOUT)
+        if self._finished is None:
+            return
+        try:
+            # run's teardown is a bounded commit and two bounded stops
+            async with asyncio.timeout(4 * _TIMEOUT):
+                await self._finished.wait()
+        except TimeoutError:
+            log.warning("source did not stop in time", source=self.name)
 
     async def _until_first_done(self, *work: Any) -> None:
         """Run the coroutines and ``close``; return at the first to finish, re-raising its error."""
@@ -197,11 +209,9 @@ class KafkaSource:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            print("DBG cancel tasks", time.monotonic(), flush=True)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            print("DBG tasks gone", time.monotonic(), flush=True)
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc
@@ -261,10 +271,11 @@ class KafkaSource:
             )
         )]
         try:
-            await asyncio.wait_for(producer.send_and_wait(
-                self.config.dead_letter_topic, record.value or b"", key=record.key,
-                headers=headers,
-            ), _TIMEOUT)
+            async with asyncio.timeout(_TIMEOUT):
+                await producer.send_and_wait(
+                    self.config.dead_letter_topic, record.value or b"", key=record.key,
+                    headers=headers,
+                )
         except (KafkaError, TimeoutError) as exc2:
             # not acked: after the reconnect the record comes again and is retried
             raise SourceError(f"dead-letter send failed: {exc2 or type(exc2).__name__}",
@@ -284,7 +295,8 @@ class KafkaSource:
                 last_probe = now
                 try:
                     # a metadata request: aiokafka itself reconnects forever and never says
-                    await asyncio.wait_for(session.consumer.topics(), _TIMEOUT)
+                    async with asyncio.timeout(_TIMEOUT):
+                        await session.consumer.topics()
                 except (KafkaError, TimeoutError) as exc:
                     raise SourceError(f"broker unreachable: {exc or type(exc).__name__}",
                                       origin=f"kafka {self.config.bootstrap}") from exc
@@ -294,6 +306,7 @@ class KafkaSource:
             if client is None:
                 continue
             try:
-                await asyncio.wait_for(client.stop(), _TIMEOUT)
+                async with asyncio.timeout(_TIMEOUT):
+                    await client.stop()
             except (KafkaError, TimeoutError, OSError) as exc:
-                metrics.log.warning("kafka client stop failed", source=self.name, error=str(exc))
+                log.warning("client stop failed", source=self.name, error=str(exc))

@@ -295,6 +295,8 @@ def _compile_fast_text(text: str, names: frozenset[str]) -> Compiled:
         pos = m.end()
     if pos < len(text):
         pieces.append(text[pos:])
+    if any(isinstance(p, str) and "{{" in p for p in pieces):
+        raise _Unsupported("unclosed {{")  # Jinja's parser reports it as a syntax error
 
     def render(scope: Scope) -> str:
         out = []

@@ -11,8 +11,9 @@ Transitions: the first ``next`` entry whose ``when`` holds is taken; its
 ``do`` may start several tasks (parallel branches); a task with ``join`` starts
 only once every task it names has finished. A task with no matching
 transition ends its branch; the run ends when no branch is active, with the
-status of an explicit ``succeed``/``fail`` task, else ``failed`` if a branch
-ended failed, else ``succeeded``.
+status of an explicit ``succeed``/``fail`` task, else the status of a branch
+that ended in a failure no transition handled (``failed``, ``timed_out``,
+``interrupted``, ``rejected``, ``expired``), else ``succeeded``.
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ class WorkflowRunner:
             run.status = states.RUNNING
         if resumed:
             self._resume(run, wf)
+            if not waiting:  # steps may have been written after the progress saved last
+                keep = {t["step"] for t in progress["tasks"].values()
+                        if t.get("state") == "waiting" and "step" in t}
+                await self.kinds.end_running_steps(
+                    run, states.INTERRUPTED, "loopd stopped while this step was running",
+                    keep=keep)
         if not waiting:
             await self.store.save_run(run)
         deadline = progress.get("deadline")
@@ -117,29 +124,35 @@ class WorkflowRunner:
         except TimeoutError:
             reason = f"workflow timed out after {wf.model.timeout:g}s"
             progress["history"].append(f"run: timed out ({reason})")
+            await self.kinds.end_running_steps(run, states.TIMED_OUT, reason)
             return states.TIMED_OUT, reason
         ended = progress.get("ended") or {}
         if ended.get("status"):
             return ended["status"], ended.get("reason")
         failed = progress.get("failed_branch")
         if failed:
-            return states.FAILED, failed
+            return progress.get("failed_status") or states.FAILED, failed
         return states.SUCCEEDED, None
 
     def _resume(self, run: RunRecord, wf: CompiledWorkflow) -> None:
         """Tasks that were active at the crash are started again (see module doc)."""
         progress = run.progress
         for name, tstate in progress["tasks"].items():
-            if tstate.get("state") not in ("running", "waiting"):
+            # with_items: the items are the ones running (a finished item has a status)
+            items = [i for i in tstate.get("items", {}).values()
+                     if i.get("state") == "running" and "status" not in i]
+            if tstate.get("state") not in ("running", "waiting") and not items:
                 continue
             if name not in progress["ready"]:
                 progress["ready"].append(name)
             ct = wf.tasks.get(name)
-            if ct is None or tstate.get("state") != "running" or ct.kind != "action":
+            if ct is None or ct.kind != "action":
                 continue
             action = self.registry().actions.get(ct.task.action or "")
             if action is None or not action.spec.idempotent:
-                tstate["interrupted"] = True
+                for state in (tstate, *items):
+                    if state.get("state") == "running":
+                        state["interrupted"] = True
         progress["history"].append("run: resumed after a restart")
 
     async def _schedule(self, run: RunRecord, wf: CompiledWorkflow) -> None:
@@ -180,8 +193,12 @@ class WorkflowRunner:
         """Publish the result, choose the transition, persist; return tasks to start."""
         progress = run.progress
         name = ct.name
-        progress["tasks"][name] = {"state": "done", "status": result.status,
-                                   "attempt": result.attempt}
+        done: dict[str, Any] = {"state": "done", "status": result.status,
+                                "attempt": result.attempt}
+        rendered = progress["tasks"].get(name, {}).get("input")
+        if rendered is not None:  # a rollback renders its input from the task's input
+            done["input"] = rendered
+        progress["tasks"][name] = done
         if name in progress["ready"]:
             progress["ready"].remove(name)
         run.ctx[name] = {"status": result.status, **result.output}
@@ -210,8 +227,7 @@ class WorkflowRunner:
         await self.kinds.mark_transition(run, ct, result, targets, why)
         if not targets and result.status in FAILURES and not progress.get("ended"):
             progress["failed_branch"] = result.error or f"task {name} {result.status}"
-        if targets and result.status in FAILURES:
-            progress["failed_branch"] = None  # the failure was handled
+            progress["failed_status"] = result.status  # rejected stays rejected, etc.
         starts = []
         for target in targets:
             join = wf.tasks[target].task.join

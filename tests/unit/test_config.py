@@ -98,7 +98,7 @@ sources:
     ("sources: [{name: x, type: carrier-pigeon}]\n", "sources.0"),
     ("sources: [{name: k, type: kafka}]\n", "sources.0.kafka.topics: Field required"),
     ("sources: [{name: a, type: webhook}, {name: a, type: alertmanager}]\n",
-     "duplicate source name 'a'"),
+     "duplicate source"),
     ("sources: [{name: w, type: webhook, max_payload: lots}]\n", "bad size 'lots'"),
     ("engine: {queue_size: 0}\n", "engine.queue_size"),
     ("listen: localhost\n", "listen must be HOST:PORT"),

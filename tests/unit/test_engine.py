@@ -460,3 +460,21 @@ async def test_many_events_in_one_batch_are_all_decided(db: Path, rules_from: Ru
         assert await r.store.count_decisions(rule="restart") == 500
 
 
+
+
+async def test_run_input_json_cannot_hold_natively_does_not_stop_the_engine(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """A rule input with non-string keys or a huge number is stored; the engine carries on."""
+    rules = rules_from("""
+rules:
+  - name: odd-input
+    on: {source: webhook}
+    run: {action: core.noop, input: {codes: {200: ok}, big: "{{ event.value * event.value }}"}}
+""")
+    async with running(db, rules) as r:
+        await r.feed(ev("e1", value=2**62), ev("e2", key="web-2", value=3))
+        assert len(r.runs) == 2
+        stored = await r.store.get_run(r.runs[0].id)
+        assert stored is not None and stored.input["codes"] == {"200": "ok"}
+    assert [o for _, _, o in decisions(db)] == ["run_created", "run_created"]

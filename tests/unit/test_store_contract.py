@@ -104,16 +104,21 @@ async def test_commit_is_atomic(impl: Opener) -> None:
 async def test_decisions_are_unique_per_source_event_and_rule(impl: Opener) -> None:
     """Writing the same (source, event id, rule) decision twice keeps the first one only."""
     store = await impl()
-    await store.commit(Batch(decisions=[_decision("e1", outcome="run_created")]))
-    await store.commit(Batch(decisions=[_decision("e1", outcome="suppressed")]))
-    await store.commit(Batch(decisions=[_decision("e1", rule="other"),
-                                        _decision("e1", source="kafka")]))
-    assert await store.count_decisions() == 3
+
+    def decision(outcome: str, rule: str = "r", source: str = "webhook") -> DecisionRecord:
+        return DecisionRecord(source, "e1", rule, "web-1", outcome, None, time.time(),
+                              "inc-1", "run-1")
+
+    await store.commit(Batch(decisions=[decision("run_created")]))
+    await store.commit(Batch(decisions=[decision("joined")]))  # a redelivery decided again
+    await store.commit(Batch(decisions=[decision("joined", rule="other"),
+                                        decision("joined", source="kafka")]))
+    kept = await store.decisions_for(run_id="run-1")
+    assert [(d.source, d.rule, d.outcome) for d in kept] == [
+        ("webhook", "r", "run_created"), ("webhook", "other", "joined"),
+        ("kafka", "r", "joined")]
     assert await store.count_decisions(rule="r") == 2
-    first = [d for d in await store.decisions_for(incident_id="") if d.source == "webhook"]
-    assert first == []  # decisions without incident are not listed by incident
-    state = await store.load_state(since=0, recent=10)
-    assert state.recent_events.count(("webhook", "e1")) == 2  # once per rule
+    assert [d.event_id for d in await store.decisions_for(incident_id="inc-1")] == ["e1"] * 3
 
 
 async def test_load_state_returns_what_the_engine_needs_after_a_restart(impl: Opener) -> None:

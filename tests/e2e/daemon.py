@@ -1,0 +1,354 @@
+"""Run the real ``loopd run -c CONFIG`` as a subprocess and talk to it over HTTP.
+
+``LoopdProcess`` starts the console script installed next to the test's Python
+(``.venv/bin/loopd``) with ``--listen 127.0.0.1:<free port>``, waits for
+``/readyz`` with a deadline, and keeps the daemon's stdout and stderr in one
+log file per start (``loopd-1.log``, ``loopd-2.log``, ... in its work dir) so a
+failure can show what the daemon said. ``stop`` sends SIGTERM and asserts a
+clean exit 0 within 10 s; ``kill`` is ``kill -9``. The same object can be
+started again on the same config and store (a restart).
+
+Everything here is async and never blocks the event loop for long: the test's
+own servers (SSH, ServiceNow) run in-process on that loop. Nothing sleeps to
+wait; every wait polls a condition with a deadline (``tests.servers.wait_until``).
+
+``Config`` writes loopd.yaml, rule files and the inventory into a test's
+``tmp_path``; ``store_query`` reads the daemon's SQLite file read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+
+from tests.servers import free_port, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_PACKS = REPO / "packs"
+LOOPD = Path(sys.executable).parent / "loopd"
+STOP_TIMEOUT = 10.0
+
+
+def _dump(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+@dataclass
+class Config:
+    """A loopd.yaml and its rules/inventory/packs folders under ``root``."""
+
+    root: Path
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    sinks: list[dict[str, Any]] = field(default_factory=list)
+    rules: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # file -> rules
+    entities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    credentials: dict[str, dict[str, str]] = field(default_factory=dict)
+    pack_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # outcomes, engine, ...
+
+    @property
+    def path(self) -> Path:
+        return self.root / "loopd.yaml"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "var" / "loopd.db"
+
+    @property
+    def rules_dir(self) -> Path:
+        return self.root / "rules"
+
+    @property
+    def packs_dir(self) -> Path:
+        """Packs written by the test (``add_pack``), loaded after the shipped ones."""
+        return self.root / "packs"
+
+    def write(self) -> Path:
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        self.packs_dir.mkdir(parents=True, exist_ok=True)
+        for name, rules in self.rules.items():
+            self.write_rules(name, rules)
+        (self.root / "inventory.yaml").write_text(
+            _dump({"entities": self.entities, "credentials": self.credentials}))
+        config = {
+            "listen": "127.0.0.1:0",  # the harness passes --listen
+            "sources": self.sources, "sinks": self.sinks,
+            "rules": ["rules"], "packs": [str(SHIPPED_PACKS), "packs"],
+            "inventory": "inventory.yaml", "pack_config": self.pack_config,
+            "store": {"path": "var/loopd.db"},
+            "log": {"format": "json", "level": "info"},
+            **self.extra,
+        }
+        self.path.write_text(_dump(config))
+        return self.path
+
+    def write_rules(self, name: str, rules: list[dict[str, Any]] | str) -> Path:
+        """Write (or overwrite) one rule file; a string is written as given."""
+        path = self.rules_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rules if isinstance(rules, str) else _dump({"rules": rules}))
+        return path
+
+    def add_pack(self, name: str, files: dict[str, str]) -> Path:
+        """A pack folder of this test: relative path -> file text."""
+        folder = self.packs_dir / name
+        for rel, text in files.items():
+            target = folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        return folder
+
+
+class DaemonError(Exception):
+    """The daemon did not behave: the message carries the tail of its log."""
+
+
+class LoopdProcess:
+    """One loopd daemon: start / stop / kill / restart, and its HTTP API."""
+
+    def __init__(self, config: Config, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # the test decides every LOOPD_* setting, not the shell that runs pytest
+        base = {k: v for k, v in os.environ.items() if not k.startswith("LOOPD_")}
+        self.env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+        self.starts = 0
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @property
+    def log(self) -> Path:
+        return self.logs[-1]
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start ``loopd run`` and return once ``/readyz`` answers 200."""
+        assert not self.running, "already running"
+        if not self.config.path.exists():
+            self.config.write()
+        self.starts += 1
+        log = self.config.root / f"loopd-{self.starts}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "/tmp/kdbg/loopd_dbg.py", "run", "-c", str(self.config.path),
+                 "--listen", f"127.0.0.1:{self.port}"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=self.env, cwd=self.config.root,
+            )
+        try:
+            await wait_until(self._ready, timeout=timeout, interval=0.05,
+                             what="loopd /readyz to answer 200")
+        except AssertionError as exc:
+            code = self.proc.poll()
+            if code is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            raise DaemonError(f"{exc} (exit code {code})\n{self.tail()}") from None
+
+    async def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise DaemonError(f"loopd exited with {self.proc.returncode} before it was ready"
+                              f"\n{self.tail()}")
+        try:
+            status, _ = await self.request("GET", "/readyz", timeout=1.0)
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        return status == 200
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> float:
+        """SIGTERM; assert exit code 0 within ``timeout`` s; return how long it took."""
+        assert self.proc is not None and self.running, "not running"
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await wait_until(lambda: self.proc is not None and self.proc.poll() is not None,
+                             timeout=timeout, interval=0.05, what="loopd to exit after SIGTERM")
+        except AssertionError:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise DaemonError(f"loopd did not exit within {timeout}s of SIGTERM\n"
+                              f"{self.tail()}") from None
+        took = time.monotonic() - started
+        if self.proc.returncode != 0:
+            raise DaemonError(f"loopd exited with {self.proc.returncode} after SIGTERM\n"
+                              f"{self.tail()}")
+        await self._close_session()
+        return took
+
+    async def kill(self) -> None:
+        """``kill -9``: no shutdown code runs."""
+        assert self.proc is not None and self.running, "not running"
+        self.proc.kill()
+        await wait_until(lambda: self.proc is not None and self.proc.poll() is not None,
+                         timeout=10, interval=0.01, what="loopd to die after SIGKILL")
+        assert self.proc.returncode == -signal.SIGKILL
+        await self._close_session()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None and self.running, "not running"
+        self.proc.send_signal(sig)
+
+    async def close(self) -> None:
+        """Teardown: whatever state it is in, leave no process behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        await self._close_session()
+
+    def tail(self, lines: int = 60) -> str:
+        out = []
+        for log in self.logs[-2:]:
+            try:
+                text = log.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                text = ["(no log)"]
+            out.append(f"----- {log.name} (last {len(text)} lines) -----")
+            out.extend(text)
+        return "\n".join(out)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Every JSON log line of every start, in order (other lines skipped)."""
+        out = []
+        for log in self.logs:
+            for line in log.read_bytes().splitlines():
+                if line.startswith(b"{"):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        out.append(orjson.loads(line))
+        return out
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    async def _close_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(self, method: str, path: str, body: Any = None, *,
+                      timeout: float = 30.0) -> tuple[int, Any]:
+        """One API call; returns (status, decoded JSON or text)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        data = orjson.dumps(body) if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        async with self._session.request(
+                method, self.url + path, data=data, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            raw = await resp.read()
+            if resp.content_type == "application/json":
+                return resp.status, orjson.loads(raw)
+            return resp.status, raw.decode(errors="replace")
+
+    async def get(self, path: str) -> Any:
+        status, body = await self.request("GET", path)
+        assert status == 200, f"GET {path}: {status} {body}"
+        return body
+
+    async def post(self, path: str, body: Any = None, expect: int = 200) -> Any:
+        status, answer = await self.request("POST", path, body)
+        assert status == expect, f"POST {path}: {status} {answer}"
+        return answer
+
+    async def runs(self, **query: Any) -> list[dict[str, Any]]:
+        qs = "&".join(f"{k}={v}" for k, v in {"limit": 1000, **query}.items())
+        return list((await self.get(f"/v1/runs?{qs}"))["runs"])
+
+    async def run(self, run_id: str) -> dict[str, Any]:
+        return dict(await self.get(f"/v1/runs/{run_id}"))
+
+    async def wait_run(self, run_id: str, predicate: Callable[[dict[str, Any]], bool],
+                       timeout: float = 20.0, what: str = "run state") -> dict[str, Any]:
+        """Poll ``GET /v1/runs/{id}`` until ``predicate(story)``; return the story."""
+        story: dict[str, Any] = {}
+
+        async def check() -> bool:
+            nonlocal story
+            story = await self.run(run_id)
+            return predicate(story)
+
+        try:
+            await wait_until(check, timeout=timeout, interval=0.05, what=what)
+        except AssertionError as exc:
+            raise DaemonError(f"{exc}; run is {_short(story)}\n{self.tail(30)}") from None
+        return story
+
+    async def wait_runs(self, count: int, timeout: float = 20.0, **query: Any
+                        ) -> list[dict[str, Any]]:
+        """Poll ``GET /v1/runs`` until at least ``count`` runs match ``query``."""
+        runs: list[dict[str, Any]] = []
+
+        async def check() -> bool:
+            nonlocal runs
+            runs = await self.runs(**query)
+            return len(runs) >= count
+
+        await wait_until(check, timeout=timeout, interval=0.05,
+                         what=f"{count} runs with {query or 'any status'}")
+        return runs
+
+    async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """``/metrics`` parsed: (name, labels) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = await self.get("/metrics")
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return out
+
+    async def metric(self, name: str, **labels: str) -> float:
+        return (await self.metrics()).get((name, frozenset(labels.items())), 0.0)
+
+    # -- the store ------------------------------------------------------------------
+
+    def store_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return store_query(self.config.store, sql, params)
+
+
+def store_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the daemon's SQLite store (WAL: safe while it writes, or after kill -9)."""
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        return list(conn.execute(sql, params).fetchall())
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the daemon has not created the schema yet
+            return []
+        raise
+    finally:
+        conn.close()
+
+
+def _short(story: dict[str, Any]) -> str:
+    keep = ("id", "status", "outcome", "reason")
+    steps = [(s.get("task"), s.get("status")) for s in story.get("steps", [])]
+    return f"{ {k: story.get(k) for k in keep} } steps={steps}"
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str,
+                     timeout: float = 20.0) -> None:
+    await wait_until(check, timeout=timeout, interval=0.05, what=what)

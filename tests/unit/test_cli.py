@@ -1,0 +1,126 @@
+"""The ``loopd`` command: ``check`` prints every problem with its place, ``version``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loopd import __version__
+from loopd.cli import EXIT_INVALID, EXIT_OK, main
+from tests.unit.conftest import REPO
+
+GOOD_RULES = """\
+rules:
+  - name: log-firing
+    on: {source: alertmanager, match: {status: firing}}
+    run: {action: core.log, input: {message: "{{ event.labels.alertname }}"}}
+"""
+
+BAD_RULES = """\
+rules:
+  - name: typo
+    on: {source: webhook}
+    colour: red
+    run: {action: core.noop}
+  - name: ghost-action
+    run: {action: core.reboot}
+  - name: broken-if
+    if: "event.value >"
+    run: {action: core.noop}
+"""
+
+
+def _config(tmp_path: Path, packs_dir: Path, *, bad: bool) -> Path:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "good.yaml").write_text(GOOD_RULES)
+    if bad:
+        (rules / "bad.yaml").write_text(BAD_RULES)
+    config = tmp_path / "loopd.yaml"
+    config.write_text(f"""\
+listen: 127.0.0.1:0
+sources: [{{name: alertmanager, type: alertmanager}}, {{name: webhook, type: webhook}}]
+rules: [rules]
+packs: [{packs_dir}]
+store: {{path: var/loopd.db}}
+""")
+    return config
+
+
+def test_check_prints_each_error_with_file_line_rule_and_field(
+    tmp_path: Path, packs_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``loopd check`` prints ``file:line rule field: message`` per error and exits 1."""
+    config = _config(tmp_path, packs_dir, bad=True)
+    assert main(["check", "-c", str(config)]) == EXIT_INVALID
+    out = capsys.readouterr().out.splitlines()
+    bad = tmp_path / "rules" / "bad.yaml"
+    errors = [line for line in out if line.startswith("error: ")]
+    assert errors == [
+        f"error: {bad}:4 typo colour: unknown field",
+        f"error: {bad}:7 ghost-action run.action: pack 'core' has no action 'reboot'",
+        f"error: {bad}:9 broken-if if: invalid expression 'event.value >': "
+        "unexpected 'end of template'",
+    ]
+    assert out[-1].endswith("1 rules in 2 files: 3 error(s)")
+
+
+def test_check_passes_a_valid_configuration(
+    tmp_path: Path, packs_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``loopd check`` on a valid configuration prints a summary ending in OK and exits 0."""
+    config = _config(tmp_path, packs_dir, bad=False)
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "error:" not in out
+    assert out.strip().endswith(
+        "2 sources, 1 packs (5 actions, 0 workflows), 1 rules in 1 files: OK")
+
+
+def test_check_passes_the_shipped_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped config/loopd.yaml with its rules and packs passes ``loopd check``."""
+    assert main(["check", "-c", str(REPO / "config" / "loopd.yaml")]) == EXIT_OK, \
+        capsys.readouterr().out
+    assert capsys.readouterr().out.strip().endswith(": OK")
+
+
+def test_check_reports_an_invalid_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A config that does not validate makes ``check`` exit 1 with the file and the field."""
+    config = tmp_path / "loopd.yaml"
+    config.write_text("listen: 127.0.0.1:8080\nsources: [{name: k, type: kafka}]\n")
+    assert main(["check", "-c", str(config)]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"{config}: sources.0.kafka.topics: Field required" in err
+
+
+def test_check_reports_a_broken_pack_and_inventory(
+    tmp_path: Path, packs_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Pack and inventory problems are listed by ``check`` like rule problems."""
+    (packs_dir / "broken").mkdir()
+    (packs_dir / "broken" / "pack.yaml").write_text("name: broken\ncolour: red\n")
+    config = _config(tmp_path, packs_dir, bad=False)
+    (tmp_path / "inventory.yaml").write_text(
+        "entities:\n  web-1: {credentials: nobody}\n")
+    config.write_text(config.read_text() + "inventory: inventory.yaml\n")
+    assert main(["check", "-c", str(config)]) == EXIT_INVALID
+    out = capsys.readouterr().out
+    assert f"error: {packs_dir / 'broken' / 'pack.yaml'}: colour: unknown field" in out
+    assert "entities.web-1.credentials: unknown credentials 'nobody'" in out
+
+
+def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``loopd version`` prints ``loopd <version>`` and exits 0."""
+    assert main(["version"]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == f"loopd {__version__}"
+
+
+def test_unknown_commands_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown subcommand exits with argparse's usage error code 2."""
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
