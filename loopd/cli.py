@@ -11,13 +11,14 @@ import asyncio
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loopd import __version__
 from loopd.config import LoopdConfig, load_config
-from loopd.errors import ConfigError, LoopdError, StoreError
+from loopd.errors import ConfigError, EventError, LoopdError, StoreError
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
+T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT for the API (overrides the config)")
     check = sub.add_parser("check", help="validate config, rules, packs and workflows")
     check.add_argument("-c", "--config", type=Path, default=Path("config/loopd.yaml"))
+    sim = sub.add_parser(
+        "simulate", help="replay recorded events through the rules and workflows, "
+        "actions in dry run, event time as the clock; print (and write) a report")
+    sim.add_argument("-c", "--config", type=Path, default=Path("config/loopd.yaml"))
+    sim.add_argument("--events", nargs="+", required=True, metavar="FILE",
+                     help="JSON Lines (events or Alertmanager payloads) or CSV telemetry "
+                     "(timestamp,value; FILE:host=NAME,metric=NAME), merged in time order")
+    sim.add_argument("--report", type=Path, metavar="OUT.json", help="also write it as JSON")
+    sim.add_argument("--csv-source", default="telemetry", metavar="NAME",
+                     help="source name of CSV events (default: telemetry)")
+    sim.add_argument("--runs", type=int, default=10, metavar="N",
+                     help="list the first N runs (default: 10)")
+    sim.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -39,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "check":
         return check(args.config)
+    if args.command == "simulate":
+        return simulate(args)
     return run(args.config, args.listen)
 
 
@@ -112,6 +128,60 @@ def check(path: Path) -> int:
         return EXIT_INVALID
     print(f"{summary}: OK")
     return EXIT_OK
+
+
+def simulate(args: argparse.Namespace) -> int:
+    import orjson
+
+    from loopd import logs
+    from loopd.simulate import parse_event_file, run_simulation
+    from loopd.simulate_report import Meter, Progress
+
+    config = _config(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    logs.configure(config.log.format, "error")  # the report says what happened, not the log
+    try:
+        files = [parse_event_file(arg) for arg in args.events]
+        meter = Meter()
+        progress = None
+        if not args.no_progress and sys.stderr.isatty():
+            progress = Progress(meter, sum(f.path.stat().st_size for f in files))
+        try:
+            report = _run_to_end(run_simulation(config, files, csv_source=args.csv_source,
+                                                first_runs=args.runs, meter=meter,
+                                                progress=progress))
+        finally:
+            if progress is not None:
+                progress.close()
+    except EventError as exc:  # the first invalid line: FILE:LINE: what is wrong
+        print(f"loopd: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:
+        print(f"loopd: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    except LoopdError as exc:
+        print(f"loopd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for error in report.data["rules"]["errors"]:
+        print(f"loopd: warning: not simulated: {error}", file=sys.stderr)
+    print(report.render())
+    if args.report is not None:
+        try:
+            args.report.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
+        except OSError as exc:
+            print(f"loopd: cannot write report: {exc.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
+    return EXIT_OK
+
+
+def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -24,49 +25,12 @@ from pydantic import (
 
 from loopd import yamlfile
 from loopd.errors import ConfigError
+from loopd.rules.policy import GlobalGuards
+from loopd.units import parse_duration as parse_duration
+from loopd.units import parse_size as parse_size
 
-_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2}
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_size(value: int | str) -> int:
-    """``1048576``, ``"512KiB"``, ``"1MiB"`` -> bytes."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().lower()
-    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
-    unit = text[len(digits):].strip()
-    if unit not in _SIZE_UNITS or not digits:
-        raise ValueError(f"bad size {value!r} (use bytes or KiB/MiB)")
-    return int(float(digits) * _SIZE_UNITS[unit])
-
-
-def parse_duration(value: int | float | str) -> float:
-    """``30``, ``"500ms"``, ``"10m"``, ``"1h30m"`` -> seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"bad duration {value!r} (use e.g. 30s, 10m, 1h)")
-    text, total, number = value.strip().lower(), 0.0, ""
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        if unit not in _DURATION_UNITS or not number:
-            raise ValueError(f"bad duration {value!r} (use e.g. 30s, 10m, 1h)")
-        total += float(number) * _DURATION_UNITS[unit]
-        number = ""
-        i += len(unit)
-    if number:  # trailing bare number means seconds
-        total += float(number)
-    return total
-
-
-Duration = Annotated[float, Field(ge=0)]
+# "500ms", "10s", "1m" like everywhere else in loopd's files, or plain seconds
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 class Strict(BaseModel):
@@ -178,6 +142,14 @@ class OutcomesConfig(Strict):
     topic: str = "loopd.outcomes"
 
 
+class AlertmanagerConfig(Strict):
+    """The Alertmanager API whose silences suppress matching events."""
+
+    url: str
+    refresh: Duration = 15.0
+    timeout: Duration = 5.0
+
+
 class LoopdConfig(Strict):
     listen: str = "127.0.0.1:8080"
     sources: list[SourceConfig] = Field(default_factory=list)
@@ -188,6 +160,8 @@ class LoopdConfig(Strict):
     pack_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     store: StoreConfig = StoreConfig()
     prometheus: PrometheusConfig | None = None
+    alertmanager: AlertmanagerConfig | None = None
+    guards: GlobalGuards = GlobalGuards()
     outcomes: OutcomesConfig = OutcomesConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()

@@ -4,7 +4,8 @@ Start: store -> packs and rules -> engine state -> dispatcher resume -> engine
 and dispatcher tasks -> sources (supervised) -> HTTP API. Stop (SIGTERM/SIGINT):
 API -> sources stop feeding the engine -> engine drains in-flight decisions ->
 sources close (Kafka commits everything decided) -> runs get a short grace
-period, the rest resume at next start -> runners -> store. SIGHUP and ``POST /v1/reload`` reload rules and packs.
+period, the rest resume at next start -> runners -> store. SIGHUP and
+``POST /v1/reload`` reload rules and packs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from aiohttp import web
 from loopd import metrics
 from loopd.api.app import ApiContext, ReloadResult, build_app
 from loopd.catalog.inventory import Inventory
+from loopd.catalog.silences import Silences
 from loopd.config import (
     AlertmanagerSourceConfig,
     KafkaSourceConfig,
@@ -35,6 +37,7 @@ from loopd.packs.executor import ActionContext, Executor, Runner
 from loopd.packs.publish import Bus, PublishRunner, build_buses, encode
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import Action, PackRegistry
+from loopd.rules.guards import Guards
 from loopd.rules.loader import RuleSet, load_rules
 from loopd.sources.base import Source, Supervisor
 from loopd.sources.webhook import PushSource
@@ -127,8 +130,13 @@ class Daemon:
         self.buses = build_buses([*config.sources, *config.sinks])
         self.executor = Executor(self.registry, build_runners(self.buses),
                                  max_concurrent=config.engine.max_concurrent_runs)
+        self.silences = Silences(config.alertmanager.url, refresh=config.alertmanager.refresh,
+                                 timeout=config.alertmanager.timeout) \
+            if config.alertmanager else None
+        self.guards = Guards(config.guards, self.inventory, self.silences)
         self.engine = Engine(
-            self.store, ruleset, inventory=self.inventory, queue_size=config.engine.queue_size,
+            self.store, ruleset, inventory=self.inventory, guards=self.guards,
+            queue_size=config.engine.queue_size,
             batch_max=config.store.batch_max, dedup_window=config.engine.dedup_window,
             telemetry_sources=frozenset(c.name for c in config.sources if c.telemetry),
         )
@@ -142,10 +150,11 @@ class Daemon:
         self.engine.on_event = self.tasks.hub.offer
         self.dispatcher = Dispatcher(
             self.store, self.executor, inventory=self.inventory,
-            finish_incident=self.engine.finish_incident, workflows=self.workflows,
+            finish_incident=self.engine.run_finished, workflows=self.workflows,
             on_finished=self._run_finished,
         )
         self.engine.on_runs = self.dispatcher.submit
+        self.engine.incidents.cancel_run = self.dispatcher.cancel_unstarted
         self.sources = {c.name: build_source(c) for c in config.sources}
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
         self.runner: web.AppRunner | None = None
@@ -207,6 +216,8 @@ class Daemon:
                 workers = [tg.create_task(self.engine.run(), name="engine"),
                            tg.create_task(self.dispatcher.run(), name="dispatcher"),
                            tg.create_task(self._reloader(), name="reloader")]
+                if self.silences is not None:
+                    workers.append(tg.create_task(self.silences.run(), name="silences"))
                 feeds = [tg.create_task(s.run(), name=f"source-{s.source.name}")
                          for s in self.supervisors]
                 await self._start_api()
@@ -267,6 +278,9 @@ class Daemon:
         self.port = sockets[0].getsockname()[1] if sockets else port
 
     async def _approve(self, run_id: str, approved: bool, reason: str | None) -> str | None:
+        # a run gated by its rule's approval mode, else an approval task in a workflow
+        if self.dispatcher.decide(run_id, approved, reason) is None:
+            return None
         return self.tasks.decide(run_id, approved, reason)
 
     def _install_signals(self) -> None:

@@ -25,12 +25,16 @@ from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.telemetry import Telemetry
 from loopd.errors import ConditionError, StoreError
-from loopd.events import Delivery, Event, new_id
+from loopd.events import Delivery, Event
+from loopd.incidents import Incidents
 from loopd.rules.compile import CompiledRule
+from loopd.rules.guards import Guards
 from loopd.rules.loader import RuleSet
 from loopd.rules.matcher import RuleIndex
-from loopd.rules.throttle import ForTimers, Throttles
+from loopd.rules.policy import GlobalGuards
+from loopd.rules.throttle import ForTimers
 from loopd.store.base import Batch, DecisionRecord, EventRecord, IncidentRecord, RunRecord, Store
+from loopd.workflow import states
 
 Clock = Callable[[Event], float]
 RunsReady = Callable[[list[RunRecord]], None]
@@ -55,7 +59,7 @@ class Engine:
         queue_size: int = 10_000, batch_max: int = 2000, dedup_window: int = 200_000,
         clock: Clock = wall_clock, on_runs: RunsReady | None = None,
         on_event: Callable[[Event], None] | None = None,
-        telemetry_sources: frozenset[str] | None = None,
+        telemetry_sources: frozenset[str] | None = None, guards: Guards | None = None,
     ) -> None:
         self.store = store
         self.inventory = inventory or Inventory()
@@ -70,15 +74,15 @@ class Engine:
         self._dedup_window = dedup_window
         self._written: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=2)
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._incidents: dict[tuple[str, str], IncidentRecord] = {}
-        self._incident_ids: dict[str, tuple[str, str]] = {}  # incident id -> (rule, key)
-        self._throttles = Throttles()
+        self.guards = guards or Guards(GlobalGuards(), self.inventory)
+        self.incidents = Incidents(self.guards, self.inventory)
         self._timers = ForTimers()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.ruleset = rules
         self._index = RuleIndex(rules.rules)
+        self.incidents.policies = {r.name: r for r in rules.rules}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -86,13 +90,14 @@ class Engine:
         """Restore what the store knows, before the first delivery."""
         state = await self.store.load_state(
             since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
-        for inc in state.open_incidents:
-            self._incidents[(inc.rule, inc.key)] = inc
-            self._incident_ids[inc.id] = (inc.rule, inc.key)
+        open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
+        self.incidents.restore(state.open_incidents, open_runs)
+        self.guards.load(await self.store.kv_get("guards", "state"))
         for rule, key, since in state.for_timers:
             self._timers.load(rule, key, since)
         for rule, key, created in state.run_starts:
-            self._throttles.record(rule, key, created)
+            self.incidents.throttles.record(rule, key, created)
+            self.guards.run_started(rule, key, created)
         for ident in state.recent_events:
             self._recent[ident] = None
 
@@ -115,20 +120,24 @@ class Engine:
     def swap_rules(self, rules: RuleSet) -> None:
         """Atomically switch to a new rule set (reload); open incidents are kept."""
         self._index = RuleIndex(rules.rules)
+        self.incidents.policies = {r.name: r for r in rules.rules}
         self.ruleset = rules
 
     def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
-        return self._incidents.get((rule, key))
+        return self.incidents.open.get((rule, key))
 
-    async def finish_incident(self, incident_id: str, outcome: str) -> None:
-        """The incident's run ended: close it so the next event may start a new run."""
-        now = time.time()
-        ident = self._incident_ids.pop(incident_id, None)
-        inc = self._incidents.pop(ident, None) if ident is not None else None
-        if inc is not None:
-            # a batch still holding this record must write it closed, not reopen it
-            inc.status, inc.closed, inc.outcome = "closed", now, outcome
-        await self.store.close_incident(incident_id, now, outcome)
+    async def run_finished(self, run: RunRecord) -> None:
+        """A run ended: start what its incident queued, feed the guards, close the incident."""
+        starts, incident, changed = self.incidents.run_finished(run, time.time())
+        for nxt in starts:
+            await self.store.save_run(nxt)  # durable before it is handed over
+        if incident is not None:
+            await self.store.close_incident(incident.id, incident.closed or time.time(),
+                                            incident.outcome or "")
+        if changed:
+            await self.store.kv_put("guards", "state", self.guards.state())
+        if starts and self.on_runs is not None:
+            self.on_runs(starts)
 
     # -- the two halves -------------------------------------------------------------
 
@@ -184,6 +193,8 @@ class Engine:
             self.telemetry.observe(event)
         if self.on_event is not None:
             self.on_event(event)
+        if event.data.get("status") == "resolved":
+            self.incidents.resolved(event, pending.batch)
         candidates = self._index.candidates(event)
         if not candidates:
             return
@@ -235,49 +246,16 @@ class Engine:
     def _decide_rule(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, object],
                      now: float, pending: _Pending) -> None:
         batch, name = pending.batch, rule.name
-
-        def record(outcome: str, reason: str | None = None,
-                   incident: IncidentRecord | None = None) -> None:
-            batch.decisions.append(DecisionRecord(
-                event.source, event.id, name, key, outcome, reason, now,
-                incident.id if incident else None, incident.run_id if incident else None))
-
         if rule.for_s is not None:
             since, started = self._timers.hold(name, key, now)
             if started:
                 batch.timers_set.append((name, key, since))
             if now - since < rule.for_s:
-                record("suppressed", f"for: held {now - since:.0f}s of {rule.for_s:g}s")
+                batch.decisions.append(DecisionRecord(
+                    event.source, event.id, name, key, "suppressed",
+                    f"for: held {now - since:.0f}s of {rule.for_s:g}s", now))
                 return
-        incident = self._incidents.get((name, key))
-        if incident is not None:
-            incident.events += 1
-            batch.incidents[incident.id] = incident
-            record("joined", "incident already open", incident)
-            return
-        if rule.throttle is not None:
-            why = self._throttles.blocked(name, key, rule.throttle, now)
-            if why is not None:
-                record("suppressed", why)
-                return
-        scope["entity"] = self.inventory.entities.get(key)
-        try:
-            inputs = rule.input(scope)
-        except ConditionError as exc:
-            metrics.rule_error(name, exc, event.origin)
-            record("error", f"run.input: {exc}")
-            return
-        run_id = new_id()
-        incident = IncidentRecord(new_id(), name, key, "open", now, run_id=run_id)
-        run = RunRecord(run_id, incident.id, name, key, rule.kind, rule.target, inputs,
-                        "pending", now, event=event.to_json())
-        self._incidents[(name, key)] = incident
-        self._incident_ids[incident.id] = (name, key)
-        self._throttles.record(name, key, now)
-        batch.incidents[incident.id] = incident
-        batch.runs.append(run)
-        pending.runs.append(run)
-        record("run_created", None, incident)
+        self.incidents.decide(rule, event, key, scope, now, batch, pending.runs)
 
     def _remember(self, ident: tuple[str, str]) -> None:
         recent = self._recent

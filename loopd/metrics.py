@@ -70,6 +70,14 @@ TIME_TO_FIX = Histogram(
     "loopd_time_to_fix_seconds", "From the first event of an incident to its confirmed fix",
     ["rule"], registry=REGISTRY, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
 )
+GUARD_SUPPRESSIONS = Counter(
+    "loopd_guard_suppressions_total", "Runs a guard kept from starting", ["rule", "guard"],
+    registry=REGISTRY,
+)
+CIRCUIT_OPEN = Gauge("loopd_circuit_open", "1 while the rule's circuit breaker is open",
+                     ["rule"], registry=REGISTRY)
+BUDGET_REMAINING = Gauge("loopd_budget_remaining", "Runs left in the rule's budget window",
+                         ["rule"], registry=REGISTRY)
 OUTCOMES = Counter("loopd_run_outcomes_total", "Run outcomes", ["workflow", "outcome"],
                    registry=REGISTRY)
 
@@ -150,6 +158,20 @@ def outcome(workflow: str, rule: str | None, outcome: str, time_to_fix: float | 
     OUTCOMES.labels(workflow, outcome).inc()
     if time_to_fix is not None and rule is not None:
         TIME_TO_FIX.labels(rule).observe(time_to_fix)
+
+
+def guard_suppressed(rule: str, guard: str) -> None:
+    GUARD_SUPPRESSIONS.labels(rule, guard).inc()
+
+
+def circuit(rule: str, is_open: bool) -> None:
+    CIRCUIT_OPEN.labels(rule).set(1 if is_open else 0)
+    if is_open:
+        log.error("circuit breaker opened: loopd stops acting for this rule", rule=rule)
+
+
+def budget_remaining(rule: str, left: int) -> None:
+    BUDGET_REMAINING.labels(rule).set(left)
 
 
 def action_finished(action: str, status: str, seconds: float) -> None:

@@ -222,8 +222,9 @@ class Process:
                                      workflows=self.runner)
         self._task: asyncio.Task[None] | None = None
 
-    async def _finish_incident(self, incident_id: str, outcome: str) -> None:
-        self.incidents.append((incident_id, outcome))
+    async def _finish_incident(self, run: RunRecord) -> None:
+        if run.incident_id is not None:
+            self.incidents.append((run.incident_id, run.outcome or ""))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.dispatcher.run(), name="test-dispatcher")

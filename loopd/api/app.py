@@ -106,6 +106,23 @@ async def reload(request: web.Request) -> web.Response:
     return json_response({"rules": result.rules, "errors": result.errors})
 
 
+async def guards(request: web.Request) -> web.Response:
+    import time
+
+    engine = request.app[CTX].engine
+    return json_response(engine.guards.snapshot(engine.incidents.policy_map(), time.time()))
+
+
+async def close_breaker(request: web.Request) -> web.Response:
+    engine = request.app[CTX].engine
+    scope = request.match_info["scope"]
+    if not engine.guards.close_breaker(scope):
+        return error(404, f"no open circuit breaker {scope!r} (scopes are a rule name, "
+                          "or rule|key for per-key breakers)")
+    await engine.store.kv_put("guards", "state", engine.guards.state())
+    return json_response({"scope": scope, "state": "closed"})
+
+
 def build_app(ctx: ApiContext) -> web.Application:
     from loopd.api import ingest, runs
 
@@ -116,6 +133,8 @@ def build_app(ctx: ApiContext) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/v1/rules", rules)
     app.router.add_post("/v1/reload", reload)
+    app.router.add_get("/v1/guards", guards)
+    app.router.add_post("/v1/guards/breakers/{scope}/close", close_breaker)
     ingest.add_routes(app)
     runs.add_routes(app)
     return app

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loopd.config import parse_duration
+from loopd.units import parse_duration
 
 FieldType = Literal["string", "integer", "number", "boolean", "object", "array", "any"]
 _PY_TYPES: dict[str, tuple[type, ...]] = {

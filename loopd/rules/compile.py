@@ -46,6 +46,7 @@ class CompiledRule:
     kind: str
     target: str
     input: Compiled
+    for_resolved: bool = False  # on.match says status: resolved: the rule acts on resolution
 
     def accepts(self, event: Event) -> dict[str, str] | None:
         """The topic variables when ``on`` matches the event, else None."""
@@ -107,5 +108,5 @@ def compile_rule(rule: Rule, origin: str) -> CompiledRule:
         name=rule.name, origin=origin, rule=rule, source=rule.on.source,
         matches=tuple(matches), checks=checks, topic=topic, condition=expr(rule.if_, "if"), key=key,
         for_s=rule.for_, throttle=rule.throttle, kind=rule.run.kind, target=rule.run.target,
-        input=inputs,
+        input=inputs, for_resolved=rule.on.match.get("status") in ("resolved", ["resolved"]),
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loopd.config import parse_duration
+from loopd.rules.policy import Approval, RuleGuards
+from loopd.units import parse_duration
 
 Scalar = str | int | float | bool | None
 
@@ -86,6 +87,12 @@ class Rule(_Strict):
     key: str | None = None
     for_: float | None = Field(default=None, alias="for")
     throttle: Throttle | None = None
+    mode: Literal["automatic", "approval", "shadow"] = "automatic"
+    approval: Approval = Approval()
+    run_mode: Literal["single", "restart", "queued", "parallel"] = "single"
+    max_parallel: int = Field(default=2, ge=1)
+    max_queued: int = Field(default=10, ge=1)
+    guards: RuleGuards = RuleGuards()
     run: Run
 
     @field_validator("for_", mode="before")

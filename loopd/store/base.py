@@ -101,12 +101,13 @@ class Batch:
     decisions: list[DecisionRecord] = field(default_factory=list)
     incidents: dict[str, IncidentRecord] = field(default_factory=dict)
     runs: list[RunRecord] = field(default_factory=list)
+    run_updates: list[RunRecord] = field(default_factory=list)  # runs already stored
     timers_set: list[tuple[str, str, float]] = field(default_factory=list)
     timers_cleared: list[tuple[str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.decisions or self.incidents or self.runs or self.timers_set
-                    or self.timers_cleared)
+        return bool(self.decisions or self.incidents or self.runs or self.run_updates
+                    or self.timers_set or self.timers_cleared)
 
 
 @dataclass(slots=True)

@@ -210,6 +210,11 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [self._run_row(r) for r in batch.runs],
             )
+        if batch.run_updates:
+            await db.executemany(
+                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [self._run_row(r) for r in batch.run_updates],
+            )
         if batch.timers_set:
             await db.executemany("INSERT OR REPLACE INTO timers VALUES (?,?,?)",
                                  batch.timers_set)

@@ -28,37 +28,17 @@ log = structlog.get_logger("loopd.confirm")
 _MISSING = object()
 
 
-def _wake(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
 @dataclass(eq=False, slots=True)
 class Waiter:
+    """One confirm task waiting for evidence: ``found`` is resolved by the first event
+    that shows the fix worked; the task awaits it through its Clock until the deadline."""
+
     evidence: Evidence
     scope: Callable[[Event, dict[str, str]], dict[str, Any]]
     found: asyncio.Future[Event] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     against: int = 0
     last_against: dict[str, Any] | None = None
-
-    async def wait(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for evidence; True when it was found."""
-        if self.found.done():
-            return True
-        loop = asyncio.get_running_loop()
-        wake: asyncio.Future[bool] = loop.create_future()
-        handle = loop.call_later(seconds, _wake, wake, False)
-
-        def on_found(_: asyncio.Future[Event]) -> None:
-            _wake(wake, True)
-
-        self.found.add_done_callback(on_found)
-        try:
-            return await wake
-        finally:
-            handle.cancel()
-            self.found.remove_done_callback(on_found)
 
     def offer(self, event: Event) -> None:
         ev = self.evidence
@@ -102,6 +82,7 @@ class ConfirmHub:
         self._slots: dict[_Slot, set[Waiter]] = {}
         self._paths: dict[str | None, dict[tuple[str, ...], int]] = {}  # indexed paths per source
         self._count = 0
+        self.satisfied = 0  # waiters whose evidence an offered event was, ever
 
     def __len__(self) -> int:
         return self._count
@@ -157,7 +138,11 @@ class ConfirmHub:
                     continue
             for waiters in candidates:
                 for waiter in list(waiters or ()):
+                    if waiter.found.done():  # satisfied, its run not yet resumed
+                        continue
                     waiter.offer(event)
+                    if waiter.found.done():
+                        self.satisfied += 1
 
 
 class PromQL:

@@ -25,7 +25,7 @@ from loopd.workflow import states
 
 log = structlog.get_logger("loopd.dispatcher")
 
-FinishIncident = Callable[[str, str], Awaitable[None]]
+FinishIncident = Callable[[RunRecord], Awaitable[None]]  # the engine's run_finished
 
 
 class WorkflowExecutor(Protocol):
@@ -54,6 +54,9 @@ class Dispatcher:
         self.on_finished = on_finished
         self._inbox: asyncio.Queue[tuple[RunRecord, bool]] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # runs handed over that have not started acting (pending, awaiting approval)
+        self._unstarted: dict[str, str | None] = {}  # run id -> why it was cancelled
+        self._gates: dict[str, asyncio.Future[tuple[bool, str | None]]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.shutting_down = False
@@ -62,7 +65,27 @@ class Dispatcher:
         """Called by the engine once the runs are durable; never blocks."""
         for run in runs:
             self._idle.clear()
+            self._unstarted[run.id] = None
             self._inbox.put_nowait((run, False))
+
+    def cancel_unstarted(self, run_id: str, reason: str) -> bool:
+        """Cancel a run that has not acted yet (resolved alert, restart mode)."""
+        if run_id not in self._unstarted:
+            return False
+        self._unstarted[run_id] = reason
+        task = self._tasks.get(run_id)
+        if task is not None:
+            task.cancel()
+        return True
+
+    def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
+        """Approve or reject a run waiting for approval before acting (rule ``mode:
+        approval``); None when done, else why not."""
+        gate = self._gates.get(run_id)
+        if gate is None or gate.done():
+            return f"run {run_id} is not awaiting approval"
+        gate.set_result((approved, reason))
+        return None
 
     async def resume(self) -> int:
         """Re-dispatch what was in flight when loopd stopped; returns how many."""
@@ -70,6 +93,8 @@ class Dispatcher:
         runs = [r for r in await self.store.runs_in_status(states.ACTIVE) if "/" not in r.id]
         for run in runs:
             self._idle.clear()
+            if run.status in (states.PENDING, states.AWAITING_APPROVAL) and not run.started:
+                self._unstarted[run.id] = None
             self._inbox.put_nowait((run, True))
         if runs:
             log.info("resuming runs", count=len(runs))
@@ -98,6 +123,12 @@ class Dispatcher:
 
     async def _execute(self, run: RunRecord, resumed: bool) -> None:
         try:
+            if self._unstarted.get(run.id):
+                raise asyncio.CancelledError  # cancelled while still in the inbox
+            gated = run.status == states.AWAITING_APPROVAL and not run.started
+            if gated and not await self._gate(run):
+                return
+            self._unstarted.pop(run.id, None)
             if run.kind == "workflow" and self.workflows is not None:
                 metrics.run_started(run.target, run.id)
                 status, reason = await self.workflows.execute(run, resumed=resumed)
@@ -108,16 +139,40 @@ class Dispatcher:
         except asyncio.CancelledError:
             if self.shutting_down:
                 raise  # left as it is in the store; resumed at next start
-            if self.workflows is not None and run.kind == "workflow":
+            why = self._unstarted.pop(run.id, None)
+            if self.workflows is not None and run.kind == "workflow" and run.progress:
                 run.outcome = self.workflows.outcome(run, states.CANCELLED)
-            await self._end(run, states.CANCELLED, "cancelled through the API", started=True)
+            await self._end(run, states.CANCELLED, why or "cancelled through the API",
+                            started=why is None)
         except Exception as exc:  # task boundary: a loopd bug ends this run, not the daemon
             log.exception("run crashed", run=run.id)
             await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
         finally:
             self._tasks.pop(run.id, None)
+            self._unstarted.pop(run.id, None)
             if not self._tasks and self._inbox.empty():
                 self._idle.set()
+
+    async def _gate(self, run: RunRecord) -> bool:
+        """Wait for approval before acting; False when the run ended here."""
+        deadline = float((run.progress or {}).get("gate", {}).get("deadline", time.time()))
+        gate = self._gates[run.id] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                approved, reason = await gate
+        except TimeoutError:
+            await self._end(run, states.EXPIRED, "approval expired before anyone decided")
+            return False
+        finally:
+            self._gates.pop(run.id, None)
+        if not approved:
+            await self._end(run, states.REJECTED, f"rejected{': ' + reason if reason else ''}")
+            return False
+        run.status = states.PENDING
+        run.progress = {k: v for k, v in (run.progress or {}).items() if k != "gate"} or None
+        run.ctx = {**(run.ctx or {}), "approved": {"reason": reason, "at": time.time()}}
+        await self.store.save_run(run)
+        return True
 
     async def _run_action(self, run: RunRecord, resumed: bool) -> None:
         if run.kind != "action":
@@ -156,7 +211,7 @@ class Dispatcher:
             metrics.run_finished(run.target, run.id, status, now - (run.started or now), reason)
         fixed_in = now - run.created if run.outcome == states.FIXED else None
         metrics.outcome(run.target, run.rule, run.outcome, fixed_in)
-        if run.incident_id:
-            await self._finish_incident(run.incident_id, run.outcome)
+        if run.incident_id or run.rule:
+            await self._finish_incident(run)
         if self.on_finished is not None:
             await self.on_finished(run)

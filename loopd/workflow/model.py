@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loopd.config import parse_duration
 from loopd.packs.manifest import InputField
+from loopd.units import parse_duration
 
 _KINDS = ("action", "workflow", "confirm", "approval", "rollback", "succeed", "fail", "noop")
 RESULT_WORDS = ("succeeded", "failed", "inconclusive", "timed_out", "always")

@@ -19,7 +19,6 @@ that ended in a failure no transition handled (``failed``, ``timed_out``,
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from loopd.errors import ConditionError
 from loopd.packs.registry import PackRegistry, validate_fields
 from loopd.store.base import RunRecord, Store
 from loopd.workflow import states
+from loopd.workflow.clock import Clock
 from loopd.workflow.confirm import ConfirmHub, PromQL
 from loopd.workflow.loader import CompiledTask, CompiledWorkflow
 from loopd.workflow.tasks import TaskKinds, TaskResult
@@ -46,10 +46,14 @@ _CONFIRM_OUTCOME = {states.SUCCEEDED: states.FIXED, states.FAILED: states.NOT_FI
 
 class WorkflowRunner:
     def __init__(self, store: Store, registry: Callable[[], PackRegistry], kinds: TaskKinds,
-                 *, inventory: Inventory, telemetry: Telemetry | None = None) -> None:
+                 *, inventory: Inventory, telemetry: Telemetry | None = None,
+                 clock: Clock | None = None) -> None:
         self.store = store
         self.registry = registry
         self.kinds = kinds
+        # one clock for the runner and its task kinds (the kinds' unless one is given)
+        self.clock: Clock = clock if clock is not None else kinds.clock
+        kinds.clock = self.clock
         self.inventory = inventory
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         kinds.runner = self
@@ -70,7 +74,7 @@ class WorkflowRunner:
         ctx = run.ctx
         ctx["history"] = history
         scope = {
-            "ctx": ctx, "input": run.input, "now": time.time(), "event": run.event,
+            "ctx": ctx, "input": run.input, "now": self.clock.now(), "event": run.event,
             "run": {"id": run.id, "rule": run.rule, "key": run.key, "workflow": run.target},
             "inventory": self.inventory.entities, "telemetry": self.telemetry,
             "history": history, "key": run.key,
@@ -95,10 +99,10 @@ class WorkflowRunner:
             run.progress = {
                 "ready": [wf.model.first], "tasks": {}, "arrived": {}, "completed": [],
                 "history": [], "seq": 0, "ended": None, "failed_branch": None,
-                "deadline": time.time() + wf.model.timeout if wf.model.timeout else None,
+                "deadline": self.clock.now() + wf.model.timeout if wf.model.timeout else None,
             }
         progress = run.progress
-        run.started = run.started or time.time()
+        run.started = run.started or self.clock.now()
         # A run resumed while it waits (confirm, approval) has nothing new to write yet:
         # 10,000 waiting runs resume without 10,000 writes.
         waiting = resumed and run.status in (states.WAITING, states.AWAITING_APPROVAL)
@@ -117,7 +121,7 @@ class WorkflowRunner:
         deadline = progress.get("deadline")
         try:
             if deadline is not None:
-                async with asyncio.timeout_at(_loop_time(deadline)):
+                async with self.clock.timeout_at(deadline):
                     await self._schedule(run, wf)
             else:
                 await self._schedule(run, wf)
@@ -275,8 +279,3 @@ class WorkflowRunner:
             return _CONFIRM_OUTCOME.get(confirm, states.INCONCLUSIVE)
         return states.default_outcome(status)
 
-
-def _loop_time(wall: float) -> float:
-    """Convert a wall-clock instant (persisted) to the event loop's clock."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (wall - time.time())

@@ -19,6 +19,7 @@ confirming), ``cancelled``.
 from __future__ import annotations
 
 PENDING = "pending"
+QUEUED = "queued"  # run_mode queued: waits for the incident's current run, not yet dispatched
 RUNNING = "running"
 WAITING = "waiting"
 AWAITING_APPROVAL = "awaiting_approval"

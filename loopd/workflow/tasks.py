@@ -6,7 +6,6 @@ the store; every timer is persisted in ``run.progress`` before it is awaited.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from loopd.events import Event
 from loopd.packs.executor import ActionContext, ActionResult, Executor
 from loopd.store.base import RunRecord, StepRecord, Store
 from loopd.workflow import states
+from loopd.workflow.clock import Clock, WallClock
 from loopd.workflow.confirm import ConfirmHub, PromQL, Waiter
 from loopd.workflow.loader import CompiledTask, CompiledWorkflow, render_evidence
 
@@ -34,17 +34,12 @@ class TaskResult:
     step: StepRecord | None = None
 
 
-async def _sleep_until(wall: float) -> None:
-    delay = wall - time.time()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 class TaskKinds:
     def __init__(self, store: Store, executor: Executor, *, hub: ConfirmHub | None = None,
                  prometheus: PromQL | None = None, services: dict[str, Any] | None = None,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, clock: Clock | None = None) -> None:
         self.store = store
+        self.clock: Clock = clock if clock is not None else WallClock()
         self.executor = executor
         self.hub = hub or ConfirmHub()
         self.prometheus = prometheus
@@ -76,13 +71,14 @@ class TaskKinds:
                     input: Any = None) -> StepRecord:
         run.progress["seq"] += 1
         step = StepRecord(run.id, run.progress["seq"], task, action, attempt, states.RUNNING,
-                          time.time(), input=input)
+                          self.clock.now(), input=input)
         await self.store.save_step(step)
         return step
 
     async def _finish(self, step: StepRecord, status: str, output: Any = None,
                       error: str | None = None) -> None:
-        step.status, step.finished, step.output, step.error = status, time.time(), output, error
+        step.status, step.finished, step.output, step.error = (
+            status, self.clock.now(), output, error)
         await self.store.save_step(step)
 
     async def mark_transition(self, run: RunRecord, ct: CompiledTask, result: TaskResult,
@@ -96,15 +92,15 @@ class TaskKinds:
     async def run(self, run: RunRecord, wf: CompiledWorkflow, ct: CompiledTask) -> TaskResult:
         tstate = run.progress["tasks"].setdefault(ct.name, {"state": "ready", "attempt": 0})
         if ct.task.delay and "not_before" not in tstate:
-            tstate["not_before"] = time.time() + ct.task.delay
+            tstate["not_before"] = self.clock.now() + ct.task.delay
             tstate["state"] = "waiting"
             await self.store.save_run(run)
         if "not_before" in tstate:
-            await _sleep_until(tstate["not_before"])
+            await self.clock.sleep_until(tstate["not_before"])
             del tstate["not_before"]
         try:
             if ct.task.timeout is not None:
-                async with asyncio.timeout(ct.task.timeout):
+                async with self.clock.timeout_at(self.clock.now() + ct.task.timeout):
                     return await self._kind(run, wf, ct, tstate)
             return await self._kind(run, wf, ct, tstate)
         except TimeoutError:
@@ -170,7 +166,7 @@ class TaskKinds:
             return TaskResult(states.INTERRUPTED, {}, why, tstate.get("attempt", 1), step)
         while True:
             if "not_before" in tstate:
-                await _sleep_until(tstate["not_before"])
+                await self.clock.sleep_until(tstate["not_before"])
                 del tstate["not_before"]
             attempt = tstate["attempt"] = tstate.get("attempt", 0) + 1
             tstate["state"] = "running"
@@ -204,7 +200,7 @@ class TaskKinds:
                 if not wanted:
                     return TaskResult(status, result.output, result.error, attempt, step)
             delay = min(retry.delay * retry.backoff ** (attempt - 1), retry.max_delay)
-            tstate["not_before"] = time.time() + delay
+            tstate["not_before"] = self.clock.now() + delay
             tstate["state"] = "waiting"
             await self.store.save_run(run)
 
@@ -254,12 +250,12 @@ class TaskKinds:
             except ConditionError as exc:
                 return TaskResult(states.FAILED, {}, f"task {ct.name} input: {exc}")
             child = RunRecord(child_id, None, run.rule, run.key, "workflow",
-                              ct.task.workflow or "", rendered, states.PENDING, time.time(),
+                              ct.task.workflow or "", rendered, states.PENDING, self.clock.now(),
                               event=run.event)
             await self.store.save_run(child)
         step = await self._step(run, ct.name, ct.task.workflow, 1, child.input)
         status, reason = await self.wf.execute(child, resumed=resumed)
-        child.status, child.finished, child.reason = status, time.time(), reason
+        child.status, child.finished, child.reason = status, self.clock.now(), reason
         child.outcome = self.wf.outcome(child, status)
         await self.store.save_run(child)
         output = {k: v for k, v in child.ctx.items() if k != "history"}
@@ -275,7 +271,7 @@ class TaskKinds:
         confirm = ct.task.confirm
         assert confirm is not None
         if "deadline" not in tstate:
-            tstate["deadline"] = time.time() + confirm.within
+            tstate["deadline"] = self.clock.now() + confirm.within
         tstate["state"] = "waiting"
         step = await self._waiting_step(run, ct, tstate, states.WAITING)
         waiter = None
@@ -336,15 +332,14 @@ class TaskKinds:
                     return True
                 if held is False:
                     falses += 1
-            left = deadline - time.time()
-            if left <= 0:
+            now = self.clock.now()
+            if now >= deadline:
                 return -falses
-            wait = min(left, confirm.interval) if query is not None else left
+            until = min(deadline, now + confirm.interval) if query is not None else deadline
             if waiter is None:
-                await asyncio.sleep(wait)
+                await self.clock.sleep_until(until)
                 continue
-            # one future and one timer handle per waiting run; no extra task or coroutine
-            if await waiter.wait(wait):
+            if await self.clock.wait(waiter.found, until):
                 return waiter.found.result()
 
     def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
@@ -360,7 +355,7 @@ class TaskKinds:
         approval = ct.task.approval
         assert approval is not None
         if "deadline" not in tstate:
-            tstate["deadline"] = time.time() + approval.within
+            tstate["deadline"] = self.clock.now() + approval.within
         tstate["state"] = "waiting"
         message = None
         if ct.message is not None:
@@ -372,14 +367,16 @@ class TaskKinds:
                                         {"message": message, "expires": tstate["deadline"]})
         future = self._approvals[run.id] = asyncio.get_running_loop().create_future()
         try:
-            left = max(0.0, tstate["deadline"] - time.time())
-            approved, reason = await asyncio.wait_for(future, left)
-        except TimeoutError:
-            await self._finish(step, states.EXPIRED, None, "approval expired")
-            return TaskResult(states.EXPIRED, {}, f"approval of {ct.name} expired", 1, step)
+            # clock.wait never cancels the future, nor swallows a cancellation of this task
+            # (asyncio.wait_for can, on Python 3.11)
+            decided = await self.clock.wait(future, tstate["deadline"])
         finally:
             self._approvals.pop(run.id, None)
             run.status = states.RUNNING
+        if not decided:
+            await self._finish(step, states.EXPIRED, None, "approval expired")
+            return TaskResult(states.EXPIRED, {}, f"approval of {ct.name} expired", 1, step)
+        approved, reason = future.result()
         if approved:
             await self._finish(step, states.SUCCEEDED, {"approved": True, "reason": reason})
             return TaskResult(states.SUCCEEDED, {"approved": True}, None, 1, step)

@@ -18,11 +18,11 @@ wait; every wait polls a condition with a deadline (``tests.servers.wait_until``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -126,7 +126,7 @@ class LoopdProcess:
         # the test decides every LOOPD_* setting, not the shell that runs pytest
         base = {k: v for k, v in os.environ.items() if not k.startswith("LOOPD_")}
         self.env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
         self.logs: list[Path] = []
         self.starts = 0
         self._session: aiohttp.ClientSession | None = None
@@ -139,7 +139,7 @@ class LoopdProcess:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.returncode is None
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start ``loopd run`` and return once ``/readyz`` answers 200."""
@@ -150,25 +150,22 @@ class LoopdProcess:
         log = self.config.root / f"loopd-{self.starts}.log"
         self.logs.append(log)
         with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "/tmp/kdbg/loopd_dbg.py", "run", "-c", str(self.config.path),
-                 "--listen", f"127.0.0.1:{self.port}"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = await asyncio.create_subprocess_exec(
+                str(LOOPD), "run", "-c", str(self.config.path),
+                "--listen", f"127.0.0.1:{self.port}",
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 env=self.env, cwd=self.config.root,
             )
         try:
             await wait_until(self._ready, timeout=timeout, interval=0.05,
                              what="loopd /readyz to answer 200")
         except AssertionError as exc:
-            code = self.proc.poll()
-            if code is None:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            raise DaemonError(f"{exc} (exit code {code})\n{self.tail()}") from None
+            await self.close()
+            raise DaemonError(f"{exc}\n{self.tail()}") from None
 
     async def _ready(self) -> bool:
         assert self.proc is not None
-        if self.proc.poll() is not None:
+        if self.proc.returncode is not None:
             raise DaemonError(f"loopd exited with {self.proc.returncode} before it was ready"
                               f"\n{self.tail()}")
         try:
@@ -183,11 +180,9 @@ class LoopdProcess:
         started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         try:
-            await wait_until(lambda: self.proc is not None and self.proc.poll() is not None,
-                             timeout=timeout, interval=0.05, what="loopd to exit after SIGTERM")
-        except AssertionError:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            await self.close()
             raise DaemonError(f"loopd did not exit within {timeout}s of SIGTERM\n"
                               f"{self.tail()}") from None
         took = time.monotonic() - started
@@ -201,9 +196,7 @@ class LoopdProcess:
         """``kill -9``: no shutdown code runs."""
         assert self.proc is not None and self.running, "not running"
         self.proc.kill()
-        await wait_until(lambda: self.proc is not None and self.proc.poll() is not None,
-                         timeout=10, interval=0.01, what="loopd to die after SIGKILL")
-        assert self.proc.returncode == -signal.SIGKILL
+        assert await asyncio.wait_for(self.proc.wait(), 10) == -signal.SIGKILL
         await self._close_session()
 
     def signal(self, sig: int) -> None:
@@ -212,10 +205,11 @@ class LoopdProcess:
 
     async def close(self) -> None:
         """Teardown: whatever state it is in, leave no process behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 10)
         await self._close_session()
 
     def tail(self, lines: int = 60) -> str:
@@ -330,15 +324,9 @@ class LoopdProcess:
 
 def store_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Read the daemon's SQLite store (WAL: safe while it writes, or after kill -9)."""
-    if not path.exists():
-        return []
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     try:
         return list(conn.execute(sql, params).fetchall())
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):  # the daemon has not created the schema yet
-            return []
-        raise
     finally:
         conn.close()
 
@@ -351,4 +339,5 @@ def _short(story: dict[str, Any]) -> str:
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str,
                      timeout: float = 20.0) -> None:
+    """Poll ``check`` every 50 ms until true; fail naming ``what`` after ``timeout`` s."""
     await wait_until(check, timeout=timeout, interval=0.05, what=what)

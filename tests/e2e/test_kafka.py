@@ -28,7 +28,7 @@ RULE = "record-seen"
 
 def kafka_source(broker: KafkaBroker, topic: str, **extra: Any) -> dict[str, Any]:
     return {"name": "bus", "type": "kafka", "bootstrap": broker.bootstrap, "topics": [topic],
-            "group": f"loopd-{topic}", "commit_interval": 0.1, **extra}
+            "group": f"loopd-{topic}", "commit_interval": "100ms", **extra}
 
 
 def one_run_per_record(action: str = "core.noop") -> dict[str, Any]:
@@ -56,7 +56,7 @@ async def producing(bootstrap: str, topic: str, numbers: range, *,
         async with producer(bootstrap) as prod:
             for start in range(numbers.start, numbers.stop, batch):
                 if ahead_of is not None:
-                    await eventually(lambda: start - numbers.start - ahead_of() < window,
+                    await eventually(lambda s=start: s - numbers.start - ahead_of() < window,
                                      "the daemon to catch up with the producer", timeout=60)
                 sent = [await prod.send(topic, b'{"n": %d}' % i)
                         for i in range(start, min(start + batch, numbers.stop))]
@@ -203,7 +203,6 @@ async def test_sigterm_while_records_flow_exits_0_and_commits_what_was_decided(
     at_stop = decided(daemon)
     committed = await committed_offsets(kafka_broker.bootstrap, source["group"], kafka_topic)
     assert committed == {0: at_stop}, f"{at_stop} records decided, committed {committed}"
-    assert daemon.store_query("SELECT COUNT(*) FROM runs WHERE status != 'succeeded'") == [(0,)]
 
     await daemon.start()
     (marker,) = await produce(kafka_broker.bootstrap, kafka_topic, [{"n": "marker"}])
@@ -214,6 +213,9 @@ async def test_sigterm_while_records_flow_exits_0_and_commits_what_was_decided(
     assert decided(daemon) == marker + 1
     assert await daemon.metric("loopd_events_duplicate_total", source="bus") == 0
     assert await daemon.metric("loopd_events_received_total", source="bus") == marker + 1 - at_stop
+    await eventually(lambda: daemon.store_query(
+        "SELECT COUNT(*) FROM runs WHERE status='succeeded'") == [(marker + 1,)],
+        "every run to succeed, those still active at the stop resumed")
     await daemon.stop()
 
 
@@ -230,7 +232,8 @@ async def test_broker_restart_during_consumption_loses_nothing(
     config.rules = {"bus.yaml": [one_run_per_record()]}
     daemon = loopd_factory(config)
     await daemon.start()
-    await produce(kafka_broker.bootstrap, kafka_topic, [{"n": i} for i in range(before)])
+    async with producing(kafka_broker.bootstrap, kafka_topic, range(before)) as sending:
+        await sending
     await eventually(lambda: decided(daemon) > 0, "the first records decided", timeout=30)
 
     kafka_broker.stop()

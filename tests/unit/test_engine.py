@@ -47,7 +47,8 @@ class Running:
     async def close_incident_of(self, run: RunRecord, outcome: str = "fixed") -> None:
         """What the dispatcher does when a run ends."""
         assert run.incident_id is not None
-        await self.engine.finish_incident(run.incident_id, outcome)
+        run.status, run.outcome = "succeeded", outcome
+        await self.engine.run_finished(run)
 
 
 class GatedStore:

@@ -1,0 +1,271 @@
+"""Incidents: one per (rule, key), the runs inside them, and the policy that decides
+whether a matching event starts a run.
+
+After a rule's condition (and ``for:``) holds for a key, ``decide`` records
+exactly one decision: ``run_created``, ``joined`` (single mode, or the
+incident is full), ``queued``, ``restarted``, ``shadow`` (would have run), or
+``suppressed`` with the guard that said no (resolved: never from a resolved
+alert unless the rule's ``on.match`` says ``status: resolved``; throttle, silence,
+maintenance, breaker, flapping, budget, blast_radius). Run modes per rule, as
+in Home Assistant scripts: ``single`` (new events join the open incident),
+``restart`` (cancel the run that has not finished, start a new one),
+``queued`` (run after the current one), ``parallel`` (up to ``max_parallel``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopd import metrics
+from loopd.catalog.inventory import Inventory
+from loopd.errors import ConditionError
+from loopd.events import Event, new_id
+from loopd.rules.compile import RULE_SCOPE, CompiledRule
+from loopd.rules.guards import Guards, Verdict
+from loopd.rules.policy import Escalate, RuleGuards
+from loopd.rules.throttle import Throttles
+from loopd.store.base import Batch, DecisionRecord, IncidentRecord, RunRecord
+from loopd.workflow import states
+from loopd.workflow.render import compile_template
+
+CancelRun = Callable[[str, str], bool]
+
+
+@dataclass(slots=True)
+class _Runs:
+    active: set[str] = field(default_factory=set)
+    queued: deque[RunRecord] = field(default_factory=deque)
+    fingerprint: str | None = None
+
+
+class Incidents:
+    def __init__(self, guards: Guards, inventory: Inventory) -> None:
+        self.guards = guards
+        self.inventory = inventory
+        self.throttles = Throttles()
+        self.open: dict[tuple[str, str], IncidentRecord] = {}
+        self.by_id: dict[str, tuple[str, str]] = {}
+        self.runs: dict[str, _Runs] = {}
+        self.by_fingerprint: dict[str, set[str]] = {}
+        self.policies: dict[str, CompiledRule] = {}
+        self.cancel_run: CancelRun | None = None  # the dispatcher's cancel_unstarted
+
+    # -- restore --------------------------------------------------------------------
+
+    def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]) -> None:
+        for inc in incidents:
+            self.open[(inc.rule, inc.key)] = inc
+            self.by_id[inc.id] = (inc.rule, inc.key)
+            self.runs[inc.id] = _Runs()
+            self.guards.incident_opened(inc.key)
+        for run in runs:  # active and queued runs of open incidents
+            slot = self.runs.get(run.incident_id or "")
+            if slot is None:
+                continue
+            if run.status == states.QUEUED:
+                slot.queued.append(run)
+            else:
+                slot.active.add(run.id)
+            fingerprint = (run.event or {}).get("data", {}).get("fingerprint")
+            if fingerprint and run.incident_id:
+                slot.fingerprint = fingerprint
+                self.by_fingerprint.setdefault(fingerprint, set()).add(run.incident_id)
+
+    # -- deciding ---------------------------------------------------------------------
+
+    def decide(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, Any],
+               now: float, batch: Batch, runs: list[RunRecord]) -> None:
+        name = rule.name
+        policy = rule.rule
+
+        def record(outcome: str, reason: str | None = None,
+                   incident: IncidentRecord | None = None, run_id: str | None = None) -> None:
+            batch.decisions.append(DecisionRecord(
+                event.source, event.id, name, key, outcome, reason, now,
+                incident.id if incident else None,
+                run_id or (incident.run_id if incident else None)))
+
+        # a resolved alert starts nothing, unless the rule asks for resolutions explicitly
+        resolved = event.data.get("status") == "resolved" and not rule.for_resolved
+        incident = self.open.get((name, key))
+        if incident is not None:
+            incident.events += 1
+            batch.incidents[incident.id] = incident
+            slot = self.runs.setdefault(incident.id, _Runs())
+            mode = policy.run_mode
+            if resolved or mode == "single":
+                record("joined", "incident already open", incident)
+                return
+            if mode == "parallel" and len(slot.active) >= policy.max_parallel:
+                record("joined", f"{len(slot.active)} runs active (max_parallel "
+                                 f"{policy.max_parallel})", incident)
+                return
+            if mode == "queued" and len(slot.queued) >= policy.max_queued:
+                record("joined", f"queue full ({policy.max_queued})", incident)
+                return
+        if resolved:
+            self._suppress(record, name, "resolved", "a resolved alert never starts a run")
+            return
+        if rule.throttle is not None:
+            why = self.throttles.blocked(name, key, rule.throttle, now)
+            if why is not None:
+                record("suppressed", why)
+                return
+        labels = event.data.get("labels")
+        verdict = self.guards.check(name, key, policy.guards, labels if isinstance(
+            labels, dict) else None, now)
+        if verdict is not None:
+            self._suppress(record, name, verdict.guard, verdict.reason)
+            if verdict.escalate:
+                self._escalate(rule, key, verdict, now, batch, runs)
+            return
+        if policy.mode == "shadow":
+            self.throttles.record(name, key, now)
+            self.guards.run_started(name, key, now)
+            record("shadow", f"would run {rule.kind} {rule.target} (shadow mode)")
+            return
+        scope["entity"] = self.inventory.entities.get(key)
+        try:
+            inputs = rule.input(scope)
+        except ConditionError as exc:
+            metrics.rule_error(name, exc, event.origin)
+            record("error", f"run.input: {exc}")
+            return
+        status = states.AWAITING_APPROVAL if policy.mode == "approval" else states.PENDING
+        run = RunRecord(new_id(), None, name, key, rule.kind, rule.target, inputs, status, now,
+                        event=event.to_json())
+        if status == states.AWAITING_APPROVAL:
+            run.progress = {"gate": {"deadline": now + policy.approval.within}}
+        self.throttles.record(name, key, now)
+        self.guards.run_started(name, key, now)
+        if incident is None:
+            incident = IncidentRecord(new_id(), name, key, "open", now, run_id=run.id)
+            self.open[(name, key)] = incident
+            self.by_id[incident.id] = (name, key)
+            self.runs[incident.id] = _Runs()
+            self.guards.incident_opened(key)
+            fingerprint = event.data.get("fingerprint")
+            if isinstance(fingerprint, str):
+                self.runs[incident.id].fingerprint = fingerprint
+                self.by_fingerprint.setdefault(fingerprint, set()).add(incident.id)
+            outcome = "run_created"
+        else:
+            outcome = {"parallel": "run_created", "queued": "queued",
+                       "restart": "restarted"}[policy.run_mode]
+        run.incident_id = incident.id
+        slot = self.runs[incident.id]
+        batch.incidents[incident.id] = incident
+        batch.runs.append(run)
+        if outcome == "queued" and slot.active:
+            run.status = states.QUEUED
+            slot.queued.append(run)
+            record(outcome, f"after {len(slot.queued) - 1} queued run(s)", incident, run.id)
+            return
+        if outcome == "restarted" and self.cancel_run is not None:
+            for old in list(slot.active):
+                self.cancel_run(old, f"restarted by event {event.id}")
+        incident.run_id = run.id
+        slot.active.add(run.id)
+        runs.append(run)
+        record(outcome, None, incident, run.id)
+
+    @staticmethod
+    def _suppress(record: Callable[..., None], rule: str, guard: str, reason: str) -> None:
+        metrics.guard_suppressed(rule, guard)
+        record("suppressed", f"guard {guard}: {reason}")
+
+    def _escalate(self, rule: CompiledRule, key: str, verdict: Verdict | str, now: float,
+                  batch: Batch | None, runs: list[RunRecord]) -> RunRecord | None:
+        """Start the rule's (or the global) escalation once, for a human to look."""
+        reason = verdict.reason if isinstance(verdict, Verdict) else verdict
+        target: Escalate | None = rule.rule.guards.escalate or self.guards.config.escalate
+        if target is None:
+            metrics.log.error("guard wants a human and no escalate target is configured",
+                              rule=rule.name, key=key, reason=reason)
+            return None
+        scope = {"rule": rule.name, "key": key, "reason": reason,
+                 "entity": self.inventory.entities.get(key), "now": now}
+        try:
+            inputs = compile_template(target.input, RULE_SCOPE | {"rule", "reason"})(scope)
+        except (ConditionError, ValueError) as exc:
+            metrics.log.error("escalation input failed", rule=rule.name, error=str(exc))
+            return None
+        kind = "workflow" if target.workflow else "action"
+        run = RunRecord(new_id(), None, rule.name, key, kind,
+                        target.workflow or target.action or "", inputs, states.PENDING, now,
+                        reason=f"escalation: {reason}")
+        if batch is not None:
+            batch.runs.append(run)
+        runs.append(run)
+        return run
+
+    # -- resolved alerts ------------------------------------------------------------------
+
+    def resolved(self, event: Event, batch: Batch) -> list[str]:
+        """A resolved alert cancels runs of its incidents that have not acted yet."""
+        fingerprint = event.data.get("fingerprint")
+        if not isinstance(fingerprint, str):
+            return []
+        cancelled = []
+        for incident_id in list(self.by_fingerprint.get(fingerprint, ())):
+            slot = self.runs.get(incident_id)
+            if slot is None:
+                continue
+            while slot.queued:
+                run = slot.queued.popleft()
+                run.status, run.finished = states.CANCELLED, time.time()
+                run.reason, run.outcome = "alert resolved before it ran", states.OUTCOME_CANCELLED
+                batch.run_updates.append(run)
+                cancelled.append(run.id)
+            for run_id in list(slot.active):
+                if self.cancel_run is not None and self.cancel_run(
+                        run_id, f"alert resolved ({event.id}) before the run acted"):
+                    cancelled.append(run_id)
+        return cancelled
+
+    # -- runs ending -----------------------------------------------------------------------
+
+    def run_finished(self, run: RunRecord, now: float
+                     ) -> tuple[list[RunRecord], IncidentRecord | None, bool]:
+        """(runs to start now, the incident to close or None, guard state changed)."""
+        starts: list[RunRecord] = []
+        changed = False
+        rule = self.policies.get(run.rule or "")
+        if rule is not None and run.key is not None and run.incident_id is not None:
+            reason = self.guards.run_ended(rule.name, run.key, run.outcome or "",
+                                           rule.rule.guards, now)
+            changed = True
+            if reason is not None:
+                self._escalate(rule, run.key, reason, now, None, starts)
+        incident_id = run.incident_id
+        slot = self.runs.get(incident_id or "")
+        if slot is None or incident_id is None:
+            return starts, None, changed
+        slot.active.discard(run.id)
+        if slot.queued:
+            nxt = slot.queued.popleft()
+            nxt.status = states.PENDING
+            slot.active.add(nxt.id)
+            starts.append(nxt)
+            return starts, None, changed
+        if slot.active:
+            return starts, None, changed
+        ident = self.by_id.pop(incident_id, None)
+        incident = self.open.pop(ident, None) if ident is not None else None
+        del self.runs[incident_id]
+        if slot.fingerprint is not None:
+            ids = self.by_fingerprint.get(slot.fingerprint, set())
+            ids.discard(incident_id)
+            if not ids:
+                self.by_fingerprint.pop(slot.fingerprint, None)
+        if incident is not None:
+            self.guards.incident_closed(incident.key)
+            incident.status, incident.closed, incident.outcome = "closed", now, run.outcome
+        return starts, incident, changed
+
+    def policy_map(self) -> dict[str, RuleGuards]:
+        return {name: r.rule.guards for name, r in self.policies.items()}

@@ -1,0 +1,242 @@
+"""Guards: the policy limits checked before loopd acts, and their memory.
+
+``check`` runs on the engine's hot path only for a decision that would start
+a run, and answers ``(guard, reason)`` or None. Order: silence, maintenance
+window, circuit breaker, flapping, budgets (rule, key, fleet), blast radius.
+Outcomes of finished runs feed the breaker and flapping memory, which is
+saved in the store (``kv`` namespace ``guards``) so it survives restarts;
+budgets and blast radius are rebuilt from the runs and open incidents.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopd import metrics
+from loopd.catalog.inventory import Inventory
+from loopd.catalog.silences import Silences
+from loopd.rules.policy import BlastRadius, Budget, GlobalGuards, RuleGuards, Window
+from loopd.workflow import states
+
+NOT_FIXED = (states.NOT_FIXED, states.OUTCOME_FAILED, states.INCONCLUSIVE)
+_FLEET = "*"
+
+
+@dataclass(slots=True)
+class BreakerState:
+    opened: float
+    until: float
+    reason: str
+    escalated: bool = False
+
+
+@dataclass(slots=True)
+class Verdict:
+    guard: str
+    reason: str
+    escalate: str | None = None  # set once per episode: escalate with this reason
+
+
+@dataclass
+class Guards:
+    config: GlobalGuards
+    inventory: Inventory
+    silences: Silences | None = None
+    starts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    key_starts: dict[tuple[str, str], list[float]] = field(
+        default_factory=lambda: defaultdict(list))
+    failures: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    fixes: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    breakers: dict[str, BreakerState] = field(default_factory=dict)
+    flapping: dict[str, float] = field(default_factory=dict)  # scope -> escalated at
+    remediating: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+
+    # -- the check ------------------------------------------------------------------
+
+    def group_of(self, key: str) -> str | None:
+        entity = self.inventory.entities.get(key)
+        group = entity.get("group") if entity else None
+        return str(group) if group is not None else None
+
+    def check(self, rule: str, key: str, policy: RuleGuards, labels: dict[str, Any] | None,
+              now: float) -> Verdict | None:
+        group = self.group_of(key)
+        if self.silences is not None and labels:
+            silence = self.silences.match(labels, now)
+            if silence is not None:
+                return Verdict("silence", f"silenced in Alertmanager by {silence.id}")
+        window = self._window(rule, group, policy.maintenance, now)
+        if window is not None:
+            return Verdict("maintenance", f"maintenance window {window.name} is active")
+        if policy.breaker is not None:
+            scope = rule if policy.breaker.per == "rule" else f"{rule}|{key}"
+            state = self.breakers.get(scope)
+            if state is not None:
+                if now < state.until:
+                    return Verdict("breaker", f"circuit open since {state.reason}")
+                del self.breakers[scope]  # cool-off over: closed again
+                metrics.circuit(rule, False)
+        if policy.flapping is not None:
+            scope = f"{rule}|{key}"
+            fixed = _count_since(self.fixes.get(scope), now - policy.flapping.within)
+            if fixed >= policy.flapping.fixes:
+                first = scope not in self.flapping
+                if first:
+                    self.flapping[scope] = now
+                reason = (f"fixed {fixed} times within {policy.flapping.within:g}s: "
+                          "the fix does not hold")
+                return Verdict("flapping", reason, reason if first else None)
+            self.flapping.pop(scope, None)
+        for budget, starts, what in (
+            (policy.max_runs, self.starts.get(rule), "rule"),
+            (policy.max_runs_per_key, self.key_starts.get((rule, key)), "key"),
+            (self.config.max_runs, self.starts.get(_FLEET), "fleet"),
+        ):
+            if budget is not None and self.remaining(budget, starts, now) <= 0:
+                return Verdict("budget", f"{what} budget of {budget.count} runs per "
+                                         f"{budget.per:g}s is spent")
+        radius = policy.blast_radius or self.config.blast_radius
+        if radius is not None and group is not None:
+            verdict = self._blast(radius, group, key)
+            if verdict is not None:
+                return verdict
+        return None
+
+    def _window(self, rule: str, group: str | None, own: list[Window], now: float
+                ) -> Window | None:
+        for window in own:
+            if window.active(now):
+                return window
+        for window in self.config.maintenance:
+            if window.applies(rule, group) and window.active(now):
+                return window
+        return None
+
+    def _blast(self, radius: BlastRadius, group: str, key: str) -> Verdict | None:
+        members = len(self.inventory.group(group))
+        busy = self.remediating.get(group, {})
+        if key in busy:
+            return None  # already counted
+        limit = radius.limit(members)
+        if len(busy) >= limit:
+            return Verdict("blast_radius", f"{len(busy)} of {members} entities of group "
+                                           f"{group} under remediation (max {radius.max})")
+        return None
+
+    @staticmethod
+    def remaining(budget: Budget, starts: list[float] | None, now: float) -> int:
+        return budget.count - _count_since(starts, now - budget.per)
+
+    # -- what happened -----------------------------------------------------------------
+
+    def run_started(self, rule: str, key: str, now: float) -> None:
+        for starts in (self.starts[rule], self.starts[_FLEET], self.key_starts[(rule, key)]):
+            starts.append(now)
+            if len(starts) > 4096:
+                del starts[:1024]
+
+    def incident_opened(self, key: str) -> None:
+        group = self.group_of(key)
+        if group is not None:
+            self.remediating[group][key] += 1
+
+    def incident_closed(self, key: str) -> None:
+        group = self.group_of(key)
+        if group is None:
+            return
+        busy = self.remediating[group]
+        busy[key] -= 1
+        if busy[key] <= 0:
+            del busy[key]
+
+    def run_ended(self, rule: str, key: str, outcome: str, policy: RuleGuards, now: float
+                  ) -> str | None:
+        """Record an outcome; returns a reason when a breaker just opened (escalate once)."""
+        if outcome == states.FIXED:
+            self.fixes[f"{rule}|{key}"].append(now)
+            return None
+        breaker = policy.breaker
+        if breaker is None or outcome not in NOT_FIXED:
+            return None
+        scope = rule if breaker.per == "rule" else f"{rule}|{key}"
+        failures = self.failures[scope]
+        failures.append(now)
+        recent = _count_since(failures, now - breaker.within)
+        del failures[: len(failures) - recent]
+        if recent >= breaker.failures and scope not in self.breakers:
+            reason = (f"{recent} runs not fixed within {breaker.within:g}s "
+                      f"(last on {key}: {outcome})")
+            self.breakers[scope] = BreakerState(now, now + breaker.cool_off, reason, True)
+            metrics.circuit(rule, True)
+            return reason
+        return None
+
+    def close_breaker(self, scope: str) -> bool:
+        if self.breakers.pop(scope, None) is None:
+            return False
+        self.failures.pop(scope, None)
+        metrics.circuit(scope.split("|")[0], False)
+        return True
+
+    # -- durability and the API ------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "breakers": {s: [b.opened, b.until, b.reason, b.escalated]
+                         for s, b in self.breakers.items()},
+            "failures": {s: v for s, v in self.failures.items() if v},
+            "fixes": {s: v[-64:] for s, v in self.fixes.items() if v},
+            "flapping": self.flapping,
+        }
+
+    def load(self, saved: dict[str, Any] | None) -> None:
+        if not saved:
+            return
+        for scope, (opened, until, reason, escalated) in saved.get("breakers", {}).items():
+            self.breakers[scope] = BreakerState(opened, until, reason, escalated)
+            metrics.circuit(scope.split("|")[0], True)
+        for scope, times in saved.get("failures", {}).items():
+            self.failures[scope] = list(times)
+        for scope, times in saved.get("fixes", {}).items():
+            self.fixes[scope] = list(times)
+        self.flapping.update(saved.get("flapping", {}))
+
+    def snapshot(self, policies: dict[str, RuleGuards], now: float) -> dict[str, Any]:
+        budgets = []
+        for rule, policy in policies.items():
+            if policy.max_runs is not None:
+                left = self.remaining(policy.max_runs, self.starts.get(rule), now)
+                metrics.budget_remaining(rule, left)
+                budgets.append({"rule": rule, "remaining": left, "count": policy.max_runs.count,
+                                "per_s": policy.max_runs.per})
+        if self.config.max_runs is not None:
+            budgets.append({"rule": _FLEET, "count": self.config.max_runs.count,
+                            "per_s": self.config.max_runs.per,
+                            "remaining": self.remaining(self.config.max_runs,
+                                                        self.starts.get(_FLEET), now)})
+        windows = [w.name for w in self.config.maintenance if w.active(now)]
+        windows += [f"{rule}:{w.name}" for rule, p in policies.items()
+                    for w in p.maintenance if w.active(now)]
+        return {
+            "breakers": [{"scope": s, "state": "open" if now < b.until else "closing",
+                          "opened": b.opened, "closes": b.until, "reason": b.reason}
+                         for s, b in self.breakers.items()],
+            "budgets": budgets,
+            "windows_active": windows,
+            "flapping": [{"scope": s, "since": t} for s, t in self.flapping.items()],
+            "under_remediation": {g: sorted(keys) for g, keys in self.remediating.items()
+                                  if keys},
+            "silences": None if self.silences is None else {
+                "active": len(self.silences.active), "fetched": self.silences.fetched,
+                "error": self.silences.error},
+        }
+
+
+def _count_since(times: list[float] | None, since: float) -> int:
+    if not times:
+        return 0
+    return len(times) - bisect.bisect_left(times, since)

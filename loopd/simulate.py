@@ -1,0 +1,446 @@
+"""``loopd simulate``: replay recorded events through the real rules, engine decisions and
+workflows, with event time as the clock and every action in dry run.
+
+What is real: the rules, the engine's decisions (``for:``, throttles, incidents, run
+modes, guards), the workflows (transitions, retries, delays, confirmations, rollbacks,
+timeouts) and the outcome events loopd feeds back to its own rules. What is not:
+actions are not executed (the executor returns the action's ``dry_run:`` output from its
+pack.yaml, ``{"dry_run": true}`` when it declares none); PromQL is not queried,
+Alertmanager silences are not consulted and nobody approves (approvals expire); the
+state is an in-memory SQLite store, never the daemon's.
+
+How time moves: the engine's clock is each event's ``time``; the workflows run on a
+VirtualClock. Before an event at T, every timer due before T (delay, retry, confirmation
+deadline, approval expiry, timeout) fires, one deadline at a time in order, and the
+replay waits until the runs are quiescent (each finished, or waiting for the clock or an
+event); then the event is decided at T. An event that creates runs is committed, its
+runs dispatched, and the replay waits for quiescence again, so their confirmations see
+the next event. After the last event the clock moves past every pending deadline (at
+most ``END_HORIZON`` beyond it; runs still going then are cancelled).
+
+Inputs, merged in time order (each file is expected in time order; an event older than
+the clock is decided at its own time and counted as out of order):
+
+* JSON Lines: a generic event ``{id?, source?, topic, key?, time, data}`` (source
+  ``webhook`` by default) or an Alertmanager webhook payload (version 4, one event per
+  alert, source ``alertmanager``) per line;
+* CSV telemetry ``timestamp,value``: host = file stem unless ``FILE:host=NAME``, topic
+  ``telemetry/<host>/<metric>`` (metric ``value`` unless ``FILE:metric=NAME``), data
+  ``{"value": float}``, key = host.
+
+The first invalid line stops the replay with ``DecodeError`` naming ``FILE:LINE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from loopd.catalog.inventory import Inventory
+from loopd.config import LoopdConfig
+from loopd.daemon import load_packs_and_rules, outcome_event
+from loopd.engine import Engine, _Pending
+from loopd.errors import DecodeError
+from loopd.events import Event, parse_time
+from loopd.packs.executor import Executor
+from loopd.rules.guards import Guards
+from loopd.simulate_report import Meter, Report, Tally
+from loopd.sources.webhook import alertmanager_events, generic_events
+from loopd.store.base import Batch, RunRecord
+from loopd.store.sqlite import SqliteStore
+from loopd.workflow import states
+from loopd.workflow.clock import VirtualClock
+from loopd.workflow.dispatcher import Dispatcher
+from loopd.workflow.runner import WorkflowRunner
+from loopd.workflow.tasks import TaskKinds
+
+CSV_SOURCE = "telemetry"
+WEBHOOK_SOURCE = "webhook"
+ALERTMANAGER_SOURCE = "alertmanager"
+END_HORIZON = 7 * 86400.0
+COMMIT_EVERY = 5000   # decisions per store transaction when no run forces a commit
+QUIET_TURNS = 8       # loop turns with nothing moving before the runs count as quiescent
+_OPTIONS = ("host", "metric")
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EventFile:
+    path: Path
+    kind: str  # "csv" | "jsonl"
+    host: str | None = None
+    metric: str = "value"
+
+
+def parse_event_file(arg: str) -> EventFile:
+    """``FILE`` or ``FILE:host=NAME,metric=NAME`` (the options are for CSV telemetry)."""
+    path, options = arg, {}
+    head, sep, tail = arg.rpartition(":")
+    if sep and head and "=" in tail and "/" not in tail:
+        path = head
+        for part in tail.split(","):
+            name, eq, value = (s.strip() for s in part.partition("="))
+            if not eq or name not in _OPTIONS or not value:
+                raise DecodeError(f"bad option {part!r} (use FILE:host=NAME,metric=NAME)",
+                                  origin=arg)
+            options[name] = value
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix == ".csv":
+        kind = "csv"
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        kind = "jsonl"
+    else:  # sniff: JSON Lines start with an object
+        try:
+            with file.open("rb") as f:
+                kind = "jsonl" if f.read(64).lstrip().startswith(b"{") else "csv"
+        except OSError as exc:
+            raise DecodeError(f"cannot read: {exc.strerror}", origin=path) from None
+    if options and kind != "csv":
+        raise DecodeError("host= and metric= are options of CSV telemetry files", origin=arg)
+    return EventFile(file, kind, options.get("host"), options.get("metric", "value"))
+
+
+def _json_line(line: bytes, where: str) -> list[Event]:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}", origin=where) from None
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}", origin=where)
+    if "alerts" in obj:
+        items = alertmanager_events(obj, source=ALERTMANAGER_SOURCE, origin=where)
+    else:
+        source = obj.get("source", WEBHOOK_SOURCE)
+        if not isinstance(source, str) or not source:
+            raise DecodeError("field 'source' must be a non-empty string", origin=where)
+        if not isinstance(obj.get("topic"), str):
+            raise DecodeError("field 'topic' must be a string", origin=where)
+        if obj.get("time") is None:
+            raise DecodeError("field 'time' is required: event time is the simulation's clock",
+                              origin=where)
+        if not isinstance(obj.get("data"), dict):
+            raise DecodeError("field 'data' must be an object", origin=where)
+        items = generic_events(obj, source=source, origin=where)
+    events = []
+    for item in items:
+        if isinstance(item, DecodeError):
+            raise item
+        events.append(item)
+    if len(events) > 1:  # the alerts of one notification, in time order
+        events.sort(key=_event_time)
+    return events
+
+
+def read_jsonl(spec: EventFile, meter: Meter) -> Iterator[Event]:
+    with _open(spec.path) as f:
+        for lineno, line in enumerate(f, 1):
+            meter.bytes += len(line)
+            line = line.strip()
+            if line:
+                yield from _json_line(line, f"{spec.path}:{lineno}")
+
+
+def _csv_time(text: str, where: str) -> float:
+    if text.replace(".", "", 1).isdigit():  # epoch seconds (or milliseconds)
+        return parse_time(float(text), origin=where)
+    return parse_time(text, origin=where)
+
+
+def read_csv(spec: EventFile, source: str, meter: Meter) -> Iterator[Event]:
+    host = spec.host or spec.path.stem
+    metric = spec.metric
+    topic = f"telemetry/{host}/{metric}"
+    with _open(spec.path) as f:
+        header = f.readline()
+        meter.bytes += len(header)
+        columns = [c.strip().lower() for c in header.decode("utf-8-sig", "replace").split(",")]
+        if "timestamp" not in columns or "value" not in columns:
+            raise DecodeError("the header must name the columns timestamp and value, got "
+                              f"{header.strip().decode(errors='replace')!r}",
+                              origin=f"{spec.path}:1")
+        ti, vi = columns.index("timestamp"), columns.index("value")
+        width = max(ti, vi) + 1
+        for lineno, raw in enumerate(f, 2):
+            meter.bytes += len(raw)
+            where = f"{spec.path}:{lineno}"
+            try:
+                line = raw.decode().strip()
+            except UnicodeDecodeError:
+                raise DecodeError("not UTF-8 text", origin=where) from None
+            if not line:
+                continue
+            cells = line.split(",")
+            if len(cells) < width:
+                raise DecodeError(f"expected {len(columns)} columns, got {len(cells)}",
+                                  origin=where)
+            stamp = cells[ti].strip()
+            try:
+                value = float(cells[vi])
+            except ValueError:
+                raise DecodeError(f"value {cells[vi].strip()!r} is not a number",
+                                  origin=where) from None
+            yield Event(id=f"{host}/{metric}@{stamp}", source=source, topic=topic,
+                        data={"value": value}, key=host, time=_csv_time(stamp, where),
+                        origin=where)
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise DecodeError(f"cannot read: {exc.strerror}", origin=str(path)) from None
+    with f:
+        yield f
+
+
+def read_events(files: list[EventFile], *, csv_source: str = CSV_SOURCE,
+                meter: Meter | None = None) -> Iterator[Event]:
+    """Every file's events, merged in time order (ties: the files' order)."""
+    meter = meter if meter is not None else Meter()
+    streams = [read_csv(f, csv_source, meter) if f.kind == "csv" else read_jsonl(f, meter)
+               for f in files]
+    if len(streams) == 1:
+        return streams[0]
+    return heapq.merge(*streams, key=_event_time)
+
+
+def _event_time(event: Event) -> float:
+    return event.time
+
+
+# -- the replay ------------------------------------------------------------------------------
+
+
+class _CountingStore(SqliteStore):
+    """A SqliteStore that knows whether a call is in flight: its writes complete on
+    aiosqlite's thread, so a run waiting for the store looks idle to the event loop.
+    ``_submit`` and ``_all`` are the two ways every store method reaches the database."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(path)
+        self.calls = 0
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def _enter(self) -> None:
+        self.calls += 1
+        self.in_flight += 1
+        self.idle.clear()
+
+    def _leave(self) -> None:
+        self.calls += 1
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
+
+    async def _submit(self, op: Batch | tuple[str, tuple[Any, ...]]) -> None:
+        self._enter()
+        try:
+            await super()._submit(op)
+        finally:
+            self._leave()
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        self._enter()
+        try:
+            return await super()._all(sql, params)
+        finally:
+            self._leave()
+
+
+class Simulation:
+    """The engine and workflow half of loopd, wired as loopd.daemon wires them, on a
+    VirtualClock and an in-memory store; ``replay`` feeds it events and returns the
+    report. Use ``async with``; ``store`` stays open until the block ends."""
+
+    def __init__(self, config: LoopdConfig, *, csv_source: str = CSV_SOURCE,
+                 first_runs: int = 10) -> None:
+        self.config = config
+        self.clock = VirtualClock()
+        self.store = _CountingStore(":memory:")
+        inventory = Inventory.load(config.inventory)
+        self.registry, self.ruleset = load_packs_and_rules(config)
+        registry = self.registry
+        executor = Executor(registry, {})  # dry run: no runner is ever asked to act
+        self.engine = Engine(
+            self.store, self.ruleset, inventory=inventory, clock=_event_time,
+            guards=Guards(config.guards, inventory), dedup_window=config.engine.dedup_window,
+            telemetry_sources=frozenset(
+                [c.name for c in config.sources if c.telemetry] + [csv_source]))
+        self.kinds = TaskKinds(self.store, executor, services={"store": self.store},
+                               dry_run=True, clock=self.clock)
+        self.workflows = WorkflowRunner(self.store, lambda: registry, self.kinds,
+                                        inventory=inventory, telemetry=self.engine.telemetry)
+        self.engine.on_event = self.kinds.hub.offer
+        self.dispatcher = Dispatcher(
+            self.store, executor, inventory=inventory, finish_incident=self.engine.run_finished,
+            workflows=self.workflows, dry_run=True, on_finished=self._finished)
+        self.engine.on_runs = self._dispatch
+        self.engine.incidents.cancel_run = self._cancel_unstarted
+        self.tally = Tally(first_runs)
+        self._pending = _Pending(Batch(), [])
+        self._feedback: deque[Event] = deque()
+        self._active: set[str] = set()
+        self._ending = False
+        self._cancels = 0
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Simulation:
+        await self.store.open()
+        await self.engine.load()
+        self._dispatcher = asyncio.create_task(self.dispatcher.run(), name="simulate-dispatch")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._dispatcher is not None:
+            self.dispatcher.shutting_down = True
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        await self.store.close()
+
+    # -- wiring ------------------------------------------------------------------------
+
+    def _dispatch(self, runs: list[RunRecord]) -> None:
+        for run in runs:
+            self._active.add(run.id)
+            self.tally.run_created(run)
+        self.dispatcher.submit(runs)
+
+    def _cancel_unstarted(self, run_id: str, reason: str) -> bool:
+        """The engine cancels a run that has not acted (its alert resolved): the replay
+        lets that run end before the next event."""
+        cancelled = self.dispatcher.cancel_unstarted(run_id, reason)
+        self._cancels += cancelled
+        return cancelled
+
+    async def _finished(self, run: RunRecord) -> None:
+        """The dispatcher stamps the wall clock on a run's end: the simulation's is the
+        virtual clock's. Then the outcome event goes back to the rules, as in the daemon."""
+        now = self.clock.now()
+        run.finished = now
+        if run.kind == "action":  # instantaneous in a dry run
+            run.started = now
+        if self._ending and run.status == states.CANCELLED:
+            run.reason = (f"still running {END_HORIZON / 86400:g} days after the last event: "
+                          "the simulation ended it")
+        await self.store.save_run(run)
+        self._active.discard(run.id)
+        self.tally.run_finished(run)
+        outcome = outcome_event(run, self.config.outcomes.topic)
+        outcome.time = now
+        self._feedback.append(outcome)
+
+    # -- driving -----------------------------------------------------------------------
+
+    async def replay(self, events: Iterable[Event],
+                     progress: Callable[[int], None] | None = None) -> Report:
+        began = time.perf_counter()
+        clock, tally, hub = self.clock, self.tally, self.kinds.hub
+        decide = self.engine._decide  # the engine's synchronous hot path, one event at a time
+        read = 0
+        for event in events:
+            read += 1
+            when = event.time
+            tally.event(event)
+            if when > clock.now():
+                due = clock.next_deadline()
+                if due is not None and due < when:
+                    await self._timers(before=when)
+                clock.advance(when, inclusive=False)  # timers due at `when` fire after it
+            elif when < clock.now():
+                tally.out_of_order += 1
+            mark = hub.satisfied + self._cancels
+            decide(event, self._pending)
+            # runs to start, evidence for a waiting run, or a run cancelled: let them act
+            if self._pending.runs or hub.satisfied + self._cancels != mark:
+                await self._commit()
+                await self._settle()
+            elif len(self._pending.batch.decisions) >= COMMIT_EVERY:
+                await self._commit()
+            if progress is not None and not read & 1023:
+                progress(read)
+        await self._commit()
+        last = clock.now()
+        await self._timers(before=last + END_HORIZON)
+        await self._end(last + END_HORIZON)
+        if progress is not None:
+            progress(read)
+        return await tally.report(self, time.perf_counter() - began, read)
+
+    async def _timers(self, before: float) -> None:
+        """Fire every timer due before ``before``, one deadline at a time."""
+        clock = self.clock
+        await self._commit()
+        while (due := clock.next_deadline()) is not None and due < before:
+            clock.advance(due)
+            await self._settle()
+
+    async def _commit(self) -> None:
+        pending = self._pending
+        self._pending = _Pending(Batch(), [])
+        if pending.batch:
+            await self.store.commit(pending.batch)
+        self.tally.decisions(pending.batch.decisions)
+        if pending.runs:
+            self._dispatch(pending.runs)
+
+    async def _settle(self) -> None:
+        """Return once every run is finished or waits for the clock or an event, and the
+        outcome events of the runs that finished are decided."""
+        while True:
+            await self._quiesce()
+            if not self._feedback:
+                return
+            while self._feedback:  # outcome events may start runs or be evidence too
+                event = self._feedback.popleft()
+                self.tally.fed_back += 1
+                self.engine._decide(event, self._pending)
+            await self._commit()
+
+    async def _quiesce(self) -> None:
+        store, clock, dispatcher = self.store, self.clock, self.dispatcher
+        quiet, last = 0, (-1, -1, -1)
+        while quiet < QUIET_TURNS:
+            if store.in_flight:
+                await store.idle.wait()
+                quiet = 0
+                continue
+            await asyncio.sleep(0)  # every callback ready now runs before this returns
+            mark = (store.calls, clock.changes, dispatcher.active())
+            quiet = quiet + 1 if mark == last else 0
+            last = mark
+
+    async def _end(self, horizon: float) -> None:
+        """Runs still active at the horizon are cancelled: the simulation ended them."""
+        self.clock.advance(horizon)
+        self._ending = True
+        for run_id in sorted(self._active):
+            if await self.dispatcher.cancel(run_id):
+                self.tally.ended_by_simulation += 1
+        await self._settle()
+
+
+async def run_simulation(config: LoopdConfig, files: list[EventFile], *,
+                         csv_source: str = CSV_SOURCE, first_runs: int = 10,
+                         meter: Meter | None = None,
+                         progress: Callable[[int], None] | None = None) -> Report:
+    """Replay ``files`` through ``config``'s rules and workflows; the report of the run."""
+    events = read_events(files, csv_source=csv_source, meter=meter)
+    async with Simulation(config, csv_source=csv_source, first_runs=first_runs) as sim:
+        report = await sim.replay(events, progress)
+    report.files = [str(f.path) for f in files]
+    return report
