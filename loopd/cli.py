@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT for the API (overrides the config)")
     check = sub.add_parser("check", help="validate config, rules, packs and workflows")
     check.add_argument("-c", "--config", type=Path, default=Path("config/loopd.yaml"))
+    demo = sub.add_parser("demo", help="a closed loop on a simulated fleet, narrated")
+    demo.add_argument("-c", "--config", type=Path, default=Path("config/demo.yaml"))
+    demo.add_argument("--listen", help="HOST:PORT for the API (overrides the config)")
+    demo.add_argument("--exit", action="store_true",
+                      help="stop when the scenario is over instead of keeping the API up")
     sim = sub.add_parser(
         "simulate", help="replay recorded events through the rules and workflows, "
         "actions in dry run, event time as the clock; print (and write) a report")
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return check(args.config)
     if args.command == "simulate":
         return simulate(args)
+    if args.command == "demo":
+        return demo(args.config, args.listen, args.exit)
     return run(args.config, args.listen)
 
 
@@ -64,6 +71,23 @@ def _config(path: Path, listen: str | None = None) -> LoopdConfig | None:
     except ConfigError as exc:
         print(f"loopd: {exc}", file=sys.stderr)
         return None
+
+
+def demo(path: Path, listen: str | None, exit_when_done: bool) -> int:
+    from loopd import logs
+    from loopd.demo import demo as run_demo
+
+    config = _config(path, listen)
+    if config is None:
+        return EXIT_CONFIG
+    logs.configure(config.log.format, config.log.level)
+    try:
+        return _run_loop(run_demo(config, exit_when_done=exit_when_done))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except (LoopdError, OSError) as exc:
+        print(f"loopd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def run(path: Path, listen: str | None) -> int:
@@ -80,7 +104,7 @@ def run(path: Path, listen: str | None) -> int:
         print(f"loopd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        _event_loop_runner()(daemon.run())
+        _run_loop(daemon.run())
     except StoreError as exc:
         print(f"loopd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -92,13 +116,14 @@ def run(path: Path, listen: str | None) -> int:
     return EXIT_OK
 
 
-def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop when it is installed (the `fast` extra)."""
     try:
         import uvloop
-
-        return uvloop.run
     except ImportError:
-        return asyncio.run
+        return asyncio.run(main)
+    result: T = uvloop.run(main)
+    return result
 
 
 def check(path: Path) -> int:

@@ -83,6 +83,34 @@ class KafkaSourceConfig(_SourceBase):
     commit_interval: Duration = 0.5
 
 
+class SimFault(Strict):
+    at: Duration                # seconds after start
+    host: str
+    service: str
+    stuck: bool = False         # no restart fixes it
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _at(cls, v: int | float | str) -> float:
+        return parse_duration(v)
+
+
+class SimSourceConfig(_SourceBase):
+    """A simulated fleet (``loopd demo``): telemetry from hosts whose services degrade."""
+
+    type: Literal["sim"]
+    hosts: list[str] = Field(min_length=1)
+    services: list[str] = Field(min_length=1)
+    interval: Duration = 1.0
+    recovery: Duration = 2.0    # seconds from a restart to healthy again
+    faults: list[SimFault] = Field(default_factory=list)
+
+    @field_validator("interval", "recovery", mode="before")
+    @classmethod
+    def _durations(cls, v: int | float | str) -> float:
+        return parse_duration(v)
+
+
 class KafkaSinkConfig(Strict):
     """A Kafka broker loopd only publishes to (publish actions, outcome events)."""
 
@@ -106,7 +134,8 @@ class MqttSinkConfig(Strict):
 SinkConfig = Annotated[KafkaSinkConfig | MqttSinkConfig, Field(discriminator="type")]
 
 SourceConfig = Annotated[
-    WebhookSourceConfig | AlertmanagerSourceConfig | MqttSourceConfig | KafkaSourceConfig,
+    WebhookSourceConfig | AlertmanagerSourceConfig | MqttSourceConfig | KafkaSourceConfig
+    | SimSourceConfig,
     Field(discriminator="type"),
 ]
 

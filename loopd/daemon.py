@@ -27,6 +27,7 @@ from loopd.config import (
     AlertmanagerSourceConfig,
     KafkaSourceConfig,
     LoopdConfig,
+    SimSourceConfig,
     SourceConfig,
     WebhookSourceConfig,
 )
@@ -40,6 +41,7 @@ from loopd.packs.registry import Action, PackRegistry
 from loopd.rules.guards import Guards
 from loopd.rules.loader import RuleSet, load_rules
 from loopd.sources.base import Source, Supervisor
+from loopd.sources.sim import Fleet, SimSource
 from loopd.sources.webhook import PushSource
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
@@ -54,10 +56,12 @@ log = structlog.get_logger("loopd")
 SHUTDOWN_GRACE = 3.0
 
 
-def build_source(config: SourceConfig) -> Source:
+def build_source(config: SourceConfig, fleets: dict[str, Fleet]) -> Source:
     """type -> Source class; a plain mapping, nothing registers itself on import."""
     if isinstance(config, WebhookSourceConfig | AlertmanagerSourceConfig):
         return PushSource(config)
+    if isinstance(config, SimSourceConfig):
+        return SimSource(config, fleets[config.name])
     if isinstance(config, KafkaSourceConfig):
         from loopd.sources.kafka import KafkaSource
 
@@ -142,8 +146,13 @@ class Daemon:
         )
         prometheus = PromQL(config.prometheus.url, config.prometheus.timeout) \
             if config.prometheus else None
+        self.fleets = {c.name: Fleet(c) for c in config.sources
+                       if isinstance(c, SimSourceConfig)}
+        services: dict[str, Any] = {"store": self.store}
+        if self.fleets:  # the sim pack's actions act on the simulated fleet
+            services["sim"] = next(iter(self.fleets.values()))
         self.tasks = TaskKinds(self.store, self.executor, prometheus=prometheus,
-                               services={"store": self.store})
+                               services=services)
         self.workflows = WorkflowRunner(
             self.store, lambda: self.registry, self.tasks, inventory=self.inventory,
             telemetry=self.engine.telemetry)
@@ -155,7 +164,7 @@ class Daemon:
         )
         self.engine.on_runs = self.dispatcher.submit
         self.engine.incidents.cancel_run = self.dispatcher.cancel_unstarted
-        self.sources = {c.name: build_source(c) for c in config.sources}
+        self.sources = {c.name: build_source(c, self.fleets) for c in config.sources}
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
         self.runner: web.AppRunner | None = None
         self.port: int | None = None

@@ -36,13 +36,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import aiosqlite
 import orjson
 
 from loopd.catalog.inventory import Inventory
@@ -223,42 +225,95 @@ def _event_time(event: Event) -> float:
 # -- the replay ------------------------------------------------------------------------------
 
 
-class _CountingStore(SqliteStore):
-    """A SqliteStore that knows whether a call is in flight: its writes complete on
-    aiosqlite's thread, so a run waiting for the store looks idle to the event loop.
-    ``_submit`` and ``_all`` are the two ways every store method reaches the database."""
+class _Cursor:
+    """An async face on a sqlite3 cursor, as SqliteStore uses aiosqlite's."""
 
-    def __init__(self, path: Path | str) -> None:
-        super().__init__(path)
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    async def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    async def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    async def __aenter__(self) -> _Cursor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cursor.close()
+
+
+class _Call:
+    """What ``execute`` returns: awaitable, and an ``async with`` block (like aiosqlite)."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = _Cursor(cursor)
+
+    def __await__(self) -> Generator[Any, None, _Cursor]:
+        return self._cursor.__aenter__().__await__()
+
+    async def __aenter__(self) -> _Cursor:
+        return self._cursor
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._cursor.__aexit__()
+
+
+class _SyncConnection:
+    """The part of aiosqlite's Connection SqliteStore uses, run in the caller's thread."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect(":memory:", isolation_level=None)
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> _Call:
+        return _Call(self._db.execute(sql, tuple(params)))
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> _Call:
+        return _Call(self._db.executemany(sql, rows))
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+class _ReplayStore(SqliteStore):
+    """SqliteStore (its schema and statements) on an in-memory database driven in the
+    event loop's thread, its writes buffered and written in one transaction when the runs
+    are quiescent (or before a read): nothing else runs while a simulation writes, and a
+    run's store call never waits on aiosqlite's thread, so the replay sees a run as
+    quiescent only when it waits for the clock or an event. ``calls`` counts every store
+    call, so the replay notices a run still making progress."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
         self.calls = 0
-        self.in_flight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._buffer: list[Batch | tuple[str, tuple[Any, ...]]] = []
 
-    def _enter(self) -> None:
-        self.calls += 1
-        self.in_flight += 1
-        self.idle.clear()
-
-    def _leave(self) -> None:
-        self.calls += 1
-        self.in_flight -= 1
-        if not self.in_flight:
-            self.idle.set()
+    async def open(self) -> None:
+        self._db = cast(aiosqlite.Connection, _SyncConnection())
+        await self._migrate()
 
     async def _submit(self, op: Batch | tuple[str, tuple[Any, ...]]) -> None:
-        self._enter()
-        try:
-            await super()._submit(op)
-        finally:
-            self._leave()
+        self.calls += 1
+        self._buffer.append(op)
+
+    async def flush(self) -> None:
+        """Write what is buffered, in order, in one transaction."""
+        if not self._buffer:
+            return
+        ops, self._buffer = self._buffer, []
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._write_all([(op, done) for op in ops])
+        done.result()  # raises the StoreError of a failed write
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        self._enter()
-        try:
-            return await super()._all(sql, params)
-        finally:
-            self._leave()
+        self.calls += 1
+        await self.flush()
+        return await super()._all(sql, params)
 
 
 class Simulation:
@@ -270,7 +325,7 @@ class Simulation:
                  first_runs: int = 10) -> None:
         self.config = config
         self.clock = VirtualClock()
-        self.store = _CountingStore(":memory:")
+        self.store = _ReplayStore()
         inventory = Inventory.load(config.inventory)
         self.registry, self.ruleset = load_packs_and_rules(config)
         registry = self.registry
@@ -401,28 +456,29 @@ class Simulation:
     async def _settle(self) -> None:
         """Return once every run is finished or waits for the clock or an event, and the
         outcome events of the runs that finished are decided."""
+        hub = self.kinds.hub
         while True:
             await self._quiesce()
             if not self._feedback:
                 return
+            mark = hub.satisfied + self._cancels
             while self._feedback:  # outcome events may start runs or be evidence too
                 event = self._feedback.popleft()
                 self.tally.fed_back += 1
                 self.engine._decide(event, self._pending)
+            if not self._pending.runs and hub.satisfied + self._cancels == mark:
+                return
             await self._commit()
 
     async def _quiesce(self) -> None:
         store, clock, dispatcher = self.store, self.clock, self.dispatcher
         quiet, last = 0, (-1, -1, -1)
         while quiet < QUIET_TURNS:
-            if store.in_flight:
-                await store.idle.wait()
-                quiet = 0
-                continue
             await asyncio.sleep(0)  # every callback ready now runs before this returns
             mark = (store.calls, clock.changes, dispatcher.active())
             quiet = quiet + 1 if mark == last else 0
             last = mark
+        await store.flush()
 
     async def _end(self, horizon: float) -> None:
         """Runs still active at the horizon are cancelled: the simulation ended them."""
