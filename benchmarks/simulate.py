@@ -1,24 +1,27 @@
 """Simulation benchmark: ``loopd simulate`` on NAB telemetry with the shipped rules.
 
-    python benchmarks/simulate.py --copies 5 --format jsonl csv
+    python benchmarks/simulate.py --copies 5 --alerts 0.02 --format jsonl csv
 
 The ten NAB CPU series (../shared/data/nab, 5-minute samples) are replayed ``--copies``
 times as a fleet: copy c of series S is host ``S-c``, its timestamps shifted by c
-minutes; one in ten events is an Alertmanager notification. Rules: the shipped
+minutes; after a sample, with probability ``--alerts``, comes an Alertmanager
+notification about the host (a critical alert: most start a run). Rules: the shipped
 ``rules/examples.yaml`` (``high-cpu-sustained``: ``for: 5m`` + throttle, and
 ``log-critical-alerts``) plus one rule whose workflow acts and waits for the CPU to come
 down (a confirm task fed by the replay). ``jsonl`` is one time-ordered JSON Lines file;
 ``csv`` is one CSV file per host, merged by the replay.
 
-Prints one JSON object per format: events, seconds (the replay, in process), events_per_s,
-runs and their outcomes, and the machine.
+The real CLI runs as a subprocess (``loopd simulate ... --report``); prints one JSON object
+per format: events, runs and their outcomes, seconds and events_per_s of the replay (from
+the report), total_s of the command, its peak RSS, and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, alert_corpus, emit, machine, rss_mb
-from loopd import logs
-from loopd.config import load_config
-from loopd.simulate import parse_event_file, run_simulation
-from loopd.simulate_report import Report
+from benchmarks.common import ROOT, alert_corpus, emit, machine
 
 NAB = ROOT.parent / "shared" / "data" / "nab"
 SERIES = sorted(NAB.glob("*cpu_utilization*.csv"))
@@ -78,10 +77,10 @@ def series() -> list[tuple[str, list[tuple[float, float]]]]:
     return out
 
 
-def write_inputs(folder: Path, copies: int, fmt: str) -> list[str]:
+def write_inputs(folder: Path, copies: int, fmt: str, alerts: float) -> list[str]:
     """The event files (as ``--events`` arguments) of the fleet."""
     rng = random.Random(7)
-    alerts = [a for a in alert_corpus() if a["severity"] == "critical"][:50]
+    corpus = [a for a in alert_corpus() if a["severity"] == "critical"][:50]
     lines: list[tuple[float, bytes]] = []
     args: list[str] = []
     for stem, rows in series():
@@ -97,8 +96,8 @@ def write_inputs(folder: Path, copies: int, fmt: str) -> list[str]:
                     lines.append((t + shift, orjson.dumps({
                         "id": f"{host}@{t + shift:.0f}", "topic": f"telemetry/{host}/cpu",
                         "key": host, "time": t + shift, "data": {"value": v}})))
-                if rng.random() < 0.1:  # an Alertmanager notification about this host
-                    alert = rng.choice(alerts)
+                if rng.random() < alerts:  # an Alertmanager notification about this host
+                    alert = rng.choice(corpus)
                     at = datetime.fromtimestamp(t + shift + 1, UTC).isoformat()
                     lines.append((t + shift + 1, orjson.dumps({"version": "4", "alerts": [{
                         "status": "firing", "startsAt": at, "endsAt": "0001-01-01T00:00:00Z",
@@ -125,39 +124,40 @@ def config(folder: Path) -> Path:
     return cfg
 
 
-async def measure(cfg: Path, args: list[str]) -> Report:
-    files = [parse_event_file(a) for a in args]
-    return await run_simulation(load_config(cfg), files, csv_source="webhook")
-
-
-def run_loop(coro: Any) -> Report:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)  # type: ignore[no-any-return]
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+def measure(cfg: Path, inputs: list[str], folder: Path) -> dict[str, Any]:
+    out = folder / "report.json"
+    cmd = [str(Path(sys.executable).parent / "loopd"), "simulate", "-c", str(cfg),
+           "--csv-source", "webhook", "--no-progress", "--report", str(out), "--events",
+           *inputs]
+    began = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    total = time.perf_counter() - began
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    report["total_s"] = round(total, 3)
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=5, help="hosts per NAB series")
+    parser.add_argument("--alerts", type=float, default=0.02,
+                        help="probability of an Alertmanager notification after a sample")
     parser.add_argument("--format", nargs="+", choices=["jsonl", "csv"], default=["jsonl"])
     args = parser.parse_args()
-    logs.configure("json", "error")
     for fmt in args.format:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             # jsonl: one file with everything; csv: telemetry per host, alerts in JSON Lines
-            inputs = write_inputs(folder, args.copies, fmt)
-            began = time.perf_counter()
-            report = run_loop(measure(config(folder), inputs))
-            total = time.perf_counter() - began
-        data = report.data
+            inputs = write_inputs(folder, args.copies, fmt, args.alerts)
+            report = measure(config(folder), inputs, folder)
+        runs = report["runs"]
         emit({"name": "simulate", "format": fmt, "files": len(inputs),
-              "events": data["events"]["read"], "seconds": data["wall"]["seconds"],
-              "events_per_s": data["wall"]["events_per_s"], "total_s": round(total, 3),
-              "decisions": data["decisions"], "runs": data["runs"]["by_outcome"],
-              "rss_mb": round(rss_mb(), 1), "machine": machine()})
+              "events": report["events"]["read"], "decisions": report["decisions"],
+              "runs": runs["created"], "outcomes": runs["by_outcome"],
+              "seconds": report["wall"]["seconds"],
+              "events_per_s": report["wall"]["events_per_s"], "total_s": report["total_s"],
+              "rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+              "machine": machine()})
 
 
 if __name__ == "__main__":

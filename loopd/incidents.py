@@ -238,7 +238,7 @@ class Incidents:
         if rule is not None and run.key is not None and run.incident_id is not None:
             reason = self.guards.run_ended(rule.name, run.key, run.outcome or "",
                                            rule.rule.guards, now)
-            changed = True
+            changed = self.guards.remembers(rule.rule.guards)
             if reason is not None:
                 self._escalate(rule, run.key, reason, now, None, starts)
         incident_id = run.incident_id

@@ -153,11 +153,18 @@ class Guards:
         if busy[key] <= 0:
             del busy[key]
 
+    def remembers(self, policy: RuleGuards) -> bool:
+        """Whether outcomes of this rule's runs feed a guard (and its saved state)."""
+        return policy.flapping is not None or policy.breaker is not None
+
     def run_ended(self, rule: str, key: str, outcome: str, policy: RuleGuards, now: float
                   ) -> str | None:
         """Record an outcome; returns a reason when a breaker just opened (escalate once)."""
         if outcome == states.FIXED:
-            self.fixes[f"{rule}|{key}"].append(now)
+            if policy.flapping is not None:  # only rules that watch for flapping remember
+                fixes = self.fixes[f"{rule}|{key}"]
+                fixes.append(now)
+                del fixes[: max(0, len(fixes) - 64)]
             return None
         breaker = policy.breaker
         if breaker is None or outcome not in NOT_FIXED:

@@ -94,6 +94,14 @@ class Window(_Strict):
     rules: list[str] | None = None    # only these rules (global windows)
     groups: list[str] | None = None   # only entities of these inventory groups
 
+    @field_validator("from_", "to", mode="before")
+    @classmethod
+    def _clock(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted 22:00 as the base-60 integer 1320 (minutes)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 24 * 60:
+            return f"{v // 60:02d}:{v % 60:02d}"
+        return v
+
     @field_validator("days")
     @classmethod
     def _days(cls, v: list[str] | None) -> list[str] | None:
