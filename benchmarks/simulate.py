@@ -13,14 +13,13 @@ down (a confirm task fed by the replay). ``jsonl`` is one time-ordered JSON Line
 
 The real CLI runs as a subprocess (``loopd simulate ... --report``); prints one JSON object
 per format: events, runs and their outcomes, seconds and events_per_s of the replay (from
-the report), total_s of the command, its peak RSS, and the machine.
+the report), total_s of the command, its peak RSS (from the report), and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -143,12 +142,21 @@ def main() -> None:
     parser.add_argument("--alerts", type=float, default=0.02,
                         help="probability of an Alertmanager notification after a sample")
     parser.add_argument("--format", nargs="+", choices=["jsonl", "csv"], default=["jsonl"])
+    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate is not None:  # a process of its own: the one measured stays small
+        print(orjson.dumps(write_inputs(args.generate, args.copies, args.format[0],
+                                        args.alerts)).decode())
+        return
     for fmt in args.format:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             # jsonl: one file with everything; csv: telemetry per host, alerts in JSON Lines
-            inputs = write_inputs(folder, args.copies, fmt, args.alerts)
+            made = subprocess.run(
+                [sys.executable, __file__, "--generate", tmp, "--copies", str(args.copies),
+                 "--alerts", str(args.alerts), "--format", fmt],
+                check=True, capture_output=True, text=True).stdout
+            inputs: list[str] = orjson.loads(made)
             report = measure(config(folder), inputs, folder)
         runs = report["runs"]
         emit({"name": "simulate", "format": fmt, "files": len(inputs),
@@ -156,8 +164,7 @@ def main() -> None:
               "runs": runs["created"], "outcomes": runs["by_outcome"],
               "seconds": report["wall"]["seconds"],
               "events_per_s": report["wall"]["events_per_s"], "total_s": report["total_s"],
-              "rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-              "machine": machine()})
+              "rss_mb": report["wall"]["peak_rss_mb"], "machine": machine()})
 
 
 if __name__ == "__main__":

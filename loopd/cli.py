@@ -159,7 +159,8 @@ def simulate(args: argparse.Namespace) -> int:
     import orjson
 
     from loopd import logs
-    from loopd.simulate import parse_event_file, run_simulation
+    from loopd.simulate import run_simulation
+    from loopd.simulate_input import parse_event_file
     from loopd.simulate_report import Meter, Progress
 
     config = _config(args.config)

@@ -81,6 +81,7 @@ class KafkaSourceConfig(_SourceBase):
     dead_letter_topic: str | None = None
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     commit_interval: Duration = 0.5
+    session_timeout: Duration = 10.0  # consumer group session: how fast a dead member is noticed
 
 
 class SimFault(Strict):

@@ -164,6 +164,7 @@ class Daemon:
         )
         self.engine.on_runs = self.dispatcher.submit
         self.engine.incidents.cancel_run = self.dispatcher.cancel_unstarted
+        self.engine.incidents.restart_run = self.dispatcher.cancel_run
         self.sources = {c.name: build_source(c, self.fleets) for c in config.sources}
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
         self.runner: web.AppRunner | None = None

@@ -78,6 +78,7 @@ class Engine:
         self.incidents = Incidents(self.guards, self.inventory)
         self._timers = ForTimers()
         self._in_flight = 0
+        self._latest: float | None = None  # the latest event time decided (event clocks)
         self._idle = asyncio.Event()
         self._idle.set()
         self.ruleset = rules
@@ -126,18 +127,42 @@ class Engine:
     def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
         return self.incidents.open.get((rule, key))
 
+    def now(self) -> float:
+        """The engine's clock outside an event: the wall clock, or with an event-time clock
+        the latest event time decided, so that guards compare times of one clock."""
+        if self.clock is wall_clock or self._latest is None:
+            return time.time()
+        return self._latest
+
     async def run_finished(self, run: RunRecord) -> None:
         """A run ended: start what its incident queued, feed the guards, close the incident."""
-        starts, incident, changed = self.incidents.run_finished(run, time.time())
+        starts, incident, changed = self.incidents.run_finished(run, self.now())
         for nxt in starts:
             await self.store.save_run(nxt)  # durable before it is handed over
         if incident is not None:
             await self.store.close_incident(incident.id, incident.closed or time.time(),
                                             incident.outcome or "")
-        if changed:
-            await self.store.kv_put("guards", "state", self.guards.state())
-        if starts and self.on_runs is not None:
-            self.on_runs(starts)
+        if changed or self.guards.dirty:
+            await self.save_guards()
+        if starts:
+            self.hand_over(starts)
+
+    def hand_over(self, runs: list[RunRecord]) -> None:
+        """Give durable runs to ``on_runs`` (the dispatcher), then cancel those whose
+        cancellation was asked while they were being written (alert resolved, restart
+        mode). Whoever drives ``_decide`` itself hands its runs over through this."""
+        if self.on_runs is not None:
+            self.on_runs(runs)
+        unsubmitted, cancel = self.incidents.unsubmitted, self.incidents.cancel_run
+        for run in runs:
+            why = unsubmitted.pop(run.id, None)
+            if why is not None and cancel is not None:
+                cancel(run.id, why)
+
+    async def save_guards(self) -> None:
+        """Persist the guards' memory (breakers, failures, fixes, flapping escalations)."""
+        self.guards.dirty = False
+        await self.store.kv_put("guards", "state", self.guards.state())
 
     # -- the two halves -------------------------------------------------------------
 
@@ -173,14 +198,20 @@ class Engine:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             delay = 0.05
+            if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
+                try:
+                    await self.save_guards()
+                except StoreError as exc:  # still dirty: the next batch tries again
+                    self.guards.dirty = True
+                    metrics.log.error("saving guard state failed", error=str(exc))
             done = time.monotonic()
             for delivery in pending.deliveries:
                 delivery.ack()
                 metrics.DECISION_SECONDS.observe(done - delivery.received)
             for d in pending.batch.decisions:
                 metrics.DECISIONS.labels(d.rule, d.outcome).inc()
-            if pending.runs and self.on_runs is not None:
-                self.on_runs(pending.runs)
+            if pending.runs:
+                self.hand_over(pending.runs)
             self._in_flight -= len(pending.deliveries)
             if self._in_flight <= 0:
                 self._in_flight = 0
@@ -201,6 +232,8 @@ class Engine:
         ident: tuple[str, str] | None = None
         matched = False
         now = self.clock(event)
+        if self._latest is None or now > self._latest:
+            self._latest = now
         for rule in candidates:
             tvars = rule.accepts(event)
             if tvars is None:
@@ -255,7 +288,12 @@ class Engine:
                     event.source, event.id, name, key, "suppressed",
                     f"for: held {now - since:.0f}s of {rule.for_s:g}s", now))
                 return
+        before = len(pending.runs)
         self.incidents.decide(rule, event, key, scope, now, batch, pending.runs)
+        if rule.for_s is not None and len(pending.runs) > before and self._timers.reset(
+                name, key):
+            # acted: the condition must hold for the whole duration again before the next run
+            batch.timers_cleared.append((name, key))
 
     def _remember(self, ident: tuple[str, str]) -> None:
         recent = self._recent

@@ -53,6 +53,12 @@ class Incidents:
         self.by_fingerprint: dict[str, set[str]] = {}
         self.policies: dict[str, CompiledRule] = {}
         self.cancel_run: CancelRun | None = None  # the dispatcher's cancel_unstarted
+        # restart mode cancels the old run even when it already acts (the dispatcher's
+        # cancel_run); without it only a run that has not acted yet is cancelled
+        self.restart_run: CancelRun | None = None
+        # runs decided but not handed to the dispatcher yet (the engine hands them over once
+        # durable): a cancellation asked meanwhile is kept here, run id -> why
+        self.unsubmitted: dict[str, str | None] = {}
 
     # -- restore --------------------------------------------------------------------
 
@@ -125,7 +131,7 @@ class Incidents:
             return
         if policy.mode == "shadow":
             self.throttles.record(name, key, now)
-            self.guards.run_started(name, key, now)
+            self.guards.run_started(name, key, now, policy.guards.max_runs)
             record("shadow", f"would run {rule.kind} {rule.target} (shadow mode)")
             return
         scope["entity"] = self.inventory.entities.get(key)
@@ -141,7 +147,7 @@ class Incidents:
         if status == states.AWAITING_APPROVAL:
             run.progress = {"gate": {"deadline": now + policy.approval.within}}
         self.throttles.record(name, key, now)
-        self.guards.run_started(name, key, now)
+        self.guards.run_started(name, key, now, policy.guards.max_runs)
         if incident is None:
             incident = IncidentRecord(new_id(), name, key, "open", now, run_id=run.id)
             self.open[(name, key)] = incident
@@ -165,13 +171,23 @@ class Incidents:
             slot.queued.append(run)
             record(outcome, f"after {len(slot.queued) - 1} queued run(s)", incident, run.id)
             return
-        if outcome == "restarted" and self.cancel_run is not None:
+        if outcome == "restarted":
             for old in list(slot.active):
-                self.cancel_run(old, f"restarted by event {event.id}")
+                self._cancel(self.restart_run or self.cancel_run, old,
+                             f"restarted by event {event.id}")
         incident.run_id = run.id
         slot.active.add(run.id)
         runs.append(run)
+        self.unsubmitted[run.id] = None
         record(outcome, None, incident, run.id)
+
+    def _cancel(self, cancel: CancelRun | None, run_id: str, reason: str) -> bool:
+        if cancel is not None and cancel(run_id, reason):
+            return True
+        if run_id in self.unsubmitted:  # the engine cancels it as it hands it over
+            self.unsubmitted[run_id] = reason
+            return True
+        return False
 
     @staticmethod
     def _suppress(record: Callable[..., None], rule: str, guard: str, reason: str) -> None:
@@ -222,8 +238,8 @@ class Incidents:
                 batch.run_updates.append(run)
                 cancelled.append(run.id)
             for run_id in list(slot.active):
-                if self.cancel_run is not None and self.cancel_run(
-                        run_id, f"alert resolved ({event.id}) before the run acted"):
+                if self._cancel(self.cancel_run, run_id,
+                                f"alert resolved ({event.id}) before the run acted"):
                     cancelled.append(run_id)
         return cancelled
 
@@ -234,6 +250,7 @@ class Incidents:
         """(runs to start now, the incident to close or None, guard state changed)."""
         starts: list[RunRecord] = []
         changed = False
+        self.unsubmitted.pop(run.id, None)  # normally gone at hand-over already
         rule = self.policies.get(run.rule or "")
         if rule is not None and run.key is not None and run.incident_id is not None:
             reason = self.guards.run_ended(rule.name, run.key, run.outcome or "",
@@ -250,6 +267,7 @@ class Incidents:
             nxt = slot.queued.popleft()
             nxt.status = states.PENDING
             slot.active.add(nxt.id)
+            self.unsubmitted[nxt.id] = None
             starts.append(nxt)
             return starts, None, changed
         if slot.active:

@@ -13,50 +13,38 @@ How time moves: the engine's clock is each event's ``time``; the workflows run o
 VirtualClock. Before an event at T, every timer due before T (delay, retry, confirmation
 deadline, approval expiry, timeout) fires, one deadline at a time in order, and the
 replay waits until the runs are quiescent (each finished, or waiting for the clock or an
-event); then the event is decided at T. An event that creates runs is committed, its
-runs dispatched, and the replay waits for quiescence again, so their confirmations see
-the next event. After the last event the clock moves past every pending deadline (at
-most ``END_HORIZON`` beyond it; runs still going then are cancelled).
+event); then the event is decided at T. An event that creates runs, is evidence for a
+waiting run or cancels one is committed, its runs dispatched, and the replay waits for
+quiescence again, so the runs' confirmations see the next event. After the last event
+the clock moves past every pending deadline (at most ``END_HORIZON`` beyond it; runs
+still going then are cancelled).
 
-Inputs, merged in time order (each file is expected in time order; an event older than
-the clock is decided at its own time and counted as out of order):
-
-* JSON Lines: a generic event ``{id?, source?, topic, key?, time, data}`` (source
-  ``webhook`` by default) or an Alertmanager webhook payload (version 4, one event per
-  alert, source ``alertmanager``) per line;
-* CSV telemetry ``timestamp,value``: host = file stem unless ``FILE:host=NAME``, topic
-  ``telemetry/<host>/<metric>`` (metric ``value`` unless ``FILE:metric=NAME``), data
-  ``{"value": float}``, key = host.
-
-The first invalid line stops the replay with ``DecodeError`` naming ``FILE:LINE``.
+Inputs (JSON Lines events or Alertmanager payloads, CSV telemetry) are read by
+loopd.simulate_input; the first invalid line stops the replay with ``DecodeError``
+naming ``FILE:LINE``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, cast
 
 import aiosqlite
-import orjson
 
 from loopd.catalog.inventory import Inventory
 from loopd.config import LoopdConfig
 from loopd.daemon import load_packs_and_rules, outcome_event
 from loopd.engine import Engine, _Pending
-from loopd.errors import DecodeError
-from loopd.events import Event, parse_time
+from loopd.events import Event
 from loopd.packs.executor import Executor
 from loopd.rules.guards import Guards
+from loopd.simulate_input import CSV_SOURCE, EventFile, event_time, read_events
 from loopd.simulate_report import Meter, Report, Tally
-from loopd.sources.webhook import alertmanager_events, generic_events
 from loopd.store.base import Batch, RunRecord
 from loopd.store.sqlite import SqliteStore
 from loopd.workflow import states
@@ -65,164 +53,9 @@ from loopd.workflow.dispatcher import Dispatcher
 from loopd.workflow.runner import WorkflowRunner
 from loopd.workflow.tasks import TaskKinds
 
-CSV_SOURCE = "telemetry"
-WEBHOOK_SOURCE = "webhook"
-ALERTMANAGER_SOURCE = "alertmanager"
 END_HORIZON = 7 * 86400.0
 COMMIT_EVERY = 5000   # decisions per store transaction when no run forces a commit
 QUIET_TURNS = 8       # loop turns with nothing moving before the runs count as quiescent
-_OPTIONS = ("host", "metric")
-
-# -- inputs ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EventFile:
-    path: Path
-    kind: str  # "csv" | "jsonl"
-    host: str | None = None
-    metric: str = "value"
-
-
-def parse_event_file(arg: str) -> EventFile:
-    """``FILE`` or ``FILE:host=NAME,metric=NAME`` (the options are for CSV telemetry)."""
-    path, options = arg, {}
-    head, sep, tail = arg.rpartition(":")
-    if sep and head and "=" in tail and "/" not in tail:
-        path = head
-        for part in tail.split(","):
-            name, eq, value = (s.strip() for s in part.partition("="))
-            if not eq or name not in _OPTIONS or not value:
-                raise DecodeError(f"bad option {part!r} (use FILE:host=NAME,metric=NAME)",
-                                  origin=arg)
-            options[name] = value
-    file = Path(path)
-    suffix = file.suffix.lower()
-    if suffix == ".csv":
-        kind = "csv"
-    elif suffix in (".jsonl", ".json", ".ndjson"):
-        kind = "jsonl"
-    else:  # sniff: JSON Lines start with an object
-        try:
-            with file.open("rb") as f:
-                kind = "jsonl" if f.read(64).lstrip().startswith(b"{") else "csv"
-        except OSError as exc:
-            raise DecodeError(f"cannot read: {exc.strerror}", origin=path) from None
-    if options and kind != "csv":
-        raise DecodeError("host= and metric= are options of CSV telemetry files", origin=arg)
-    return EventFile(file, kind, options.get("host"), options.get("metric", "value"))
-
-
-def _json_line(line: bytes, where: str) -> list[Event]:
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise DecodeError(f"malformed JSON: {exc}", origin=where) from None
-    if not isinstance(obj, dict):
-        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}", origin=where)
-    if "alerts" in obj:
-        items = alertmanager_events(obj, source=ALERTMANAGER_SOURCE, origin=where)
-    else:
-        source = obj.get("source", WEBHOOK_SOURCE)
-        if not isinstance(source, str) or not source:
-            raise DecodeError("field 'source' must be a non-empty string", origin=where)
-        if not isinstance(obj.get("topic"), str):
-            raise DecodeError("field 'topic' must be a string", origin=where)
-        if obj.get("time") is None:
-            raise DecodeError("field 'time' is required: event time is the simulation's clock",
-                              origin=where)
-        if not isinstance(obj.get("data"), dict):
-            raise DecodeError("field 'data' must be an object", origin=where)
-        items = generic_events(obj, source=source, origin=where)
-    events = []
-    for item in items:
-        if isinstance(item, DecodeError):
-            raise item
-        events.append(item)
-    if len(events) > 1:  # the alerts of one notification, in time order
-        events.sort(key=_event_time)
-    return events
-
-
-def read_jsonl(spec: EventFile, meter: Meter) -> Iterator[Event]:
-    with _open(spec.path) as f:
-        for lineno, line in enumerate(f, 1):
-            meter.bytes += len(line)
-            line = line.strip()
-            if line:
-                yield from _json_line(line, f"{spec.path}:{lineno}")
-
-
-def _csv_time(text: str, where: str) -> float:
-    if text.replace(".", "", 1).isdigit():  # epoch seconds (or milliseconds)
-        return parse_time(float(text), origin=where)
-    return parse_time(text, origin=where)
-
-
-def read_csv(spec: EventFile, source: str, meter: Meter) -> Iterator[Event]:
-    host = spec.host or spec.path.stem
-    metric = spec.metric
-    topic = f"telemetry/{host}/{metric}"
-    with _open(spec.path) as f:
-        header = f.readline()
-        meter.bytes += len(header)
-        columns = [c.strip().lower() for c in header.decode("utf-8-sig", "replace").split(",")]
-        if "timestamp" not in columns or "value" not in columns:
-            raise DecodeError("the header must name the columns timestamp and value, got "
-                              f"{header.strip().decode(errors='replace')!r}",
-                              origin=f"{spec.path}:1")
-        ti, vi = columns.index("timestamp"), columns.index("value")
-        width = max(ti, vi) + 1
-        for lineno, raw in enumerate(f, 2):
-            meter.bytes += len(raw)
-            where = f"{spec.path}:{lineno}"
-            try:
-                line = raw.decode().strip()
-            except UnicodeDecodeError:
-                raise DecodeError("not UTF-8 text", origin=where) from None
-            if not line:
-                continue
-            cells = line.split(",")
-            if len(cells) < width:
-                raise DecodeError(f"expected {len(columns)} columns, got {len(cells)}",
-                                  origin=where)
-            stamp = cells[ti].strip()
-            try:
-                value = float(cells[vi])
-            except ValueError:
-                raise DecodeError(f"value {cells[vi].strip()!r} is not a number",
-                                  origin=where) from None
-            yield Event(id=f"{host}/{metric}@{stamp}", source=source, topic=topic,
-                        data={"value": value}, key=host, time=_csv_time(stamp, where),
-                        origin=where)
-
-
-@contextlib.contextmanager
-def _open(path: Path) -> Iterator[Any]:
-    try:
-        f = path.open("rb")
-    except OSError as exc:
-        raise DecodeError(f"cannot read: {exc.strerror}", origin=str(path)) from None
-    with f:
-        yield f
-
-
-def read_events(files: list[EventFile], *, csv_source: str = CSV_SOURCE,
-                meter: Meter | None = None) -> Iterator[Event]:
-    """Every file's events, merged in time order (ties: the files' order)."""
-    meter = meter if meter is not None else Meter()
-    streams = [read_csv(f, csv_source, meter) if f.kind == "csv" else read_jsonl(f, meter)
-               for f in files]
-    if len(streams) == 1:
-        return streams[0]
-    return heapq.merge(*streams, key=_event_time)
-
-
-def _event_time(event: Event) -> float:
-    return event.time
-
-
-# -- the replay ------------------------------------------------------------------------------
 
 
 class _Cursor:
@@ -316,6 +149,20 @@ class _ReplayStore(SqliteStore):
         return await super()._all(sql, params)
 
 
+class _ReplayEngine(Engine):
+    """The engine on event time. Between events (a run ending at its confirmation
+    deadline, say) its clock is the replay's VirtualClock: the instant the run ended,
+    not the time of the latest event decided, so breakers and flapping windows count
+    from when it really happened."""
+
+    def __init__(self, *args: Any, virtual: VirtualClock, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._virtual = virtual
+
+    def now(self) -> float:
+        return self._virtual.now()
+
+
 class Simulation:
     """The engine and workflow half of loopd, wired as loopd.daemon wires them, on a
     VirtualClock and an in-memory store; ``replay`` feeds it events and returns the
@@ -330,8 +177,8 @@ class Simulation:
         self.registry, self.ruleset = load_packs_and_rules(config)
         registry = self.registry
         executor = Executor(registry, {})  # dry run: no runner is ever asked to act
-        self.engine = Engine(
-            self.store, self.ruleset, inventory=inventory, clock=_event_time,
+        self.engine = _ReplayEngine(
+            self.store, self.ruleset, virtual=self.clock, inventory=inventory, clock=event_time,
             guards=Guards(config.guards, inventory), dedup_window=config.engine.dedup_window,
             telemetry_sources=frozenset(
                 [c.name for c in config.sources if c.telemetry] + [csv_source]))
@@ -345,6 +192,7 @@ class Simulation:
             workflows=self.workflows, dry_run=True, on_finished=self._finished)
         self.engine.on_runs = self._dispatch
         self.engine.incidents.cancel_run = self._cancel_unstarted
+        self.engine.incidents.restart_run = self._cancel_run
         self.tally = Tally(first_runs)
         self._pending = _Pending(Batch(), [])
         self._feedback: deque[Event] = deque()
@@ -379,6 +227,12 @@ class Simulation:
         """The engine cancels a run that has not acted (its alert resolved): the replay
         lets that run end before the next event."""
         cancelled = self.dispatcher.cancel_unstarted(run_id, reason)
+        self._cancels += cancelled
+        return cancelled
+
+    def _cancel_run(self, run_id: str, reason: str) -> bool:
+        """The engine cancels a run acting or not (run_mode restart), likewise."""
+        cancelled = self.dispatcher.cancel_run(run_id, reason)
         self._cancels += cancelled
         return cancelled
 
@@ -482,6 +336,8 @@ class Simulation:
 
     async def _end(self, horizon: float) -> None:
         """Runs still active at the horizon are cancelled: the simulation ended them."""
+        if not self._active:
+            return
         self.clock.advance(horizon)
         self._ending = True
         for run_id in sorted(self._active):

@@ -11,6 +11,7 @@ the first runs (key, start, end) listed.
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from collections import Counter
@@ -174,7 +175,9 @@ class Tally:
                      "by_workflow": workflows,
                      "first": [_run_row(r) for r in first]},
             "wall": {"seconds": round(seconds, 3),
-                     "events_per_s": round(read / seconds) if seconds > 0 else None},
+                     "events_per_s": round(read / seconds) if seconds > 0 else None,
+                     "peak_rss_mb": round(
+                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
         }
         return Report(data)
 
@@ -223,7 +226,7 @@ class Report:
                f"{d['wall']['seconds']:g}s ({d['wall']['events_per_s'] or 0:,} events/s)",
                f"  rejected {ev['rejected']}, duplicates {ev['duplicates']}, out of time order "
                f"{ev['out_of_order']}, outcome events fed back {ev['fed_back']}",
-               f"  by source: {_pairs(ev['by_source'])}",
+               f"  by source: {_pairs(ev['by_source']) or 'none'}",
                f"time: {iso(span['first'])} .. {iso(span['last'])} ({duration(span['seconds'])})"
                f", simulated until {iso(span['simulated_until'])}",
                f"rules: {rules['loaded']} loaded, {len(rules['errors'])} error(s)"]

@@ -83,6 +83,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    engine = request.app[CTX].engine
+    # budgets free up as their window slides, with no event to say so: refresh the gauge
+    engine.guards.publish_budgets(engine.incidents.policy_map(), engine.now())
     return web.Response(body=metrics.exposition(),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
@@ -107,10 +110,8 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def guards(request: web.Request) -> web.Response:
-    import time
-
     engine = request.app[CTX].engine
-    return json_response(engine.guards.snapshot(engine.incidents.policy_map(), time.time()))
+    return json_response(engine.guards.snapshot(engine.incidents.policy_map(), engine.now()))
 
 
 async def close_breaker(request: web.Request) -> web.Response:
@@ -119,7 +120,7 @@ async def close_breaker(request: web.Request) -> web.Response:
     if not engine.guards.close_breaker(scope):
         return error(404, f"no open circuit breaker {scope!r} (scopes are a rule name, "
                           "or rule|key for per-key breakers)")
-    await engine.store.kv_put("guards", "state", engine.guards.state())
+    await engine.save_guards()
     return json_response({"scope": scope, "state": "closed"})
 
 

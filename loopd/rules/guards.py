@@ -54,6 +54,7 @@ class Guards:
     flapping: dict[str, float] = field(default_factory=dict)  # scope -> escalated at
     remediating: dict[str, dict[str, int]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    dirty: bool = False  # memory changed outside run_ended: the engine saves it
 
     # -- the check ------------------------------------------------------------------
 
@@ -79,18 +80,21 @@ class Guards:
                 if now < state.until:
                     return Verdict("breaker", f"circuit open since {state.reason}")
                 del self.breakers[scope]  # cool-off over: closed again
+                self.dirty = True
                 metrics.circuit(rule, False)
         if policy.flapping is not None:
             scope = f"{rule}|{key}"
             fixed = _count_since(self.fixes.get(scope), now - policy.flapping.within)
             if fixed >= policy.flapping.fixes:
                 first = scope not in self.flapping
-                if first:
+                if first:  # saved by the engine, so a restart does not escalate again
                     self.flapping[scope] = now
+                    self.dirty = True
                 reason = (f"fixed {fixed} times within {policy.flapping.within:g}s: "
                           "the fix does not hold")
                 return Verdict("flapping", reason, reason if first else None)
-            self.flapping.pop(scope, None)
+            if self.flapping.pop(scope, None) is not None:
+                self.dirty = True
         for budget, starts, what in (
             (policy.max_runs, self.starts.get(rule), "rule"),
             (policy.max_runs_per_key, self.key_starts.get((rule, key)), "key"),
@@ -100,7 +104,7 @@ class Guards:
                 return Verdict("budget", f"{what} budget of {budget.count} runs per "
                                          f"{budget.per:g}s is spent")
         radius = policy.blast_radius or self.config.blast_radius
-        if radius is not None and group is not None:
+        if radius is not None and group is not None and radius.group in (None, group):
             verdict = self._blast(radius, group, key)
             if verdict is not None:
                 return verdict
@@ -109,7 +113,7 @@ class Guards:
     def _window(self, rule: str, group: str | None, own: list[Window], now: float
                 ) -> Window | None:
         for window in own:
-            if window.active(now):
+            if window.applies(rule, group) and window.active(now):
                 return window
         for window in self.config.maintenance:
             if window.applies(rule, group) and window.active(now):
@@ -133,11 +137,15 @@ class Guards:
 
     # -- what happened -----------------------------------------------------------------
 
-    def run_started(self, rule: str, key: str, now: float) -> None:
+    def run_started(self, rule: str, key: str, now: float, budget: Budget | None = None
+                    ) -> None:
+        """Count a run start (or a shadow "would run"); ``budget``: the rule's max_runs."""
         for starts in (self.starts[rule], self.starts[_FLEET], self.key_starts[(rule, key)]):
             starts.append(now)
             if len(starts) > 4096:
                 del starts[:1024]
+        if budget is not None:
+            metrics.budget_remaining(rule, self.remaining(budget, self.starts[rule], now))
 
     def incident_opened(self, key: str) -> None:
         group = self.group_of(key)
@@ -212,14 +220,20 @@ class Guards:
             self.fixes[scope] = list(times)
         self.flapping.update(saved.get("flapping", {}))
 
-    def snapshot(self, policies: dict[str, RuleGuards], now: float) -> dict[str, Any]:
-        budgets = []
+    def publish_budgets(self, policies: dict[str, RuleGuards], now: float) -> dict[str, int]:
+        """Runs left per rule with a ``max_runs`` budget, also set as loopd_budget_remaining
+        (the window slides: the API and /metrics call this before answering)."""
+        left = {}
         for rule, policy in policies.items():
             if policy.max_runs is not None:
-                left = self.remaining(policy.max_runs, self.starts.get(rule), now)
-                metrics.budget_remaining(rule, left)
-                budgets.append({"rule": rule, "remaining": left, "count": policy.max_runs.count,
-                                "per_s": policy.max_runs.per})
+                left[rule] = self.remaining(policy.max_runs, self.starts.get(rule), now)
+                metrics.budget_remaining(rule, left[rule])
+        return left
+
+    def snapshot(self, policies: dict[str, RuleGuards], now: float) -> dict[str, Any]:
+        budgets = [{"rule": rule, "remaining": left, "count": b.count, "per_s": b.per}
+                   for rule, left in self.publish_budgets(policies, now).items()
+                   if (b := policies[rule].max_runs) is not None]
         if self.config.max_runs is not None:
             budgets.append({"rule": _FLEET, "count": self.config.max_runs.count,
                             "per_s": self.config.max_runs.per,

@@ -55,7 +55,7 @@ class BlastRadius(_Strict):
     """At most ``max`` entities (or a percentage) of one inventory group at once."""
 
     max: int | str
-    group: str | None = None  # default: the key's entity's `group` attribute
+    group: str | None = None  # limit only this group (default: whichever group the key is in)
 
     @field_validator("max")
     @classmethod
@@ -148,7 +148,9 @@ class Window(_Strict):
         finish = time.fromisoformat(self.to or "00:00")
         clock = local.time().replace(tzinfo=None)
         day = _DAYS[local.weekday()]
-        if begin <= finish:
+        if begin == finish:  # from 00:00 to 00:00: the whole day
+            return self.days is None or day in self.days
+        if begin < finish:
             return (self.days is None or day in self.days) and begin <= clock < finish
         # overnight (22:00-06:00): the evening belongs to `day`, the morning to the day before
         if clock >= begin:

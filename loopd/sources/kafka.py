@@ -133,10 +133,12 @@ class KafkaSource:
     member before its partitions move (some brokers also hold each join that long).
     """
 
-    def __init__(self, config: KafkaSourceConfig, *, session_timeout: float = 10.0) -> None:
+    def __init__(self, config: KafkaSourceConfig, *, session_timeout: float | None = None
+                 ) -> None:
         self.name = config.name
         self.config = config
-        self._session_timeout_ms = int(session_timeout * 1000)
+        timeout = config.session_timeout if session_timeout is None else session_timeout
+        self._session_timeout_ms = int(timeout * 1000)
         self._connected = False
         self._closing = asyncio.Event()
         self._finished: asyncio.Event | None = None

@@ -56,6 +56,7 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # runs handed over that have not started acting (pending, awaiting approval)
         self._unstarted: dict[str, str | None] = {}  # run id -> why it was cancelled
+        self._stopping: dict[str, str] = {}  # acting runs cancelled by loopd -> why
         self._gates: dict[str, asyncio.Future[tuple[bool, str | None]]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -76,6 +77,18 @@ class Dispatcher:
         task = self._tasks.get(run_id)
         if task is not None:
             task.cancel()
+        return True
+
+    def cancel_run(self, run_id: str, reason: str) -> bool:
+        """Cancel a run whether or not it has acted (run_mode restart); False when this
+        dispatcher does not have it."""
+        if self.cancel_unstarted(run_id, reason):
+            return True
+        task = self._tasks.get(run_id)
+        if task is None:
+            return False
+        self._stopping[run_id] = reason
+        task.cancel()
         return True
 
     def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
@@ -139,17 +152,19 @@ class Dispatcher:
         except asyncio.CancelledError:
             if self.shutting_down:
                 raise  # left as it is in the store; resumed at next start
-            why = self._unstarted.pop(run.id, None)
+            unstarted = run.id in self._unstarted  # never counted as running
+            why = self._unstarted.pop(run.id, None) or self._stopping.pop(run.id, None)
             if self.workflows is not None and run.kind == "workflow" and run.progress:
                 run.outcome = self.workflows.outcome(run, states.CANCELLED)
             await self._end(run, states.CANCELLED, why or "cancelled through the API",
-                            started=why is None)
+                            started=not unstarted)
         except Exception as exc:  # task boundary: a loopd bug ends this run, not the daemon
             log.exception("run crashed", run=run.id)
             await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
         finally:
             self._tasks.pop(run.id, None)
             self._unstarted.pop(run.id, None)
+            self._stopping.pop(run.id, None)
             if not self._tasks and self._inbox.empty():
                 self._idle.set()
 
@@ -204,7 +219,8 @@ class Dispatcher:
     async def _end(self, run: RunRecord, status: str, reason: str | None, *,
                    started: bool = False) -> None:
         now = time.time()
-        run.status, run.finished, run.reason = status, now, reason
+        # an ending without a reason keeps the one the run was created with (escalations)
+        run.status, run.finished, run.reason = status, now, reason or run.reason
         run.outcome = run.outcome or states.default_outcome(status)
         await self.store.save_run(run)
         if started:

@@ -28,7 +28,8 @@ RULE = "record-seen"
 
 def kafka_source(broker: KafkaBroker, topic: str, **extra: Any) -> dict[str, Any]:
     return {"name": "bus", "type": "kafka", "bootstrap": broker.bootstrap, "topics": [topic],
-            "group": f"loopd-{topic}", "commit_interval": "100ms", **extra}
+            "group": f"loopd-{topic}", "commit_interval": "100ms", "session_timeout": "2s",
+            **extra}
 
 
 def one_run_per_record(action: str = "core.noop") -> dict[str, Any]:

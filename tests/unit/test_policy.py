@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from loopd.config import load_config
 from loopd.rules.model import Rule
@@ -68,6 +68,15 @@ def test_a_weekly_window_holds_on_its_days_between_from_and_to() -> None:
     assert not window.active(at("2024-01-07T18:00:00+00:00"))  # Sunday, at `to`
     assert not window.active(at("2024-01-06T07:59:59+00:00"))  # Saturday, too early
     assert not window.active(at("2024-01-05T12:00:00+00:00"))  # Friday
+
+
+def test_equal_from_and_to_cover_the_whole_day() -> None:
+    """``from: "00:00", to: "00:00"`` holds all day long on its days, to midnight included."""
+    window = Window(days=["sat", "sun"], **{"from": "00:00"}, to="00:00")
+    assert window.active(at("2024-01-06T00:00:00+00:00"))
+    assert window.active(at("2024-01-07T23:59:59+00:00"))
+    assert not window.active(at("2024-01-08T00:00:00+00:00"))  # Monday
+    assert not window.active(at("2024-01-05T23:59:59+00:00"))  # Friday
 
 
 def test_a_window_without_days_holds_every_day() -> None:
@@ -178,10 +187,10 @@ def test_durations_in_guards_accept_human_units() -> None:
 ])
 def test_impossible_limits_are_refused(spec: tuple[str, dict[str, Any]], message: str) -> None:
     """Negative counts, unknown durations, bad percentages and ambiguous escalations fail."""
-    model = {"budget": Budget, "breaker": Breaker, "blast": BlastRadius,
-             "escalate": Escalate}[spec[0]]
+    models: dict[str, type[BaseModel]] = {"budget": Budget, "breaker": Breaker,
+                                          "blast": BlastRadius, "escalate": Escalate}
     with pytest.raises(ValidationError, match=re.escape(message)):
-        model.model_validate(spec[1])
+        models[spec[0]].model_validate(spec[1])
 
 
 @pytest.mark.parametrize("limit, members, allowed", [
