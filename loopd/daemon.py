@@ -162,6 +162,8 @@ class Daemon:
             finish_incident=self.engine.run_finished, workflows=self.workflows,
             on_finished=self._run_finished,
         )
+        self.tasks.on_waiting = self.dispatcher.settled
+        self.tasks.on_active = self.dispatcher.active_again
         self.engine.on_runs = self.dispatcher.submit
         self.engine.incidents.cancel_run = self.dispatcher.cancel_unstarted
         self.engine.incidents.restart_run = self.dispatcher.cancel_run

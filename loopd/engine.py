@@ -140,7 +140,7 @@ class Engine:
         for nxt in starts:
             await self.store.save_run(nxt)  # durable before it is handed over
         if incident is not None:
-            await self.store.close_incident(incident.id, incident.closed or time.time(),
+            await self.store.close_incident(incident.id, incident.closed or self.now(),
                                             incident.outcome or "")
         if changed or self.guards.dirty:
             await self.save_guards()
@@ -225,7 +225,7 @@ class Engine:
         if self.on_event is not None:
             self.on_event(event)
         if event.data.get("status") == "resolved":
-            self.incidents.resolved(event, pending.batch)
+            self.incidents.resolved(event, pending.batch, self.clock(event))
         candidates = self._index.candidates(event)
         if not candidates:
             return

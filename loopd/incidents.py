@@ -14,7 +14,6 @@ in Home Assistant scripts: ``single`` (new events join the open incident),
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,7 +220,7 @@ class Incidents:
 
     # -- resolved alerts ------------------------------------------------------------------
 
-    def resolved(self, event: Event, batch: Batch) -> list[str]:
+    def resolved(self, event: Event, batch: Batch, now: float | None = None) -> list[str]:
         """A resolved alert cancels runs of its incidents that have not acted yet."""
         fingerprint = event.data.get("fingerprint")
         if not isinstance(fingerprint, str):
@@ -233,7 +232,7 @@ class Incidents:
                 continue
             while slot.queued:
                 run = slot.queued.popleft()
-                run.status, run.finished = states.CANCELLED, time.time()
+                run.status, run.finished = states.CANCELLED, now if now is not None else event.time
                 run.reason, run.outcome = "alert resolved before it ran", states.OUTCOME_CANCELLED
                 batch.run_updates.append(run)
                 cancelled.append(run.id)

@@ -189,7 +189,8 @@ class Simulation:
         self.engine.on_event = self.kinds.hub.offer
         self.dispatcher = Dispatcher(
             self.store, executor, inventory=inventory, finish_incident=self.engine.run_finished,
-            workflows=self.workflows, dry_run=True, on_finished=self._finished)
+            workflows=self.workflows, dry_run=True, on_finished=self._finished, clock=self.clock,
+            max_starting=1 << 30)  # the replay waits for quiescence itself
         self.engine.on_runs = self._dispatch
         self.engine.incidents.cancel_run = self._cancel_unstarted
         self.engine.incidents.restart_run = self._cancel_run
@@ -237,16 +238,12 @@ class Simulation:
         return cancelled
 
     async def _finished(self, run: RunRecord) -> None:
-        """The dispatcher stamps the wall clock on a run's end: the simulation's is the
-        virtual clock's. Then the outcome event goes back to the rules, as in the daemon."""
-        now = self.clock.now()
-        run.finished = now
-        if run.kind == "action":  # instantaneous in a dry run
-            run.started = now
+        """Count the run; its outcome event goes back to the rules, as in the daemon."""
+        now = self.clock.now()  # the dispatcher runs on the virtual clock too
         if self._ending and run.status == states.CANCELLED:
             run.reason = (f"still running {END_HORIZON / 86400:g} days after the last event: "
                           "the simulation ended it")
-        await self.store.save_run(run)
+            await self.store.save_run(run)
         self._active.discard(run.id)
         self.tally.run_finished(run)
         outcome = outcome_event(run, self.config.outcomes.topic)

@@ -11,7 +11,6 @@ forever and no non-idempotent action runs twice.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -22,6 +21,7 @@ from loopd.catalog.inventory import Inventory
 from loopd.packs.executor import ActionContext, Executor
 from loopd.store.base import RunRecord, StepRecord, Store
 from loopd.workflow import states
+from loopd.workflow.clock import Clock, WallClock
 
 log = structlog.get_logger("loopd.dispatcher")
 
@@ -44,8 +44,10 @@ class Dispatcher:
         self, store: Store, executor: Executor, *, inventory: Inventory,
         finish_incident: FinishIncident, workflows: WorkflowExecutor | None = None,
         dry_run: bool = False, on_finished: RunFinished | None = None,
+        clock: Clock | None = None, max_starting: int = 256,
     ) -> None:
         self.store = store
+        self.clock: Clock = clock or WallClock()
         self.executor = executor
         self.inventory = inventory
         self.workflows = workflows
@@ -58,6 +60,10 @@ class Dispatcher:
         self._unstarted: dict[str, str | None] = {}  # run id -> why it was cancelled
         self._stopping: dict[str, str] = {}  # acting runs cancelled by loopd -> why
         self._gates: dict[str, asyncio.Future[tuple[bool, str | None]]] = {}
+        # Runs starting at once (until they act and settle into a wait): a burst of
+        # 10,000 triggers starts them 256 at a time instead of all together.
+        self._starting = asyncio.Semaphore(max_starting)
+        self._holding: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.shutting_down = False
@@ -134,8 +140,23 @@ class Dispatcher:
         task.cancel()
         return True
 
+    async def active_again(self, run_id: str) -> None:
+        """A waiting run woke up (evidence, approval): it counts as starting again, so
+        10,000 confirmations arriving together resume their runs a few hundred at a time."""
+        if run_id not in self._holding:
+            await self._starting.acquire()
+            self._holding.add(run_id)
+
+    def settled(self, run_id: str) -> None:
+        """The run waits now (confirm, approval): it no longer counts as starting."""
+        if run_id in self._holding:
+            self._holding.discard(run_id)
+            self._starting.release()
+
     async def _execute(self, run: RunRecord, resumed: bool) -> None:
         try:
+            await self._starting.acquire()
+            self._holding.add(run.id)
             if self._unstarted.get(run.id):
                 raise asyncio.CancelledError  # cancelled while still in the inbox
             gated = run.status == states.AWAITING_APPROVAL and not run.started
@@ -162,6 +183,7 @@ class Dispatcher:
             log.exception("run crashed", run=run.id)
             await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
         finally:
+            self.settled(run.id)
             self._tasks.pop(run.id, None)
             self._unstarted.pop(run.id, None)
             self._stopping.pop(run.id, None)
@@ -170,14 +192,15 @@ class Dispatcher:
 
     async def _gate(self, run: RunRecord) -> bool:
         """Wait for approval before acting; False when the run ended here."""
-        deadline = float((run.progress or {}).get("gate", {}).get("deadline", time.time()))
+        self.settled(run.id)  # waiting for a human holds no starting slot
+        deadline = float((run.progress or {}).get("gate", {}).get("deadline",
+                                                                   self.clock.now()))
         gate = self._gates[run.id] = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.time())):
-                approved, reason = await gate
-        except TimeoutError:
-            await self._end(run, states.EXPIRED, "approval expired before anyone decided")
-            return False
+            if not await self.clock.wait(gate, deadline):
+                await self._end(run, states.EXPIRED, "approval expired before anyone decided")
+                return False
+            approved, reason = gate.result()
         finally:
             self._gates.pop(run.id, None)
         if not approved:
@@ -185,7 +208,7 @@ class Dispatcher:
             return False
         run.status = states.PENDING
         run.progress = {k: v for k, v in (run.progress or {}).items() if k != "gate"} or None
-        run.ctx = {**(run.ctx or {}), "approved": {"reason": reason, "at": time.time()}}
+        run.ctx = {**(run.ctx or {}), "approved": {"reason": reason, "at": self.clock.now()}}
         await self.store.save_run(run)
         return True
 
@@ -199,16 +222,16 @@ class Dispatcher:
                 await self._end(run, states.INTERRUPTED,
                                 "loopd stopped while a non-idempotent action was running")
                 return
-        run.status, run.started = states.RUNNING, time.time()
+        run.status, run.started = states.RUNNING, self.clock.now()
         await self.store.save_run(run)
         metrics.run_started(run.target, run.id)
-        step = StepRecord(run.id, 1, "action", run.target, 1, states.RUNNING, time.time(),
+        step = StepRecord(run.id, 1, "action", run.target, 1, states.RUNNING, self.clock.now(),
                           input=run.input)
         await self.store.save_step(step)
         ctx = ActionContext(run.id, "action", self.inventory, dry_run=self.dry_run)
         inputs: dict[str, Any] = run.input if isinstance(run.input, dict) else {}
         result = await self.executor.execute(run.target, inputs, ctx)
-        step.finished = time.time()
+        step.finished = self.clock.now()
         step.status = states.SUCCEEDED if result.ok else states.FAILED
         step.output, step.error = result.output, result.error
         await self.store.save_step(step)
@@ -218,7 +241,7 @@ class Dispatcher:
 
     async def _end(self, run: RunRecord, status: str, reason: str | None, *,
                    started: bool = False) -> None:
-        now = time.time()
+        now = self.clock.now()
         # an ending without a reason keeps the one the run was created with (escalations)
         run.status, run.finished, run.reason = status, now, reason or run.reason
         run.outcome = run.outcome or states.default_outcome(status)

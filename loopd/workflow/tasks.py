@@ -6,7 +6,7 @@ the store; every timer is persisted in ``run.progress`` before it is awaited.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,10 @@ class TaskKinds:
         self.services = services or {}
         self.dry_run = dry_run
         self.runner: WorkflowRunner | None = None
+        # told when a run settles into a long wait (confirm, approval): the dispatcher
+        # lets the next run start then
+        self.on_waiting: Callable[[str], None] | None = None
+        self.on_active: Callable[[str], Awaitable[None]] | None = None  # and when it wakes
         self._approvals: dict[str, asyncio.Future[tuple[bool, str | None]]] = {}
 
     @property
@@ -59,12 +63,16 @@ class TaskKinds:
                             status: str, input: Any = None) -> StepRecord:
         """The step of a confirm/approval: created once, found again after a restart."""
         if "step" in tstate and run.status == status:
+            if self.on_waiting is not None:
+                self.on_waiting(run.id)
             return StepRecord(run.id, tstate["step"], ct.name, None, 1, states.RUNNING,
                               tstate["step_started"], input=input)
         run.status = status
         step = await self._step(run, ct.name, None, 1, input)
         tstate["step"], tstate["step_started"] = step.seq, step.started
         await self.store.save_run(run)  # the status and the step to find again, together
+        if self.on_waiting is not None:
+            self.on_waiting(run.id)
         return step
 
     async def _step(self, run: RunRecord, task: str, action: str | None, attempt: int,
@@ -288,6 +296,8 @@ class TaskKinds:
         query_false = 0
         try:
             found = await self._await_evidence(run, ct, tstate["deadline"], waiter)
+            if self.on_active is not None:
+                await self.on_active(run.id)
             if isinstance(found, Event):
                 output = {"evidence": "event", "event": found.to_json()}
             elif found is True:
@@ -370,6 +380,8 @@ class TaskKinds:
             # clock.wait never cancels the future, nor swallows a cancellation of this task
             # (asyncio.wait_for can, on Python 3.11)
             decided = await self.clock.wait(future, tstate["deadline"])
+            if self.on_active is not None:
+                await self.on_active(run.id)
         finally:
             self._approvals.pop(run.id, None)
             run.status = states.RUNNING
