@@ -31,7 +31,8 @@ def write_rules(folder: Path, count: int) -> list[str]:
         severity = alert["severity"]
         lines += [
             f"  - name: 'r{i}-{name}'",
-            f"    on: {{source: alertmanager, match: {{status: firing, labels.alertname: '{name}'}}}}",
+            "    on: {source: alertmanager, match: {status: firing, "
+            f"labels.alertname: '{name}'}}}}",
             f"    if: \"event.labels.severity == '{severity}' and "
             f"float(event.annotations.value) > 90\"",
             "    key: \"{{ event.labels.instance }}\"",
