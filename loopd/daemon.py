@@ -53,7 +53,7 @@ from loopd.workflow.tasks import TaskKinds
 
 log = structlog.get_logger("loopd")
 
-SHUTDOWN_GRACE = 3.0
+SHUTDOWN_GRACE = 1.5
 
 
 def build_source(config: SourceConfig, fleets: dict[str, Fleet]) -> Source:
@@ -213,7 +213,10 @@ class Daemon:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:  # supervised boundary: a failed reload keeps the old rules
+                log.exception("reload failed; the rules loaded before stay active")
 
     def stop(self) -> None:
         self._stop.set()
@@ -224,6 +227,8 @@ class Daemon:
         try:
             await self.engine.load()
             await self.dispatcher.resume()
+            # before the task group: a taken port is a plain OSError the CLI can explain
+            await self._start_api()
             async with asyncio.TaskGroup() as tg:
                 workers = [tg.create_task(self.engine.run(), name="engine"),
                            tg.create_task(self.dispatcher.run(), name="dispatcher"),
@@ -232,7 +237,6 @@ class Daemon:
                     workers.append(tg.create_task(self.silences.run(), name="silences"))
                 feeds = [tg.create_task(s.run(), name=f"source-{s.source.name}")
                          for s in self.supervisors]
-                await self._start_api()
                 self._install_signals()
                 log.info("loopd ready", listen=f"{self.config.listen_host_port[0]}:{self.port}",
                          rules=len(self.engine.ruleset.rules), sources=list(self.sources),
@@ -243,6 +247,8 @@ class Daemon:
                 log.info("loopd stopping")
                 await self._shutdown(feeds, workers)
         finally:
+            if self.runner is not None:  # the task group failed: the API still has to go
+                await self.runner.cleanup()
             await self.executor.close()
             if self.tasks.prometheus is not None:
                 await self.tasks.prometheus.close()
@@ -251,15 +257,23 @@ class Daemon:
 
     async def _shutdown(self, feeds: list[asyncio.Task[None]],
                         workers: list[asyncio.Task[None]]) -> None:
+        # Each step is bounded so SIGTERM exits within 10 s whatever the brokers do:
+        # API 2 s, decisions in flight 3 s, sources 3 s, runs 1.5 s.
         if self.runner is not None:
             await self.runner.cleanup()
+            self.runner = None
         self._holding = True
         try:  # decisions in flight are finished and acknowledged ...
-            await self.engine.drain(timeout=5.0)
+            await self.engine.drain(timeout=3.0)
         except TimeoutError:
-            log.warning("engine did not drain in 5s; undecided events will be redelivered")
-        for sup in self.supervisors:  # ... before the sources commit and close
-            await sup.stop()
+            log.warning("engine did not drain in 3s; undecided events will be redelivered")
+        try:
+            async with asyncio.timeout(3.0):
+                for sup in self.supervisors:  # ... before the sources commit and close
+                    await sup.stop()
+        except TimeoutError:
+            log.warning("sources did not close in 3s; uncommitted offsets are redelivered "
+                        "and recognised as duplicates")
         for task in feeds:
             task.cancel()
         try:

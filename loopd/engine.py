@@ -92,7 +92,8 @@ class Engine:
         state = await self.store.load_state(
             since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
         open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
-        self.incidents.restore(state.open_incidents, open_runs)
+        for stale in self.incidents.restore(state.open_incidents, open_runs):
+            await self.store.close_incident(stale.id, time.time(), stale.outcome or "unknown")
         self.guards.load(await self.store.kv_get("guards", "state"))
         for rule, key, since in state.for_timers:
             self._timers.load(rule, key, since)
@@ -220,6 +221,14 @@ class Engine:
     # -- the hot path ----------------------------------------------------------------
 
     def _decide(self, event: Event, pending: _Pending) -> None:
+        try:
+            self._decide_event(event, pending)
+        except Exception:  # supervised boundary: a bug on one event must not stop the engine
+            metrics.EVENTS_REJECTED.labels(event.source, "engine_error").inc()
+            metrics.log.exception("deciding an event failed; it is acknowledged undecided",
+                                  source=event.source, event_origin=event.origin or event.id)
+
+    def _decide_event(self, event: Event, pending: _Pending) -> None:
         if self._telemetry_sources is None or event.source in self._telemetry_sources:
             self.telemetry.observe(event)
         if self.on_event is not None:

@@ -61,7 +61,10 @@ class Incidents:
 
     # -- restore --------------------------------------------------------------------
 
-    def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]) -> None:
+    def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]
+                ) -> list[IncidentRecord]:
+        """Rebuild from the store; returns incidents left open without a live run (loopd
+        died between a run's end and its incident's close), closed here, to be saved."""
         for inc in incidents:
             self.open[(inc.rule, inc.key)] = inc
             self.by_id[inc.id] = (inc.rule, inc.key)
@@ -79,6 +82,19 @@ class Incidents:
             if fingerprint and run.incident_id:
                 slot.fingerprint = fingerprint
                 self.by_fingerprint.setdefault(fingerprint, set()).add(run.incident_id)
+        stale = []
+        for incident_id, slot in list(self.runs.items()):
+            if slot.active or slot.queued:
+                continue
+            ident = self.by_id.pop(incident_id)
+            incident = self.open.pop(ident)
+            del self.runs[incident_id]
+            if slot.fingerprint is not None:
+                self.by_fingerprint.get(slot.fingerprint, set()).discard(incident_id)
+            self.guards.incident_closed(incident.key)
+            incident.status, incident.outcome = "closed", incident.outcome or "unknown"
+            stale.append(incident)
+        return stale
 
     # -- deciding ---------------------------------------------------------------------
 

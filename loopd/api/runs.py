@@ -77,7 +77,7 @@ async def get_run(request: web.Request) -> web.Response:
         if run.incident_id else []
     story = run_summary(run)
     story.update(
-        input=redact(run.input), context=redact(run.ctx), trigger=run.event,
+        input=redact(run.input), context=redact(run.ctx), trigger=redact(run.event),
         steps=[step_view(s) for s in steps],
         events=[{"source": d.source, "id": d.event_id, "outcome": d.outcome,
                  "reason": d.reason, "time": d.time} for d in decisions],

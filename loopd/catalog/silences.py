@@ -45,14 +45,19 @@ def parse_silences(body: Any, now: float) -> list[Silence]:
         if not isinstance(item, dict) or (item.get("status") or {}).get("state") != "active":
             continue
         matchers = []
+        broken = False
         for m in item.get("matchers") or []:
             regex = bool(m.get("isRegex"))
             try:
                 pattern = re.compile(str(m.get("value", ""))) if regex else None
-            except re.error:
-                continue
+            except re.error:  # dropping only this matcher would silence more than meant
+                log.warning("ignoring a silence with an invalid regex", silence=item.get("id"))
+                broken = True
+                break
             matchers.append((str(m.get("name")), str(m.get("value", "")), regex,
                              bool(m.get("isEqual", True)), pattern))
+        if broken:
+            continue
         try:
             ends = parse_time(item.get("endsAt"), origin="alertmanager silence")
         except Exception:  # a silence without a readable end: treat as open-ended

@@ -146,7 +146,10 @@ class SqliteStore:
         async with self._lock:
             if not done.done():  # nobody wrote it for us meanwhile: write all that waits
                 ops, self._queue = self._queue, []
-                await self._write_all(ops)
+                # Shielded: a cancelled writer (a run being cancelled) must not leave the
+                # transaction open, nor the other writers of its group without an answer.
+                # The write ends by itself, so the shield's inner task needs no owner.
+                await asyncio.shield(self._write_all(ops))
         await done
 
     async def _write_all(self, ops: list[tuple[Batch | tuple[str, tuple[Any, ...]],
@@ -229,8 +232,11 @@ class SqliteStore:
                 _dump(r.event), _dump(r.progress))
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        async with self._lock, self.db.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
+        try:
+            async with self._lock, self.db.execute(sql, tuple(params)) as cur:
+                return list(await cur.fetchall())
+        except aiosqlite.Error as exc:
+            raise StoreError(f"read failed: {exc}", origin=str(self.path)) from None
 
     async def _write(self, sql: str, params: tuple[Any, ...]) -> None:
         await self._submit((sql, params))
@@ -241,7 +247,7 @@ class SqliteStore:
         timers = [(r, k, float(s)) for r, k, s in await self._all("SELECT * FROM timers")]
         starts = [(r, k, float(c)) for r, k, c in await self._all(
             "SELECT rule, key, created FROM runs WHERE created >= ? AND rule IS NOT NULL "
-            "ORDER BY created", (since,))]
+            "AND incident_id IS NOT NULL AND id NOT LIKE '%/%' ORDER BY created", (since,))]
         seen = [(s, i) for s, i in reversed(await self._all(
             "SELECT source, event_id FROM decisions ORDER BY seq DESC LIMIT ?", (recent,)))]
         return EngineState(incidents, timers, starts, seen)

@@ -64,6 +64,7 @@ class Dispatcher:
         # 10,000 triggers starts them 256 at a time instead of all together.
         self._starting = asyncio.Semaphore(max_starting)
         self._holding: set[str] = set()
+        self._ending: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.shutting_down = False
@@ -121,10 +122,17 @@ class Dispatcher:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
-            while True:
-                run, resumed = await self._inbox.get()
-                task = group.create_task(self._execute(run, resumed), name=f"run-{run.id}")
-                self._tasks[run.id] = task
+            try:
+                while True:
+                    run, resumed = await self._inbox.get()
+                    task = group.create_task(self._execute(run, resumed),
+                                             name=f"run-{run.id}")
+                    self._tasks[run.id] = task
+            except asyncio.CancelledError:
+                # Whoever stops the dispatcher (shutdown, or the daemon's task group
+                # failing) stops it: runs in flight stay as stored and resume next start.
+                self.shutting_down = True
+                raise
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until no run is queued or executing (tests, simulation, shutdown)."""
@@ -171,7 +179,7 @@ class Dispatcher:
             else:
                 await self._run_action(run, resumed)
         except asyncio.CancelledError:
-            if self.shutting_down:
+            if self.shutting_down or run.id in self._ending:
                 raise  # left as it is in the store; resumed at next start
             unstarted = run.id in self._unstarted  # never counted as running
             why = self._unstarted.pop(run.id, None) or self._stopping.pop(run.id, None)
@@ -181,8 +189,13 @@ class Dispatcher:
                             started=not unstarted)
         except Exception as exc:  # task boundary: a loopd bug ends this run, not the daemon
             log.exception("run crashed", run=run.id)
-            await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
+            if run.id not in self._ending:
+                try:
+                    await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
+                except Exception:  # e.g. the store is failing too: say so, keep the daemon
+                    log.exception("could not record the crashed run", run=run.id)
         finally:
+            self._ending.discard(run.id)
             self.settled(run.id)
             self._tasks.pop(run.id, None)
             self._unstarted.pop(run.id, None)
@@ -241,6 +254,10 @@ class Dispatcher:
 
     async def _end(self, run: RunRecord, status: str, reason: str | None, *,
                    started: bool = False) -> None:
+        # Ending is one step: from here a cancel can no longer reach the run, so it is
+        # never finished twice (status overwritten, guards counting it twice).
+        self._tasks.pop(run.id, None)
+        self._ending.add(run.id)
         now = self.clock.now()
         # an ending without a reason keeps the one the run was created with (escalations)
         run.status, run.finished, run.reason = status, now, reason or run.reason
