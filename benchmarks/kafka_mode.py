@@ -4,6 +4,7 @@ broker (memory storage), consumed by loopd's KafkaSource under the daemon."""
 from __future__ import annotations
 
 import asyncio
+import os
 import itertools
 import socket
 import sys
@@ -90,7 +91,8 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
             "sources:\n  - {name: alertmanager, type: kafka, topics: [alerts], "
             f"bootstrap: '{bootstrap}', group: bench, telemetry: false}}\n"
             f"rules: [rules]\npacks: [{ROOT / 'packs'}]\n"
-            "store: {path: kafka.db}\nlog: {format: json, level: warning}\n")
+            "store: {path: kafka.db}\nlog: {format: json, level: warning}\n"
+            + os.environ.get("BENCH_EXTRA", ""))
         # the real daemon, as a user runs it: its own process, so its RSS is its own
         daemon = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "loopd"), "run", "-c", str(cfg),
