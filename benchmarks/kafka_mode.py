@@ -4,8 +4,8 @@ broker (memory storage), consumed by loopd's KafkaSource under the daemon."""
 from __future__ import annotations
 
 import asyncio
-import os
 import itertools
+import os
 import socket
 import sys
 import time
