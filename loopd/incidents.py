@@ -300,5 +300,14 @@ class Incidents:
             incident.status, incident.closed, incident.outcome = "closed", now, run.outcome
         return starts, incident, changed
 
+    def cancel_queued(self, run_id: str) -> RunRecord | None:
+        """Take a queued run (run_mode queued) out of its incident's queue."""
+        for slot in self.runs.values():
+            for run in slot.queued:
+                if run.id == run_id:
+                    slot.queued.remove(run)
+                    return run
+        return None
+
     def policy_map(self) -> dict[str, RuleGuards]:
         return {name: r.rule.guards for name, r in self.policies.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
@@ -60,7 +61,7 @@ def incident_view(inc: IncidentRecord) -> dict[str, Any]:
 async def list_runs(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     status = request.query.get("status")
-    if status is not None and status not in (*states.ACTIVE, *states.FINAL):
+    if status is not None and status not in (*states.ACTIVE, *states.FINAL, states.QUEUED):
         return error(400, f"unknown status {status!r}")
     runs = await ctx.store.list_runs(status=status, limit=_limit(request))
     return json_response({"runs": [run_summary(r) for r in runs]})
@@ -91,6 +92,14 @@ async def cancel_run(request: web.Request) -> web.Response:
     run = await ctx.store.get_run(run_id)
     if run is None:
         return error(404, f"no run {run_id!r}")
+    if run.status == states.QUEUED:
+        queued = ctx.engine.incidents.cancel_queued(run_id)
+        if queued is None:
+            return error(409, f"run {run_id} is no longer queued")
+        queued.status, queued.outcome = states.CANCELLED, states.OUTCOME_CANCELLED
+        queued.finished, queued.reason = time.time(), "cancelled through the API while queued"
+        await ctx.store.save_run(queued)
+        return json_response({"id": run_id, "status": states.CANCELLED})
     if run.status not in states.ACTIVE:
         return error(409, f"run {run_id} already ended ({run.status})")
     if not await ctx.dispatcher.cancel(run_id):

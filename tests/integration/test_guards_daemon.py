@@ -618,3 +618,33 @@ async def test_a_storm_of_1000_alerts_for_50_hosts_stays_within_the_limits(
     # the limits did not serialise the fleet: different hosts ran side by side
     spans = sorted(s for v in per_host.values() for s in v)
     assert any(b[0] < a[1] for a, b in itertools.pairwise(spans))
+
+
+QUEUED = """\
+rules:
+  - name: queued-mode
+    on: {source: webhook, topic: busy}
+    run_mode: queued
+    run: {action: core.sleep, input: {seconds: 30}}
+"""
+
+
+async def test_a_queued_run_is_listed_and_cancelled_through_the_api(site: Site) -> None:
+    """A run waiting in a ``queued`` incident shows under ``?status=queued`` and
+    ``POST /v1/runs/{id}/cancel`` takes it out of the queue as cancelled."""
+    site.write(QUEUED)
+    async with site.daemon() as api:
+        await api.post("/v1/events", {"id": "q1", "topic": "busy", "key": "web-1", "data": {}})
+        (first,) = await api.wait_runs("queued-mode", 1)
+        await api.wait_status(first["id"], "running")
+        await api.post("/v1/events", {"id": "q2", "topic": "busy", "key": "web-1", "data": {}})
+        status, body = await api.get("/v1/runs?status=queued")
+        assert status == 200
+        (queued,) = body["runs"]
+        status, body = await api.post(f"/v1/runs/{queued['id']}/cancel")
+        assert (status, body["status"]) == (200, "cancelled")
+        story = await api.run(queued["id"])
+        assert (story["status"], story["outcome"]) == ("cancelled", "cancelled")
+        status, _ = await api.post(f"/v1/runs/{first['id']}/cancel")
+        assert status == 202
+        await api.wait_status(first["id"], "cancelled")
