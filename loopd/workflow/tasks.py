@@ -108,7 +108,9 @@ class TaskKinds:
             del tstate["not_before"]
         try:
             if ct.task.timeout is not None:
-                async with self.clock.timeout_at(self.clock.now() + ct.task.timeout):
+                # kept in the run's progress: a restart keeps the original deadline
+                deadline = tstate.setdefault("timeout_at", self.clock.now() + ct.task.timeout)
+                async with self.clock.timeout_at(deadline):
                     return await self._kind(run, wf, ct, tstate)
             return await self._kind(run, wf, ct, tstate)
         except TimeoutError:

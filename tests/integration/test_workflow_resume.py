@@ -251,3 +251,28 @@ async def test_a_sub_workflow_is_resumed_by_its_parent(harness: Harness) -> None
     child = await harness.stored(child_id)
     assert (child.status, child.outcome) == (states.SUCCEEDED, states.FIXED)
     assert done.ctx["check"]["verify"]["event"]["data"] == {"value": 5}
+
+
+async def test_a_task_timeout_keeps_its_original_deadline_after_resume(
+        harness: Harness) -> None:
+    """A task's ``timeout`` counts from when the task first started: after a restart the
+    retried (idempotent) action times out at the persisted instant, not a timeout later."""
+    harness.load(bounded="""
+        tasks:
+          work:
+            action: t.slow
+            input: {seconds: 30}
+            timeout: 600ms
+    """)
+    run = await harness.start("bounded")
+    await wait_until(lambda: harness.calls.count("slow") == 1, timeout=5,
+                     what="the action to start")
+    await harness.crash()
+    deadline = (await harness.stored(run)).progress["tasks"]["work"]["timeout_at"]
+    await downtime_until(deadline - 0.3)
+    restarted = time.time()
+    await harness.resume()
+    done = await harness.wait(run)
+    assert done.status == states.TIMED_OUT
+    assert done.run.finished is not None
+    assert deadline - 0.01 <= done.run.finished < restarted + 0.6 - 0.1
