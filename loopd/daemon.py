@@ -45,6 +45,7 @@ from loopd.sources.sim import Fleet, SimSource
 from loopd.sources.webhook import PushSource
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
+from loopd.workflow import states
 from loopd.workflow.confirm import PromQL
 from loopd.workflow.dispatcher import Dispatcher
 from loopd.workflow.loader import load_workflows
@@ -225,8 +226,11 @@ class Daemon:
         started = time.monotonic()
         await self.store.open()
         try:
-            await self.engine.load()
-            await self.dispatcher.resume()
+            # one read of the runs in flight serves both the engine and the dispatcher
+            in_flight = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
+            await self.engine.load(in_flight)
+            await self.dispatcher.resume(in_flight)
+            del in_flight  # the runs live on in their tasks; the list need not
             # before the task group: a taken port is a plain OSError the CLI can explain
             await self._start_api()
             async with asyncio.TaskGroup() as tg:

@@ -87,11 +87,12 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def load(self) -> None:
+    async def load(self, open_runs: list[RunRecord] | None = None) -> None:
         """Restore what the store knows, before the first delivery."""
         state = await self.store.load_state(
             since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
-        open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
+        if open_runs is None:
+            open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
         for stale in self.incidents.restore(state.open_incidents, open_runs):
             await self.store.close_incident(stale.id, time.time(), stale.outcome or "unknown")
         self.guards.load(await self.store.kv_get("guards", "state"))

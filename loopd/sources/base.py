@@ -40,6 +40,23 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
+class StoppableSource:
+    """Plumbing shared by sources without a connection of their own (push, sim):
+    ``connected`` while ``run`` runs, ``close()`` makes it return."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._connected = False
+        self._stop = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def close(self) -> None:
+        self._stop.set()
+
+
 class Supervisor:
     """Runs one source forever: reconnect with backoff, report ``loopd_source_up``."""
 

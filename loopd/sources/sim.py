@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from loopd import metrics
 from loopd.config import SimSourceConfig
 from loopd.events import Delivery, Event
-from loopd.sources.base import Emit
+from loopd.sources.base import Emit, StoppableSource
 
 
 @dataclass(slots=True)
@@ -91,19 +91,13 @@ class Fleet:
         return not self._pending and all(s.recovers_at is None for s in self.services.values())
 
 
-class SimSource:
+class SimSource(StoppableSource):
     """The Source protocol over a Fleet: connected while it runs."""
 
     def __init__(self, config: SimSourceConfig, fleet: Fleet) -> None:
-        self.name = config.name
+        super().__init__(config.name)
         self.fleet = fleet
         self.interval = config.interval
-        self._connected = False
-        self._stop = asyncio.Event()
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
 
     async def run(self, emit: Emit) -> None:
         self._connected = True
@@ -121,6 +115,3 @@ class SimSource:
                     pass
         finally:
             self._connected = False
-
-    async def close(self) -> None:
-        self._stop.set()

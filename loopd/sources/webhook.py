@@ -9,7 +9,6 @@ supervisor, ``/readyz`` and ``loopd_source_up`` treat every source alike.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from typing import Any
 
@@ -17,7 +16,7 @@ from loopd import metrics
 from loopd.config import AlertmanagerSourceConfig, WebhookSourceConfig
 from loopd.errors import DecodeError, PayloadTooLarge
 from loopd.events import JSON, Event, event_from_object, parse_time
-from loopd.sources.base import Emit
+from loopd.sources.base import Emit, StoppableSource
 
 _ALERT_FIELDS = ("status", "labels", "annotations", "startsAt", "endsAt", "generatorURL",
                  "fingerprint")
@@ -25,18 +24,12 @@ _GROUP_FIELDS = ("receiver", "groupKey", "groupLabels", "commonLabels", "commonA
                  "externalURL", "truncatedAlerts")
 
 
-class PushSource:
+class PushSource(StoppableSource):
     """A source fed by the API: up while the daemon serves HTTP."""
 
     def __init__(self, config: WebhookSourceConfig | AlertmanagerSourceConfig) -> None:
-        self.name = config.name
+        super().__init__(config.name)
         self.config = config
-        self._connected = False
-        self._stop = asyncio.Event()
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
 
     async def run(self, emit: Emit) -> None:
         self._connected = True
@@ -45,9 +38,6 @@ class PushSource:
             await self._stop.wait()
         finally:
             self._connected = False
-
-    async def close(self) -> None:
-        self._stop.set()
 
 
 def _check_size(body: bytes, max_payload: int, origin: str) -> None:

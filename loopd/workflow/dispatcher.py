@@ -107,10 +107,12 @@ class Dispatcher:
         gate.set_result((approved, reason))
         return None
 
-    async def resume(self) -> int:
+    async def resume(self, stored: list[RunRecord] | None = None) -> int:
         """Re-dispatch what was in flight when loopd stopped; returns how many."""
         # sub-workflow runs ("parent/task") are resumed by their parent
-        runs = [r for r in await self.store.runs_in_status(states.ACTIVE) if "/" not in r.id]
+        if stored is None:
+            stored = await self.store.runs_in_status(states.ACTIVE)
+        runs = [r for r in stored if r.status in states.ACTIVE and "/" not in r.id]
         for run in runs:
             self._idle.clear()
             if run.status in (states.PENDING, states.AWAITING_APPROVAL) and not run.started:

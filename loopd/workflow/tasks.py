@@ -59,6 +59,15 @@ class TaskKinds:
 
     # -- bookkeeping -------------------------------------------------------------
 
+    def _message(self, run: RunRecord, ct: CompiledTask) -> str | None:
+        """The task's rendered message (approval prompt, succeed outcome, fail reason)."""
+        if ct.message is None:
+            return None
+        try:
+            return str(ct.message(self.wf.scope(run)))
+        except ConditionError as exc:
+            return f"(message failed to render: {exc})"
+
     async def _waiting_step(self, run: RunRecord, ct: CompiledTask, tstate: dict[str, Any],
                             status: str, input: Any = None) -> StepRecord:
         """The step of a confirm/approval: created once, found again after a restart."""
@@ -149,12 +158,7 @@ class TaskKinds:
         if kind == "rollback":
             return await self._rollback(run, wf, ct)
         step = await self._step(run, ct.name, None, 1)
-        message = None
-        if ct.message is not None:
-            try:
-                message = str(ct.message(self.wf.scope(run)))
-            except ConditionError as exc:
-                message = f"(message failed to render: {exc})"
+        message = self._message(run, ct)
         if kind == "fail":
             await self._finish(step, states.FAILED, None, message)
             return TaskResult(states.FAILED, {}, message or f"task {ct.name} failed", 1, step)
@@ -369,12 +373,7 @@ class TaskKinds:
         if "deadline" not in tstate:
             tstate["deadline"] = self.clock.now() + approval.within
         tstate["state"] = "waiting"
-        message = None
-        if ct.message is not None:
-            try:
-                message = str(ct.message(self.wf.scope(run)))
-            except ConditionError as exc:
-                message = f"(message failed to render: {exc})"
+        message = self._message(run, ct)
         step = await self._waiting_step(run, ct, tstate, states.AWAITING_APPROVAL,
                                         {"message": message, "expires": tstate["deadline"]})
         future = self._approvals[run.id] = asyncio.get_running_loop().create_future()
