@@ -159,9 +159,9 @@ def simulate(args: argparse.Namespace) -> int:
     import orjson
 
     from loopd import logs
-    from loopd.simulate import run_simulation
-    from loopd.simulate_input import parse_event_file
-    from loopd.simulate_report import Meter, Progress
+    from loopd.simulate.input import parse_event_file
+    from loopd.simulate.replay import run_simulation
+    from loopd.simulate.report import Meter, Progress
 
     config = _config(args.config)
     if config is None:

@@ -25,7 +25,7 @@ from pydantic import (
 
 from loopd import yamlfile
 from loopd.errors import ConfigError
-from loopd.rules.policy import GlobalGuards
+from loopd.policy import GlobalGuards
 from loopd.units import parse_duration as parse_duration
 from loopd.units import parse_size as parse_size
 

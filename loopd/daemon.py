@@ -31,26 +31,26 @@ from loopd.config import (
     SourceConfig,
     WebhookSourceConfig,
 )
-from loopd.engine import Engine
+from loopd.decide.engine import Engine
+from loopd.decide.guards import Guards
 from loopd.errors import ActionError
 from loopd.events import Delivery, Event
 from loopd.packs.executor import ActionContext, Executor, Runner
 from loopd.packs.publish import Bus, PublishRunner, build_buses, encode
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import Action, PackRegistry
-from loopd.rules.guards import Guards
 from loopd.rules.loader import RuleSet, load_rules
+from loopd.runs import states
+from loopd.runs.dispatcher import Dispatcher
+from loopd.runs.evidence import PromQL
+from loopd.runs.runner import WorkflowRunner
+from loopd.runs.tasks import TaskKinds
 from loopd.sources.base import Source, Supervisor
 from loopd.sources.sim import Fleet, SimSource
 from loopd.sources.webhook import PushSource
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
-from loopd.workflow import states
-from loopd.workflow.confirm import PromQL
-from loopd.workflow.dispatcher import Dispatcher
 from loopd.workflow.loader import load_workflows
-from loopd.workflow.runner import WorkflowRunner
-from loopd.workflow.tasks import TaskKinds
 
 log = structlog.get_logger("loopd")
 

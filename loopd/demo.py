@@ -16,9 +16,9 @@ from typing import TextIO
 
 from loopd.config import LoopdConfig
 from loopd.daemon import Daemon
+from loopd.runs import states
 from loopd.sources.sim import Fleet
 from loopd.store.base import RunRecord
-from loopd.workflow import states
 
 _MARK = {states.FIXED: "fixed", states.NOT_FIXED: "NOT FIXED", states.INCONCLUSIVE: "no evidence",
          states.OUTCOME_FAILED: "FAILED -> escalated", states.OUTCOME_CANCELLED: "cancelled"}

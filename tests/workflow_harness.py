@@ -31,13 +31,13 @@ from loopd.errors import PackError
 from loopd.packs.executor import Executor
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
+from loopd.runs import states
+from loopd.runs.dispatcher import Dispatcher
+from loopd.runs.runner import WorkflowRunner
+from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord, StepRecord
 from loopd.store.sqlite import SqliteStore
-from loopd.workflow import states
-from loopd.workflow.dispatcher import Dispatcher
 from loopd.workflow.loader import load_workflows
-from loopd.workflow.runner import WorkflowRunner
-from loopd.workflow.tasks import TaskKinds
 from tests.servers import wait_until
 
 REPO = Path(__file__).resolve().parents[1]

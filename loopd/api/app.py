@@ -16,11 +16,11 @@ import structlog
 from aiohttp import web
 
 from loopd import metrics
-from loopd.engine import Engine
+from loopd.decide.engine import Engine
 from loopd.packs.registry import PackRegistry
+from loopd.runs.dispatcher import Dispatcher
 from loopd.sources.base import Source
 from loopd.store.base import Store
-from loopd.workflow.dispatcher import Dispatcher
 
 log = structlog.get_logger("loopd.api")
 

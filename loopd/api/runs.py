@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from loopd.api.app import CTX, error, json_response
+from loopd.runs import states
 from loopd.store.base import IncidentRecord, RunRecord, StepRecord
-from loopd.workflow import states
 
 REDACTED = "***"
 _SECRET_WORDS = ("password", "secret", "token", "api_key", "apikey", "authorization")

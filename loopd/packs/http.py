@@ -52,10 +52,10 @@ import orjson
 from yarl import URL
 
 from loopd.errors import ActionError, ConditionError
+from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import HttpAction
 from loopd.packs.registry import Action
-from loopd.workflow.render import WORKFLOW_SCOPE, Compiled, compile_template
 
 HTTP_SCOPE = WORKFLOW_SCOPE | {"config"}
 DEFAULT_EXPECT = (200, 201, 202, 204)

@@ -18,10 +18,10 @@ import orjson
 from loopd.catalog.credentials import resolve_secret
 from loopd.config import KafkaSinkConfig, KafkaSourceConfig, MqttSinkConfig, MqttSourceConfig
 from loopd.errors import ActionError, ConditionError
+from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import PublishAction
 from loopd.packs.registry import Action
-from loopd.workflow.render import WORKFLOW_SCOPE, Compiled, compile_template
 
 if TYPE_CHECKING:  # the client libraries load when a bus first connects
     import aiomqtt

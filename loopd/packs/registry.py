@@ -23,8 +23,8 @@ from pydantic import BaseModel, ValidationError
 
 from loopd import yamlfile
 from loopd.errors import PackError
+from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.manifest import ActionSpec, InputField, PackManifest, PythonAction
-from loopd.workflow.render import WORKFLOW_SCOPE, Compiled, compile_template
 
 
 @dataclass(slots=True)

@@ -58,10 +58,10 @@ import asyncssh
 import structlog
 
 from loopd.errors import ActionError
+from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import SshAction
 from loopd.packs.registry import Action
-from loopd.workflow.render import WORKFLOW_SCOPE, Compiled, compile_template
 
 log = structlog.get_logger("loopd.ssh")
 

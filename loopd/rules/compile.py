@@ -8,9 +8,9 @@ from typing import Any
 
 from loopd.errors import ConfigError, RuleError
 from loopd.events import Event
+from loopd.expr.compiler import Compiled, compile_expression, compile_template
+from loopd.expr.topics import compile_topic_pattern
 from loopd.rules.model import Rule, Scalar, Throttle
-from loopd.sources.topics import compile_topic_pattern
-from loopd.workflow.render import Compiled, compile_expression, compile_template
 
 # Names a rule's condition and templates can read.
 RULE_SCOPE = frozenset({"event", "vars", "inventory", "telemetry", "now", "key", "entity"})

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loopd.rules.policy import Approval, RuleGuards
+from loopd.policy import Approval, RuleGuards
 from loopd.units import parse_duration
 
 Scalar = str | int | float | bool | None

@@ -66,7 +66,7 @@ class RunRecord:
     kind: str             # action | workflow
     target: str           # pack.action or pack.workflow
     input: JSON
-    status: str           # see loopd.workflow.states
+    status: str           # see loopd.runs.states
     created: float
     started: float | None = None
     finished: float | None = None
@@ -74,7 +74,7 @@ class RunRecord:
     ctx: JSON = field(default_factory=dict)
     outcome: str | None = None
     event: JSON = None    # the event that started the run
-    progress: JSON = None  # the workflow runner's resumable state (loopd.workflow.runner)
+    progress: JSON = None  # the workflow runner's resumable state (loopd.runs.runner)
 
 
 @dataclass(slots=True)

@@ -16,16 +16,16 @@ import yaml
 from pydantic import ValidationError
 
 from loopd.errors import ConfigError, PackError
-from loopd.packs.registry import PackRegistry
-from loopd.rules.compile import Path as DataPath
-from loopd.sources.topics import TopicMatcher, compile_topic_pattern
-from loopd.workflow.model import RESULT_WORDS, Task, Workflow
-from loopd.workflow.render import (
+from loopd.expr.compiler import (
     WORKFLOW_SCOPE,
     Compiled,
     compile_expression,
     compile_template,
 )
+from loopd.expr.topics import TopicMatcher, compile_topic_pattern
+from loopd.packs.registry import PackRegistry
+from loopd.rules.compile import Path as DataPath
+from loopd.workflow.model import RESULT_WORDS, Task, Workflow
 from loopd.yamlfile import Loader
 
 SCOPE = WORKFLOW_SCOPE

@@ -18,13 +18,13 @@ from loopd.packs.http import HttpRunner, compile_http
 from loopd.packs.manifest import HttpAction
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
+from loopd.runs import states
+from loopd.runs.evidence import PromQL
+from loopd.runs.runner import WorkflowRunner
+from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
-from loopd.workflow import states
-from loopd.workflow.confirm import PromQL
 from loopd.workflow.loader import load_workflows
-from loopd.workflow.runner import WorkflowRunner
-from loopd.workflow.tasks import TaskKinds
 from tests.servers.http_targets import (
     AlertmanagerApi,
     HttpEcho,

@@ -19,12 +19,12 @@ from loopd.packs.http import HttpRunner
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
 from loopd.packs.ssh import SshRunner
+from loopd.runs import states
+from loopd.runs.runner import WorkflowRunner
+from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord, StepRecord
 from loopd.store.sqlite import SqliteStore
-from loopd.workflow import states
 from loopd.workflow.loader import load_workflows
-from loopd.workflow.runner import WorkflowRunner
-from loopd.workflow.tasks import TaskKinds
 from tests.servers import wait_until
 from tests.servers.http_targets import ServiceNow
 from tests.servers.ssh import PASSWORD, USER, SshServer

@@ -15,11 +15,11 @@ import pytest
 
 from loopd.config import LoopdConfig, load_config
 from loopd.errors import DecodeError
-from loopd.simulate import Simulation, run_simulation
-from loopd.simulate_input import parse_event_file, read_events
-from loopd.simulate_report import Report, guard_of
+from loopd.runs import states
+from loopd.simulate.input import parse_event_file, read_events
+from loopd.simulate.replay import Simulation, run_simulation
+from loopd.simulate.report import Report, guard_of
 from loopd.store.base import RunRecord, StepRecord
-from loopd.workflow import states
 
 REPO = Path(__file__).resolve().parents[2]
 NAB = REPO / "../shared/data/nab"

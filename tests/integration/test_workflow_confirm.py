@@ -12,8 +12,8 @@ import pytest
 
 from loopd.events import Event
 from loopd.metrics import REGISTRY
+from loopd.runs import states
 from loopd.store.base import RunRecord
-from loopd.workflow import states
 from tests.servers import wait_until
 from tests.workflow_harness import Harness, open_harness
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loopd.events import Event
-from loopd.workflow import states
+from loopd.runs import states
 from tests.servers import wait_until
 from tests.workflow_harness import Harness, open_harness
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loopd.workflow import states
+from loopd.runs import states
 from tests.workflow_harness import Harness, open_harness
 
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 
 import pytest
 
-from loopd.workflow.clock import Clock, VirtualClock, WallClock
+from loopd.clock import Clock, VirtualClock, WallClock
 
 STEP = 0.05  # seconds of wall time per step for WallClock; any instant for VirtualClock
 

@@ -19,7 +19,7 @@ import pytest
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
-from loopd.engine import Engine
+from loopd.decide.engine import Engine
 from loopd.events import Delivery, Event
 from loopd.rules.loader import RuleSet
 from loopd.store.base import Batch, RunRecord, Store

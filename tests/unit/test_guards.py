@@ -26,14 +26,14 @@ import pytest
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.silences import Silences, parse_silences
-from loopd.engine import Engine
+from loopd.decide.engine import Engine
+from loopd.decide.guards import Guards
 from loopd.events import Delivery, Event
-from loopd.rules.guards import Guards
+from loopd.policy import GlobalGuards
 from loopd.rules.loader import RuleSet
-from loopd.rules.policy import GlobalGuards
+from loopd.runs import states
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
-from loopd.workflow import states
 from tests.servers.http_targets import AlertmanagerApi
 from tests.unit.conftest import RulesFrom
 

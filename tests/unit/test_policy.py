@@ -15,8 +15,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from loopd.config import load_config
-from loopd.rules.model import Rule
-from loopd.rules.policy import (
+from loopd.policy import (
     Approval,
     BlastRadius,
     Breaker,
@@ -27,6 +26,7 @@ from loopd.rules.policy import (
     RuleGuards,
     Window,
 )
+from loopd.rules.model import Rule
 from loopd.yamlfile import load as load_yaml
 
 

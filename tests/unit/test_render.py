@@ -9,7 +9,7 @@ import pytest
 
 from loopd.errors import ConditionError
 from loopd.events import Event
-from loopd.workflow.render import (
+from loopd.expr.compiler import (
     _compile_fast,
     _compile_jinja_expression,
     compile_expression,

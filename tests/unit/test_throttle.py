@@ -7,8 +7,8 @@ import re
 import pytest
 from pydantic import ValidationError
 
+from loopd.decide.timers import ForTimers, Throttles
 from loopd.rules.model import Throttle
-from loopd.rules.throttle import ForTimers, Throttles
 
 
 def test_once_within_blocks_until_the_window_has_passed() -> None:

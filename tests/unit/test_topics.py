@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loopd.errors import ConfigError
-from loopd.sources.topics import compile_topic_pattern
+from loopd.expr.topics import compile_topic_pattern
 
 
 def test_named_capture_returns_the_level() -> None:

@@ -20,7 +20,7 @@ the clock moves past every pending deadline (at most ``END_HORIZON`` beyond it; 
 still going then are cancelled).
 
 Inputs (JSON Lines events or Alertmanager payloads, CSV telemetry) are read by
-loopd.simulate_input; the first invalid line stops the replay with ``DecodeError``
+loopd.simulate.input; the first invalid line stops the replay with ``DecodeError``
 naming ``FILE:LINE``.
 """
 
@@ -37,21 +37,21 @@ from typing import Any, cast
 import aiosqlite
 
 from loopd.catalog.inventory import Inventory
+from loopd.clock import VirtualClock
 from loopd.config import LoopdConfig
 from loopd.daemon import load_packs_and_rules, outcome_event
-from loopd.engine import Engine, _Pending
+from loopd.decide.engine import Engine, _Pending
+from loopd.decide.guards import Guards
 from loopd.events import Event
 from loopd.packs.executor import Executor
-from loopd.rules.guards import Guards
-from loopd.simulate_input import CSV_SOURCE, EventFile, event_time, read_events
-from loopd.simulate_report import Meter, Report, Tally
+from loopd.runs import states
+from loopd.runs.dispatcher import Dispatcher
+from loopd.runs.runner import WorkflowRunner
+from loopd.runs.tasks import TaskKinds
+from loopd.simulate.input import CSV_SOURCE, EventFile, event_time, read_events
+from loopd.simulate.report import Meter, Report, Tally
 from loopd.store.base import Batch, RunRecord
 from loopd.store.sqlite import SqliteStore
-from loopd.workflow import states
-from loopd.workflow.clock import VirtualClock
-from loopd.workflow.dispatcher import Dispatcher
-from loopd.workflow.runner import WorkflowRunner
-from loopd.workflow.tasks import TaskKinds
 
 END_HORIZON = 7 * 86400.0
 COMMIT_EVERY = 5000   # decisions per store transaction when no run forces a commit

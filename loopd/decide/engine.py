@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.telemetry import Telemetry
+from loopd.decide.guards import Guards
+from loopd.decide.incidents import Incidents
+from loopd.decide.timers import ForTimers
 from loopd.errors import ConditionError, StoreError
 from loopd.events import Delivery, Event
-from loopd.incidents import Incidents
+from loopd.policy import GlobalGuards
 from loopd.rules.compile import CompiledRule
-from loopd.rules.guards import Guards
 from loopd.rules.loader import RuleSet
 from loopd.rules.matcher import RuleIndex
-from loopd.rules.policy import GlobalGuards
-from loopd.rules.throttle import ForTimers
+from loopd.runs import states
 from loopd.store.base import Batch, DecisionRecord, EventRecord, IncidentRecord, RunRecord, Store
-from loopd.workflow import states
 
 Clock = Callable[[Event], float]
 RunsReady = Callable[[list[RunRecord]], None]

@@ -21,15 +21,15 @@ from typing import Any
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
+from loopd.decide.guards import Guards, Verdict
+from loopd.decide.timers import Throttles
 from loopd.errors import ConditionError
 from loopd.events import Event, new_id
+from loopd.expr.compiler import compile_template
+from loopd.policy import Escalate, RuleGuards
 from loopd.rules.compile import RULE_SCOPE, CompiledRule
-from loopd.rules.guards import Guards, Verdict
-from loopd.rules.policy import Escalate, RuleGuards
-from loopd.rules.throttle import Throttles
+from loopd.runs import states
 from loopd.store.base import Batch, DecisionRecord, IncidentRecord, RunRecord
-from loopd.workflow import states
-from loopd.workflow.render import compile_template
 
 CancelRun = Callable[[str, str], bool]
 

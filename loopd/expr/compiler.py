@@ -36,7 +36,7 @@ from loopd.events import Event
 
 Scope = Mapping[str, Any]
 
-# Names a workflow's templates and conditions can read (see loopd.workflow.runner.scope).
+# Names a workflow's templates and conditions can read (see loopd.runs.runner.scope).
 WORKFLOW_SCOPE = frozenset({
     "ctx", "input", "result", "status", "error", "item", "now", "event", "run", "inventory",
     "telemetry", "history", "key", "entity", "vars",

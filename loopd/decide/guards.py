@@ -18,8 +18,8 @@ from typing import Any
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.silences import Silences
-from loopd.rules.policy import BlastRadius, Budget, GlobalGuards, RuleGuards, Window
-from loopd.workflow import states
+from loopd.policy import BlastRadius, Budget, GlobalGuards, RuleGuards, Window
+from loopd.runs import states
 
 NOT_FIXED = (states.NOT_FIXED, states.OUTCOME_FAILED, states.INCONCLUSIVE)
 _FLEET = "*"

@@ -18,10 +18,10 @@ import structlog
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
+from loopd.clock import Clock, WallClock
 from loopd.packs.executor import ActionContext, Executor
+from loopd.runs import states
 from loopd.store.base import RunRecord, StepRecord, Store
-from loopd.workflow import states
-from loopd.workflow.clock import Clock, WallClock
 
 log = structlog.get_logger("loopd.dispatcher")
 
@@ -29,7 +29,7 @@ FinishIncident = Callable[[RunRecord], Awaitable[None]]  # the engine's run_fini
 
 
 class WorkflowExecutor(Protocol):
-    """Executes a run of kind ``workflow`` (see loopd.workflow.runner)."""
+    """Executes a run of kind ``workflow`` (see loopd.runs.runner)."""
 
     async def execute(self, run: RunRecord, *, resumed: bool) -> tuple[str, str | None]: ...
 

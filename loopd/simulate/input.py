@@ -24,7 +24,7 @@ import orjson
 
 from loopd.errors import DecodeError
 from loopd.events import Event, parse_time
-from loopd.simulate_report import Meter
+from loopd.simulate.report import Meter
 from loopd.sources.webhook import alertmanager_events, generic_events
 
 CSV_SOURCE = "telemetry"

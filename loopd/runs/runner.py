@@ -27,14 +27,14 @@ import structlog
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.telemetry import Telemetry
+from loopd.clock import Clock
 from loopd.errors import ConditionError
 from loopd.packs.registry import PackRegistry, validate_fields
+from loopd.runs import states
+from loopd.runs.evidence import ConfirmHub, PromQL
+from loopd.runs.tasks import TaskKinds, TaskResult
 from loopd.store.base import RunRecord, Store
-from loopd.workflow import states
-from loopd.workflow.clock import Clock
-from loopd.workflow.confirm import ConfirmHub, PromQL
 from loopd.workflow.loader import CompiledTask, CompiledWorkflow
-from loopd.workflow.tasks import TaskKinds, TaskResult
 
 log = structlog.get_logger("loopd.workflow")
 

@@ -23,11 +23,11 @@ from prometheus_client import Counter as Metric
 
 from loopd import metrics
 from loopd.events import Event
+from loopd.runs import states
 from loopd.store.base import DecisionRecord, RunRecord
-from loopd.workflow import states
 
 if TYPE_CHECKING:
-    from loopd.simulate import Simulation
+    from loopd.simulate.replay import Simulation
 
 OUTCOMES = (states.FIXED, states.NOT_FIXED, states.INCONCLUSIVE, states.OUTCOME_FAILED,
             states.OUTCOME_CANCELLED)

@@ -10,17 +10,17 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loopd.clock import Clock, WallClock
 from loopd.errors import ConditionError, ConfigError
 from loopd.events import Event
 from loopd.packs.executor import ActionContext, ActionResult, Executor
+from loopd.runs import states
+from loopd.runs.evidence import ConfirmHub, PromQL, Waiter
 from loopd.store.base import RunRecord, StepRecord, Store
-from loopd.workflow import states
-from loopd.workflow.clock import Clock, WallClock
-from loopd.workflow.confirm import ConfirmHub, PromQL, Waiter
 from loopd.workflow.loader import CompiledTask, CompiledWorkflow, render_evidence
 
 if TYPE_CHECKING:
-    from loopd.workflow.runner import WorkflowRunner
+    from loopd.runs.runner import WorkflowRunner
 
 INCONCLUSIVE = "inconclusive"
 

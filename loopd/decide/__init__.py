@@ -1,0 +1,3 @@
+"""Decisions: the engine, incidents, guards, ``for:`` timers and throttles.
+
+The only writer of incident and guard state."""

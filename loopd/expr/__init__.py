@@ -1,0 +1,3 @@
+"""Ground floor: the expression and template compiler, dotted paths, topic patterns.
+
+Imported by rules, workflows, packs and sources; imports nothing of loopd but errors and events."""

@@ -1,0 +1,1 @@
+"""Replay recorded events through the real rules, guards and workflows (``loopd simulate``)."""
