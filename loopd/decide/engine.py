@@ -27,14 +27,23 @@ from loopd.catalog.telemetry import Telemetry
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
 from loopd.decide.timers import ForTimers
-from loopd.errors import ConditionError, StoreError
+from loopd.errors import ConditionError, StoreError, StoreRejected
 from loopd.events import Delivery, Event
 from loopd.policy import GlobalGuards
 from loopd.rules.compile import CompiledRule
 from loopd.rules.loader import RuleSet
 from loopd.rules.matcher import RuleIndex
 from loopd.runs import states
-from loopd.store.base import Batch, DecisionRecord, EventRecord, IncidentRecord, RunRecord, Store
+from loopd.store.base import (
+    Batch,
+    CommitResult,
+    DecisionRecord,
+    EventRecord,
+    IncidentRecord,
+    Mark,
+    RunRecord,
+    Store,
+)
 
 Clock = Callable[[Event], float]
 RunsReady = Callable[[list[RunRecord]], None]
@@ -51,6 +60,7 @@ class _Pending:
     batch: Batch
     deliveries: list[Delivery]
     runs: list[RunRecord] = field(default_factory=list)
+    marks: list[Mark] = field(default_factory=list)  # where each delivery's records start
 
 
 class Engine:
@@ -81,6 +91,7 @@ class Engine:
         self._latest: float | None = None  # the latest event time decided (event clocks)
         self._idle = asyncio.Event()
         self._idle.set()
+        self.store_ok = True  # False while commits fail for a reason other than a bad record
         self.ruleset = rules
         self._index = RuleIndex(rules.rules)
         self.incidents.policies = {r.name: r for r in rules.rules}
@@ -173,33 +184,24 @@ class Engine:
         while True:
             first = await queue.get()
             pending = _Pending(Batch(), [first])
+            pending.marks.append(pending.batch.mark())
             self._decide(first.event, pending)
             # Take what is already queued; no waiting, so latency stays low at low rates.
             while len(pending.deliveries) < self._batch_max and not queue.empty():
                 delivery = queue.get_nowait()
                 pending.deliveries.append(delivery)
+                pending.marks.append(pending.batch.mark())
                 self._decide(delivery.event, pending)
             metrics.queue_depth(queue.qsize())
             # Waits when two batches are already being written: backpressure to the queue.
             await self._written.put(pending)
 
     async def _writer(self) -> None:
-        delay = 0.05
         while True:
             pending = await self._written.get()
             if pending is None:
                 return
-            while pending.batch:
-                try:
-                    await self.store.commit(pending.batch)
-                    break
-                except StoreError as exc:
-                    # Never ack an undecided event: hold everything and retry.
-                    metrics.log.error("store commit failed; retrying", error=str(exc),
-                                      retry_in_s=delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            delay = 0.05
+            result = await self._commit(pending) if pending.batch else CommitResult()
             if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
                 try:
                     await self.save_guards()
@@ -211,13 +213,108 @@ class Engine:
                 delivery.ack()
                 metrics.DECISION_SECONDS.observe(done - delivery.received)
             for d in pending.batch.decisions:
-                metrics.DECISIONS.labels(d.rule, d.outcome).inc()
-            if pending.runs:
-                self.hand_over(pending.runs)
+                if (d.source, d.event_id, d.rule) not in result.duplicates:
+                    metrics.DECISIONS.labels(d.rule, d.outcome).inc()
+            runs = pending.runs
+            if result:
+                runs = self._reconcile(pending, result)
+            if runs:
+                self.hand_over(runs)
             self._in_flight -= len(pending.deliveries)
             if self._in_flight <= 0:
                 self._in_flight = 0
                 self._idle.set()
+
+    async def _commit(self, pending: _Pending) -> CommitResult:
+        """Commit the batch. A store that is down holds everything (never ack an undecided
+        event) and is retried with backoff; a batch the store rejects is split until the
+        records it refuses are found, and only their events are rejected."""
+        try:
+            return await self._commit_part(pending.batch)
+        except StoreRejected as exc:
+            if len(pending.deliveries) > 1:
+                metrics.log.warning("store rejected a batch; finding the culprit",
+                                    error=str(exc), events=len(pending.deliveries))
+            result = CommitResult()
+            await self._bisect(pending, 0, len(pending.deliveries), result, exc, failed=True)
+            return result
+
+    async def _commit_part(self, batch: Batch) -> CommitResult:
+        delay = 0.05
+        while True:
+            try:
+                result = await self.store.commit(batch)
+                self.store_ok = True
+                return result
+            except StoreRejected:
+                self.store_ok = True  # it answered: it is up
+                raise
+            except StoreError as exc:
+                self.store_ok = False
+                metrics.log.error("store commit failed; holding acknowledgements and retrying",
+                                  error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _bisect(self, pending: _Pending, lo: int, hi: int, result: CommitResult,
+                      error: StoreRejected, *, failed: bool = False) -> None:
+        """Commit deliveries ``lo:hi`` (``failed``: known to be rejected), halving what the
+        store rejects: a single bad event costs about 2 log2(batch) commits."""
+        end = pending.marks[hi] if hi < len(pending.marks) else pending.batch.mark()
+        part = pending.batch.part(pending.marks[lo], end)
+        if not part:
+            return
+        if not failed:
+            try:
+                result.merge(await self._commit_part(part))
+                return
+            except StoreRejected as exc:
+                error = exc
+        if hi - lo == 1:
+            await self._reject(pending.deliveries[lo].event, part, error, result)
+            return
+        mid = (lo + hi) // 2
+        await self._bisect(pending, lo, mid, result, error)
+        await self._bisect(pending, mid, hi, result, error)
+
+    async def _reject(self, event: Event, part: Batch, error: StoreRejected,
+                      result: CommitResult) -> None:
+        """The store refuses what was decided for ``event``: nothing of it is created; an
+        ``error`` decision per rule says why (when even that cannot be written, the log line
+        and the counter do), and the event is acknowledged so it cannot wedge the stream."""
+        result.skipped_runs |= {r.id for r in part.runs}
+        metrics.EVENTS_REJECTED.labels(event.source, "store_rejected").inc()
+        metrics.log.error("the store rejected the records of an event; it is recorded as an "
+                          "error and acknowledged", source=event.source, event_id=event.id,
+                          event_origin=event.origin or event.id, error=str(error))
+        now = time.time()
+        notes = Batch(decisions=[
+            DecisionRecord(d.source, d.event_id, d.rule, d.key, "error",
+                           f"store rejected: {error}"[:500], now)
+            for d in {(d.rule): d for d in part.decisions}.values()])
+        if notes.decisions:
+            try:
+                await self._commit_part(notes)
+            except StoreRejected as exc:
+                metrics.log.error("the rejection could not be recorded either", error=str(exc),
+                                  event_id=event.id)
+
+    def _reconcile(self, pending: _Pending, result: CommitResult) -> list[RunRecord]:
+        """Bring memory in line with what the store created: runs it did not create are
+        forgotten (with their new incidents); only created runs are handed over."""
+        for d in pending.batch.decisions:
+            if (d.source, d.event_id, d.rule) in result.duplicates:
+                metrics.event_duplicate(d.source, d.event_id)
+        for held in result.conflicts.values():
+            metrics.log.info("incident already open in the store; the event joined it",
+                             rule=held.rule, key=held.key, incident=held.id)
+        kept = []
+        for run in pending.runs:
+            if run.id in result.skipped_runs:
+                self.incidents.discard(run)
+            else:
+                kept.append(run)
+        return kept
 
     # -- the hot path ----------------------------------------------------------------
 

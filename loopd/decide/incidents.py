@@ -309,5 +309,29 @@ class Incidents:
                     return run
         return None
 
+    def discard(self, run: RunRecord) -> None:
+        """The store did not create ``run`` (its decision was a duplicate, lost a race for the
+        incident, or was rejected): forget it, and its incident when nothing else runs there.
+        Memory follows the store; it never decides a conflict."""
+        self.unsubmitted.pop(run.id, None)
+        slot = self.runs.get(run.incident_id or "")
+        if slot is None or run.incident_id is None:
+            return
+        slot.active.discard(run.id)
+        if run in slot.queued:
+            slot.queued.remove(run)
+        if slot.active or slot.queued:
+            return
+        ident = self.by_id.pop(run.incident_id, None)
+        incident = self.open.pop(ident, None) if ident is not None else None
+        del self.runs[run.incident_id]
+        if slot.fingerprint is not None:
+            ids = self.by_fingerprint.get(slot.fingerprint, set())
+            ids.discard(run.incident_id)
+            if not ids:
+                self.by_fingerprint.pop(slot.fingerprint, None)
+        if incident is not None:
+            self.guards.incident_closed(incident.key)
+
     def policy_map(self) -> dict[str, RuleGuards]:
         return {name: r.rule.guards for name, r in self.policies.items()}

@@ -64,6 +64,10 @@ class _Cursor:
     def __init__(self, cursor: sqlite3.Cursor) -> None:
         self._cursor = cursor
 
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
     async def fetchall(self) -> list[Any]:
         return self._cursor.fetchall()
 
@@ -133,15 +137,18 @@ class _ReplayStore(SqliteStore):
     async def _submit(self, op: Batch | tuple[str, tuple[Any, ...]]) -> None:
         self.calls += 1
         self._buffer.append(op)
+        return None
 
     async def flush(self) -> None:
         """Write what is buffered, in order, in one transaction."""
         if not self._buffer:
             return
         ops, self._buffer = self._buffer, []
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._write_all([(op, done) for op in ops])
-        done.result()  # raises the StoreError of a failed write
+        loop = asyncio.get_running_loop()
+        group: list[tuple[Any, asyncio.Future[Any]]] = [(op, loop.create_future()) for op in ops]
+        await self._write_group(group)
+        for _, done in group:
+            done.result()  # raises the StoreError of a failed write
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         self.calls += 1

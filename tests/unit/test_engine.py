@@ -22,7 +22,7 @@ from loopd.catalog.inventory import Inventory
 from loopd.decide.engine import Engine
 from loopd.events import Delivery, Event
 from loopd.rules.loader import RuleSet
-from loopd.store.base import Batch, RunRecord, Store
+from loopd.store.base import Batch, CommitResult, RunRecord, Store
 from loopd.store.sqlite import SqliteStore
 from tests.servers import wait_until
 from tests.unit.conftest import RulesFrom
@@ -61,12 +61,13 @@ class GatedStore:
         self.waiting = 0
         self.log: list[str] = []
 
-    async def commit(self, batch: Batch) -> None:
+    async def commit(self, batch: Batch) -> CommitResult:
         self.waiting += 1
         await self.gate.wait()
         self.waiting -= 1
-        await self.inner.commit(batch)
+        result = await self.inner.commit(batch)
         self.log.append("commit")
+        return result
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
