@@ -104,10 +104,13 @@ class Batch:
     run_updates: list[RunRecord] = field(default_factory=list)  # runs already stored
     timers_set: list[tuple[str, str, float]] = field(default_factory=list)
     timers_cleared: list[tuple[str, str]] = field(default_factory=list)
+    # (namespace, key) -> value, as kv_put writes it: the guards' memory changes in the
+    # transaction of the decision (or run end) that changed it
+    kv: dict[tuple[str, str], JSON] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.decisions or self.incidents or self.runs or self.run_updates
-                    or self.timers_set or self.timers_cleared)
+                    or self.timers_set or self.timers_cleared or self.kv)
 
 
 @dataclass(slots=True)

@@ -224,6 +224,10 @@ class SqliteStore:
         if batch.timers_cleared:
             await db.executemany("DELETE FROM timers WHERE rule=? AND key=?",
                                  batch.timers_cleared)
+        if batch.kv:
+            now = time.time()
+            await db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
+                                 [(ns, k, _dump(v), now) for (ns, k), v in batch.kv.items()])
 
     @staticmethod
     def _run_row(r: RunRecord) -> tuple[Any, ...]:
