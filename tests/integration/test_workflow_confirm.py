@@ -185,7 +185,7 @@ async def decide_when_pending(harness: Harness, run: RunRecord, approved: bool,
         return (await harness.stored(run)).status == states.AWAITING_APPROVAL
 
     await wait_until(pending, timeout=5, what="the run to await approval")
-    await wait_until(lambda: harness.kinds.decide(run.id, approved, reason) is None,
+    await wait_until(lambda: harness.approvals.decide(run.id, approved, reason) is None,
                      timeout=5, what="the approval to be decided")
 
 
@@ -211,7 +211,7 @@ async def test_rejected_run_ends_rejected(harness: Harness) -> None:
     assert (done.status, done.outcome) == (states.REJECTED, states.OUTCOME_CANCELLED)
     assert done.reason == "rejected: change freeze"
     assert harness.calls.log == []
-    assert harness.kinds.decide(run.id, True, None) == f"run {run.id} is not awaiting approval"
+    assert harness.approvals.decide(run.id, True, None) == f"run {run.id} is not awaiting approval"
 
 
 async def test_unanswered_approval_expires(harness: Harness) -> None:
@@ -231,13 +231,13 @@ async def test_cancel_through_the_dispatcher_ends_the_run_cancelled(harness: Har
     harness.load(verify=VERIFY % "30s")
     run = await harness.start("verify", incident="inc-1", host="web-1", metric="user")
     await harness.waiting_for_evidence()
-    assert await harness.dispatcher.cancel(run.id)
+    assert harness.cancel(run)
     done = await harness.wait(run)
     assert (done.status, done.outcome) == (states.CANCELLED, states.OUTCOME_CANCELLED)
     assert done.reason == "cancelled through the API"
     assert harness.process.incidents == [("inc-1", states.OUTCOME_CANCELLED)]
     assert len(harness.kinds.hub) == 0
-    assert not await harness.dispatcher.cancel(run.id)
+    assert not harness.cancel(run)
 
 
 # -- outcomes and their metrics --------------------------------------------------------------
@@ -279,7 +279,7 @@ async def test_outcomes_and_their_metrics(harness: Harness, fails: int, value: A
     if fails == 0:
         await harness.waiting_for_evidence()
         if value == "cancel":
-            assert await harness.dispatcher.cancel(run.id)
+            assert harness.cancel(run)
         elif value is not None:
             harness.kinds.hub.offer(telemetry("telemetry/web-1/cpu", value=value))
     done = await harness.wait(run)

@@ -19,8 +19,10 @@ import pytest
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
+from loopd.clock import VirtualClock
 from loopd.decide.engine import Engine
 from loopd.events import Delivery, Event
+from loopd.messages import CancelRun, RunCommand, RunEnded, StartRun
 from loopd.rules.loader import RuleSet
 from loopd.store.base import Batch, RunRecord, Store
 from loopd.store.sqlite import SqliteStore
@@ -28,8 +30,23 @@ from tests.servers import wait_until
 from tests.unit.conftest import RulesFrom
 
 
-def event_time(event: Event) -> float:
-    return event.time
+def event_time() -> dict[str, Any]:
+    """Engine options for event time: a VirtualClock the engine moves to each event."""
+    return {"clock": VirtualClock(), "event_time": True}
+
+
+@dataclass
+class Sent:
+    """The dispatcher's command queue, as a record: runs started, runs cancelled."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+    cancels: list[CancelRun] = field(default_factory=list)
+
+    def put_nowait(self, command: RunCommand, /) -> None:
+        if isinstance(command, StartRun):
+            self.runs.append(command.run)
+        else:
+            self.cancels.append(command)
 
 
 @dataclass
@@ -44,11 +61,14 @@ class Running:
             await self.engine.emit(Delivery(event))
         await self.engine.drain(timeout=10)
 
-    async def close_incident_of(self, run: RunRecord, outcome: str = "fixed") -> None:
-        """What the dispatcher does when a run ends."""
+    async def close_incident_of(self, run: RunRecord, outcome: str = "fixed", *,
+                                wait: bool = True) -> None:
+        """What the dispatcher does when a run ends (and, with ``wait``, the engine done)."""
         assert run.incident_id is not None
         run.status, run.outcome = "succeeded", outcome
-        await self.engine.run_finished(run)
+        self.engine.inbox.put_nowait(RunEnded(run))
+        if wait:
+            await self.engine.drain(timeout=10)
 
 
 class GatedStore:
@@ -79,12 +99,12 @@ async def running(db: Path, rules: RuleSet, *, gated: bool = False,
     inner = SqliteStore(db)
     await inner.open()
     store: Store = cast(Store, GatedStore(inner)) if gated else inner
-    runs: list[RunRecord] = []
-    engine = Engine(store, rules, on_runs=runs.extend, **options)
+    sent = Sent()
+    engine = Engine(store, rules, commands=sent, **options)
     await engine.load()
     task = asyncio.create_task(engine.run())
     try:
-        yield Running(engine, store, runs)
+        yield Running(engine, store, sent.runs)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -186,7 +206,7 @@ async def test_for_fires_only_after_the_condition_held_for_the_duration(
 ) -> None:
     """``for: 60s`` suppresses until the condition has held 60s for that key, then runs."""
     t0 = 1_000_000.0
-    async with running(db, rules_from(FOR_RULE), clock=event_time) as r:
+    async with running(db, rules_from(FOR_RULE), **event_time()) as r:
         await r.feed(ev("a", at=t0, value=95), ev("b", at=t0 + 30, value=96),
                      ev("other-key", key="web-2", at=t0 + 59, value=99))
         assert r.runs == []
@@ -205,7 +225,7 @@ async def test_for_timer_resets_when_the_condition_stops_holding(
 ) -> None:
     """One event below the threshold restarts the ``for:`` duration from zero."""
     t0 = 1_000_000.0
-    async with running(db, rules_from(FOR_RULE), clock=event_time) as r:
+    async with running(db, rules_from(FOR_RULE), **event_time()) as r:
         await r.feed(ev("a", at=t0, value=95), ev("b", at=t0 + 40, value=50))
         state = await r.store.load_state(since=0, recent=10)
         assert state.for_timers == []  # the reset is durable too
@@ -220,9 +240,9 @@ async def test_for_timer_resets_when_the_condition_stops_holding(
 async def test_for_timers_survive_a_restart(db: Path, rules_from: RulesFrom) -> None:
     """A ``for:`` timer started before a restart keeps counting after it."""
     rules, t0 = rules_from(FOR_RULE), 1_000_000.0
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("a", at=t0, value=95))
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("b", at=t0 + 60, value=95))
         assert len(r.runs) == 1
 
@@ -245,7 +265,7 @@ async def test_once_within_suppresses_runs_inside_the_window(
 ) -> None:
     """After a run, ``once_within: 10m`` suppresses the key's next run until 10m have passed."""
     t0 = time.time()
-    async with running(db, rules_from(THROTTLED), clock=event_time) as r:
+    async with running(db, rules_from(THROTTLED), **event_time()) as r:
         await r.feed(ev("a", topic="once", at=t0))
         await r.close_incident_of(r.runs[0])
         await r.feed(ev("b", topic="once", at=t0 + 300),
@@ -261,7 +281,7 @@ async def test_once_within_suppresses_runs_inside_the_window(
 async def test_max_per_window_allows_a_budget_of_runs(db: Path, rules_from: RulesFrom) -> None:
     """``max: 2, per: 1h`` allows two runs per key in an hour and suppresses the third."""
     t0 = time.time()
-    async with running(db, rules_from(THROTTLED), clock=event_time) as r:
+    async with running(db, rules_from(THROTTLED), **event_time()) as r:
         for i, offset in enumerate((0, 60, 120)):
             await r.feed(ev(f"e{i}", topic="budget", at=t0 + offset))
             if len(r.runs) > i:
@@ -275,10 +295,10 @@ async def test_max_per_window_allows_a_budget_of_runs(db: Path, rules_from: Rule
 async def test_throttles_survive_a_restart(db: Path, rules_from: RulesFrom) -> None:
     """Run starts are reloaded at start, so a restart does not reset a throttle."""
     rules, t0 = rules_from(THROTTLED), time.time()
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("a", topic="once", at=t0))
         await r.close_incident_of(r.runs[0])
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("b", topic="once", at=t0 + 60))
         assert r.runs == []
     assert decisions(db)[-1] == ("b", "once", "suppressed")
@@ -325,7 +345,7 @@ async def test_a_closed_incident_is_not_reopened_by_a_batch_in_flight(
         gated.gate.clear()
         await r.engine.emit(Delivery(ev("b")))  # joins the open incident ...
         await wait_until(lambda: gated.waiting == 1, what="the joined batch to be written")
-        await r.close_incident_of(r.runs[0])    # ... whose run ends meanwhile
+        await r.close_incident_of(r.runs[0], wait=False)  # ... whose run ends meanwhile
         gated.gate.set()
         await r.engine.drain(timeout=10)
         assert await r.store.list_incidents(status="open") == []
