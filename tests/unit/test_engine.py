@@ -499,3 +499,35 @@ rules:
         stored = await r.store.get_run(r.runs[0].id)
         assert stored is not None and stored.input["codes"] == {"200": "ok"}
     assert [o for _, _, o in decisions(db)] == ["run_created", "run_created"]
+
+
+async def test_a_run_end_is_not_starved_by_a_busy_source_queue(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """The engine takes its inbox (a RunEnded) before the next batch of a full source queue,
+    and writes the incident's close through its own batch."""
+    async with running(db, rules_from(SIMPLE), gated=True, batch_max=10) as r:
+        gated = cast(GatedStore, r.store)
+        closed_in: list[int] = []
+        inner_commit = gated.commit
+
+        async def commit(batch: Batch) -> None:
+            if any(i.status == "closed" for i in batch.incidents.values()):
+                closed_in.append(len(gated.log))
+            await inner_commit(batch)
+
+        gated.commit = commit  # type: ignore[method-assign]
+        await r.feed(ev("a"))
+        gated.gate.clear()
+        for i in range(100):  # ten batches' worth waiting behind a held write
+            await r.engine.emit(Delivery(ev(f"busy-{i}", key=f"k-{i}")))
+        await wait_until(lambda: gated.waiting == 1, what="a batch held at the store")
+        await r.close_incident_of(r.runs[0], wait=False)
+        gated.gate.set()
+        await r.engine.drain(timeout=10)
+        # behind only the four batches decided before it arrived (one held, two queued,
+        # one waiting to be queued), not behind the six still in the source queue
+        assert closed_in and closed_in[0] <= 5, (closed_in, len(gated.log))
+        assert len(gated.log) >= 10
+        assert await r.store.list_incidents(status="open") != []
+        assert all(i.key != "web-1" for i in await r.store.list_incidents(status="open"))
