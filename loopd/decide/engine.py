@@ -194,6 +194,9 @@ class Engine:
     def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
         return self.incidents.open.get((rule, key))
 
+    def open_incidents(self) -> int:
+        return len(self.incidents.open)
+
     def now(self) -> float:
         """The engine's clock outside an event (the wall clock, or in event time the
         latest instant the clock reached), so that guards compare times of one clock."""

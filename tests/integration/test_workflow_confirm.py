@@ -3,6 +3,7 @@ metrics, with the real engine of tests/workflow_harness.py."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from loopd.events import Event
+from loopd.messages import CancelRun, StartRun
 from loopd.metrics import REGISTRY
 from loopd.runs import states
 from loopd.store.base import RunRecord
@@ -238,6 +240,31 @@ async def test_cancel_through_the_dispatcher_ends_the_run_cancelled(harness: Har
     assert harness.process.incidents == [("inc-1", states.OUTCOME_CANCELLED)]
     assert len(harness.kinds.hub) == 0
     assert not harness.cancel(run)
+
+
+async def test_a_cancel_that_follows_its_start_in_the_queue_ends_the_run_before_it_acts(
+    harness: Harness,
+) -> None:
+    """CancelRun right behind its StartRun (a run decided and cancelled in one batch) ends
+    the run cancelled with the engine's reason, before any task runs; a cancel that may
+    not stop an acting run (acting_too=False) does not stop one that acts."""
+    harness.load(verify=VERIFY % "30s")
+    first = await harness.start("verify", incident="inc-1", host="web-1", metric="user")
+    await harness.waiting_for_evidence()
+    harness.dispatcher.commands.put_nowait(CancelRun(first.id, "alert resolved"))
+    run = RunRecord("run-2", "inc-2", "test-rule", "web-2", "workflow", "t.verify",
+                    {"host": "web-2", "metric": "user"}, states.PENDING, time.time())
+    await harness.store.save_run(run)
+    harness.dispatcher.commands.put_nowait(StartRun(run))
+    harness.dispatcher.commands.put_nowait(CancelRun(run.id, "restarted by event e2",
+                                                     acting_too=True))
+    await wait_until(lambda: ("inc-2", states.OUTCOME_CANCELLED) in harness.process.incidents,
+                     timeout=5, what="the second run to end")
+    done = await harness.stored(run)
+    assert (done.status, done.reason) == (states.CANCELLED, "restarted by event e2")
+    assert await harness.store.steps(run.id) == []
+    assert (await harness.stored(first)).status == states.WAITING  # it acts: not stopped
+    assert harness.cancel(first)
 
 
 # -- outcomes and their metrics --------------------------------------------------------------
