@@ -173,7 +173,11 @@ class Engine:
         """Hand a delivery to the engine; waits while the queue is full (backpressure)."""
         self._in_flight += 1
         self._idle.clear()
-        await self.queue.put(delivery)
+        queue = self.queue
+        if queue.full():
+            await queue.put(delivery)
+        else:  # the common case, without a coroutine per event
+            queue.put_nowait(delivery)
         self._wake.set()
 
     def _busy(self, n: int) -> None:
