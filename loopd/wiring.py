@@ -204,8 +204,9 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
     inventory = Inventory.load(config.inventory)
     registry, ruleset = load_packs_and_rules(config)
     buses = {} if simulated else build_buses([*config.sources, *config.sinks])
-    executor = Executor(registry, {} if simulated else build_runners(buses),
-                        max_concurrent=config.engine.max_concurrent_runs)
+    # simulated: dry run, no runner is ever asked to act
+    executor = Executor(registry, {}) if simulated else Executor(
+        registry, build_runners(buses), max_concurrent=config.engine.max_concurrent_runs)
     silences = Silences(config.alertmanager.url, refresh=config.alertmanager.refresh,
                         timeout=config.alertmanager.timeout) \
         if config.alertmanager and not simulated else None
