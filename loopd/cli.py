@@ -128,7 +128,7 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def check(path: Path) -> int:
     from loopd.catalog.inventory import Inventory
-    from loopd.daemon import load_packs_and_rules
+    from loopd.wiring import load_packs_and_rules
 
     config = _config(path)
     if config is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from aiohttp import web
@@ -59,22 +58,22 @@ def incident_view(inc: IncidentRecord) -> dict[str, Any]:
 
 
 async def list_runs(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    control = request.app[CTX].control
     status = request.query.get("status")
     if status is not None and status not in (*states.ACTIVE, *states.FINAL, states.QUEUED):
         return error(400, f"unknown status {status!r}")
-    runs = await ctx.store.list_runs(status=status, limit=_limit(request))
+    runs = await control.list_runs(status=status, limit=_limit(request))
     return json_response({"runs": [run_summary(r) for r in runs]})
 
 
 async def get_run(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    control = request.app[CTX].control
     run_id = request.match_info["id"]
-    run = await ctx.store.get_run(run_id)
+    run = await control.get_run(run_id)
     if run is None:
         return error(404, f"no run {run_id!r}")
-    steps = await ctx.store.steps(run_id)
-    decisions = await ctx.store.decisions_for(incident_id=run.incident_id) \
+    steps = await control.steps(run_id)
+    decisions = await control.decisions_of_incident(run.incident_id) \
         if run.incident_id else []
     story = run_summary(run)
     story.update(
@@ -87,33 +86,20 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
     run_id = request.match_info["id"]
-    run = await ctx.store.get_run(run_id)
-    if run is None:
-        return error(404, f"no run {run_id!r}")
-    if run.status == states.QUEUED:
-        queued = ctx.engine.incidents.cancel_queued(run_id)
-        if queued is None:
-            return error(409, f"run {run_id} is no longer queued")
-        queued.status, queued.outcome = states.CANCELLED, states.OUTCOME_CANCELLED
-        queued.finished, queued.reason = time.time(), "cancelled through the API while queued"
-        await ctx.store.save_run(queued)
+    answer = await request.app[CTX].control.cancel(run_id)
+    if answer.state == "missing":
+        return error(404, answer.problem or f"no run {run_id!r}")
+    if answer.state == "refused":
+        return error(409, answer.problem or f"run {run_id} cannot be cancelled")
+    if answer.state == "cancelled":
         return json_response({"id": run_id, "status": states.CANCELLED})
-    if run.status not in states.ACTIVE:
-        return error(409, f"run {run_id} already ended ({run.status})")
-    if not await ctx.dispatcher.cancel(run_id):
-        return error(409, f"run {run_id} is not executing here")
     return json_response({"id": run_id, "status": "cancelling"}, status=202)
 
 
 async def decide_approval(request: web.Request, approved: bool) -> web.Response:
-    ctx = request.app[CTX]
     run_id = request.match_info["id"]
-    if ctx.approve is None:
-        return error(404, "approvals are not enabled")
-    reason = request.query.get("reason")
-    problem = await ctx.approve(run_id, approved, reason)
+    problem = request.app[CTX].control.decide(run_id, approved, request.query.get("reason"))
     if problem is not None:
         return error(409, problem)
     return json_response({"id": run_id, "approved": approved}, status=202)
@@ -128,11 +114,10 @@ async def reject(request: web.Request) -> web.Response:
 
 
 async def list_incidents(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
     status = request.query.get("status")
     if status not in (None, "open", "closed"):
         return error(400, "status must be open or closed")
-    incidents = await ctx.store.list_incidents(status=status, limit=_limit(request))
+    incidents = await request.app[CTX].control.list_incidents(status=status, limit=_limit(request))
     return json_response({"incidents": [incident_view(i) for i in incidents]})
 
 

@@ -6,7 +6,7 @@ the store; every timer is persisted in ``run.progress`` before it is awaited.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,9 @@ from loopd.errors import ConditionError, ConfigError
 from loopd.events import Event
 from loopd.packs.executor import ActionContext, ActionResult, Executor
 from loopd.runs import states
+from loopd.runs.approvals import Approvals
 from loopd.runs.evidence import ConfirmHub, PromQL, Waiter
+from loopd.runs.slots import Slots
 from loopd.store.base import RunRecord, StepRecord, Store
 from loopd.workflow.loader import CompiledTask, CompiledWorkflow, render_evidence
 
@@ -37,20 +39,20 @@ class TaskResult:
 class TaskKinds:
     def __init__(self, store: Store, executor: Executor, *, hub: ConfirmHub | None = None,
                  prometheus: PromQL | None = None, services: dict[str, Any] | None = None,
-                 dry_run: bool = False, clock: Clock | None = None) -> None:
+                 dry_run: bool = False, clock: Clock | None = None,
+                 slots: Slots | None = None, approvals: Approvals | None = None) -> None:
         self.store = store
         self.clock: Clock = clock if clock is not None else WallClock()
         self.executor = executor
-        self.hub = hub or ConfirmHub()
+        self.hub = hub if hub is not None else ConfirmHub()  # an empty hub is falsy
         self.prometheus = prometheus
         self.services = services or {}
         self.dry_run = dry_run
         self.runner: WorkflowRunner | None = None
-        # told when a run settles into a long wait (confirm, approval): the dispatcher
-        # lets the next run start then
-        self.on_waiting: Callable[[str], None] | None = None
-        self.on_active: Callable[[str], Awaitable[None]] | None = None  # and when it wakes
-        self._approvals: dict[str, asyncio.Future[tuple[bool, str | None]]] = {}
+        # the dispatcher's start slots: a run settling into a long wait (confirm, approval)
+        # gives its slot back, so the next run starts; it takes one again when it wakes
+        self.slots = slots if slots is not None else Slots()
+        self.approvals = approvals if approvals is not None else Approvals()
 
     @property
     def wf(self) -> WorkflowRunner:
@@ -72,16 +74,14 @@ class TaskKinds:
                             status: str, input: Any = None) -> StepRecord:
         """The step of a confirm/approval: created once, found again after a restart."""
         if "step" in tstate and run.status == status:
-            if self.on_waiting is not None:
-                self.on_waiting(run.id)
+            self.slots.give_back(run.id)
             return StepRecord(run.id, tstate["step"], ct.name, None, 1, states.RUNNING,
                               tstate["step_started"], input=input)
         run.status = status
         step = await self._step(run, ct.name, None, 1, input)
         tstate["step"], tstate["step_started"] = step.seq, step.started
         await self.store.save_run(run)  # the status and the step to find again, together
-        if self.on_waiting is not None:
-            self.on_waiting(run.id)
+        self.slots.give_back(run.id)
         return step
 
     async def _step(self, run: RunRecord, task: str, action: str | None, attempt: int,
@@ -302,8 +302,7 @@ class TaskKinds:
         query_false = 0
         try:
             found = await self._await_evidence(run, ct, tstate["deadline"], waiter)
-            if self.on_active is not None:
-                await self.on_active(run.id)
+            await self.slots.take(run.id)
             if isinstance(found, Event):
                 output = {"evidence": "event", "event": found.to_json()}
             elif found is True:
@@ -358,14 +357,6 @@ class TaskKinds:
             if await self.clock.wait(waiter.found, until):
                 return waiter.found.result()
 
-    def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
-        """Resolve a pending approval; None when done, else why it cannot be."""
-        future = self._approvals.get(run_id)
-        if future is None or future.done():
-            return f"run {run_id} is not awaiting approval"
-        future.set_result((approved, reason))
-        return None
-
     async def _approval(self, run: RunRecord, ct: CompiledTask, tstate: dict[str, Any]
                         ) -> TaskResult:
         approval = ct.task.approval
@@ -376,20 +367,15 @@ class TaskKinds:
         message = self._message(run, ct)
         step = await self._waiting_step(run, ct, tstate, states.AWAITING_APPROVAL,
                                         {"message": message, "expires": tstate["deadline"]})
-        future = self._approvals[run.id] = asyncio.get_running_loop().create_future()
         try:
-            # clock.wait never cancels the future, nor swallows a cancellation of this task
-            # (asyncio.wait_for can, on Python 3.11)
-            decided = await self.clock.wait(future, tstate["deadline"])
-            if self.on_active is not None:
-                await self.on_active(run.id)
+            decided = await self.approvals.wait(run.id, tstate["deadline"], self.clock)
+            await self.slots.take(run.id)
         finally:
-            self._approvals.pop(run.id, None)
             run.status = states.RUNNING
-        if not decided:
+        if decided is None:
             await self._finish(step, states.EXPIRED, None, "approval expired")
             return TaskResult(states.EXPIRED, {}, f"approval of {ct.name} expired", 1, step)
-        approved, reason = future.result()
+        approved, reason = decided.approved, decided.reason
         if approved:
             await self._finish(step, states.SUCCEEDED, {"approved": True, "reason": reason})
             return TaskResult(states.SUCCEEDED, {"approved": True}, None, 1, step)

@@ -143,10 +143,13 @@ class Batch:
     run_updates: list[RunRecord] = field(default_factory=list)  # runs already stored
     timers_set: list[tuple[str, str, float]] = field(default_factory=list)
     timers_cleared: list[tuple[str, str]] = field(default_factory=list)
+    # (namespace, key) -> value, as kv_put writes it: the guards' memory changes in the
+    # transaction of the decision (or run end) that changed it
+    kv: dict[tuple[str, str], JSON] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.decisions or self.incidents or self.runs or self.run_updates
-                    or self.timers_set or self.timers_cleared)
+                    or self.timers_set or self.timers_cleared or self.kv)
 
     def mark(self) -> Mark:
         """Where the records of the next event start (see ``part``)."""
@@ -175,16 +178,20 @@ class EngineState:
 
 
 class Store(Protocol):
+    replica: str   # the name this process writes and claims runs under
+    lease: float   # seconds of silence after which a replica's runs may be taken over
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     async def commit(self, batch: Batch) -> CommitResult: ...
 
-    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float
-                         ) -> list[RunRecord]:
-        """Runs in ``statuses`` this replica may execute now, claimed for it (epoch bumped):
-        its own, unowned ones, and those of replicas silent for longer than ``lease``."""
+    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None
+                         ) -> set[str]:
+        """The ids of the runs in ``statuses`` this replica may execute now, claimed for it
+        (epoch bumped): its own, unowned ones, and those of replicas silent for longer than
+        ``lease`` (default: the store's)."""
         ...
 
     async def heartbeat(self) -> None:

@@ -97,6 +97,12 @@ _UPSERT_INCIDENT = (
     "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
     "status=excluded.status, closed=excluded.closed, events=excluded.events, "
     "run_id=excluded.run_id, outcome=excluded.outcome")
+_RUN_COLUMNS = ("id", "incident_id", "rule", "key", "kind", "target", "input", "status",
+                "created", "started", "finished", "reason", "ctx", "outcome", "event",
+                "progress", "owner", "epoch", "version")
+# the epoch belongs to claim_runs: a save never turns it back
+_SAVE_RUN = (f"INSERT INTO runs VALUES ({_RUN_MARKS}) ON CONFLICT (id) DO UPDATE SET "
+             + ", ".join(f"{c}=excluded.{c}" for c in _RUN_COLUMNS if c not in ("id", "epoch")))
 # Errors a retry of the same records can never fix: the culprit is found and rejected.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
              sqlite3.ProgrammingError, OverflowError, TypeError, ValueError, RecursionError)
@@ -233,27 +239,25 @@ class SqliteStore:
                           (time.time(), self.replica, self._incarnation))
 
     async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None
-                         ) -> list[RunRecord]:
+                         ) -> set[str]:
         marks = ",".join("?" * len(statuses))
         stale = time.time() - (self.lease if lease is None else lease)
         async with self._lock:
             db = self.db
             try:
                 await db.execute("BEGIN IMMEDIATE")
-                await db.execute(
-                    f"UPDATE runs SET owner=?, epoch=epoch+1 WHERE status IN ({marks}) AND ("
-                    "owner IS NULL OR owner=? OR owner NOT IN (SELECT name FROM replicas "
-                    "WHERE heartbeat >= ?))", (self.replica, *statuses, self.replica, stale))
                 async with db.execute(
-                        f"SELECT * FROM runs WHERE status IN ({marks}) AND owner=? "
-                        "ORDER BY created", (*statuses, self.replica)) as cur:
-                    rows = list(await cur.fetchall())
+                        f"UPDATE runs SET owner=?, epoch=epoch+1 WHERE status IN ({marks}) AND ("
+                        "owner IS NULL OR owner=? OR owner NOT IN (SELECT name FROM replicas "
+                        "WHERE heartbeat >= ?)) RETURNING id",
+                        (self.replica, *statuses, self.replica, stale)) as cur:
+                    claimed = {row[0] for row in await cur.fetchall()}
                 await db.execute("COMMIT")
             except aiosqlite.Error as exc:
                 if db.in_transaction:
                     await db.execute("ROLLBACK")
                 raise StoreError(f"claiming runs failed: {exc}", origin=str(self.path)) from None
-        return [self._run(r) for r in rows]
+        return claimed
 
     async def close(self) -> None:
         if self._db is not None:
@@ -357,7 +361,7 @@ class SqliteStore:
             runs = [r for r in runs if r.id not in result.skipped_runs]
         if runs:
             for run in runs:
-                run.owner = run.owner or self.replica
+                run.owner = self.replica
             await db.executemany(
                 f"INSERT INTO runs VALUES ({_RUN_MARKS}) ON CONFLICT (id) DO NOTHING",
                 [self._run_row(r) for r in runs])
@@ -370,6 +374,10 @@ class SqliteStore:
         if batch.timers_cleared:
             await db.executemany("DELETE FROM timers WHERE rule=? AND key=?",
                                  batch.timers_cleared)
+        if batch.kv:
+            now = time.time()
+            await db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
+                                 [(ns, k, _dump(v), now) for (ns, k), v in batch.kv.items()])
         return result
 
     async def _decisions(self, decisions: list[DecisionRecord], result: CommitResult) -> None:
@@ -458,10 +466,9 @@ class SqliteStore:
         return EngineState(incidents, timers, starts, seen)
 
     async def save_run(self, run: RunRecord) -> None:
-        run.owner = run.owner or self.replica
+        run.owner = self.replica  # whoever writes a run executes it (it claimed it)
         run.version += 1
-        await self._write(f"INSERT OR REPLACE INTO runs VALUES ({_RUN_MARKS})",
-                          self._run_row(run))
+        await self._write(_SAVE_RUN, self._run_row(run))
 
     async def save_step(self, step: StepRecord) -> None:
         await self._write(

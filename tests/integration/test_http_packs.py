@@ -20,10 +20,9 @@ from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
 from loopd.runs import states
 from loopd.runs.evidence import PromQL
-from loopd.runs.runner import WorkflowRunner
-from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
+from loopd.wiring import build_runs
 from loopd.workflow.loader import load_workflows
 from tests.servers.http_targets import (
     AlertmanagerApi,
@@ -80,8 +79,8 @@ class Loop:
         store = SqliteStore(self.tmp_path / "loopd.db")
         await store.open()
         try:
-            kinds = TaskKinds(store, self.executor, prometheus=prometheus)
-            runner = WorkflowRunner(store, lambda: self.registry, kinds, inventory=self.inventory)
+            runner = build_runs(store, self.executor, lambda: self.registry,
+                                inventory=self.inventory, prometheus=prometheus).workflows
             run = RunRecord(f"run-{target}", None, "nginx-down", "web-1", "workflow", target,
                             input, states.PENDING, time.time())
             status, reason = await runner.execute(run, resumed=False)

@@ -24,6 +24,7 @@ from loopd.runs.runner import WorkflowRunner
 from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord, StepRecord
 from loopd.store.sqlite import SqliteStore
+from loopd.wiring import build_runs
 from loopd.workflow.loader import load_workflows
 from tests.servers import wait_until
 from tests.servers.http_targets import ServiceNow
@@ -98,8 +99,9 @@ async def loop(tmp_path: Path, ssh_server: SshServer, servicenow: ServiceNow,
     await store.open()
     executor = Executor(registry, {"python": PythonRunner(), "ssh": SshRunner(),
                                    "http": HttpRunner()})
-    kinds = TaskKinds(store, executor, services={"store": store})
-    workflows = WorkflowRunner(store, lambda: registry, kinds, inventory=inventory)
+    runs = build_runs(store, executor, lambda: registry, inventory=inventory,
+                      services={"store": store})
+    kinds, workflows = runs.kinds, runs.workflows
     try:
         yield Loop(store, registry, kinds, workflows, executor)
     finally:

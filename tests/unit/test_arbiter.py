@@ -4,6 +4,7 @@ store refuses is found, rejected and acknowledged instead of wedging ingestion."
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ async def test_a_record_the_store_refuses_is_rejected_alone(
         for ident, at in (("ok-1", time.time()), ("poison", float("nan")),
                           ("ok-2", time.time())):
             event = ev(ident, at=at, key=ident, value=1)
-            await r.engine.emit(Delivery(event, lambda i=ident: acked.append(i)))
+            await r.engine.emit(Delivery(event, functools.partial(acked.append, ident)))
         await r.engine.drain(timeout=10)
         assert sorted(acked) == ["ok-1", "ok-2", "poison"]
         assert sorted(run.key or "" for run in r.runs) == ["ok-1", "ok-2"]
@@ -132,14 +133,15 @@ async def test_runs_are_claimed_by_one_replica(tmp_path: Path) -> None:
         now = time.time()
         await a.commit(Batch(runs=[RunRecord("run-1", None, "r", "k", "action", "core.noop",
                                              {}, "pending", now)]))
-        assert [r.id for r in await a.claim_runs(("pending",))] == ["run-1"]
-        assert await b.claim_runs(("pending",)) == []
+        assert await a.claim_runs(("pending",)) == {"run-1"}
+        assert await b.claim_runs(("pending",)) == set()
         # a stops beating; after the lease, b takes the run over with a new epoch
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             conn.execute("UPDATE replicas SET heartbeat=? WHERE name='a'", (now - 1,))
-        (taken,) = await b.claim_runs(("pending",))
-        assert (taken.owner, taken.epoch) == ("b", 2)
-        assert await a.claim_runs(("pending",), lease=3600) == []
+        assert await b.claim_runs(("pending",)) == {"run-1"}
+        taken = await b.get_run("run-1")
+        assert taken is not None and (taken.owner, taken.epoch) == ("b", 2)
+        assert await a.claim_runs(("pending",), lease=3600) == set()
     finally:
         await a.close()
         await b.close()
