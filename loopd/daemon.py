@@ -129,6 +129,7 @@ def outcome_event(run: RunRecord, topic: str) -> Event:
 class Daemon:
     def __init__(self, config: LoopdConfig) -> None:
         self.config = config
+        self.metrics = metrics.Metrics()  # this daemon's own registry, current in run()
         self.store = SqliteStore(config.store.path)
         self.inventory = Inventory.load(config.inventory)
         self.registry, ruleset = load_packs_and_rules(config)
@@ -175,7 +176,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._holding = False  # set at shutdown: sources no longer feed the engine
-        self._report_load(ruleset)
+        with metrics.using(self.metrics):  # __init__ runs in the caller's context
+            self._report_load(ruleset)
 
     async def _emit(self, delivery: Any) -> None:
         if self._holding:
@@ -224,6 +226,8 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[Daemon], None] | None = None) -> None:
         started = time.monotonic()
+        # before any task is created: they all inherit this context, the API's handlers too
+        metrics.use(self.metrics)
         await self.store.open()
         try:
             # one read of the runs in flight serves both the engine and the dispatcher

@@ -86,6 +86,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     engine = request.app[CTX].engine
     # budgets free up as their window slides, with no event to say so: refresh the gauge
     engine.guards.publish_budgets(engine.incidents.policy_map(), engine.now())
+    # this daemon's registry: the request's task inherits the metrics its run() made current
     return web.Response(body=metrics.exposition(),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

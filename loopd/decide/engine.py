@@ -209,9 +209,9 @@ class Engine:
             done = time.monotonic()
             for delivery in pending.deliveries:
                 delivery.ack()
-                metrics.DECISION_SECONDS.observe(done - delivery.received)
+                metrics.event_decided(done - delivery.received)
             for d in pending.batch.decisions:
-                metrics.DECISIONS.labels(d.rule, d.outcome).inc()
+                metrics.decision_recorded(d.rule, d.outcome)
             if pending.runs:
                 self.hand_over(pending.runs)
             self._in_flight -= len(pending.deliveries)
@@ -225,9 +225,7 @@ class Engine:
         try:
             self._decide_event(event, pending)
         except Exception:  # supervised boundary: a bug on one event must not stop the engine
-            metrics.EVENTS_REJECTED.labels(event.source, "engine_error").inc()
-            metrics.log.exception("deciding an event failed; it is acknowledged undecided",
-                                  source=event.source, event_origin=event.origin or event.id)
+            metrics.engine_error(event.source, event.origin or event.id)
 
     def _decide_event(self, event: Event, pending: _Pending) -> None:
         if self._telemetry_sources is None or event.source in self._telemetry_sources:
