@@ -40,7 +40,9 @@ class Daemon:
 
     def __init__(self, config: LoopdConfig) -> None:
         self.config = config
-        self.loopd = parts = build(config)
+        self.metrics = metrics.Metrics()  # this daemon's own registry, current in run()
+        with metrics.using(self.metrics):  # __init__ runs in the caller's context
+            self.loopd = parts = build(config)
         self.store = parts.store
         self.inventory = parts.inventory
         self.buses = parts.buses
@@ -63,7 +65,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._holding = False  # set at shutdown: sources no longer feed the engine
-        self._report_load(parts.ruleset)
+        with metrics.using(self.metrics):
+            self._report_load(parts.ruleset)
 
     @property
     def registry(self) -> PackRegistry:
@@ -119,6 +122,8 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[Daemon], None] | None = None) -> None:
         started = time.monotonic()
+        # before any task is created: they all inherit this context, the API's handlers too
+        metrics.use(self.metrics)
         await self.store.open()
         try:
             # one read of the runs in flight serves both the engine and the dispatcher

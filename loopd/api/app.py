@@ -75,6 +75,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     # budgets free up as their window slides, with no event to say so: refresh the gauge
     request.app[CTX].control.refresh_budgets()
+    # this daemon's registry: the request's task inherits the metrics its run() made current
     return web.Response(body=metrics.exposition(),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

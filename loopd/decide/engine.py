@@ -337,10 +337,10 @@ class Engine:
             done = time.monotonic()
             for delivery in pending.deliveries:
                 delivery.ack()
-                metrics.DECISION_SECONDS.observe(done - delivery.received)
+                metrics.event_decided(done - delivery.received)
             for d in pending.batch.decisions:
                 if (d.source, d.event_id, d.rule) not in result.duplicates:
-                    metrics.DECISIONS.labels(d.rule, d.outcome).inc()
+                    metrics.decision_recorded(d.rule, d.outcome)
             if result:
                 self._reconcile(pending, result)
             if pending.commands or pending.ended:
@@ -417,14 +417,12 @@ class Engine:
         and the counter do), and the event is acknowledged so it cannot wedge the stream."""
         result.skipped_runs |= {r.id for r in part.runs}
         source = event.source if event is not None else "loopd"
-        metrics.EVENTS_REJECTED.labels(source, "store_rejected").inc()
-        metrics.log.error(
-            "the store rejected the records of an event; it is recorded as an error and "
-            "acknowledged" if event is not None else
-            "the store rejected what a run's end changed; it is dropped",
-            source=source, event_id=event.id if event is not None else None,
+        metrics.event_rejected(
+            source, "store_rejected", error,
+            event_id=event.id if event is not None else None,
             event_origin=(event.origin or event.id) if event is not None else None,
-            error=str(error))
+            what="the event is recorded as an error decision and acknowledged"
+            if event is not None else "what a run's end changed is dropped")
         now = time.time()
         firsts = {d.rule: d for d in part.decisions}
         notes = Batch(decisions=[
@@ -476,9 +474,7 @@ class Engine:
         try:
             self._decide_event(event, pending)
         except Exception:  # supervised boundary: a bug on one event must not stop the engine
-            metrics.EVENTS_REJECTED.labels(event.source, "engine_error").inc()
-            metrics.log.exception("deciding an event failed; it is acknowledged undecided",
-                                  source=event.source, event_origin=event.origin or event.id)
+            metrics.engine_error(event.source, event.origin or event.id)
 
     def _decide_event(self, event: Event, pending: _Pending) -> None:
         if self._telemetry_sources is None or event.source in self._telemetry_sources:

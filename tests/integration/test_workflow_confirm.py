@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from loopd import metrics
 from loopd.events import Event
 from loopd.messages import CancelRun, StartRun
-from loopd.metrics import REGISTRY
 from loopd.runs import states
 from loopd.store.base import RunRecord
 from tests.servers import wait_until
@@ -31,7 +31,7 @@ def telemetry(topic: str, source: str = "mqtt", **data: Any) -> Event:
 
 
 def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 # -- confirm -------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ async def test_outcomes_and_their_metrics(harness: Harness, fails: int, value: A
     """Each way a remediation can end has its outcome (WorkflowRunner.outcome), and
     loopd_runs_total, loopd_run_outcomes_total and loopd_confirmations_total count it."""
     harness.load(loop=LOOP)
-    before = {
+    before: dict[str, Any] = {
         "runs": metric("loopd_runs_total", workflow="t.loop", status=status),
         "outcomes": metric("loopd_run_outcomes_total", workflow="t.loop", outcome=outcome),
         "confirm": {r: metric("loopd_confirmations_total", workflow="t.loop", result=r)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -126,7 +127,7 @@ def reasons(db: Path) -> list[str | None]:
 
 
 def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 def ev(ident: str, *, key: str | None = "web-1", at: float | None = None,
@@ -186,7 +187,7 @@ async def test_duplicates_and_unmatched_events_are_still_acknowledged(
     acks: list[str] = []
     async with running(db, rules_from(SIMPLE)) as r:
         for event in (ev("e1"), ev("e1"), ev("x", source="elsewhere")):
-            await r.engine.emit(Delivery(event, lambda i=event.id: acks.append(i)))
+            await r.engine.emit(Delivery(event, functools.partial(acks.append, event.id)))
         await r.engine.drain(timeout=10)
         assert sorted(acks) == ["e1", "e1", "x"]
         assert await r.store.get_event("elsewhere", "x") is None  # nothing to remember

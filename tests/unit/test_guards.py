@@ -54,7 +54,7 @@ def alert(ident: str, host: str, at: float, *, status: str = "firing",
 
 
 def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 @dataclass
@@ -251,7 +251,7 @@ async def test_a_rule_budget_suppresses_runs_beyond_its_count_within_the_window(
             "guard budget: rule budget of 2 runs per 3600s is spent"
         assert sample("loopd_guard_suppressions_total", rule="budget-rule",
                       guard="budget") - before == 2
-        assert metrics.REGISTRY.get_sample_value(
+        assert metrics.current().registry.get_sample_value(
             "loopd_budget_remaining", {"rule": "budget-rule"}) == 0
         await loop.feed(alert("later", "web-9", T0 + HOUR + 1))  # the first start is out
         assert loop.outcomes()[-1] == "run_created"
