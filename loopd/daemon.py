@@ -39,7 +39,7 @@ from loopd.packs.executor import ActionContext, Executor, Runner
 from loopd.packs.publish import Bus, PublishRunner, build_buses, encode
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import Action, PackRegistry
-from loopd.rules.loader import RuleSet, load_rules
+from loopd.rules.loader import RuleSet, global_escalation_problems, load_rules
 from loopd.runs import states
 from loopd.runs.dispatcher import Dispatcher
 from loopd.runs.evidence import PromQL
@@ -109,10 +109,17 @@ def build_runners(buses: dict[str, Bus]) -> dict[str, Runner]:
             "publish": PublishRunner(buses)}
 
 
-def load_packs_and_rules(config: LoopdConfig) -> tuple[PackRegistry, RuleSet]:
+def load_packs_and_rules(config: LoopdConfig, previous: RuleSet | None = None
+                         ) -> tuple[PackRegistry, RuleSet]:
+    """Packs, workflows and rules, checked against each other and the configured sources;
+    ``previous`` (a reload): a rule file that does not parse keeps its rules from it."""
     registry = PackRegistry.load(config.packs, config.pack_config)
     load_workflows(registry)
-    return registry, load_rules(config.rules, registry.check_target)
+    ruleset = load_rules(config.rules, registry.check_target, check_input=registry.check_input,
+                         sources=[c.name for c in config.sources], previous=previous)
+    ruleset.errors += global_escalation_problems(
+        config.guards.escalate, config.source_file, registry.check_target, registry.check_input)
+    return registry, ruleset
 
 
 def outcome_event(run: RunRecord, topic: str) -> Event:
@@ -199,16 +206,20 @@ class Daemon:
     def _report_load(self, ruleset: RuleSet) -> None:
         for err in [*self.registry.errors, *ruleset.errors]:
             log.error("configuration error", error=str(err))
+        for path in ruleset.kept:
+            log.warning("rule file not loaded; the rules loaded from it before stay active",
+                        file=str(path), rules=len(ruleset.by_file.get(path, ())))
         metrics.rules_loaded(len(ruleset.rules), len(ruleset.errors) + len(self.registry.errors))
 
     async def reload(self) -> ReloadResult:
-        registry, ruleset = load_packs_and_rules(self.config)
+        # a rule file that no longer parses keeps the rules it had (transactional per file)
+        registry, ruleset = load_packs_and_rules(self.config, previous=self.engine.ruleset)
         self.registry = registry
         self.executor.registry = registry
         self.engine.swap_rules(ruleset)
         self._report_load(ruleset)
         errors = [str(e) for e in [*registry.errors, *ruleset.errors]]
-        return ReloadResult(len(ruleset.rules), errors)
+        return ReloadResult(len(ruleset.rules), errors, [str(p) for p in ruleset.kept])
 
     async def _reloader(self) -> None:
         while True:

@@ -29,6 +29,7 @@ log = structlog.get_logger("loopd.api")
 class ReloadResult:
     rules: int
     errors: list[str]
+    kept: list[str] = field(default_factory=list)  # rule files whose previous rules stay
 
 
 @dataclass(slots=True)
@@ -105,8 +106,11 @@ async def rules(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
+    """200 when everything loaded; 422 with the errors (and the rule files whose previous
+    rules were kept because they did not parse) otherwise: the good rules are active."""
     result = await request.app[CTX].reload()
-    return json_response({"rules": result.rules, "errors": result.errors})
+    return json_response({"rules": result.rules, "errors": result.errors, "kept": result.kept},
+                         status=422 if result.errors else 200)
 
 
 async def guards(request: web.Request) -> web.Response:
