@@ -135,7 +135,7 @@ def check(path: Path) -> int:
         return EXIT_INVALID
     problems: list[str] = []
     try:
-        Inventory.load(config.inventory)
+        problems += [str(e) for e in Inventory.read(config.inventory)[1]]
     except ConfigError as exc:
         problems.append(str(exc))
     registry, ruleset = load_packs_and_rules(config)

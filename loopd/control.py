@@ -11,7 +11,7 @@ the one set of pending approvals.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loopd.decide.engine import Engine
@@ -30,6 +30,7 @@ WRITE_TIMEOUT = 10.0
 class ReloadResult:
     rules: int
     errors: list[str]
+    kept: list[str] = field(default_factory=list)  # rule files whose previous rules stay
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,16 +86,20 @@ class Daemon:
     def _report_load(self, ruleset: RuleSet) -> None:
         for err in [*self.registry.errors, *ruleset.errors]:
             log.error("configuration error", error=str(err))
+        for path in ruleset.kept:
+            log.warning("rule file not loaded; the rules loaded from it before stay active",
+                        file=str(path), rules=len(ruleset.by_file.get(path, ())))
         metrics.rules_loaded(len(ruleset.rules), len(ruleset.errors) + len(self.registry.errors))
 
     async def reload(self) -> ReloadResult:
-        registry, ruleset = load_packs_and_rules(self.config)
+        # a rule file that no longer parses keeps the rules it had (transactional per file)
+        registry, ruleset = load_packs_and_rules(self.config, previous=self.engine.ruleset)
         self.registry = registry
         self.executor.registry = registry
         self.engine.swap_rules(ruleset)
         self._report_load(ruleset)
         errors = [str(e) for e in [*registry.errors, *ruleset.errors]]
-        return ReloadResult(len(ruleset.rules), errors)
+        return ReloadResult(len(ruleset.rules), errors, [str(p) for p in ruleset.kept])
 
     async def _reloader(self) -> None:
         while True:

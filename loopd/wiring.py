@@ -45,7 +45,7 @@ from loopd.packs.executor import ActionContext, Executor, Runner
 from loopd.packs.publish import Bus, PublishRunner, build_buses, encode
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import Action, PackRegistry
-from loopd.rules.loader import RuleSet, load_rules
+from loopd.rules.loader import RuleSet, global_escalation_problems, load_rules
 from loopd.runs.approvals import Approvals
 from loopd.runs.dispatcher import Announcer, Dispatcher
 from loopd.runs.evidence import ConfirmHub, PromQL
@@ -114,10 +114,17 @@ def build_runners(buses: dict[str, Bus]) -> dict[str, Runner]:
             "publish": PublishRunner(buses)}
 
 
-def load_packs_and_rules(config: LoopdConfig) -> tuple[PackRegistry, RuleSet]:
+def load_packs_and_rules(config: LoopdConfig, previous: RuleSet | None = None
+                         ) -> tuple[PackRegistry, RuleSet]:
+    """Packs, workflows and rules, checked against each other and the configured sources;
+    ``previous`` (a reload): a rule file that does not parse keeps its rules from it."""
     registry = PackRegistry.load(config.packs, config.pack_config)
     load_workflows(registry)
-    return registry, load_rules(config.rules, registry.check_target)
+    ruleset = load_rules(config.rules, registry.check_target, check_input=registry.check_input,
+                         sources=[c.name for c in config.sources], previous=previous)
+    ruleset.errors += global_escalation_problems(
+        config.guards.escalate, config.source_file, registry.check_target, registry.check_input)
+    return registry, ruleset
 
 
 class BusOutcomes:

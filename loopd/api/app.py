@@ -95,8 +95,11 @@ async def rules(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
+    """200 when everything loaded; 422 with the errors (and the rule files whose previous
+    rules were kept because they did not parse) otherwise: the good rules are active."""
     result = await request.app[CTX].control.reload()
-    return json_response({"rules": result.rules, "errors": result.errors})
+    return json_response({"rules": result.rules, "errors": result.errors, "kept": result.kept},
+                         status=422 if result.errors else 200)
 
 
 async def guards(request: web.Request) -> web.Response:

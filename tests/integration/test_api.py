@@ -405,8 +405,8 @@ rules:
     run: {action: core.teleport}
 """)
     status, body = await api.post("/v1/reload")
-    assert status == 200
-    assert body["rules"] == 5
+    assert status == 422  # the good rules are active; the errors say what was not loaded
+    assert body["rules"] == 5 and body["kept"] == []
     new = api.rules_dir / "new.yaml"
     assert body["errors"] == [
         f"{new}:7 bad-target run.action: pack 'core' has no action 'teleport'"]

@@ -28,7 +28,7 @@ T0 = 1_700_000_000.0
 
 
 def write_config(tmp_path: Path, rules: str, **workflows: str) -> LoopdConfig:
-    """loopd.yaml with the webhook and alertmanager sources, ``rules`` as the one rule
+    """loopd.yaml with the webhook, alertmanager and telemetry sources, ``rules`` as the one rule
     file, the shipped core pack and a pack ``simtest`` holding ``workflows``."""
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "rules.yaml").write_text(textwrap.dedent(rules))
@@ -39,7 +39,8 @@ def write_config(tmp_path: Path, rules: str, **workflows: str) -> LoopdConfig:
     for name, text in workflows.items():
         (packs / "simtest" / "workflows" / f"{name}.yaml").write_text(textwrap.dedent(text))
     (tmp_path / "loopd.yaml").write_text(
-        "sources: [{name: webhook, type: webhook}, {name: alertmanager, type: alertmanager}]\n"
+        "sources: [{name: webhook, type: webhook}, {name: alertmanager, type: alertmanager},\n"
+        "          {name: telemetry, type: webhook}]\n"  # the CSV events' source
         "rules: [rules]\npacks: [packs]\n")
     return load_config(tmp_path / "loopd.yaml")
 
