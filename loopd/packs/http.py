@@ -251,16 +251,17 @@ def authorization(kind: str, name: Any, ctx: ActionContext) -> tuple[str, list[s
     """The Authorization header value for credentials ``name``, and the secrets it holds."""
     if not isinstance(name, str) or not name:
         raise ActionError(f"auth.credentials rendered to {name!r}, not a credentials name")
-    creds = ctx.credentials(name)
     if kind == "basic":
-        if creds.username is None or creds.password is None or ":" in creds.username:
+        username, password = ctx.secret(name, "username"), ctx.secret(name, "password")
+        if username is None or password is None or ":" in username:
             raise ActionError(f"credentials {name!r} need a username (without ':') and a "
                               "password for basic auth")
-        encoded = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        return f"Basic {encoded}", [creds.password, encoded]
-    if creds.token is None:
+        encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
+        return f"Basic {encoded}", [password, encoded]
+    token = ctx.secret(name, "token")
+    if token is None:
         raise ActionError(f"credentials {name!r} have no token for bearer auth")
-    return f"Bearer {creds.token}", [creds.token]
+    return f"Bearer {token}", [token]
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:

@@ -209,10 +209,10 @@ class SshRunner:
         target = _Target(host, address, port, None)
         cred_name = entity.get("credentials")
         if cred_name:
-            creds = ctx.credentials(str(cred_name))
-            target.credentials = str(cred_name)
+            name = target.credentials = str(cred_name)
             target.username, target.password, target.key_text = (
-                creds.username, creds.password, creds.key)
+                ctx.secret(name, "username"), ctx.secret(name, "password"),
+                ctx.secret(name, "key"))
         target.known_hosts = self._known_hosts(target, entity)
         return target
 

@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 import pytest
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.errors import ActionError
 from loopd.packs.executor import ActionContext, ActionResult, Executor, Runner
 from loopd.packs.http import HttpRunner
@@ -156,7 +157,7 @@ async def python_kit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
     secret = "python-pw-0123456789"
     monkeypatch.setenv("CONTRACT_PW", secret)
     inventory = Inventory(credentials={
-        "svc": CredentialRef(username="loopd", password="env:CONTRACT_PW")})
+        "svc": Credentials(username="loopd", password="env:CONTRACT_PW")})
     runner = PythonRunner()
     yield Kit("python", runner, pack(tmp_path, PYTHON_PACK, PYTHON_ACTIONS), inventory,
               (secret,), "the target refused contract-value-42")
@@ -168,7 +169,7 @@ async def ssh_kit(tmp_path: Path, ssh_server: SshServer, monkeypatch: pytest.Mon
                   ) -> AsyncIterator[Kit]:
     monkeypatch.setenv("CONTRACT_PW", PASSWORD)
     inventory = Inventory({"web-1": ssh_server.entity(credentials="svc")},
-                          {"svc": CredentialRef(username=USER, password="env:CONTRACT_PW")})
+                          {"svc": Credentials(username=USER, password="env:CONTRACT_PW")})
     runner = SshRunner(connect_timeout=5.0)
     yield Kit("ssh", runner, pack(tmp_path, SSH_PACK), inventory, (PASSWORD, TOKEN),
               f"ssh web-1: `exit 3 {VALUE}` exited 3", base={"host": "web-1"},
@@ -182,8 +183,8 @@ async def http_kit(tmp_path: Path, http_echo: HttpEcho, monkeypatch: pytest.Monk
     wrong = "wrong-token-9876543210"
     monkeypatch.setenv("CONTRACT_TOKEN", http_echo.token)
     monkeypatch.setenv("CONTRACT_WRONG", wrong)
-    inventory = Inventory(credentials={"svc": CredentialRef(token="env:CONTRACT_TOKEN"),
-                                       "svc_wrong": CredentialRef(token="env:CONTRACT_WRONG")})
+    inventory = Inventory(credentials={"svc": Credentials(token="env:CONTRACT_TOKEN"),
+                                       "svc_wrong": Credentials(token="env:CONTRACT_WRONG")})
     runner = HttpRunner(backoff=0.001)
     yield Kit("http", runner, pack(tmp_path, HTTP_PACK, config={"url": http_echo.url}),
               inventory, (http_echo.token, wrong),
