@@ -7,21 +7,10 @@ from typing import Any
 from aiohttp import web
 
 from loopd.api.app import CTX, error, json_response
+from loopd.catalog.secrets import Secrets, redact_keys, secret_key
+from loopd.packs.registry import PackRegistry
 from loopd.runs import states
 from loopd.store.base import IncidentRecord, RunRecord, StepRecord
-
-REDACTED = "***"
-_SECRET_WORDS = ("password", "secret", "token", "api_key", "apikey", "authorization")
-
-
-def redact(value: Any) -> Any:
-    """Hide values under secret-looking keys wherever a run's data is shown."""
-    if isinstance(value, dict):
-        return {k: REDACTED if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def _limit(request: web.Request) -> int:
@@ -41,12 +30,22 @@ def run_summary(run: RunRecord) -> dict[str, Any]:
     }
 
 
-def step_view(step: StepRecord) -> dict[str, Any]:
+def secret_inputs(registry: PackRegistry, action: str | None) -> frozenset[str]:
+    """The inputs of ``action`` declared ``secret: true`` (masked wherever they are shown)."""
+    found = registry.actions.get(action) if action else None
+    if found is None:
+        return frozenset()
+    return frozenset(name for name, f in found.spec.input.items() if f.secret)
+
+
+def step_view(step: StepRecord, registry: PackRegistry) -> dict[str, Any]:
+    hidden = secret_inputs(registry, step.action)
     return {
         "seq": step.seq, "task": step.task, "action": step.action, "attempt": step.attempt,
         "status": step.status, "started": step.started, "finished": step.finished,
         "duration_s": (step.finished - step.started) if step.finished else None,
-        "input": redact(step.input), "output": redact(step.output), "error": step.error,
+        "input": redact_keys(step.input, hidden), "output": redact_keys(step.output, hidden),
+        "error": step.error,
         "transition": step.transition,
     }
 
@@ -75,14 +74,26 @@ async def get_run(request: web.Request) -> web.Response:
     steps = await control.steps(run_id)
     decisions = await control.decisions_of_incident(run.incident_id) \
         if run.incident_id else []
+    registry = ctx.registry()
+    hidden = secret_inputs(registry, run.target) if run.kind == "action" else frozenset()
     story = run_summary(run)
     story.update(
-        input=redact(run.input), context=redact(run.ctx), trigger=redact(run.event),
-        steps=[step_view(s) for s in steps],
+        input=redact_keys(run.input, hidden), context=redact_keys(run.ctx),
+        trigger=redact_keys(run.event), steps=[step_view(s, registry) for s in steps],
         events=[{"source": d.source, "id": d.event_id, "outcome": d.outcome,
                  "reason": d.reason, "time": d.time} for d in decisions],
     )
-    return json_response(story)
+    # a secret input's value (declared, or under a secret-looking name) may also sit in the
+    # trigger, the context, an output or an error: mask it there by value
+    known = Secrets([*_values(run.input, hidden), *(
+        v for s in steps for v in _values(s.input, secret_inputs(registry, s.action)))])
+    return json_response(known.tree(story))
+
+
+def _values(tree: Any, names: frozenset[str]) -> list[Any]:
+    if not isinstance(tree, dict):
+        return []
+    return [v for k, v in tree.items() if k in names or secret_key(k)]
 
 
 async def cancel_run(request: web.Request) -> web.Response:

@@ -22,32 +22,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loopd import yamlfile
+from loopd.catalog.credentials import Credentials
 from loopd.errors import ConfigError
-
-
-class CredentialRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    username: str | None = None
-    password: str | None = None
-    key: str | None = None
-    token: str | None = None
 
 
 class InventoryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     entities: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    credentials: dict[str, CredentialRef] = Field(default_factory=dict)
+    credentials: dict[str, Credentials] = Field(default_factory=dict)
 
 
 class Inventory:
     """Entities by name (what conditions and templates see) plus credential refs."""
 
     def __init__(self, entities: dict[str, dict[str, Any]] | None = None,
-                 credentials: dict[str, CredentialRef] | None = None) -> None:
+                 credentials: dict[str, Credentials] | None = None) -> None:
         self.entities: dict[str, dict[str, Any]] = entities or {}
-        self.credentials: dict[str, CredentialRef] = credentials or {}
+        self.credentials: dict[str, Credentials] = credentials or {}
 
     def group(self, name: str) -> list[str]:
         return [k for k, v in self.entities.items() if v.get("group") == name]

@@ -12,7 +12,8 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.packs.executor import ActionContext, ActionResult, Executor
 from loopd.packs.http import HttpRunner, compile_http
 from loopd.packs.manifest import HttpAction
@@ -115,7 +116,7 @@ async def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servicenow: Serv
     assert not registry.errors, registry.errors
     monkeypatch.setenv("SN_PASSWORD", servicenow.password)
     inventory = Inventory(credentials={
-        "servicenow": CredentialRef(username=servicenow.username, password="env:SN_PASSWORD"),
+        "servicenow": Credentials(username=servicenow.username, password="env:SN_PASSWORD"),
     })
     harness = Loop(tmp_path, registry, inventory)
     yield harness
@@ -324,7 +325,7 @@ async def test_http_request_sends_any_method(loop: Loop, http_echo: HttpEcho,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """http.request sends the method, query, JSON and bearer auth its input describes."""
     monkeypatch.setenv("ECHO_TOKEN", http_echo.token)
-    loop.inventory.credentials["echo"] = CredentialRef(token="env:ECHO_TOKEN")
+    loop.inventory.credentials["echo"] = Credentials(token="env:ECHO_TOKEN")
     result = await loop.action("http.request", {
         "method": "PATCH", "url": f"{http_echo.url}/echo", "query": {"dry": False},
         "json": {"drain": True, "note": None}, "auth": "bearer", "credentials": "echo"})

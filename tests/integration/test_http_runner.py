@@ -12,7 +12,8 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.packs.executor import ActionContext, ActionResult, Executor
 from loopd.packs.http import MAX_TEXT, HttpRunner
 from loopd.packs.registry import PackRegistry
@@ -32,9 +33,9 @@ class Harness:
     def __init__(self, tmp_path: Path, echo: HttpEcho, runner: HttpRunner) -> None:
         self.tmp_path, self.echo, self.runner = tmp_path, echo, runner
         self.inventory = Inventory(credentials={
-            "echo-basic": CredentialRef(username=echo.username, password="env:ECHO_PASSWORD"),
-            "echo-bearer": CredentialRef(token="env:ECHO_TOKEN"),
-            "echo-wrong": CredentialRef(username=echo.username, password="env:WRONG_PASSWORD"),
+            "echo-basic": Credentials(username=echo.username, password="env:ECHO_PASSWORD"),
+            "echo-bearer": Credentials(token="env:ECHO_TOKEN"),
+            "echo-wrong": Credentials(username=echo.username, password="env:WRONG_PASSWORD"),
         })
 
     async def run(self, actions: dict[str, dict[str, Any]], name: str,

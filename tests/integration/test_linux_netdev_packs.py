@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.events import Event
 from loopd.packs.executor import Executor
 from loopd.packs.http import HttpRunner
@@ -92,8 +93,8 @@ async def loop(tmp_path: Path, ssh_server: SshServer, servicenow: ServiceNow,
     assert not registry.errors, [str(e) for e in registry.errors]
     inventory = Inventory(
         {"web-1": ssh_server.entity(role="web"), "edge-1": ssh_server.entity(role="router")},
-        {"ssh-ops": CredentialRef(username=USER, password="env:LOOPD_TEST_SSH_PASSWORD"),
-         "servicenow": CredentialRef(username=servicenow.username,
+        {"ssh-ops": Credentials(username=USER, password="env:LOOPD_TEST_SSH_PASSWORD"),
+         "servicenow": Credentials(username=servicenow.username,
                                      password="env:LOOPD_TEST_SN_PASSWORD")})
     store = SqliteStore(tmp_path / "loopd.db")
     await store.open()
