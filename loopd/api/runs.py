@@ -74,7 +74,7 @@ async def get_run(request: web.Request) -> web.Response:
     steps = await control.steps(run_id)
     decisions = await control.decisions_of_incident(run.incident_id) \
         if run.incident_id else []
-    registry = ctx.registry()
+    registry = control.registry()
     hidden = secret_inputs(registry, run.target) if run.kind == "action" else frozenset()
     story = run_summary(run)
     story.update(

@@ -87,7 +87,7 @@ class Inventory:
         return cls(parsed.entities, parsed.credentials), errors
 
 
-def entity_problems(entity: dict[str, Any], credentials: dict[str, CredentialRef]
+def entity_problems(entity: dict[str, Any], credentials: dict[str, Credentials]
                     ) -> list[tuple[str, str]]:
     """(field, problem) for the entity fields loopd itself reads (see loopd/packs/ssh.py):
     what would otherwise fail only when an action first reaches the host."""

@@ -62,6 +62,11 @@ class KafkaBus:
                     await producer.stop()
                     raise ActionError(f"kafka bus {self.name} ({self.bootstrap}): "
                                       f"cannot connect: {exc or type(exc).__name__}") from None
+                except asyncio.CancelledError:
+                    # the action's own timeout (or a cancelled run) interrupted the start:
+                    # never leave a half-started producer behind, then let the cancel through
+                    await asyncio.shield(producer.stop())
+                    raise
                 self._producer = producer
             return self._producer
 

@@ -16,6 +16,7 @@ publish, a Kafka produce); the assertions are the same for all of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from loopd import metrics
 from loopd.api.app import ApiContext, build_app
 from loopd.config import (
     AlertmanagerSourceConfig,
@@ -37,7 +39,6 @@ from loopd.config import (
     WebhookSourceConfig,
 )
 from loopd.events import Delivery, Event
-from loopd.metrics import EVENTS_REJECTED, REGISTRY
 from loopd.sources.base import Source, Supervisor
 from loopd.sources.kafka import KafkaSource
 from loopd.sources.mqtt import MqttSource
@@ -72,8 +73,9 @@ class Collector:
 
 def rejected(source: str) -> float:
     """loopd_events_rejected_total of ``source``, summed over reasons."""
-    return sum(s.value for metric in EVENTS_REJECTED.collect() for s in metric.samples
-               if s.name.endswith("_total") and s.labels["source"] == source)
+    return float(sum(s.value for metric in metrics.current().events_rejected.collect()
+                     for s in metric.samples
+                     if s.name.endswith("_total") and s.labels["source"] == source))
 
 
 class Harness:
@@ -125,14 +127,12 @@ class PushHarness(Harness):
     async def setup(self) -> None:
         harness = self
 
-        class _Engine:  # ingest needs only the engine's emit: the collector stands in
-            async def emit(self, delivery: Delivery) -> None:
-                await harness.collector(delivery)
+        async def emit(delivery: Delivery) -> None:  # ingest's only way in: the collector
+            await harness.collector(delivery)
 
         ctx = ApiContext(
-            engine=_Engine(), store=None, dispatcher=None,  # type: ignore[arg-type]
-            registry=lambda: None, reload=None,  # type: ignore[arg-type,return-value]
-            push_sources={self.name: (self.kind, self.config.max_payload)},
+            control=None,  # type: ignore[arg-type]  # ingest never reaches the control facade
+            emit=emit, push_sources={self.name: (self.kind, self.config.max_payload)},
             decision_timeout=30.0,
         )
         self._runner = web.AppRunner(build_app(ctx))
@@ -320,6 +320,10 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
         await made.teardown()
 
 
+def _at_least(collector: Collector, n: int) -> bool:
+    return len(collector.events) >= n
+
+
 def collector_of(harness: Harness, should_ack: Callable[[Event], bool] = lambda e: True
                  ) -> Collector:
     """The collector the source must emit into (push sources emit through the API's)."""
@@ -339,7 +343,7 @@ async def test_deliveries_carry_normalized_events(harness: Harness) -> None:
     try:
         for n in (1, 2):
             await harness.send(n)
-            await wait_until(lambda n=n: len(emit.events) >= n, what=f"event {n}")
+            await wait_until(functools.partial(_at_least, emit, n), what=f"event {n}")
     finally:
         await running.stop()
     sent = [1, 2] if harness.kind != "sim" else [0, 0]
@@ -396,7 +400,7 @@ async def test_stop_during_the_reconnect_backoff_is_prompt(harness: Harness) -> 
     supervisor = Supervisor(source, collector_of(harness), min_backoff=60.0, max_backoff=60.0)
     task = asyncio.create_task(supervisor.run())
     try:
-        await wait_until(lambda: REGISTRY.get_sample_value(
+        await wait_until(lambda: metrics.current().registry.get_sample_value(
             "loopd_source_up", {"source": source.name}) == 0.0, what="the connect failure")
         assert not source.connected
     finally:
