@@ -70,6 +70,10 @@ class Control:
     def sources_connected(self) -> dict[str, bool]:
         return {name: s.connected for name, s in self._sources.items()}
 
+    def store_ok(self) -> bool:
+        """False while the store fails commits (down, full, locked): nothing is decided."""
+        return self._engine.store_ok
+
     def guard_status(self) -> dict[str, Any]:
         engine = self._engine
         return engine.guards.snapshot(engine.policies(), engine.now())

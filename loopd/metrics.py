@@ -64,7 +64,7 @@ class Metrics:
             "loopd_source_up", "1 while the source is connected", ["source"], registry=r)
         self.rules_loaded = Gauge("loopd_rules_loaded", "Rules currently loaded", registry=r)
         self.rule_load_errors = Gauge(
-            "loopd_rule_load_errors", "Rule errors at the last (re)load", registry=r)
+            "loopd_rules_load_errors", "Rule errors at the last (re)load", registry=r)
         self.runs = Counter(
             "loopd_runs_total", "Runs finished", ["workflow", "status"], registry=r)
         self.run_seconds = Histogram(

@@ -67,9 +67,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    sources = request.app[CTX].control.sources_connected()
-    ready = all(sources.values())
-    return json_response({"ready": ready, "sources": sources}, status=200 if ready else 503)
+    control = request.app[CTX].control
+    sources = control.sources_connected()
+    store = control.store_ok()
+    ready = all(sources.values()) and store
+    return json_response({"ready": ready, "sources": sources, "store": store},
+                         status=200 if ready else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

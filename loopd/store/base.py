@@ -166,7 +166,8 @@ class Batch:
             self.events[start[0]:end[0]], decisions,
             {i: inc for i, inc in self.incidents.items() if i in ids},
             self.runs[start[2]:end[2]], self.run_updates[start[3]:end[3]],
-            self.timers_set[start[4]:end[4]], self.timers_cleared[start[5]:end[5]])
+            self.timers_set[start[4]:end[4]], self.timers_cleared[start[5]:end[5]],
+            dict(self.kv))  # the latest guard memory goes with every part
 
 
 @dataclass(slots=True)

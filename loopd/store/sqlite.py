@@ -14,7 +14,6 @@ survive power loss too, at a cost in throughput.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import sqlite3
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import orjson
 
 from loopd.errors import StoreError, StoreRejected
 from loopd.store.base import (
@@ -39,6 +37,8 @@ from loopd.store.base import (
     RunRecord,
     StepRecord,
 )
+from loopd.store.codec import dump as _dump
+from loopd.store.codec import load as _load
 
 SCHEMA_VERSION = 2
 
@@ -135,22 +135,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _dump(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError:  # e.g. an integer beyond 64 bits from a template: orjson refuses it
-        try:
-            return json.dumps(value, default=str, skipkeys=True).encode()
-        except (RecursionError, ValueError, TypeError) as exc:
-            # total: a value JSON cannot hold (nested too deep, circular) is stored as a
-            # note saying so, never as an error that would hold the whole batch
-            return orjson.dumps({"unserializable": f"{type(exc).__name__}: {exc}"[:200]})
-
-
-def _load(blob: bytes | None) -> Any:
-    return orjson.loads(blob) if blob else None
 
 
 class SqliteStore:
@@ -299,8 +283,11 @@ class SqliteStore:
 
     async def _write_all(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
                          ) -> StoreError | None:
-        db = self.db
         results: list[CommitResult | None] = []
+        try:
+            db = self.db  # a store closed under its writers fails them, never hangs them
+        except StoreError as exc:
+            return exc
         try:
             # IMMEDIATE: take the write lock up front, so a second process on the same file
             # waits (busy_timeout) instead of failing half-way through the transaction.
@@ -325,8 +312,11 @@ class SqliteStore:
         except Exception as exc:
             # Whatever failed, never leave the transaction open (every later write would
             # fail) nor a waiter of this group without an answer (it would hang).
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
+            try:
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+            except (aiosqlite.Error, ValueError):  # the connection went away meanwhile
+                pass
             return _classify(exc, str(self.path))
         for (_, done), result in zip(ops, results, strict=True):
             if not done.done():

@@ -95,7 +95,7 @@ async def test_a_rule_file_with_a_yaml_typo_keeps_its_rules_across_a_reload(
     (error,) = answer["errors"]
     assert error.startswith(f"{a}:") and "invalid YAML" in error
     assert sorted(await rule_names(daemon)) == ["alpha", "beta", "delta"]
-    assert await daemon.metric("loopd_rule_load_errors") == 1
+    assert await daemon.metric("loopd_rules_load_errors") == 1
 
     await send(daemon, "alpha", 1)
     await send(daemon, "delta", 1)
@@ -106,7 +106,7 @@ async def test_a_rule_file_with_a_yaml_typo_keeps_its_rules_across_a_reload(
     answer = await daemon.post("/v1/reload")
     assert answer == {"rules": 3, "errors": [], "kept": []}
     assert sorted(await rule_names(daemon)) == ["alpha2", "beta", "delta"]
-    assert await daemon.metric("loopd_rule_load_errors") == 0
+    assert await daemon.metric("loopd_rules_load_errors") == 0
     await daemon.stop()
 
 

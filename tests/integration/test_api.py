@@ -12,7 +12,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -21,7 +21,10 @@ import pytest
 from loopd import metrics
 from loopd.config import load_config
 from loopd.daemon import Daemon
+from loopd.store.base import Store
+from loopd.store.sqlite import SqliteStore
 from tests.servers import wait_until
+from tests.unit.test_arbiter import FlakyStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -362,7 +365,7 @@ async def test_health_readiness_and_metrics(api: Api) -> None:
 
     await wait_until(ready, what="/readyz to report ready")
     assert (await api.get("/readyz"))[1] == {
-        "ready": True, "sources": {"webhook": True, "alertmanager": True}}
+        "ready": True, "sources": {"webhook": True, "alertmanager": True}, "store": True}
     await api.post("/v1/alertmanager", ALERTMANAGER)
     async with api.http.get("/metrics") as resp:
         assert resp.status == 200
@@ -455,3 +458,26 @@ async def test_a_rule_failing_on_an_event_does_not_stop_the_daemon(api: Api) -> 
     assert (status, body["accepted"]) == (200, 1)
     await api.settled()
     assert [r["key"] for r in await api.runs("hot-disk")] == ["db-1"]
+
+
+async def test_readiness_is_false_while_the_store_fails(api: Api) -> None:
+    """/readyz answers 503 with ``store: false`` while commits fail (the event waits, not
+    acknowledged), and 200 again once the store takes the held batch."""
+    engine = api.daemon.engine
+    flaky = FlakyStore(cast(SqliteStore, engine.store))
+    engine.store = cast(Store, flaky)
+    flaky.down = True
+    post = asyncio.create_task(api.post("/v1/alertmanager", ALERTMANAGER))
+
+    async def status() -> int:
+        return (await api.get("/readyz"))[0]
+
+    async def not_ready() -> bool:
+        return await status() == 503
+
+    await wait_until(not_ready, what="/readyz to say the store fails")
+    assert (await api.get("/readyz"))[1]["store"] is False
+    assert not post.done()  # not decided, so not answered
+    flaky.down = False
+    assert (await post)[0] == 200
+    assert await status() == 200

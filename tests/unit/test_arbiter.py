@@ -3,15 +3,20 @@ store refuses is found, rejected and acknowledged instead of wedging ingestion."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any, cast
 
+from loopd.decide.engine import Engine
+from loopd.errors import StoreError
 from loopd.events import Delivery
-from loopd.store.base import Batch, DecisionRecord, IncidentRecord, RunRecord
+from loopd.store.base import Batch, CommitResult, DecisionRecord, IncidentRecord, RunRecord, Store
 from loopd.store.sqlite import SqliteStore
+from tests.servers import wait_until
 from tests.unit.conftest import RulesFrom
 from tests.unit.test_engine import SIMPLE, db, decisions, ev, running
 
@@ -165,3 +170,50 @@ async def test_a_replica_name_is_held_by_one_live_process(tmp_path: Path) -> Non
             raise AssertionError("a second live process took the same replica name")
     finally:
         await first.close()
+
+
+class FlakyStore:
+    """A real store whose commits fail as a full or unreachable disk does while ``down``."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner = inner
+        self.down = False
+        self.failures = 0
+
+    async def commit(self, batch: Batch) -> CommitResult:
+        if self.down:
+            self.failures += 1
+            raise StoreError("write failed: OperationalError: database or disk is full",
+                             origin="flaky")
+        return await self.inner.commit(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_store_that_is_down_holds_acknowledgements_until_it_is_back(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """While commits fail for a transient reason nothing is acknowledged and the engine says
+    the store is not ok; once the store is back the held events are decided and acked."""
+    inner = SqliteStore(db)
+    await inner.open()
+    flaky = FlakyStore(inner)
+    acked: list[str] = []
+    engine = Engine(cast(Store, flaky), rules_from(SIMPLE))
+    await engine.load()
+    task = asyncio.create_task(engine.run())
+    try:
+        flaky.down = True
+        await engine.emit(Delivery(ev("e1", value=1), functools.partial(acked.append, "e1")))
+        await wait_until(lambda: flaky.failures >= 2, what="the commit to be retried")
+        assert not engine.store_ok and acked == []
+        flaky.down = False
+        await engine.drain(timeout=10)
+        assert engine.store_ok and acked == ["e1"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await inner.close()
+    assert decisions(db) == [("e1", "restart", "run_created")]

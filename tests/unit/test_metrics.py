@@ -36,4 +36,4 @@ def test_using_restores_the_previous_metrics() -> None:
         assert metrics.current() is m
         metrics.rules_loaded(3, 1)
     assert metrics.current() is before
-    assert (m.value("loopd_rules_loaded"), m.value("loopd_rule_load_errors")) == (3, 1)
+    assert (m.value("loopd_rules_loaded"), m.value("loopd_rules_load_errors")) == (3, 1)

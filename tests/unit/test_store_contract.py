@@ -25,18 +25,21 @@ from loopd.store.base import (
     StepRecord,
     Store,
 )
+from loopd.store.memory import MemoryData, MemoryStore
 from loopd.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 Opener = Callable[[], Awaitable[Store]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "memory"])
 async def impl(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens a store on the same durable location each time it is called (a "restart")."""
     opened: list[Store] = []
+    data = MemoryData()
 
     async def open_store() -> Store:
-        store = SqliteStore(tmp_path / "loopd.db")
+        store: Store = SqliteStore(tmp_path / "loopd.db") if request.param == "sqlite" \
+            else MemoryStore(data)
         await store.open()
         opened.append(store)
         return store
@@ -274,3 +277,65 @@ async def test_using_a_closed_store_is_a_store_error(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "loopd.db")
     with pytest.raises(StoreError, match="not open"):
         await store.get_run("x")
+
+
+async def test_a_duplicate_decision_creates_nothing(impl: Opener) -> None:
+    """A decision already stored (a redelivery decided again, here or by another process)
+    is reported as a duplicate, and neither its run nor the incident it opened is created."""
+    store = await impl()
+    now = time.time()
+
+    def batch(n: int) -> Batch:
+        inc = IncidentRecord(f"inc-{n}", "r", f"web-{n}", "open", now, run_id=f"run-{n}")
+        run = RunRecord(f"run-{n}", inc.id, "r", f"web-{n}", "action", "core.noop", {},
+                        "pending", now)
+        return Batch(decisions=[DecisionRecord("webhook", "e1", "r", f"web-{n}",
+                                               "run_created", None, now, inc.id, run.id)],
+                     incidents={inc.id: inc}, runs=[run])
+
+    assert not await store.commit(batch(1))
+    result = await store.commit(batch(2))
+    assert result.duplicates == {("webhook", "e1", "r")}
+    assert result.skipped_runs == {"run-2"}
+    assert [r.id for r in await store.list_runs()] == ["run-1"]
+    assert [i.id for i in await store.list_incidents()] == ["inc-1"]
+
+
+async def test_one_open_incident_per_rule_and_key(impl: Opener) -> None:
+    """A new incident for a (rule, key) with an open one is not created: its decision joins
+    the open incident and its run is not created; once closed, a new one may open."""
+    store = await impl()
+    now = time.time()
+
+    def batch(n: int) -> Batch:
+        inc = IncidentRecord(f"inc-{n}", "r", "web-1", "open", now + n, run_id=f"run-{n}")
+        run = RunRecord(f"run-{n}", inc.id, "r", "web-1", "action", "core.noop", {},
+                        "pending", now + n)
+        return Batch(decisions=[DecisionRecord("webhook", f"e{n}", "r", "web-1",
+                                               "run_created", None, now, inc.id, run.id)],
+                     incidents={inc.id: inc}, runs=[run])
+
+    await store.commit(batch(1))
+    result = await store.commit(batch(2))
+    assert result.conflicts["inc-2"].id == "inc-1" and result.skipped_runs == {"run-2"}
+    (joined,) = [d for d in await store.decisions_for(incident_id="inc-1")
+                 if d.event_id == "e2"]
+    assert (joined.outcome, joined.run_id) == ("joined", "run-1")
+    await store.close_incident("inc-1", now + 5, "fixed")
+    assert not await store.commit(batch(3))
+    assert [i.id for i in await store.list_incidents(status="open")] == ["inc-3"]
+
+
+async def test_runs_are_claimed_by_one_replica_at_a_time(impl: Opener) -> None:
+    """Runs are created owned by the committing replica; claiming again bumps the epoch."""
+    store = await impl()
+    run = _run("run-1")
+    await store.commit(Batch(runs=[run]))
+    saved = await store.get_run("run-1")
+    assert saved is not None and saved.owner == store.replica
+    assert await store.claim_runs(("pending",)) == {"run-1"}
+    again = await store.get_run("run-1")
+    assert again is not None and again.epoch == saved.epoch + 1
+    await store.save_run(again)  # a save never turns the epoch back
+    last = await store.get_run("run-1")
+    assert last is not None and last.epoch == again.epoch
