@@ -13,6 +13,7 @@ class that makes sense::
      ├── ConditionError         a condition or template failed at evaluation time
      ├── StoreError             the state store failed or has an unknown schema
      ├── SourceError            a source could not connect or lost its connection
+     ├── IllegalTransition      a run's status was to move along no edge of its table
      └── ActionError            an action failed (the run records it)
           ├── ActionTimeout     the action did not finish in time
           └── UnknownAction     the workflow names an action no pack provides
@@ -89,6 +90,15 @@ class StoreError(LoopdError):
 
 class SourceError(LoopdError):
     """A source could not connect, or lost its connection."""
+
+
+class IllegalTransition(LoopdError):
+    """A run's status was to move where the transition table (loopd.runs.states) has no
+    edge: a bug in loopd, named with the run and both statuses."""
+
+    def __init__(self, run_id: str, current: str, wanted: str) -> None:
+        super().__init__(f"run {run_id}: no transition from {current} to {wanted}")
+        self.run_id, self.current, self.wanted = run_id, current, wanted
 
 
 class ActionError(LoopdError):

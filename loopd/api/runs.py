@@ -96,7 +96,8 @@ async def cancel_run(request: web.Request) -> web.Response:
         queued = ctx.engine.incidents.cancel_queued(run_id)
         if queued is None:
             return error(409, f"run {run_id} is no longer queued")
-        queued.status, queued.outcome = states.CANCELLED, states.OUTCOME_CANCELLED
+        states.move(queued, states.CANCELLED)
+        queued.outcome = states.OUTCOME_CANCELLED
         queued.finished, queued.reason = time.time(), "cancelled through the API while queued"
         await ctx.store.save_run(queued)
         return json_response({"id": run_id, "status": states.CANCELLED})
