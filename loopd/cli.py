@@ -128,14 +128,14 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 def check(path: Path) -> int:
     from loopd.catalog.inventory import Inventory
-    from loopd.daemon import load_packs_and_rules
+    from loopd.wiring import load_packs_and_rules
 
     config = _config(path)
     if config is None:
         return EXIT_INVALID
     problems: list[str] = []
     try:
-        Inventory.load(config.inventory)
+        problems += [str(e) for e in Inventory.read(config.inventory)[1]]
     except ConfigError as exc:
         problems.append(str(exc))
     registry, ruleset = load_packs_and_rules(config)

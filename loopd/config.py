@@ -232,9 +232,8 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror}", origin=str(path)) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', exc)}", origin=where) from None
+        where, message = yamlfile.error_where(exc, path)
+        raise ConfigError(message, origin=where) from None
     if not isinstance(raw, dict):
         raise ConfigError("config must be a mapping", origin=str(path))
     _apply_env(raw)

@@ -20,162 +20,61 @@ import structlog
 from aiohttp import web
 
 from loopd import metrics
-from loopd.api.app import ApiContext, ReloadResult, build_app
-from loopd.catalog.inventory import Inventory
-from loopd.catalog.silences import Silences
-from loopd.config import (
-    AlertmanagerSourceConfig,
-    KafkaSourceConfig,
-    LoopdConfig,
-    SimSourceConfig,
-    SourceConfig,
-    WebhookSourceConfig,
-)
-from loopd.decide.engine import Engine
-from loopd.decide.guards import Guards
-from loopd.errors import ActionError
-from loopd.events import Delivery, Event
-from loopd.packs.executor import ActionContext, Executor, Runner
-from loopd.packs.publish import Bus, PublishRunner, build_buses, encode
-from loopd.packs.python import PythonRunner
-from loopd.packs.registry import Action, PackRegistry
-from loopd.rules.loader import RuleSet, load_rules
+from loopd.api.app import ApiContext, build_app
+from loopd.config import LoopdConfig
+from loopd.control import Control, ReloadResult
+from loopd.errors import StoreError
+from loopd.packs.registry import PackRegistry
+from loopd.rules.loader import RuleSet
 from loopd.runs import states
-from loopd.runs.dispatcher import Dispatcher
-from loopd.runs.evidence import PromQL
-from loopd.runs.runner import WorkflowRunner
-from loopd.runs.tasks import TaskKinds
-from loopd.sources.base import Source, Supervisor
-from loopd.sources.sim import Fleet, SimSource
-from loopd.sources.webhook import PushSource
-from loopd.store.base import RunRecord
-from loopd.store.sqlite import SqliteStore
-from loopd.workflow.loader import load_workflows
+from loopd.sources.base import Supervisor
+from loopd.wiring import build, load_packs_and_rules
 
 log = structlog.get_logger("loopd")
 
 SHUTDOWN_GRACE = 1.5
 
 
-def build_source(config: SourceConfig, fleets: dict[str, Fleet]) -> Source:
-    """type -> Source class; a plain mapping, nothing registers itself on import."""
-    if isinstance(config, WebhookSourceConfig | AlertmanagerSourceConfig):
-        return PushSource(config)
-    if isinstance(config, SimSourceConfig):
-        return SimSource(config, fleets[config.name])
-    if isinstance(config, KafkaSourceConfig):
-        from loopd.sources.kafka import KafkaSource
-
-        return KafkaSource(config)
-    from loopd.sources.mqtt import MqttSource
-
-    return MqttSource(config)
-
-
-class LazyRunner:
-    """A runner built on first use: asyncssh and friends cost start-up time only
-    when a pack action needs them."""
-
-    def __init__(self, build: Callable[[], Runner]) -> None:
-        self._build = build
-        self._runner: Runner | None = None
-
-    async def run(self, action: Action, input: dict[str, Any], ctx: ActionContext
-                  ) -> dict[str, Any]:
-        if self._runner is None:
-            self._runner = self._build()
-        return await self._runner.run(action, input, ctx)
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.close()
-
-
-def _ssh() -> Runner:
-    from loopd.packs.ssh import SshRunner
-
-    return SshRunner()
-
-
-def _http() -> Runner:
-    from loopd.packs.http import HttpRunner
-
-    return HttpRunner()
-
-
-def build_runners(buses: dict[str, Bus]) -> dict[str, Runner]:
-    """runner name -> Runner; a plain mapping, nothing registers itself."""
-    return {"python": PythonRunner(), "ssh": LazyRunner(_ssh), "http": LazyRunner(_http),
-            "publish": PublishRunner(buses)}
-
-
-def load_packs_and_rules(config: LoopdConfig) -> tuple[PackRegistry, RuleSet]:
-    registry = PackRegistry.load(config.packs, config.pack_config)
-    load_workflows(registry)
-    return registry, load_rules(config.rules, registry.check_target)
-
-
-def outcome_event(run: RunRecord, topic: str) -> Event:
-    data = {
-        "run": run.id, "rule": run.rule, "key": run.key, run.kind: run.target,
-        "status": run.status, "outcome": run.outcome, "reason": run.reason,
-        "created": run.created, "finished": run.finished,
-        "duration_s": (run.finished - run.created) if run.finished else None,
-    }
-    return Event(id=f"outcome:{run.id}", source="loopd", topic=topic, data=data, key=run.key,
-                 origin=f"loopd run {run.id}")
-
-
 class Daemon:
+    """loopd as a process: what loopd.wiring built, started in order, stopped in reverse."""
+
     def __init__(self, config: LoopdConfig) -> None:
         self.config = config
-        self.store = SqliteStore(config.store.path)
-        self.inventory = Inventory.load(config.inventory)
-        self.registry, ruleset = load_packs_and_rules(config)
-        self.buses = build_buses([*config.sources, *config.sinks])
-        self.executor = Executor(self.registry, build_runners(self.buses),
-                                 max_concurrent=config.engine.max_concurrent_runs)
-        self.silences = Silences(config.alertmanager.url, refresh=config.alertmanager.refresh,
-                                 timeout=config.alertmanager.timeout) \
-            if config.alertmanager else None
-        self.guards = Guards(config.guards, self.inventory, self.silences)
-        self.engine = Engine(
-            self.store, ruleset, inventory=self.inventory, guards=self.guards,
-            queue_size=config.engine.queue_size,
-            batch_max=config.store.batch_max, dedup_window=config.engine.dedup_window,
-            telemetry_sources=frozenset(c.name for c in config.sources if c.telemetry),
-        )
-        prometheus = PromQL(config.prometheus.url, config.prometheus.timeout) \
-            if config.prometheus else None
-        self.fleets = {c.name: Fleet(c) for c in config.sources
-                       if isinstance(c, SimSourceConfig)}
-        services: dict[str, Any] = {"store": self.store}
-        if self.fleets:  # the sim pack's actions act on the simulated fleet
-            services["sim"] = next(iter(self.fleets.values()))
-        self.tasks = TaskKinds(self.store, self.executor, prometheus=prometheus,
-                               services=services)
-        self.workflows = WorkflowRunner(
-            self.store, lambda: self.registry, self.tasks, inventory=self.inventory,
-            telemetry=self.engine.telemetry)
-        self.engine.on_event = self.tasks.hub.offer
-        self.dispatcher = Dispatcher(
-            self.store, self.executor, inventory=self.inventory,
-            finish_incident=self.engine.run_finished, workflows=self.workflows,
-            on_finished=self._run_finished,
-        )
-        self.tasks.on_waiting = self.dispatcher.settled
-        self.tasks.on_active = self.dispatcher.active_again
-        self.engine.on_runs = self.dispatcher.submit
-        self.engine.incidents.cancel_run = self.dispatcher.cancel_unstarted
-        self.engine.incidents.restart_run = self.dispatcher.cancel_run
-        self.sources = {c.name: build_source(c, self.fleets) for c in config.sources}
+        self.metrics = metrics.Metrics()  # this daemon's own registry, current in run()
+        with metrics.using(self.metrics):  # __init__ runs in the caller's context
+            self.loopd = parts = build(config)
+        self.store = parts.store
+        self.inventory = parts.inventory
+        self.buses = parts.buses
+        self.executor = parts.executor
+        self.silences = parts.silences
+        self.guards = parts.guards
+        self.engine = parts.engine
+        self.fleets = parts.fleets
+        self.tasks = parts.runs.kinds
+        self.workflows = parts.runs.workflows
+        self.dispatcher = parts.runs.dispatcher
+        self.sources = parts.sources
+        self.control = Control(engine=self.engine, dispatcher=self.dispatcher,
+                               approvals=parts.runs.approvals, store=self.store,
+                               registry=lambda: self.registry, reload=self.reload,
+                               sources=self.sources)
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._holding = False  # set at shutdown: sources no longer feed the engine
-        self._report_load(ruleset)
+        with metrics.using(self.metrics):
+            self._report_load(parts.ruleset)
+
+    @property
+    def registry(self) -> PackRegistry:
+        return self.loopd.registry
+
+    @registry.setter
+    def registry(self, registry: PackRegistry) -> None:  # reload: workflows see it at once
+        self.loopd.registry = registry
 
     async def _emit(self, delivery: Any) -> None:
         if self._holding:
@@ -184,31 +83,23 @@ class Daemon:
             await asyncio.Event().wait()
         await self.engine.emit(delivery)
 
-    async def _run_finished(self, run: RunRecord) -> None:
-        """Close the loop for others: an outcome event into loopd's own rules and a bus."""
-        outcome = outcome_event(run, self.config.outcomes.topic)
-        metrics.event_received("loopd")
-        await self.engine.emit(Delivery(outcome))
-        bus = self.buses.get(self.config.outcomes.bus or "")
-        if bus is not None:
-            try:
-                await bus.publish(outcome.topic, encode(outcome.data), run.key)
-            except ActionError as exc:  # the run is over either way; say so and go on
-                log.warning("outcome event not published", run=run.id, error=str(exc))
-
     def _report_load(self, ruleset: RuleSet) -> None:
         for err in [*self.registry.errors, *ruleset.errors]:
             log.error("configuration error", error=str(err))
+        for path in ruleset.kept:
+            log.warning("rule file not loaded; the rules loaded from it before stay active",
+                        file=str(path), rules=len(ruleset.by_file.get(path, ())))
         metrics.rules_loaded(len(ruleset.rules), len(ruleset.errors) + len(self.registry.errors))
 
     async def reload(self) -> ReloadResult:
-        registry, ruleset = load_packs_and_rules(self.config)
+        # a rule file that no longer parses keeps the rules it had (transactional per file)
+        registry, ruleset = load_packs_and_rules(self.config, previous=self.engine.ruleset)
         self.registry = registry
         self.executor.registry = registry
         self.engine.swap_rules(ruleset)
         self._report_load(ruleset)
         errors = [str(e) for e in [*registry.errors, *ruleset.errors]]
-        return ReloadResult(len(ruleset.rules), errors)
+        return ReloadResult(len(ruleset.rules), errors, [str(p) for p in ruleset.kept])
 
     async def _reloader(self) -> None:
         while True:
@@ -222,8 +113,21 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    async def _heartbeat(self) -> None:
+        """Tell the store this replica is alive, so its runs stay its own (a replica silent
+        for longer than the store's lease loses them to another)."""
+        every = max(self.store.lease / 3, 0.5)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.store.heartbeat()
+            except StoreError as exc:  # the engine holds and reports a store that is down
+                log.warning("replica heartbeat failed", error=str(exc))
+
     async def run(self, on_ready: Callable[[Daemon], None] | None = None) -> None:
         started = time.monotonic()
+        # before any task is created: they all inherit this context, the API's handlers too
+        metrics.use(self.metrics)
         await self.store.open()
         try:
             # one read of the runs in flight serves both the engine and the dispatcher
@@ -236,7 +140,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 workers = [tg.create_task(self.engine.run(), name="engine"),
                            tg.create_task(self.dispatcher.run(), name="dispatcher"),
-                           tg.create_task(self._reloader(), name="reloader")]
+                           tg.create_task(self._reloader(), name="reloader"),
+                           tg.create_task(self._heartbeat(), name="heartbeat")]
                 if self.silences is not None:
                     workers.append(tg.create_task(self.silences.run(), name="silences"))
                 feeds = [tg.create_task(s.run(), name=f"source-{s.source.name}")
@@ -286,6 +191,10 @@ class Daemon:
             log.info("runs still active at shutdown resume at next start",
                      active=self.dispatcher.active())
         self.dispatcher.shutting_down = True
+        try:  # the ends of the runs that finished: incidents closed, guards saved
+            await self.engine.drain(timeout=1.0)
+        except TimeoutError:
+            log.warning("run ends not recorded in 1s; incidents are closed at next start")
         for task in workers:
             task.cancel()
 
@@ -293,11 +202,7 @@ class Daemon:
         push: dict[str, tuple[str, int]] = {
             c.name: (c.type, c.max_payload) for c in self.config.sources
             if c.type in ("webhook", "alertmanager")}
-        ctx = ApiContext(
-            engine=self.engine, store=self.store, dispatcher=self.dispatcher,
-            registry=lambda: self.registry, reload=self.reload, sources=self.sources,
-            push_sources=push, approve=self._approve,
-        )
+        ctx = ApiContext(control=self.control, emit=self.engine.emit, push_sources=push)
         self.runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0)
         await self.runner.setup()
         host, port = self.config.listen_host_port
@@ -306,12 +211,6 @@ class Daemon:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port
-
-    async def _approve(self, run_id: str, approved: bool, reason: str | None) -> str | None:
-        # a run gated by its rule's approval mode, else an approval task in a workflow
-        if self.dispatcher.decide(run_id, approved, reason) is None:
-            return None
-        return self.tasks.decide(run_id, approved, reason)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -66,7 +66,7 @@ class Narrator:
 
     def quiet(self) -> bool:
         return (self.fleet.done and self.daemon.dispatcher.active() == 0
-                and not self.daemon.engine.incidents.open)
+                and not self.daemon.engine.open_incidents())
 
 
 async def demo(config: LoopdConfig, *, exit_when_done: bool, out: TextIO = sys.stdout) -> int:

@@ -11,7 +11,9 @@ class that makes sense::
      │    ├── DecodeError       not JSON / not an object / wrong types
      │    └── PayloadTooLarge   over the source's max_payload
      ├── ConditionError         a condition or template failed at evaluation time
-     ├── StoreError             the state store failed or has an unknown schema
+     ├── StoreError             the state store failed or has an unknown schema (transient:
+     │    │                     the store is down; hold and retry)
+     │    └── StoreRejected     the store refused a record (not transient: never retried)
      ├── SourceError            a source could not connect or lost its connection
      ├── IllegalTransition      a run's status was to move along no edge of its table
      └── ActionError            an action failed (the run records it)
@@ -85,7 +87,15 @@ class ConditionError(LoopdError):
 
 
 class StoreError(LoopdError):
-    """The state store failed or holds a schema this version cannot read."""
+    """The state store failed or holds a schema this version cannot read.
+
+    A plain ``StoreError`` is transient (disk full, locked, unreachable): the
+    writer holds what it has and retries with backoff."""
+
+
+class StoreRejected(StoreError):
+    """The store refused one of the records it was given (it cannot be serialized, or a
+    constraint failed): retrying the same records can never succeed."""
 
 
 class SourceError(LoopdError):

@@ -7,6 +7,7 @@ rule files use ``on:`` as a key, so only ``true``/``false`` are booleans here.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -31,3 +32,28 @@ Loader.add_implicit_resolver(
 
 def load(text: str | bytes) -> Any:
     return yaml.load(text, Loader=Loader)
+
+
+def compose(text: str | bytes) -> tuple[Any, yaml.Node | None]:
+    """The document and its node tree (for line numbers); raises yaml.YAMLError."""
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def error_where(exc: yaml.YAMLError, path: Path | str) -> tuple[str, str]:
+    """``(file:line, "invalid YAML: what")`` for a YAML error: every loader says it alike."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    return where, f"invalid YAML: {getattr(exc, 'problem', None) or exc}"
+
+
+def key_lines(node: yaml.Node | None, path: Path | str) -> dict[str, str]:
+    """Top-level key -> ``file:line`` of a mapping node (empty for anything else)."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(k.value): f"{path}:{k.start_mark.line + 1}" for k, _ in node.value}

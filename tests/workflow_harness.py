@@ -4,8 +4,9 @@
 test pack ``t`` (``pack.yaml`` + ``actions.py`` below: small async actions that record
 every call in ``Calls``, which they reach through ``ctx.services["calls"]``, so the
 record survives reloading the pack and restarting the engine), a ``SqliteStore``, an
-``Executor`` with a ``PythonRunner``, and one ``Process``: the ``TaskKinds``,
-``WorkflowRunner`` and ``Dispatcher`` of one loopd process. ``restart()`` stops that
+``Executor`` with a ``PythonRunner``, and one ``Process``: the run half of one loopd
+process (``TaskKinds``, ``WorkflowRunner``, ``Dispatcher``), built by
+``loopd.wiring.build_runs`` as the daemon builds it. ``restart()`` stops that
 process the way loopd.daemon does at shutdown (``dispatcher.shutting_down = True``,
 then cancel) and starts a new one on the same store that resumes what was in flight.
 
@@ -28,15 +29,18 @@ from typing import Any
 
 from loopd.catalog.inventory import Inventory
 from loopd.errors import PackError
+from loopd.messages import RunEnded, StartRun
 from loopd.packs.executor import Executor
 from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
 from loopd.runs import states
-from loopd.runs.dispatcher import Dispatcher
+from loopd.runs.approvals import Approvals
+from loopd.runs.dispatcher import API_CANCEL, Dispatcher
 from loopd.runs.runner import WorkflowRunner
 from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord, StepRecord
 from loopd.store.sqlite import SqliteStore
+from loopd.wiring import build_runs
 from loopd.workflow.loader import load_workflows
 from tests.servers import wait_until
 
@@ -209,22 +213,23 @@ class Finished:
 
 
 class Process:
-    """The workflow half of one loopd process, as loopd.daemon builds it."""
+    """The workflow half of one loopd process, as loopd.wiring builds it; the runs that
+    end are told to ``put_nowait`` (where the daemon's engine has its inbox)."""
 
     def __init__(self, harness: Harness) -> None:
         h = harness
-        self.kinds = TaskKinds(h.store, h.executor, services={"calls": h.calls})
-        self.runner = WorkflowRunner(h.store, lambda: h.registry, self.kinds,
-                                     inventory=h.inventory)
+        runs = build_runs(h.store, h.executor, lambda: h.registry, inventory=h.inventory,
+                          ended=self, services={"calls": h.calls})
+        self.kinds, self.runner, self.dispatcher = runs.kinds, runs.workflows, runs.dispatcher
+        self.approvals: Approvals = runs.approvals
         self.incidents: list[tuple[str, str]] = []
-        self.dispatcher = Dispatcher(h.store, h.executor, inventory=h.inventory,
-                                     finish_incident=self._finish_incident,
-                                     workflows=self.runner)
         self._task: asyncio.Task[None] | None = None
 
-    async def _finish_incident(self, run: RunRecord) -> None:
-        if run.incident_id is not None:
-            self.incidents.append((run.incident_id, run.outcome or ""))
+    def put_nowait(self, ended: RunEnded, /) -> None:
+        """A run ended (what the engine's inbox receives): incidents it would close."""
+        if ended.run.incident_id is not None:
+            self.incidents.append((ended.run.incident_id, ended.run.outcome or ""))
+        ended.done()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.dispatcher.run(), name="test-dispatcher")
@@ -294,6 +299,15 @@ class Harness:
     def dispatcher(self) -> Dispatcher:
         return self.process.dispatcher
 
+    @property
+    def approvals(self) -> Approvals:
+        return self.process.approvals
+
+    def cancel(self, run: RunRecord | str) -> bool:
+        """Cancel a run as the API does (whether or not it acts already)."""
+        run_id = run if isinstance(run, str) else run.id
+        return self.dispatcher.cancel(run_id, API_CANCEL, acting_too=True)
+
     async def start(self, workflow: str, *, entity: str = "web-1",
                     incident: str | None = None, **input: Any) -> RunRecord:
         """Create a durable run and hand it to the dispatcher, as the engine does."""
@@ -302,7 +316,7 @@ class Harness:
         run = RunRecord(uuid.uuid4().hex[:12], incident, "test-rule", entity, "workflow",
                         workflow, input, states.PENDING, time.time())
         await self.store.save_run(run)
-        self.dispatcher.submit([run])
+        self.dispatcher.commands.put_nowait(StartRun(run))
         return run
 
     async def wait(self, run: RunRecord | str, timeout: float = 10.0) -> Finished:

@@ -16,32 +16,23 @@ import structlog
 from aiohttp import web
 
 from loopd import metrics
-from loopd.decide.engine import Engine
-from loopd.packs.registry import PackRegistry
-from loopd.runs.dispatcher import Dispatcher
-from loopd.sources.base import Source
-from loopd.store.base import Store
+from loopd.control import Control, ReloadResult
+from loopd.events import Delivery
 
 log = structlog.get_logger("loopd.api")
 
 
-@dataclass(slots=True)
-class ReloadResult:
-    rules: int
-    errors: list[str]
+__all__ = ["CTX", "ApiContext", "ReloadResult", "build_app"]
 
 
 @dataclass(slots=True)
 class ApiContext:
-    engine: Engine
-    store: Store
-    dispatcher: Dispatcher
-    registry: Callable[[], PackRegistry]
-    reload: Callable[[], Awaitable[ReloadResult]]
-    sources: dict[str, Source] = field(default_factory=dict)
+    """What the API reaches: the control facade, and the ingest path of push sources."""
+
+    control: Control
+    emit: Callable[[Delivery], Awaitable[None]]
     push_sources: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> type, max
     decision_timeout: float = 30.0
-    approve: Callable[[str, bool, str | None], Awaitable[str | None]] | None = None
 
 
 CTX = web.AppKey("loopd", ApiContext)
@@ -76,28 +67,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
-    sources = {name: s.connected for name, s in ctx.sources.items()}
+    sources = request.app[CTX].control.sources_connected()
     ready = all(sources.values())
     return json_response({"ready": ready, "sources": sources}, status=200 if ready else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    engine = request.app[CTX].engine
     # budgets free up as their window slides, with no event to say so: refresh the gauge
-    engine.guards.publish_budgets(engine.incidents.policy_map(), engine.now())
+    request.app[CTX].control.refresh_budgets()
+    # this daemon's registry: the request's task inherits the metrics its run() made current
     return web.Response(body=metrics.exposition(),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def rules(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
-    ruleset = ctx.engine.ruleset
+    control = request.app[CTX].control
+    ruleset = control.ruleset
     return json_response({
         "rules": [{
             "name": r.name, "origin": r.origin, "enabled": r.rule.enabled,
-            "source": r.source, "run": {r.kind: r.target}, "matches": ctx.engine.matches[r.name],
+            "source": r.source, "run": {r.kind: r.target}, "matches": control.matches(r.name),
             "for": r.for_s, "throttle": r.throttle.model_dump() if r.throttle else None,
         } for r in ruleset.rules],
         "errors": [str(e) for e in ruleset.errors],
@@ -105,22 +95,22 @@ async def rules(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    result = await request.app[CTX].reload()
-    return json_response({"rules": result.rules, "errors": result.errors})
+    """200 when everything loaded; 422 with the errors (and the rule files whose previous
+    rules were kept because they did not parse) otherwise: the good rules are active."""
+    result = await request.app[CTX].control.reload()
+    return json_response({"rules": result.rules, "errors": result.errors, "kept": result.kept},
+                         status=422 if result.errors else 200)
 
 
 async def guards(request: web.Request) -> web.Response:
-    engine = request.app[CTX].engine
-    return json_response(engine.guards.snapshot(engine.incidents.policy_map(), engine.now()))
+    return json_response(request.app[CTX].control.guard_status())
 
 
 async def close_breaker(request: web.Request) -> web.Response:
-    engine = request.app[CTX].engine
     scope = request.match_info["scope"]
-    if not engine.guards.close_breaker(scope):
+    if not await request.app[CTX].control.close_breaker(scope):
         return error(404, f"no open circuit breaker {scope!r} (scopes are a rule name, "
                           "or rule|key for per-key breakers)")
-    await engine.save_guards()
     return json_response({"scope": scope, "state": "closed"})
 
 

@@ -61,7 +61,7 @@ async def _ingest(request: web.Request, kind: str, parser: Parser) -> web.Respon
         done: asyncio.Future[None] = loop.create_future()
         waits.append(done)
         metrics.event_received(name)
-        await ctx.engine.emit(Delivery(item, _resolver(done)))
+        await ctx.emit(Delivery(item, _resolver(done)))
     try:
         async with asyncio.timeout(ctx.decision_timeout):
             await asyncio.gather(*waits)

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from aiohttp import web
 
 from loopd.api.app import CTX, error, json_response
+from loopd.catalog.secrets import Secrets, redact_keys, secret_key
+from loopd.packs.registry import PackRegistry
 from loopd.runs import states
 from loopd.store.base import IncidentRecord, RunRecord, StepRecord
-
-REDACTED = "***"
-_SECRET_WORDS = ("password", "secret", "token", "api_key", "apikey", "authorization")
-
-
-def redact(value: Any) -> Any:
-    """Hide values under secret-looking keys wherever a run's data is shown."""
-    if isinstance(value, dict):
-        return {k: REDACTED if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def _limit(request: web.Request) -> int:
@@ -42,12 +30,22 @@ def run_summary(run: RunRecord) -> dict[str, Any]:
     }
 
 
-def step_view(step: StepRecord) -> dict[str, Any]:
+def secret_inputs(registry: PackRegistry, action: str | None) -> frozenset[str]:
+    """The inputs of ``action`` declared ``secret: true`` (masked wherever they are shown)."""
+    found = registry.actions.get(action) if action else None
+    if found is None:
+        return frozenset()
+    return frozenset(name for name, f in found.spec.input.items() if f.secret)
+
+
+def step_view(step: StepRecord, registry: PackRegistry) -> dict[str, Any]:
+    hidden = secret_inputs(registry, step.action)
     return {
         "seq": step.seq, "task": step.task, "action": step.action, "attempt": step.attempt,
         "status": step.status, "started": step.started, "finished": step.finished,
         "duration_s": (step.finished - step.started) if step.finished else None,
-        "input": redact(step.input), "output": redact(step.output), "error": step.error,
+        "input": redact_keys(step.input, hidden), "output": redact_keys(step.output, hidden),
+        "error": step.error,
         "transition": step.transition,
     }
 
@@ -59,62 +57,60 @@ def incident_view(inc: IncidentRecord) -> dict[str, Any]:
 
 
 async def list_runs(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    control = request.app[CTX].control
     status = request.query.get("status")
     if status is not None and status not in (*states.ACTIVE, *states.FINAL, states.QUEUED):
         return error(400, f"unknown status {status!r}")
-    runs = await ctx.store.list_runs(status=status, limit=_limit(request))
+    runs = await control.list_runs(status=status, limit=_limit(request))
     return json_response({"runs": [run_summary(r) for r in runs]})
 
 
 async def get_run(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
+    control = request.app[CTX].control
     run_id = request.match_info["id"]
-    run = await ctx.store.get_run(run_id)
+    run = await control.get_run(run_id)
     if run is None:
         return error(404, f"no run {run_id!r}")
-    steps = await ctx.store.steps(run_id)
-    decisions = await ctx.store.decisions_for(incident_id=run.incident_id) \
+    steps = await control.steps(run_id)
+    decisions = await control.decisions_of_incident(run.incident_id) \
         if run.incident_id else []
+    registry = control.registry()
+    hidden = secret_inputs(registry, run.target) if run.kind == "action" else frozenset()
     story = run_summary(run)
     story.update(
-        input=redact(run.input), context=redact(run.ctx), trigger=redact(run.event),
-        steps=[step_view(s) for s in steps],
+        input=redact_keys(run.input, hidden), context=redact_keys(run.ctx),
+        trigger=redact_keys(run.event), steps=[step_view(s, registry) for s in steps],
         events=[{"source": d.source, "id": d.event_id, "outcome": d.outcome,
                  "reason": d.reason, "time": d.time} for d in decisions],
     )
-    return json_response(story)
+    # a secret input's value (declared, or under a secret-looking name) may also sit in the
+    # trigger, the context, an output or an error: mask it there by value
+    known = Secrets([*_values(run.input, hidden), *(
+        v for s in steps for v in _values(s.input, secret_inputs(registry, s.action)))])
+    return json_response(known.tree(story))
+
+
+def _values(tree: Any, names: frozenset[str]) -> list[Any]:
+    if not isinstance(tree, dict):
+        return []
+    return [v for k, v in tree.items() if k in names or secret_key(k)]
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
     run_id = request.match_info["id"]
-    run = await ctx.store.get_run(run_id)
-    if run is None:
-        return error(404, f"no run {run_id!r}")
-    if run.status == states.QUEUED:
-        queued = ctx.engine.incidents.cancel_queued(run_id)
-        if queued is None:
-            return error(409, f"run {run_id} is no longer queued")
-        states.move(queued, states.CANCELLED)
-        queued.outcome = states.OUTCOME_CANCELLED
-        queued.finished, queued.reason = time.time(), "cancelled through the API while queued"
-        await ctx.store.save_run(queued)
+    answer = await request.app[CTX].control.cancel(run_id)
+    if answer.state == "missing":
+        return error(404, answer.problem or f"no run {run_id!r}")
+    if answer.state == "refused":
+        return error(409, answer.problem or f"run {run_id} cannot be cancelled")
+    if answer.state == "cancelled":
         return json_response({"id": run_id, "status": states.CANCELLED})
-    if run.status not in states.ACTIVE:
-        return error(409, f"run {run_id} already ended ({run.status})")
-    if not await ctx.dispatcher.cancel(run_id):
-        return error(409, f"run {run_id} is not executing here")
     return json_response({"id": run_id, "status": "cancelling"}, status=202)
 
 
 async def decide_approval(request: web.Request, approved: bool) -> web.Response:
-    ctx = request.app[CTX]
     run_id = request.match_info["id"]
-    if ctx.approve is None:
-        return error(404, "approvals are not enabled")
-    reason = request.query.get("reason")
-    problem = await ctx.approve(run_id, approved, reason)
+    problem = request.app[CTX].control.decide(run_id, approved, request.query.get("reason"))
     if problem is not None:
         return error(409, problem)
     return json_response({"id": run_id, "approved": approved}, status=202)
@@ -129,11 +125,10 @@ async def reject(request: web.Request) -> web.Response:
 
 
 async def list_incidents(request: web.Request) -> web.Response:
-    ctx = request.app[CTX]
     status = request.query.get("status")
     if status not in (None, "open", "closed"):
         return error(400, "status must be open or closed")
-    incidents = await ctx.store.list_incidents(status=status, limit=_limit(request))
+    incidents = await request.app[CTX].control.list_incidents(status=status, limit=_limit(request))
     return json_response({"incidents": [incident_view(i) for i in incidents]})
 
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
 
 from loopd.errors import ConfigError
+
+Field = Literal["username", "password", "key", "token"]
 
 
 def resolve_secret(ref: str) -> str:
@@ -31,3 +36,27 @@ def resolve_secret(ref: str) -> str:
         except UnicodeDecodeError:
             raise ConfigError("secret file is not UTF-8 text", origin=ref) from None
     raise ConfigError(f"unknown credential scheme {scheme!r} (use env: or file:)", origin=ref)
+
+
+class Credentials(BaseModel):
+    """One named entry of the inventory's ``credentials:``: every field is a reference.
+
+    ``password``, ``key`` and ``token`` are always references; ``username`` is a
+    plain name unless it contains ``:`` (then it is a reference too). The model
+    holds only references, so printing, logging or serialising it shows no
+    secret; ``resolve(field)`` reads the secret at the moment it is used.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    username: str | None = None
+    password: str | None = None
+    key: str | None = None
+    token: str | None = None
+
+    def resolve(self, field: Field) -> str | None:
+        """The value behind ``field`` now (None when unset); ConfigError names the reference."""
+        ref: str | None = getattr(self, field)
+        if ref is None or (field == "username" and ":" not in ref):
+            return ref
+        return resolve_secret(ref)

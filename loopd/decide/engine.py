@@ -4,71 +4,136 @@ Two tasks share the work so the decision loop never waits on the disk:
 
 * the *decider* takes deliveries from the bounded queue in batches and decides
   each event synchronously against in-memory state (open incidents, ``for:``
-  timers, throttles, recent event ids), appending what it decided to a Batch;
+  timers, throttles, recent event ids), appending what it decided to a Batch.
+  Before each batch it takes what is in its own inbox, checked first so a busy
+  source never starves it: ``RunEnded`` messages (loopd.messages) from the
+  dispatcher, whose consequences (the incident's queued run started, guard memory,
+  the incident closed, the outcome event) go into the same Batch;
 * the *writer* commits each Batch in one transaction, then acknowledges its
-  deliveries (Kafka offsets become committable) and hands new runs over.
+  deliveries (Kafka offsets become committable) and sends the run commands the
+  batch decided (``StartRun``, ``CancelRun``) to the dispatcher, in order.
 
-In-memory state runs ahead of the disk, never the acknowledgements: after a
-crash the unacknowledged events are redelivered and decided again from the
-durable state, so no event is lost and none is decided twice.
+The engine is the one writer of incidents, ``for:`` timers and guard memory, and it
+writes them only through its Batches. In-memory state runs ahead of the disk, never
+the acknowledgements: after a crash the unacknowledged events are redelivered and
+decided again from the durable state, so no event is lost and none is decided twice.
+
+Time: ``clock`` is a loopd.clock.Clock. With ``event_time=True`` (simulation, tests)
+it is a VirtualClock the engine moves to each event's time; the event is decided at
+its own time, and between events the clock says when things happen.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.telemetry import Telemetry
+from loopd.clock import Clock, VirtualClock, WallClock
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
 from loopd.decide.timers import ForTimers
-from loopd.errors import ConditionError, StoreError
+from loopd.errors import ConditionError, StoreError, StoreRejected
 from loopd.events import Delivery, Event
-from loopd.policy import GlobalGuards
+from loopd.messages import Outbox, RunCommand, RunEnded, StartRun
+from loopd.policy import GlobalGuards, RuleGuards
 from loopd.rules.compile import CompiledRule
 from loopd.rules.loader import RuleSet
 from loopd.rules.matcher import RuleIndex
 from loopd.runs import states
-from loopd.store.base import Batch, DecisionRecord, EventRecord, IncidentRecord, RunRecord, Store
+from loopd.store.base import (
+    Batch,
+    CommitResult,
+    DecisionRecord,
+    EventRecord,
+    IncidentRecord,
+    Mark,
+    RunRecord,
+    Store,
+)
 
-Clock = Callable[[Event], float]
-RunsReady = Callable[[list[RunRecord]], None]
 NO_KEY = "-"
 THROTTLE_MEMORY = 7 * 86400.0
+GUARDS_KV = ("guards", "state")
 
 
-def wall_clock(_: Event) -> float:
-    return time.time()
+class _Ignore:
+    """Where run commands go when nobody runs them (tests of decisions alone)."""
+
+    def put_nowait(self, item: RunCommand, /) -> None:
+        pass
 
 
 @dataclass(slots=True)
 class _Pending:
     batch: Batch
     deliveries: list[Delivery]
-    runs: list[RunRecord] = field(default_factory=list)
+    commands: list[RunCommand] = field(default_factory=list)
+    inbox: int = 0  # inbox messages taken into this batch (they count as in flight)
+    ended: list[RunEnded] = field(default_factory=list)  # told once written and sent
+    # where each delivery's records start (what comes before the first: the inbox's), so
+    # a batch the store rejects can be split until the culprit is found
+    marks: list[Mark] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What ``Engine.commit`` wrote and sent."""
+
+    decisions: list[DecisionRecord]
+    commands: list[RunCommand]
+
+
+class Inbox:
+    """The engine's own inbox: ``put_nowait`` never blocks and wakes the decider."""
+
+    def __init__(self, wake: asyncio.Event, engine: Engine) -> None:
+        self._items: deque[RunEnded | None] = deque()
+        self._wake = wake
+        self._engine = engine
+
+    def put_nowait(self, item: RunEnded | None, /) -> None:
+        """A message; None asks only for what changed in memory to be written."""
+        self._items.append(item)
+        self._engine._busy(1)
+        self._wake.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def popleft(self) -> RunEnded | None:
+        return self._items.popleft()
 
 
 class Engine:
     def __init__(
         self, store: Store, rules: RuleSet, *, inventory: Inventory | None = None,
         queue_size: int = 10_000, batch_max: int = 2000, dedup_window: int = 200_000,
-        clock: Clock = wall_clock, on_runs: RunsReady | None = None,
-        on_event: Callable[[Event], None] | None = None,
+        clock: Clock | None = None, event_time: bool = False,
+        commands: Outbox[RunCommand] | None = None,
+        evidence: Callable[[Event], None] | None = None,
         telemetry_sources: frozenset[str] | None = None, guards: Guards | None = None,
+        outcomes_topic: str | None = None,
     ) -> None:
         self.store = store
         self.inventory = inventory or Inventory()
         self.telemetry = Telemetry()
         self._telemetry_sources = telemetry_sources  # None: every source
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
-        self.clock = clock
-        self.on_runs = on_runs
-        self.on_event = on_event  # e.g. confirm tasks waiting for evidence
+        self.clock: Clock = clock if clock is not None else WallClock()
+        self._virtual: VirtualClock | None = None
+        if event_time:
+            if not isinstance(self.clock, VirtualClock):
+                raise TypeError("event_time needs a VirtualClock the engine can move")
+            self._virtual = self.clock
+        self._commands: Outbox[RunCommand] = commands if commands is not None else _Ignore()
+        self._evidence = evidence  # e.g. confirm tasks waiting for evidence
+        self._outcomes_topic = outcomes_topic  # a run's end is an event on this topic
         self.matches: Counter[str] = Counter()
         self._batch_max = batch_max
         self._dedup_window = dedup_window
@@ -78,12 +143,16 @@ class Engine:
         self.incidents = Incidents(self.guards, self.inventory)
         self._timers = ForTimers()
         self._in_flight = 0
-        self._latest: float | None = None  # the latest event time decided (event clocks)
+        self._wake = asyncio.Event()
+        self.inbox = Inbox(self._wake, self)
+        self._open = _Pending(Batch(), [])  # what decide_now decided, not yet committed
+        self._run_updates: list[RunRecord] = []  # queued runs cancelled through control
         self._idle = asyncio.Event()
         self._idle.set()
+        self.store_ok = True  # False while commits fail for a reason other than a bad record
         self.ruleset = rules
         self._index = RuleIndex(rules.rules)
-        self.incidents.policies = {r.name: r for r in rules.rules}
+        self.incidents.set_rules(rules.rules)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -93,13 +162,16 @@ class Engine:
             since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
         if open_runs is None:
             open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
-        for stale in self.incidents.restore(state.open_incidents, open_runs):
-            await self.store.close_incident(stale.id, time.time(), stale.outcome or "unknown")
-        self.guards.load(await self.store.kv_get("guards", "state"))
+        stale = self.incidents.restore(state.open_incidents, open_runs)
+        if stale:  # closed as any other change of incidents: through a Batch
+            now = self.now()
+            for incident in stale:
+                incident.closed = incident.closed or now
+            await self.store.commit(Batch(incidents={i.id: i for i in stale}))
+        self.guards.load(await self.store.kv_get(*GUARDS_KV))
         for rule, key, since in state.for_timers:
             self._timers.load(rule, key, since)
         for rule, key, created in state.run_starts:
-            self.incidents.throttles.record(rule, key, created)
             self.guards.run_started(rule, key, created)
         for ident in state.recent_events:
             self._recent[ident] = None
@@ -114,110 +186,287 @@ class Engine:
         """Hand a delivery to the engine; waits while the queue is full (backpressure)."""
         self._in_flight += 1
         self._idle.clear()
-        await self.queue.put(delivery)
+        queue = self.queue
+        if queue.full():
+            await queue.put(delivery)
+        else:  # the common case, without a coroutine per event
+            queue.put_nowait(delivery)
+        self._wake.set()
+
+    def _busy(self, n: int) -> None:
+        self._in_flight += n
+        self._idle.clear()
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Wait until every delivery handed in so far is decided, written and acked."""
+        """Wait until every delivery and inbox message handed in so far is decided,
+        written and acked (and its run commands sent)."""
         await asyncio.wait_for(self._idle.wait(), timeout)
 
     def swap_rules(self, rules: RuleSet) -> None:
         """Atomically switch to a new rule set (reload); open incidents are kept."""
         self._index = RuleIndex(rules.rules)
-        self.incidents.policies = {r.name: r for r in rules.rules}
+        self.incidents.set_rules(rules.rules)
         self.ruleset = rules
 
     def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
         return self.incidents.open.get((rule, key))
 
+    def open_incidents(self) -> int:
+        return len(self.incidents.open)
+
     def now(self) -> float:
-        """The engine's clock outside an event: the wall clock, or with an event-time clock
-        the latest event time decided, so that guards compare times of one clock."""
-        if self.clock is wall_clock or self._latest is None:
-            return time.time()
-        return self._latest
+        """The engine's clock outside an event (the wall clock, or in event time the
+        latest instant the clock reached), so that guards compare times of one clock."""
+        return self.clock.now()
 
-    async def run_finished(self, run: RunRecord) -> None:
-        """A run ended: start what its incident queued, feed the guards, close the incident."""
-        starts, incident, changed = self.incidents.run_finished(run, self.now())
-        for nxt in starts:
-            await self.store.save_run(nxt)  # durable before it is handed over
-        if incident is not None:
-            await self.store.close_incident(incident.id, incident.closed or self.now(),
-                                            incident.outcome or "")
-        if changed or self.guards.dirty:
-            await self.save_guards()
-        if starts:
-            self.hand_over(starts)
+    # -- what the control facade asks (loopd.control) ----------------------------------
 
-    def hand_over(self, runs: list[RunRecord]) -> None:
-        """Give durable runs to ``on_runs`` (the dispatcher), then cancel those whose
-        cancellation was asked while they were being written (alert resolved, restart
-        mode). Whoever drives ``_decide`` itself hands its runs over through this."""
-        if self.on_runs is not None:
-            self.on_runs(runs)
-        unsubmitted, cancel = self.incidents.unsubmitted, self.incidents.cancel_run
-        for run in runs:
-            why = unsubmitted.pop(run.id, None)
-            if why is not None and cancel is not None:
-                cancel(run.id, why)
+    def policies(self) -> dict[str, RuleGuards]:
+        return self.incidents.policy_map()
 
-    async def save_guards(self) -> None:
-        """Persist the guards' memory (breakers, failures, fixes, flapping escalations)."""
-        self.guards.dirty = False
-        await self.store.kv_put("guards", "state", self.guards.state())
+    def close_breaker(self, scope: str) -> bool:
+        """Close an open circuit breaker; the change is written by the next batch."""
+        if not self.guards.close_breaker(scope):
+            return False
+        self.guards.dirty = True
+        self.inbox.put_nowait(None)
+        return True
+
+    def cancel_queued(self, run_id: str, reason: str) -> RunRecord | None:
+        """Take a queued run (run_mode queued) out of its incident's queue, cancelled;
+        written by the next batch. None when it is not queued (any more)."""
+        run = self.incidents.cancel_queued(run_id)
+        if run is None:
+            return None
+        states.move(run, states.CANCELLED, reason=reason, at=self.now())
+        run.outcome = states.OUTCOME_CANCELLED
+        self._run_updates.append(run)
+        self.inbox.put_nowait(None)
+        return run
+
+    # -- deciding one event at a time (loopd simulate) ------------------------------------
+
+    def decide_now(self, event: Event) -> int:
+        """Decide ``event`` into the open batch at once, without the queue; returns how
+        many run commands it produced. ``commit`` writes the open batch."""
+        before = len(self._open.commands)
+        self._open.marks.append(self._open.batch.mark())
+        self._decide(event, self._open)
+        return len(self._open.commands) - before
+
+    def take_inbox(self) -> list[RunEnded]:
+        """Take what is in the inbox into the open batch; returns the runs that ended."""
+        ended = self._take_inbox(self._open)
+        self._in_flight -= self._open.inbox
+        self._open.inbox = 0
+        if self._in_flight <= 0:
+            self._in_flight = 0
+            self._idle.set()
+        return ended
+
+    def open_decisions(self) -> int:
+        return len(self._open.batch.decisions)
+
+    def open_commands(self) -> int:
+        return len(self._open.commands)
+
+    async def commit(self) -> Committed:
+        """Write the open batch, then send its run commands; returns what it held."""
+        pending, self._open = self._open, _Pending(Batch(), [])
+        self._seal(pending)
+        if pending.batch:
+            self._reconcile(pending, await self._commit(pending))
+        self._send(pending)
+        return Committed(pending.batch.decisions, pending.commands)
 
     # -- the two halves -------------------------------------------------------------
 
     async def _decider(self) -> None:
-        queue = self.queue
+        queue, inbox, wake = self.queue, self.inbox, self._wake
         while True:
-            first = await queue.get()
-            pending = _Pending(Batch(), [first])
-            self._decide(first.event, pending)
+            while not inbox and queue.empty():
+                wake.clear()
+                await wake.wait()
+            pending = _Pending(Batch(), [])
+            # The inbox first: runs ending are never starved by a busy source.
+            self._take_inbox(pending)
             # Take what is already queued; no waiting, so latency stays low at low rates.
             while len(pending.deliveries) < self._batch_max and not queue.empty():
                 delivery = queue.get_nowait()
                 pending.deliveries.append(delivery)
+                pending.marks.append(pending.batch.mark())
                 self._decide(delivery.event, pending)
+            self._seal(pending)
             metrics.queue_depth(queue.qsize())
             # Waits when two batches are already being written: backpressure to the queue.
             await self._written.put(pending)
 
+    def _take_inbox(self, pending: _Pending) -> list[RunEnded]:
+        inbox, ended = self.inbox, []
+        while inbox:
+            message = inbox.popleft()
+            pending.inbox += 1
+            if message is not None:
+                ended.append(message)
+                pending.ended.append(message)
+                self._run_ended(message, pending)
+        if self._run_updates:
+            pending.batch.run_updates.extend(self._run_updates)
+            self._run_updates = []
+        return ended
+
+    def _seal(self, pending: _Pending) -> None:
+        """Last in every batch: guard memory that changed is written with it."""
+        if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
+            self.guards.dirty = False
+            pending.batch.kv[GUARDS_KV] = self.guards.state()
+
+    def _send(self, pending: _Pending) -> None:
+        send = self._commands.put_nowait
+        for command in pending.commands:
+            send(command)
+        for message in pending.ended:
+            message.done()
+
     async def _writer(self) -> None:
-        delay = 0.05
         while True:
             pending = await self._written.get()
             if pending is None:
                 return
-            while pending.batch:
-                try:
-                    await self.store.commit(pending.batch)
-                    break
-                except StoreError as exc:
-                    # Never ack an undecided event: hold everything and retry.
-                    metrics.log.error("store commit failed; retrying", error=str(exc),
-                                      retry_in_s=delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            delay = 0.05
-            if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
-                try:
-                    await self.save_guards()
-                except StoreError as exc:  # still dirty: the next batch tries again
-                    self.guards.dirty = True
-                    metrics.log.error("saving guard state failed", error=str(exc))
+            result = await self._commit(pending) if pending.batch else CommitResult()
             done = time.monotonic()
             for delivery in pending.deliveries:
                 delivery.ack()
-                metrics.DECISION_SECONDS.observe(done - delivery.received)
+                metrics.event_decided(done - delivery.received)
             for d in pending.batch.decisions:
-                metrics.DECISIONS.labels(d.rule, d.outcome).inc()
-            if pending.runs:
-                self.hand_over(pending.runs)
-            self._in_flight -= len(pending.deliveries)
+                if (d.source, d.event_id, d.rule) not in result.duplicates:
+                    metrics.decision_recorded(d.rule, d.outcome)
+            if result:
+                self._reconcile(pending, result)
+            if pending.commands or pending.ended:
+                self._send(pending)
+            self._in_flight -= len(pending.deliveries) + pending.inbox
             if self._in_flight <= 0:
                 self._in_flight = 0
                 self._idle.set()
+
+    # -- committing: the store decides -------------------------------------------------
+
+    async def _commit(self, pending: _Pending) -> CommitResult:
+        """Commit the batch. A store that is down holds everything (never ack an undecided
+        event) and is retried with backoff; a batch the store rejects is split until the
+        records it refuses are found, and only their event is rejected."""
+        try:
+            return await self._commit_part(pending.batch)
+        except StoreRejected as exc:
+            if len(pending.deliveries) > 1:
+                metrics.log.warning("store rejected a batch; finding the culprit",
+                                    error=str(exc), events=len(pending.deliveries))
+            result = CommitResult()
+            marks = [Batch().mark(), *pending.marks, pending.batch.mark()]
+            # segment 0: what the inbox wrote; segment i: delivery i-1
+            events: list[Event | None] = [None, *(d.event for d in pending.deliveries)]
+            if len(events) != len(marks) - 1:  # decide_now without deliveries (simulate)
+                events = [None] * (len(marks) - 1)
+            await self._bisect(pending.batch, marks, events, 0, len(events), result, exc,
+                               failed=True)
+            return result
+
+    async def _commit_part(self, batch: Batch) -> CommitResult:
+        delay = 0.05
+        while True:
+            try:
+                result = await self.store.commit(batch)
+                self.store_ok = True
+                return result
+            except StoreRejected:
+                self.store_ok = True  # it answered: it is up
+                raise
+            except StoreError as exc:
+                self.store_ok = False
+                metrics.log.error("store commit failed; holding acknowledgements and retrying",
+                                  error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _bisect(self, batch: Batch, marks: list[Mark], events: list[Event | None],
+                      lo: int, hi: int, result: CommitResult, error: StoreRejected, *,
+                      failed: bool = False) -> None:
+        """Commit segments ``lo:hi`` (``failed``: known to be rejected), halving what the
+        store rejects: one bad event costs about 2 log2(batch) commits."""
+        part = batch.part(marks[lo], marks[hi])
+        if not part:
+            return
+        if not failed:
+            try:
+                result.merge(await self._commit_part(part))
+                return
+            except StoreRejected as exc:
+                error = exc
+        if hi - lo == 1:
+            await self._reject(events[lo], part, error, result)
+            return
+        mid = (lo + hi) // 2
+        await self._bisect(batch, marks, events, lo, mid, result, error)
+        await self._bisect(batch, marks, events, mid, hi, result, error)
+
+    async def _reject(self, event: Event | None, part: Batch, error: StoreRejected,
+                      result: CommitResult) -> None:
+        """The store refuses what was decided for ``event``: nothing of it is created; an
+        ``error`` decision per rule says why (when even that cannot be written, the log line
+        and the counter do), and the event is acknowledged so it cannot wedge the stream."""
+        result.skipped_runs |= {r.id for r in part.runs}
+        source = event.source if event is not None else "loopd"
+        metrics.event_rejected(
+            source, "store_rejected", error,
+            event_id=event.id if event is not None else None,
+            event_origin=(event.origin or event.id) if event is not None else None,
+            what="the event is recorded as an error decision and acknowledged"
+            if event is not None else "what a run's end changed is dropped")
+        now = time.time()
+        firsts = {d.rule: d for d in part.decisions}
+        notes = Batch(decisions=[
+            DecisionRecord(d.source, d.event_id, d.rule, d.key, "error",
+                           f"store rejected: {error}"[:500], now) for d in firsts.values()])
+        if notes.decisions:
+            try:
+                result.merge(await self._commit_part(notes))
+            except StoreRejected as exc:
+                metrics.log.error("the rejection could not be recorded either", error=str(exc),
+                                  event_id=event.id if event is not None else None)
+
+    def _reconcile(self, pending: _Pending, result: CommitResult) -> None:
+        """Bring memory in line with what the store created: runs it did not create are
+        forgotten (with their new incidents), and no command goes out for them."""
+        if not result:
+            return
+        for d in pending.batch.decisions:
+            if (d.source, d.event_id, d.rule) in result.duplicates:
+                metrics.event_duplicate(d.source, d.event_id)
+        for held in result.conflicts.values():
+            metrics.log.info("incident already open in the store; the event joined it",
+                             rule=held.rule, key=held.key, incident=held.id)
+        skipped = result.skipped_runs
+        if not skipped:
+            return
+        for run in pending.batch.runs:  # started and queued ones
+            if run.id in skipped:
+                self.incidents.discard(run)
+        pending.commands = [
+            c for c in pending.commands
+            if (c.run.id if isinstance(c, StartRun) else c.run_id) not in skipped]
+
+    # -- a run ended ------------------------------------------------------------------
+
+    def _run_ended(self, message: RunEnded, pending: _Pending) -> None:
+        """Start what the incident queued, feed the guards, close the incident, and decide
+        the outcome event (closing the loop for loopd's own rules)."""
+        run = message.run
+        now = self.now()
+        self.incidents.run_finished(run, now, pending.batch, pending.commands)
+        if self._outcomes_topic is not None:
+            metrics.event_received("loopd")
+            self._decide(message.outcome_event(self._outcomes_topic), pending)
 
     # -- the hot path ----------------------------------------------------------------
 
@@ -225,25 +474,27 @@ class Engine:
         try:
             self._decide_event(event, pending)
         except Exception:  # supervised boundary: a bug on one event must not stop the engine
-            metrics.EVENTS_REJECTED.labels(event.source, "engine_error").inc()
-            metrics.log.exception("deciding an event failed; it is acknowledged undecided",
-                                  source=event.source, event_origin=event.origin or event.id)
+            metrics.engine_error(event.source, event.origin or event.id)
 
     def _decide_event(self, event: Event, pending: _Pending) -> None:
         if self._telemetry_sources is None or event.source in self._telemetry_sources:
             self.telemetry.observe(event)
-        if self.on_event is not None:
-            self.on_event(event)
+        if self._evidence is not None:
+            self._evidence(event)
+        virtual = self._virtual
+        now = event.time
+        if virtual is not None:  # event time: decided at its own time; timers due exactly
+            virtual.advance(now, inclusive=False)  # then fire after it (the replay's order)
         if event.data.get("status") == "resolved":
-            self.incidents.resolved(event, pending.batch, self.clock(event))
+            self.incidents.resolved(event, pending.batch, pending.commands,
+                                    now if virtual is not None else self.clock.now())
         candidates = self._index.candidates(event)
         if not candidates:
             return
+        if virtual is None:
+            now = self.clock.now()
         ident: tuple[str, str] | None = None
         matched = False
-        now = self.clock(event)
-        if self._latest is None or now > self._latest:
-            self._latest = now
         for rule in candidates:
             tvars = rule.accepts(event)
             if tvars is None:
@@ -298,9 +549,9 @@ class Engine:
                     event.source, event.id, name, key, "suppressed",
                     f"for: held {now - since:.0f}s of {rule.for_s:g}s", now))
                 return
-        before = len(pending.runs)
-        self.incidents.decide(rule, event, key, scope, now, batch, pending.runs)
-        if rule.for_s is not None and len(pending.runs) > before and self._timers.reset(
+        before = len(pending.commands)
+        self.incidents.decide(rule, event, key, scope, now, batch, pending.commands)
+        if rule.for_s is not None and len(pending.commands) > before and self._timers.reset(
                 name, key):
             # acted: the condition must hold for the whole duration again before the next run
             batch.timers_cleared.append((name, key))

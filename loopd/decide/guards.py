@@ -18,6 +18,7 @@ from typing import Any
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.silences import Silences
+from loopd.decide.timers import Throttle
 from loopd.policy import BlastRadius, Budget, GlobalGuards, RuleGuards, Window
 from loopd.runs import states
 
@@ -130,6 +131,22 @@ class Guards:
         if len(busy) >= limit:
             return Verdict("blast_radius", f"{len(busy)} of {members} entities of group "
                                            f"{group} under remediation (max {radius.max})")
+        return None
+
+    def throttled(self, rule: str, key: str, throttle: Throttle, now: float) -> str | None:
+        """A rule's throttle: its per-key budgets, checked before the other guards; None
+        when a run may start, else why not (the decision's reason)."""
+        starts = self.key_starts.get((rule, key))
+        if not starts:
+            return None
+        once = throttle.once
+        if once is not None and now - starts[-1] < once.per:
+            left = once.per - (now - starts[-1])
+            return f"throttled: once within {once.per:g}s ({left:.0f}s left)"
+        most = throttle.most
+        if most is not None and self.remaining(most, starts, now) <= 0:
+            recent = _count_since(starts, now - most.per)
+            return f"throttled: {recent} runs within {most.per:g}s (max {most.count})"
         return None
 
     @staticmethod

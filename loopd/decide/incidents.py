@@ -15,23 +15,22 @@ in Home Assistant scripts: ``single`` (new events join the open incident),
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.decide.guards import Guards, Verdict
-from loopd.decide.timers import Throttles
+from loopd.decide.timers import Throttle, compile_throttle
 from loopd.errors import ConditionError
 from loopd.events import Event, new_id
 from loopd.expr.compiler import compile_template
+from loopd.messages import CancelRun, RunCommand, StartRun
 from loopd.policy import Escalate, RuleGuards
 from loopd.rules.compile import RULE_SCOPE, CompiledRule
 from loopd.runs import states
 from loopd.store.base import Batch, DecisionRecord, IncidentRecord, RunRecord
-
-CancelRun = Callable[[str, str], bool]
 
 
 @dataclass(slots=True)
@@ -45,19 +44,18 @@ class Incidents:
     def __init__(self, guards: Guards, inventory: Inventory) -> None:
         self.guards = guards
         self.inventory = inventory
-        self.throttles = Throttles()
         self.open: dict[tuple[str, str], IncidentRecord] = {}
         self.by_id: dict[str, tuple[str, str]] = {}
         self.runs: dict[str, _Runs] = {}
         self.by_fingerprint: dict[str, set[str]] = {}
         self.policies: dict[str, CompiledRule] = {}
-        self.cancel_run: CancelRun | None = None  # the dispatcher's cancel_unstarted
-        # restart mode cancels the old run even when it already acts (the dispatcher's
-        # cancel_run); without it only a run that has not acted yet is cancelled
-        self.restart_run: CancelRun | None = None
-        # runs decided but not handed to the dispatcher yet (the engine hands them over once
-        # durable): a cancellation asked meanwhile is kept here, run id -> why
-        self.unsubmitted: dict[str, str | None] = {}
+        self._throttles: dict[str, Throttle] = {}
+
+    def set_rules(self, rules: Iterable[CompiledRule]) -> None:
+        """The rules in force (load, reload); throttles compile to per-key budgets."""
+        self.policies = {r.name: r for r in rules}
+        self._throttles = {name: t for name, r in self.policies.items()
+                           if (t := compile_throttle(r.throttle)) is not None}
 
     # -- restore --------------------------------------------------------------------
 
@@ -99,7 +97,9 @@ class Incidents:
     # -- deciding ---------------------------------------------------------------------
 
     def decide(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, Any],
-               now: float, batch: Batch, runs: list[RunRecord]) -> None:
+               now: float, batch: Batch, commands: list[RunCommand]) -> None:
+        """Record one decision in ``batch``; run commands go to ``commands``, sent by the
+        engine once the batch is durable."""
         name = rule.name
         policy = rule.rule
 
@@ -131,8 +131,9 @@ class Incidents:
         if resolved:
             self._suppress(record, name, "resolved", "a resolved alert never starts a run")
             return
-        if rule.throttle is not None:
-            why = self.throttles.blocked(name, key, rule.throttle, now)
+        throttle = self._throttles.get(name)
+        if throttle is not None:
+            why = self.guards.throttled(name, key, throttle, now)
             if why is not None:
                 record("suppressed", why)
                 return
@@ -142,10 +143,9 @@ class Incidents:
         if verdict is not None:
             self._suppress(record, name, verdict.guard, verdict.reason)
             if verdict.escalate:
-                self._escalate(rule, key, verdict, now, batch, runs)
+                self._escalate(rule, key, verdict, now, batch, commands)
             return
         if policy.mode == "shadow":
-            self.throttles.record(name, key, now)
             self.guards.run_started(name, key, now, policy.guards.max_runs)
             record("shadow", f"would run {rule.kind} {rule.target} (shadow mode)")
             return
@@ -161,7 +161,6 @@ class Incidents:
                         event=event.to_json())
         if status == states.AWAITING_APPROVAL:
             run.progress = {"gate": {"deadline": now + policy.approval.within}}
-        self.throttles.record(name, key, now)
         self.guards.run_started(name, key, now, policy.guards.max_runs)
         if incident is None:
             incident = IncidentRecord(new_id(), name, key, "open", now, run_id=run.id)
@@ -186,23 +185,14 @@ class Incidents:
             slot.queued.append(run)
             record(outcome, f"after {len(slot.queued) - 1} queued run(s)", incident, run.id)
             return
-        if outcome == "restarted":
+        if outcome == "restarted":  # the old run stops even when it already acts
             for old in list(slot.active):
-                self._cancel(self.restart_run or self.cancel_run, old,
-                             f"restarted by event {event.id}")
+                commands.append(CancelRun(old, f"restarted by event {event.id}",
+                                          acting_too=True))
         incident.run_id = run.id
         slot.active.add(run.id)
-        runs.append(run)
-        self.unsubmitted[run.id] = None
+        commands.append(StartRun(run))
         record(outcome, None, incident, run.id)
-
-    def _cancel(self, cancel: CancelRun | None, run_id: str, reason: str) -> bool:
-        if cancel is not None and cancel(run_id, reason):
-            return True
-        if run_id in self.unsubmitted:  # the engine cancels it as it hands it over
-            self.unsubmitted[run_id] = reason
-            return True
-        return False
 
     @staticmethod
     def _suppress(record: Callable[..., None], rule: str, guard: str, reason: str) -> None:
@@ -210,7 +200,7 @@ class Incidents:
         record("suppressed", f"guard {guard}: {reason}")
 
     def _escalate(self, rule: CompiledRule, key: str, verdict: Verdict | str, now: float,
-                  batch: Batch | None, runs: list[RunRecord]) -> RunRecord | None:
+                  batch: Batch, commands: list[RunCommand]) -> RunRecord | None:
         """Start the rule's (or the global) escalation once, for a human to look."""
         reason = verdict.reason if isinstance(verdict, Verdict) else verdict
         target: Escalate | None = rule.rule.guards.escalate or self.guards.config.escalate
@@ -229,15 +219,16 @@ class Incidents:
         run = RunRecord(new_id(), None, rule.name, key, kind,
                         target.workflow or target.action or "", inputs, states.PENDING, now,
                         reason=f"escalation: {reason}")
-        if batch is not None:
-            batch.runs.append(run)
-        runs.append(run)
+        batch.runs.append(run)
+        commands.append(StartRun(run))
         return run
 
     # -- resolved alerts ------------------------------------------------------------------
 
-    def resolved(self, event: Event, batch: Batch, now: float | None = None) -> list[str]:
-        """A resolved alert cancels runs of its incidents that have not acted yet."""
+    def resolved(self, event: Event, batch: Batch, commands: list[RunCommand],
+                 now: float | None = None) -> list[str]:
+        """A resolved alert cancels runs of its incidents that have not acted yet: the
+        queued ones here, the active ones by the dispatcher if they have not acted."""
         fingerprint = event.data.get("fingerprint")
         if not isinstance(fingerprint, str):
             return []
@@ -253,40 +244,38 @@ class Incidents:
                 batch.run_updates.append(run)
                 cancelled.append(run.id)
             for run_id in list(slot.active):
-                if self._cancel(self.cancel_run, run_id,
-                                f"alert resolved ({event.id}) before the run acted"):
-                    cancelled.append(run_id)
+                commands.append(CancelRun(
+                    run_id, f"alert resolved ({event.id}) before the run acted"))
         return cancelled
 
     # -- runs ending -----------------------------------------------------------------------
 
-    def run_finished(self, run: RunRecord, now: float
-                     ) -> tuple[list[RunRecord], IncidentRecord | None, bool]:
-        """(runs to start now, the incident to close or None, guard state changed)."""
-        starts: list[RunRecord] = []
-        changed = False
-        self.unsubmitted.pop(run.id, None)  # normally gone at hand-over already
+    def run_finished(self, run: RunRecord, now: float, batch: Batch,
+                     commands: list[RunCommand]) -> IncidentRecord | None:
+        """A run ended: feed the guards (escalate when a breaker opens), start the run its
+        incident queued next, or close the incident (returned) when nothing is left."""
         rule = self.policies.get(run.rule or "")
         if rule is not None and run.key is not None and run.incident_id is not None:
             reason = self.guards.run_ended(rule.name, run.key, run.outcome or "",
                                            rule.rule.guards, now)
-            changed = self.guards.remembers(rule.rule.guards)
+            if self.guards.remembers(rule.rule.guards):
+                self.guards.dirty = True
             if reason is not None:
-                self._escalate(rule, run.key, reason, now, None, starts)
+                self._escalate(rule, run.key, reason, now, batch, commands)
         incident_id = run.incident_id
         slot = self.runs.get(incident_id or "")
         if slot is None or incident_id is None:
-            return starts, None, changed
+            return None
         slot.active.discard(run.id)
         if slot.queued:
             nxt = slot.queued.popleft()
             states.move(nxt, states.PENDING)
             slot.active.add(nxt.id)
-            self.unsubmitted[nxt.id] = None
-            starts.append(nxt)
-            return starts, None, changed
+            batch.run_updates.append(nxt)  # pending is durable before it is started
+            commands.append(StartRun(nxt))
+            return None
         if slot.active:
-            return starts, None, changed
+            return None
         ident = self.by_id.pop(incident_id, None)
         incident = self.open.pop(ident, None) if ident is not None else None
         del self.runs[incident_id]
@@ -298,7 +287,8 @@ class Incidents:
         if incident is not None:
             self.guards.incident_closed(incident.key)
             incident.status, incident.closed, incident.outcome = "closed", now, run.outcome
-        return starts, incident, changed
+            batch.incidents[incident.id] = incident
+        return incident
 
     def cancel_queued(self, run_id: str) -> RunRecord | None:
         """Take a queued run (run_mode queued) out of its incident's queue."""
@@ -308,6 +298,29 @@ class Incidents:
                     slot.queued.remove(run)
                     return run
         return None
+
+    def discard(self, run: RunRecord) -> None:
+        """The store did not create ``run`` (its decision was a duplicate, lost a race for the
+        incident, or was rejected): forget it, and its incident when nothing else runs there.
+        Memory follows the store; it never decides a conflict."""
+        slot = self.runs.get(run.incident_id or "")
+        if slot is None or run.incident_id is None:
+            return
+        slot.active.discard(run.id)
+        if run in slot.queued:
+            slot.queued.remove(run)
+        if slot.active or slot.queued:
+            return
+        ident = self.by_id.pop(run.incident_id, None)
+        incident = self.open.pop(ident, None) if ident is not None else None
+        del self.runs[run.incident_id]
+        if slot.fingerprint is not None:
+            ids = self.by_fingerprint.get(slot.fingerprint, set())
+            ids.discard(run.incident_id)
+            if not ids:
+                self.by_fingerprint.pop(slot.fingerprint, None)
+        if incident is not None:
+            self.guards.incident_closed(incident.key)
 
     def policy_map(self) -> dict[str, RuleGuards]:
         return {name: r.rule.guards for name, r in self.policies.items()}

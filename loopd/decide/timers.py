@@ -1,41 +1,33 @@
-"""Per-(rule, key) memory of when runs started, and the ``for:`` timers."""
+"""A rule's ``throttle`` compiled to per-key budgets, and the ``for:`` timers.
+
+``throttle: {max: N, per: D}`` is the per-key budget ``guards.max_runs_per_key: {count:
+N, per: D}`` under another name (and its own decision reason); ``once_within: D`` is
+at most one run per D. Both count the same run starts (``Guards.key_starts``).
+"""
 
 from __future__ import annotations
 
-from loopd.rules.model import Throttle
+from dataclasses import dataclass
 
-_KEEP = 256  # starts remembered per (rule, key): more than any sane max-per-window
+from loopd.policy import Budget
+from loopd.rules.model import Throttle as ThrottleSpec
 
 
-class Throttles:
-    """Run start times per (rule, key); answers "may another run start now?"."""
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """Per-key budgets of one rule: ``once`` is max 1 per its window, ``most`` N per D."""
 
-    def __init__(self) -> None:
-        self._starts: dict[tuple[str, str], list[float]] = {}
+    once: Budget | None = None
+    most: Budget | None = None
 
-    def record(self, rule: str, key: str, when: float) -> None:
-        starts = self._starts.get((rule, key))
-        if starts is None:
-            self._starts[(rule, key)] = [when]
-            return
-        starts.append(when)
-        if len(starts) > _KEEP:
-            del starts[: len(starts) - _KEEP]
 
-    def blocked(self, rule: str, key: str, throttle: Throttle, now: float) -> str | None:
-        """None when a run may start, else why not (for the decision record)."""
-        starts = self._starts.get((rule, key))
-        if not starts:
-            return None
-        if throttle.once_within is not None and now - starts[-1] < throttle.once_within:
-            left = throttle.once_within - (now - starts[-1])
-            return f"throttled: once within {throttle.once_within:g}s ({left:.0f}s left)"
-        if throttle.max is not None and throttle.per is not None:
-            window_start = now - throttle.per
-            recent = sum(1 for t in starts if t >= window_start)
-            if recent >= throttle.max:
-                return f"throttled: {recent} runs within {throttle.per:g}s (max {throttle.max})"
+def compile_throttle(spec: ThrottleSpec | None) -> Throttle | None:
+    if spec is None:
         return None
+    once = Budget(count=1, per=spec.once_within) if spec.once_within is not None else None
+    most = Budget(count=spec.max, per=spec.per) \
+        if spec.max is not None and spec.per is not None else None
+    return Throttle(once, most) if once or most else None
 
 
 class ForTimers:

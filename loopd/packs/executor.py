@@ -8,8 +8,8 @@ Runner contract (every runner passes ``tests/integration/test_runner_contract.py
 * It never retries on its own beyond what its spec says (http: connection
   errors and 5xx, ``retries`` times); task-level retries belong to workflows.
 * ``close()`` releases pooled connections (ssh per host, one http session).
-* Secrets come from ``ctx.credentials(name)`` and never appear in results,
-  errors or logs.
+* Secrets come from ``ctx.secret(name, field)`` (resolved at that call) and
+  never appear in results, errors or logs.
 """
 
 from __future__ import annotations
@@ -22,23 +22,13 @@ from typing import Any, Protocol
 import structlog
 
 from loopd import metrics
-from loopd.catalog.credentials import resolve_secret
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.credentials import Field as CredentialField
 from loopd.catalog.inventory import Inventory
 from loopd.errors import ActionError, ActionTimeout, ConfigError, UnknownAction
 from loopd.packs.registry import Action, PackRegistry, validate_fields
 
 log = structlog.get_logger("loopd.actions")
-
-
-@dataclass(slots=True, frozen=True)
-class Credentials:
-    username: str | None = None
-    password: str | None = None
-    key: str | None = None
-    token: str | None = None
-
-    def __repr__(self) -> str:  # never print a secret by accident
-        return f"Credentials(username={self.username!r}, ...)"
 
 
 @dataclass(slots=True)
@@ -56,17 +46,16 @@ class ActionContext:
         return self.inventory.entities.get(name) or {"name": name}
 
     def credentials(self, name: str) -> Credentials:
-        ref = self.inventory.credentials.get(name)
-        if ref is None:
+        """The inventory's credentials ``name`` (references; see ``secret`` for values)."""
+        creds = self.inventory.credentials.get(name)
+        if creds is None:
             raise ActionError(f"unknown credentials {name!r}")
+        return creds
+
+    def secret(self, name: str, field: CredentialField) -> str | None:
+        """Resolve one field of credentials ``name`` now; ActionError names the reference."""
         try:
-            return Credentials(
-                username=resolve_secret(ref.username) if ref.username and ":" in ref.username
-                else ref.username,
-                password=resolve_secret(ref.password) if ref.password else None,
-                key=resolve_secret(ref.key) if ref.key else None,
-                token=resolve_secret(ref.token) if ref.token else None,
-            )
+            return self.credentials(name).resolve(field)
         except ConfigError as exc:
             raise ActionError(f"credentials {name!r}: {exc}") from None
 

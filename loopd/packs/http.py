@@ -43,7 +43,7 @@ import asyncio
 import base64
 import os
 import urllib.parse
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from loopd.catalog.secrets import Secrets, split_url
 from loopd.errors import ActionError, ConditionError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
@@ -66,7 +67,6 @@ EXCERPT = 200                 # characters of the body quoted in an error
 RESULT_HEADERS = ("content-type", "location", "etag", "x-total-count")
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key",
                             "x-auth-token", "cookie"})
-_MIN_SECRET = 4  # shorter values would mask half of every text; never a real secret anyway
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,12 +95,12 @@ async def send(session: aiohttp.ClientSession, req: HttpRequest, *,
                expect: Collection[int] = DEFAULT_EXPECT, retries: int = 2,
                backoff: float = 0.25, max_backoff: float = 4.0) -> dict[str, Any]:
     """Send ``req`` with the retry policy of the module docstring; raise ActionError."""
-    secrets = _secrets(req.secrets)
+    secrets = Secrets(req.secrets)
     try:
         url = URL(req.url)
     except (ValueError, TypeError) as exc:
         raise ActionError(f"http {req.method}: invalid url: {exc}") from None
-    shown = _redact(_display(url), secrets)
+    shown = secrets.text(_display(url))
     what = f"http {req.method} {shown}"
     if not url.is_absolute() or url.scheme not in ("http", "https"):
         raise ActionError(f"{what}: url must be absolute http(s) "
@@ -130,11 +130,11 @@ async def send(session: aiohttp.ClientSession, req: HttpRequest, *,
                     return _result(resp, body, attempt, shown, secrets)
                 problem = f"{resp.status} {resp.reason or ''}".rstrip()
                 text = " ".join(_decode(resp, body[:4 * EXCERPT]).split())[:EXCERPT]
-                excerpt = f": {_redact(text, secrets)}" if text else ""
+                excerpt = f": {secrets.text(text)}" if text else ""
                 if resp.status < 500:  # the server refused: asking again changes nothing
                     raise ActionError(f"{what}: unexpected status {problem}{excerpt}")
         except aiohttp.ClientSSLError as exc:
-            raise ActionError(f"{what}: TLS: {_redact(str(exc), secrets)}") from None
+            raise ActionError(f"{what}: TLS: {secrets.text(str(exc))}") from None
         except aiohttp.ClientConnectorError as exc:
             err = exc.os_error  # asyncio's strerror repeats the address; errno says why
             reason = (os.strerror(err.errno) if err.errno and err.errno > 0
@@ -143,7 +143,7 @@ async def send(session: aiohttp.ClientSession, req: HttpRequest, *,
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             problem, excerpt = f"connection failed: {str(exc) or type(exc).__name__}", ""
         except (aiohttp.ClientError, ValueError) as exc:  # invalid header, url...
-            raise ActionError(f"{what}: {_redact(str(exc), secrets)}") from None
+            raise ActionError(f"{what}: {secrets.text(str(exc))}") from None
         if attempt < attempts:
             await asyncio.sleep(min(backoff * 2 ** (attempt - 1), max_backoff))
     plural = "attempt" if attempts == 1 else "attempts"
@@ -251,16 +251,17 @@ def authorization(kind: str, name: Any, ctx: ActionContext) -> tuple[str, list[s
     """The Authorization header value for credentials ``name``, and the secrets it holds."""
     if not isinstance(name, str) or not name:
         raise ActionError(f"auth.credentials rendered to {name!r}, not a credentials name")
-    creds = ctx.credentials(name)
     if kind == "basic":
-        if creds.username is None or creds.password is None or ":" in creds.username:
+        username, password = ctx.secret(name, "username"), ctx.secret(name, "password")
+        if username is None or password is None or ":" in username:
             raise ActionError(f"credentials {name!r} need a username (without ':') and a "
                               "password for basic auth")
-        encoded = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-        return f"Basic {encoded}", [creds.password, encoded]
-    if creds.token is None:
+        encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
+        return f"Basic {encoded}", [password, encoded]
+    token = ctx.secret(name, "token")
+    if token is None:
         raise ActionError(f"credentials {name!r} have no token for bearer auth")
-    return f"Bearer {creds.token}", [creds.token]
+    return f"Bearer {token}", [token]
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:
@@ -317,7 +318,7 @@ def _decode(resp: aiohttp.ClientResponse, body: bytes) -> str:
 
 
 def _result(resp: aiohttp.ClientResponse, body: bytes, attempt: int, shown: str,
-            secrets: list[str]) -> dict[str, Any]:
+            secrets: Secrets) -> dict[str, Any]:
     parsed: Any = None
     text: str | None = None
     ctype = resp.content_type
@@ -334,18 +335,12 @@ def _result(resp: aiohttp.ClientResponse, body: bytes, attempt: int, shown: str,
         "headers": {h: resp.headers[h] for h in RESULT_HEADERS if h in resp.headers},
         "json": parsed, "text": text, "attempts": attempt,
     }
-    return _redact_tree(result, secrets) if secrets else result
-
-
-def _split(url: str) -> urllib.parse.SplitResult:
-    try:
-        return urllib.parse.urlsplit(url)
-    except ValueError:  # e.g. an unbalanced [ in the host: treat it all as a path
-        return urllib.parse.SplitResult("", "", url, "", "")
+    masked: dict[str, Any] = secrets.tree(result)
+    return masked
 
 
 def _dot_segments(raw: str) -> bool:
-    path = _split(raw).path
+    path = split_url(raw).path
     return any(urllib.parse.unquote(seg) in (".", "..") for seg in path.split("/"))
 
 
@@ -353,39 +348,3 @@ def _display(url: URL) -> str:
     if url.is_absolute():
         url = url.with_user(None)
     return str(url.with_query(None).with_fragment(None))
-
-
-def _secrets(values: Iterable[str]) -> list[str]:
-    """Longest first; a URL secret also hides its path and query values on their own."""
-    out: set[str] = set()
-    for value in values:
-        out.add(value)
-        if value.startswith(("http://", "https://")):
-            parts = _split(value)
-            out.add(parts.path)
-            out.update(v for _, v in urllib.parse.parse_qsl(parts.query))
-    return sorted((s for s in out if len(s) >= _MIN_SECRET), key=len, reverse=True)
-
-
-def _mask(secret: str) -> str:
-    parts = _split(secret)
-    if parts.scheme in ("http", "https") and parts.netloc:
-        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/***"
-    return "/***" if secret.startswith("/") else "***"
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, _mask(secret))
-    return text
-
-
-def _redact_tree(value: Any, secrets: list[str]) -> Any:
-    if isinstance(value, str):
-        return _redact(value, secrets)
-    if isinstance(value, dict):
-        return {k: _redact_tree(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_tree(v, secrets) for v in value]
-    return value

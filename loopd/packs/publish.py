@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from loopd.catalog.credentials import resolve_secret
+from loopd.catalog.secrets import Secrets
 from loopd.config import KafkaSinkConfig, KafkaSourceConfig, MqttSinkConfig, MqttSourceConfig
 from loopd.errors import ActionError, ConditionError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
@@ -61,6 +62,11 @@ class KafkaBus:
                     await producer.stop()
                     raise ActionError(f"kafka bus {self.name} ({self.bootstrap}): "
                                       f"cannot connect: {exc or type(exc).__name__}") from None
+                except asyncio.CancelledError:
+                    # the action's own timeout (or a cancelled run) interrupted the start:
+                    # never leave a half-started producer behind, then let the cancel through
+                    await asyncio.shield(producer.stop())
+                    raise
                 self._producer = producer
             return self._producer
 
@@ -115,6 +121,9 @@ class MqttBus:
             try:
                 await client.publish(topic, payload, qos=1, timeout=_TIMEOUT)
                 return
+            except ValueError as exc:  # paho refuses the topic (a wildcard, too long, empty)
+                raise ActionError(f"mqtt bus {self.name}: publish to {topic!r} refused: "
+                                  f"{exc}") from None
             except aiomqtt.MqttError as exc:
                 await self._drop()
                 if attempt == 2:
@@ -190,8 +199,15 @@ class PublishRunner:
         except ConditionError as exc:
             raise ActionError(f"template: {exc}") from None
         data = encode(payload)
-        await bus.publish(topic, data, key)
-        return {"bus": spec.bus, "topic": topic, "key": key, "bytes": len(data)}
+        # a secret input rendered into the topic or key must not show in the result or error
+        hidden = Secrets(input.get(k) for k, f in spec.input.items() if f.secret)
+        try:
+            await bus.publish(topic, data, key)
+        except ActionError as exc:
+            raise ActionError(hidden.text(str(exc))) from None
+        result: dict[str, Any] = hidden.tree(
+            {"bus": spec.bus, "topic": topic, "key": key, "bytes": len(data)})
+        return result
 
     async def close(self) -> None:
         for bus in self.buses.values():

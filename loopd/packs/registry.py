@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +24,16 @@ from pydantic import BaseModel, ValidationError
 from loopd import yamlfile
 from loopd.errors import PackError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
-from loopd.packs.manifest import ActionSpec, InputField, PackManifest, PythonAction
+from loopd.packs.manifest import (
+    ActionSpec,
+    HttpAction,
+    InputField,
+    PackManifest,
+    PublishAction,
+    PythonAction,
+    SshAction,
+)
+from loopd.rules.names import problems, templates
 
 
 @dataclass(slots=True)
@@ -54,6 +63,7 @@ class PackRegistry:
     packs: dict[str, Pack] = field(default_factory=dict)
     actions: dict[str, Action] = field(default_factory=dict)
     workflows: dict[str, Any] = field(default_factory=dict)
+    workflow_inputs: dict[str, dict[str, InputField]] = field(default_factory=dict)
     errors: list[PackError] = field(default_factory=list)
 
     def check_target(self, kind: str, target: str) -> str | None:
@@ -67,6 +77,23 @@ class PackRegistry:
             return f"unknown pack {pack!r} in {kind} {target!r} (packs: {known})"
         return f"pack {pack!r} has no {kind} {target.partition('.')[2]!r}"
 
+    def check_input(self, kind: str, target: str, values: dict[str, Any], *,
+                    partial: bool = False) -> list[str]:
+        """For rule and workflow validation: what is wrong with giving ``values`` (constants
+        or templates) to a known target; ``partial``: values may come later (with_items)."""
+        if kind == "workflow":
+            declared = self.workflow_inputs.get(target)
+            return [] if declared is None else _field_problems(target, declared, values,
+                                                              partial)
+        action = self.actions.get(target)
+        if action is None:
+            return []
+        out = _field_problems(target, action.spec.input, values, partial)
+        if action.input_model is not None:
+            out += [p for p in _model_problems(target, action.input_model, values, partial)
+                    if p not in out]
+        return out
+
     @classmethod
     def load(cls, paths: Iterable[Path], pack_config: dict[str, dict[str, Any]] | None = None
              ) -> PackRegistry:
@@ -78,10 +105,11 @@ class PackRegistry:
                 continue
             for folder in sorted(p for p in root.iterdir() if (p / "pack.yaml").is_file()):
                 try:
-                    pack = _load_pack(folder, pack_config)
+                    pack, action_problems = _load_pack(folder, pack_config)
                 except PackError as exc:
                     reg.errors.append(exc)
                     continue
+                reg.errors += action_problems
                 if pack.name in reg.packs:
                     reg.errors.append(PackError(
                         f"duplicate pack name {pack.name!r} (also in {reg.packs[pack.name].path})",
@@ -114,16 +142,117 @@ def validate_fields(fields: dict[str, InputField], values: dict[str, Any], what:
     return out
 
 
-def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]) -> Pack:
+def _is_template(value: Any) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
+def _field_problems(target: str, fields: dict[str, InputField], values: dict[str, Any],
+                    partial: bool) -> list[str]:
+    if not fields:
+        return []  # nothing declared: the target takes any input
+    out = []
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        out.append(f"{target} takes no input {', '.join(unknown)} "
+                   f"(it takes {', '.join(sorted(fields))})")
+    missing = [f for f, spec in fields.items()
+               if spec.required and spec.default is None and f not in values]
+    if missing and not partial:
+        out.append(f"{target} needs {', '.join(missing)}")
+    for name, value in values.items():
+        spec = fields.get(name)
+        if spec is not None and not _is_template(value):
+            problem = spec.check(name, value)
+            if problem:
+                out.append(f"{target} input {problem}")
+    return out
+
+
+def _model_problems(target: str, model: type[BaseModel], values: dict[str, Any],
+                    partial: bool) -> list[str]:
+    """The keys a python action's input model refuses or needs (values are templates)."""
+    names: set[str] = set()
+    missing = []
+    for name, info in model.model_fields.items():
+        keys = {name, *(k for k in (info.alias, info.validation_alias) if isinstance(k, str))}
+        names |= keys
+        if info.is_required() and not keys & set(values):
+            missing.append(name)
+    out = []
+    unknown = sorted(set(values) - names)
+    if unknown and model.model_config.get("extra") == "forbid":
+        out.append(f"{target} takes no input {', '.join(unknown)} "
+                   f"(it takes {', '.join(sorted(names))})")
+    if missing and not partial:
+        out.append(f"{target} needs {', '.join(missing)}")
+    return out
+
+
+# the names each runner's templates are rendered with (see packs/ssh.py, http.py, publish.py)
+_RUNNER_SCOPES = {"input": frozenset({"input"}),
+                  "command": frozenset({"input", "raw", "entity", "config"}),
+                  "other": frozenset({"input", "config"})}
+
+
+def _runner_templates(spec: ActionSpec) -> list[tuple[str, Any, frozenset[str]]]:
+    """(field, template, names its scope holds) of an action's runner settings."""
+    other = _RUNNER_SCOPES["other"]
+    if isinstance(spec, SshAction):
+        return [("host", spec.host, _RUNNER_SCOPES["input"]),
+                ("command", spec.command, _RUNNER_SCOPES["command"])]
+    if isinstance(spec, HttpAction):
+        out = [("method", spec.method, other), ("url", spec.url, other),
+               ("headers", spec.headers, other), ("query", spec.query, other),
+               ("json", spec.json_body, other), ("form", spec.form, other)]
+        if spec.auth is not None:
+            out.append(("auth.credentials", spec.auth.credentials, other))
+        return out
+    if isinstance(spec, PublishAction):
+        return [("topic", spec.topic, other), ("payload", spec.payload, other),
+                ("key", spec.key, other)]
+    return []
+
+
+def _template_problems(spec: ActionSpec, manifest: PackManifest) -> list[tuple[str, str]]:
+    """(field, problem) for an action's runner templates: syntax, unknown names, and
+    ``config.X`` when the pack declares no config field X."""
+    members: dict[str, Collection[str] | None] = {}
+    if manifest.config:
+        members["config"] = manifest.config
+    out: list[tuple[str, str]] = []
+    for fld, value, scope in _runner_templates(spec):
+        if value is None:
+            continue
+        try:
+            compile_template(value, scope)
+        except ValueError as exc:
+            out.append((fld, str(exc)))
+            continue
+        for where, text in templates(value, fld):
+            out.extend((where, p) for p in problems(text, scope, members=members))
+    return out
+
+
+def _action_lines(node: yaml.Node | None, path: Path) -> dict[str, str]:
+    """Action name -> ``pack.yaml:line`` of its key under ``actions:``."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    for key, value in node.value:
+        if key.value == "actions":
+            return yamlfile.key_lines(value, path)
+    return {}
+
+
+def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]
+               ) -> tuple[Pack, list[PackError]]:
+    """The pack and the problems of actions it keeps; PackError when it is unusable."""
     manifest_path = folder / "pack.yaml"
     try:
-        raw = yamlfile.load(manifest_path.read_text())
+        raw, node = yamlfile.compose(manifest_path.read_text())
         manifest = PackManifest.model_validate(raw)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{manifest_path}:{mark.line + 1}" if mark else str(manifest_path)
-        raise PackError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
-                        origin=where) from None
+        where, message = yamlfile.error_where(exc, manifest_path)
+        raise PackError(message, origin=where) from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
@@ -135,8 +264,13 @@ def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]) -> Pack:
         raise PackError(f"pack {manifest.name}: {exc}", origin=str(manifest_path)) from None
     pack = Pack(manifest, folder, config)
     module = None
+    lines = _action_lines(node, manifest_path)
+    found: list[PackError] = []
     for short, spec in manifest.actions.items():
         action = Action(f"{manifest.name}.{short}", pack, spec)
+        found += [PackError(f"actions.{short}.{fld}: {problem}",
+                            origin=lines.get(short, str(manifest_path)))
+                  for fld, problem in _template_problems(spec, manifest)]
         if spec.rollback is not None:
             try:
                 action.rollback_input = compile_template(spec.rollback.input, WORKFLOW_SCOPE)
@@ -158,7 +292,7 @@ def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]) -> Pack:
                                 f"{type(exc).__name__}: {exc}",
                                 origin=str(folder / "actions.py")) from None
         pack.actions[action.name] = action
-    return pack
+    return pack, found
 
 
 def _load_module(folder: Path, name: str) -> ModuleType:

@@ -57,6 +57,7 @@ from typing import Any
 import asyncssh
 import structlog
 
+from loopd.catalog.secrets import MASK, Secrets
 from loopd.errors import ActionError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
@@ -148,7 +149,14 @@ class SshRunner:
             finally:
                 if not finished:  # cancelled (action timeout) or lost: never leak the channel
                     _abandon(process)
-        return self._result(spec, target, shown, process, out, err)
+        # the remote side may echo a password or a secret input: never show it
+        hidden = Secrets([target.password, *(input[name] for name in secrets)])
+        try:
+            result = self._result(spec, target, shown, process, out, err)
+        except ActionError as exc:
+            raise ActionError(hidden.text(str(exc))) from None
+        masked: dict[str, Any] = hidden.tree(result)
+        return masked
 
     async def close(self) -> None:
         pooled, self._pool = list(self._pool.values()), {}
@@ -189,8 +197,8 @@ class SshRunner:
         """The command to run; with ``mask``, the one to show (those inputs as ``***``)."""
         quoted = {k: _quote(v) for k, v in input.items()}
         if mask:
-            input = {**input, **dict.fromkeys(mask, "***")}
-            quoted.update(dict.fromkeys(mask, "***"))
+            input = {**input, **dict.fromkeys(mask, MASK)}
+            quoted.update(dict.fromkeys(mask, MASK))
         scope = {"input": quoted, "raw": input, "entity": entity, "config": config}
         command = self._compiled("command", spec.command)(scope)
         if not isinstance(command, str) or not command.strip():
@@ -209,10 +217,10 @@ class SshRunner:
         target = _Target(host, address, port, None)
         cred_name = entity.get("credentials")
         if cred_name:
-            creds = ctx.credentials(str(cred_name))
-            target.credentials = str(cred_name)
+            name = target.credentials = str(cred_name)
             target.username, target.password, target.key_text = (
-                creds.username, creds.password, creds.key)
+                ctx.secret(name, "username"), ctx.secret(name, "password"),
+                ctx.secret(name, "key"))
         target.known_hosts = self._known_hosts(target, entity)
         return target
 

@@ -6,6 +6,7 @@ One bad rule never stops the others: each error is collected as a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,19 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from loopd import yamlfile
 from loopd.errors import RuleError
-from loopd.rules.compile import CompiledRule, compile_rule
+from loopd.policy import Escalate
+from loopd.rules.compile import CompiledRule, check_rule, escalate_problems
 from loopd.rules.model import Rule
-from loopd.yamlfile import Loader
 
 TargetCheck = Callable[[str, str], str | None]
 """(kind, target) -> None when known, else a message saying what is wrong."""
+InputCheck = Callable[[str, str, dict[str, Any]], list[str]]
+"""(kind, target, input) -> what is wrong with giving ``input`` to that known target."""
+
+OUTCOME_SOURCE = "loopd"
+"""The source of outcome events (loopd's own): always a valid ``on.source``."""
 
 
 @dataclass(slots=True)
@@ -28,6 +35,9 @@ class RuleSet:
     rules: list[CompiledRule] = field(default_factory=list)
     errors: list[RuleError] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    by_file: dict[Path, list[CompiledRule]] = field(default_factory=dict)
+    kept: list[Path] = field(default_factory=list)
+    """Files that could not be parsed this time, whose previously loaded rules stay."""
 
 
 def rule_files(paths: Iterable[Path]) -> list[Path]:
@@ -41,42 +51,140 @@ def rule_files(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def load_rules(paths: Iterable[Path], check_target: TargetCheck | None = None) -> RuleSet:
+@dataclass(slots=True, frozen=True)
+class _Checks:
+    target: TargetCheck | None
+    input: InputCheck | None
+    sources: frozenset[str] | None
+
+
+def load_rules(paths: Iterable[Path], check_target: TargetCheck | None = None, *,
+               check_input: InputCheck | None = None, sources: Iterable[str] | None = None,
+               previous: RuleSet | None = None) -> RuleSet:
+    """Load, check and compile every rule of the files under ``paths``.
+
+    ``check_target``/``check_input`` check what a rule runs (and its escalation) against
+    the packs; ``sources``, when given, are the configured source names ``on.source``
+    may name (besides ``loopd``). With ``previous`` (a reload), a file that cannot be
+    read or parsed as a whole keeps the rules ``previous`` loaded from it; it is
+    listed in ``kept`` and its error reported.
+    """
+    checks = _Checks(check_target, check_input,
+                     None if sources is None else frozenset(sources) | {OUTCOME_SOURCE})
     result = RuleSet()
     seen: dict[str, str] = {}
     for path in rule_files(paths):
         result.files.append(path)
-        for origin, raw, lines in _read(path, result.errors):
-            name = raw.get("name") if isinstance(raw.get("name"), str) else None
-            try:
-                rule = Rule.model_validate(raw)
-            except ValidationError as exc:
-                for err in exc.errors():
-                    loc = [str(p) for p in err["loc"]]
-                    fld = ".".join(p.rstrip("_") for p in loc) or None
-                    line = lines.get(loc[0].rstrip("_"), origin) if loc else origin
-                    result.errors.append(RuleError(_msg(err), origin=line, rule=name, field=fld))
+        found: list[CompiledRule] = []
+        read = _read(path, result.errors)
+        if read is None:
+            if previous is None or path not in previous.by_file:
                 continue
-            if rule.name in seen:
-                result.errors.append(RuleError(
-                    f"duplicate rule name (first defined at {seen[rule.name]})",
-                    origin=origin, rule=rule.name, field="name"))
-                continue
-            seen[rule.name] = origin
-            if check_target is not None:
-                problem = check_target(rule.run.kind, rule.run.target)
-                if problem:
+            result.kept.append(path)
+            for rule in previous.by_file[path]:
+                gone = checks.target(rule.kind, rule.target) if checks.target else None
+                if gone:  # the packs changed under the kept rule
                     result.errors.append(RuleError(
-                        problem, origin=lines.get("run", origin), rule=rule.name,
-                        field=f"run.{rule.run.kind}"))
+                        f"{gone}; the previously loaded rule is dropped",
+                        origin=rule.origin, rule=rule.name, field=f"run.{rule.kind}"))
                     continue
-            try:
-                result.rules.append(compile_rule(rule, origin))
-            except RuleError as exc:
-                line = lines.get((exc.field or "").split(".")[0], origin)
-                result.errors.append(RuleError(exc.message, origin=line, rule=rule.name,
-                                               field=exc.field))
+                if rule.name in seen:
+                    result.errors.append(RuleError(
+                        f"duplicate rule name (first defined at {seen[rule.name]}); the "
+                        "previously loaded rule is dropped", origin=rule.origin,
+                        rule=rule.name, field="name"))
+                    continue
+                seen[rule.name] = rule.origin
+                found.append(rule)
+        for origin, raw, lines in read or ():
+            compiled = _load_one(origin, raw, lines, checks, seen, result.errors)
+            if compiled is not None:
+                found.append(compiled)
+        result.by_file[path] = found
+        result.rules.extend(found)
     return result
+
+
+def _load_one(origin: str, raw: dict[str, Any], lines: dict[str, str], checks: _Checks,
+              seen: dict[str, str], errors: list[RuleError]) -> CompiledRule | None:
+    """One rule compiled, or None with every problem it has added to ``errors``."""
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    try:
+        rule = Rule.model_validate(raw)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            fld = ".".join(p.rstrip("_") for p in loc) or None
+            line = lines.get(loc[0].rstrip("_"), origin) if loc else origin
+            errors.append(RuleError(_msg(err), origin=line, rule=name, field=fld))
+        return None
+    if rule.name in seen:
+        errors.append(RuleError(
+            f"duplicate rule name (first defined at {seen[rule.name]})",
+            origin=origin, rule=rule.name, field="name"))
+        return None
+    seen[rule.name] = origin
+    problems: list[RuleError] = []
+
+    def fail(message: str, fld: str) -> None:
+        problems.append(RuleError(message, rule=rule.name, field=fld))
+
+    source = rule.on.source
+    if checks.sources is not None and source is not None and source not in checks.sources:
+        known = ", ".join(sorted(checks.sources))
+        fail(f"unknown source {source!r} (configured: {known})", "on.source")
+    for fld, message in target_problems(rule.run.kind, rule.run.target, rule.run.input,
+                                        checks.target, checks.input):
+        fail(message, f"run.{fld}")
+    escalate = rule.guards.escalate
+    if escalate is not None:
+        kind = "workflow" if escalate.workflow else "action"
+        for fld, message in target_problems(kind, escalate.workflow or escalate.action or "",
+                                            escalate.input, checks.target, checks.input):
+            fail(message, f"guards.escalate.{fld}")
+    compiled, compile_errors = check_rule(rule, origin)
+    problems.extend(compile_errors)
+    located = []
+    for problem in problems:
+        top = (problem.field or "").split(".")[0].split("[")[0]
+        located.append(RuleError(problem.message, origin=lines.get(top, origin),
+                                 rule=rule.name, field=problem.field))
+    # in the order of the file: ``origin`` ends in the line number
+    errors.extend(sorted(located, key=lambda e: int((e.origin or ":0").rpartition(":")[2])))
+    return compiled if not problems else None
+
+
+def global_escalation_problems(escalate: Escalate | None, config_file: Path | None,
+                               check_target: TargetCheck | None,
+                               check_input: InputCheck | None) -> list[RuleError]:
+    """The problems of loopd.yaml's ``guards.escalate`` (target, input, templates)."""
+    if escalate is None:
+        return []
+    origin = str(config_file) if config_file is not None else "loopd.yaml"
+    if config_file is not None:
+        # the file was read a moment ago; should it fail now, the message still names it
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            origin = yamlfile.key_lines(yamlfile.compose(config_file.read_text())[1],
+                                        config_file).get("guards", origin)
+    kind = "workflow" if escalate.workflow else "action"
+    found = target_problems(kind, escalate.workflow or escalate.action or "", escalate.input,
+                            check_target, check_input)
+    found += escalate_problems(escalate)
+    return [RuleError(message, origin=origin, field=f"guards.escalate.{fld}")
+            for fld, message in found]
+
+
+def target_problems(kind: str, target: str, input: dict[str, Any],
+                    check_target: TargetCheck | None, check_input: InputCheck | None
+                    ) -> list[tuple[str, str]]:
+    """(field, problem) for running ``target`` with ``input``: unknown, or input it refuses."""
+    if check_target is not None:
+        problem = check_target(kind, target)
+        if problem:
+            return [(kind, problem)]
+    if check_input is None:
+        return []
+    return [("input", p) for p in check_input(kind, target, input)]
 
 
 def _msg(err: Any) -> str:
@@ -86,32 +194,25 @@ def _msg(err: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _read(path: Path, errors: list[RuleError]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
-    """Yield (origin, raw rule, field -> file:line) for each rule in one file."""
+def _read(path: Path, errors: list[RuleError]
+          ) -> list[tuple[str, dict[str, Any], dict[str, str]]] | None:
+    """(origin, raw rule, field -> file:line) for each rule in one file; None when the file
+    cannot be read or parsed as a whole (its error is in ``errors``)."""
     try:
-        text = path.read_text()
+        data, node = yamlfile.compose(path.read_text())
     except OSError as exc:
         errors.append(RuleError(f"cannot read: {exc.strerror}", origin=str(path)))
-        return []
-    try:
-        loader = Loader(text)
-        try:
-            node = loader.get_single_node()
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
+        return None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        errors.append(RuleError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
-                                origin=where))
-        return []
+        where, message = yamlfile.error_where(exc, path)
+        errors.append(RuleError(message, origin=where))
+        return None
     if data is None or node is None:
         return []
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
         errors.append(RuleError("a rule file is a mapping with a 'rules:' list",
                                 origin=f"{path}:1"))
-        return []
+        return None
     unknown = set(data) - {"rules"}
     if unknown:
         errors.append(RuleError(f"unknown top-level field(s): {', '.join(sorted(unknown))}",

@@ -1,17 +1,18 @@
-"""The dispatcher: runs created by the engine, executed under a concurrency cap.
+"""The dispatcher: runs the engine decided, executed under a concurrency cap.
 
-Each run executes in its own task inside the dispatcher's TaskGroup; the
-engine's writer hands runs over only after they are durable. On start the
-dispatcher resumes what the store says was in flight: a pending run starts; a
-run that was executing an action when loopd died is retried when that action
-is idempotent and otherwise ends ``interrupted``, so no run stays ``running``
-forever and no non-idempotent action runs twice.
+It reads run commands from its queue (loopd.messages): ``StartRun`` executes a run in
+its own task inside the dispatcher's TaskGroup (the engine sends it only once the run
+is durable, so a cancel decided later always arrives after its start); ``CancelRun``
+stops one. When a run ends, its final state is stored and ``RunEnded`` goes into the
+engine's inbox. On start the dispatcher resumes what the store says was in flight: a
+pending run starts; a run that was executing an action when loopd died is retried when
+that action is idempotent and otherwise ends ``interrupted``, so no run stays
+``running`` forever and no non-idempotent action runs twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
@@ -19,13 +20,16 @@ import structlog
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.clock import Clock, WallClock
+from loopd.messages import CancelRun, Outbox, RunCommand, RunEnded, StartRun
 from loopd.packs.executor import ActionContext, Executor
 from loopd.runs import states
+from loopd.runs.approvals import Approvals
+from loopd.runs.slots import Slots
 from loopd.store.base import RunRecord, StepRecord, Store
 
 log = structlog.get_logger("loopd.dispatcher")
 
-FinishIncident = Callable[[RunRecord], Awaitable[None]]  # the engine's run_finished
+API_CANCEL = "cancelled through the API"
 
 
 class WorkflowExecutor(Protocol):
@@ -36,15 +40,19 @@ class WorkflowExecutor(Protocol):
     def outcome(self, run: RunRecord, status: str) -> str: ...
 
 
-RunFinished = Callable[[RunRecord], Awaitable[None]]
+class Announcer(Protocol):
+    """Tells the world outside loopd that a run ended (e.g. its outcome event on a bus)."""
+
+    async def announce(self, run: RunRecord) -> None: ...
 
 
 class Dispatcher:
     def __init__(
         self, store: Store, executor: Executor, *, inventory: Inventory,
-        finish_incident: FinishIncident, workflows: WorkflowExecutor | None = None,
-        dry_run: bool = False, on_finished: RunFinished | None = None,
-        clock: Clock | None = None, max_starting: int = 256,
+        commands: asyncio.Queue[RunCommand] | None = None,
+        ended: Outbox[RunEnded] | None = None, workflows: WorkflowExecutor | None = None,
+        dry_run: bool = False, clock: Clock | None = None, slots: Slots | None = None,
+        approvals: Approvals | None = None, announcer: Announcer | None = None,
     ) -> None:
         self.store = store
         self.clock: Clock = clock or WallClock()
@@ -52,84 +60,72 @@ class Dispatcher:
         self.inventory = inventory
         self.workflows = workflows
         self.dry_run = dry_run
-        self._finish_incident = finish_incident
-        self.on_finished = on_finished
-        self._inbox: asyncio.Queue[tuple[RunRecord, bool]] = asyncio.Queue()
+        self.commands: asyncio.Queue[RunCommand] = commands if commands is not None \
+            else asyncio.Queue()
+        self._ended = ended
+        self._announcer = announcer
+        # Runs starting at once (until they act and settle into a wait): shared with the
+        # task kinds, which give a slot back while a run waits.
+        self._slots = slots if slots is not None else Slots()
+        self.approvals = approvals if approvals is not None else Approvals()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        # runs handed over that have not started acting (pending, awaiting approval)
-        self._unstarted: dict[str, str | None] = {}  # run id -> why it was cancelled
-        self._stopping: dict[str, str] = {}  # acting runs cancelled by loopd -> why
-        self._gates: dict[str, asyncio.Future[tuple[bool, str | None]]] = {}
-        # Runs starting at once (until they act and settle into a wait): a burst of
-        # 10,000 triggers starts them 256 at a time instead of all together.
-        self._starting = asyncio.Semaphore(max_starting)
-        self._holding: set[str] = set()
+        # The one ledger of cancellation: runs handed over that have not acted yet
+        # (pending, awaiting approval), and runs asked to stop -> why.
+        self._unstarted: set[str] = set()
+        self._stopping: dict[str, str] = {}
+        self._entered: set[str] = set()  # tasks whose body runs (a cancel reaches it)
         self._ending: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.shutting_down = False
 
-    def submit(self, runs: list[RunRecord]) -> None:
-        """Called by the engine once the runs are durable; never blocks."""
-        for run in runs:
-            self._idle.clear()
-            self._unstarted[run.id] = None
-            self._inbox.put_nowait((run, False))
-
-    def cancel_unstarted(self, run_id: str, reason: str) -> bool:
-        """Cancel a run that has not acted yet (resolved alert, restart mode)."""
-        if run_id not in self._unstarted:
-            return False
-        self._unstarted[run_id] = reason
+    def cancel(self, run_id: str, reason: str, *, acting_too: bool = False) -> bool:
+        """Stop a run this dispatcher has; unless ``acting_too``, only one that has not
+        acted yet (resolved alert). False when it has no such run."""
         task = self._tasks.get(run_id)
-        if task is not None:
+        if task is None or run_id in self._ending or (
+                not acting_too and run_id not in self._unstarted):
+            return False
+        self._stopping.setdefault(run_id, reason)
+        if run_id in self._entered:
             task.cancel()
+        # else its body has not run yet: it sees ``_stopping`` first thing and ends there
         return True
-
-    def cancel_run(self, run_id: str, reason: str) -> bool:
-        """Cancel a run whether or not it has acted (run_mode restart); False when this
-        dispatcher does not have it."""
-        if self.cancel_unstarted(run_id, reason):
-            return True
-        task = self._tasks.get(run_id)
-        if task is None:
-            return False
-        self._stopping[run_id] = reason
-        task.cancel()
-        return True
-
-    def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
-        """Approve or reject a run waiting for approval before acting (rule ``mode:
-        approval``); None when done, else why not."""
-        gate = self._gates.get(run_id)
-        if gate is None or gate.done():
-            return f"run {run_id} is not awaiting approval"
-        gate.set_result((approved, reason))
-        return None
 
     async def resume(self, stored: list[RunRecord] | None = None) -> int:
         """Re-dispatch what was in flight when loopd stopped; returns how many."""
         # sub-workflow runs ("parent/task") are resumed by their parent
+        # only the runs this replica claimed: two processes on one store never both run one
+        mine = await self.store.claim_runs(states.ACTIVE)
         if stored is None:
             stored = await self.store.runs_in_status(states.ACTIVE)
-        runs = [r for r in stored if r.status in states.ACTIVE and "/" not in r.id]
+        runs = [r for r in stored if r.status in states.ACTIVE and "/" not in r.id
+                and r.id in mine]
         for run in runs:
             self._idle.clear()
-            if run.status in (states.PENDING, states.AWAITING_APPROVAL) and not run.started:
-                self._unstarted[run.id] = None
-            self._inbox.put_nowait((run, True))
+            self.commands.put_nowait(StartRun(run, resumed=True))
         if runs:
             log.info("resuming runs", count=len(runs))
         return len(runs)
 
     async def run(self) -> None:
+        commands = self.commands
         async with asyncio.TaskGroup() as group:
             try:
                 while True:
-                    run, resumed = await self._inbox.get()
-                    task = group.create_task(self._execute(run, resumed),
-                                             name=f"run-{run.id}")
-                    self._tasks[run.id] = task
+                    command = await commands.get()
+                    if isinstance(command, CancelRun):
+                        self.cancel(command.run_id, command.reason,
+                                    acting_too=command.acting_too)
+                        self._idle_if_done()
+                        continue
+                    run = command.run
+                    self._idle.clear()
+                    if run.status in (states.PENDING, states.AWAITING_APPROVAL) \
+                            and not run.started:
+                        self._unstarted.add(run.id)
+                    self._tasks[run.id] = group.create_task(
+                        self._execute(run, command.resumed), name=f"run-{run.id}")
             except asyncio.CancelledError:
                 # Whoever stops the dispatcher (shutdown, or the daemon's task group
                 # failing) stops it: runs in flight stay as stored and resume next start.
@@ -138,41 +134,28 @@ class Dispatcher:
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until no run is queued or executing (tests, simulation, shutdown)."""
+        self._idle_if_done()
         await asyncio.wait_for(self._idle.wait(), timeout)
 
     def active(self) -> int:
         return len(self._tasks)
 
-    async def cancel(self, run_id: str) -> bool:
-        task = self._tasks.get(run_id)
-        if task is None:
-            return False
-        task.cancel()
-        return True
-
-    async def active_again(self, run_id: str) -> None:
-        """A waiting run woke up (evidence, approval): it counts as starting again, so
-        10,000 confirmations arriving together resume their runs a few hundred at a time."""
-        if run_id not in self._holding:
-            await self._starting.acquire()
-            self._holding.add(run_id)
-
-    def settled(self, run_id: str) -> None:
-        """The run waits now (confirm, approval): it no longer counts as starting."""
-        if run_id in self._holding:
-            self._holding.discard(run_id)
-            self._starting.release()
+    def _idle_if_done(self) -> None:
+        if not self._tasks and not self._ending and self.commands.empty():
+            self._idle.set()
 
     async def _execute(self, run: RunRecord, resumed: bool) -> None:
+        self._entered.add(run.id)
         try:
-            await self._starting.acquire()
-            self._holding.add(run.id)
-            if self._unstarted.get(run.id):
-                raise asyncio.CancelledError  # cancelled while still in the inbox
+            if run.id in self._stopping:
+                raise asyncio.CancelledError  # cancelled before it was ever scheduled
+            await self._slots.take(run.id)
+            if run.id in self._stopping:
+                raise asyncio.CancelledError  # cancelled while waiting for a slot
             gated = run.status == states.AWAITING_APPROVAL and not run.started
             if gated and not await self._gate(run):
                 return
-            self._unstarted.pop(run.id, None)
+            self._unstarted.discard(run.id)
             if run.kind == "workflow" and self.workflows is not None:
                 metrics.run_started(run.target, run.id)
                 status, reason = await self.workflows.execute(run, resumed=resumed)
@@ -184,11 +167,10 @@ class Dispatcher:
             if self.shutting_down or run.id in self._ending:
                 raise  # left as it is in the store; resumed at next start
             unstarted = run.id in self._unstarted  # never counted as running
-            why = self._unstarted.pop(run.id, None) or self._stopping.pop(run.id, None)
+            why = self._stopping.pop(run.id, None)
             if self.workflows is not None and run.kind == "workflow" and run.progress:
                 run.outcome = self.workflows.outcome(run, states.CANCELLED)
-            await self._end(run, states.CANCELLED, why or "cancelled through the API",
-                            started=not unstarted)
+            await self._end(run, states.CANCELLED, why or API_CANCEL, started=not unstarted)
         except Exception as exc:  # task boundary: a loopd bug ends this run, not the daemon
             log.exception("run crashed", run=run.id)
             if run.id not in self._ending:
@@ -198,32 +180,32 @@ class Dispatcher:
                     log.exception("could not record the crashed run", run=run.id)
         finally:
             self._ending.discard(run.id)
-            self.settled(run.id)
+            self._slots.give_back(run.id)
             self._tasks.pop(run.id, None)
-            self._unstarted.pop(run.id, None)
+            self._unstarted.discard(run.id)
             self._stopping.pop(run.id, None)
-            if not self._tasks and self._inbox.empty():
-                self._idle.set()
+            self._entered.discard(run.id)
+            self._idle_if_done()
 
     async def _gate(self, run: RunRecord) -> bool:
-        """Wait for approval before acting; False when the run ended here."""
-        self.settled(run.id)  # waiting for a human holds no starting slot
+        """Rule ``mode: approval``: wait for a human before acting, through the same
+        approvals as an ``approval:`` task; False when the run ended here."""
+        self._slots.give_back(run.id)  # waiting for a human holds no starting slot
         deadline = float((run.progress or {}).get("gate", {}).get("deadline",
                                                                    self.clock.now()))
-        gate = self._gates[run.id] = asyncio.get_running_loop().create_future()
-        try:
-            if not await self.clock.wait(gate, deadline):
-                await self._end(run, states.EXPIRED, "approval expired before anyone decided")
-                return False
-            approved, reason = gate.result()
-        finally:
-            self._gates.pop(run.id, None)
-        if not approved:
+        decided = await self.approvals.wait(run.id, deadline, self.clock)
+        if decided is None:
+            await self._end(run, states.EXPIRED, "approval expired before anyone decided")
+            return False
+        if not decided.approved:
+            reason = decided.reason
             await self._end(run, states.REJECTED, f"rejected{': ' + reason if reason else ''}")
             return False
+        await self._slots.take(run.id)
         states.move(run, states.PENDING)
         run.progress = {k: v for k, v in (run.progress or {}).items() if k != "gate"} or None
-        run.ctx = {**(run.ctx or {}), "approved": {"reason": reason, "at": self.clock.now()}}
+        run.ctx = {**(run.ctx or {}), "approved": {"reason": decided.reason,
+                                                   "at": self.clock.now()}}
         await self.store.save_run(run)
         return True
 
@@ -270,7 +252,11 @@ class Dispatcher:
             metrics.run_finished(run.target, run.id, status, now - (run.started or now), reason)
         fixed_in = now - run.created if run.outcome == states.FIXED else None
         metrics.outcome(run.target, run.rule, run.outcome, fixed_in)
-        if run.incident_id or run.rule:
-            await self._finish_incident(run)
-        if self.on_finished is not None:
-            await self.on_finished(run)
+        if self._ended is not None:  # stored final: the engine takes it from here
+            recorded = asyncio.get_running_loop().create_future()
+            self._ended.put_nowait(RunEnded(run, recorded))
+            # the run counts as active until its end is recorded (incident closed, queued
+            # run started): draining the dispatcher means the loop really went quiet
+            await recorded
+        if self._announcer is not None:
+            await self._announcer.announce(run)

@@ -30,28 +30,20 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, cast
 
 import aiosqlite
 
-from loopd.catalog.inventory import Inventory
 from loopd.clock import VirtualClock
 from loopd.config import LoopdConfig
-from loopd.daemon import load_packs_and_rules, outcome_event
-from loopd.decide.engine import Engine, _Pending
-from loopd.decide.guards import Guards
 from loopd.events import Event
-from loopd.packs.executor import Executor
-from loopd.runs import states
-from loopd.runs.dispatcher import Dispatcher
-from loopd.runs.runner import WorkflowRunner
-from loopd.runs.tasks import TaskKinds
-from loopd.simulate.input import CSV_SOURCE, EventFile, event_time, read_events
+from loopd.messages import StartRun
+from loopd.simulate.input import CSV_SOURCE, EventFile, read_events
 from loopd.simulate.report import Meter, Report, Tally
-from loopd.store.base import Batch, RunRecord
+from loopd.store.base import Batch
 from loopd.store.sqlite import SqliteStore
+from loopd.wiring import build
 
 END_HORIZON = 7 * 86400.0
 COMMIT_EVERY = 5000   # decisions per store transaction when no run forces a commit
@@ -63,6 +55,10 @@ class _Cursor:
 
     def __init__(self, cursor: sqlite3.Cursor) -> None:
         self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
 
     async def fetchall(self) -> list[Any]:
         return self._cursor.fetchall()
@@ -133,15 +129,18 @@ class _ReplayStore(SqliteStore):
     async def _submit(self, op: Batch | tuple[str, tuple[Any, ...]]) -> None:
         self.calls += 1
         self._buffer.append(op)
+        return None
 
     async def flush(self) -> None:
         """Write what is buffered, in order, in one transaction."""
         if not self._buffer:
             return
         ops, self._buffer = self._buffer, []
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._write_all([(op, done) for op in ops])
-        done.result()  # raises the StoreError of a failed write
+        loop = asyncio.get_running_loop()
+        group: list[tuple[Any, asyncio.Future[Any]]] = [(op, loop.create_future()) for op in ops]
+        await self._write_group(group)
+        for _, done in group:
+            done.result()  # raises the StoreError of a failed write
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         self.calls += 1
@@ -149,57 +148,27 @@ class _ReplayStore(SqliteStore):
         return await super()._all(sql, params)
 
 
-class _ReplayEngine(Engine):
-    """The engine on event time. Between events (a run ending at its confirmation
-    deadline, say) its clock is the replay's VirtualClock: the instant the run ended,
-    not the time of the latest event decided, so breakers and flapping windows count
-    from when it really happened."""
-
-    def __init__(self, *args: Any, virtual: VirtualClock, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._virtual = virtual
-
-    def now(self) -> float:
-        return self._virtual.now()
-
-
 class Simulation:
-    """The engine and workflow half of loopd, wired as loopd.daemon wires them, on a
-    VirtualClock and an in-memory store; ``replay`` feeds it events and returns the
-    report. Use ``async with``; ``store`` stays open until the block ends."""
+    """loopd as loopd.wiring builds it for ``loopd simulate``: the engine on event time,
+    the workflows on the same VirtualClock, actions in dry run, an in-memory store;
+    ``replay`` feeds it events and returns the report. Use ``async with``; ``store`` stays
+    open until the block ends. It drives the engine one event at a time through the
+    engine's public ``decide_now``/``take_inbox``/``commit``."""
 
     def __init__(self, config: LoopdConfig, *, csv_source: str = CSV_SOURCE,
                  first_runs: int = 10) -> None:
         self.config = config
         self.clock = VirtualClock()
         self.store = _ReplayStore()
-        inventory = Inventory.load(config.inventory)
-        self.registry, self.ruleset = load_packs_and_rules(config)
-        registry = self.registry
-        executor = Executor(registry, {})  # dry run: no runner is ever asked to act
-        self.engine = _ReplayEngine(
-            self.store, self.ruleset, virtual=self.clock, inventory=inventory, clock=event_time,
-            guards=Guards(config.guards, inventory), dedup_window=config.engine.dedup_window,
-            telemetry_sources=frozenset(
-                [c.name for c in config.sources if c.telemetry] + [csv_source]))
-        self.kinds = TaskKinds(self.store, executor, services={"store": self.store},
-                               dry_run=True, clock=self.clock)
-        self.workflows = WorkflowRunner(self.store, lambda: registry, self.kinds,
-                                        inventory=inventory, telemetry=self.engine.telemetry)
-        self.engine.on_event = self.kinds.hub.offer
-        self.dispatcher = Dispatcher(
-            self.store, executor, inventory=inventory, finish_incident=self.engine.run_finished,
-            workflows=self.workflows, dry_run=True, on_finished=self._finished, clock=self.clock,
-            max_starting=1 << 30)  # the replay waits for quiescence itself
-        self.engine.on_runs = self._dispatch
-        self.engine.incidents.cancel_run = self._cancel_unstarted
-        self.engine.incidents.restart_run = self._cancel_run
+        parts = build(config, store=self.store, clock=self.clock, event_time=True,
+                      simulated=True, telemetry_sources=(csv_source,))
+        self.registry, self.ruleset = parts.registry, parts.ruleset
+        self.engine = parts.engine
+        self.kinds = parts.runs.kinds
+        self.workflows = parts.runs.workflows
+        self.dispatcher = parts.runs.dispatcher
         self.tally = Tally(first_runs)
-        self._pending = _Pending(Batch(), [])
-        self._feedback: deque[Event] = deque()
         self._active: set[str] = set()
-        self._ending = False
-        self._cancels = 0
         self._dispatcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Simulation:
@@ -216,47 +185,12 @@ class Simulation:
                 await self._dispatcher
         await self.store.close()
 
-    # -- wiring ------------------------------------------------------------------------
-
-    def _dispatch(self, runs: list[RunRecord]) -> None:
-        for run in runs:
-            self._active.add(run.id)
-            self.tally.run_created(run)
-        self.dispatcher.submit(runs)
-
-    def _cancel_unstarted(self, run_id: str, reason: str) -> bool:
-        """The engine cancels a run that has not acted (its alert resolved): the replay
-        lets that run end before the next event."""
-        cancelled = self.dispatcher.cancel_unstarted(run_id, reason)
-        self._cancels += cancelled
-        return cancelled
-
-    def _cancel_run(self, run_id: str, reason: str) -> bool:
-        """The engine cancels a run acting or not (run_mode restart), likewise."""
-        cancelled = self.dispatcher.cancel_run(run_id, reason)
-        self._cancels += cancelled
-        return cancelled
-
-    async def _finished(self, run: RunRecord) -> None:
-        """Count the run; its outcome event goes back to the rules, as in the daemon."""
-        now = self.clock.now()  # the dispatcher runs on the virtual clock too
-        if self._ending and run.status == states.CANCELLED:
-            run.reason = (f"still running {END_HORIZON / 86400:g} days after the last event: "
-                          "the simulation ended it")
-            await self.store.save_run(run)
-        self._active.discard(run.id)
-        self.tally.run_finished(run)
-        outcome = outcome_event(run, self.config.outcomes.topic)
-        outcome.time = now
-        self._feedback.append(outcome)
-
     # -- driving -----------------------------------------------------------------------
 
     async def replay(self, events: Iterable[Event],
                      progress: Callable[[int], None] | None = None) -> Report:
         began = time.perf_counter()
-        clock, tally, hub = self.clock, self.tally, self.kinds.hub
-        decide = self.engine._decide  # the engine's synchronous hot path, one event at a time
+        clock, tally, hub, engine = self.clock, self.tally, self.kinds.hub, self.engine
         read = 0
         for event in events:
             read += 1
@@ -269,13 +203,12 @@ class Simulation:
                 clock.advance(when, inclusive=False)  # timers due at `when` fire after it
             elif when < clock.now():
                 tally.out_of_order += 1
-            mark = hub.satisfied + self._cancels
-            decide(event, self._pending)
-            # runs to start, evidence for a waiting run, or a run cancelled: let them act
-            if self._pending.runs or hub.satisfied + self._cancels != mark:
+            mark = hub.satisfied
+            # runs to start or cancel, or evidence for a waiting run: let them act
+            if engine.decide_now(event) or hub.satisfied != mark:
                 await self._commit()
                 await self._settle()
-            elif len(self._pending.batch.decisions) >= COMMIT_EVERY:
+            elif engine.open_decisions() >= COMMIT_EVERY:
                 await self._commit()
             if progress is not None and not read & 1023:
                 progress(read)
@@ -296,28 +229,28 @@ class Simulation:
             await self._settle()
 
     async def _commit(self) -> None:
-        pending = self._pending
-        self._pending = _Pending(Batch(), [])
-        if pending.batch:
-            await self.store.commit(pending.batch)
-        self.tally.decisions(pending.batch.decisions)
-        if pending.runs:
-            self._dispatch(pending.runs)
+        committed = await self.engine.commit()
+        self.tally.decisions(committed.decisions)
+        for command in committed.commands:
+            if isinstance(command, StartRun):
+                self._active.add(command.run.id)
+                self.tally.run_created(command.run)
 
     async def _settle(self) -> None:
         """Return once every run is finished or waits for the clock or an event, and the
-        outcome events of the runs that finished are decided."""
-        hub = self.kinds.hub
+        ends of the runs that finished (their outcome events too) are decided."""
+        hub, engine = self.kinds.hub, self.engine
         while True:
             await self._quiesce()
-            if not self._feedback:
+            mark = hub.satisfied
+            ended = engine.take_inbox()  # outcome events may start runs or be evidence too
+            if not ended:
                 return
-            mark = hub.satisfied + self._cancels
-            while self._feedback:  # outcome events may start runs or be evidence too
-                event = self._feedback.popleft()
+            for message in ended:
+                self._active.discard(message.run.id)
+                self.tally.run_finished(message.run)
                 self.tally.fed_back += 1
-                self.engine._decide(event, self._pending)
-            if not self._pending.runs and hub.satisfied + self._cancels == mark:
+            if not engine.open_commands() and hub.satisfied == mark:
                 return
             await self._commit()
 
@@ -334,13 +267,16 @@ class Simulation:
     async def _end(self, horizon: float) -> None:
         """Runs still active at the horizon are cancelled: the simulation ended them."""
         if not self._active:
+            await self._commit()  # the ends of the last runs (incidents closed)
             return
         self.clock.advance(horizon)
-        self._ending = True
+        why = (f"still running {END_HORIZON / 86400:g} days after the last event: "
+               "the simulation ended it")
         for run_id in sorted(self._active):
-            if await self.dispatcher.cancel(run_id):
+            if self.dispatcher.cancel(run_id, why, acting_too=True):
                 self.tally.ended_by_simulation += 1
         await self._settle()
+        await self._commit()
 
 
 async def run_simulation(config: LoopdConfig, files: list[EventFile], *,

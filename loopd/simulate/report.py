@@ -81,8 +81,8 @@ class Tally:
 
     def __post_init__(self) -> None:
         # the engine counts these in loopd's metrics; the report shows what this replay added
-        self._duplicates = _samples(metrics.EVENTS_DUPLICATE)
-        self._rule_errors = _samples(metrics.RULE_ERRORS)
+        self._duplicates = _samples(metrics.current().events_duplicate)
+        self._rule_errors = _samples(metrics.current().rule_errors)
 
     def event(self, event: Event) -> None:
         self.sources[event.source] += 1
@@ -128,12 +128,12 @@ class Tally:
             rules[rule]["decisions"][outcome] = n
         for (rule, guard), n in sorted(self.suppressed.items()):
             rules[rule]["suppressions"][guard] = n
-        for labels, value in _samples(metrics.RULE_ERRORS).items():
+        for labels, value in _samples(metrics.current().rule_errors).items():
             added = int(value - self._rule_errors.get(labels, 0.0))
             if added and labels[0] in rules:
                 rules[labels[0]]["errors"] = added
         duplicates = sum(int(v - self._duplicates.get(k, 0.0))
-                         for k, v in _samples(metrics.EVENTS_DUPLICATE).items())
+                         for k, v in _samples(metrics.current().events_duplicate).items())
         by_guard: Counter[str] = Counter()
         for (_, guard), n in self.suppressed.items():
             by_guard[guard] += n

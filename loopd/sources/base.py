@@ -1,24 +1,46 @@
 """The Source protocol and the supervisor that keeps every source alive.
 
-Contract (every implementation passes ``tests/integration/source_contract.py``):
+Contract (every implementation passes ``tests/integration/test_source_contract.py``,
+run under the ``Supervisor`` below):
 
 * ``run(emit)`` connects, then reads messages and awaits ``emit(delivery)``
-  for each one, in order. ``emit`` blocks while the engine's queue is full:
-  that is the backpressure, a source must not buffer around it.
+  for each one, in order. A delivery is ``Delivery(event, ack)`` with a
+  normalized ``loopd.events.Event``: a non-empty ``id`` (from the message or
+  its envelope, else generated and unique), ``source`` = the source's name,
+  the message's ``topic`` and ``key`` (None when it has none), ``time`` in
+  epoch seconds (float), ``data`` a dict, and ``origin`` naming where the
+  message came from. ``emit`` blocks while the engine's queue is full: that
+  is the backpressure, a source must not buffer around it.
+* The engine calls ``ack()`` once the decision about the event is durable;
+  a second call changes nothing. A message counts as consumed only then:
+  - kafka: offsets are committed up to the first unacked record, so an
+    unacked record is redelivered to the group's next consumer (restart,
+    rebalance);
+  - webhook, alertmanager: the HTTP request is answered 2xx only once every
+    accepted event in it is acked (else 503 after the decision timeout; a
+    retry is de-duplicated by event id);
+  - mqtt: ``ack`` is a no-op, a present limit: paho sends the PUBACK of a
+    QoS 1 message on receipt, so a message received but never acked is not
+    redelivered (see ``sources/mqtt.py``);
+  - sim: a no-op; the fleet makes fresh telemetry every interval.
 * It returns or raises when the connection is lost; the supervisor then
   reconnects with exponential backoff. It never retries on its own.
 * A message that cannot become an Event is *rejected*: counted with
   ``metrics.event_rejected``, logged with its origin, sent to the dead-letter
   destination if the source has one, and then acknowledged so it does not
-  block the stream. It is never emitted and never silently dropped.
+  block the stream. It is never emitted, never silently dropped, and the
+  messages after it are read as usual.
 * ``connected`` is true between a successful connect and the loss of it.
-* ``close()`` makes ``run`` return promptly and flushes acknowledgements
-  (Kafka commits the offsets of everything decided so far).
+* ``close()`` makes ``run`` return promptly (seconds, whatever it is waiting
+  on) and flushes acknowledgements (Kafka commits the offsets of everything
+  decided so far); ``run`` on a closed source returns at once.
+  ``Supervisor.stop()`` closes the source and ends a backoff wait at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -67,12 +89,12 @@ class Supervisor:
         self._emit = emit
         self._min = min_backoff
         self._max = max_backoff
-        self._stopping = False
+        self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         delay = self._min
         name = self.source.name
-        while not self._stopping:
+        while not self._stopping.is_set():
             try:
                 await self.source.run(self._emit)
                 delay = self._min
@@ -82,12 +104,12 @@ class Supervisor:
                 metrics.source_failed(name, exc, retry_in=delay)
             finally:
                 metrics.source_up(name, False)
-            if self._stopping:
-                break
-            # jitter so several replicas do not reconnect in lockstep
-            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            # jitter so several replicas do not reconnect in lockstep; stop() cuts it short
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay * (0.5 + random.random() / 2)):
+                    await self._stopping.wait()
             delay = min(delay * 2, self._max)
 
     async def stop(self) -> None:
-        self._stopping = True
+        self._stopping.set()
         await self.source.close()

@@ -3,9 +3,20 @@
 Contract (every implementation passes ``tests/unit/test_store_contract.py``):
 
 * ``commit(batch)`` writes the whole batch in one transaction or raises
-  ``StoreError``; nothing of a failed batch is visible afterwards.
-* A decision is unique per ``(source, event_id, rule)``: writing it twice is
-  a no-op, so a redelivered event can never create a second run.
+  ``StoreError`` (transient: the store is down) or ``StoreRejected`` (a record
+  can never be written); nothing of a failed batch is visible afterwards.
+* **The store is the arbiter, not memory.** A decision is unique per
+  ``(source, event_id, rule)``; ``commit`` returns a ``CommitResult`` saying
+  which decisions were already there (``duplicates``). A run and a new incident
+  are created only in the transaction that inserts their new decision: a
+  duplicate decision creates nothing, so a redelivered event can never create a
+  second run, whichever process decided it first.
+* At most one open incident per ``(rule, key)``, enforced by the database: a
+  new incident that meets an open one of another id is not created; its decision
+  becomes ``joined`` to the open one (``conflicts``) and its run is not created.
+* Runs belong to one replica at a time (``owner``, ``epoch``): runs are created
+  owned by the committing replica; ``claim_runs`` takes over runs whose owner
+  is this replica or whose owner's heartbeat is older than the lease.
 * ``load_state()`` returns everything the engine needs to carry on after a
   restart: open incidents, pending ``for:`` timers, recent run starts (for
   throttles) and recently decided event ids (for de-duplication).
@@ -77,6 +88,11 @@ class RunRecord:
     progress: JSON = None  # the workflow runner's resumable state (loopd.runs.runner)
 
 
+    owner: str | None = None   # the replica executing it (see claim_runs)
+    epoch: int = 0             # bumped by every claim: a takeover is visible
+    version: int = 0           # bumped by every save
+
+
 @dataclass(slots=True)
 class StepRecord:
     run_id: str
@@ -94,6 +110,29 @@ class StepRecord:
 
 
 @dataclass(slots=True)
+class CommitResult:
+    """What a commit created; the engine brings its memory in line with it."""
+
+    duplicates: set[tuple[str, str, str]] = field(default_factory=set)  # source, event, rule
+    conflicts: dict[str, IncidentRecord] = field(default_factory=dict)  # new id -> open one
+    skipped_runs: set[str] = field(default_factory=set)  # runs not created (see above)
+
+    def __bool__(self) -> bool:
+        return bool(self.duplicates or self.conflicts or self.skipped_runs)
+
+    def merge(self, other: CommitResult) -> None:
+        self.duplicates |= other.duplicates
+        self.conflicts.update(other.conflicts)
+        self.skipped_runs |= other.skipped_runs
+
+
+# Decisions whose run the batch creates (the others only join or suppress).
+RUN_OUTCOMES = frozenset({"run_created", "queued", "restarted"})
+
+Mark = tuple[int, int, int, int, int, int]
+
+
+@dataclass(slots=True)
 class Batch:
     """Everything one engine flush writes, in one transaction."""
 
@@ -104,10 +143,30 @@ class Batch:
     run_updates: list[RunRecord] = field(default_factory=list)  # runs already stored
     timers_set: list[tuple[str, str, float]] = field(default_factory=list)
     timers_cleared: list[tuple[str, str]] = field(default_factory=list)
+    # (namespace, key) -> value, as kv_put writes it: the guards' memory changes in the
+    # transaction of the decision (or run end) that changed it
+    kv: dict[tuple[str, str], JSON] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.decisions or self.incidents or self.runs or self.run_updates
-                    or self.timers_set or self.timers_cleared)
+                    or self.timers_set or self.timers_cleared or self.kv)
+
+    def mark(self) -> Mark:
+        """Where the records of the next event start (see ``part``)."""
+        return (len(self.events), len(self.decisions), len(self.runs), len(self.run_updates),
+                len(self.timers_set), len(self.timers_cleared))
+
+    def part(self, start: Mark, end: Mark) -> Batch:
+        """The records written between two marks, e.g. those of one event, so that a
+        batch the store rejects can be split until the culprit is found. Incidents go
+        with the decisions that touched them."""
+        decisions = self.decisions[start[1]:end[1]]
+        ids = {d.incident_id for d in decisions}
+        return Batch(
+            self.events[start[0]:end[0]], decisions,
+            {i: inc for i, inc in self.incidents.items() if i in ids},
+            self.runs[start[2]:end[2]], self.run_updates[start[3]:end[3]],
+            self.timers_set[start[4]:end[4]], self.timers_cleared[start[5]:end[5]])
 
 
 @dataclass(slots=True)
@@ -119,11 +178,25 @@ class EngineState:
 
 
 class Store(Protocol):
+    replica: str   # the name this process writes and claims runs under
+    lease: float   # seconds of silence after which a replica's runs may be taken over
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def commit(self, batch: Batch) -> None: ...
+    async def commit(self, batch: Batch) -> CommitResult: ...
+
+    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None
+                         ) -> set[str]:
+        """The ids of the runs in ``statuses`` this replica may execute now, claimed for it
+        (epoch bumped): its own, unowned ones, and those of replicas silent for longer than
+        ``lease`` (default: the store's)."""
+        ...
+
+    async def heartbeat(self) -> None:
+        """This replica is alive: its runs stay its own (called every few seconds)."""
+        ...
 
     async def load_state(self, *, since: float, recent: int) -> EngineState: ...
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import sqlite3
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,11 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from loopd.errors import StoreError
+from loopd.errors import StoreError, StoreRejected
 from loopd.store.base import (
+    RUN_OUTCOMES,
     Batch,
+    CommitResult,
     DecisionRecord,
     EngineState,
     EventRecord,
@@ -35,7 +40,7 @@ from loopd.store.base import (
     StepRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # One entry per schema version: the statements that bring version N-1 to N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -68,14 +73,80 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE kv (namespace TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
                updated REAL NOT NULL, PRIMARY KEY (namespace, key))""",
     ],
+    2: [  # the store is the arbiter: one open incident per (rule, key); runs have owners
+        """UPDATE incidents SET status='closed', closed=opened, outcome=COALESCE(outcome,
+               'unknown') WHERE status='open' AND rowid NOT IN (SELECT MAX(rowid) FROM
+               incidents WHERE status='open' GROUP BY rule, key)""",
+        "CREATE UNIQUE INDEX incidents_one_open ON incidents (rule, key) WHERE status='open'",
+        "ALTER TABLE runs ADD COLUMN owner TEXT",
+        "ALTER TABLE runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE replicas (name TEXT PRIMARY KEY, incarnation TEXT NOT NULL,
+               host TEXT NOT NULL, pid INTEGER NOT NULL, heartbeat REAL NOT NULL)""",
+    ],
 }
+
+Op = Batch | tuple[str, tuple[Any, ...]]
+_RUN_MARKS = ",".join("?" * 19)
+# ON CONFLICT ... DO NOTHING, not INSERT OR IGNORE: only the uniqueness conflict is the
+# expected duplicate; a NOT NULL or type violation must fail loudly (StoreRejected).
+_INSERT_DECISION = (
+    "INSERT INTO decisions (source, event_id, rule, key, outcome, reason, time, incident_id, "
+    "run_id) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (source, event_id, rule) DO NOTHING")
+_UPSERT_INCIDENT = (
+    "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
+    "status=excluded.status, closed=excluded.closed, events=excluded.events, "
+    "run_id=excluded.run_id, outcome=excluded.outcome")
+_RUN_COLUMNS = ("id", "incident_id", "rule", "key", "kind", "target", "input", "status",
+                "created", "started", "finished", "reason", "ctx", "outcome", "event",
+                "progress", "owner", "epoch", "version")
+# the epoch belongs to claim_runs: a save never turns it back
+_SAVE_RUN = (f"INSERT INTO runs VALUES ({_RUN_MARKS}) ON CONFLICT (id) DO UPDATE SET "
+             + ", ".join(f"{c}=excluded.{c}" for c in _RUN_COLUMNS if c not in ("id", "epoch")))
+# Errors a retry of the same records can never fix: the culprit is found and rejected.
+_REJECTED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
+             sqlite3.ProgrammingError, OverflowError, TypeError, ValueError, RecursionError)
+
+
+def _classify(exc: BaseException, origin: str) -> StoreError:
+    message = f"write failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, _REJECTED):
+        return StoreRejected(message, origin=origin)
+    return StoreError(message, origin=origin)
+
+
+def _incident_row(i: IncidentRecord) -> tuple[Any, ...]:
+    return (i.id, i.rule, i.key, i.status, i.opened, i.closed, i.events, i.run_id, i.outcome)
+
+
+def default_replica() -> str:
+    """This replica's name: ``LOOPD_REPLICA``, else the host name (stable across restarts,
+    like a StatefulSet pod's)."""
+    return os.environ.get("LOOPD_REPLICA") or socket.gethostname() or "loopd"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _dump(value: Any) -> bytes:
     try:
         return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:  # e.g. an integer beyond 64 bits from a template: orjson refuses it
-        return json.dumps(value, default=str, skipkeys=True).encode()
+        try:
+            return json.dumps(value, default=str, skipkeys=True).encode()
+        except (RecursionError, ValueError, TypeError) as exc:
+            # total: a value JSON cannot hold (nested too deep, circular) is stored as a
+            # note saying so, never as an error that would hold the whole batch
+            return orjson.dumps({"unserializable": f"{type(exc).__name__}: {exc}"[:200]})
 
 
 def _load(blob: bytes | None) -> Any:
@@ -85,13 +156,17 @@ def _load(blob: bytes | None) -> Any:
 class SqliteStore:
     """The Store protocol on one SQLite file."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, replica: str | None = None,
+                 lease: float = 15.0) -> None:
         self.path = Path(path)
+        self.replica = replica or default_replica()
+        self.lease = lease  # a replica silent for this long has lost its runs
+        self._incarnation = uuid.uuid4().hex
         self._db: aiosqlite.Connection | None = None
         # One connection: a transaction spans several awaits, so nothing else
         # may run statements on it meanwhile.
         self._lock = asyncio.Lock()
-        self._queue: list[tuple[Batch | tuple[str, tuple[Any, ...]], asyncio.Future[None]]] = []
+        self._queue: list[tuple[Op, asyncio.Future[CommitResult | None]]] = []
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -109,6 +184,7 @@ class SqliteStore:
                            "busy_timeout=5000"):
                 await self.db.execute(f"PRAGMA {pragma}")
             await self._migrate()
+            await self._register()
         except BaseException as exc:
             # close what was opened: aiosqlite's thread would keep the process alive
             await self.close()
@@ -132,16 +208,68 @@ class SqliteStore:
             await self.db.execute(f"PRAGMA user_version={target}")
             await self.db.execute("COMMIT")
 
+    async def _register(self) -> None:
+        """Take this replica's name; refuse it while another live process holds it (two
+        processes with one name would both think they own the same runs)."""
+        host, pid, now = socket.gethostname(), os.getpid(), time.time()
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            async with self.db.execute("SELECT incarnation, host, pid, heartbeat FROM replicas "
+                                       "WHERE name=?", (self.replica,)) as cur:
+                row = await cur.fetchone()
+            if row is not None and row[0] != self._incarnation:
+                other_host, other_pid, beat = row[1], int(row[2]), float(row[3])
+                alive = _pid_alive(other_pid) if other_host == host else \
+                    now - beat < self.lease
+                if alive and (other_host, other_pid) != (host, pid):
+                    raise StoreError(
+                        f"replica name {self.replica!r} is in use by a live loopd (pid "
+                        f"{other_pid} on {other_host}); give each process its own name "
+                        "with LOOPD_REPLICA", origin=str(self.path))
+            await self.db.execute(
+                "INSERT OR REPLACE INTO replicas VALUES (?,?,?,?,?)",
+                (self.replica, self._incarnation, host, pid, now))
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def heartbeat(self) -> None:
+        await self._write("UPDATE replicas SET heartbeat=? WHERE name=? AND incarnation=?",
+                          (time.time(), self.replica, self._incarnation))
+
+    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None
+                         ) -> set[str]:
+        marks = ",".join("?" * len(statuses))
+        stale = time.time() - (self.lease if lease is None else lease)
+        async with self._lock:
+            db = self.db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                async with db.execute(
+                        f"UPDATE runs SET owner=?, epoch=epoch+1 WHERE status IN ({marks}) AND ("
+                        "owner IS NULL OR owner=? OR owner NOT IN (SELECT name FROM replicas "
+                        "WHERE heartbeat >= ?)) RETURNING id",
+                        (self.replica, *statuses, self.replica, stale)) as cur:
+                    claimed = {row[0] for row in await cur.fetchall()}
+                await db.execute("COMMIT")
+            except aiosqlite.Error as exc:
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise StoreError(f"claiming runs failed: {exc}", origin=str(self.path)) from None
+        return claimed
+
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
 
-    async def commit(self, batch: Batch) -> None:
-        await self._submit(batch)
+    async def commit(self, batch: Batch) -> CommitResult:
+        result = await self._submit(batch)
+        return result if isinstance(result, CommitResult) else CommitResult()
 
-    async def _submit(self, op: Batch | tuple[str, tuple[Any, ...]]) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def _submit(self, op: Op) -> CommitResult | None:
+        done: asyncio.Future[CommitResult | None] = asyncio.get_running_loop().create_future()
         self._queue.append((op, done))
         async with self._lock:
             if not done.done():  # nobody wrote it for us meanwhile: write all that waits
@@ -149,26 +277,48 @@ class SqliteStore:
                 # Shielded: a cancelled writer (a run being cancelled) must not leave the
                 # transaction open, nor the other writers of its group without an answer.
                 # The write ends by itself, so the shield's inner task needs no owner.
-                await asyncio.shield(self._write_all(ops))
-        await done
+                await asyncio.shield(self._write_group(ops))
+        return await done
 
-    async def _write_all(self, ops: list[tuple[Batch | tuple[str, tuple[Any, ...]],
-                                         asyncio.Future[None]]]) -> None:
+    async def _write_group(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
+                           ) -> None:
+        """One transaction for the whole group; when it fails and the group has several
+        writers, each writes alone, so one rejected record fails only its own writer."""
+        error = await self._write_all(ops)
+        if error is None:
+            return
+        if len(ops) == 1 or not isinstance(error, StoreRejected):
+            for _, done in ops:
+                if not done.done():
+                    done.set_exception(error)
+            return
+        for op in ops:
+            alone = await self._write_all([op])
+            if alone is not None and not op[1].done():
+                op[1].set_exception(alone)
+
+    async def _write_all(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
+                         ) -> StoreError | None:
         db = self.db
+        results: list[CommitResult | None] = []
         try:
-            await db.execute("BEGIN")
+            # IMMEDIATE: take the write lock up front, so a second process on the same file
+            # waits (busy_timeout) instead of failing half-way through the transaction.
+            await db.execute("BEGIN IMMEDIATE")
             i = 0
             while i < len(ops):
                 op = ops[i][0]
                 if isinstance(op, Batch):
-                    await self._batch(op)
+                    results.append(await self._batch(op))
                     i += 1
                     continue
                 sql, rows = op[0], [op[1]]
                 i += 1
+                results.append(None)
                 while i < len(ops) and not isinstance(ops[i][0], Batch) \
                         and ops[i][0][0] == sql:  # type: ignore[index]
                     rows.append(ops[i][0][1])  # type: ignore[index]
+                    results.append(None)
                     i += 1
                 await db.executemany(sql, rows)
             await db.execute("COMMIT")
@@ -177,59 +327,122 @@ class SqliteStore:
             # fail) nor a waiter of this group without an answer (it would hang).
             if db.in_transaction:
                 await db.execute("ROLLBACK")
-            error = StoreError(f"write failed: {type(exc).__name__}: {exc}",
-                               origin=str(self.path))
-            for _, done in ops:
-                if not done.done():
-                    done.set_exception(error)
-            return
-        for _, done in ops:
+            return _classify(exc, str(self.path))
+        for (_, done), result in zip(ops, results, strict=True):
             if not done.done():
-                done.set_result(None)
+                done.set_result(result)
+        return None
 
-    async def _batch(self, batch: Batch) -> None:
+    async def _batch(self, batch: Batch) -> CommitResult:
         db = self.db
+        result = CommitResult()
         if batch.events:
             await db.executemany(
-                "INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
+                "INSERT INTO events VALUES (?,?,?,?,?,?) ON CONFLICT (source, id) DO NOTHING",
                 [(e.source, e.id, e.topic, e.key, e.time, _dump(e.data))
                  for e in batch.events],
             )
         if batch.decisions:
+            await self._decisions(batch.decisions, result)
+        incidents = batch.incidents
+        if result.duplicates:
+            # a duplicate decision creates nothing: not its run, not the incident it opened
+            dup = [d for d in batch.decisions
+                   if (d.source, d.event_id, d.rule) in result.duplicates]
+            result.skipped_runs |= {d.run_id for d in dup
+                                    if d.run_id and d.outcome in RUN_OUTCOMES}
+            live = {d.incident_id for d in batch.decisions
+                    if (d.source, d.event_id, d.rule) not in result.duplicates}
+            incidents = {i: inc for i, inc in incidents.items() if i in live}
+        if incidents:
+            await self._incidents(list(incidents.values()), batch, result)
+        runs = batch.runs
+        if result.skipped_runs:
+            runs = [r for r in runs if r.id not in result.skipped_runs]
+        if runs:
+            for run in runs:
+                run.owner = self.replica
             await db.executemany(
-                "INSERT OR IGNORE INTO decisions (source, event_id, rule, key, outcome, "
-                "reason, time, incident_id, run_id) VALUES (?,?,?,?,?,?,?,?,?)",
-                [(d.source, d.event_id, d.rule, d.key, d.outcome, d.reason, d.time,
-                  d.incident_id, d.run_id) for d in batch.decisions],
-            )
-        if batch.incidents:
-            await db.executemany(
-                "INSERT OR REPLACE INTO incidents VALUES (?,?,?,?,?,?,?,?,?)",
-                [(i.id, i.rule, i.key, i.status, i.opened, i.closed, i.events, i.run_id,
-                  i.outcome) for i in batch.incidents.values()],
-            )
-        if batch.runs:
-            await db.executemany(
-                "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [self._run_row(r) for r in batch.runs],
-            )
+                f"INSERT INTO runs VALUES ({_RUN_MARKS}) ON CONFLICT (id) DO NOTHING",
+                [self._run_row(r) for r in runs])
         if batch.run_updates:
-            await db.executemany(
-                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [self._run_row(r) for r in batch.run_updates],
-            )
+            await db.executemany(f"INSERT OR REPLACE INTO runs VALUES ({_RUN_MARKS})",
+                                 [self._run_row(r) for r in batch.run_updates])
         if batch.timers_set:
             await db.executemany("INSERT OR REPLACE INTO timers VALUES (?,?,?)",
                                  batch.timers_set)
         if batch.timers_cleared:
             await db.executemany("DELETE FROM timers WHERE rule=? AND key=?",
                                  batch.timers_cleared)
+        if batch.kv:
+            now = time.time()
+            await db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
+                                 [(ns, k, _dump(v), now) for (ns, k), v in batch.kv.items()])
+        return result
+
+    async def _decisions(self, decisions: list[DecisionRecord], result: CommitResult) -> None:
+        """Insert the decisions; the ones already stored (by this process or another) are
+        the result's ``duplicates``. One statement for the batch; only a batch that meets
+        a duplicate pays a statement per decision, to find out which."""
+        db = self.db
+        rows = [(d.source, d.event_id, d.rule, d.key, d.outcome, d.reason, d.time,
+                 d.incident_id, d.run_id) for d in decisions]
+        await db.execute("SAVEPOINT decisions")
+        cur = await db.executemany(_INSERT_DECISION, rows)
+        if cur.rowcount == len(rows):
+            await db.execute("RELEASE decisions")
+            return
+        await db.execute("ROLLBACK TO decisions")
+        for d, row in zip(decisions, rows, strict=True):
+            cur = await db.execute(_INSERT_DECISION, row)
+            if cur.rowcount == 0:
+                result.duplicates.add((d.source, d.event_id, d.rule))
+        await db.execute("RELEASE decisions")
+
+    async def _incidents(self, incidents: list[IncidentRecord], batch: Batch,
+                         result: CommitResult) -> None:
+        """Upsert the incidents. An incident new to the store that meets an open one for the
+        same (rule, key) (another process opened it) is not created: its decisions join the
+        open one, and its runs are not created."""
+        db = self.db
+        rows = [_incident_row(i) for i in incidents]
+        await db.execute("SAVEPOINT incidents")
+        try:
+            await db.executemany(_UPSERT_INCIDENT, rows)
+            await db.execute("RELEASE incidents")
+            return
+        except sqlite3.IntegrityError:
+            await db.execute("ROLLBACK TO incidents")
+        for inc, row in zip(incidents, rows, strict=True):
+            try:
+                await db.execute(_UPSERT_INCIDENT, row)
+                continue
+            except sqlite3.IntegrityError as exc:
+                refused = exc
+            async with db.execute(
+                    "SELECT * FROM incidents WHERE rule=? AND key=? AND status='open'",
+                    (inc.rule, inc.key)) as cur:
+                found = await cur.fetchone()
+            if found is None:
+                raise StoreRejected(f"write failed: incident {inc.id}: {refused}",
+                                    origin=str(self.path))
+            held = IncidentRecord(*found)
+            result.conflicts[inc.id] = held
+            lost = {r.id for r in batch.runs if r.incident_id == inc.id}
+            result.skipped_runs |= lost
+            await db.execute(
+                "UPDATE decisions SET outcome='joined', reason=?, incident_id=?, run_id=? "
+                "WHERE incident_id=? AND outcome IN ('run_created','queued','restarted')",
+                ("incident already open (decided by another loopd)", held.id, held.run_id,
+                 inc.id))
+            await db.execute("UPDATE decisions SET incident_id=? WHERE incident_id=?",
+                             (held.id, inc.id))
 
     @staticmethod
     def _run_row(r: RunRecord) -> tuple[Any, ...]:
         return (r.id, r.incident_id, r.rule, r.key, r.kind, r.target, _dump(r.input), r.status,
                 r.created, r.started, r.finished, r.reason, _dump(r.ctx), r.outcome,
-                _dump(r.event), _dump(r.progress))
+                _dump(r.event), _dump(r.progress), r.owner, r.epoch, r.version)
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         try:
@@ -253,9 +466,9 @@ class SqliteStore:
         return EngineState(incidents, timers, starts, seen)
 
     async def save_run(self, run: RunRecord) -> None:
-        await self._write(
-            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            self._run_row(run))
+        run.owner = self.replica  # whoever writes a run executes it (it claimed it)
+        run.version += 1
+        await self._write(_SAVE_RUN, self._run_row(run))
 
     async def save_step(self, step: StepRecord) -> None:
         await self._write(
@@ -272,10 +485,10 @@ class SqliteStore:
     @staticmethod
     def _run(row: Any) -> RunRecord:
         (rid, inc, rule, key, kind, target, inp, status, created, started, finished, reason,
-         ctx, outcome, event, progress) = row
+         ctx, outcome, event, progress, owner, epoch, version) = row
         return RunRecord(rid, inc, rule, key, kind, target, _load(inp), status, created, started,
                          finished, reason, _load(ctx) or {}, outcome, _load(event),
-                         _load(progress))
+                         _load(progress), owner, epoch, version)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         rows = await self._all("SELECT * FROM runs WHERE id=?", (run_id,))

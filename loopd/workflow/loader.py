@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from loopd import yamlfile
 from loopd.errors import ConfigError, PackError
 from loopd.expr.compiler import (
     WORKFLOW_SCOPE,
@@ -25,8 +26,8 @@ from loopd.expr.compiler import (
 from loopd.expr.topics import TopicMatcher, compile_topic_pattern
 from loopd.packs.registry import PackRegistry
 from loopd.rules.compile import Path as DataPath
+from loopd.rules.names import problems, templates
 from loopd.workflow.model import RESULT_WORDS, Task, Workflow
-from loopd.yamlfile import Loader
 
 SCOPE = WORKFLOW_SCOPE
 
@@ -116,28 +117,24 @@ def load_workflows(registry: PackRegistry) -> None:
                 f"{registry.check_target('action', rollback.action)}",
                 origin=str(action.pack.path / "pack.yaml")))
     known = set(found)
+    # declared inputs first: a task may start a sub-workflow compiled after it
+    registry.workflow_inputs.update({name: wf.input for name, (_, wf, _) in found.items()})
     for name, (path, wf, lines) in found.items():
         try:
             registry.workflows[name] = _compile(name, path, wf, lines, registry, known)
         except PackError as exc:
             registry.errors.append(exc)
+            del registry.workflow_inputs[name]
 
 
 def _read(path: Path) -> tuple[Workflow, dict[str, str]]:
     try:
-        loader = Loader(path.read_text())
-        try:
-            node = loader.get_single_node()
-            raw = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
+        raw, node = yamlfile.compose(path.read_text())
     except OSError as exc:
         raise PackError(f"cannot read: {exc.strerror}", origin=str(path)) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise PackError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
-                        origin=where) from None
+        where, message = yamlfile.error_where(exc, path)
+        raise PackError(message, origin=where) from None
     lines: dict[str, str] = {}
     if node is not None and isinstance(node, yaml.MappingNode):
         for k, v in node.value:
@@ -169,31 +166,36 @@ def _compile(name: str, path: Path, wf: Workflow, lines: dict[str, str],
 
         def tmpl(value: Any, fld: str) -> Compiled:
             try:
-                return compile_template(value, SCOPE)
+                compiled = compile_template(value, SCOPE)
             except ValueError as exc:
                 raise fail(fld, str(exc)) from None
+            for where, text in templates(value, fld):
+                for problem in problems(text, SCOPE):
+                    raise fail(where, problem)
+            return compiled
 
         def expr(text: str, fld: str) -> Compiled:
             try:
-                return compile_expression(text, SCOPE)
+                compiled = compile_expression(text, SCOPE)
             except ValueError as exc:
                 raise fail(fld, str(exc)) from None
+            for problem in problems(text, SCOPE, expression=True):
+                raise fail(fld, problem)
+            return compiled
 
         if task.action is not None:
             problem = registry.check_target("action", task.action)
             if problem:
                 raise fail("action", problem)
-            fields = registry.actions[task.action].spec.input
-            unknown = set(task.input) - set(fields)
-            if fields and unknown:
-                raise fail("input", f"{task.action} takes no input {', '.join(sorted(unknown))}")
-            missing = [f for f, spec in fields.items()
-                       if spec.required and spec.default is None and f not in task.input]
-            if missing and task.with_items is None:
-                raise fail("input", f"{task.action} needs {', '.join(missing)}")
-        if task.workflow is not None and task.workflow not in workflows:
-            raise fail("workflow", registry.check_target("workflow", task.workflow)
-                       or f"unknown workflow {task.workflow!r}")
+            for problem in registry.check_input("action", task.action, task.input,
+                                                partial=task.with_items is not None):
+                raise fail("input", problem)
+        if task.workflow is not None:
+            if task.workflow not in workflows:
+                raise fail("workflow", registry.check_target("workflow", task.workflow)
+                           or f"unknown workflow {task.workflow!r}")
+            for problem in registry.check_input("workflow", task.workflow, task.input):
+                raise fail("input", problem)
         transitions: list[tuple[str | Compiled, list[str]]] = []
         for i, tr in enumerate(task.next):
             for target in tr.do:

@@ -3,8 +3,8 @@
 A workflow is a stateless template: inputs, tasks, transitions. Each task is
 exactly one kind: ``action``, ``workflow`` (a sub-workflow), ``confirm``,
 ``approval``, ``rollback``, ``succeed``, ``fail`` or ``noop``; any task can
-``delay`` first, be ``retry``-ed, fan out ``with_items``, ``join`` branches and
-``publish`` values into the run context.
+``delay`` first, be ``retry``-ed, ``join`` branches and ``publish`` values into the
+run context; an action task can fan out ``with_items``.
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ class Task(_Strict):
         kinds = [k for k in _KINDS if getattr(self, k) is not None]
         if len(kinds) > 1:
             raise ValueError(f"a task is exactly one of {', '.join(_KINDS)}; got {kinds}")
-        if self.with_items is not None and self.action is None and self.workflow is None:
-            raise ValueError("with_items needs an action or a workflow")
+        if self.with_items is not None and self.action is None:
+            raise ValueError("with_items needs an action: a sub-workflow task cannot fan out "
+                             "(start one run per item from a rule, or fan out its action)"
+                             if self.workflow is not None else "with_items needs an action")
         return self
 
     @property

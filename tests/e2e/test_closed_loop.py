@@ -76,7 +76,8 @@ def escalation(config: Config, servicenow: ServiceNow) -> dict[str, str]:
 
 
 def task_of(story: dict[str, Any], task: str) -> dict[str, Any]:
-    (step,) = [s for s in story["steps"] if s["task"] == task]
+    steps: list[dict[str, Any]] = [s for s in story["steps"] if s["task"] == task]
+    (step,) = steps
     return step
 
 

@@ -57,8 +57,12 @@ async def producing(bootstrap: str, topic: str, numbers: range, *,
         async with producer(bootstrap) as prod:
             for start in range(numbers.start, numbers.stop, batch):
                 if ahead_of is not None:
-                    await eventually(lambda s=start: s - numbers.start - ahead_of() < window,
-                                     "the daemon to catch up with the producer", timeout=60)
+                    def caught_up(s: int = start) -> bool:
+                        assert ahead_of is not None
+                        return s - numbers.start - ahead_of() < window
+
+                    await eventually(caught_up, "the daemon to catch up with the producer",
+                                     timeout=60)
                 sent = [await prod.send(topic, b'{"n": %d}' % i)
                         for i in range(start, min(start + batch, numbers.stop))]
                 await asyncio.gather(*sent)

@@ -83,18 +83,23 @@ async def test_for_rule_fires_only_after_the_condition_held_for_its_duration(
             value = 95 if sent % 2 == 0 else 40
             await client.publish("telemetry/web-2/cpu", b'{"value": %d}' % value, qos=1)
             sent += 1
-            await eventually(lambda n=sent: len(decisions(daemon, "cpu-high", "web-1")) >= n,
-                             "the web-1 sample to be decided")
+
+            def decided(n: int = sent) -> bool:
+                return len(decisions(daemon, "cpu-high", "web-1")) >= n
+
+            await eventually(decided, "the web-1 sample to be decided")
 
     web1 = decisions(daemon, "cpu-high", "web-1")
     outcomes = [o for o, _, _ in web1]
     fired_at = outcomes.index("run_created")
     before, fired_decision = web1[:fired_at], web1[fired_at]
-    assert before and all(o == "suppressed" and r.startswith("for: held") for o, r, _ in before)
+    assert before and all(o == "suppressed" and (r or "").startswith("for: held")
+                          for o, r, _ in before)
     assert fired_decision[2] - before[0][2] >= 1.0  # held a whole second, by loopd's clock
     # acting re-arms `for:`: later samples wait out the duration again, join the open
     # incident, or are throttled once it is closed; none starts a second run
-    assert all(o == "joined" or (o == "suppressed" and r.startswith(("throttled", "for: held")))
+    assert all(o == "joined"
+               or (o == "suppressed" and (r or "").startswith(("throttled", "for: held")))
                for o, r, _ in web1[fired_at + 1:])
     web2 = decisions(daemon, "cpu-high", "web-2")
     assert {o for o, _, _ in web2} == {"suppressed"}

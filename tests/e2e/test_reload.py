@@ -55,8 +55,8 @@ async def test_post_reload_activates_a_changed_rule_and_reports_a_broken_file(
     config.write_rules("broken.yaml", "rules:\n  - name: broken\n    on: {source: webhook}\n"
                                       "    throtle: {once_within: 1m}\n"
                                       "    run: {action: core.log, input: {message: x}}\n")
-    answer = await daemon.post("/v1/reload")
-    assert answer["rules"] == 3
+    answer = await daemon.post("/v1/reload", expect=422)
+    assert answer["rules"] == 3 and answer["kept"] == []
     (error,) = answer["errors"]
     assert "broken.yaml:4" in error and "broken" in error and "throtle" in error
     rules = await daemon.get("/v1/rules")
@@ -74,9 +74,39 @@ async def test_post_reload_activates_a_changed_rule_and_reports_a_broken_file(
 
     # a file that is not YAML at all: reported with its line, the rules before stay
     config.write_rules("broken.yaml", "rules: [\n")
-    answer = await daemon.post("/v1/reload")
+    answer = await daemon.post("/v1/reload", expect=422)
     assert answer["rules"] == 3 and len(answer["errors"]) == 1
     assert "broken.yaml:2" in answer["errors"][0] and "invalid YAML" in answer["errors"][0]
+    await daemon.stop()
+
+
+async def test_a_rule_file_with_a_yaml_typo_keeps_its_rules_across_a_reload(
+        config: Config, loopd_factory: Factory) -> None:
+    """POST /v1/reload with a YAML typo in one rule file answers 422 naming the file as kept:
+    that file's rules keep starting runs, the other files reload, and fixing the typo
+    reloads it with a 200."""
+    daemon = loopd_factory(config)
+    await daemon.start()
+    a = config.write_rules("a.yaml", [log_rule("alpha", "alpha")])
+    a.write_text(a.read_text().replace("rules:", "rules: [", 1))  # not YAML any more
+    config.write_rules("b.yaml", [log_rule("beta", "beta"), log_rule("delta", "delta")])
+    answer = await daemon.post("/v1/reload", expect=422)
+    assert answer["rules"] == 3 and answer["kept"] == [str(a)]
+    (error,) = answer["errors"]
+    assert error.startswith(f"{a}:") and "invalid YAML" in error
+    assert sorted(await rule_names(daemon)) == ["alpha", "beta", "delta"]
+    assert await daemon.metric("loopd_rule_load_errors") == 1
+
+    await send(daemon, "alpha", 1)
+    await send(daemon, "delta", 1)
+    await eventually(lambda: (_count(daemon, "alpha"), _count(daemon, "delta")) == (1, 1),
+                     "runs of the kept rule and of the reloaded file")
+
+    config.write_rules("a.yaml", [log_rule("alpha2", "alpha")])
+    answer = await daemon.post("/v1/reload")
+    assert answer == {"rules": 3, "errors": [], "kept": []}
+    assert sorted(await rule_names(daemon)) == ["alpha2", "beta", "delta"]
+    assert await daemon.metric("loopd_rule_load_errors") == 0
     await daemon.stop()
 
 

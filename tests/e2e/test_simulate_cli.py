@@ -61,7 +61,8 @@ def setup(tmp_path: Path) -> Path:
     (packs / "simtest" / "workflows" / "clean.yaml").write_text(CLEAN)
     config = tmp_path / "loopd.yaml"
     config.write_text(textwrap.dedent("""\
-        sources: [{name: webhook, type: webhook}, {name: alertmanager, type: alertmanager}]
+        sources: [{name: webhook, type: webhook}, {name: alertmanager, type: alertmanager},
+                  {name: telemetry, type: webhook}]  # the CSV events' source
         rules: [rules]
         packs: [packs]
         store: {path: var/loopd.db}

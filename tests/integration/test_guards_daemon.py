@@ -56,7 +56,7 @@ def am_alert(host: str, *, fingerprint: str | None = None, status: str = "firing
 
 
 def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 @dataclass
@@ -168,7 +168,8 @@ store: {{path: var/loopd.db}}
         try:
             async with aiohttp.ClientSession(
                     base_url=f"http://127.0.0.1:{daemon.port}") as http:
-                yield Api(daemon, http)
+                with metrics.using(daemon.metrics):  # sample() reads this daemon's registry
+                    yield Api(daemon, http)
         finally:
             daemon.stop()
             await asyncio.wait_for(task, 20)

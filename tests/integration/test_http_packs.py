@@ -12,7 +12,8 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.packs.executor import ActionContext, ActionResult, Executor
 from loopd.packs.http import HttpRunner, compile_http
 from loopd.packs.manifest import HttpAction
@@ -20,10 +21,9 @@ from loopd.packs.python import PythonRunner
 from loopd.packs.registry import PackRegistry
 from loopd.runs import states
 from loopd.runs.evidence import PromQL
-from loopd.runs.runner import WorkflowRunner
-from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
+from loopd.wiring import build_runs
 from loopd.workflow.loader import load_workflows
 from tests.servers.http_targets import (
     AlertmanagerApi,
@@ -80,8 +80,8 @@ class Loop:
         store = SqliteStore(self.tmp_path / "loopd.db")
         await store.open()
         try:
-            kinds = TaskKinds(store, self.executor, prometheus=prometheus)
-            runner = WorkflowRunner(store, lambda: self.registry, kinds, inventory=self.inventory)
+            runner = build_runs(store, self.executor, lambda: self.registry,
+                                inventory=self.inventory, prometheus=prometheus).workflows
             run = RunRecord(f"run-{target}", None, "nginx-down", "web-1", "workflow", target,
                             input, states.PENDING, time.time())
             status, reason = await runner.execute(run, resumed=False)
@@ -116,7 +116,7 @@ async def loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servicenow: Serv
     assert not registry.errors, registry.errors
     monkeypatch.setenv("SN_PASSWORD", servicenow.password)
     inventory = Inventory(credentials={
-        "servicenow": CredentialRef(username=servicenow.username, password="env:SN_PASSWORD"),
+        "servicenow": Credentials(username=servicenow.username, password="env:SN_PASSWORD"),
     })
     harness = Loop(tmp_path, registry, inventory)
     yield harness
@@ -325,7 +325,7 @@ async def test_http_request_sends_any_method(loop: Loop, http_echo: HttpEcho,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """http.request sends the method, query, JSON and bearer auth its input describes."""
     monkeypatch.setenv("ECHO_TOKEN", http_echo.token)
-    loop.inventory.credentials["echo"] = CredentialRef(token="env:ECHO_TOKEN")
+    loop.inventory.credentials["echo"] = Credentials(token="env:ECHO_TOKEN")
     result = await loop.action("http.request", {
         "method": "PATCH", "url": f"{http_echo.url}/echo", "query": {"dry": False},
         "json": {"drain": True, "note": None}, "auth": "bearer", "credentials": "echo"})

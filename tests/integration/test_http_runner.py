@@ -12,7 +12,8 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.packs.executor import ActionContext, ActionResult, Executor
 from loopd.packs.http import MAX_TEXT, HttpRunner
 from loopd.packs.registry import PackRegistry
@@ -32,14 +33,15 @@ class Harness:
     def __init__(self, tmp_path: Path, echo: HttpEcho, runner: HttpRunner) -> None:
         self.tmp_path, self.echo, self.runner = tmp_path, echo, runner
         self.inventory = Inventory(credentials={
-            "echo-basic": CredentialRef(username=echo.username, password="env:ECHO_PASSWORD"),
-            "echo-bearer": CredentialRef(token="env:ECHO_TOKEN"),
-            "echo-wrong": CredentialRef(username=echo.username, password="env:WRONG_PASSWORD"),
+            "echo-basic": Credentials(username=echo.username, password="env:ECHO_PASSWORD"),
+            "echo-bearer": Credentials(token="env:ECHO_TOKEN"),
+            "echo-wrong": Credentials(username=echo.username, password="env:WRONG_PASSWORD"),
         })
 
     async def run(self, actions: dict[str, dict[str, Any]], name: str,
                   input: dict[str, Any] | None = None, *,
-                  config: dict[str, Any] | None = None) -> ActionResult:
+                  config: dict[str, Any] | None = None,
+                  load_error: str | None = None) -> ActionResult:
         folder = self.tmp_path / "packs" / "t"
         folder.mkdir(parents=True, exist_ok=True)
         manifest = {"name": "t", "config": {"url": {"type": "string"},
@@ -49,7 +51,10 @@ class Harness:
         registry = PackRegistry.load([self.tmp_path / "packs"],
                                      {"t": config if config is not None else
                                       {"url": self.echo.url}})
-        assert not registry.errors, registry.errors
+        if load_error is None:
+            assert not registry.errors, registry.errors
+        else:  # loopd check reports it; the action is kept and fails when it runs
+            assert [e.message for e in registry.errors] == [load_error]
         executor = Executor(registry, {"http": self.runner})
         ctx = ActionContext("run-1", "task", self.inventory)
         return await executor.execute(f"t.{name}", input or {}, ctx)
@@ -262,9 +267,12 @@ async def test_actions_share_one_pooled_connection(harness: Harness) -> None:
 
 
 async def test_a_broken_template_names_its_field(harness: Harness) -> None:
-    """A template that does not compile fails the action naming the field, sending nothing."""
-    result = await harness.run({"get": echo_action("/echo", headers={"X-A": "{{ input.a | }}"})},
-                               "get")
+    """A template that does not compile is a load error, and fails the action naming the
+    field, sending nothing."""
+    result = await harness.run(
+        {"get": echo_action("/echo", headers={"X-A": "{{ input.a | }}"})}, "get",
+        load_error="actions.get.headers: invalid expression 'input.a |': unexpected end of "
+                   "template, expected 'name'.")
     assert not result.ok and result.error is not None
     assert result.error.startswith("t.get: http action headers: invalid expression")
     assert harness.echo.requests == []

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from loopd import metrics
 from loopd.config import KafkaSourceConfig
 from loopd.errors import SourceError
 from loopd.events import Delivery, Event
-from loopd.metrics import REGISTRY
 from loopd.sources.base import Supervisor
 from loopd.sources.kafka import KafkaSource
 from tests.servers import free_port, require, wait_until
@@ -60,7 +60,7 @@ def config(broker: KafkaBroker, name: str, topic: str, **extra: Any) -> KafkaSou
 
 
 def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 def committed_is(broker: KafkaBroker, cfg: KafkaSourceConfig, expected: dict[int, int | None]
@@ -230,7 +230,7 @@ async def test_blocked_emit_stops_consumption_without_loss(
         # one delivery queued, the next one waiting in emit: nothing else is read
         await wait_until(lambda: received() - before == 2, what="2 events received")
         assert queue.full() and not task.done()
-        numbers = []
+        numbers: list[int] = []
         while len(numbers) < 10:
             delivery = await asyncio.wait_for(queue.get(), timeout=15)
             numbers.append(delivery.event.data["n"])
@@ -298,7 +298,8 @@ async def test_supervised_source_survives_broker_restart(
                          what="every record after the restart")
         await wait_until(committed_is(kafka_broker, cfg, {0: 20}), interval=0.1, what="commit")
         assert source.connected
-        assert REGISTRY.get_sample_value("loopd_source_up", {"source": cfg.name}) == 1
+        assert metrics.current().registry.get_sample_value(
+            "loopd_source_up", {"source": cfg.name}) == 1
     finally:
         kafka_broker.start()  # no-op when running; later tests need the broker
         await supervisor.stop()

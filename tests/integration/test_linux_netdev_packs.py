@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.events import Event
 from loopd.packs.executor import Executor
 from loopd.packs.http import HttpRunner
@@ -24,6 +25,7 @@ from loopd.runs.runner import WorkflowRunner
 from loopd.runs.tasks import TaskKinds
 from loopd.store.base import RunRecord, StepRecord
 from loopd.store.sqlite import SqliteStore
+from loopd.wiring import build_runs
 from loopd.workflow.loader import load_workflows
 from tests.servers import wait_until
 from tests.servers.http_targets import ServiceNow
@@ -91,15 +93,16 @@ async def loop(tmp_path: Path, ssh_server: SshServer, servicenow: ServiceNow,
     assert not registry.errors, [str(e) for e in registry.errors]
     inventory = Inventory(
         {"web-1": ssh_server.entity(role="web"), "edge-1": ssh_server.entity(role="router")},
-        {"ssh-ops": CredentialRef(username=USER, password="env:LOOPD_TEST_SSH_PASSWORD"),
-         "servicenow": CredentialRef(username=servicenow.username,
+        {"ssh-ops": Credentials(username=USER, password="env:LOOPD_TEST_SSH_PASSWORD"),
+         "servicenow": Credentials(username=servicenow.username,
                                      password="env:LOOPD_TEST_SN_PASSWORD")})
     store = SqliteStore(tmp_path / "loopd.db")
     await store.open()
     executor = Executor(registry, {"python": PythonRunner(), "ssh": SshRunner(),
                                    "http": HttpRunner()})
-    kinds = TaskKinds(store, executor, services={"store": store})
-    workflows = WorkflowRunner(store, lambda: registry, kinds, inventory=inventory)
+    runs = build_runs(store, executor, lambda: registry, inventory=inventory,
+                      services={"store": store})
+    kinds, workflows = runs.kinds, runs.workflows
     try:
         yield Loop(store, registry, kinds, workflows, executor)
     finally:

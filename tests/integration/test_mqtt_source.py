@@ -11,10 +11,10 @@ import aiomqtt
 import orjson
 import pytest
 
+from loopd import metrics
 from loopd.config import MqttSourceConfig
 from loopd.errors import ConfigError, SourceError
 from loopd.events import Delivery, Event
-from loopd.metrics import REGISTRY
 from loopd.sources.base import Supervisor
 from loopd.sources.mqtt import MqttSource
 from tests.servers import require, wait_until
@@ -54,11 +54,11 @@ async def publish(broker: MqttBroker, *messages: tuple[str, bytes]) -> None:
 
 
 def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 def source_up(name: str) -> float | None:
-    return REGISTRY.get_sample_value("loopd_source_up", {"source": name})
+    return metrics.current().registry.get_sample_value("loopd_source_up", {"source": name})
 
 
 @contextlib.asynccontextmanager

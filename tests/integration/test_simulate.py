@@ -4,6 +4,7 @@ run, confirmations satisfied by later events, deadlines expiring as event time p
 
 from __future__ import annotations
 
+import operator
 import shutil
 import textwrap
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ T0 = 1_700_000_000.0
 
 
 def write_config(tmp_path: Path, rules: str, **workflows: str) -> LoopdConfig:
-    """loopd.yaml with the webhook and alertmanager sources, ``rules`` as the one rule
+    """loopd.yaml with the webhook, alertmanager and telemetry sources, ``rules`` as the one rule
     file, the shipped core pack and a pack ``simtest`` holding ``workflows``."""
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "rules.yaml").write_text(textwrap.dedent(rules))
@@ -38,7 +39,8 @@ def write_config(tmp_path: Path, rules: str, **workflows: str) -> LoopdConfig:
     for name, text in workflows.items():
         (packs / "simtest" / "workflows" / f"{name}.yaml").write_text(textwrap.dedent(text))
     (tmp_path / "loopd.yaml").write_text(
-        "sources: [{name: webhook, type: webhook}, {name: alertmanager, type: alertmanager}]\n"
+        "sources: [{name: webhook, type: webhook}, {name: alertmanager, type: alertmanager},\n"
+        "          {name: telemetry, type: webhook}]\n"  # the CSV events' source
         "rules: [rules]\npacks: [packs]\n")
     return load_config(tmp_path / "loopd.yaml")
 
@@ -290,7 +292,7 @@ async def test_guards_count_their_windows_in_event_time(tmp_path: Path) -> None:
         [{"topic": "alerts/web-1", "time": T0 + i * 1000, "data": {}} for i in range(9)]
         + [{"topic": "check/db-1", "time": T0 + at, "data": {}}
            for at in (0, 900, 1800, 2700, 3600, 4500, 4800, 5400, 6300)],
-        key=lambda e: e["time"]))
+        key=operator.itemgetter("time")))
     report, runs, _ = await simulate(config, str(events))
     budgeted = sorted(r.created - T0 for r in runs if r.rule == "budgeted")
     assert budgeted == [0, 1000, 4000, 5000, 8000]  # at most 2 in any hour of event time

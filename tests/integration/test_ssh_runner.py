@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from loopd.catalog.inventory import CredentialRef, Inventory
+from loopd.catalog.credentials import Credentials
+from loopd.catalog.inventory import Inventory
 from loopd.packs.executor import ActionContext, ActionResult, Executor
 from loopd.packs.registry import PackRegistry
 from loopd.packs.ssh import MAX_OUTPUT, SshRunner
@@ -75,7 +76,7 @@ def password_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def inventory(server: SshServer, **entity: Any) -> Inventory:
     return Inventory({"web-1": server.entity(**entity)},
-                     {"ssh-ops": CredentialRef(username=USER, password=f"env:{PASSWORD_ENV}")})
+                     {"ssh-ops": Credentials(username=USER, password=f"env:{PASSWORD_ENV}")})
 
 
 async def execute(registry: PackRegistry, runner: SshRunner, inv: Inventory, action: str,
@@ -135,7 +136,7 @@ async def test_private_key_authentication(
     key_file.write_text(ssh_server.client_key_text)
     ssh_server.passwords.clear()  # only the key can get in
     inv = Inventory({"web-1": ssh_server.entity()},
-                    {"ssh-ops": CredentialRef(username=USER, key=f"file:{key_file}")})
+                    {"ssh-ops": Credentials(username=USER, key=f"file:{key_file}")})
     result = await execute(registry, runner, inv, "run", command="echo keyed")
     assert result.ok, result.error
     assert result.output["stdout"] == "keyed\n"
@@ -147,7 +148,7 @@ async def test_a_key_that_is_not_a_key_is_named_without_its_content(
     """Key text that cannot be imported fails naming the credentials, not the text."""
     monkeypatch.setenv("LOOPD_TEST_SSH_KEY", "not-a-key-but-a-secret-string")
     inv = Inventory({"web-1": ssh_server.entity()},
-                    {"ssh-ops": CredentialRef(username=USER, key="env:LOOPD_TEST_SSH_KEY")})
+                    {"ssh-ops": Credentials(username=USER, key="env:LOOPD_TEST_SSH_KEY")})
     result = await execute(registry, runner, inv, "run", command="echo hi")
     assert result.error is not None
     assert "credentials ssh-ops: key is not a usable private key" in result.error

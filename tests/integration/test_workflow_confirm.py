@@ -3,6 +3,7 @@ metrics, with the real engine of tests/workflow_harness.py."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from loopd import metrics
 from loopd.events import Event
-from loopd.metrics import REGISTRY
+from loopd.messages import CancelRun, StartRun
 from loopd.runs import states
 from loopd.store.base import RunRecord
 from tests.servers import wait_until
@@ -29,7 +31,7 @@ def telemetry(topic: str, source: str = "mqtt", **data: Any) -> Event:
 
 
 def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 # -- confirm -------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ async def decide_when_pending(harness: Harness, run: RunRecord, approved: bool,
         return (await harness.stored(run)).status == states.AWAITING_APPROVAL
 
     await wait_until(pending, timeout=5, what="the run to await approval")
-    await wait_until(lambda: harness.kinds.decide(run.id, approved, reason) is None,
+    await wait_until(lambda: harness.approvals.decide(run.id, approved, reason) is None,
                      timeout=5, what="the approval to be decided")
 
 
@@ -211,7 +213,7 @@ async def test_rejected_run_ends_rejected(harness: Harness) -> None:
     assert (done.status, done.outcome) == (states.REJECTED, states.OUTCOME_CANCELLED)
     assert done.reason == "rejected: change freeze"
     assert harness.calls.log == []
-    assert harness.kinds.decide(run.id, True, None) == f"run {run.id} is not awaiting approval"
+    assert harness.approvals.decide(run.id, True, None) == f"run {run.id} is not awaiting approval"
 
 
 async def test_unanswered_approval_expires(harness: Harness) -> None:
@@ -231,13 +233,38 @@ async def test_cancel_through_the_dispatcher_ends_the_run_cancelled(harness: Har
     harness.load(verify=VERIFY % "30s")
     run = await harness.start("verify", incident="inc-1", host="web-1", metric="user")
     await harness.waiting_for_evidence()
-    assert await harness.dispatcher.cancel(run.id)
+    assert harness.cancel(run)
     done = await harness.wait(run)
     assert (done.status, done.outcome) == (states.CANCELLED, states.OUTCOME_CANCELLED)
     assert done.reason == "cancelled through the API"
     assert harness.process.incidents == [("inc-1", states.OUTCOME_CANCELLED)]
     assert len(harness.kinds.hub) == 0
-    assert not await harness.dispatcher.cancel(run.id)
+    assert not harness.cancel(run)
+
+
+async def test_a_cancel_that_follows_its_start_in_the_queue_ends_the_run_before_it_acts(
+    harness: Harness,
+) -> None:
+    """CancelRun right behind its StartRun (a run decided and cancelled in one batch) ends
+    the run cancelled with the engine's reason, before any task runs; a cancel that may
+    not stop an acting run (acting_too=False) does not stop one that acts."""
+    harness.load(verify=VERIFY % "30s")
+    first = await harness.start("verify", incident="inc-1", host="web-1", metric="user")
+    await harness.waiting_for_evidence()
+    harness.dispatcher.commands.put_nowait(CancelRun(first.id, "alert resolved"))
+    run = RunRecord("run-2", "inc-2", "test-rule", "web-2", "workflow", "t.verify",
+                    {"host": "web-2", "metric": "user"}, states.PENDING, time.time())
+    await harness.store.save_run(run)
+    harness.dispatcher.commands.put_nowait(StartRun(run))
+    harness.dispatcher.commands.put_nowait(CancelRun(run.id, "restarted by event e2",
+                                                     acting_too=True))
+    await wait_until(lambda: ("inc-2", states.OUTCOME_CANCELLED) in harness.process.incidents,
+                     timeout=5, what="the second run to end")
+    done = await harness.stored(run)
+    assert (done.status, done.reason) == (states.CANCELLED, "restarted by event e2")
+    assert await harness.store.steps(run.id) == []
+    assert (await harness.stored(first)).status == states.WAITING  # it acts: not stopped
+    assert harness.cancel(first)
 
 
 # -- outcomes and their metrics --------------------------------------------------------------
@@ -269,7 +296,7 @@ async def test_outcomes_and_their_metrics(harness: Harness, fails: int, value: A
     """Each way a remediation can end has its outcome (WorkflowRunner.outcome), and
     loopd_runs_total, loopd_run_outcomes_total and loopd_confirmations_total count it."""
     harness.load(loop=LOOP)
-    before = {
+    before: dict[str, Any] = {
         "runs": metric("loopd_runs_total", workflow="t.loop", status=status),
         "outcomes": metric("loopd_run_outcomes_total", workflow="t.loop", outcome=outcome),
         "confirm": {r: metric("loopd_confirmations_total", workflow="t.loop", result=r)
@@ -279,7 +306,7 @@ async def test_outcomes_and_their_metrics(harness: Harness, fails: int, value: A
     if fails == 0:
         await harness.waiting_for_evidence()
         if value == "cancel":
-            assert await harness.dispatcher.cancel(run.id)
+            assert harness.cancel(run)
         elif value is not None:
             harness.kinds.hub.offer(telemetry("telemetry/web-1/cpu", value=value))
     done = await harness.wait(run)

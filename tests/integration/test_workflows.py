@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ async def test_inputs_are_typed_and_defaults_fill_the_context(harness: Harness) 
     ({"host": "web-1", "colour": "red"}, "input: unknown field(s) colour"),
 ])
 async def test_an_input_failing_its_schema_fails_the_run_naming_the_field(
-        harness: Harness, given: dict[str, object], problem: str) -> None:
+        harness: Harness, given: dict[str, Any], problem: str) -> None:
     """An input that does not fit the workflow's schema fails the run before any task runs."""
     harness.load(typed=TYPED)
     done = await harness.run("typed", **given)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -19,17 +20,34 @@ import pytest
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
+from loopd.clock import VirtualClock
 from loopd.decide.engine import Engine
 from loopd.events import Delivery, Event
+from loopd.messages import CancelRun, RunCommand, RunEnded, StartRun
 from loopd.rules.loader import RuleSet
-from loopd.store.base import Batch, RunRecord, Store
+from loopd.store.base import Batch, CommitResult, RunRecord, Store
 from loopd.store.sqlite import SqliteStore
 from tests.servers import wait_until
 from tests.unit.conftest import RulesFrom
 
 
-def event_time(event: Event) -> float:
-    return event.time
+def event_time() -> dict[str, Any]:
+    """Engine options for event time: a VirtualClock the engine moves to each event."""
+    return {"clock": VirtualClock(), "event_time": True}
+
+
+@dataclass
+class Sent:
+    """The dispatcher's command queue, as a record: runs started, runs cancelled."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+    cancels: list[CancelRun] = field(default_factory=list)
+
+    def put_nowait(self, command: RunCommand, /) -> None:
+        if isinstance(command, StartRun):
+            self.runs.append(command.run)
+        else:
+            self.cancels.append(command)
 
 
 @dataclass
@@ -44,11 +62,14 @@ class Running:
             await self.engine.emit(Delivery(event))
         await self.engine.drain(timeout=10)
 
-    async def close_incident_of(self, run: RunRecord, outcome: str = "fixed") -> None:
-        """What the dispatcher does when a run ends."""
+    async def close_incident_of(self, run: RunRecord, outcome: str = "fixed", *,
+                                wait: bool = True) -> None:
+        """What the dispatcher does when a run ends (and, with ``wait``, the engine done)."""
         assert run.incident_id is not None
         run.status, run.outcome = "succeeded", outcome
-        await self.engine.run_finished(run)
+        self.engine.inbox.put_nowait(RunEnded(run))
+        if wait:
+            await self.engine.drain(timeout=10)
 
 
 class GatedStore:
@@ -61,12 +82,13 @@ class GatedStore:
         self.waiting = 0
         self.log: list[str] = []
 
-    async def commit(self, batch: Batch) -> None:
+    async def commit(self, batch: Batch) -> CommitResult:
         self.waiting += 1
         await self.gate.wait()
         self.waiting -= 1
-        await self.inner.commit(batch)
+        result = await self.inner.commit(batch)
         self.log.append("commit")
+        return result
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -79,12 +101,12 @@ async def running(db: Path, rules: RuleSet, *, gated: bool = False,
     inner = SqliteStore(db)
     await inner.open()
     store: Store = cast(Store, GatedStore(inner)) if gated else inner
-    runs: list[RunRecord] = []
-    engine = Engine(store, rules, on_runs=runs.extend, **options)
+    sent = Sent()
+    engine = Engine(store, rules, commands=sent, **options)
     await engine.load()
     task = asyncio.create_task(engine.run())
     try:
-        yield Running(engine, store, runs)
+        yield Running(engine, store, sent.runs)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -105,7 +127,7 @@ def reasons(db: Path) -> list[str | None]:
 
 
 def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
 
 
 def ev(ident: str, *, key: str | None = "web-1", at: float | None = None,
@@ -165,7 +187,7 @@ async def test_duplicates_and_unmatched_events_are_still_acknowledged(
     acks: list[str] = []
     async with running(db, rules_from(SIMPLE)) as r:
         for event in (ev("e1"), ev("e1"), ev("x", source="elsewhere")):
-            await r.engine.emit(Delivery(event, lambda i=event.id: acks.append(i)))
+            await r.engine.emit(Delivery(event, functools.partial(acks.append, event.id)))
         await r.engine.drain(timeout=10)
         assert sorted(acks) == ["e1", "e1", "x"]
         assert await r.store.get_event("elsewhere", "x") is None  # nothing to remember
@@ -186,7 +208,7 @@ async def test_for_fires_only_after_the_condition_held_for_the_duration(
 ) -> None:
     """``for: 60s`` suppresses until the condition has held 60s for that key, then runs."""
     t0 = 1_000_000.0
-    async with running(db, rules_from(FOR_RULE), clock=event_time) as r:
+    async with running(db, rules_from(FOR_RULE), **event_time()) as r:
         await r.feed(ev("a", at=t0, value=95), ev("b", at=t0 + 30, value=96),
                      ev("other-key", key="web-2", at=t0 + 59, value=99))
         assert r.runs == []
@@ -205,7 +227,7 @@ async def test_for_timer_resets_when_the_condition_stops_holding(
 ) -> None:
     """One event below the threshold restarts the ``for:`` duration from zero."""
     t0 = 1_000_000.0
-    async with running(db, rules_from(FOR_RULE), clock=event_time) as r:
+    async with running(db, rules_from(FOR_RULE), **event_time()) as r:
         await r.feed(ev("a", at=t0, value=95), ev("b", at=t0 + 40, value=50))
         state = await r.store.load_state(since=0, recent=10)
         assert state.for_timers == []  # the reset is durable too
@@ -220,9 +242,9 @@ async def test_for_timer_resets_when_the_condition_stops_holding(
 async def test_for_timers_survive_a_restart(db: Path, rules_from: RulesFrom) -> None:
     """A ``for:`` timer started before a restart keeps counting after it."""
     rules, t0 = rules_from(FOR_RULE), 1_000_000.0
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("a", at=t0, value=95))
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("b", at=t0 + 60, value=95))
         assert len(r.runs) == 1
 
@@ -245,7 +267,7 @@ async def test_once_within_suppresses_runs_inside_the_window(
 ) -> None:
     """After a run, ``once_within: 10m`` suppresses the key's next run until 10m have passed."""
     t0 = time.time()
-    async with running(db, rules_from(THROTTLED), clock=event_time) as r:
+    async with running(db, rules_from(THROTTLED), **event_time()) as r:
         await r.feed(ev("a", topic="once", at=t0))
         await r.close_incident_of(r.runs[0])
         await r.feed(ev("b", topic="once", at=t0 + 300),
@@ -261,7 +283,7 @@ async def test_once_within_suppresses_runs_inside_the_window(
 async def test_max_per_window_allows_a_budget_of_runs(db: Path, rules_from: RulesFrom) -> None:
     """``max: 2, per: 1h`` allows two runs per key in an hour and suppresses the third."""
     t0 = time.time()
-    async with running(db, rules_from(THROTTLED), clock=event_time) as r:
+    async with running(db, rules_from(THROTTLED), **event_time()) as r:
         for i, offset in enumerate((0, 60, 120)):
             await r.feed(ev(f"e{i}", topic="budget", at=t0 + offset))
             if len(r.runs) > i:
@@ -275,10 +297,10 @@ async def test_max_per_window_allows_a_budget_of_runs(db: Path, rules_from: Rule
 async def test_throttles_survive_a_restart(db: Path, rules_from: RulesFrom) -> None:
     """Run starts are reloaded at start, so a restart does not reset a throttle."""
     rules, t0 = rules_from(THROTTLED), time.time()
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("a", topic="once", at=t0))
         await r.close_incident_of(r.runs[0])
-    async with running(db, rules, clock=event_time) as r:
+    async with running(db, rules, **event_time()) as r:
         await r.feed(ev("b", topic="once", at=t0 + 60))
         assert r.runs == []
     assert decisions(db)[-1] == ("b", "once", "suppressed")
@@ -325,7 +347,7 @@ async def test_a_closed_incident_is_not_reopened_by_a_batch_in_flight(
         gated.gate.clear()
         await r.engine.emit(Delivery(ev("b")))  # joins the open incident ...
         await wait_until(lambda: gated.waiting == 1, what="the joined batch to be written")
-        await r.close_incident_of(r.runs[0])    # ... whose run ends meanwhile
+        await r.close_incident_of(r.runs[0], wait=False)  # ... whose run ends meanwhile
         gated.gate.set()
         await r.engine.drain(timeout=10)
         assert await r.store.list_incidents(status="open") == []
@@ -479,3 +501,35 @@ rules:
         stored = await r.store.get_run(r.runs[0].id)
         assert stored is not None and stored.input["codes"] == {"200": "ok"}
     assert [o for _, _, o in decisions(db)] == ["run_created", "run_created"]
+
+
+async def test_a_run_end_is_not_starved_by_a_busy_source_queue(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """The engine takes its inbox (a RunEnded) before the next batch of a full source queue,
+    and writes the incident's close through its own batch."""
+    async with running(db, rules_from(SIMPLE), gated=True, batch_max=10) as r:
+        gated = cast(GatedStore, r.store)
+        closed_in: list[int] = []
+        inner_commit = gated.commit
+
+        async def commit(batch: Batch) -> CommitResult:
+            if any(i.status == "closed" for i in batch.incidents.values()):
+                closed_in.append(len(gated.log))
+            return await inner_commit(batch)
+
+        gated.commit = commit  # type: ignore[method-assign]
+        await r.feed(ev("a"))
+        gated.gate.clear()
+        for i in range(100):  # ten batches' worth waiting behind a held write
+            await r.engine.emit(Delivery(ev(f"busy-{i}", key=f"k-{i}")))
+        await wait_until(lambda: gated.waiting == 1, what="a batch held at the store")
+        await r.close_incident_of(r.runs[0], wait=False)
+        gated.gate.set()
+        await r.engine.drain(timeout=10)
+        # behind only the four batches decided before it arrived (one held, two queued,
+        # one waiting to be queued), not behind the six still in the source queue
+        assert closed_in and closed_in[0] <= 5, (closed_in, len(gated.log))
+        assert len(gated.log) >= 10
+        assert await r.store.list_incidents(status="open") != []
+        assert all(i.key != "web-1" for i in await r.store.list_incidents(status="open"))

@@ -1,11 +1,12 @@
 """Guards on the engine and a real SQLite store: run modes, budgets, breaker, blast radius,
 flapping, resolved alerts, silences, maintenance windows and shadow mode.
 
-The engine runs on event time (``clock=event.time``) so a test moves the clock by
-giving its events later times; runs do not execute here: a test ends a run the way
-the dispatcher does, with ``engine.run_finished``. Times start three days ago, inside
-the engine's restart memory, so a "restart" (a new Engine on the same database file)
-sees the same history. Metrics are global: tests compare deltas on their own rules.
+The engine runs on event time (a VirtualClock it moves to each event's time) so a test
+moves the clock by giving its events later times; runs do not execute here: a test ends
+a run the way the dispatcher does, with ``RunEnded`` into the engine's inbox. Times
+start three days ago, inside the engine's restart memory, so a "restart" (a new Engine
+on the same database file) sees the same history. Metrics are global: tests compare
+deltas on their own rules.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import pytest
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.silences import Silences, parse_silences
+from loopd.clock import VirtualClock
 from loopd.decide.engine import Engine
 from loopd.decide.guards import Guards
 from loopd.events import Delivery, Event
+from loopd.messages import CancelRun, RunCommand, RunEnded, StartRun
 from loopd.policy import GlobalGuards
 from loopd.rules.loader import RuleSet
 from loopd.runs import states
@@ -41,10 +44,6 @@ T0 = float(int(time.time())) - 3 * 86400  # event time of each test's first even
 HOUR = 3600.0
 
 
-def event_time(event: Event) -> float:
-    return event.time
-
-
 def alert(ident: str, host: str, at: float, *, status: str = "firing",
           alertname: str = "HostDown", fingerprint: str | None = None,
           **labels: str) -> Event:
@@ -55,7 +54,21 @@ def alert(ident: str, host: str, at: float, *, status: str = "firing",
 
 
 def sample(name: str, **labels: str) -> float:
-    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    return metrics.current().registry.get_sample_value(name, labels) or 0.0
+
+
+@dataclass
+class Sent:
+    """The dispatcher's command queue, as a record: runs started, runs cancelled."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+    cancels: list[CancelRun] = field(default_factory=list)
+
+    def put_nowait(self, command: RunCommand, /) -> None:
+        if isinstance(command, StartRun):
+            self.runs.append(command.run)
+        else:
+            self.cancels.append(command)
 
 
 @dataclass
@@ -63,7 +76,11 @@ class Loop:
     engine: Engine
     store: SqliteStore
     db: Path
-    runs: list[RunRecord] = field(default_factory=list)
+    sent: Sent
+
+    @property
+    def runs(self) -> list[RunRecord]:
+        return self.sent.runs
 
     async def feed(self, *events: Event) -> None:
         """Emit the events and wait until each is decided, stored and acknowledged."""
@@ -76,7 +93,8 @@ class Loop:
         run.status = states.SUCCEEDED if outcome == states.FIXED else states.FAILED
         run.outcome, run.finished = outcome, time.time()
         await self.store.save_run(run)
-        await self.engine.run_finished(run)
+        self.engine.inbox.put_nowait(RunEnded(run))
+        await self.engine.drain(timeout=10)
 
     def decisions(self, rule: str | None = None) -> list[tuple[str, str, str | None]]:
         """(event id, outcome, reason) of every durable decision, in order."""
@@ -109,13 +127,13 @@ async def engine_on(db: Path, rules: RuleSet, *, config: GlobalGuards | None = N
     store = SqliteStore(db)
     await store.open()
     inventory = inventory or Inventory()
-    runs: list[RunRecord] = []
-    engine = Engine(store, rules, inventory=inventory, clock=event_time, on_runs=runs.extend,
-                    guards=Guards(config or GlobalGuards(), inventory, silences))
+    sent = Sent()
+    engine = Engine(store, rules, inventory=inventory, clock=VirtualClock(), event_time=True,
+                    commands=sent, guards=Guards(config or GlobalGuards(), inventory, silences))
     await engine.load()
     task = asyncio.create_task(engine.run())
     try:
-        yield Loop(engine, store, db, runs)
+        yield Loop(engine, store, db, sent)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -206,19 +224,14 @@ async def test_parallel_mode_runs_up_to_max_parallel(db: Path, rules_from: Rules
 async def test_restart_mode_hands_the_old_run_to_the_dispatcher_to_cancel(
     db: Path, rules_from: RulesFrom,
 ) -> None:
-    """``restart`` records ``restarted``, asks for the run in progress to be cancelled."""
+    """``restart`` records ``restarted``, asks the dispatcher to cancel the run in progress
+    (acting or not), after starting it."""
     text = rule("restart", extra="    run_mode: restart")
-    cancelled: list[tuple[str, str]] = []
-
-    def restart_run(run_id: str, why: str) -> bool:  # what the daemon wires: the dispatcher
-        cancelled.append((run_id, why))
-        return True
-
     async with engine_on(db, rules_from(text)) as loop:
-        loop.engine.incidents.restart_run = restart_run
         await loop.feed(alert("r1", "web-1", T0), alert("r2", "web-1", T0 + 1))
         assert loop.outcomes() == ["run_created", "restarted"]
-        assert cancelled == [(loop.runs[0].id, "restarted by event r2")]
+        assert loop.sent.cancels == [CancelRun(loop.runs[0].id, "restarted by event r2",
+                                               acting_too=True)]
         incident = loop.engine.open_incident("restart", "web-1")
         assert incident is not None and incident.run_id == loop.runs[1].id
 
@@ -238,7 +251,7 @@ async def test_a_rule_budget_suppresses_runs_beyond_its_count_within_the_window(
             "guard budget: rule budget of 2 runs per 3600s is spent"
         assert sample("loopd_guard_suppressions_total", rule="budget-rule",
                       guard="budget") - before == 2
-        assert metrics.REGISTRY.get_sample_value(
+        assert metrics.current().registry.get_sample_value(
             "loopd_budget_remaining", {"rule": "budget-rule"}) == 0
         await loop.feed(alert("later", "web-9", T0 + HOUR + 1))  # the first start is out
         assert loop.outcomes()[-1] == "run_created"
@@ -534,13 +547,6 @@ async def test_a_resolved_alert_cancels_the_queued_runs_of_its_incident(
     """Runs queued behind the current one are cancelled when their alert resolves."""
     text = rule("queued-resolve", extra="    run_mode: queued")
     async with engine_on(db, rules_from(text)) as loop:
-        asked: list[str] = []
-
-        def already_acting(run_id: str, why: str) -> bool:  # the dispatcher's answer
-            asked.append(why)
-            return False
-
-        loop.engine.incidents.cancel_run = already_acting
         await loop.feed(alert("q1", "web-1", T0, fingerprint="fp"),
                         alert("q2", "web-1", T0 + 1, fingerprint="fp"))
         (queued,) = await loop.store.runs_in_status((states.QUEUED,))
@@ -550,7 +556,8 @@ async def test_a_resolved_alert_cancels_the_queued_runs_of_its_incident(
         assert (stored.status, stored.reason) == (states.CANCELLED,
                                                   "alert resolved before it ran")
         # the active run is the dispatcher's to cancel if it has not acted yet
-        assert asked == ["alert resolved (ok) before the run acted"]
+        assert loop.sent.cancels == [CancelRun(loop.runs[0].id,
+                                               "alert resolved (ok) before the run acted")]
         await loop.end(loop.runs[0])
         assert len(loop.runs) == 1  # nothing left to start
 

@@ -69,3 +69,14 @@ def test_ground_floor_and_language_do_not_import_upward() -> None:
     for low in ("rules", "packs", "catalog", "store", "sources", "expr"):
         assert not edges[low] & {"workflow", "decide", "runs", "daemon", "api", "simulate"}, (
             low, edges[low])
+
+
+def test_the_api_sees_loopd_only_through_the_control_facade() -> None:
+    """loopd/api imports neither the engine, the dispatcher nor the daemon: only Control
+    (and events for the ingest path, run state names for queries)."""
+    for path in (ROOT / "api").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module not in ("loopd.decide.engine", "loopd.runs.dispatcher",
+                                           "loopd.daemon", "loopd.wiring"), (path, node.module)
+                assert not node.module.startswith("loopd.decide"), (path, node.module)

@@ -140,8 +140,10 @@ async def test_load_state_returns_what_the_engine_needs_after_a_restart(impl: Op
     reopened = await impl()
     state = await reopened.load_state(since=now - 100, recent=3)
     assert [i.id for i in state.open_incidents] == ["i-open"]
-    assert state.for_timers == [("r", "web-1", pytest.approx(now - 30))]
-    assert state.run_starts == [("r", "web-1", pytest.approx(now - 10))]
+    ((rule, key, deadline),) = state.for_timers
+    assert (rule, key) == ("r", "web-1") and deadline == pytest.approx(now - 30)
+    ((rule, key, started),) = state.run_starts
+    assert (rule, key) == ("r", "web-1") and started == pytest.approx(now - 10)
     assert state.recent_events == [("webhook", "e2"), ("webhook", "e3"), ("webhook", "e4")]
 
 
@@ -210,7 +212,7 @@ async def test_concurrent_writers_are_all_committed(impl: Opener) -> None:
     store = await impl()
     runs = [_run(f"run-{i}") for i in range(20)]
     await store.commit(Batch(runs=runs))
-    writes: list[Awaitable[None]] = []
+    writes: list[Awaitable[object]] = []
     for i, run in enumerate(runs):
         run.status = "succeeded"
         writes.append(store.save_run(run))

@@ -7,8 +7,28 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from loopd.decide.timers import ForTimers, Throttles
+from loopd.catalog.inventory import Inventory
+from loopd.decide.guards import Guards
+from loopd.decide.timers import ForTimers, compile_throttle
+from loopd.policy import GlobalGuards
 from loopd.rules.model import Throttle
+from loopd.rules.model import Throttle as ThrottleSpec
+
+
+class Throttles:
+    """A rule's throttle as it runs: compiled to per-key budgets of the guards, which
+    count the same run starts as ``guards.max_runs_per_key``."""
+
+    def __init__(self) -> None:
+        self.guards = Guards(GlobalGuards(), Inventory())
+
+    def record(self, rule: str, key: str, when: float) -> None:
+        self.guards.run_started(rule, key, when)
+
+    def blocked(self, rule: str, key: str, spec: ThrottleSpec, now: float) -> str | None:
+        throttle = compile_throttle(spec)
+        assert throttle is not None
+        return self.guards.throttled(rule, key, throttle, now)
 
 
 def test_once_within_blocks_until_the_window_has_passed() -> None:

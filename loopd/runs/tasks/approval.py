@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from loopd.runs import states
 from loopd.runs.progress import TaskState
 from loopd.runs.tasks.base import TaskBase, TaskResult
@@ -12,14 +10,6 @@ from loopd.workflow.loader import CompiledTask
 
 
 class ApprovalTasks(TaskBase):
-    def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
-        """Resolve a pending approval; None when done, else why it cannot be."""
-        future = self._approvals.get(run_id)
-        if future is None or future.done():
-            return f"run {run_id} is not awaiting approval"
-        future.set_result((approved, reason))
-        return None
-
     async def _approval(self, run: RunRecord, ct: CompiledTask, ts: TaskState) -> TaskResult:
         approval = ct.task.approval
         assert approval is not None
@@ -30,20 +20,15 @@ class ApprovalTasks(TaskBase):
         message = self._message(run, ct)
         step = await self._waiting_step(run, ct, ts, states.AWAITING_APPROVAL,
                                         {"message": message, "expires": deadline})
-        future = self._approvals[run.id] = asyncio.get_running_loop().create_future()
         try:
-            # clock.wait never cancels the future, nor swallows a cancellation of this task
-            # (asyncio.wait_for can, on Python 3.11)
-            decided = await self.clock.wait(future, deadline)
-            if self.on_active is not None:
-                await self.on_active(run.id)
+            decided = await self.approvals.wait(run.id, deadline, self.clock)
+            await self.slots.take(run.id)
         finally:
-            self._approvals.pop(run.id, None)
             self._settle(run, states.RUNNING)
-        if not decided:
+        if decided is None:
             await self._finish(step, states.EXPIRED, None, "approval expired")
             return TaskResult(states.EXPIRED, {}, f"approval of {ct.name} expired", 1, step)
-        approved, reason = future.result()
+        approved, reason = decided.approved, decided.reason
         if approved:
             await self._finish(step, states.SUCCEEDED, {"approved": True, "reason": reason})
             return TaskResult(states.SUCCEEDED, {"approved": True}, None, 1, step)

@@ -3,8 +3,7 @@ it executes, moves between running and waiting, the rendered task message."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,8 +11,10 @@ from loopd.clock import Clock, WallClock
 from loopd.errors import ConditionError
 from loopd.packs.executor import Executor
 from loopd.runs import states
+from loopd.runs.approvals import Approvals
 from loopd.runs.evidence import ConfirmHub, PromQL
 from loopd.runs.progress import Progress, TaskState
+from loopd.runs.slots import Slots
 from loopd.store.base import RunRecord, StepRecord, Store
 from loopd.workflow.loader import CompiledTask
 
@@ -35,20 +36,20 @@ class TaskResult:
 class TaskBase:
     def __init__(self, store: Store, executor: Executor, *, hub: ConfirmHub | None = None,
                  prometheus: PromQL | None = None, services: dict[str, Any] | None = None,
-                 dry_run: bool = False, clock: Clock | None = None) -> None:
+                 dry_run: bool = False, clock: Clock | None = None,
+                 slots: Slots | None = None, approvals: Approvals | None = None) -> None:
         self.store = store
         self.clock: Clock = clock if clock is not None else WallClock()
         self.executor = executor
-        self.hub = hub or ConfirmHub()
+        self.hub = hub if hub is not None else ConfirmHub()  # an empty hub is falsy
         self.prometheus = prometheus
         self.services = services or {}
         self.dry_run = dry_run
         self.runner: WorkflowRunner | None = None
-        # told when a run settles into a long wait (confirm, approval): the dispatcher
-        # lets the next run start then
-        self.on_waiting: Callable[[str], None] | None = None
-        self.on_active: Callable[[str], Awaitable[None]] | None = None  # and when it wakes
-        self._approvals: dict[str, asyncio.Future[tuple[bool, str | None]]] = {}
+        # the dispatcher's start slots: a run settling into a long wait (confirm, approval)
+        # gives its slot back, so the next run starts; it takes one again when it wakes
+        self.slots = slots if slots is not None else Slots()
+        self.approvals = approvals if approvals is not None else Approvals()
         # the typed progress of each executing run; RunRecord.progress stays the JSON the
         # store saves, written from this before every save
         self._live: dict[str, Progress] = {}
@@ -103,16 +104,14 @@ class TaskBase:
                             status: str, input: Any = None) -> StepRecord:
         """The step of a confirm/approval: created once, found again after a restart."""
         if ts.step is not None and ts.step_started is not None and run.status == status:
-            if self.on_waiting is not None:
-                self.on_waiting(run.id)
+            self.slots.give_back(run.id)
             return StepRecord(run.id, ts.step, ct.name, None, 1, states.RUNNING,
                               ts.step_started, input=input)
         self._settle(run, status)
         step = await self._step(run, ct.name, None, 1, input)
         ts.step, ts.step_started = step.seq, step.started
         await self.save(run)  # the status and the step to find again, together
-        if self.on_waiting is not None:
-            self.on_waiting(run.id)
+        self.slots.give_back(run.id)
         return step
 
     async def _step(self, run: RunRecord, task: str, action: str | None, attempt: int,

@@ -35,8 +35,7 @@ class ConfirmTasks(TaskBase):
         query_false = 0
         try:
             found = await self._await_evidence(run, ct, deadline, waiter)
-            if self.on_active is not None:
-                await self.on_active(run.id)
+            await self.slots.take(run.id)
             if isinstance(found, Event):
                 output = {"evidence": "event", "event": found.to_json()}
             elif found is True:

@@ -1,0 +1,130 @@
+"""The control facade: everything the API does that reads or changes live state.
+
+The API (loopd.api) sees loopd only through ``Control`` (and the ingest path of push
+sources): approve/reject/cancel a run, close a breaker, reload, rules with their match
+counts, guard status, and runs/incidents/steps read from the store. Changes go to their
+one writer: guard memory and queued runs to the engine (written by its next batch,
+awaited here so an answer means durable), running runs to the dispatcher, approvals to
+the one set of pending approvals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from loopd.decide.engine import Engine
+from loopd.packs.registry import PackRegistry
+from loopd.rules.loader import RuleSet
+from loopd.runs import states
+from loopd.runs.approvals import Approvals
+from loopd.runs.dispatcher import API_CANCEL, Dispatcher
+from loopd.sources.base import Source
+from loopd.store.base import DecisionRecord, IncidentRecord, RunRecord, StepRecord, Store
+
+WRITE_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class ReloadResult:
+    rules: int
+    errors: list[str]
+    kept: list[str] = field(default_factory=list)  # rule files whose previous rules stay
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAnswer:
+    """``cancelled`` (a queued run, now final), ``cancelling`` (the run is being stopped),
+    ``missing`` (no such run) or ``refused`` (``problem`` says why)."""
+
+    state: Literal["cancelled", "cancelling", "missing", "refused"]
+    problem: str | None = None
+
+
+class Control:
+    def __init__(self, *, engine: Engine, dispatcher: Dispatcher, approvals: Approvals,
+                 store: Store, registry: Callable[[], PackRegistry],
+                 reload: Callable[[], Awaitable[ReloadResult]],
+                 sources: dict[str, Source] | None = None) -> None:
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self._approvals = approvals
+        self._store = store
+        self._registry = registry
+        self._reload = reload
+        self._sources = sources or {}
+
+    # -- rules, guards, health ------------------------------------------------------------
+
+    @property
+    def ruleset(self) -> RuleSet:
+        return self._engine.ruleset
+
+    def matches(self, rule: str) -> int:
+        return self._engine.matches[rule]
+
+    def registry(self) -> PackRegistry:
+        return self._registry()
+
+    def sources_connected(self) -> dict[str, bool]:
+        return {name: s.connected for name, s in self._sources.items()}
+
+    def guard_status(self) -> dict[str, Any]:
+        engine = self._engine
+        return engine.guards.snapshot(engine.policies(), engine.now())
+
+    def refresh_budgets(self) -> None:
+        """Budgets free up as their window slides, with no event to say so: refresh the
+        loopd_budget_remaining gauge (before /metrics answers)."""
+        engine = self._engine
+        engine.guards.publish_budgets(engine.policies(), engine.now())
+
+    async def close_breaker(self, scope: str) -> bool:
+        if not self._engine.close_breaker(scope):
+            return False
+        await self._engine.drain(WRITE_TIMEOUT)  # written by the engine's next batch
+        return True
+
+    async def reload(self) -> ReloadResult:
+        return await self._reload()
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
+        """Approve or reject a run waiting for approval (rule ``mode: approval`` or an
+        ``approval:`` task); None when done, else why not."""
+        return self._approvals.decide(run_id, approved, reason)
+
+    async def cancel(self, run_id: str) -> CancelAnswer:
+        run = await self._store.get_run(run_id)
+        if run is None:
+            return CancelAnswer("missing", f"no run {run_id!r}")
+        if run.status == states.QUEUED:  # still the engine's: in its incident's queue
+            if self._engine.cancel_queued(run_id, "cancelled through the API while queued") \
+                    is None:
+                return CancelAnswer("refused", f"run {run_id} is no longer queued")
+            await self._engine.drain(WRITE_TIMEOUT)
+            return CancelAnswer("cancelled")
+        if run.status not in states.ACTIVE:
+            return CancelAnswer("refused", f"run {run_id} already ended ({run.status})")
+        if not self._dispatcher.cancel(run_id, API_CANCEL, acting_too=True):
+            return CancelAnswer("refused", f"run {run_id} is not executing here")
+        return CancelAnswer("cancelling")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def list_runs(self, *, status: str | None, limit: int) -> list[RunRecord]:
+        return await self._store.list_runs(status=status, limit=limit)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return await self._store.get_run(run_id)
+
+    async def steps(self, run_id: str) -> list[StepRecord]:
+        return await self._store.steps(run_id)
+
+    async def decisions_of_incident(self, incident_id: str) -> list[DecisionRecord]:
+        return await self._store.decisions_for(incident_id=incident_id)
+
+    async def list_incidents(self, *, status: str | None, limit: int) -> list[IncidentRecord]:
+        return await self._store.list_incidents(status=status, limit=limit)
