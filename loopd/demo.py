@@ -20,8 +20,10 @@ from loopd.runs import states
 from loopd.sources.sim import Fleet
 from loopd.store.base import RunRecord
 
-_MARK = {states.FIXED: "fixed", states.NOT_FIXED: "NOT FIXED", states.INCONCLUSIVE: "no evidence",
-         states.OUTCOME_FAILED: "FAILED -> escalated", states.OUTCOME_CANCELLED: "cancelled"}
+_MARK: dict[str, str] = {
+    states.FIXED: "fixed", states.NOT_FIXED: "NOT FIXED", states.INCONCLUSIVE: "no evidence",
+    states.OUTCOME_FAILED: "FAILED -> escalated", states.OUTCOME_CANCELLED: "cancelled",
+    states.DONE: "done (nothing confirmed)"}
 
 
 class Narrator:

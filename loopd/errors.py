@@ -15,6 +15,7 @@ class that makes sense::
      │    │                     the store is down; hold and retry)
      │    └── StoreRejected     the store refused a record (not transient: never retried)
      ├── SourceError            a source could not connect or lost its connection
+     ├── IllegalTransition      a run's status was to move along no edge of its table
      └── ActionError            an action failed (the run records it)
           ├── ActionTimeout     the action did not finish in time
           └── UnknownAction     the workflow names an action no pack provides
@@ -99,6 +100,15 @@ class StoreRejected(StoreError):
 
 class SourceError(LoopdError):
     """A source could not connect, or lost its connection."""
+
+
+class IllegalTransition(LoopdError):
+    """A run's status was to move where the transition table (loopd.runs.states) has no
+    edge: a bug in loopd, named with the run and both statuses."""
+
+    def __init__(self, run_id: str, current: str, wanted: str) -> None:
+        super().__init__(f"run {run_id}: no transition from {current} to {wanted}")
+        self.run_id, self.current, self.wanted = run_id, current, wanted
 
 
 class ActionError(LoopdError):

@@ -238,8 +238,8 @@ class Engine:
         run = self.incidents.cancel_queued(run_id)
         if run is None:
             return None
-        run.status, run.outcome = states.CANCELLED, states.OUTCOME_CANCELLED
-        run.finished, run.reason = self.now(), reason
+        states.move(run, states.CANCELLED, reason=reason, at=self.now())
+        run.outcome = states.OUTCOME_CANCELLED
         self._run_updates.append(run)
         self.inbox.put_nowait(None)
         return run

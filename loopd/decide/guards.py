@@ -22,7 +22,8 @@ from loopd.decide.timers import Throttle
 from loopd.policy import BlastRadius, Budget, GlobalGuards, RuleGuards, Window
 from loopd.runs import states
 
-NOT_FIXED = (states.NOT_FIXED, states.OUTCOME_FAILED, states.INCONCLUSIVE)
+# breaker failures; ``done`` (succeeded, nothing to confirm) and ``cancelled`` are not
+NOT_FIXED = frozenset({states.NOT_FIXED, states.OUTCOME_FAILED, states.INCONCLUSIVE})
 _FLEET = "*"
 
 

@@ -181,7 +181,7 @@ class Incidents:
         batch.incidents[incident.id] = incident
         batch.runs.append(run)
         if outcome == "queued" and slot.active:
-            run.status = states.QUEUED
+            states.move(run, states.QUEUED)
             slot.queued.append(run)
             record(outcome, f"after {len(slot.queued) - 1} queued run(s)", incident, run.id)
             return
@@ -239,7 +239,7 @@ class Incidents:
                 continue
             while slot.queued:
                 run = slot.queued.popleft()
-                run.status, run.finished = states.CANCELLED, now if now is not None else event.time
+                states.move(run, states.CANCELLED, at=now if now is not None else event.time)
                 run.reason, run.outcome = "alert resolved before it ran", states.OUTCOME_CANCELLED
                 batch.run_updates.append(run)
                 cancelled.append(run.id)
@@ -269,7 +269,7 @@ class Incidents:
         slot.active.discard(run.id)
         if slot.queued:
             nxt = slot.queued.popleft()
-            nxt.status = states.PENDING
+            states.move(nxt, states.PENDING)
             slot.active.add(nxt.id)
             batch.run_updates.append(nxt)  # pending is durable before it is started
             commands.append(StartRun(nxt))

@@ -202,7 +202,7 @@ class Dispatcher:
             await self._end(run, states.REJECTED, f"rejected{': ' + reason if reason else ''}")
             return False
         await self._slots.take(run.id)
-        run.status = states.PENDING
+        states.move(run, states.PENDING)
         run.progress = {k: v for k, v in (run.progress or {}).items() if k != "gate"} or None
         run.ctx = {**(run.ctx or {}), "approved": {"reason": decided.reason,
                                                    "at": self.clock.now()}}
@@ -219,7 +219,8 @@ class Dispatcher:
                 await self._end(run, states.INTERRUPTED,
                                 "loopd stopped while a non-idempotent action was running")
                 return
-        run.status, run.started = states.RUNNING, self.clock.now()
+        states.move(run, states.RUNNING)
+        run.started = self.clock.now()
         await self.store.save_run(run)
         metrics.run_started(run.target, run.id)
         step = StepRecord(run.id, 1, "action", run.target, 1, states.RUNNING, self.clock.now(),
@@ -244,7 +245,7 @@ class Dispatcher:
         self._ending.add(run.id)
         now = self.clock.now()
         # an ending without a reason keeps the one the run was created with (escalations)
-        run.status, run.finished, run.reason = status, now, reason or run.reason
+        states.move(run, status, reason=reason or run.reason, at=now)
         run.outcome = run.outcome or states.default_outcome(status)
         await self.store.save_run(run)
         if started:

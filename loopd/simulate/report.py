@@ -29,8 +29,7 @@ from loopd.store.base import DecisionRecord, RunRecord
 if TYPE_CHECKING:
     from loopd.simulate.replay import Simulation
 
-OUTCOMES = (states.FIXED, states.NOT_FIXED, states.INCONCLUSIVE, states.OUTCOME_FAILED,
-            states.OUTCOME_CANCELLED)
+OUTCOMES = tuple(o.value for o in states.Outcome)
 _ALL = 1 << 62  # "no limit" for the store's list queries
 
 
@@ -106,7 +105,7 @@ class Tally:
         self.runs_created += 1
 
     def run_finished(self, run: RunRecord) -> None:
-        self.finished[(run.target, run.outcome or "", run.status)] += 1
+        self.finished[(run.target, str(run.outcome or ""), str(run.status))] += 1
         first = self.first
         first.append(run)
         if len(first) > 4 * self.first_n:  # runs end out of order: keep the earliest started

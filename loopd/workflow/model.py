@@ -88,7 +88,9 @@ class Task(_Strict):
     confirm: Confirm | None = None
     approval: Approval | None = None
     rollback: Literal["all"] | list[str] | None = None
-    succeed: str | None = None  # the outcome to report, e.g. "fixed"
+    # the outcome to report: a value of loopd.runs.states.Outcome (bounded metric labels)
+    succeed: Literal["fixed", "not_fixed", "inconclusive", "failed", "cancelled",
+                     "done"] | None = None
     fail: str | None = None     # the reason
     noop: bool | None = None
     input: dict[str, Any] = Field(default_factory=dict)

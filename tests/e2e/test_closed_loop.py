@@ -173,7 +173,7 @@ async def test_service_that_never_recovers_is_escalated_to_servicenow_with_the_h
     escalated = await daemon.wait_runs(1, status="succeeded")
     (ticket_run,) = [r for r in escalated if r["rule"] == "escalate-unfixed"]
     ticket = await daemon.run(ticket_run["id"])
-    assert ticket["outcome"] == "escalated" and ticket["key"] == "web-1"
+    assert ticket["outcome"] == "done" and ticket["key"] == "web-1"
     (incident,) = servicenow.incidents
     assert incident["short_description"] == f"{workflow} did not fix web-1"
     assert incident["cmdb_ci"] == "web-1" and incident["urgency"] == "1"
@@ -306,6 +306,6 @@ async def test_finished_run_publishes_its_outcome_event_on_the_bus(
     assert key == b"web-7"
     assert outcome["run"] == run["id"] and outcome["rule"] == "noop-on-ping"
     assert outcome["key"] == "web-7" and outcome["action"] == "core.noop"
-    assert (outcome["status"], outcome["outcome"]) == ("succeeded", "fixed")
+    assert (outcome["status"], outcome["outcome"]) == ("succeeded", "done")
     assert outcome["finished"] >= outcome["created"]
     await daemon.stop()

@@ -112,8 +112,8 @@ def test_simulate_prints_and_writes_the_report(tmp_path: Path) -> None:
     assert set(cpu["suppressions"]) <= {"for", "throttled"}
     runs = report["runs"]
     assert runs["by_workflow"]["simtest.clean"] == {
-        "fixed": 1, "not_fixed": 0, "inconclusive": 1, "failed": 0, "cancelled": 0}
-    assert runs["by_workflow"]["core.log"]["fixed"] == cpu["decisions"]["run_created"]
+        "fixed": 1, "not_fixed": 0, "inconclusive": 1, "failed": 0, "cancelled": 0, "done": 0}
+    assert runs["by_workflow"]["core.log"]["done"] == cpu["decisions"]["run_created"]
     clean = {r["key"]: r for r in runs["first"] if r["workflow"] == "simtest.clean"}
     assert {k: (r["start"], r["end"], r["outcome"]) for k, r in clean.items()} == {
         "db-1": (T0, T0 + 240, "fixed"), "db-2": (T0, T0 + 900, "inconclusive")}

@@ -194,7 +194,7 @@ async def test_alertmanager_notification_runs_the_rule_and_shows_the_run(api: Ap
     (paged,) = await api.runs("page-on-critical")  # web-2 is only a warning
     (resolved,) = await api.runs("note-resolved")
     assert (paged["key"], paged["action"], paged["status"], paged["outcome"]) == (
-        "web-1:9113", "core.log", "succeeded", "fixed")
+        "web-1:9113", "core.log", "succeeded", "done")
     assert resolved["key"] == "web-3:9113"
 
     status, story = await api.get(f"/v1/runs/{paged['id']}")

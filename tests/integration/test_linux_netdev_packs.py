@@ -189,7 +189,7 @@ async def test_drift_first_run_records_the_baseline(loop: Loop, ssh_server: SshS
     """With no baseline yet, the running config becomes the device's baseline."""
     original = ssh_server.host.config
     done = await loop.run("netdev.drift", "edge-1", device="edge-1")
-    assert (done.status, done.outcome) == (states.SUCCEEDED, "baseline_recorded")
+    assert (done.status, done.outcome) == (states.SUCCEEDED, states.DONE)
     assert done.tasks == ["fetch", "compare", "first_baseline", "baseline_recorded"]
     assert await baseline(loop, "edge-1") == original
     assert ssh_server.host.commands == ["show running-config"]
@@ -221,7 +221,8 @@ async def test_drift_of_a_timestamp_only_is_no_drift(loop: Loop, ssh_server: Ssh
     assert (await loop.run("netdev.drift", "edge-1", device="edge-1")).status == states.SUCCEEDED
     ssh_server.host.config = ssh_server.host.config.replace("09:00:00", "12:00:00")
     done = await loop.run("netdev.drift", "edge-1", device="edge-1", mode="restore")
-    assert (done.status, done.outcome) == (states.SUCCEEDED, "no_drift")
+    assert (done.status, done.outcome) == (states.SUCCEEDED, states.DONE)
+    assert done.tasks[-1] == "in_sync"
     assert not any(c.startswith("configure") for c in ssh_server.host.commands)
 
 
@@ -232,7 +233,8 @@ async def test_drift_in_record_mode_accepts_the_new_config(
     ssh_server.host.config += "logging host 10.0.0.9\n"
     done = await loop.run("netdev.drift", "edge-1", device="edge-1", mode="record",
                           ticket=False)
-    assert (done.status, done.outcome) == (states.SUCCEEDED, "drift_recorded")
+    assert (done.status, done.outcome) == (states.SUCCEEDED, states.DONE)
+    assert done.tasks[-1] == "recorded"
     assert "+logging host 10.0.0.9" in done.run.ctx["compare"]["diff"]
     assert await baseline(loop, "edge-1") == ssh_server.host.config
     assert servicenow.incidents == []

@@ -127,7 +127,7 @@ async def test_a_for_rule_starts_runs_exactly_where_the_series_held_above_the_th
         config, f"{NAB}/ec2_cpu_utilization_77c1ca.csv:host=web-1,metric=cpu",
         f"{NAB}/ec2_cpu_utilization_ac20cd.csv:host=web-2,metric=cpu")
     assert {(r.key, r.created) for r in runs} == expected
-    assert {(r.status, r.outcome) for r in runs} == {(states.SUCCEEDED, states.FIXED)}
+    assert {(r.status, r.outcome) for r in runs} == {(states.SUCCEEDED, states.DONE)}
     assert all(r.finished == r.created for r in runs)  # a dry-run action takes no time
     data = report.data
     assert data["events"]["read"] == len(series["web-1"]) + len(series["web-2"])
@@ -204,7 +204,7 @@ async def test_confirmations_are_decided_by_later_events_and_deadlines_on_event_
     assert (verify.task, verify.started, verify.finished) == ("verify", T0, T0 + 120)
     data = report.data
     assert data["runs"]["by_workflow"] == {"simtest.cool_down": {
-        "fixed": 1, "not_fixed": 1, "inconclusive": 2, "failed": 0, "cancelled": 0}}
+        "fixed": 1, "not_fixed": 1, "inconclusive": 2, "failed": 0, "cancelled": 0, "done": 0}}
     assert [(r["key"], r["start"], r["end"], r["outcome"]) for r in data["runs"]["first"]] == [
         ("web-1", T0, T0 + 120, "fixed"), ("web-2", T0, T0 + 600, "inconclusive"),
         ("web-3", T0, T0 + 600, "not_fixed"), ("web-4", T0 + 800, T0 + 1400, "inconclusive")]

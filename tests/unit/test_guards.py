@@ -358,6 +358,19 @@ async def test_fixed_and_cancelled_runs_never_open_the_breaker(
         assert loop.escalations() == []
 
 
+async def test_runs_that_only_notified_never_open_the_breaker(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """Outcome ``done`` (succeeded without confirming) is not a breaker failure."""
+    async with engine_on(db, rules_from(BREAKER)) as loop:
+        for i in range(3):
+            await loop.feed(alert(f"d{i}", "web-1", T0 + i))
+            await loop.end(loop.runs[-1], states.DONE)
+        await loop.feed(alert("next", "web-1", T0 + 10))
+        assert loop.outcomes()[-1] == "run_created"
+        assert loop.escalations() == []
+
+
 async def test_an_open_breaker_survives_a_restart(db: Path, rules_from: RulesFrom) -> None:
     """The breaker's state is in the store: after a restart it is still open, and the
     escalation does not start a second time."""

@@ -34,6 +34,11 @@ def where(tmp_path: Path, name: str, text: str, task: str) -> str:
 
 
 BROKEN = {
+    "unknown succeed outcome": ("""
+        tasks:
+          go: {noop: true, next: done}
+          done: {succeed: restarted}
+    """, "done", "tasks.done.succeed: Input should be 'fixed', 'not_fixed', 'inconclusive'"),
     "unknown action": ("""
         tasks:
           start: {noop: true, next: go}
