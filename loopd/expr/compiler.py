@@ -47,12 +47,12 @@ _JINJA = SandboxedEnvironment(undefined=jinja2.ChainableUndefined, autoescape=Fa
 _EXPR = re.compile(r"\{\{(.*?)\}\}", re.S)
 _CONSTANTS = {"true": True, "false": False, "none": None, "True": True, "False": False,
               "None": None}
-_FUNCTIONS: dict[str, Callable[..., Any]] = {
+FUNCTIONS: dict[str, Callable[..., Any]] = {
     "len": len, "int": int, "float": float, "str": str, "bool": bool, "abs": abs,
     "min": min, "max": max, "round": round, "sum": sum, "any": any, "all": all,
     "sorted": sorted,
 }
-_JINJA.globals.update(_FUNCTIONS)  # the fallback offers the same functions as the fast path
+_JINJA.globals.update(FUNCTIONS)  # the fallback offers the same functions as the fast path
 _METHODS: dict[type, set[str]] = {
     str: {"startswith", "endswith", "lower", "upper", "strip", "split", "replace", "count",
           "isdigit"},
@@ -120,7 +120,7 @@ class _Rewrite(ast.NodeTransformer):
         if node.id in self.names:
             self.used.add(node.id)
             return node
-        if node.id in _FUNCTIONS:
+        if node.id in FUNCTIONS:
             return node
         raise _Unsupported(node.id)
 
@@ -143,7 +143,7 @@ class _Rewrite(ast.NodeTransformer):
             raise _Unsupported("keyword arguments")
         args = [self.visit(a) for a in node.args]
         func = node.func
-        if isinstance(func, ast.Name) and func.id in _FUNCTIONS:
+        if isinstance(func, ast.Name) and func.id in FUNCTIONS:
             return ast.copy_location(ast.Call(func, args, []), node)
         if isinstance(func, ast.Attribute) and not func.attr.startswith("_"):
             target = ast.Call(ast.Name("_method", ast.Load()),
@@ -168,7 +168,7 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
     )
     module = ast.fix_missing_locations(ast.Expression(lam))
     env: dict[str, Any] = {"__builtins__": {}, "_get": _get, "_item": _item,
-                           "_method": _method, **_FUNCTIONS}
+                           "_method": _method, **FUNCTIONS}
     fn = eval(compile(module, "<loopd-expression>", "eval"), env)  # whitelisted AST only
 
     if len(ordered) == 1:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from loopd import yamlfile
 from loopd.errors import PackError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
+from loopd.expr.names import problems, templates
 from loopd.packs.manifest import (
     ActionSpec,
     HttpAction,
@@ -33,7 +34,6 @@ from loopd.packs.manifest import (
     PythonAction,
     SshAction,
 )
-from loopd.rules.names import problems, templates
 
 
 @dataclass(slots=True)

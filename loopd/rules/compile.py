@@ -9,10 +9,10 @@ from typing import Any
 from loopd.errors import ConfigError, RuleError
 from loopd.events import Event
 from loopd.expr.compiler import Compiled, compile_expression, compile_template
+from loopd.expr.names import problems, templates, topic_captures
 from loopd.expr.topics import compile_topic_pattern
 from loopd.policy import Escalate
 from loopd.rules.model import Rule, Scalar, Throttle
-from loopd.rules.names import problems, templates, topic_captures
 
 # Names a rule's condition and templates can read.
 RULE_SCOPE = frozenset({"event", "vars", "inventory", "telemetry", "now", "key", "entity"})

@@ -23,10 +23,10 @@ from loopd.expr.compiler import (
     compile_expression,
     compile_template,
 )
+from loopd.expr.names import problems, templates
 from loopd.expr.topics import TopicMatcher, compile_topic_pattern
 from loopd.packs.registry import PackRegistry
 from loopd.rules.compile import Path as DataPath
-from loopd.rules.names import problems, templates
 from loopd.workflow.model import RESULT_WORDS, Task, Workflow
 
 SCOPE = WORKFLOW_SCOPE

@@ -19,11 +19,11 @@ from jinja2 import nodes
 from jinja2.defaults import DEFAULT_NAMESPACE
 from jinja2.sandbox import SandboxedEnvironment
 
-from loopd.expr.compiler import _FUNCTIONS
+from loopd.expr.compiler import FUNCTIONS
 
 # the functions both compiler paths offer, Jinja's own globals (range, dict, ...) and the
 # names Jinja binds inside loops and macros
-_GLOBALS = frozenset(_FUNCTIONS) | frozenset(DEFAULT_NAMESPACE) | {"loop", "caller", "varargs",
+_GLOBALS = frozenset(FUNCTIONS) | frozenset(DEFAULT_NAMESPACE) | {"loop", "caller", "varargs",
                                                                   "kwargs"}
 _DICT_METHODS = frozenset({"get", "keys", "values", "items"})
 _PARSER = SandboxedEnvironment()
