@@ -35,10 +35,11 @@ from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.telemetry import Telemetry
 from loopd.clock import Clock, VirtualClock, WallClock
+from loopd.decide.committer import Committer
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
 from loopd.decide.timers import ForTimers
-from loopd.errors import ConditionError, StoreError, StoreRejected
+from loopd.errors import ConditionError
 from loopd.events import Delivery, Event
 from loopd.messages import Outbox, RunCommand, RunEnded, StartRun
 from loopd.policy import GlobalGuards, RuleGuards
@@ -120,7 +121,7 @@ class Engine:
         telemetry_sources: frozenset[str] | None = None, guards: Guards | None = None,
         outcomes_topic: str | None = None,
     ) -> None:
-        self.store = store
+        self.committer = Committer(store)  # the store decides; see loopd.decide.committer
         self.inventory = inventory or Inventory()
         self.telemetry = Telemetry()
         self._telemetry_sources = telemetry_sources  # None: every source
@@ -149,10 +150,22 @@ class Engine:
         self._run_updates: list[RunRecord] = []  # queued runs cancelled through control
         self._idle = asyncio.Event()
         self._idle.set()
-        self.store_ok = True  # False while commits fail for a reason other than a bad record
         self.ruleset = rules
         self._index = RuleIndex(rules.rules)
         self.incidents.set_rules(rules.rules)
+
+    @property
+    def store(self) -> Store:
+        return self.committer.store
+
+    @store.setter
+    def store(self, store: Store) -> None:
+        self.committer.store = store
+
+    @property
+    def store_ok(self) -> bool:
+        """False while the store fails commits (down, full, locked): nothing is decided."""
+        return self.committer.ok
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -353,87 +366,12 @@ class Engine:
     # -- committing: the store decides -------------------------------------------------
 
     async def _commit(self, pending: _Pending) -> CommitResult:
-        """Commit the batch. A store that is down holds everything (never ack an undecided
-        event) and is retried with backoff; a batch the store rejects is split until the
-        records it refuses are found, and only their event is rejected."""
-        try:
-            return await self._commit_part(pending.batch)
-        except StoreRejected as exc:
-            if len(pending.deliveries) > 1:
-                metrics.log.warning("store rejected a batch; finding the culprit",
-                                    error=str(exc), events=len(pending.deliveries))
-            result = CommitResult()
-            marks = [Batch().mark(), *pending.marks, pending.batch.mark()]
-            # segment 0: what the inbox wrote; segment i: delivery i-1
-            events: list[Event | None] = [None, *(d.event for d in pending.deliveries)]
-            if len(events) != len(marks) - 1:  # decide_now without deliveries (simulate)
-                events = [None] * (len(marks) - 1)
-            await self._bisect(pending.batch, marks, events, 0, len(events), result, exc,
-                               failed=True)
-            return result
-
-    async def _commit_part(self, batch: Batch) -> CommitResult:
-        delay = 0.05
-        while True:
-            try:
-                result = await self.store.commit(batch)
-                self.store_ok = True
-                return result
-            except StoreRejected:
-                self.store_ok = True  # it answered: it is up
-                raise
-            except StoreError as exc:
-                self.store_ok = False
-                metrics.log.error("store commit failed; holding acknowledgements and retrying",
-                                  error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _bisect(self, batch: Batch, marks: list[Mark], events: list[Event | None],
-                      lo: int, hi: int, result: CommitResult, error: StoreRejected, *,
-                      failed: bool = False) -> None:
-        """Commit segments ``lo:hi`` (``failed``: known to be rejected), halving what the
-        store rejects: one bad event costs about 2 log2(batch) commits."""
-        part = batch.part(marks[lo], marks[hi])
-        if not part:
-            return
-        if not failed:
-            try:
-                result.merge(await self._commit_part(part))
-                return
-            except StoreRejected as exc:
-                error = exc
-        if hi - lo == 1:
-            await self._reject(events[lo], part, error, result)
-            return
-        mid = (lo + hi) // 2
-        await self._bisect(batch, marks, events, lo, mid, result, error)
-        await self._bisect(batch, marks, events, mid, hi, result, error)
-
-    async def _reject(self, event: Event | None, part: Batch, error: StoreRejected,
-                      result: CommitResult) -> None:
-        """The store refuses what was decided for ``event``: nothing of it is created; an
-        ``error`` decision per rule says why (when even that cannot be written, the log line
-        and the counter do), and the event is acknowledged so it cannot wedge the stream."""
-        result.skipped_runs |= {r.id for r in part.runs}
-        source = event.source if event is not None else "loopd"
-        metrics.event_rejected(
-            source, "store_rejected", error,
-            event_id=event.id if event is not None else None,
-            event_origin=(event.origin or event.id) if event is not None else None,
-            what="the event is recorded as an error decision and acknowledged"
-            if event is not None else "what a run's end changed is dropped")
-        now = time.time()
-        firsts = {d.rule: d for d in part.decisions}
-        notes = Batch(decisions=[
-            DecisionRecord(d.source, d.event_id, d.rule, d.key, "error",
-                           f"store rejected: {error}"[:500], now) for d in firsts.values()])
-        if notes.decisions:
-            try:
-                result.merge(await self._commit_part(notes))
-            except StoreRejected as exc:
-                metrics.log.error("the rejection could not be recorded either", error=str(exc),
-                                  event_id=event.id if event is not None else None)
+        # segment 0: what the inbox wrote; then one per delivery (or decide_now call)
+        marks = [Batch().mark(), *pending.marks, pending.batch.mark()]
+        events: list[Event | None] = [None, *(d.event for d in pending.deliveries)]
+        if len(events) != len(marks) - 1:  # decide_now, without deliveries (simulate)
+            events = [None] * (len(marks) - 1)
+        return await self.committer.commit(pending.batch, marks, events)
 
     def _reconcile(self, pending: _Pending, result: CommitResult) -> None:
         """Bring memory in line with what the store created: runs it did not create are
