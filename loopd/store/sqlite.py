@@ -39,70 +39,16 @@ from loopd.store.base import (
 )
 from loopd.store.codec import dump as _dump
 from loopd.store.codec import load as _load
-
-SCHEMA_VERSION = 2
-
-# One entry per schema version: the statements that bring version N-1 to N.
-MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        """CREATE TABLE events (source TEXT NOT NULL, id TEXT NOT NULL, topic TEXT NOT NULL,
-               key TEXT, time REAL NOT NULL, data BLOB NOT NULL, PRIMARY KEY (source, id))""",
-        """CREATE TABLE decisions (seq INTEGER PRIMARY KEY, source TEXT NOT NULL,
-               event_id TEXT NOT NULL, rule TEXT NOT NULL, key TEXT, outcome TEXT NOT NULL,
-               reason TEXT, time REAL NOT NULL, incident_id TEXT, run_id TEXT,
-               UNIQUE (source, event_id, rule))""",
-        "CREATE INDEX decisions_incident ON decisions (incident_id)",
-        "CREATE INDEX decisions_run ON decisions (run_id)",
-        "CREATE INDEX decisions_rule ON decisions (rule)",
-        """CREATE TABLE incidents (id TEXT PRIMARY KEY, rule TEXT NOT NULL, key TEXT NOT NULL,
-               status TEXT NOT NULL, opened REAL NOT NULL, closed REAL, events INTEGER NOT NULL,
-               run_id TEXT, outcome TEXT)""",
-        "CREATE INDEX incidents_open ON incidents (status, rule, key)",
-        """CREATE TABLE runs (id TEXT PRIMARY KEY, incident_id TEXT, rule TEXT, key TEXT,
-               kind TEXT NOT NULL, target TEXT NOT NULL, input BLOB, status TEXT NOT NULL,
-               created REAL NOT NULL, started REAL, finished REAL, reason TEXT, ctx BLOB,
-               outcome TEXT, event BLOB, progress BLOB)""",
-        "CREATE INDEX runs_status ON runs (status)",
-        "CREATE INDEX runs_rule_key ON runs (rule, key, created)",
-        """CREATE TABLE steps (run_id TEXT NOT NULL, seq INTEGER NOT NULL, task TEXT NOT NULL,
-               action TEXT, attempt INTEGER NOT NULL, status TEXT NOT NULL, started REAL NOT NULL,
-               finished REAL, input BLOB, output BLOB, error TEXT, transition TEXT,
-               PRIMARY KEY (run_id, seq))""",
-        """CREATE TABLE timers (rule TEXT NOT NULL, key TEXT NOT NULL, since REAL NOT NULL,
-               PRIMARY KEY (rule, key))""",
-        """CREATE TABLE kv (namespace TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
-               updated REAL NOT NULL, PRIMARY KEY (namespace, key))""",
-    ],
-    2: [  # the store is the arbiter: one open incident per (rule, key); runs have owners
-        """UPDATE incidents SET status='closed', closed=opened, outcome=COALESCE(outcome,
-               'unknown') WHERE status='open' AND rowid NOT IN (SELECT MAX(rowid) FROM
-               incidents WHERE status='open' GROUP BY rule, key)""",
-        "CREATE UNIQUE INDEX incidents_one_open ON incidents (rule, key) WHERE status='open'",
-        "ALTER TABLE runs ADD COLUMN owner TEXT",
-        "ALTER TABLE runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE runs ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
-        """CREATE TABLE replicas (name TEXT PRIMARY KEY, incarnation TEXT NOT NULL,
-               host TEXT NOT NULL, pid INTEGER NOT NULL, heartbeat REAL NOT NULL)""",
-    ],
-}
+from loopd.store.sqlite_schema import (
+    INSERT_DECISION,
+    MIGRATIONS,
+    RUN_MARKS,
+    SAVE_RUN,
+    SCHEMA_VERSION,
+    UPSERT_INCIDENT,
+)
 
 Op = Batch | tuple[str, tuple[Any, ...]]
-_RUN_MARKS = ",".join("?" * 19)
-# ON CONFLICT ... DO NOTHING, not INSERT OR IGNORE: only the uniqueness conflict is the
-# expected duplicate; a NOT NULL or type violation must fail loudly (StoreRejected).
-_INSERT_DECISION = (
-    "INSERT INTO decisions (source, event_id, rule, key, outcome, reason, time, incident_id, "
-    "run_id) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (source, event_id, rule) DO NOTHING")
-_UPSERT_INCIDENT = (
-    "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-    "status=excluded.status, closed=excluded.closed, events=excluded.events, "
-    "run_id=excluded.run_id, outcome=excluded.outcome")
-_RUN_COLUMNS = ("id", "incident_id", "rule", "key", "kind", "target", "input", "status",
-                "created", "started", "finished", "reason", "ctx", "outcome", "event",
-                "progress", "owner", "epoch", "version")
-# the epoch belongs to claim_runs: a save never turns it back
-_SAVE_RUN = (f"INSERT INTO runs VALUES ({_RUN_MARKS}) ON CONFLICT (id) DO UPDATE SET "
-             + ", ".join(f"{c}=excluded.{c}" for c in _RUN_COLUMNS if c not in ("id", "epoch")))
 # Errors a retry of the same records can never fix: the culprit is found and rejected.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
              sqlite3.ProgrammingError, OverflowError, TypeError, ValueError, RecursionError)
@@ -353,10 +299,10 @@ class SqliteStore:
             for run in runs:
                 run.owner = self.replica
             await db.executemany(
-                f"INSERT INTO runs VALUES ({_RUN_MARKS}) ON CONFLICT (id) DO NOTHING",
+                f"INSERT INTO runs VALUES ({RUN_MARKS}) ON CONFLICT (id) DO NOTHING",
                 [self._run_row(r) for r in runs])
         if batch.run_updates:
-            await db.executemany(f"INSERT OR REPLACE INTO runs VALUES ({_RUN_MARKS})",
+            await db.executemany(f"INSERT OR REPLACE INTO runs VALUES ({RUN_MARKS})",
                                  [self._run_row(r) for r in batch.run_updates])
         if batch.timers_set:
             await db.executemany("INSERT OR REPLACE INTO timers VALUES (?,?,?)",
@@ -378,13 +324,13 @@ class SqliteStore:
         rows = [(d.source, d.event_id, d.rule, d.key, d.outcome, d.reason, d.time,
                  d.incident_id, d.run_id) for d in decisions]
         await db.execute("SAVEPOINT decisions")
-        cur = await db.executemany(_INSERT_DECISION, rows)
+        cur = await db.executemany(INSERT_DECISION, rows)
         if cur.rowcount == len(rows):
             await db.execute("RELEASE decisions")
             return
         await db.execute("ROLLBACK TO decisions")
         for d, row in zip(decisions, rows, strict=True):
-            cur = await db.execute(_INSERT_DECISION, row)
+            cur = await db.execute(INSERT_DECISION, row)
             if cur.rowcount == 0:
                 result.duplicates.add((d.source, d.event_id, d.rule))
         await db.execute("RELEASE decisions")
@@ -398,14 +344,14 @@ class SqliteStore:
         rows = [_incident_row(i) for i in incidents]
         await db.execute("SAVEPOINT incidents")
         try:
-            await db.executemany(_UPSERT_INCIDENT, rows)
+            await db.executemany(UPSERT_INCIDENT, rows)
             await db.execute("RELEASE incidents")
             return
         except sqlite3.IntegrityError:
             await db.execute("ROLLBACK TO incidents")
         for inc, row in zip(incidents, rows, strict=True):
             try:
-                await db.execute(_UPSERT_INCIDENT, row)
+                await db.execute(UPSERT_INCIDENT, row)
                 continue
             except sqlite3.IntegrityError as exc:
                 refused = exc
@@ -458,7 +404,7 @@ class SqliteStore:
     async def save_run(self, run: RunRecord) -> None:
         run.owner = self.replica  # whoever writes a run executes it (it claimed it)
         run.version += 1
-        await self._write(_SAVE_RUN, self._run_row(run))
+        await self._write(SAVE_RUN, self._run_row(run))
 
     async def save_step(self, step: StepRecord) -> None:
         await self._write(

@@ -26,7 +26,8 @@ from loopd.store.base import (
     Store,
 )
 from loopd.store.memory import MemoryData, MemoryStore
-from loopd.store.sqlite import SCHEMA_VERSION, SqliteStore
+from loopd.store.sqlite import SqliteStore
+from loopd.store.sqlite_schema import SCHEMA_VERSION
 
 Opener = Callable[[], Awaitable[Store]]
 
