@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
-from collections.abc import Callable, Generator, Iterable
-from typing import Any, cast
-
-import aiosqlite
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from loopd.clock import VirtualClock
 from loopd.config import LoopdConfig
@@ -41,8 +38,8 @@ from loopd.events import Event
 from loopd.messages import StartRun
 from loopd.simulate.input import CSV_SOURCE, EventFile, read_events
 from loopd.simulate.report import Meter, Report, Tally
-from loopd.store.base import Batch
-from loopd.store.sqlite import SqliteStore
+from loopd.store.base import Batch, CommitResult, RunRecord, StepRecord
+from loopd.store.memory import MemoryStore
 from loopd.wiring import build
 
 END_HORIZON = 7 * 86400.0
@@ -50,102 +47,46 @@ COMMIT_EVERY = 5000   # decisions per store transaction when no run forces a com
 QUIET_TURNS = 8       # loop turns with nothing moving before the runs count as quiescent
 
 
-class _Cursor:
-    """An async face on a sqlite3 cursor, as SqliteStore uses aiosqlite's."""
-
-    def __init__(self, cursor: sqlite3.Cursor) -> None:
-        self._cursor = cursor
-
-    @property
-    def rowcount(self) -> int:
-        return self._cursor.rowcount
-
-    async def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall()
-
-    async def fetchone(self) -> Any:
-        return self._cursor.fetchone()
-
-    async def __aenter__(self) -> _Cursor:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._cursor.close()
-
-
-class _Call:
-    """What ``execute`` returns: awaitable, and an ``async with`` block (like aiosqlite)."""
-
-    def __init__(self, cursor: sqlite3.Cursor) -> None:
-        self._cursor = _Cursor(cursor)
-
-    def __await__(self) -> Generator[Any, None, _Cursor]:
-        return self._cursor.__aenter__().__await__()
-
-    async def __aenter__(self) -> _Cursor:
-        return self._cursor
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._cursor.__aexit__()
-
-
-class _SyncConnection:
-    """The part of aiosqlite's Connection SqliteStore uses, run in the caller's thread."""
+class _ReplayStore(MemoryStore):
+    """The in-memory store, counting every call so the replay notices a run still making
+    progress: nothing else runs while a simulation writes, and a run's store call never
+    waits on a thread, so the replay sees a run as quiescent only when it waits for the
+    clock or an event. Only the public Store protocol is used."""
 
     def __init__(self) -> None:
-        self._db = sqlite3.connect(":memory:", isolation_level=None)
-
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> _Call:
-        return _Call(self._db.execute(sql, tuple(params)))
-
-    def executemany(self, sql: str, rows: Iterable[Any]) -> _Call:
-        return _Call(self._db.executemany(sql, rows))
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._db.in_transaction
-
-    async def close(self) -> None:
-        self._db.close()
-
-
-class _ReplayStore(SqliteStore):
-    """SqliteStore (its schema and statements) on an in-memory database driven in the
-    event loop's thread, its writes buffered and written in one transaction when the runs
-    are quiescent (or before a read): nothing else runs while a simulation writes, and a
-    run's store call never waits on aiosqlite's thread, so the replay sees a run as
-    quiescent only when it waits for the clock or an event. ``calls`` counts every store
-    call, so the replay notices a run still making progress."""
-
-    def __init__(self) -> None:
-        super().__init__(":memory:")
+        super().__init__(replica="simulate")
         self.calls = 0
-        self._buffer: list[Batch | tuple[str, tuple[Any, ...]]] = []
 
-    async def open(self) -> None:
-        self._db = cast(aiosqlite.Connection, _SyncConnection())
-        await self._migrate()
-
-    async def _submit(self, op: Batch | tuple[str, tuple[Any, ...]]) -> None:
+    async def commit(self, batch: Batch) -> CommitResult:
         self.calls += 1
-        self._buffer.append(op)
-        return None
+        return await super().commit(batch)
+
+    async def save_run(self, run: RunRecord) -> None:
+        self.calls += 1
+        await super().save_run(run)
+
+    async def save_step(self, step: StepRecord) -> None:
+        self.calls += 1
+        await super().save_step(step)
+
+    async def steps(self, run_id: str) -> list[StepRecord]:
+        self.calls += 1
+        return await super().steps(run_id)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        self.calls += 1
+        return await super().get_run(run_id)
+
+    async def kv_put(self, namespace: str, key: str, value: Any) -> None:
+        self.calls += 1
+        await super().kv_put(namespace, key, value)
+
+    async def kv_get(self, namespace: str, key: str) -> Any:
+        self.calls += 1
+        return await super().kv_get(namespace, key)
 
     async def flush(self) -> None:
-        """Write what is buffered, in order, in one transaction."""
-        if not self._buffer:
-            return
-        ops, self._buffer = self._buffer, []
-        loop = asyncio.get_running_loop()
-        group: list[tuple[Any, asyncio.Future[Any]]] = [(op, loop.create_future()) for op in ops]
-        await self._write_group(group)
-        for _, done in group:
-            done.result()  # raises the StoreError of a failed write
-
-    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        self.calls += 1
-        await self.flush()
-        return await super()._all(sql, params)
+        """Nothing is buffered: every write is applied when it is made."""
 
 
 class Simulation:

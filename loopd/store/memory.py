@@ -136,12 +136,20 @@ class MemoryStore:
         live = {dec.incident_id for dec in new_decisions}
         incidents = {i: inc for i, inc in batch.incidents.items()
                      if not result.duplicates or i in live}
+        # applied in order, as the SQLite store's upserts are: an incident closed earlier in
+        # the batch frees its (rule, key) for one opened after it
         open_by_key = {(i.rule, i.key): i for i in d.incidents.values() if i.status == "open"}
         joined: dict[str, IncidentRecord] = {}
         for inc in incidents.values():
-            held = open_by_key.get((inc.rule, inc.key))
-            if inc.status == "open" and held is not None and held.id != inc.id:
+            slot = (inc.rule, inc.key)
+            held = open_by_key.get(slot)
+            if inc.status != "open":
+                if held is not None and held.id == inc.id:
+                    del open_by_key[slot]
+            elif held is not None and held.id != inc.id:
                 joined[inc.id] = held
+            else:
+                open_by_key[slot] = inc
         for new_id, held in joined.items():
             result.conflicts[new_id] = held
             result.skipped_runs |= {r.id for r in batch.runs if r.incident_id == new_id}

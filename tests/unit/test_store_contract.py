@@ -340,3 +340,24 @@ async def test_runs_are_claimed_by_one_replica_at_a_time(impl: Opener) -> None:
     await store.save_run(again)  # a save never turns the epoch back
     last = await store.get_run("run-1")
     assert last is not None and last.epoch == again.epoch
+
+
+async def test_an_incident_closed_earlier_in_a_batch_frees_its_key(impl: Opener) -> None:
+    """One batch that closes an incident and then opens the next one for the same (rule,
+    key) creates the new incident and its run (the changes apply in order)."""
+    store = await impl()
+    now = time.time()
+    first = IncidentRecord("inc-1", "r", "web-1", "open", now, run_id="run-1")
+    await store.commit(Batch(incidents={first.id: first}))
+    closed = IncidentRecord("inc-1", "r", "web-1", "closed", now, now + 1, run_id="run-1",
+                            outcome="fixed")
+    second = IncidentRecord("inc-2", "r", "web-1", "open", now + 2, run_id="run-2")
+    run = RunRecord("run-2", "inc-2", "r", "web-1", "action", "core.noop", {}, "pending",
+                    now + 2)
+    result = await store.commit(Batch(
+        decisions=[DecisionRecord("webhook", "e2", "r", "web-1", "run_created", None, now,
+                                  "inc-2", "run-2")],
+        incidents={closed.id: closed, second.id: second}, runs=[run]))
+    assert not result
+    assert [i.id for i in await store.list_incidents(status="open")] == ["inc-2"]
+    assert (await store.get_run("run-2")) is not None
