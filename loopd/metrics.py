@@ -153,6 +153,16 @@ def rule_error(rule: str, error: object, origin: str) -> None:
     log.warning("rule evaluation failed", rule=rule, error=str(error), origin=origin)
 
 
+def rule_failed(rule: str, field: str, error: object, *, source: str, event_id: str,
+                origin: str) -> None:
+    """A rule's ``field`` (``if``, ``key``, ``run.input``) failed on one event, which is
+    recorded as an ``error`` decision."""
+    _CURRENT.get(_PROCESS).rule_errors.labels(rule).inc()
+    log.warning("rule evaluation failed; recorded as an error decision", rule=rule,
+                field=field, error=str(error), source=source, event_id=event_id,
+                event_origin=origin)
+
+
 def event_decided(seconds: float) -> None:
     """An event's decisions are durable and it is acknowledged, ``seconds`` after receipt."""
     _CURRENT.get(_PROCESS).decision_seconds.observe(seconds)

@@ -494,7 +494,7 @@ class Engine:
         if virtual is None:
             now = self.clock.now()
         ident: tuple[str, str] | None = None
-        matched = False
+        decided = False  # some rule recorded a decision: remember the event
         for rule in candidates:
             tvars = rule.accepts(event)
             if tvars is None:
@@ -506,36 +506,51 @@ class Engine:
                     return
             scope = {"event": event, "vars": tvars, "inventory": self.inventory.entities,
                      "telemetry": self.telemetry, "now": now}
+            part = "if"
             try:
                 holds = rule.condition is None or bool(rule.condition(scope))
                 if not holds and rule.for_s is None:
                     continue
                 key = NO_KEY
+                part = "key"
                 if rule.key is not None:
                     rendered = rule.key(scope)
                     if rendered is None or rendered == "":
                         # never lump unrelated entities into one incident
-                        raise ConditionError(f"key {rule.rule.key!r} rendered empty")
+                        raise ConditionError(f"rendered empty from {rule.rule.key!r}")
                     key = str(rendered)
                 elif event.key is not None:
                     key = event.key
             except ConditionError as exc:
-                metrics.rule_error(rule.name, exc, event.origin)
+                # an error decision, not a silent skip: the event is acknowledged, so the
+                # record is the only trace of why this rule did nothing
+                self._rule_failed(rule, event, part, exc, now, pending)
+                decided = True
                 continue
             if not holds:  # a `for:` rule whose condition stopped holding
                 if self._timers.reset(rule.name, key):
                     pending.batch.timers_cleared.append((rule.name, key))
                 continue
-            matched = True
+            decided = True
             self.matches[rule.name] += 1
             metrics.rule_matched(rule.name)
             scope["key"] = key
             self._decide_rule(rule, event, key, scope, now, pending)
-        if matched and ident is not None:
+        if decided and ident is not None:
             self._remember(ident)
             pending.batch.events.append(
                 EventRecord(event.source, event.id, event.topic, event.key, event.time,
                             event.data))
+
+    def _rule_failed(self, rule: CompiledRule, event: Event, part: str, error: ConditionError,
+                     now: float, pending: _Pending) -> None:
+        origin = event.origin or event.id
+        metrics.rule_failed(rule.name, part, error, source=event.source, event_id=event.id,
+                            origin=origin)
+        key = event.key if rule.key is None else None  # a key not rendered is no key
+        pending.batch.decisions.append(DecisionRecord(
+            event.source, event.id, rule.name, key, "error",
+            f"{part}: {error} (origin {origin})"[:500], now))
 
     def _decide_rule(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, object],
                      now: float, pending: _Pending) -> None:

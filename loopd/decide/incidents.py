@@ -153,7 +153,8 @@ class Incidents:
         try:
             inputs = rule.input(scope)
         except ConditionError as exc:
-            metrics.rule_error(name, exc, event.origin)
+            metrics.rule_failed(name, "run.input", exc, source=event.source, event_id=event.id,
+                                origin=event.origin or event.id)
             record("error", f"run.input: {exc}")
             return
         status = states.AWAITING_APPROVAL if policy.mode == "approval" else states.PENDING
