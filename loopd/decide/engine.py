@@ -33,8 +33,11 @@ from dataclasses import dataclass, field
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
+from loopd.catalog.telemetry import DEFAULT_MAX_KEYS as TELEMETRY_MAX_KEYS
+from loopd.catalog.telemetry import DEFAULT_TTL as TELEMETRY_TTL
 from loopd.catalog.telemetry import Telemetry
 from loopd.clock import Clock, VirtualClock, WallClock
+from loopd.decide.guards import DEFAULT_MAX_KEYS as MEMORY_MAX_KEYS
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
 from loopd.decide.timers import ForTimers
@@ -118,11 +121,13 @@ class Engine:
         commands: Outbox[RunCommand] | None = None,
         evidence: Callable[[Event], None] | None = None,
         telemetry_sources: frozenset[str] | None = None, guards: Guards | None = None,
-        outcomes_topic: str | None = None,
+        outcomes_topic: str | None = None, telemetry_ttl: float = TELEMETRY_TTL,
+        telemetry_max_keys: int = TELEMETRY_MAX_KEYS, memory_max_keys: int = MEMORY_MAX_KEYS,
     ) -> None:
         self.store = store
         self.inventory = inventory or Inventory()
-        self.telemetry = Telemetry()
+        # bounded: keys not seen for the TTL, or the least recent past the maximum, go
+        self.telemetry = Telemetry(ttl=telemetry_ttl, max_keys=telemetry_max_keys)
         self._telemetry_sources = telemetry_sources  # None: every source
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
         self.clock: Clock = clock if clock is not None else WallClock()
@@ -141,7 +146,7 @@ class Engine:
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.guards = guards or Guards(GlobalGuards(), self.inventory)
         self.incidents = Incidents(self.guards, self.inventory)
-        self._timers = ForTimers()
+        self._timers = ForTimers(memory_max_keys)  # guard memory is bounded by Guards itself
         self._in_flight = 0
         self._wake = asyncio.Event()
         self.inbox = Inbox(self._wake, self)
