@@ -156,6 +156,11 @@ class EngineConfig(Strict):
     queue_size: int = Field(default=2000, ge=1)  # bounded: a full queue pauses the sources
     max_concurrent_runs: int = Field(default=64, ge=1)
     dedup_window: int = Field(default=200_000, ge=1000)
+    # bounded memory per entity key (loopd_memory_evictions_total counts what goes)
+    telemetry_ttl: Duration = 86400.0     # a key's latest telemetry is forgotten after this
+    telemetry_max_keys: int = Field(default=100_000, ge=1)
+    guard_memory_max_keys: int = Field(default=100_000, ge=1000)  # per memory: throttle,
+    # breaker, flapping, for: timers; entries whose windows have passed go first
 
 
 class PrometheusConfig(Strict):

@@ -52,6 +52,10 @@ class Metrics:
         self.rule_errors = Counter(
             "loopd_rule_errors_total", "Condition or template errors while evaluating a rule",
             ["rule"], registry=r)
+        self.memory_evictions = Counter(
+            "loopd_memory_evictions_total",
+            "Entries of bounded in-memory state forgotten: their window or TTL passed "
+            "(expired), or the maximum forced them out (full)", ["what", "reason"], registry=r)
         self.decisions = Counter(
             "loopd_decisions_total", "Decisions recorded", ["rule", "outcome"], registry=r)
         self.decision_seconds = Histogram(
@@ -147,10 +151,29 @@ def rule_matched(rule: str) -> None:
     _CURRENT.get(_PROCESS).rule_matches.labels(rule).inc()
 
 
-def rule_error(rule: str, error: object, origin: str) -> None:
+def rule_failed(rule: str, field: str, error: object, *, source: str, event_id: str,
+                origin: str) -> None:
+    """A rule's ``field`` (``if``, ``key``, ``run.input``) failed on one event, which is
+    recorded as an ``error`` decision."""
     _CURRENT.get(_PROCESS).rule_errors.labels(rule).inc()
-    # not event=: that is the name of structlog's message argument (a TypeError)
-    log.warning("rule evaluation failed", rule=rule, error=str(error), origin=origin)
+    log.warning("rule evaluation failed; recorded as an error decision", rule=rule,
+                field=field, error=str(error), source=source, event_id=event_id,
+                event_origin=origin)
+
+
+def evicted(what: str, n: int, *, full: bool = False) -> None:
+    """``n`` entries of ``what`` (telemetry, throttle, for_timers, ...) forgotten: their
+    time passed, or (``full``) the maximum forced them out while still in use."""
+    if n:
+        _CURRENT.get(_PROCESS).memory_evictions.labels(
+            what, "full" if full else "expired").inc(n)
+
+
+def memory_full(what: str, max_keys: int, loses: str) -> None:
+    """``what`` reached its maximum with every entry still in use; logged once per holder
+    (``loopd_memory_evictions_total{reason="full"}`` counts every entry after)."""
+    log.warning("bounded memory is full; evicting the least recently used entries",
+                what=what, max_keys=max_keys, loses=loses)
 
 
 def event_decided(seconds: float) -> None:

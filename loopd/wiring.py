@@ -217,7 +217,8 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
     silences = Silences(config.alertmanager.url, refresh=config.alertmanager.refresh,
                         timeout=config.alertmanager.timeout) \
         if config.alertmanager and not simulated else None
-    guards = Guards(config.guards, inventory, silences)
+    guards = Guards(config.guards, inventory, silences,
+                    max_keys=config.engine.guard_memory_max_keys)
     prometheus = PromQL(config.prometheus.url, config.prometheus.timeout) \
         if config.prometheus and not simulated else None
     fleets = {} if simulated else {c.name: Fleet(c) for c in config.sources
@@ -234,6 +235,9 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
         telemetry_sources=frozenset(
             [c.name for c in config.sources if c.telemetry] + list(telemetry_sources)),
         commands=commands, evidence=hub.offer, outcomes_topic=config.outcomes.topic,
+        telemetry_ttl=config.engine.telemetry_ttl,
+        telemetry_max_keys=config.engine.telemetry_max_keys,
+        memory_max_keys=config.engine.guard_memory_max_keys,
     )
     bus = buses.get(config.outcomes.bus or "")
     runs = build_runs(store, executor, lambda: loopd.registry, inventory=inventory,

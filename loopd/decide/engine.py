@@ -33,9 +33,12 @@ from dataclasses import dataclass, field
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
+from loopd.catalog.telemetry import DEFAULT_MAX_KEYS as TELEMETRY_MAX_KEYS
+from loopd.catalog.telemetry import DEFAULT_TTL as TELEMETRY_TTL
 from loopd.catalog.telemetry import Telemetry
 from loopd.clock import Clock, VirtualClock, WallClock
 from loopd.decide.committer import Committer
+from loopd.decide.guards import DEFAULT_MAX_KEYS as MEMORY_MAX_KEYS
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
 from loopd.decide.timers import ForTimers
@@ -119,11 +122,13 @@ class Engine:
         commands: Outbox[RunCommand] | None = None,
         evidence: Callable[[Event], None] | None = None,
         telemetry_sources: frozenset[str] | None = None, guards: Guards | None = None,
-        outcomes_topic: str | None = None,
+        outcomes_topic: str | None = None, telemetry_ttl: float = TELEMETRY_TTL,
+        telemetry_max_keys: int = TELEMETRY_MAX_KEYS, memory_max_keys: int = MEMORY_MAX_KEYS,
     ) -> None:
         self.committer = Committer(store)  # the store decides; see loopd.decide.committer
         self.inventory = inventory or Inventory()
-        self.telemetry = Telemetry()
+        # bounded: keys not seen for the TTL, or the least recent past the maximum, go
+        self.telemetry = Telemetry(ttl=telemetry_ttl, max_keys=telemetry_max_keys)
         self._telemetry_sources = telemetry_sources  # None: every source
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
         self.clock: Clock = clock if clock is not None else WallClock()
@@ -142,7 +147,7 @@ class Engine:
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.guards = guards or Guards(GlobalGuards(), self.inventory)
         self.incidents = Incidents(self.guards, self.inventory)
-        self._timers = ForTimers()
+        self._timers = ForTimers(memory_max_keys)  # guard memory is bounded by Guards itself
         self._in_flight = 0
         self._wake = asyncio.Event()
         self.inbox = Inbox(self._wake, self)
@@ -432,7 +437,7 @@ class Engine:
         if virtual is None:
             now = self.clock.now()
         ident: tuple[str, str] | None = None
-        matched = False
+        decided = False  # some rule recorded a decision: remember the event
         for rule in candidates:
             tvars = rule.accepts(event)
             if tvars is None:
@@ -444,36 +449,51 @@ class Engine:
                     return
             scope = {"event": event, "vars": tvars, "inventory": self.inventory.entities,
                      "telemetry": self.telemetry, "now": now}
+            part = "if"
             try:
                 holds = rule.condition is None or bool(rule.condition(scope))
                 if not holds and rule.for_s is None:
                     continue
                 key = NO_KEY
+                part = "key"
                 if rule.key is not None:
                     rendered = rule.key(scope)
                     if rendered is None or rendered == "":
                         # never lump unrelated entities into one incident
-                        raise ConditionError(f"key {rule.rule.key!r} rendered empty")
+                        raise ConditionError(f"rendered empty from {rule.rule.key!r}")
                     key = str(rendered)
                 elif event.key is not None:
                     key = event.key
             except ConditionError as exc:
-                metrics.rule_error(rule.name, exc, event.origin)
+                # an error decision, not a silent skip: the event is acknowledged, so the
+                # record is the only trace of why this rule did nothing
+                self._rule_failed(rule, event, part, exc, now, pending)
+                decided = True
                 continue
             if not holds:  # a `for:` rule whose condition stopped holding
                 if self._timers.reset(rule.name, key):
                     pending.batch.timers_cleared.append((rule.name, key))
                 continue
-            matched = True
+            decided = True
             self.matches[rule.name] += 1
             metrics.rule_matched(rule.name)
             scope["key"] = key
             self._decide_rule(rule, event, key, scope, now, pending)
-        if matched and ident is not None:
+        if decided and ident is not None:
             self._remember(ident)
             pending.batch.events.append(
                 EventRecord(event.source, event.id, event.topic, event.key, event.time,
                             event.data))
+
+    def _rule_failed(self, rule: CompiledRule, event: Event, part: str, error: ConditionError,
+                     now: float, pending: _Pending) -> None:
+        origin = event.origin or event.id
+        metrics.rule_failed(rule.name, part, error, source=event.source, event_id=event.id,
+                            origin=origin)
+        key = event.key if rule.key is None else None  # a key not rendered is no key
+        pending.batch.decisions.append(DecisionRecord(
+            event.source, event.id, rule.name, key, "error",
+            f"{part}: {error} (origin {origin})"[:500], now))
 
     def _decide_rule(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, object],
                      now: float, pending: _Pending) -> None:

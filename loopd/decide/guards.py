@@ -11,9 +11,10 @@ budgets and blast radius are rebuilt from the runs and open incidents.
 from __future__ import annotations
 
 import bisect
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Hashable, ItemsView
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
@@ -25,6 +26,78 @@ from loopd.runs import states
 # breaker failures; ``done`` (succeeded, nothing to confirm) and ``cancelled`` are not
 NOT_FIXED = frozenset({states.NOT_FIXED, states.OUTCOME_FAILED, states.INCONCLUSIVE})
 _FLEET = "*"
+DEFAULT_MAX_KEYS = 100_000
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Recent(Generic[K]):
+    """Times per scope (a ``(rule, key)`` or ``"rule|key"``), bounded in the number of
+    scopes. A scope whose latest time is older than its rule's window (``window``) counts
+    for no guard any more and is forgotten first; only when more than ``max_keys`` scopes
+    are all still inside their windows are the least recently added forced out (counted
+    as ``full``, logged once): a budget of those scopes can then be exceeded, and the
+    metric says so. Sweeps run when the memory has doubled since the last one, so an
+    append costs O(1) amortized."""
+
+    def __init__(self, what: str, window: Callable[[K], float], max_keys: int,
+                 forget: Callable[[K], None] | None = None) -> None:
+        self.what = what
+        self.max_keys = max_keys
+        self._window = window
+        self._forget = forget
+        self._times: OrderedDict[K, list[float]] = OrderedDict()
+        self._sweep_at = min(1024, max_keys)
+        self._warned = False
+
+    def get(self, scope: K) -> list[float] | None:
+        return self._times.get(scope)
+
+    def add(self, scope: K, now: float) -> list[float]:
+        """Append ``now`` to the scope's times (the caller trims); returns them."""
+        times = self._times.get(scope)
+        if times is None:
+            times = self._times[scope] = [now]
+            if len(self._times) > self._sweep_at:
+                self.sweep(now)  # the newest, just added, is the last to go
+            return times
+        self._times.move_to_end(scope)
+        times.append(now)
+        return times
+
+    def put(self, scope: K, times: list[float]) -> None:
+        self._times[scope] = times
+
+    def pop(self, scope: K) -> list[float] | None:
+        return self._times.pop(scope, None)
+
+    def items(self) -> ItemsView[K, list[float]]:
+        return self._times.items()
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def sweep(self, now: float) -> None:
+        times, window = self._times, self._window
+        passed = [s for s, t in times.items() if not t or now - t[-1] >= window(s)]
+        for scope in passed:
+            del times[scope]
+            if self._forget is not None:
+                self._forget(scope)
+        metrics.evicted(self.what, len(passed))
+        if len(times) > self.max_keys:  # all in their windows: the least recent go
+            forced = len(times) - self.max_keys * 9 // 10
+            for _ in range(forced):
+                scope, _times = times.popitem(last=False)
+                if self._forget is not None:
+                    self._forget(scope)
+            metrics.evicted(self.what, forced, full=True)
+            if not self._warned:
+                self._warned = True
+                metrics.memory_full(self.what, self.max_keys,
+                                    "guards of the least recently used keys forget their "
+                                    "runs: their budgets can be exceeded")
+        self._sweep_at = min(max(1024, 2 * len(times)), self.max_keys)
 
 
 @dataclass(slots=True)
@@ -47,16 +120,35 @@ class Guards:
     config: GlobalGuards
     inventory: Inventory
     silences: Silences | None = None
+    max_keys: int = DEFAULT_MAX_KEYS  # per memory of (rule, key) scopes below
     starts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    key_starts: dict[tuple[str, str], list[float]] = field(
-        default_factory=lambda: defaultdict(list))
-    failures: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    fixes: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     breakers: dict[str, BreakerState] = field(default_factory=dict)
     flapping: dict[str, float] = field(default_factory=dict)  # scope -> escalated at
     remediating: dict[str, dict[str, int]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     dirty: bool = False  # memory changed outside run_ended: the engine saves it
+    # rule -> the longest window any of its per-key memories matters for (set_windows)
+    windows: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.key_starts: Recent[tuple[str, str]] = Recent(
+            "throttle", lambda scope: self.windows.get(scope[0], 0.0), self.max_keys)
+        self.failures: Recent[str] = Recent("breaker", self._scope_window, self.max_keys)
+        self.fixes: Recent[str] = Recent("flapping", self._scope_window, self.max_keys,
+                                         forget=self._fixes_forgotten)
+
+    def set_windows(self, windows: dict[str, float]) -> None:
+        """Per rule, the longest window its throttle, per-key budget, flapping or breaker
+        looks back (a rule not listed: its memory has no use and is forgotten first)."""
+        self.windows = windows
+
+    def _scope_window(self, scope: str) -> float:
+        return self.windows.get(scope.split("|", 1)[0], 0.0)
+
+    def _fixes_forgotten(self, scope: str) -> None:
+        # no fix left in the window: the next check would end the episode just the same
+        if self.flapping.pop(scope, None) is not None:
+            self.dirty = True
 
     # -- the check ------------------------------------------------------------------
 
@@ -158,8 +250,10 @@ class Guards:
     def run_started(self, rule: str, key: str, now: float, budget: Budget | None = None
                     ) -> None:
         """Count a run start (or a shadow "would run"); ``budget``: the rule's max_runs."""
-        for starts in (self.starts[rule], self.starts[_FLEET], self.key_starts[(rule, key)]):
-            starts.append(now)
+        self.starts[rule].append(now)
+        self.starts[_FLEET].append(now)
+        for starts in (self.starts[rule], self.starts[_FLEET], self.key_starts.add((rule, key),
+                                                                               now)):
             if len(starts) > 4096:
                 del starts[:1024]
         if budget is not None:
@@ -188,16 +282,14 @@ class Guards:
         """Record an outcome; returns a reason when a breaker just opened (escalate once)."""
         if outcome == states.FIXED:
             if policy.flapping is not None:  # only rules that watch for flapping remember
-                fixes = self.fixes[f"{rule}|{key}"]
-                fixes.append(now)
+                fixes = self.fixes.add(f"{rule}|{key}", now)
                 del fixes[: max(0, len(fixes) - 64)]
             return None
         breaker = policy.breaker
         if breaker is None or outcome not in NOT_FIXED:
             return None
         scope = rule if breaker.per == "rule" else f"{rule}|{key}"
-        failures = self.failures[scope]
-        failures.append(now)
+        failures = self.failures.add(scope, now)
         recent = _count_since(failures, now - breaker.within)
         del failures[: len(failures) - recent]
         if recent >= breaker.failures and scope not in self.breakers:
@@ -211,7 +303,7 @@ class Guards:
     def close_breaker(self, scope: str) -> bool:
         if self.breakers.pop(scope, None) is None:
             return False
-        self.failures.pop(scope, None)
+        self.failures.pop(scope)
         metrics.circuit(scope.split("|")[0], False)
         return True
 
@@ -233,9 +325,9 @@ class Guards:
             self.breakers[scope] = BreakerState(opened, until, reason, escalated)
             metrics.circuit(scope.split("|")[0], True)
         for scope, times in saved.get("failures", {}).items():
-            self.failures[scope] = list(times)
+            self.failures.put(scope, list(times))
         for scope, times in saved.get("fixes", {}).items():
-            self.fixes[scope] = list(times)
+            self.fixes.put(scope, list(times))
         self.flapping.update(saved.get("flapping", {}))
 
     def publish_budgets(self, policies: dict[str, RuleGuards], now: float) -> dict[str, int]:

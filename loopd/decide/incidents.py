@@ -56,6 +56,8 @@ class Incidents:
         self.policies = {r.name: r for r in rules}
         self._throttles = {name: t for name, r in self.policies.items()
                            if (t := compile_throttle(r.throttle)) is not None}
+        self.guards.set_windows({name: _longest_window(r.rule.guards, self._throttles.get(name))
+                                 for name, r in self.policies.items()})
 
     # -- restore --------------------------------------------------------------------
 
@@ -153,7 +155,8 @@ class Incidents:
         try:
             inputs = rule.input(scope)
         except ConditionError as exc:
-            metrics.rule_error(name, exc, event.origin)
+            metrics.rule_failed(name, "run.input", exc, source=event.source, event_id=event.id,
+                                origin=event.origin or event.id)
             record("error", f"run.input: {exc}")
             return
         status = states.AWAITING_APPROVAL if policy.mode == "approval" else states.PENDING
@@ -324,3 +327,18 @@ class Incidents:
 
     def policy_map(self) -> dict[str, RuleGuards]:
         return {name: r.rule.guards for name, r in self.policies.items()}
+
+
+def _longest_window(guards: RuleGuards, throttle: Throttle | None) -> float:
+    """How far back a rule's per-key guard memory matters: past it, a key's memory only
+    takes room."""
+    windows = [0.0]
+    if throttle is not None:
+        windows += [b.per for b in (throttle.once, throttle.most) if b is not None]
+    if guards.max_runs_per_key is not None:
+        windows.append(guards.max_runs_per_key.per)
+    if guards.flapping is not None:
+        windows.append(guards.flapping.within)
+    if guards.breaker is not None:
+        windows.append(guards.breaker.within)
+    return max(windows)

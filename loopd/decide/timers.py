@@ -7,8 +7,10 @@ at most one run per D. Both count the same run starts (``Guards.key_starts``).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
+from loopd import metrics
 from loopd.policy import Budget
 from loopd.rules.model import Throttle as ThrottleSpec
 
@@ -31,22 +33,44 @@ def compile_throttle(spec: ThrottleSpec | None) -> Throttle | None:
 
 
 class ForTimers:
-    """When the condition of a ``for:`` rule started to hold, per (rule, key)."""
+    """When the condition of a ``for:`` rule started to hold, per (rule, key).
 
-    def __init__(self) -> None:
-        self._since: dict[tuple[str, str], float] = {}
+    A timer ends when its condition stops holding or the rule acts; past ``max_keys``
+    timers the oldest is forgotten (counted, logged once): forgetting one only makes its
+    condition hold for the whole duration again, it never acts early.
+    """
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._since: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.max_keys = max_keys
+        self._warned = False
 
     def load(self, rule: str, key: str, since: float) -> None:
         self._since[(rule, key)] = since
+        self._bound()
 
     def hold(self, rule: str, key: str, now: float) -> tuple[float, bool]:
         """Record that the condition holds; return (since, newly started)."""
         since = self._since.get((rule, key))
         if since is None:
             self._since[(rule, key)] = now
+            self._bound()
             return now, True
         return since, False
 
     def reset(self, rule: str, key: str) -> bool:
         """The condition no longer holds; True when a timer was running."""
         return self._since.pop((rule, key), None) is not None
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def _bound(self) -> None:
+        if len(self._since) <= self.max_keys:
+            return
+        self._since.popitem(last=False)
+        metrics.evicted("for_timers", 1, full=True)
+        if not self._warned:
+            self._warned = True
+            metrics.memory_full("for_timers", self.max_keys,
+                                "the oldest for: timers start again from the next event")

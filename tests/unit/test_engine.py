@@ -402,6 +402,44 @@ rules:
     assert sample("loopd_rule_errors_total", rule="compares-text") - before == 1
 
 
+async def test_an_if_or_key_that_fails_records_an_error_decision(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """An ``if:`` or ``key:`` that fails to evaluate is an ``error`` decision naming the field,
+    the message and the event's origin; the event's other rules are still decided."""
+    rules = rules_from("""
+rules:
+  - name: compares-text
+    on: {source: webhook}
+    if: "event.value > 90"
+    run: {action: core.noop}
+  - name: keyless
+    on: {source: webhook}
+    key: "{{ event.host }}"
+    run: {action: core.noop}
+  - name: always
+    on: {source: webhook}
+    run: {action: core.noop}
+""")
+    before = sample("loopd_rule_errors_total", rule="keyless")
+    event = ev("e1", value="high")
+    event.origin = "webhook /hooks/ops#0"
+    async with running(db, rules) as r:
+        await r.feed(event)
+        assert [(run.rule, run.key) for run in r.runs] == [("always", "web-1")]
+        assert await r.store.get_event("webhook", "e1") is not None  # what failed is kept
+        await r.feed(event)  # redelivered: decided once
+    assert sorted(decisions(db)) == [
+        ("e1", "always", "run_created"), ("e1", "compares-text", "error"),
+        ("e1", "keyless", "error")]
+    why = {rule: reason for (_, rule, _), reason in zip(decisions(db), reasons(db), strict=True)}
+    assert why["compares-text"] is not None and why["compares-text"].startswith("if: ")
+    assert "event.value > 90" in why["compares-text"]
+    assert why["keyless"] is not None and why["keyless"].startswith("key: rendered empty")
+    assert all("webhook /hooks/ops#0" in (why[r] or "") for r in ("compares-text", "keyless"))
+    assert sample("loopd_rule_errors_total", rule="keyless") - before == 1
+
+
 async def test_a_failing_input_template_records_an_error_decision(
     db: Path, rules_from: RulesFrom,
 ) -> None:
