@@ -2,9 +2,10 @@
 
 A burst of 10,000 triggers starts its runs 256 at a time instead of all together; a run
 that settles into a wait (confirm, approval, a task's delay, a retry's backoff, an action
-that only sleeps) gives its slot back, and takes one again when it wakes. One ``Slots`` is shared by the dispatcher (which takes a slot as a
-run starts) and the task kinds (which say when a run waits and wakes); the composition
-root hands the same object to both.
+that only sleeps) gives its slot back, and takes one again when it wakes. One ``Slots``
+is shared by the dispatcher (which takes a slot as a run starts) and the task kinds
+(which say when a run waits and wakes); the composition root hands the same object to
+both.
 """
 
 from __future__ import annotations

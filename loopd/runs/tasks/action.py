@@ -46,7 +46,8 @@ class ActionTasks(TaskBase):
                 return TaskResult(states.FAILED, {}, why, attempt, step)
             acting: list[StepRecord] = []
 
-            async def started(rendered: Any = rendered, attempt: int = attempt) -> None:
+            async def started(rendered: Any = rendered, attempt: int = attempt,
+                              acting: list[StepRecord] = acting) -> None:
                 ts.attempt, ts.state, ts.input = attempt, "running", rendered
                 await self.save(run)  # "running" is durable before the action starts
                 acting.append(await self._step(run, ct.name, action, attempt, rendered))
