@@ -10,12 +10,21 @@ Runner contract (every runner passes ``tests/integration/test_runner_contract.py
 * ``close()`` releases pooled connections (ssh per host, one http session).
 * Secrets come from ``ctx.secret(name, field)`` (resolved at that call) and
   never appear in results, errors or logs.
+* An action that only waits for a while (``core.sleep``, a poll interval) does so
+  inside ``async with ctx.waiting():``, which gives its slots back meanwhile.
+
+Slots: at most ``max_concurrent`` actions execute at once. An action is *started* only
+once it holds its slot: ``execute(..., started=hook)`` awaits ``hook`` right then, just
+before the runner is invoked, so a caller records an attempt as running only when it
+really runs (a run that was still waiting for a slot when loopd died has not acted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +40,36 @@ from loopd.packs.registry import Action, PackRegistry, validate_fields
 log = structlog.get_logger("loopd.actions")
 
 
+class Hold(Protocol):
+    """A slot an acting run holds (the executor's, the dispatcher's start slot); given
+    back while the action only waits, taken again before it goes on."""
+
+    def give_back(self) -> None: ...
+
+    async def take(self) -> None: ...
+
+
+class _SlotHold:
+    """One executor slot, held at most once: giving back twice or after a cancelled take
+    never releases the semaphore more often than it was acquired."""
+
+    __slots__ = ("_free", "_held")
+
+    def __init__(self, free: asyncio.Semaphore) -> None:
+        self._free = free
+        self._held = False
+
+    async def take(self) -> None:
+        if not self._held:
+            await self._free.acquire()
+            self._held = True
+
+    def give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._free.release()
+
+
 @dataclass(slots=True)
 class ActionContext:
     """What an action may read besides its input."""
@@ -41,6 +80,19 @@ class ActionContext:
     pack_config: dict[str, Any] = field(default_factory=dict)
     dry_run: bool = False
     services: dict[str, Any] = field(default_factory=dict)  # e.g. buses for `publish`
+    holds: list[Hold] = field(default_factory=list)  # taken in order, given back reversed
+
+    @asynccontextmanager
+    async def waiting(self) -> AsyncIterator[None]:
+        """While inside, the action only waits: it holds no slot, so other runs act."""
+        for hold in reversed(self.holds):
+            hold.give_back()
+        try:
+            yield
+        finally:
+            # a cancel here leaves the rest untaken; every Hold gives back only what it has
+            for hold in self.holds:
+                await hold.take()
 
     def entity(self, name: str) -> dict[str, Any]:
         return self.inventory.entities.get(name) or {"name": name}
@@ -82,7 +134,8 @@ class Executor:
                  max_concurrent: int = 64) -> None:
         self.registry = registry
         self.runners = runners
-        # Caps actions executing at once; runs waiting (confirm, approval, delay) hold no slot.
+        # Caps actions executing at once; runs waiting (confirm, approval, delay, an action
+        # inside ctx.waiting()) hold no slot.
         self._slots = asyncio.Semaphore(max_concurrent)
 
     def action(self, name: str) -> Action:
@@ -91,9 +144,12 @@ class Executor:
             raise UnknownAction(self.registry.check_target("action", name) or name)
         return action
 
-    async def execute(self, name: str, raw_input: dict[str, Any], ctx: ActionContext
-                      ) -> ActionResult:
-        started = time.monotonic()
+    async def execute(self, name: str, raw_input: dict[str, Any], ctx: ActionContext, *,
+                      started: Callable[[], Awaitable[None]] | None = None) -> ActionResult:
+        """Execute action ``name`` once. ``started`` is awaited once the action holds its
+        slot, just before it runs (not when its input is invalid); what it raises (a store
+        failing) is loopd's, not the action's, and propagates."""
+        began = time.monotonic()
         try:
             action = self.action(name)
             ctx.pack_config = action.pack.config
@@ -101,34 +157,62 @@ class Executor:
                 values = validate_fields(action.spec.input, raw_input, "input")
             except ValueError as exc:
                 raise ActionError(str(exc)) from None
-            if ctx.dry_run:
-                output = dict(action.spec.dry_run or {})
-                output.setdefault("dry_run", True)
-            else:
-                runner = self.runners.get(action.spec.runner)
-                if runner is None:
-                    raise ActionError(f"runner {action.spec.runner!r} is not available")
-                try:
-                    async with self._slots, asyncio.timeout(action.spec.timeout):
-                        output = await runner.run(action, values, ctx)
-                except TimeoutError:
-                    raise ActionTimeout(f"timed out after {action.spec.timeout:g}s") from None
-            seconds = time.monotonic() - started
+            runner = None if ctx.dry_run else self.runners.get(action.spec.runner)
+            if runner is None and not ctx.dry_run:
+                raise ActionError(f"runner {action.spec.runner!r} is not available")
+        except ActionError as exc:
+            return self._failed(name, ctx, exc, time.monotonic() - began)
+        if runner is None:  # a dry run acts on nothing: no slot
+            if started is not None:
+                await started()
+            output = dict(action.spec.dry_run or {})
+            output.setdefault("dry_run", True)
+            seconds = time.monotonic() - began
+            metrics.action_finished(name, "succeeded", seconds)
+            return ActionResult(True, output, None, seconds)
+        hold = _SlotHold(self._slots)
+        try:
+            await hold.take()  # waits behind the cap; nothing has acted yet
+            if started is not None:
+                await started()
+            return await self._invoke(name, action, runner, values, ctx, hold)
+        finally:
+            hold.give_back()
+
+    async def _invoke(self, name: str, action: Action, runner: Runner,
+                      values: dict[str, Any], ctx: ActionContext, hold: _SlotHold
+                      ) -> ActionResult:
+        began = time.monotonic()
+        # the slot is given back while the action only waits (ctx.waiting())
+        ctx.holds = [*ctx.holds, hold]
+        try:
+            try:
+                async with asyncio.timeout(action.spec.timeout):
+                    output = await runner.run(action, values, ctx)
+            except TimeoutError:
+                raise ActionTimeout(f"timed out after {action.spec.timeout:g}s") from None
+            seconds = time.monotonic() - began
             metrics.action_finished(name, "succeeded", seconds)
             return ActionResult(True, output, None, seconds)
         except ActionError as exc:
-            seconds = time.monotonic() - started
-            status = "timed_out" if isinstance(exc, ActionTimeout) else "failed"
-            metrics.action_finished(name, status, seconds)
-            log.warning("action failed", action=name, run=ctx.run_id, task=ctx.task,
-                        error=str(exc))
-            return ActionResult(False, {"timed_out": isinstance(exc, ActionTimeout)},
-                                f"{name}: {exc}", seconds)
+            return self._failed(name, ctx, exc, time.monotonic() - began)
         except Exception as exc:  # task boundary: a buggy action fails its task, not loopd
-            seconds = time.monotonic() - started
+            seconds = time.monotonic() - began
             metrics.action_finished(name, "failed", seconds)
             log.exception("action crashed", action=name, run=ctx.run_id, task=ctx.task)
             return ActionResult(False, {}, f"{name}: {type(exc).__name__}: {exc}", seconds)
+        finally:
+            ctx.holds = [h for h in ctx.holds if h is not hold]
+
+    @staticmethod
+    def _failed(name: str, ctx: ActionContext, exc: ActionError, seconds: float
+                ) -> ActionResult:
+        status = "timed_out" if isinstance(exc, ActionTimeout) else "failed"
+        metrics.action_finished(name, status, seconds)
+        log.warning("action failed", action=name, run=ctx.run_id, task=ctx.task,
+                    error=str(exc))
+        return ActionResult(False, {"timed_out": isinstance(exc, ActionTimeout)},
+                            f"{name}: {exc}", seconds)
 
     async def close(self) -> None:
         for runner in self.runners.values():

@@ -7,7 +7,9 @@ stops one. When a run ends, its final state is stored and ``RunEnded`` goes into
 engine's inbox. On start the dispatcher resumes what the store says was in flight: a
 pending run starts; a run that was executing an action when loopd died is retried when
 that action is idempotent and otherwise ends ``interrupted``, so no run stays
-``running`` forever and no non-idempotent action runs twice.
+``running`` forever and no non-idempotent action runs twice. A run counts as executing
+only once its action holds an executor slot: one still waiting for a slot is stored
+``pending`` and simply starts again.
 """
 
 from __future__ import annotations
@@ -155,13 +157,13 @@ class Dispatcher:
             gated = run.status == states.AWAITING_APPROVAL and not run.started
             if gated and not await self._gate(run):
                 return
-            self._unstarted.discard(run.id)
             if run.kind == "workflow" and self.workflows is not None:
+                self._unstarted.discard(run.id)
                 metrics.run_started(run.target, run.id)
                 status, reason = await self.workflows.execute(run, resumed=resumed)
                 run.outcome = self.workflows.outcome(run, status)
                 await self._end(run, status, reason, started=True)
-            else:
+            else:  # unstarted until its action holds an executor slot
                 await self._run_action(run, resumed)
         except asyncio.CancelledError:
             if self.shutting_down or run.id in self._ending:
@@ -219,16 +221,30 @@ class Dispatcher:
                 await self._end(run, states.INTERRUPTED,
                                 "loopd stopped while a non-idempotent action was running")
                 return
-        states.move(run, states.RUNNING)
-        run.started = self.clock.now()
-        await self.store.save_run(run)
-        metrics.run_started(run.target, run.id)
-        step = StepRecord(run.id, 1, "action", run.target, 1, states.RUNNING, self.clock.now(),
-                          input=run.input)
-        await self.store.save_step(step)
-        ctx = ActionContext(run.id, "action", self.inventory, dry_run=self.dry_run)
+        step: StepRecord | None = None
+
+        async def started() -> None:
+            # Called once the action holds its executor slot, right before it acts: only
+            # now is the run ``running``. Until then it stays pending in the store, so a
+            # run that was only waiting for a slot when loopd died starts after a restart
+            # instead of ending interrupted; it can still be cancelled like any unstarted run.
+            nonlocal step
+            self._unstarted.discard(run.id)
+            states.move(run, states.RUNNING)
+            run.started = self.clock.now()
+            await self.store.save_run(run)
+            metrics.run_started(run.target, run.id)
+            step = StepRecord(run.id, 1, "action", run.target, 1, states.RUNNING,
+                              self.clock.now(), input=run.input)
+            await self.store.save_step(step)
+
+        ctx = ActionContext(run.id, "action", self.inventory, dry_run=self.dry_run,
+                            holds=[self._slots.hold(run.id)])
         inputs: dict[str, Any] = run.input if isinstance(run.input, dict) else {}
-        result = await self.executor.execute(run.target, inputs, ctx)
+        result = await self.executor.execute(run.target, inputs, ctx, started=started)
+        if step is None:  # it never started (invalid input, unknown action): record why
+            await started()
+        assert step is not None
         step.finished = self.clock.now()
         step.status = states.SUCCEEDED if result.ok else states.FAILED
         step.output, step.error = result.output, result.error

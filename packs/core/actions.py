@@ -44,7 +44,8 @@ async def fail(input: FailInput, ctx: ActionContext) -> dict[str, Any]:
 
 
 async def sleep(input: SleepInput, ctx: ActionContext) -> dict[str, Any]:
-    await asyncio.sleep(input.seconds)
+    async with ctx.waiting():  # sleeping is not acting: other runs' actions take the slot
+        await asyncio.sleep(input.seconds)
     return {"slept": input.seconds}
 
 

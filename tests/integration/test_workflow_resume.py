@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from loopd.events import Event
+from loopd.packs.executor import Executor
+from loopd.packs.python import PythonRunner
 from loopd.runs import states
 from tests.servers import wait_until
-from tests.workflow_harness import Harness, open_harness
+from tests.workflow_harness import Harness, Process, open_harness
 
 
 @pytest.fixture
@@ -116,6 +118,42 @@ async def test_a_non_idempotent_action_running_at_the_crash_is_interrupted(
     assert interrupted.error == ("loopd stopped while t.hold was running and it is not "
                                  "idempotent")
     assert interrupted.transition == "recover (when failed)"
+
+
+async def test_a_run_waiting_for_an_executor_slot_at_the_crash_acts_after_the_restart(
+        harness: Harness) -> None:
+    """With one executor slot, a run whose non-idempotent action only waited for the slot
+    when loopd stopped acts once after the restart; only the run that was acting ends
+    `interrupted`."""
+    await harness.crash()  # the harness' process, replaced by one with a single slot
+    harness.executor = Executor(harness.registry, {"python": PythonRunner()}, max_concurrent=1)
+    harness.process = Process(harness)
+    harness.process.start()
+    harness.load(bare="""
+        input: [key]
+        tasks:
+          change: {action: t.hold, input: {key: "{{ ctx.key }}"}}
+    """)
+    acting = await harness.start("bare", key="a")
+    await wait_until(lambda: harness.calls.count("hold") == 1, timeout=5,
+                     what="the first action to start")
+    waiting = await harness.start("bare", key="b")
+    await wait_until(lambda: harness.dispatcher.active() == 2, timeout=5,
+                     what="the second run to wait for the slot")
+    await harness.crash()
+    stored = await harness.stored(waiting)
+    assert stored.progress is not None
+    assert stored.progress["tasks"].get("change", {}).get("state") != "running"
+    assert await harness.store.steps(waiting.id) == []  # nothing acted, nothing recorded
+    harness.calls.gate.set()
+    await harness.resume()
+    await harness.wait(acting)
+    assert [c.input["key"] for c in harness.calls.log] == ["a", "b"]  # each acted once
+    assert (await harness.wait(acting)).status == states.INTERRUPTED
+    done = await harness.wait(waiting)
+    assert done.status == states.SUCCEEDED
+    (step,) = done.steps
+    assert (step.status, step.attempt) == (states.SUCCEEDED, 1)
 
 
 async def test_an_unhandled_interruption_ends_the_run_interrupted(harness: Harness) -> None:

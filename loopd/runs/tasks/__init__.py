@@ -32,7 +32,7 @@ class TaskKinds(ActionTasks, WorkflowTasks, ConfirmTasks, ApprovalTasks, Rollbac
             ts.state = "waiting"
             await self.save(run)
         if ts.not_before is not None:
-            await self.clock.sleep_until(ts.not_before)
+            await self._wait_until(run, ts.not_before)  # a delay holds no slot
             ts.not_before = None
         try:
             if ct.task.timeout is not None:

@@ -10,7 +10,7 @@ from loopd.packs.executor import ActionContext, ActionResult
 from loopd.runs import states
 from loopd.runs.progress import TaskState
 from loopd.runs.tasks.base import TaskBase, TaskResult
-from loopd.store.base import RunRecord
+from loopd.store.base import RunRecord, StepRecord
 from loopd.workflow.loader import CompiledTask
 
 
@@ -28,25 +28,37 @@ class ActionTasks(TaskBase):
             return TaskResult(states.INTERRUPTED, {}, why, ts.attempt, step)
         while True:
             if ts.not_before is not None:
-                await self.clock.sleep_until(ts.not_before)
+                await self._wait_until(run, ts.not_before)  # a backoff holds no slot
                 ts.not_before = None
-            ts.attempt += 1
-            attempt = ts.attempt
-            ts.state = "running"
+            # The attempt counts, and is saved ``running``, only once the action holds its
+            # executor slot (``started``): a run that was still waiting for a slot when
+            # loopd died did not act, and a restart starts this attempt again.
+            attempt = ts.attempt + 1
+            ts.state = "waiting"
             extra = {"item": item} if item is not None else {}
             try:
                 rendered = ct.input(self.wf.scope(run, **extra))
             except ConditionError as exc:
+                ts.attempt = attempt
                 step = await self._step(run, ct.name, action, attempt)
                 why = f"task {ct.name} input: {exc}"
                 await self._finish(step, states.FAILED, None, why)
                 return TaskResult(states.FAILED, {}, why, attempt, step)
-            ts.input = rendered
-            await self.save(run)  # "running" is durable before the action starts
-            step = await self._step(run, ct.name, action, attempt, rendered)
+            acting: list[StepRecord] = []
+
+            async def started(rendered: Any = rendered, attempt: int = attempt,
+                              acting: list[StepRecord] = acting) -> None:
+                ts.attempt, ts.state, ts.input = attempt, "running", rendered
+                await self.save(run)  # "running" is durable before the action starts
+                acting.append(await self._step(run, ct.name, action, attempt, rendered))
+
             ctx = ActionContext(run.id, ct.name, self.wf.inventory, dry_run=self.dry_run,
-                                services=self.services)
-            result: ActionResult = await self.executor.execute(action, rendered, ctx)
+                                services=self.services, holds=[self.slots.hold(run.id)])
+            result: ActionResult = await self.executor.execute(action, rendered, ctx,
+                                                               started=started)
+            if not acting:  # it never started (invalid input, unknown action)
+                await started()
+            step = acting[0]
             status = states.SUCCEEDED if result.ok else (
                 states.TIMED_OUT if result.output.get("timed_out") else states.FAILED)
             await self._finish(step, status, result.output, result.error)

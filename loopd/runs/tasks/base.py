@@ -114,6 +114,15 @@ class TaskBase:
         self.slots.give_back(run.id)
         return step
 
+    async def _wait_until(self, run: RunRecord, instant: float) -> None:
+        """Wait for a timer (a task's delay, a retry's backoff) holding no start slot, so
+        the next run starts meanwhile; the run takes one again before it goes on."""
+        if instant <= self.clock.now():
+            return
+        self.slots.give_back(run.id)
+        await self.clock.sleep_until(instant)
+        await self.slots.take(run.id)
+
     async def _step(self, run: RunRecord, task: str, action: str | None, attempt: int,
                     input: Any = None) -> StepRecord:
         progress = self.progress(run)
