@@ -156,6 +156,18 @@ class EngineConfig(Strict):
     queue_size: int = Field(default=2000, ge=1)  # bounded: a full queue pauses the sources
     max_concurrent_runs: int = Field(default=64, ge=1)
     dedup_window: int = Field(default=200_000, ge=1000)
+    # liveness (/healthz) fails when events wait this long with no batch written
+    stall_after: Duration = Field(default=60.0, gt=0)
+
+
+class ApiConfig(Strict):
+    """Limits of the HTTP API's server, so slow or idle clients cannot exhaust it."""
+
+    # a connection that sends no (complete) request head for this long is closed: it
+    # bounds both idle keep-alive connections and slowly sent headers
+    idle_timeout: Duration = Field(default=60.0, gt=0)
+    body_timeout: Duration = Field(default=30.0, gt=0)  # reading one request's body: 408
+    max_connections: int = Field(default=1024, ge=1)  # past it: 503 and closed
 
 
 class PrometheusConfig(Strict):
@@ -195,6 +207,7 @@ class LoopdConfig(Strict):
     outcomes: OutcomesConfig = OutcomesConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
+    api: ApiConfig = ApiConfig()
     source_file: Path | None = None
 
     @field_validator("listen")
