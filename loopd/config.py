@@ -161,6 +161,18 @@ class EngineConfig(Strict):
     telemetry_max_keys: int = Field(default=100_000, ge=1)
     guard_memory_max_keys: int = Field(default=100_000, ge=1000)  # per memory: throttle,
     # breaker, flapping, for: timers; entries whose windows have passed go first
+    # liveness (/healthz) fails when events wait this long with no batch written
+    stall_after: Duration = Field(default=60.0, gt=0)
+
+
+class ApiConfig(Strict):
+    """Limits of the HTTP API's server, so slow or idle clients cannot exhaust it."""
+
+    # a connection that sends no (complete) request head for this long is closed: it
+    # bounds both idle keep-alive connections and slowly sent headers
+    idle_timeout: Duration = Field(default=60.0, gt=0)
+    body_timeout: Duration = Field(default=30.0, gt=0)  # reading one request's body: 408
+    max_connections: int = Field(default=1024, ge=1)  # past it: 503 and closed
 
 
 class PrometheusConfig(Strict):
@@ -200,6 +212,7 @@ class LoopdConfig(Strict):
     outcomes: OutcomesConfig = OutcomesConfig()
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
+    api: ApiConfig = ApiConfig()
     source_file: Path | None = None
 
     @field_validator("listen")

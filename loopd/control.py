@@ -10,6 +10,7 @@ the one set of pending approvals.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,7 +47,7 @@ class Control:
     def __init__(self, *, engine: Engine, dispatcher: Dispatcher, approvals: Approvals,
                  store: Store, registry: Callable[[], PackRegistry],
                  reload: Callable[[], Awaitable[ReloadResult]],
-                 sources: dict[str, Source] | None = None) -> None:
+                 sources: dict[str, Source] | None = None, stall_after: float = 60.0) -> None:
         self._engine = engine
         self._dispatcher = dispatcher
         self._approvals = approvals
@@ -54,6 +55,7 @@ class Control:
         self._registry = registry
         self._reload = reload
         self._sources = sources or {}
+        self._stall_after = stall_after
 
     # -- rules, guards, health ------------------------------------------------------------
 
@@ -73,6 +75,21 @@ class Control:
     def store_ok(self) -> bool:
         """False while the store fails commits (down, full, locked): nothing is decided."""
         return self._engine.store_ok
+
+    def stalled(self) -> str | None:
+        """Why the engine is stuck (liveness), or None: events have waited longer than
+        ``engine.stall_after`` with no batch written."""
+        engine = self._engine
+        backlog = engine.backlog
+        # a store outage is not a wedged engine: it retries by itself and readiness says
+        # so; restarting loopd would not bring the database back
+        if not backlog or not engine.store_ok:
+            return None
+        idle = time.monotonic() - engine.progress_at
+        if idle <= self._stall_after:
+            return None
+        return (f"no batch written for {idle:.1f}s (stall_after {self._stall_after:g}s) "
+                f"with {backlog} event(s) or message(s) waiting")
 
     def guard_status(self) -> dict[str, Any]:
         engine = self._engine

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from loopd import metrics
 from loopd.api.app import ApiContext, build_app
+from loopd.api.limits import CappedSite
 from loopd.config import LoopdConfig
 from loopd.control import Control, ReloadResult
 from loopd.errors import StoreError
@@ -58,7 +59,7 @@ class Daemon:
         self.control = Control(engine=self.engine, dispatcher=self.dispatcher,
                                approvals=parts.runs.approvals, store=self.store,
                                registry=lambda: self.registry, reload=self.reload,
-                               sources=self.sources)
+                               sources=self.sources, stall_after=config.engine.stall_after)
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -202,11 +203,18 @@ class Daemon:
         push: dict[str, tuple[str, int]] = {
             c.name: (c.type, c.max_payload) for c in self.config.sources
             if c.type in ("webhook", "alertmanager")}
-        ctx = ApiContext(control=self.control, emit=self.engine.emit, push_sources=push)
-        self.runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0)
+        limits = self.config.api
+        ctx = ApiContext(control=self.control, emit=self.engine.emit, push_sources=push,
+                         body_timeout=limits.body_timeout)
+        # keepalive_timeout closes a connection with no complete request head for that
+        # long (idle, or headers sent slowly); lingering_time bounds how long the rest of
+        # a refused body is read and discarded before the connection closes
+        self.runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0,
+                                    keepalive_timeout=limits.idle_timeout,
+                                    lingering_time=2.0)
         await self.runner.setup()
         host, port = self.config.listen_host_port
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        site = CappedSite(self.runner, host, port, max_connections=limits.max_connections)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,10 @@ from loopd.errors import DecodeError, PayloadTooLarge
 
 JSON = Any
 Ack = Callable[[], None]
+
+# Deeper than this is refused at decode: deeply nested data is never a real event, and
+# recursive code further on (serializers, templates) would fail on it, wedging the stream.
+MAX_DEPTH = 64
 
 
 def _no_ack() -> None:
@@ -89,6 +94,42 @@ def decode_object(payload: bytes, *, max_payload: int, origin: str) -> dict[str,
     return data
 
 
+def nesting_depth(value: JSON) -> int:
+    """How many containers (objects and lists) deep ``value`` goes; iterative, so any
+    depth orjson accepts is measured without recursion."""
+    deepest = 0
+    stack: list[tuple[JSON, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children: Iterable[JSON]
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
+    return deepest
+
+
+def check_depth(value: JSON, *, origin: str, limit: int = MAX_DEPTH) -> None:
+    """Raise a DecodeError naming the depth and ``origin`` when ``value`` nests too deep."""
+    depth = nesting_depth(value)
+    if depth > limit:
+        raise DecodeError(f"nested {depth} levels deep (limit {limit})", origin=origin)
+
+
+def content_id(source: str, topic: str, key: str | None, when: float,
+               data: dict[str, JSON]) -> str:
+    """The id of an event sent without one: a hash of what it says, so a retry of the
+    same event is recognised as a duplicate (canonical JSON: keys sorted)."""
+    canon = orjson.dumps([source, topic, key, when, data],
+                         option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    return hashlib.blake2b(canon, digest_size=16).hexdigest()
+
+
 def parse_time(value: JSON, *, origin: str) -> float:
     """Accept epoch seconds (int/float) or an RFC 3339 string."""
     if isinstance(value, bool):
@@ -116,8 +157,12 @@ def event_from_object(
     """Build an Event from a generic JSON envelope or a bare payload.
 
     An envelope has a ``data`` object and optionally ``id``, ``topic``, ``key``,
-    ``time`` and ``headers``; anything else is taken as the data itself.
+    ``time`` and ``headers``; anything else is taken as the data itself. Nesting
+    deeper than MAX_DEPTH is a DecodeError. Without an id (and ``default_id``), the id
+    is ``content_id`` of source, topic, key, time and data; the time is the event's own,
+    or the time of receipt when it has none (so such an event is never a duplicate).
     """
+    check_depth(obj, origin=origin)
     if isinstance(obj.get("data"), dict):
         data: dict[str, JSON] = obj["data"]
         ident = obj.get("id", default_id)
@@ -135,13 +180,14 @@ def event_from_object(
                 )
     else:
         data, ident, key, headers, when = obj, default_id, default_key, {}, None
+    at = parse_time(when, origin=origin) if when is not None else time.time()
     return Event(
-        id=str(ident) if ident is not None else new_id(),
+        id=str(ident) if ident is not None else content_id(source, topic, key, at, data),
         source=source,
         topic=topic,
         data=data,
         key=key,
-        time=parse_time(when, origin=origin) if when is not None else time.time(),
+        time=at,
         headers={str(k): str(v) for k, v in headers.items()},
         origin=origin,
     )

@@ -33,6 +33,7 @@ class ApiContext:
     emit: Callable[[Delivery], Awaitable[None]]
     push_sources: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> type, max
     decision_timeout: float = 30.0
+    body_timeout: float = 30.0  # reading one request body (api.body_timeout)
 
 
 CTX = web.AppKey("loopd", ApiContext)
@@ -63,6 +64,11 @@ async def errors_middleware(request: web.Request,
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 503 when the engine has made no progress on waiting events for
+    ``engine.stall_after`` (a restart is the remedy); readiness is /readyz."""
+    reason = request.app[CTX].control.stalled()
+    if reason is not None:
+        return json_response({"status": "stalled", "reason": reason}, status=503)
     return json_response({"status": "ok"})
 
 
@@ -120,7 +126,10 @@ async def close_breaker(request: web.Request) -> web.Response:
 def build_app(ctx: ApiContext) -> web.Application:
     from loopd.api import ingest, runs
 
-    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024 * 1024)
+    # ingest reads its bodies in chunks against each source's max_payload; this is the hard
+    # cap of anything read whole (request.read(), post())
+    cap = max((m for _, m in ctx.push_sources.values()), default=1024 * 1024)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=cap)
     app[CTX] = ctx
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -3,7 +3,10 @@
 The handler answers once every accepted event is decided and durable: 200
 with counts, or 400 naming each rejected item (the valid ones are still
 decided), or 503 when the engine did not decide in time (the events stay
-queued; a retry is recognised by event id).
+queued; a retry is recognised by event id). The body is read in chunks: past the
+source's ``max_payload`` the answer is 413 at once (nothing more is buffered), and a
+body that does not arrive within ``api.body_timeout`` is answered 408; both close the
+connection.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from loopd.events import JSON, Delivery, Event
 from loopd.sources.webhook import alertmanager_events, generic_events
 
 Parser = Callable[..., list[Event | DecodeError]]
+_CHUNK = 64 * 1024
 
 
 async def _ingest(request: web.Request, kind: str, parser: Parser) -> web.Response:
@@ -33,13 +37,18 @@ async def _ingest(request: web.Request, kind: str, parser: Parser) -> web.Respon
     origin = f"{kind} {request.remote or '?'} {request.path}"
     if request.content_length is not None and request.content_length > max_payload:
         metrics.event_rejected(name, "too_large", "payload too large", origin=origin)
-        return error(413, f"payload of {request.content_length} bytes exceeds max_payload "
-                          f"{max_payload} of source {name!r}")
-    body = await request.read()
-    if len(body) > max_payload:
+        return _closing(error(413, f"payload of {request.content_length} bytes exceeds "
+                                   f"max_payload {max_payload} of source {name!r}"))
+    try:
+        body = await _read_body(request, max_payload, ctx.body_timeout)
+    except TimeoutError:
+        metrics.event_rejected(name, "timeout", "body not received in time", origin=origin)
+        return _closing(error(408, f"body timeout: the request body did not arrive within "
+                                   f"{ctx.body_timeout:g}s"))
+    if body is None:
         metrics.event_rejected(name, "too_large", "payload too large", origin=origin)
-        return error(413, f"payload of {len(body)} bytes exceeds max_payload {max_payload} "
-                          f"of source {name!r}")
+        return _closing(error(413, f"payload of more than {max_payload} bytes exceeds "
+                                   f"max_payload {max_payload} of source {name!r}"))
     try:
         parsed: JSON = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -67,9 +76,30 @@ async def _ingest(request: web.Request, kind: str, parser: Parser) -> web.Respon
             await asyncio.gather(*waits)
     except TimeoutError:
         return error(503, f"{len(waits)} event(s) queued but not decided within "
-                          f"{ctx.decision_timeout:g}s; retry is safe (events are de-duplicated)")
+                          f"{ctx.decision_timeout:g}s; retry is safe for events with an id or "
+                          "a time (they are de-duplicated)")
     body_out = {"accepted": len(waits), "rejected": len(rejected), "errors": rejected}
     return json_response(body_out, status=400 if rejected else 200)
+
+
+async def _read_body(request: web.Request, max_payload: int, timeout: float) -> bytes | None:
+    """The body, read chunk by chunk; None as soon as it passes ``max_payload`` (the rest
+    is never buffered). TimeoutError when it takes longer than ``timeout``."""
+    chunks: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(timeout):
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > max_payload:
+                return None
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _closing(response: web.Response) -> web.Response:
+    # the rest of the body is not read: the connection cannot carry another request
+    response.force_close()
+    return response
 
 
 def _resolver(future: asyncio.Future[None]) -> Callable[[], None]:

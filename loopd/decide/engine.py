@@ -149,6 +149,8 @@ class Engine:
         self.incidents = Incidents(self.guards, self.inventory)
         self._timers = ForTimers(memory_max_keys)  # guard memory is bounded by Guards itself
         self._in_flight = 0
+        # liveness: monotonic time of the last batch written (or of work arriving when idle)
+        self.progress_at = time.monotonic()
         self._wake = asyncio.Event()
         self.inbox = Inbox(self._wake, self)
         self._open = _Pending(Batch(), [])  # what decide_now decided, not yet committed
@@ -202,6 +204,8 @@ class Engine:
 
     async def emit(self, delivery: Delivery) -> None:
         """Hand a delivery to the engine; waits while the queue is full (backpressure)."""
+        if not self._in_flight:
+            self.progress_at = time.monotonic()
         self._in_flight += 1
         self._idle.clear()
         queue = self.queue
@@ -211,7 +215,14 @@ class Engine:
             queue.put_nowait(delivery)
         self._wake.set()
 
+    @property
+    def backlog(self) -> int:
+        """Deliveries and inbox messages handed in and not yet written (liveness)."""
+        return self._in_flight
+
     def _busy(self, n: int) -> None:
+        if not self._in_flight:
+            self.progress_at = time.monotonic()
         self._in_flight += n
         self._idle.clear()
 
@@ -352,7 +363,7 @@ class Engine:
             if pending is None:
                 return
             result = await self._commit(pending) if pending.batch else CommitResult()
-            done = time.monotonic()
+            done = self.progress_at = time.monotonic()
             for delivery in pending.deliveries:
                 delivery.ack()
                 metrics.event_decided(done - delivery.received)

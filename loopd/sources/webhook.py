@@ -15,7 +15,7 @@ from typing import Any
 from loopd import metrics
 from loopd.config import AlertmanagerSourceConfig, WebhookSourceConfig
 from loopd.errors import DecodeError, PayloadTooLarge
-from loopd.events import JSON, Event, event_from_object, parse_time
+from loopd.events import JSON, Event, check_depth, event_from_object, parse_time
 from loopd.sources.base import Emit, StoppableSource
 
 _ALERT_FIELDS = ("status", "labels", "annotations", "startsAt", "endsAt", "generatorURL",
@@ -94,6 +94,7 @@ def alertmanager_events(body: JSON, *, source: str, origin: str
                           origin=origin)
     alerts = _require(body, "alerts", list, origin)
     group = {k: body.get(k) for k in _GROUP_FIELDS if k in body}
+    check_depth(group, origin=origin)
     out: list[Event | DecodeError] = []
     for index, alert in enumerate(alerts):
         where = f"{origin} alerts[{index}]"
@@ -107,6 +108,7 @@ def alertmanager_events(body: JSON, *, source: str, origin: str
 def _alert_event(alert: Any, group: dict[str, Any], source: str, where: str) -> Event:
     if not isinstance(alert, dict):
         raise DecodeError(f"an alert must be an object, got {type(alert).__name__}", origin=where)
+    check_depth(alert, origin=where)
     status = _require(alert, "status", str, where)
     if status not in ("firing", "resolved"):
         raise DecodeError(f"status must be firing or resolved, got {status!r}", origin=where)

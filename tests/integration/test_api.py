@@ -477,6 +477,8 @@ async def test_readiness_is_false_while_the_store_fails(api: Api) -> None:
 
     await wait_until(not_ready, what="/readyz to say the store fails")
     assert (await api.get("/readyz"))[1]["store"] is False
+    # not liveness: restarting loopd would not bring the store back
+    assert (await api.get("/healthz"))[0] == 200
     assert not post.done()  # not decided, so not answered
     flaky.down = False
     assert (await post)[0] == 200
