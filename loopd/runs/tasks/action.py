@@ -54,8 +54,14 @@ class ActionTasks(TaskBase):
 
             ctx = ActionContext(run.id, ct.name, self.wf.inventory, dry_run=self.dry_run,
                                 services=self.services, holds=[self.slots.hold(run.id)])
-            result: ActionResult = await self.executor.execute(action, rendered, ctx,
-                                                               started=started)
+            known = self.executor.registry.actions.get(action)
+            if known is not None and known.spec.idempotent:
+                # retried after a crash anyway: recorded running before it queues for a
+                # slot (its write joins a large group commit); see the dispatcher
+                await started()
+                result: ActionResult = await self.executor.execute(action, rendered, ctx)
+            else:
+                result = await self.executor.execute(action, rendered, ctx, started=started)
             if not acting:  # it never started (invalid input, unknown action)
                 await started()
             step = acting[0]
