@@ -47,12 +47,20 @@ def decided(daemon: LoopdProcess, rule: str = RULE) -> int:
 @contextlib.asynccontextmanager
 async def producing(bootstrap: str, topic: str, numbers: range, *,
                     ahead_of: Callable[[], int] | None = None, window: int = 500,
-                    batch: int = 50) -> AsyncIterator[asyncio.Task[None]]:
+                    batch: int = 50, entities: int | None = None
+                    ) -> AsyncIterator[asyncio.Task[None]]:
     """Produce ``{"n": i}`` for every i in ``numbers`` in the background, in order.
 
     With ``ahead_of`` (how many records are decided so far), stay at most ``window``
-    records ahead of it, so records are still flowing whenever the test acts.
+    records ahead of it, so records are still flowing whenever the test acts. With
+    ``entities``, record i is keyed ``host-{i % entities}`` (and carries that ``host``).
     """
+    def send(prod: Any, i: int) -> Any:
+        if entities is None:
+            return prod.send(topic, b'{"n": %d}' % i)
+        host = b"host-%d" % (i % entities)
+        return prod.send(topic, b'{"n": %d, "host": "%s"}' % (i, host), key=host)
+
     async def run() -> None:
         async with producer(bootstrap) as prod:
             for start in range(numbers.start, numbers.stop, batch):
@@ -63,7 +71,7 @@ async def producing(bootstrap: str, topic: str, numbers: range, *,
 
                     await eventually(caught_up, "the daemon to catch up with the producer",
                                      timeout=60)
-                sent = [await prod.send(topic, b'{"n": %d}' % i)
+                sent = [await send(prod, i)
                         for i in range(start, min(start + batch, numbers.stop))]
                 await asyncio.gather(*sent)
 
