@@ -82,6 +82,9 @@ class KafkaSourceConfig(_SourceBase):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     commit_interval: Duration = 0.5
     session_timeout: Duration = 10.0  # consumer group session: how fast a dead member is noticed
+    # every broker call (connect, commit, probe, dead-letter send, stop) is bounded by this
+    request_timeout: Duration = 10.0
+    probe_interval: Duration = 3.0  # how often the broker is asked whether it still answers
 
 
 class SimFault(Strict):

@@ -45,8 +45,12 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import structlog
+
 from loopd import metrics
 from loopd.events import Delivery
+
+log = structlog.get_logger("loopd.sources")
 
 Emit = Callable[[Delivery], Awaitable[None]]
 
@@ -80,7 +84,14 @@ class StoppableSource:
 
 
 class Supervisor:
-    """Runs one source forever: reconnect with backoff, report ``loopd_source_up``."""
+    """Runs one source forever: reconnect with backoff, report ``loopd_source_up``.
+
+    Only ``stop()`` or a cancellation of the supervisor's own task ends it. A
+    ``CancelledError`` that comes out of ``source.run`` while nobody cancelled this task
+    (aiokafka's fetcher lets one out of ``consumer.stop()`` after a broker outage) is a
+    failure of the source like any other: logged, backed off, reconnected. A supervisor
+    that ends any other way logs an error; ``failed`` then stays true.
+    """
 
     def __init__(
         self, source: Source, emit: Emit, *, min_backoff: float = 0.2, max_backoff: float = 30.0
@@ -90,16 +101,42 @@ class Supervisor:
         self._min = min_backoff
         self._max = max_backoff
         self._stopping = asyncio.Event()
+        self.failed = False
 
     async def run(self) -> None:
-        delay = self._min
         name = self.source.name
+        ended_by: BaseException | None = None
+        try:
+            await self._loop(name)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                ended_by = RuntimeError("cancelled from inside, not by its owner")
+            raise
+        except BaseException as exc:
+            ended_by = exc
+            raise
+        finally:
+            metrics.source_up(name, False)
+            if ended_by is not None and not self._stopping.is_set():
+                self.failed = True
+                # an error that shows: loopd_source_up stays 0 and /readyz false (the
+                # source is not connected), and this says why
+                log.error("source supervisor ended; the source stays down until restart",
+                          source=name, error=f"{type(ended_by).__name__}: {ended_by}")
+
+    async def _loop(self, name: str) -> None:
+        delay = self._min
+        task = asyncio.current_task()
         while not self._stopping.is_set():
             try:
                 await self.source.run(self._emit)
                 delay = self._min
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                if task is None or task.cancelling():
+                    raise  # our own cancellation: the daemon is stopping
+                # a stray cancellation out of the source's library, not asked for by anyone
+                metrics.source_failed(name, exc, retry_in=delay)
             except Exception as exc:  # supervised boundary: a source never takes loopd down
                 metrics.source_failed(name, exc, retry_in=delay)
             finally:

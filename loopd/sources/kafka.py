@@ -24,7 +24,14 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
 
 from loopd import metrics
 from loopd.config import KafkaSourceConfig
@@ -34,13 +41,16 @@ from loopd.sources.base import Emit
 
 log = structlog.get_logger("loopd.kafka")
 
-# every broker call is bounded; asyncio.timeout, not wait_for, which can swallow a
-# cancellation on Python 3.11 and leave a loop running after close
-_TIMEOUT = 10.0
-# how often run checks that the broker still answers (an all-topics metadata request: cheap
-# on loopd-sized clusters, and it fails at once when the broker is gone)
-_PROBE_INTERVAL = 3.0
+# Every broker call is bounded by ``config.request_timeout``; asyncio.timeout, not wait_for,
+# which can swallow a cancellation on Python 3.11 and leave a loop running after close.
+# Every ``config.probe_interval`` run checks that the broker still answers (an all-topics
+# metadata request: cheap on loopd-sized clusters, and it fails at once when it is gone).
 _MAX_RECORDS = 500
+# room for the dead-letter headers and the record batch framing around the value
+_HEADER_ROOM = 64 * 1024
+# the value kept in a dead letter whose record is too large to be sent whole
+_TRUNCATED = 1024
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
 
 
 class _Partition:
@@ -70,8 +80,9 @@ class _Partition:
 class _Session:
     """State of one consumer connection; dropped whole when ``run`` ends."""
 
-    def __init__(self, source: str, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, source: str, consumer: AIOKafkaConsumer, timeout: float) -> None:
         self.source = source
+        self.timeout = timeout
         self.consumer = consumer
         self.partitions: dict[TopicPartition, _Partition] = {}
         self.commit_lock = asyncio.Lock()
@@ -85,9 +96,9 @@ class _Session:
         return part
 
     async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
-        """Commit every partition whose contiguous acked prefix moved; bounded by _TIMEOUT."""
+        """Commit every partition whose contiguous acked prefix moved; bounded in time."""
         try:
-            async with asyncio.timeout(_TIMEOUT), self.commit_lock:
+            async with asyncio.timeout(self.timeout), self.commit_lock:
                 tps = self.partitions.keys() if only is None else only
                 due = {
                     tp: p.commit_at for tp in tps
@@ -142,6 +153,9 @@ class KafkaSource:
         self._connected = False
         self._closing = asyncio.Event()
         self._finished: asyncio.Event | None = None
+        self._timeout = config.request_timeout
+        # the dead-letter producer carries a record up to max_payload whole, with headers
+        self._max_request = max(1024 * 1024, config.max_payload + _HEADER_ROOM)
 
     @property
     def connected(self) -> bool:
@@ -157,15 +171,16 @@ class KafkaSource:
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
         )
         producer = (
-            AIOKafkaProducer(bootstrap_servers=cfg.bootstrap) if cfg.dead_letter_topic else None
+            AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, max_request_size=self._max_request)
+            if cfg.dead_letter_topic else None
         )
-        session = _Session(self.name, consumer)
+        session = _Session(self.name, consumer, self._timeout)
         self._finished = finished = asyncio.Event()
         lost = False
         try:
             try:
                 # start() only bootstraps; the group join runs in the background once subscribed
-                async with asyncio.timeout(_TIMEOUT):
+                async with asyncio.timeout(self._timeout):
                     await consumer.start()
                     if producer is not None:
                         await producer.start()
@@ -200,7 +215,7 @@ class KafkaSource:
             return
         try:
             # run's teardown is a bounded commit and two bounded stops
-            async with asyncio.timeout(4 * _TIMEOUT):
+            async with asyncio.timeout(4 * self._timeout):
                 await self._finished.wait()
         except TimeoutError:
             log.warning("source did not stop in time", source=self.name)
@@ -264,40 +279,63 @@ class KafkaSource:
         return event
 
     async def _dead_letter(self, producer: AIOKafkaProducer, record: Any, exc: EventError) -> None:
-        """Send the original bytes with why and where they failed; ack only once it is stored."""
+        """Send the original bytes with why and where they failed; ack only once it is stored.
+
+        A record too large to be sent whole (over ``max_payload`` and the producer's request
+        size, or refused by the broker) is dead-lettered as its metadata: the headers, its
+        size, and the first ``_TRUNCATED`` bytes of its value, so it never blocks its partition.
+        """
+        value: bytes = record.value or b""
         headers = [*(record.headers or ()), *(
             (k, v.encode()) for k, v in (
                 ("loopd-error", str(exc)), ("loopd-topic", record.topic),
                 ("loopd-partition", str(record.partition)), ("loopd-offset", str(record.offset)),
-                ("loopd-source", self.name),
+                ("loopd-source", self.name), ("loopd-size", str(len(value))),
             )
         )]
+        whole = len(value) + sum(len(k) + len(v or b"") for k, v in headers) + len(
+            record.key or b"") < self._max_request - _HEADER_ROOM // 2
+        if whole:
+            try:
+                await self._send(producer, value, record.key, headers)
+                return
+            except _TOO_LARGE as too_large:
+                log.warning("dead letter refused whole, sending its metadata", source=self.name,
+                            topic=record.topic, partition=record.partition,
+                            offset=record.offset, size=len(value), error=str(too_large))
+        own = [(k, v) for k, v in headers if k.startswith("loopd-")]
+        await self._send(producer, value[:_TRUNCATED], record.key,
+                         [*own, ("loopd-truncated", b"true")])
+
+    async def _send(self, producer: AIOKafkaProducer, value: bytes, key: bytes | None,
+                    headers: list[tuple[str, bytes]]) -> None:
+        topic = self.config.dead_letter_topic
         try:
-            async with asyncio.timeout(_TIMEOUT):
-                await producer.send_and_wait(
-                    self.config.dead_letter_topic, record.value or b"", key=record.key,
-                    headers=headers,
-                )
+            async with asyncio.timeout(self._timeout):
+                await producer.send_and_wait(topic, value, key=key, headers=headers)
+        except _TOO_LARGE:
+            raise
         except (KafkaError, TimeoutError) as exc2:
             # not acked: after the reconnect the record comes again and is retried
             raise SourceError(f"dead-letter send failed: {exc2 or type(exc2).__name__}",
-                              origin=f"kafka {self.config.dead_letter_topic}") from exc2
+                              origin=f"kafka {topic}") from exc2
 
     async def _watch(self, session: _Session) -> None:
         """Commit every ``commit_interval``; raise SourceError once the broker stops answering."""
         interval = self.config.commit_interval
+        probe = self.config.probe_interval
         last_commit = last_probe = time.monotonic()
         while True:
-            await asyncio.sleep(max(0.05, min(interval, _PROBE_INTERVAL)))
+            await asyncio.sleep(max(0.05, min(interval, probe)))
             now = time.monotonic()
             if now - last_commit >= interval:
                 last_commit = now
                 await session.commit()
-            if now - last_probe >= _PROBE_INTERVAL:
+            if now - last_probe >= probe:
                 last_probe = now
                 try:
                     # a metadata request: aiokafka itself reconnects forever and never says
-                    async with asyncio.timeout(_TIMEOUT):
+                    async with asyncio.timeout(self._timeout):
                         await session.consumer.topics()
                 except (KafkaError, TimeoutError) as exc:
                     raise SourceError(f"broker unreachable: {exc or type(exc).__name__}",
@@ -308,7 +346,15 @@ class KafkaSource:
             if client is None:
                 continue
             try:
-                async with asyncio.timeout(_TIMEOUT):
+                async with asyncio.timeout(self._timeout):
                     await client.stop()
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                # after a long outage aiokafka's fetcher lets its own cancellation out of
+                # stop(): not ours, so stop the other client too and report it as lost
+                log.warning("client stop failed", source=self.name,
+                            error=f"stray {type(exc).__name__} from the client")
             except (KafkaError, TimeoutError, OSError) as exc:
                 log.warning("client stop failed", source=self.name, error=str(exc))

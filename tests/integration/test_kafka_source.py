@@ -318,3 +318,114 @@ async def test_run_raises_source_error_when_broker_unreachable(kafka_topic: str)
     with pytest.raises(SourceError, match=f"kafka {bootstrap}: cannot connect"):
         await source.run(Collector())
     assert not source.connected
+
+
+class _StrayCancel:
+    """A source whose run lets out a CancelledError nobody asked for, as aiokafka's fetcher
+    does from ``consumer.stop()`` after a long outage, then runs normally."""
+
+    name = "stray-cancel"
+    connected = False
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.closed = asyncio.Event()
+
+    async def run(self, emit: Any) -> None:
+        self.runs += 1
+        if self.runs <= 2:
+            raise asyncio.CancelledError  # not from the supervisor's task being cancelled
+        self.connected = True
+        try:
+            await self.closed.wait()
+        finally:
+            self.connected = False
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+async def test_supervisor_treats_a_stray_cancellation_as_a_source_failure() -> None:
+    """A CancelledError out of source.run that the supervisor's task did not receive is logged,
+    backed off and reconnected, while a cancellation of the supervisor's task still ends it."""
+    source = _StrayCancel()
+    supervisor = Supervisor(source, Collector(), min_backoff=0.01, max_backoff=0.05)
+    task = asyncio.create_task(supervisor.run())
+    await wait_until(lambda: source.connected, what="the third run to connect")
+    assert source.runs == 3 and not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not supervisor.failed
+
+
+async def test_supervised_source_survives_an_outage_longer_than_its_timeouts(
+    kafka_broker: KafkaBroker, kafka_topic: str
+) -> None:
+    """After a broker outage several times longer than the source's request timeout (commits
+    and probes time out, clients are stopped against a dead broker), the supervisor is still
+    running, the source reconnects and every record is delivered; nothing ends silently."""
+    kafka_broker.require_restartable()
+    require(kafka_broker.persistent,
+            "tansu with persistent storage (pip install 'moto[s3]' flask flask-cors)")
+    await create_topic(kafka_broker.bootstrap, kafka_topic)
+    await produce(kafka_broker.bootstrap, kafka_topic, [{"n": n} for n in range(5)])
+    cfg = config(kafka_broker, "kafka-outage", kafka_topic, request_timeout="1s",
+                 probe_interval="200ms")
+    got = Collector()
+    source = KafkaSource(cfg, session_timeout=SESSION)
+    supervisor = Supervisor(source, got, min_backoff=0.05, max_backoff=0.5)
+    task = asyncio.create_task(supervisor.run())
+    try:
+        await wait_until(lambda: len(got.events) == 5, what="5 events")
+        kafka_broker.stop()
+        stopped = time.monotonic()
+        await wait_until(lambda: not source.connected, what="source to notice the outage")
+        # the outage outlasts the request timeout several times over: every reconnect fails
+        await wait_until(lambda: time.monotonic() - stopped > 6 * cfg.request_timeout,
+                         timeout=30, what="a long outage")
+        assert not task.done(), "the supervisor ended during the outage"
+        kafka_broker.start()
+        await produce(kafka_broker.bootstrap, kafka_topic, [{"n": n} for n in range(5, 10)])
+        await wait_until(lambda: set(got.numbers()) == set(range(10)), timeout=60,
+                         what="every record after the outage")
+        assert source.connected and not task.done()
+        assert sample("loopd_source_up", source=cfg.name) == 1
+    finally:
+        kafka_broker.start()
+        await supervisor.stop()
+        await asyncio.wait_for(task, timeout=15)
+    assert not supervisor.failed
+
+
+async def test_a_record_too_large_to_dead_letter_whole_sends_its_metadata(
+    kafka_broker: KafkaBroker, kafka_topic: str
+) -> None:
+    """A poison record over 1 MiB within max_payload is dead-lettered whole, one over
+    max_payload and the producer's request size is dead-lettered as its metadata (truncated
+    value, size and error in headers); both are acked and the records after them arrive."""
+    dlq = f"{kafka_topic}-dlq"
+    await create_topic(kafka_broker.bootstrap, kafka_topic)
+    await create_topic(kafka_broker.bootstrap, dlq)
+    within = b"{not json " + b"x" * (1536 * 1024)  # 1.5 MiB, under max_payload
+    over = b'{"pad": "' + b"y" * (3 * 1024 * 1024) + b'"}'  # 3 MiB, over max_payload
+    await produce(kafka_broker.bootstrap, kafka_topic, [
+        {"n": 0}, Record(within, key="k1"), Record(over, key="k2"), {"n": 1},
+    ])
+    cfg = config(kafka_broker, "kafka-dlq-large", kafka_topic, dead_letter_topic=dlq,
+                 max_payload="2MiB")
+    got = Collector()
+    async with running(KafkaSource(cfg, session_timeout=SESSION), got):
+        await wait_until(lambda: len(got.events) == 2, timeout=30, what="2 good events")
+        await wait_until(committed_is(kafka_broker, cfg, {0: 4}), interval=0.1, what="commit 4")
+    assert got.numbers() == [0, 1]
+
+    whole, meta = await read_topic(kafka_broker.bootstrap, dlq, 2)
+    assert whole.value == within and whole.key == b"k1"
+    assert b"malformed JSON" in dict(whole.headers)["loopd-error"]
+    headers = {k: v.decode() for k, v in meta.headers}
+    assert meta.key == b"k2" and meta.value == over[:1024]
+    assert headers["loopd-truncated"] == "true" and headers["loopd-size"] == str(len(over))
+    assert (headers["loopd-topic"], headers["loopd-partition"], headers["loopd-offset"]) == (
+        kafka_topic, "0", "2")
+    assert "exceeds max_payload" in headers["loopd-error"]

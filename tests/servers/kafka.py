@@ -229,7 +229,9 @@ class Record:
 
 @contextlib.asynccontextmanager
 async def producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
-    prod = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    # large enough for the tests of records over 1 MiB
+    prod = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=10_000,
+                            max_request_size=16 * 1024 * 1024)
     await prod.start()
     try:
         yield prod
