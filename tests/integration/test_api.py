@@ -7,6 +7,7 @@ pack, its own rule files) listening on 127.0.0.1:0 and talks to it over HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import shutil
 from collections.abc import AsyncIterator, Awaitable
@@ -170,7 +171,14 @@ rules: [rules]
 packs: [packs]
 store: {path: var/loopd.db}
 """)
-    daemon = Daemon(load_config(tmp_path / "loopd.yaml"))
+    async with serving(tmp_path / "loopd.yaml", rules_dir) as api:
+        yield api
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Path, rules_dir: Path) -> AsyncIterator[Api]:
+    """A real Daemon on ``config`` until the block ends, with an HTTP client on its API."""
+    daemon = Daemon(load_config(config))
     # sample() reads this daemon's registry: pytest-asyncio hands a fixture's context to the test
     metrics.use(daemon.metrics)
     ready = asyncio.Event()

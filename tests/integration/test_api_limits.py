@@ -16,11 +16,8 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
-from loopd import metrics
-from loopd.config import load_config
-from loopd.daemon import Daemon
 from loopd.store.base import Batch, CommitResult, Store
-from tests.integration.test_api import REPO, RULES, Api, _until_ready, sample
+from tests.integration.test_api import REPO, RULES, Api, sample, serving
 from tests.servers import wait_until
 
 CONFIG = """\
@@ -44,16 +41,8 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     (rules_dir / "alerts.yaml").write_text(RULES)
     shutil.copytree(REPO / "packs" / "core", tmp_path / "packs" / "core")
     (tmp_path / "loopd.yaml").write_text(CONFIG)
-    daemon = Daemon(load_config(tmp_path / "loopd.yaml"))
-    metrics.use(daemon.metrics)
-    ready = asyncio.Event()
-    task = await _until_ready(daemon.run(on_ready=lambda _: ready.set()), ready)
-    try:
-        async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{daemon.port}") as http:
-            yield Api(daemon, http, rules_dir)
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 20)
+    async with serving(tmp_path / "loopd.yaml", rules_dir) as api:
+        yield api
 
 
 async def connect(api: Api) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

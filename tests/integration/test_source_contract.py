@@ -44,6 +44,7 @@ from loopd.sources.kafka import KafkaSource
 from loopd.sources.mqtt import MqttSource
 from loopd.sources.sim import Fleet, SimSource
 from loopd.sources.webhook import PushSource
+from tests.integration.test_kafka_source import Collector
 from tests.servers import free_port, wait_until
 from tests.servers.kafka import KafkaBroker, Record, create_topic, produce
 from tests.servers.mqtt import MqttBroker
@@ -52,23 +53,6 @@ KINDS = ["webhook", "alertmanager", "mqtt", "kafka", "sim"]
 EXTERNAL = [k for k in KINDS if k != "sim"]  # sources that read messages made by others
 PROMPT = 5.0  # "promptly": close() to run() returned, with room for a loaded CI machine
 SESSION = 2.0  # Kafka group session; tansu answers each JoinGroup after ~session/2
-
-
-class Collector:
-    """The engine's side of ``emit``: records every delivery, acks when ``should_ack`` says."""
-
-    def __init__(self, should_ack: Callable[[Event], bool] = lambda e: True) -> None:
-        self.deliveries: list[Delivery] = []
-        self.should_ack = should_ack
-
-    async def __call__(self, delivery: Delivery) -> None:
-        self.deliveries.append(delivery)
-        if self.should_ack(delivery.event):
-            delivery.ack()
-
-    @property
-    def events(self) -> list[Event]:
-        return [d.event for d in self.deliveries]
 
 
 def rejected(source: str) -> float:
