@@ -131,13 +131,14 @@ def build_app(ctx: ApiContext) -> web.Application:
     cap = max((m for _, m in ctx.push_sources.values()), default=1024 * 1024)
     app = web.Application(middlewares=[errors_middleware], client_max_size=cap)
     app[CTX] = ctx
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/v1/rules", rules)
-    app.router.add_post("/v1/reload", reload)
-    app.router.add_get("/v1/guards", guards)
-    app.router.add_post("/v1/guards/breakers/{scope}/close", close_breaker)
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics_handler, name="metrics")
+    app.router.add_get("/v1/rules", rules, name="rules")
+    app.router.add_post("/v1/reload", reload, name="reload")
+    app.router.add_get("/v1/guards", guards, name="guards")
+    app.router.add_post("/v1/guards/breakers/{scope}/close", close_breaker,
+                        name="close_breaker")
     ingest.add_routes(app)
     runs.add_routes(app)
     return app

@@ -118,7 +118,8 @@ async def alertmanager(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/events", events)
-    app.router.add_post("/v1/events/{source}", events)
-    app.router.add_post("/v1/alertmanager", alertmanager)
-    app.router.add_post("/v1/alertmanager/{source}", alertmanager)
+    app.router.add_post("/v1/events", events, name="events")
+    app.router.add_post("/v1/events/{source}", events, name="events_source")
+    app.router.add_post("/v1/alertmanager", alertmanager, name="alertmanager")
+    app.router.add_post("/v1/alertmanager/{source}", alertmanager,
+                         name="alertmanager_source")

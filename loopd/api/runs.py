@@ -133,9 +133,9 @@ async def list_incidents(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/runs", list_runs)
-    app.router.add_get("/v1/runs/{id}", get_run)
-    app.router.add_post("/v1/runs/{id}/cancel", cancel_run)
-    app.router.add_post("/v1/runs/{id}/approve", approve)
-    app.router.add_post("/v1/runs/{id}/reject", reject)
-    app.router.add_get("/v1/incidents", list_incidents)
+    app.router.add_get("/v1/runs", list_runs, name="runs")
+    app.router.add_get("/v1/runs/{id}", get_run, name="run")
+    app.router.add_post("/v1/runs/{id}/cancel", cancel_run, name="cancel_run")
+    app.router.add_post("/v1/runs/{id}/approve", approve, name="approve_run")
+    app.router.add_post("/v1/runs/{id}/reject", reject, name="reject_run")
+    app.router.add_get("/v1/incidents", list_incidents, name="incidents")
