@@ -8,7 +8,7 @@ Runner contract (every runner passes ``tests/integration/test_runner_contract.py
 * It never retries on its own beyond what its spec says (http: connection
   errors and 5xx, ``retries`` times); task-level retries belong to workflows.
 * ``close()`` releases pooled connections (ssh per host, one http session).
-* Secrets come from ``ctx.secret(name, field)`` (resolved at that call) and
+* Secrets come from ``await ctx.secret(name, field)`` (resolved at that call) and
   never appear in results, errors or logs.
 * An action that only waits for a while (``core.sleep``, a poll interval) does so
   inside ``async with ctx.waiting():``, which gives its slots back meanwhile.
@@ -104,8 +104,10 @@ class ActionContext:
             raise ActionError(f"unknown credentials {name!r}")
         return creds
 
-    def secret(self, name: str, field: CredentialField) -> str | None:
-        """Resolve one field of credentials ``name`` now; ActionError names the reference."""
+    async def secret(self, name: str, field: CredentialField) -> str | None:
+        """Resolve one field of credentials ``name`` now; ActionError names the reference.
+
+        A coroutine: a secret backend may have to ask a helper command for the value."""
         try:
             return self.credentials(name).resolve(field)
         except ConfigError as exc:

@@ -217,7 +217,7 @@ class HttpRunner:
                     if f.secret]
         secrets += [v for k, v in headers.items() if k.lower() in SECRET_HEADERS]
         if spec.auth is not None:
-            value, hidden = authorization(spec.auth.type, credentials, ctx)
+            value, hidden = await authorization(spec.auth.type, credentials, ctx)
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             headers["Authorization"] = value
             secrets += hidden
@@ -247,18 +247,19 @@ class HttpRunner:
         return compiled
 
 
-def authorization(kind: str, name: Any, ctx: ActionContext) -> tuple[str, list[str]]:
+async def authorization(kind: str, name: Any, ctx: ActionContext) -> tuple[str, list[str]]:
     """The Authorization header value for credentials ``name``, and the secrets it holds."""
     if not isinstance(name, str) or not name:
         raise ActionError(f"auth.credentials rendered to {name!r}, not a credentials name")
     if kind == "basic":
-        username, password = ctx.secret(name, "username"), ctx.secret(name, "password")
+        username = await ctx.secret(name, "username")
+        password = await ctx.secret(name, "password")
         if username is None or password is None or ":" in username:
             raise ActionError(f"credentials {name!r} need a username (without ':') and a "
                               "password for basic auth")
         encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
         return f"Basic {encoded}", [password, encoded]
-    token = ctx.secret(name, "token")
+    token = await ctx.secret(name, "token")
     if token is None:
         raise ActionError(f"credentials {name!r} have no token for bearer auth")
     return f"Bearer {token}", [token]

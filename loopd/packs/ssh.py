@@ -123,7 +123,7 @@ class SshRunner:
             raise ActionError(f"the ssh runner cannot run a {spec.runner} action")
         host = self._render_host(spec, input)
         entity = ctx.entity(host)
-        target = self._target(host, entity, ctx)
+        target = await self._target(host, entity, ctx)
         command = self._render_command(spec, input, entity, ctx.pack_config)
         secrets = [name for name, f in spec.input.items() if f.secret and input.get(name)]
         shown = command if not secrets else self._render_command(
@@ -207,7 +207,7 @@ class SshRunner:
 
     # -- connections ---------------------------------------------------------------
 
-    def _target(self, host: str, entity: dict[str, Any], ctx: ActionContext) -> _Target:
+    async def _target(self, host: str, entity: dict[str, Any], ctx: ActionContext) -> _Target:
         address = str(entity.get("address") or host)
         try:
             port = int(entity.get("port") or 22)
@@ -218,9 +218,9 @@ class SshRunner:
         cred_name = entity.get("credentials")
         if cred_name:
             name = target.credentials = str(cred_name)
-            target.username, target.password, target.key_text = (
-                ctx.secret(name, "username"), ctx.secret(name, "password"),
-                ctx.secret(name, "key"))
+            target.username = await ctx.secret(name, "username")
+            target.password = await ctx.secret(name, "password")
+            target.key_text = await ctx.secret(name, "key")
         target.known_hosts = self._known_hosts(target, entity)
         return target
 

@@ -32,7 +32,7 @@ async def request(input: RequestInput, ctx: ActionContext) -> dict[str, Any]:
     if input.auth is not None:
         if not input.credentials:
             raise ActionError(f"auth {input.auth} needs credentials (an inventory name)")
-        value, hidden = authorization(input.auth, input.credentials, ctx)
+        value, hidden = await authorization(input.auth, input.credentials, ctx)
         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         headers["Authorization"] = value
         secrets += hidden

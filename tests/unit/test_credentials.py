@@ -24,7 +24,7 @@ def test_inventory_file_gives_credentials_holding_references(tmp_path: Path) -> 
     assert SECRET not in repr(creds) + str(creds) + creds.model_dump_json()
 
 
-def test_a_reference_is_resolved_when_used_not_when_loaded(
+async def test_a_reference_is_resolved_when_used_not_when_loaded(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A secret set (or rotated) after the inventory was loaded is what ``secret()`` returns."""
     key = tmp_path / "key"
@@ -34,23 +34,24 @@ def test_a_reference_is_resolved_when_used_not_when_loaded(
     monkeypatch.setenv("CRED_TEST_PW", SECRET)
     monkeypatch.setenv("CRED_TEST_USER", "ops")
     key.write_text("KEY-1\n")
-    assert (ctx.secret("svc", "username"), ctx.secret("svc", "password"),
-            ctx.secret("svc", "key"), ctx.secret("svc", "token")) == ("ops", SECRET, "KEY-1", None)
+    assert (await ctx.secret("svc", "username"), await ctx.secret("svc", "password"),
+            await ctx.secret("svc", "key"), await ctx.secret("svc", "token")
+            ) == ("ops", SECRET, "KEY-1", None)
     key.write_text("KEY-2\n")
-    assert ctx.secret("svc", "key") == "KEY-2"
+    assert await ctx.secret("svc", "key") == "KEY-2"
     assert Credentials(username="plain").resolve("username") == "plain"
 
 
-def test_an_unresolvable_reference_names_the_reference_not_a_value(
+async def test_an_unresolvable_reference_names_the_reference_not_a_value(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing variable fails the action with the credentials' name and reference only."""
     monkeypatch.delenv("CRED_TEST_MISSING", raising=False)
     ctx = ActionContext("run-1", "task", Inventory(credentials={
         "svc": Credentials(password="env:CRED_TEST_MISSING")}))
     with pytest.raises(ActionError, match=r"credentials 'svc': .*CRED_TEST_MISSING"):
-        ctx.secret("svc", "password")
+        await ctx.secret("svc", "password")
     with pytest.raises(ActionError, match="unknown credentials 'other'"):
-        ctx.secret("other", "password")
+        await ctx.secret("other", "password")
     with pytest.raises(ConfigError, match="unknown credential scheme"):
         Credentials(token="vault:x").resolve("token")
 
