@@ -49,6 +49,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
+import secrets
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,10 +67,13 @@ from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import SshAction
 from loopd.packs.registry import Action
+from loopd.packs.taint import ALL
 
 log = structlog.get_logger("loopd.ssh")
 
 COMMAND_SCOPE = WORKFLOW_SCOPE | {"raw", "config"}
+PoolKey = tuple[str, int, str | None, str, str]
+"""(address, port, username, host-key policy, credential identity)"""
 MAX_OUTPUT = 64 * 1024
 _READ_CHUNK = 32 * 1024
 
@@ -83,14 +90,16 @@ class _Target:
     password: str | None = field(default=None, repr=False)
     key_text: str | None = field(default=None, repr=False)
     known_hosts: Any = ()
+    trust: str = "default"       # the host-key policy, as a name (see pool_key)
+    identity: str = "ambient"    # the credentials, as a salted digest (see pool_key)
 
     @property
     def where(self) -> str:
         return f"ssh {self.name} ({self.address}:{self.port})"
 
     @property
-    def pool_key(self) -> tuple[str, int, str | None]:
-        return (self.address, self.port, self.username)
+    def pool_key(self) -> PoolKey:
+        return (self.address, self.port, self.username, self.trust, self.identity)
 
 
 @dataclass(slots=True)
@@ -98,6 +107,8 @@ class _Pooled:
     lock: asyncio.Lock
     sessions: asyncio.Semaphore
     conn: asyncssh.SSHClientConnection | None = None
+    users: int = 0          # actions using (or waiting for) this connection right now
+    retired: bool = False   # out of the pool: closed once its last user is done
 
 
 class SshRunner:
@@ -112,7 +123,9 @@ class SshRunner:
         self.max_sessions = max_sessions
         self.known_hosts = known_hosts  # () = asyncssh's default, None = no checking
         self._templates: dict[tuple[str, str], Compiled] = {}
-        self._pool: dict[tuple[str, int, str | None], _Pooled] = {}
+        self._pool: dict[PoolKey, _Pooled] = {}
+        self._keys: dict[str, PoolKey] = {}  # inventory name -> its target's last pool key
+        self._salt = secrets.token_bytes(32)  # per process: digests compare only here
 
     # -- the Runner protocol -------------------------------------------------------
 
@@ -121,34 +134,38 @@ class SshRunner:
         spec = action.spec
         if not isinstance(spec, SshAction):
             raise ActionError(f"the ssh runner cannot run a {spec.runner} action")
+        _refuse_control_characters(input, action.raw_inputs)  # before anything connects
         host = self._render_host(spec, input)
         entity = ctx.entity(host)
-        target = await self._target(host, entity, ctx)
         command = self._render_command(spec, input, entity, ctx.pack_config)
         secrets = [name for name, f in spec.input.items() if f.secret and input.get(name)]
         shown = command if not secrets else self._render_command(
             spec, input, entity, ctx.pack_config, mask=secrets)
-        pooled = self._pool.get(target.pool_key)
-        if pooled is None:
-            pooled = self._pool[target.pool_key] = _Pooled(
-                asyncio.Lock(), asyncio.Semaphore(self.max_sessions))
-        async with pooled.sessions:
-            process = await self._start(pooled, target, command, shown)
-            finished = False
-            try:
-                out, err = await asyncio.gather(
-                    _read(process.stdout, self.max_output, keep="head"),
-                    _read(process.stderr, self.max_output, keep="tail"),
-                    return_exceptions=True)
-                if isinstance(out, BaseException) or isinstance(err, BaseException):
-                    lost = out if isinstance(out, BaseException) else err
-                    raise ActionError(f"{target.where}: connection lost while `{shown}` "
-                                      f"was running: {lost}")
-                await process.wait_closed()
-                finished = True
-            finally:
-                if not finished:  # cancelled (action timeout) or lost: never leak the channel
-                    _abandon(process)
+        target = await self._target(host, entity, ctx)
+        pooled = self._pooled(target)
+        pooled.users += 1
+        try:
+            async with pooled.sessions:
+                process = await self._start(pooled, target, command, shown)
+                finished = False
+                try:
+                    out, err = await asyncio.gather(
+                        _read(process.stdout, self.max_output, keep="head"),
+                        _read(process.stderr, self.max_output, keep="tail"),
+                        return_exceptions=True)
+                    if isinstance(out, BaseException) or isinstance(err, BaseException):
+                        lost = out if isinstance(out, BaseException) else err
+                        raise ActionError(f"{target.where}: connection lost while `{shown}` "
+                                          f"was running: {lost}")
+                    await process.wait_closed()
+                    finished = True
+                finally:
+                    if not finished:  # cancelled (action timeout) or lost: never leak it
+                        _abandon(process)
+        finally:
+            pooled.users -= 1
+            if pooled.retired and pooled.users == 0 and pooled.conn is not None:
+                pooled.conn.close()  # its last user is done: close what nothing can reuse
         # the remote side may echo a password or a secret input: never show it
         hidden = Secrets([target.password, *(input[name] for name in secrets)])
         try:
@@ -195,7 +212,7 @@ class SshRunner:
     def _render_command(self, spec: SshAction, input: dict[str, Any], entity: dict[str, Any],
                         config: dict[str, Any], mask: list[str] | None = None) -> str:
         """The command to run; with ``mask``, the one to show (those inputs as ``***``)."""
-        quoted = {k: _quote(v) for k, v in input.items()}
+        quoted = {k: _quote(k, v) for k, v in input.items()}
         if mask:
             input = {**input, **dict.fromkeys(mask, MASK)}
             quoted.update(dict.fromkeys(mask, MASK))
@@ -206,6 +223,27 @@ class SshRunner:
         return command
 
     # -- connections ---------------------------------------------------------------
+
+    def _pooled(self, target: _Target) -> _Pooled:
+        """The pool entry of the target's key; an entry the target used before under
+        another key (its password or host key changed) is retired unless another host
+        still uses it."""
+        key = target.pool_key
+        before = self._keys.get(target.name)
+        self._keys[target.name] = key
+        if before is not None and before != key and before not in self._keys.values():
+            old = self._pool.pop(before, None)
+            if old is not None:
+                old.retired = True
+                if old.users == 0 and old.conn is not None:
+                    old.conn.close()
+                log.info("ssh credentials or host key changed, retiring the old connection",
+                         host=target.name)
+        pooled = self._pool.get(key)
+        if pooled is None:
+            pooled = self._pool[key] = _Pooled(asyncio.Lock(),
+                                               asyncio.Semaphore(self.max_sessions))
+        return pooled
 
     async def _target(self, host: str, entity: dict[str, Any], ctx: ActionContext) -> _Target:
         address = str(entity.get("address") or host)
@@ -221,26 +259,32 @@ class SshRunner:
             target.username = await ctx.secret(name, "username")
             target.password = await ctx.secret(name, "password")
             target.key_text = await ctx.secret(name, "key")
-        target.known_hosts = self._known_hosts(target, entity)
+            # who we log in as, never the secret: a changed password is another identity
+            material = json.dumps([target.username, target.password, target.key_text])
+            digest = hmac.new(self._salt, material.encode(), hashlib.sha256).hexdigest()
+            target.identity = f"credentials {name} #{digest[:24]}"
+        target.known_hosts, target.trust = self._known_hosts(target, entity)
         return target
 
-    def _known_hosts(self, target: _Target, entity: dict[str, Any]) -> Any:
+    def _known_hosts(self, target: _Target, entity: dict[str, Any]) -> tuple[Any, str]:
+        """asyncssh's ``known_hosts`` for the target, and the policy's name for the pool."""
         host_key = entity.get("host_key")
         if host_key:
             try:
-                return ([asyncssh.import_public_key(str(host_key))], [], [])
+                key = asyncssh.import_public_key(str(host_key))
             except (asyncssh.KeyImportError, ValueError) as exc:
                 raise ActionError(f"{target.where}: inventory host_key is not an SSH public "
                                   f"key: {exc}") from None
+            return ([key], [], []), f"host_key {key.get_fingerprint()}"
         known = entity.get("known_hosts")
         if known == "ignore":
-            return None
+            return None, "ignore"
         if known:
             path = Path(str(known)).expanduser()
             if not path.is_file():
                 raise ActionError(f"{target.where}: known_hosts file {path} does not exist")
-            return str(path)
-        return self.known_hosts
+            return str(path), f"known_hosts {path}"
+        return self.known_hosts, f"runner known_hosts {self.known_hosts!r}"
 
     async def _start(self, pooled: _Pooled, target: _Target, command: str, shown: str
                      ) -> asyncssh.SSHClientProcess[bytes]:
@@ -340,15 +384,40 @@ class SshRunner:
                 "stdout": stdout, "stderr": stderr, "truncated": out[1] or err[1]}
 
 
-def _quote(value: Any) -> Any:
+def _quote(name: str, value: Any) -> Any:
     """Shell-quote what a command template interpolates (see the module docstring)."""
     if isinstance(value, str):
         return shlex.quote(value)
     if isinstance(value, list):
+        if any(isinstance(v, dict | list) for v in value):
+            raise ActionError(f"input {name}: a list of words holds a list or a mapping; "
+                              "each element must be one string or number")
         return " ".join(shlex.quote(str(v)) for v in value)
     if isinstance(value, dict):
-        return {k: _quote(v) for k, v in value.items()}
+        return {k: _quote(f"{name}.{k}", v) for k, v in value.items()}
     return value  # numbers, booleans, None: nothing a shell would interpret
+
+
+def _refuse_control_characters(input: dict[str, Any], raw: frozenset[str]) -> None:
+    """No input may hold a NUL; a verbatim (``raw.``) one no newline (a second command)."""
+    for name, value in input.items():
+        if _holds(value, "\0"):
+            raise ActionError(f"input {name} contains a NUL character: refused, nothing "
+                              "was run")
+        if (name in raw or ALL in raw) and _holds(value, "\n"):
+            raise ActionError(f"input {name} is inserted verbatim (raw.{name}) and contains "
+                              "a newline, which would start another command: refused, "
+                              "nothing was run (give the command as argv)")
+
+
+def _holds(value: Any, char: str) -> bool:
+    if isinstance(value, str):
+        return char in value
+    if isinstance(value, list):
+        return any(_holds(v, char) for v in value)
+    if isinstance(value, dict):
+        return any(_holds(k, char) or _holds(v, char) for k, v in value.items())
+    return False
 
 
 async def _open_process(conn: asyncssh.SSHClientConnection, command: str
