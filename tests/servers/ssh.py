@@ -241,8 +241,8 @@ class Shell:
     @classmethod
     def create(cls, base: Path) -> Shell:
         root, bin_dir = base / "scratch", base / "bin"
-        root.mkdir()
-        bin_dir.mkdir()
+        root.mkdir(parents=True)
+        bin_dir.mkdir(parents=True)
         sudo = bin_dir / "sudo"
         sudo.write_text(SUDO)
         sudo.chmod(0o755)
