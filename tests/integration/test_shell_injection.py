@@ -239,3 +239,21 @@ async def test_a_service_named_help_is_refused_before_systemctl_runs(
     ok = await act(linux, ssh_server, "restart_service", service="nginx")
     assert ok.ok, ok.error
     assert ssh_server.host.commands == ["sudo -n systemctl restart -- nginx"]
+
+
+async def test_run_command_takes_exactly_one_of_argv_and_command(
+        linux: tuple[PackRegistry, Executor], shell_host: SshServer) -> None:
+    """run_command refuses both or neither of argv/command, and an argv element that is
+    not one word, before anything runs; argv runs each element as one word."""
+    both = await act(linux, shell_host, "run_command", argv=["true"], command="true")
+    neither = await act(linux, shell_host, "run_command")
+    nested = await act(linux, shell_host, "run_command", argv=["printf", ["a", "b"]])
+    assert both.error == "linux.run_command: input: give exactly one of argv, command " \
+                         "(got argv, command)"
+    assert neither.error == "linux.run_command: input: give exactly one of argv, command"
+    assert nested.error == ("linux.run_command: input argv: a list of words holds a list or "
+                            "a mapping; each element must be one string or number")
+    assert shell_host.host.commands == []
+    ok = await act(linux, shell_host, "run_command", argv=["printf", "%s|", "a b", "$(x)", 7])
+    assert ok.ok, ok.error
+    assert ok.output["stdout"] == "a b|$(x)|7|"
