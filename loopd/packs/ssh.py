@@ -20,22 +20,41 @@ Target: the host name is looked up in the inventory (``ctx.entity(name)``):
   an unknown host is refused). ``~/.ssh/config`` is not read: the inventory is
   the whole configuration.
 
-Shell quoting: in ``command``, every string value of ``input`` is passed
-through ``shlex.quote`` before it is interpolated (a list becomes quoted words
-joined by spaces), so ``{{ input.service }}`` is always one shell word:
-``nginx; rm -rf /`` arrives as one argument, never as a second command. Pack
-authors who need an input verbatim (``linux.run_command``) write
-``{{ raw.command }}``: an explicit, reviewable opt-out (conditions on an
-input's value should read ``raw`` too). ``entity`` (inventory)
-and ``config`` (the pack's configuration) are operator data and are inserted
-verbatim. Inputs declared ``secret: true`` are shown as ``***`` in the
-command that results and errors report.
+Shell safety. Event data is untrusted; four layers keep it from becoming shell
+syntax or an option:
 
-Connections are pooled per ``(address, port, username)``: concurrent actions
-share one connection (at most ``max_sessions`` channels at once, below
-OpenSSH's ``MaxSessions`` of 10). A connection found closed is dropped and
-opened again, once per action; a connection that dies while a command runs
-fails the action (the command may have run; task retries decide).
+* Quoting: in ``command``, every string value of ``input`` is passed through
+  ``shlex.quote`` before it is interpolated (a list becomes quoted words joined by
+  spaces: that is how ``linux.run_command``'s ``argv`` works), so ``{{ input.service
+  }}`` is always one shell word: ``nginx; rm -rf /`` arrives as one argument, never as
+  a second command. ``entity`` (inventory) and ``config`` (the pack's configuration)
+  are operator data and are inserted verbatim.
+* ``raw.X`` inserts input X verbatim: an explicit, reviewable opt-out (a ``raw.X``
+  read only as a condition, ``{{ 4 if raw.fail else 0 }}``, inserts nothing). Which
+  inputs are raw is read from the template (``loopd/packs/taint.py``), and the rule and
+  workflow loaders (so ``loopd check``, start-up and reload) refuse a rule or task that
+  gives a raw input a template reading anything but literals, ``inventory``,
+  ``entity`` and ``config``, unless it lists the input in ``unsafe_shell: [X]`` (then
+  a warning names it at every load). Here, a raw input holding a newline, or any
+  input holding a NUL, fails the action before anything connects.
+* Options: quoting makes one word, not a safe word (``-delete`` as a path is a find
+  expression). Pack commands put ``--`` before operands where the tool takes it, and
+  inputs that become operands declare a ``pattern`` (manifest.py), checked before
+  anything runs.
+* Inputs declared ``secret: true`` are shown as ``***`` in the command that results
+  and errors report.
+
+Connections are pooled per ``(address, port, username, host-key policy, credential
+identity)``: the policy is the pinned key's fingerprint, the known_hosts file, ``ignore``
+or the runner's default; the identity is the credentials' name and an HMAC of the
+resolved username, password and key under a random per-runner salt (never the secret
+itself). So an entity with another (or no) host-key trust, or another or changed
+password, never rides a connection someone else authenticated; when an entity's key
+changes (a rotated password file), its old connection is closed once unused. Concurrent
+actions with the same key share one connection (at most ``max_sessions`` channels at
+once, below OpenSSH's ``MaxSessions`` of 10). A connection found closed is dropped and
+opened again, once per action; a connection that dies while a command runs fails the
+action (the command may have run; task retries decide).
 
 Result: ``{host, command, exit_status, stdout, stderr, truncated}``. stdout
 keeps its first ``max_output`` bytes, stderr its last (errors come last);

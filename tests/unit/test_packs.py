@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -332,7 +333,7 @@ actions:
 """, "async def a(input, ctx):\n    return {'ran': True}\n")
     executor = Executor(PackRegistry.load([packs_dir]), {"python": PythonRunner()})
     ctx = ActionContext("r", "t", Inventory())
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "input: path: '-delete' does not match its pattern /.*": {"path": "-delete", "x": 1},
         "input: token: the value does not match its pattern [a-f0-9]+": {"token": "SECRET-1",
                                                                           "x": 1},
