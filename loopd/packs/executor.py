@@ -156,7 +156,8 @@ class Executor:
             action = self.action(name)
             ctx.pack_config = action.pack.config
             try:
-                values = validate_fields(action.spec.input, raw_input, "input")
+                values = validate_fields(action.spec.input, raw_input, "input",
+                                         one_of=action.spec.one_of)
             except ValueError as exc:
                 raise ActionError(str(exc)) from None
             runner = None if ctx.dry_run else self.runners.get(action.spec.runner)

@@ -11,20 +11,28 @@ actions:
     runner: ssh               # python | ssh | http | publish (discriminates the fields below)
     input:
       host: {type: string, required: true}
-      service: {type: string, required: true}
-    command: "sudo systemctl restart {{ input.service }}"
+      service: {type: string, required: true, pattern: "[A-Za-z0-9_.:@][A-Za-z0-9_.:@-]*"}
+    command: "sudo systemctl restart -- {{ input.service }}"
     timeout: 60s
     idempotent: true          # safe to retry after a crash
     rollback: {action: linux.start_service, input: {host: "{{ input.host }}"}}
     dry_run: {exit_status: 0, stdout: ""}
 ```
+
+``pattern`` (a regular expression a string input must match as a whole; each string
+of an array input) is checked before anything runs and, for constants, by ``loopd
+check``: quoting makes one shell word, not a safe word (``-delete`` as a path is an
+option), so inputs that become operands declare what they look like. ``one_of``
+lists inputs of which exactly one must be given (``run_command``: ``argv`` or
+``command``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from loopd.units import parse_duration
 
@@ -46,6 +54,22 @@ class InputField(_Strict):
     description: str = ""
     secret: bool = False  # redacted wherever a run's input is shown
     enum: list[Any] | None = None
+    pattern: str | None = None  # a string (or each string of an array) must fullmatch it
+    _regex: re.Pattern[str] | None = PrivateAttr(default=None)
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"pattern {v!r} is not a regular expression: {exc}") from None
+        return v
+
+    def model_post_init(self, context: Any) -> None:
+        if self.pattern is not None:
+            self._regex = re.compile(self.pattern)
 
     def check(self, name: str, value: Any) -> str | None:
         """None when ``value`` fits, else what is wrong with it."""
@@ -58,7 +82,17 @@ class InputField(_Strict):
             return f"{name}: expected {self.type}, got {type(value).__name__}"
         if self.enum is not None and value not in self.enum:
             return f"{name}: {value!r} is not one of {self.enum}"
+        if self._regex is not None:
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and self._regex.fullmatch(item) is None:
+                    shown = "the value" if self.secret else _short(item)
+                    return f"{name}: {shown} does not match its pattern {self.pattern}"
         return None
+
+
+def _short(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 class Rollback(_Strict):
@@ -69,6 +103,7 @@ class Rollback(_Strict):
 class _Action(_Strict):
     description: str = ""
     input: dict[str, InputField] = Field(default_factory=dict)
+    one_of: list[str] | None = None  # exactly one of these inputs must be given
     timeout: float = 60.0
     idempotent: bool = False
     rollback: Rollback | None = None
@@ -78,6 +113,13 @@ class _Action(_Strict):
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _one_of_declared(self) -> _Action:
+        unknown = [n for n in self.one_of or () if n not in self.input]
+        if unknown:
+            raise ValueError(f"one_of names undeclared input(s) {', '.join(unknown)}")
+        return self
 
 
 class PythonAction(_Action):

@@ -34,6 +34,7 @@ from loopd.packs.manifest import (
     PythonAction,
     SshAction,
 )
+from loopd.packs.taint import raw_inputs, shell_problems
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class Action:
     func: Callable[..., Any] | None = None
     input_model: type[BaseModel] | None = None
     rollback_input: Compiled | None = None
+    raw_inputs: frozenset[str] = frozenset()  # inserted verbatim by its command (taint.py)
 
 
 @dataclass(slots=True)
@@ -78,17 +80,26 @@ class PackRegistry:
         return f"pack {pack!r} has no {kind} {target.partition('.')[2]!r}"
 
     def check_input(self, kind: str, target: str, values: dict[str, Any], *,
-                    partial: bool = False) -> list[str]:
+                    partial: bool = False, unsafe_shell: Collection[str] = ()) -> list[str]:
         """For rule and workflow validation: what is wrong with giving ``values`` (constants
-        or templates) to a known target; ``partial``: values may come later (with_items)."""
+        or templates) to a known target; ``partial``: values may come later (with_items).
+        A template reading event-derived data for an input the action's command inserts
+        verbatim is a problem unless that input is listed in ``unsafe_shell`` (taint.py)."""
         if kind == "workflow":
             declared = self.workflow_inputs.get(target)
-            return [] if declared is None else _field_problems(target, declared, values,
-                                                              partial)
+            out = [] if declared is None else _field_problems(target, declared, values,
+                                                             partial)
+            if unsafe_shell:  # a workflow's inputs reach no shell; its tasks' may
+                out.append(f"unsafe_shell does not apply to a workflow ({target}): list the "
+                           "input in the unsafe_shell of the task that runs the action")
+            return out
         action = self.actions.get(target)
         if action is None:
             return []
         out = _field_problems(target, action.spec.input, values, partial)
+        out += _one_of_problems(target, action.spec.one_of, values, partial)
+        out += shell_problems(target, action.raw_inputs, values, unsafe_shell,
+                              argv="argv" in action.spec.input)
         if action.input_model is not None:
             out += [p for p in _model_problems(target, action.input_model, values, partial)
                     if p not in out]
@@ -124,12 +135,18 @@ class PackRegistry:
         return reg
 
 
-def validate_fields(fields: dict[str, InputField], values: dict[str, Any], what: str
-                    ) -> dict[str, Any]:
-    """Apply defaults, check required fields and types; raise ValueError naming the field."""
+def validate_fields(fields: dict[str, InputField], values: dict[str, Any], what: str, *,
+                    one_of: list[str] | None = None) -> dict[str, Any]:
+    """Apply defaults, check required fields, types and patterns, and that exactly one of
+    ``one_of`` is given; raise ValueError naming the field."""
     unknown = set(values) - set(fields)
     if unknown and fields:
         raise ValueError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+    if one_of:
+        given = [n for n in one_of if values.get(n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"{what}: give exactly one of {', '.join(one_of)}"
+                             + (f" (got {', '.join(given)})" if given else ""))
     out = dict(values)
     for name, spec in fields.items():
         if name not in out or out[name] is None:
@@ -166,6 +183,17 @@ def _field_problems(target: str, fields: dict[str, InputField], values: dict[str
             if problem:
                 out.append(f"{target} input {problem}")
     return out
+
+
+def _one_of_problems(target: str, one_of: list[str] | None, values: dict[str, Any],
+                     partial: bool) -> list[str]:
+    if not one_of:
+        return []
+    given = [n for n in one_of if n in values and values[n] is not None]
+    if len(given) > 1 or (not given and not partial):
+        return [f"{target} takes exactly one of {', '.join(one_of)}"
+                + (f" (got {', '.join(given)})" if given else "")]
+    return []
 
 
 def _model_problems(target: str, model: type[BaseModel], values: dict[str, Any],
@@ -268,6 +296,8 @@ def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]
     found: list[PackError] = []
     for short, spec in manifest.actions.items():
         action = Action(f"{manifest.name}.{short}", pack, spec)
+        if isinstance(spec, SshAction):
+            action.raw_inputs = raw_inputs(spec.command)
         found += [PackError(f"actions.{short}.{fld}: {problem}",
                             origin=lines.get(short, str(manifest_path)))
                   for fld, problem in _template_problems(spec, manifest)]

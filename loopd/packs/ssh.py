@@ -20,22 +20,41 @@ Target: the host name is looked up in the inventory (``ctx.entity(name)``):
   an unknown host is refused). ``~/.ssh/config`` is not read: the inventory is
   the whole configuration.
 
-Shell quoting: in ``command``, every string value of ``input`` is passed
-through ``shlex.quote`` before it is interpolated (a list becomes quoted words
-joined by spaces), so ``{{ input.service }}`` is always one shell word:
-``nginx; rm -rf /`` arrives as one argument, never as a second command. Pack
-authors who need an input verbatim (``linux.run_command``) write
-``{{ raw.command }}``: an explicit, reviewable opt-out (conditions on an
-input's value should read ``raw`` too). ``entity`` (inventory)
-and ``config`` (the pack's configuration) are operator data and are inserted
-verbatim. Inputs declared ``secret: true`` are shown as ``***`` in the
-command that results and errors report.
+Shell safety. Event data is untrusted; four layers keep it from becoming shell
+syntax or an option:
 
-Connections are pooled per ``(address, port, username)``: concurrent actions
-share one connection (at most ``max_sessions`` channels at once, below
-OpenSSH's ``MaxSessions`` of 10). A connection found closed is dropped and
-opened again, once per action; a connection that dies while a command runs
-fails the action (the command may have run; task retries decide).
+* Quoting: in ``command``, every string value of ``input`` is passed through
+  ``shlex.quote`` before it is interpolated (a list becomes quoted words joined by
+  spaces: that is how ``linux.run_command``'s ``argv`` works), so ``{{ input.service
+  }}`` is always one shell word: ``nginx; rm -rf /`` arrives as one argument, never as
+  a second command. ``entity`` (inventory) and ``config`` (the pack's configuration)
+  are operator data and are inserted verbatim.
+* ``raw.X`` inserts input X verbatim: an explicit, reviewable opt-out (a ``raw.X``
+  read only as a condition, ``{{ 4 if raw.fail else 0 }}``, inserts nothing). Which
+  inputs are raw is read from the template (``loopd/packs/taint.py``), and the rule and
+  workflow loaders (so ``loopd check``, start-up and reload) refuse a rule or task that
+  gives a raw input a template reading anything but literals, ``inventory``,
+  ``entity`` and ``config``, unless it lists the input in ``unsafe_shell: [X]`` (then
+  a warning names it at every load). Here, a raw input holding a newline, or any
+  input holding a NUL, fails the action before anything connects.
+* Options: quoting makes one word, not a safe word (``-delete`` as a path is a find
+  expression). Pack commands put ``--`` before operands where the tool takes it, and
+  inputs that become operands declare a ``pattern`` (manifest.py), checked before
+  anything runs.
+* Inputs declared ``secret: true`` are shown as ``***`` in the command that results
+  and errors report.
+
+Connections are pooled per ``(address, port, username, host-key policy, credential
+identity)``: the policy is the pinned key's fingerprint, the known_hosts file, ``ignore``
+or the runner's default; the identity is the credentials' name and an HMAC of the
+resolved username, password and key under a random per-runner salt (never the secret
+itself). So an entity with another (or no) host-key trust, or another or changed
+password, never rides a connection someone else authenticated; when an entity's key
+changes (a rotated password file), its old connection is closed once unused. Concurrent
+actions with the same key share one connection (at most ``max_sessions`` channels at
+once, below OpenSSH's ``MaxSessions`` of 10). A connection found closed is dropped and
+opened again, once per action; a connection that dies while a command runs fails the
+action (the command may have run; task retries decide).
 
 Result: ``{host, command, exit_status, stdout, stderr, truncated}``. stdout
 keeps its first ``max_output`` bytes, stderr its last (errors come last);
@@ -49,6 +68,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
+import secrets
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,10 +86,13 @@ from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import SshAction
 from loopd.packs.registry import Action
+from loopd.packs.taint import ALL
 
 log = structlog.get_logger("loopd.ssh")
 
 COMMAND_SCOPE = WORKFLOW_SCOPE | {"raw", "config"}
+PoolKey = tuple[str, int, str | None, str, str]
+"""(address, port, username, host-key policy, credential identity)"""
 MAX_OUTPUT = 64 * 1024
 _READ_CHUNK = 32 * 1024
 
@@ -83,14 +109,16 @@ class _Target:
     password: str | None = field(default=None, repr=False)
     key_text: str | None = field(default=None, repr=False)
     known_hosts: Any = ()
+    trust: str = "default"       # the host-key policy, as a name (see pool_key)
+    identity: str = "ambient"    # the credentials, as a salted digest (see pool_key)
 
     @property
     def where(self) -> str:
         return f"ssh {self.name} ({self.address}:{self.port})"
 
     @property
-    def pool_key(self) -> tuple[str, int, str | None]:
-        return (self.address, self.port, self.username)
+    def pool_key(self) -> PoolKey:
+        return (self.address, self.port, self.username, self.trust, self.identity)
 
 
 @dataclass(slots=True)
@@ -98,6 +126,8 @@ class _Pooled:
     lock: asyncio.Lock
     sessions: asyncio.Semaphore
     conn: asyncssh.SSHClientConnection | None = None
+    users: int = 0          # actions using (or waiting for) this connection right now
+    retired: bool = False   # out of the pool: closed once its last user is done
 
 
 class SshRunner:
@@ -112,7 +142,9 @@ class SshRunner:
         self.max_sessions = max_sessions
         self.known_hosts = known_hosts  # () = asyncssh's default, None = no checking
         self._templates: dict[tuple[str, str], Compiled] = {}
-        self._pool: dict[tuple[str, int, str | None], _Pooled] = {}
+        self._pool: dict[PoolKey, _Pooled] = {}
+        self._keys: dict[str, PoolKey] = {}  # inventory name -> its target's last pool key
+        self._salt = secrets.token_bytes(32)  # per process: digests compare only here
 
     # -- the Runner protocol -------------------------------------------------------
 
@@ -121,34 +153,38 @@ class SshRunner:
         spec = action.spec
         if not isinstance(spec, SshAction):
             raise ActionError(f"the ssh runner cannot run a {spec.runner} action")
+        _refuse_control_characters(input, action.raw_inputs)  # before anything connects
         host = self._render_host(spec, input)
         entity = ctx.entity(host)
-        target = await self._target(host, entity, ctx)
         command = self._render_command(spec, input, entity, ctx.pack_config)
         secrets = [name for name, f in spec.input.items() if f.secret and input.get(name)]
         shown = command if not secrets else self._render_command(
             spec, input, entity, ctx.pack_config, mask=secrets)
-        pooled = self._pool.get(target.pool_key)
-        if pooled is None:
-            pooled = self._pool[target.pool_key] = _Pooled(
-                asyncio.Lock(), asyncio.Semaphore(self.max_sessions))
-        async with pooled.sessions:
-            process = await self._start(pooled, target, command, shown)
-            finished = False
-            try:
-                out, err = await asyncio.gather(
-                    _read(process.stdout, self.max_output, keep="head"),
-                    _read(process.stderr, self.max_output, keep="tail"),
-                    return_exceptions=True)
-                if isinstance(out, BaseException) or isinstance(err, BaseException):
-                    lost = out if isinstance(out, BaseException) else err
-                    raise ActionError(f"{target.where}: connection lost while `{shown}` "
-                                      f"was running: {lost}")
-                await process.wait_closed()
-                finished = True
-            finally:
-                if not finished:  # cancelled (action timeout) or lost: never leak the channel
-                    _abandon(process)
+        target = await self._target(host, entity, ctx)
+        pooled = self._pooled(target)
+        pooled.users += 1
+        try:
+            async with pooled.sessions:
+                process = await self._start(pooled, target, command, shown)
+                finished = False
+                try:
+                    out, err = await asyncio.gather(
+                        _read(process.stdout, self.max_output, keep="head"),
+                        _read(process.stderr, self.max_output, keep="tail"),
+                        return_exceptions=True)
+                    if isinstance(out, BaseException) or isinstance(err, BaseException):
+                        lost = out if isinstance(out, BaseException) else err
+                        raise ActionError(f"{target.where}: connection lost while `{shown}` "
+                                          f"was running: {lost}")
+                    await process.wait_closed()
+                    finished = True
+                finally:
+                    if not finished:  # cancelled (action timeout) or lost: never leak it
+                        _abandon(process)
+        finally:
+            pooled.users -= 1
+            if pooled.retired and pooled.users == 0 and pooled.conn is not None:
+                pooled.conn.close()  # its last user is done: close what nothing can reuse
         # the remote side may echo a password or a secret input: never show it
         hidden = Secrets([target.password, *(input[name] for name in secrets)])
         try:
@@ -195,7 +231,7 @@ class SshRunner:
     def _render_command(self, spec: SshAction, input: dict[str, Any], entity: dict[str, Any],
                         config: dict[str, Any], mask: list[str] | None = None) -> str:
         """The command to run; with ``mask``, the one to show (those inputs as ``***``)."""
-        quoted = {k: _quote(v) for k, v in input.items()}
+        quoted = {k: _quote(k, v) for k, v in input.items()}
         if mask:
             input = {**input, **dict.fromkeys(mask, MASK)}
             quoted.update(dict.fromkeys(mask, MASK))
@@ -206,6 +242,27 @@ class SshRunner:
         return command
 
     # -- connections ---------------------------------------------------------------
+
+    def _pooled(self, target: _Target) -> _Pooled:
+        """The pool entry of the target's key; an entry the target used before under
+        another key (its password or host key changed) is retired unless another host
+        still uses it."""
+        key = target.pool_key
+        before = self._keys.get(target.name)
+        self._keys[target.name] = key
+        if before is not None and before != key and before not in self._keys.values():
+            old = self._pool.pop(before, None)
+            if old is not None:
+                old.retired = True
+                if old.users == 0 and old.conn is not None:
+                    old.conn.close()
+                log.info("ssh credentials or host key changed, retiring the old connection",
+                         host=target.name)
+        pooled = self._pool.get(key)
+        if pooled is None:
+            pooled = self._pool[key] = _Pooled(asyncio.Lock(),
+                                               asyncio.Semaphore(self.max_sessions))
+        return pooled
 
     async def _target(self, host: str, entity: dict[str, Any], ctx: ActionContext) -> _Target:
         address = str(entity.get("address") or host)
@@ -221,26 +278,32 @@ class SshRunner:
             target.username = await ctx.secret(name, "username")
             target.password = await ctx.secret(name, "password")
             target.key_text = await ctx.secret(name, "key")
-        target.known_hosts = self._known_hosts(target, entity)
+            # who we log in as, never the secret: a changed password is another identity
+            material = json.dumps([target.username, target.password, target.key_text])
+            digest = hmac.new(self._salt, material.encode(), hashlib.sha256).hexdigest()
+            target.identity = f"credentials {name} #{digest[:24]}"
+        target.known_hosts, target.trust = self._known_hosts(target, entity)
         return target
 
-    def _known_hosts(self, target: _Target, entity: dict[str, Any]) -> Any:
+    def _known_hosts(self, target: _Target, entity: dict[str, Any]) -> tuple[Any, str]:
+        """asyncssh's ``known_hosts`` for the target, and the policy's name for the pool."""
         host_key = entity.get("host_key")
         if host_key:
             try:
-                return ([asyncssh.import_public_key(str(host_key))], [], [])
+                key = asyncssh.import_public_key(str(host_key))
             except (asyncssh.KeyImportError, ValueError) as exc:
                 raise ActionError(f"{target.where}: inventory host_key is not an SSH public "
                                   f"key: {exc}") from None
+            return ([key], [], []), f"host_key {key.get_fingerprint()}"
         known = entity.get("known_hosts")
         if known == "ignore":
-            return None
+            return None, "ignore"
         if known:
             path = Path(str(known)).expanduser()
             if not path.is_file():
                 raise ActionError(f"{target.where}: known_hosts file {path} does not exist")
-            return str(path)
-        return self.known_hosts
+            return str(path), f"known_hosts {path}"
+        return self.known_hosts, f"runner known_hosts {self.known_hosts!r}"
 
     async def _start(self, pooled: _Pooled, target: _Target, command: str, shown: str
                      ) -> asyncssh.SSHClientProcess[bytes]:
@@ -340,15 +403,40 @@ class SshRunner:
                 "stdout": stdout, "stderr": stderr, "truncated": out[1] or err[1]}
 
 
-def _quote(value: Any) -> Any:
+def _quote(name: str, value: Any) -> Any:
     """Shell-quote what a command template interpolates (see the module docstring)."""
     if isinstance(value, str):
         return shlex.quote(value)
     if isinstance(value, list):
+        if any(isinstance(v, dict | list) for v in value):
+            raise ActionError(f"input {name}: a list of words holds a list or a mapping; "
+                              "each element must be one string or number")
         return " ".join(shlex.quote(str(v)) for v in value)
     if isinstance(value, dict):
-        return {k: _quote(v) for k, v in value.items()}
+        return {k: _quote(f"{name}.{k}", v) for k, v in value.items()}
     return value  # numbers, booleans, None: nothing a shell would interpret
+
+
+def _refuse_control_characters(input: dict[str, Any], raw: frozenset[str]) -> None:
+    """No input may hold a NUL; a verbatim (``raw.``) one no newline (a second command)."""
+    for name, value in input.items():
+        if _holds(value, "\0"):
+            raise ActionError(f"input {name} contains a NUL character: refused, nothing "
+                              "was run")
+        if (name in raw or ALL in raw) and _holds(value, "\n"):
+            raise ActionError(f"input {name} is inserted verbatim (raw.{name}) and contains "
+                              "a newline, which would start another command: refused, "
+                              "nothing was run (give the command as argv)")
+
+
+def _holds(value: Any, char: str) -> bool:
+    if isinstance(value, str):
+        return char in value
+    if isinstance(value, list):
+        return any(_holds(v, char) for v in value)
+    if isinstance(value, dict):
+        return any(_holds(k, char) or _holds(v, char) for k, v in value.items())
+    return False
 
 
 async def _open_process(conn: asyncssh.SSHClientConnection, command: str

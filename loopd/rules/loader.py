@@ -7,11 +7,12 @@ One bad rule never stops the others: each error is collected as a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import structlog
 import yaml
 from pydantic import ValidationError
 
@@ -23,8 +24,17 @@ from loopd.rules.model import Rule
 
 TargetCheck = Callable[[str, str], str | None]
 """(kind, target) -> None when known, else a message saying what is wrong."""
-InputCheck = Callable[[str, str, dict[str, Any]], list[str]]
-"""(kind, target, input) -> what is wrong with giving ``input`` to that known target."""
+
+
+class InputCheck(Protocol):
+    """(kind, target, input) -> what is wrong with giving ``input`` to that known target;
+    ``unsafe_shell``: inputs the rule accepts may carry event data into a shell."""
+
+    def __call__(self, kind: str, target: str, values: dict[str, Any], *,
+                 unsafe_shell: Collection[str] = ()) -> list[str]: ...
+
+
+log = structlog.get_logger("loopd.rules")
 
 OUTCOME_SOURCE = "loopd"
 """The source of outcome events (loopd's own): always a valid ``on.source``."""
@@ -133,12 +143,14 @@ def _load_one(origin: str, raw: dict[str, Any], lines: dict[str, str], checks: _
     if checks.sources is not None and source is not None and source not in checks.sources:
         known = ", ".join(sorted(checks.sources))
         fail(f"unknown source {source!r} (configured: {known})", "on.source")
+    unsafe = rule.unsafe_shell
     for fld, message in target_problems(rule.run.kind, rule.run.target, rule.run.input,
-                                        checks.target, checks.input):
+                                        checks.target, checks.input, unsafe):
         fail(message, f"run.{fld}")
     escalate = rule.guards.escalate
     if escalate is not None:
         kind = "workflow" if escalate.workflow else "action"
+        # unsafe_shell is about run.input only: an escalation gets no opt-out
         for fld, message in target_problems(kind, escalate.workflow or escalate.action or "",
                                             escalate.input, checks.target, checks.input):
             fail(message, f"guards.escalate.{fld}")
@@ -151,7 +163,13 @@ def _load_one(origin: str, raw: dict[str, Any], lines: dict[str, str], checks: _
                                  rule=rule.name, field=problem.field))
     # in the order of the file: ``origin`` ends in the line number
     errors.extend(sorted(located, key=lambda e: int((e.origin or ":0").rpartition(":")[2])))
-    return compiled if not problems else None
+    if problems:
+        return None
+    if unsafe:  # at every load: the opt-out stays visible
+        log.warning("rule passes event data to a shell verbatim (unsafe_shell)",
+                    rule=rule.name, origin=lines.get("unsafe_shell", origin),
+                    inputs=list(unsafe))
+    return compiled
 
 
 def global_escalation_problems(escalate: Escalate | None, config_file: Path | None,
@@ -175,16 +193,17 @@ def global_escalation_problems(escalate: Escalate | None, config_file: Path | No
 
 
 def target_problems(kind: str, target: str, input: dict[str, Any],
-                    check_target: TargetCheck | None, check_input: InputCheck | None
-                    ) -> list[tuple[str, str]]:
-    """(field, problem) for running ``target`` with ``input``: unknown, or input it refuses."""
+                    check_target: TargetCheck | None, check_input: InputCheck | None,
+                    unsafe_shell: Collection[str] = ()) -> list[tuple[str, str]]:
+    """(field, problem) for running ``target`` with ``input``: unknown, or input it refuses
+    (including event data for an input its command runs verbatim, see taint.py)."""
     if check_target is not None:
         problem = check_target(kind, target)
         if problem:
             return [(kind, problem)]
     if check_input is None:
         return []
-    return [("input", p) for p in check_input(kind, target, input)]
+    return [("input", p) for p in check_input(kind, target, input, unsafe_shell=unsafe_shell)]
 
 
 def _msg(err: Any) -> str:

@@ -94,6 +94,9 @@ class Rule(_Strict):
     max_queued: int = Field(default=10, ge=1)
     guards: RuleGuards = RuleGuards()
     run: Run
+    # inputs of run.input that may carry event data into a shell verbatim
+    # (an action's raw.X): an explicit, logged opt-out of loopd/packs/taint.py's check
+    unsafe_shell: list[str] = Field(default_factory=list)
 
     @field_validator("for_", mode="before")
     @classmethod

@@ -2,8 +2,10 @@
 
 Everything that can be caught before a run is caught here and reported as
 ``PackError`` with ``file:line task field``: unknown actions, tasks and
-sub-workflows, template syntax errors, inputs an action does not take, and
-transition cycles with no way out.
+sub-workflows, template syntax errors, inputs an action does not take or that fail
+their pattern, run data (``ctx``, ``input``, ``result``, ``item``...) given to an input
+an action's command runs verbatim (unless the task lists it in ``unsafe_shell``, then
+logged at every load), and transition cycles with no way out.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import yaml
 from pydantic import ValidationError
 
@@ -30,6 +33,7 @@ from loopd.rules.compile import Path as DataPath
 from loopd.workflow.model import RESULT_WORDS, Task, Workflow
 
 SCOPE = WORKFLOW_SCOPE
+log = structlog.get_logger("loopd.workflows")
 
 
 @dataclass(slots=True)
@@ -188,8 +192,15 @@ def _compile(name: str, path: Path, wf: Workflow, lines: dict[str, str],
             if problem:
                 raise fail("action", problem)
             for problem in registry.check_input("action", task.action, task.input,
-                                                partial=task.with_items is not None):
+                                                partial=task.with_items is not None,
+                                                unsafe_shell=task.unsafe_shell):
                 raise fail("input", problem)
+            if task.unsafe_shell:  # at every load: the opt-out stays visible
+                log.warning("workflow task passes run data to a shell verbatim (unsafe_shell)",
+                            workflow=name, task=tname, origin=origin,
+                            inputs=list(task.unsafe_shell))
+        elif task.unsafe_shell:
+            raise fail("unsafe_shell", "only an action task passes input to a shell")
         if task.workflow is not None:
             if task.workflow not in workflows:
                 raise fail("workflow", registry.check_target("workflow", task.workflow)

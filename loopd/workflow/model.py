@@ -4,7 +4,9 @@ A workflow is a stateless template: inputs, tasks, transitions. Each task is
 exactly one kind: ``action``, ``workflow`` (a sub-workflow), ``confirm``,
 ``approval``, ``rollback``, ``succeed``, ``fail`` or ``noop``; any task can
 ``delay`` first, be ``retry``-ed, ``join`` branches and ``publish`` values into the
-run context; an action task can fan out ``with_items``.
+run context; an action task can fan out ``with_items``, and list in ``unsafe_shell``
+the inputs it knowingly lets run data (``ctx``, ``input``, ``item``...) reach a shell
+verbatim through.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class Task(_Strict):
     concurrency: int = Field(default=8, ge=1)
     join: list[str] | None = None
     next: list[Transition] = Field(default_factory=list)
+    # inputs of an action task that may carry run data into a shell verbatim (the action's
+    # raw.X): an explicit, logged opt-out of loopd/packs/taint.py's check
+    unsafe_shell: list[str] = Field(default_factory=list)
 
     _d = field_validator("delay", "timeout", mode="before")(lambda v: _dur(v))
 

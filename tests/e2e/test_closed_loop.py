@@ -123,7 +123,7 @@ async def test_unhealthy_service_is_restarted_once_and_confirmed_fixed(
     restart = task_of(story, "restart")
     assert restart["action"] == "linux.restart_service" and restart["attempt"] == 1
     assert restart["input"] == {"host": "web-1", "service": "nginx"}
-    assert restart["output"]["command"] == "sudo -n systemctl restart nginx"
+    assert restart["output"]["command"] == "sudo -n systemctl restart -- nginx"
     assert restart["output"]["exit_status"] == 0
     assert restart["transition"] == "verify (when succeeded)"
     verify = task_of(story, "verify")

@@ -130,7 +130,7 @@ async def test_restart_and_verify_fixes_a_failed_service(
     assert done.tasks == ["restart", "verify", "fixed"]
     assert run.ctx["restart"]["exit_status"] == 0
     assert run.ctx["verify"]["event"]["topic"] == "telemetry/web-1/service/nginx"
-    assert ssh_server.host.commands == ["sudo -n systemctl restart nginx"]
+    assert ssh_server.host.commands == ["sudo -n systemctl restart -- nginx"]
 
 
 async def test_restart_and_verify_retries_a_failed_restart(
@@ -157,7 +157,7 @@ async def test_restart_and_verify_escalates_with_the_history(
     assert done.reason is not None
     assert done.reason.startswith("nosuch on web-1 is not fixed by loopd. What happened:\n")
     assert "restart: failed (linux.restart_service: ssh web-1: " \
-           "`sudo -n systemctl restart nosuch` exited 5: " in done.reason
+           "`sudo -n systemctl restart -- nosuch` exited 5: " in done.reason
     assert ssh_server.host.count("systemctl restart nosuch") == 1
 
 

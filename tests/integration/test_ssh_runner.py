@@ -286,3 +286,125 @@ async def test_close_closes_pooled_connections(
     await runner.close()
     assert runner.connections() == 0
     await wait_until(lambda: not ssh_server.live, what="the server to see the connection close")
+
+
+# -- verbatim inputs: no newline, no NUL -------------------------------------------------
+
+async def test_a_newline_in_a_verbatim_input_is_refused_before_anything_runs(
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner) -> None:
+    """A raw (verbatim) input holding a newline fails naming the input; nothing is run."""
+    result = await execute(registry, runner, inventory(ssh_server), "run",
+                           command="echo one\ntouch pwned")
+    assert result.error == ("t.run: input command is inserted verbatim (raw.command) and "
+                            "contains a newline, which would start another command: "
+                            "refused, nothing was run (give the command as argv)")
+    assert ssh_server.host.commands == [] and ssh_server.connections == 0
+
+
+async def test_a_nul_in_any_input_is_refused_before_anything_runs(
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner) -> None:
+    """A NUL character, even in a quoted input, fails naming the input; nothing is run."""
+    result = await execute(registry, runner, inventory(ssh_server), "argv",
+                           value="nginx\x00--help")
+    assert result.error == "t.argv: input value contains a NUL character: refused, nothing " \
+                           "was run"
+    quoted_newline = await execute(registry, runner, inventory(ssh_server), "argv",
+                                   value="two\nlines")
+    assert quoted_newline.ok, quoted_newline.error  # quoted, a newline is part of one word
+    assert ssh_server.host.commands == ["argv 'two\nlines' "]
+
+
+# -- the pool never crosses a trust boundary ------------------------------------------------
+
+def shared_inventory(server: SshServer, tmp_path: Path, **entities: dict[str, Any]
+                     ) -> Inventory:
+    """``open-1`` (known_hosts: ignore) plus ``entities``, all at the same address, port
+    and user; credentials ``ssh-ops`` (env), ``ssh-wrong`` and ``ssh-file`` (a file)."""
+    (tmp_path / "pw").write_text(PASSWORD)
+    base = {"address": "127.0.0.1", "port": server.port, "credentials": "ssh-ops"}
+    return Inventory(
+        {"open-1": {**base, "known_hosts": "ignore"},
+         **{name: {**base, **e} for name, e in entities.items()}},
+        {"ssh-ops": Credentials(username=USER, password=f"env:{PASSWORD_ENV}"),
+         "ssh-wrong": Credentials(username=USER, password="env:LOOPD_TEST_SSH_WRONG"),
+         "ssh-file": Credentials(username=USER, password=f"file:{tmp_path / 'pw'}")})
+
+
+async def on(registry: PackRegistry, runner: SshRunner, inv: Inventory, host: str,
+             command: str) -> ActionResult:
+    return await Executor(registry, {"ssh": runner}).execute(
+        "t.run", {"host": host, "command": command}, ActionContext("run-1", "task", inv))
+
+
+async def test_a_pinned_wrong_host_key_is_refused_while_another_entity_is_connected(
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner,
+        tmp_path: Path) -> None:
+    """An entity pinned to another host key never runs on the connection an entity that
+    ignores host keys opened to the same address, port and user."""
+    inv = shared_inventory(ssh_server, tmp_path,
+                           **{"pinned-1": {"host_key": SshServer().host_public_key}})
+    assert (await on(registry, runner, inv, "open-1", "echo open")).ok
+    pinned = await on(registry, runner, inv, "pinned-1", "echo pinned")
+    assert pinned.error is not None
+    assert pinned.error.startswith(
+        f"t.run: ssh pinned-1 (127.0.0.1:{ssh_server.port}): host key not trusted: ")
+    assert ssh_server.host.commands == ["echo open"] and runner.connections() == 1
+
+
+async def test_an_entity_with_no_trust_is_refused_while_another_entity_is_connected(
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner,
+        tmp_path: Path) -> None:
+    """An entity with neither host_key nor known_hosts (the runner's default: this host is
+    unknown) never runs on the connection an entity that ignores host keys opened."""
+    inv = shared_inventory(ssh_server, tmp_path, **{"unknown-1": {}})
+    assert (await on(registry, runner, inv, "open-1", "echo open")).ok
+    unknown = await on(registry, runner, inv, "unknown-1", "echo unknown")
+    assert unknown.error is not None and "host key not trusted" in unknown.error
+    assert ssh_server.host.commands == ["echo open"]
+
+
+async def test_a_wrong_password_fails_while_another_entity_is_connected(
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials with a wrong password fail to authenticate even though an entity with
+    the right ones holds a connection to the same address, port and user."""
+    monkeypatch.setenv("LOOPD_TEST_SSH_WRONG", "wrong-horse-battery")
+    inv = shared_inventory(ssh_server, tmp_path,
+                           **{"wrong-1": {"known_hosts": "ignore", "credentials": "ssh-wrong"}})
+    assert (await on(registry, runner, inv, "open-1", "echo open")).ok
+    wrong = await on(registry, runner, inv, "wrong-1", "echo wrong")
+    assert wrong.error == (f"t.run: ssh wrong-1 (127.0.0.1:{ssh_server.port}): "
+                           "authentication failed for user ops")
+    assert ssh_server.host.commands == ["echo open"]
+
+
+async def test_a_revoked_password_fails_and_retires_the_connection_it_opened(
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner,
+        tmp_path: Path) -> None:
+    """Once the password file changes, the old connection is not reused: the next action
+    authenticates anew and fails, and the connection opened with the old password closes."""
+    inv = shared_inventory(ssh_server, tmp_path,
+                           **{"web-a": {"known_hosts": "ignore", "credentials": "ssh-file"},
+                              "web-b": {"known_hosts": "ignore", "credentials": "ssh-file"}})
+    assert (await on(registry, runner, inv, "web-a", "echo before")).ok
+    (tmp_path / "pw").write_text("revoked-or-rotated")
+    other = await on(registry, runner, inv, "web-b", "echo other")
+    again = await on(registry, runner, inv, "web-a", "echo after")
+    for result, host in ((other, "web-b"), (again, "web-a")):
+        assert result.error == (f"t.run: ssh {host} (127.0.0.1:{ssh_server.port}): "
+                                "authentication failed for user ops")
+    assert ssh_server.host.commands == ["echo before"]
+    await wait_until(lambda: not ssh_server.live, what="the old connection to be closed")
+    text = repr(runner._pool) + repr(list(runner._pool)) + repr(runner._keys)
+    assert PASSWORD not in text and "revoked-or-rotated" not in text
+
+
+async def test_same_trust_and_credentials_still_share_one_connection(
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner,
+        tmp_path: Path) -> None:
+    """Two entities with the same address, user, host-key policy and credentials share one
+    connection."""
+    inv = shared_inventory(ssh_server, tmp_path, **{"open-2": {"known_hosts": "ignore"}})
+    assert (await on(registry, runner, inv, "open-1", "echo one")).ok
+    assert (await on(registry, runner, inv, "open-2", "echo two")).ok
+    assert ssh_server.connections == 1

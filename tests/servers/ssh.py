@@ -20,16 +20,25 @@ plain dict of fake commands:
   ``bigoutput N [stderr]`` writes N bytes; ``sleep N`` waits N seconds or until
   the client closes the channel (recorded in ``host.closed_early``);
 * anything else exits 127.
+
+``shell_host`` is the same server in front of a real shell, so that injection can
+show: each command line is run by ``/bin/sh -c`` in a scratch directory
+(``shell.root``, cwd and ``HOME``) with a minimal environment (``PATH`` is a private
+``bin`` with a ``sudo`` that drops ``-n`` and runs the rest, then ``/usr/bin:/bin``),
+stdin closed and a timeout. ``nginx; touch pwned`` there really creates
+``pwned``. ``host.commands`` still records every line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -83,13 +92,18 @@ class FakeHost:
 def _strip_sudo(line: str) -> str:
     for prefix in ("sudo -n ", "sudo "):
         if line.startswith(prefix):
-            return line[len(prefix):]
-    return line
+            line = line[len(prefix):]
+            break
+    return line.replace(" -- ", " ")  # `systemctl restart -- nginx` counts as without
 
 
 # -- the fake commands: argv (without sudo) -> (exit status, stdout, stderr) ------------
 
 def _systemctl(host: FakeHost, argv: list[str]) -> Result:
+    if argv[2:3] == ["--"]:  # end of options: what follows is the unit
+        argv = argv[:2] + argv[3:]
+    elif any(a.startswith("-") for a in argv[1:]):  # as the real one: an option anywhere
+        return 0, "systemctl [OPTIONS...] COMMAND ...\n", ""
     if len(argv) != 3:
         return 1, "", "usage: systemctl VERB UNIT\n"
     verb, unit = argv[1], argv[2].removesuffix(".service")
@@ -121,6 +135,8 @@ def _systemctl(host: FakeHost, argv: list[str]) -> Result:
 
 def _df(host: FakeHost, argv: list[str]) -> Result:
     paths = [a for a in argv[1:] if not a.startswith("-")] or ["/"]
+    if "--" in argv:
+        paths = argv[argv.index("--") + 1:] or ["/"]
     lines = ["Filesystem     1024-blocks    Used Available Capacity Mounted on"]
     for path in paths:
         name, m = host.mount_of(path)
@@ -207,10 +223,57 @@ ASYNC_COMMANDS: dict[str, Callable[[FakeHost, list[str], asyncssh.SSHServerProce
 }
 
 
+SUDO = """#!/bin/sh
+# the shell host's sudo: runs the command as the same user
+[ "$1" = -n ] && shift
+exec "$@"
+"""
+
+
+@dataclass
+class Shell:
+    """Where the shell host runs commands: ``root`` (cwd, HOME) and its private ``bin``."""
+
+    root: Path
+    bin: Path
+    timeout: float = 10.0
+
+    @classmethod
+    def create(cls, base: Path) -> Shell:
+        root, bin_dir = base / "scratch", base / "bin"
+        root.mkdir(parents=True)
+        bin_dir.mkdir(parents=True)
+        sudo = bin_dir / "sudo"
+        sudo.write_text(SUDO)
+        sudo.chmod(0o755)
+        return cls(root, bin_dir)
+
+    def files(self) -> list[str]:
+        """Every file under ``root``, relative and sorted."""
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
+                      if not p.is_dir())
+
+    async def run(self, line: str) -> Result:
+        env = {"PATH": f"{self.bin}:/usr/bin:/bin", "HOME": str(self.root), "LC_ALL": "C"}
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", line, cwd=self.root, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(self.timeout):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return 124, "", f"sh: timed out after {self.timeout:g}s\n"
+        return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
 class SshServer:
     """The listening server, its fake host, and what tests need to reach it."""
 
-    def __init__(self) -> None:
+    def __init__(self, shell: Shell | None = None) -> None:
+        self.shell = shell
         self.host = FakeHost()
         self.host_key = asyncssh.generate_private_key("ssh-ed25519")
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
@@ -259,6 +322,12 @@ class SshServer:
     async def _handle(self, process: asyncssh.SSHServerProcess[str]) -> None:
         line = process.command or ""
         self.host.commands.append(line)
+        if self.shell is not None:
+            status, out, err = await self.shell.run(line)
+            process.stdout.write(out)
+            process.stderr.write(err)
+            process.exit(status)
+            return
         try:
             argv = shlex.split(line)
         except ValueError as exc:
@@ -318,6 +387,17 @@ class _Server(asyncssh.SSHServer):
 @pytest.fixture
 async def ssh_server() -> AsyncIterator[SshServer]:
     server = SshServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def shell_host(tmp_path: Path) -> AsyncIterator[SshServer]:
+    """An SSH server whose commands a real ``/bin/sh`` runs in ``server.shell.root``."""
+    server = SshServer(Shell.create(tmp_path / "shell-host"))
     await server.start()
     try:
         yield server

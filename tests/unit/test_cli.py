@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,39 @@ def test_unknown_commands_are_usage_errors(capsys: pytest.CaptureFixture[str]) -
         main(["frobnicate"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_check_reports_event_data_in_a_raw_command_and_a_constant_failing_its_pattern(
+    tmp_path: Path, packs_dir: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``loopd check`` refuses a rule whose raw command reads event data and a constant
+    input that fails its pattern (--help as a service), each with file:line and rule."""
+    shutil.copytree(REPO / "packs" / "linux", packs_dir / "linux")
+    config = _config(tmp_path, packs_dir, bad=False)
+    shell = tmp_path / "rules" / "shell.yaml"
+    shell.write_text("""\
+rules:
+  - name: tail-journal
+    on: {source: alertmanager}
+    run:
+      action: linux.run_command
+      input: {host: web-1, command: "journalctl -u {{ event.labels.service }} -n 20"}
+  - name: help-me
+    run: {action: linux.restart_service, input: {host: web-1, service: --help}}
+  - name: tail-argv
+    on: {source: alertmanager}
+    run:
+      action: linux.run_command
+      input: {host: web-1, argv: [journalctl, -u, "{{ event.labels.service }}", -n, "20"]}
+""")
+    assert main(["check", "-c", str(config)]) == EXIT_INVALID
+    errors = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith("error: ")]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(
+        f"error: {shell}:4 tail-journal run.input: linux.run_command passes input 'command' "
+        "to the shell verbatim (raw.command) and this template reads event: event data "
+        "could run commands; give the command as an argument list instead (argv: [")
+    assert errors[1].startswith(
+        f"error: {shell}:8 help-me run.input: linux.restart_service input service: "
+        "'--help' does not match its pattern ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,6 +139,12 @@ BROKEN_PACKS = [
                  "async def a(input: Model, ctx):\n    return {}\n",
                  "actions.py", "cannot read the signature of 'a': NameError",
                  id="unresolvable-annotation"),
+    pytest.param("name: bad\nactions:\n  a:\n    runner: ssh\n    command: ls\n"
+                 "    input: {p: {pattern: '[a-z'}}\n", None,
+                 "pack.yaml", "is not a regular expression", id="pattern-not-a-regex"),
+    pytest.param("name: bad\nactions:\n  a:\n    runner: ssh\n    command: ls\n"
+                 "    input: {p: {}}\n    one_of: [p, q]\n", None,
+                 "pack.yaml", "one_of names undeclared input(s) q", id="one-of-undeclared"),
     pytest.param("name: bad\nactions:\n  a:\n    runner: python\n"
                  "    rollback: {action: bad.b, input: {x: '{{ input._secret }}'}}\n",
                  "async def a(input, ctx):\n    return {}\n",
@@ -285,3 +292,57 @@ async def test_unknown_actions_and_runners_fail_with_a_reason(demo: PackRegistry
     assert unknown.error == "core.reboot: pack 'core' has no action 'reboot'"
     no_runner = await executor.execute("core.noop", {}, _ctx())
     assert no_runner.error == "core.noop: runner 'python' is not available"
+
+
+@pytest.mark.parametrize("command, raw", [
+    ("{{ raw.command }}", {"command"}),
+    ("{{ input.argv if input.argv else raw.command }}", {"command"}),
+    ("exit {{ 4 if raw.fail else 0 }} {{ input.token }}", set()),
+    ("{% if raw.verbose %}-v{% endif %} {{ raw['cmd'] }}", {"cmd"}),
+    ("{{ raw.command or entity.show_command }}", {"command"}),
+    ("{{ raw[input.which] }}", {"*"}),
+    ("systemctl restart -- {{ input.service }}", set()),
+])
+def test_raw_inputs_are_read_from_the_command_template(
+    packs_dir: Path, command: str, raw: set[str],
+) -> None:
+    """An ssh action's raw inputs are those its command inserts verbatim, not in a test."""
+    _pack(packs_dir, "sh", f"name: sh\nactions:\n  a:\n    runner: ssh\n"
+          f"    command: {command!r}\n")
+    registry = PackRegistry.load([packs_dir])
+    assert registry.errors == []
+    assert registry.actions["sh.a"].raw_inputs == raw
+
+
+async def test_a_pattern_and_one_of_are_checked_before_the_action_runs(
+    packs_dir: Path,
+) -> None:
+    """An input not matching its pattern (a secret one not shown) and a one_of given twice
+    or not at all fail naming the input, before the runner is called."""
+    _pack(packs_dir, "p", """\
+name: p
+actions:
+  a:
+    runner: python
+    input:
+      path: {pattern: "/.*"}
+      token: {pattern: "[a-f0-9]+", secret: true}
+      x: {}
+      y: {}
+    one_of: [x, y]
+""", "async def a(input, ctx):\n    return {'ran': True}\n")
+    executor = Executor(PackRegistry.load([packs_dir]), {"python": PythonRunner()})
+    ctx = ActionContext("r", "t", Inventory())
+    cases: dict[str, dict[str, Any]] = {
+        "input: path: '-delete' does not match its pattern /.*": {"path": "-delete", "x": 1},
+        "input: token: the value does not match its pattern [a-f0-9]+": {"token": "SECRET-1",
+                                                                          "x": 1},
+        "input: give exactly one of x, y (got x, y)": {"x": 1, "y": 2},
+        "input: give exactly one of x, y": {},
+    }
+    for message, values in cases.items():
+        result = await executor.execute("p.a", values, ctx)
+        assert result.error == f"p.a: {message}"
+        assert "SECRET-1" not in (result.error or "")
+    ok = await executor.execute("p.a", {"path": "/var/log", "token": "beef", "y": "1"}, ctx)
+    assert ok.ok and ok.output == {"ran": True}

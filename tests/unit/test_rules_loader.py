@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from loopd import yamlfile
 from loopd.errors import RuleError
@@ -292,3 +293,133 @@ def test_shipped_example_rules_load_cleanly(registry: object) -> None:
     rules = load_rules([REPO / "rules"])
     assert rules.errors == []
     assert len(rules.rules) >= 2
+
+
+# -- event data never reaches a shell verbatim (loopd/packs/taint.py) --------------------
+
+SHELL_PACK = """\
+name: sh
+actions:
+  run:
+    runner: ssh
+    input:
+      host: {required: true}
+      argv: {type: array}
+      command: {type: string}
+      unit: {type: string, pattern: "[a-z][a-z0-9-]*"}
+    one_of: [argv, command]
+    command: "{{ input.argv if input.argv else raw.command }} {{ input.unit }}"
+"""
+
+
+def _shell_rules(tmp_path: Path, packs_dir: Path, text: str) -> RuleSet:
+    from loopd.packs.registry import PackRegistry
+
+    (packs_dir / "sh").mkdir()
+    (packs_dir / "sh" / "pack.yaml").write_text(SHELL_PACK)
+    registry = PackRegistry.load([packs_dir])
+    assert registry.errors == []
+    folder = tmp_path / "shell-rules"
+    folder.mkdir()
+    (folder / "rules.yaml").write_text(textwrap.dedent(text))
+    return load_rules([folder], registry.check_target, check_input=registry.check_input)
+
+
+@pytest.mark.parametrize("template", [
+    "journalctl -u {{ event.labels.service }}", "{{ vars.cmd }}", "restart {{ key }}",
+    "{% for w in event.words %}{{ w }} {% endfor %}", "{{ telemetry.x }} {{ now }}",
+])
+def test_a_raw_command_from_event_data_is_refused_naming_line_rule_and_input(
+        tmp_path: Path, packs_dir: Path, template: str) -> None:
+    """A rule giving a raw (verbatim) command input a template that reads event-derived
+    data is refused with file:line, the rule, the input and what to do instead."""
+    rules = _shell_rules(tmp_path, packs_dir, f"""\
+        rules:
+          - name: tail
+            on: {{source: webhook, topic: "cmd/{{cmd}}"}}
+            run:
+              action: sh.run
+              input: {{host: web-1, command: {template!r}}}
+        """)
+    error = _only_error(rules)
+    assert (error.origin, error.rule, error.field) == (
+        f"{tmp_path / 'shell-rules' / 'rules.yaml'}:4", "tail", "run.input")
+    assert error.message.startswith("sh.run passes input 'command' to the shell verbatim "
+                                    "(raw.command) and this template reads ")
+    assert "argv: [prog" in error.message and "unsafe_shell: [command]" in error.message
+    assert rules.rules == []
+
+
+@pytest.mark.parametrize("command", [
+    "journalctl -u nginx -n 20", "systemctl restart {{ entity.unit }}",
+    "{{ inventory.web.cmd }} {{ 'x' if entity.sudo else '' }}",
+])
+def test_a_raw_command_of_literals_and_operator_data_loads(
+        tmp_path: Path, packs_dir: Path, command: str) -> None:
+    """Literals, inventory and entity are operator data: a raw command built from them loads."""
+    rules = _shell_rules(tmp_path, packs_dir, f"""\
+        rules:
+          - name: tail
+            run: {{action: sh.run, input: {{host: web-1, command: {command!r}}}}}
+        """)
+    assert rules.errors == []
+
+
+def test_argv_from_event_data_loads_and_quoted_inputs_are_not_checked(
+        tmp_path: Path, packs_dir: Path) -> None:
+    """argv elements and quoted inputs may read event data: each is one quoted word."""
+    rules = _shell_rules(tmp_path, packs_dir, """\
+        rules:
+          - name: tail
+            run:
+              action: sh.run
+              input: {host: "{{ event.host }}", argv: [journalctl, -u, "{{ event.s }}"],
+                      unit: "{{ event.unit }}"}
+        """)
+    assert rules.errors == []
+
+
+def test_unsafe_shell_accepts_the_risk_visibly_with_a_warning_at_every_load(
+        tmp_path: Path, packs_dir: Path) -> None:
+    """A rule listing the input in unsafe_shell loads, and each load logs a warning naming it."""
+    text = """\
+        rules:
+          - name: trusted-sender
+            unsafe_shell: [command]
+            run: {action: sh.run, input: {host: web-1, command: "{{ event.cmd }}"}}
+        """
+    with structlog.testing.capture_logs() as logs:
+        rules = _shell_rules(tmp_path, packs_dir, text)
+    assert rules.errors == [] and [r.name for r in rules.rules] == ["trusted-sender"]
+    (warning,) = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["rule"] == "trusted-sender" and warning["inputs"] == ["command"]
+    assert warning["origin"] == f"{tmp_path / 'shell-rules' / 'rules.yaml'}:3"
+    assert "unsafe_shell" in warning["event"]
+
+
+def test_unsafe_shell_naming_a_quoted_input_or_none_is_an_error(
+        tmp_path: Path, packs_dir: Path) -> None:
+    """unsafe_shell listing an input the action quotes, or one not given, is refused."""
+    rules = _shell_rules(tmp_path, packs_dir, """\
+        rules:
+          - name: confused
+            unsafe_shell: [unit, argv]
+            run: {action: sh.run, input: {host: web-1, command: ls, unit: "{{ event.u }}"}}
+        """)
+    assert sorted(e.message for e in rules.errors) == [
+        "unsafe_shell lists 'argv', which is not given to sh.run",
+        "unsafe_shell lists 'unit', but sh.run quotes that input (it is never passed to the "
+        "shell verbatim): remove it"]
+
+
+def test_a_constant_input_that_fails_its_pattern_or_one_of_is_reported(
+        tmp_path: Path, packs_dir: Path) -> None:
+    """A constant input not matching its declared pattern, and both of a one_of, are errors."""
+    rules = _shell_rules(tmp_path, packs_dir, """\
+        rules:
+          - name: bad-unit
+            run: {action: sh.run, input: {host: web-1, argv: [ls], command: ls, unit: --help}}
+        """)
+    assert sorted(e.message for e in rules.errors) == [
+        "sh.run input unit: '--help' does not match its pattern [a-z][a-z0-9-]*",
+        "sh.run takes exactly one of argv, command (got argv, command)"]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from loopd.packs.registry import PackRegistry
 from tests.workflow_harness import load_packs, write_packs
@@ -196,3 +197,74 @@ def test_shorthands_compile_to_the_same_model(load: Load) -> None:
     assert wf.tasks["b"].transitions == [("failed", ["c"])]
     assert {n: (f.type, f.required) for n, f in wf.model.input.items()} == {
         "host": ("any", True), "service": ("any", True)}
+
+
+# -- run data never reaches a shell verbatim (loopd/packs/taint.py) -----------------------
+
+SHELL_PACK = """\
+name: sh
+actions:
+  run:
+    runner: ssh
+    input: {host: {required: true}, argv: {type: array}, command: {type: string}}
+    one_of: [argv, command]
+    command: "{{ input.argv if input.argv else raw.command }}"
+"""
+
+
+@pytest.fixture
+def shell_load(tmp_path: Path) -> Load:
+    root = tmp_path / "packs"
+    write_packs(root)
+    (root / "sh").mkdir()
+    (root / "sh" / "pack.yaml").write_text(SHELL_PACK)
+
+    def load(**workflows: str) -> PackRegistry:
+        return load_packs(root, **workflows)
+
+    return load
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ctx.cmd }}", "tail {{ input.path }}", "{{ result.stdout }}", "rm {{ item }}",
+    "echo '{{ history }}'", "{{ event.cmd }}",
+])
+def test_a_raw_command_from_run_data_is_refused_naming_the_task(
+        shell_load: Load, tmp_path: Path, template: str) -> None:
+    """A task giving a raw command input a template reading run data is refused at load,
+    naming file:line, the task, the input and argv as the way to do it."""
+    text = f"""
+        tasks:
+          go:
+            action: sh.run
+            input: {{host: web-1, command: {template!r}}}
+        """
+    registry = shell_load(bad=text)
+    (error,) = registry.errors
+    assert str(error).startswith(f"{where(tmp_path, 'bad', text, 'go')}: task go input: "
+                                 "sh.run passes input 'command' to the shell verbatim")
+    assert "argv: [prog" in str(error) and "unsafe_shell: [command]" in str(error)
+    assert "t.bad" not in registry.workflows
+
+
+def test_a_task_with_unsafe_shell_loads_and_warns_at_every_load(
+        shell_load: Load, tmp_path: Path) -> None:
+    """unsafe_shell on the task accepts the risk; every load logs a warning naming it."""
+    text = """
+        tasks:
+          go:
+            action: sh.run
+            unsafe_shell: [command]
+            input: {host: web-1, command: "{{ ctx.cmd }}"}
+          safe:
+            action: sh.run
+            input: {host: web-1, argv: [tail, "{{ ctx.path }}"]}
+        """
+    for _ in range(2):
+        with structlog.testing.capture_logs() as logs:
+            registry = shell_load(risky=text)
+        assert registry.errors == [] and "t.risky" in registry.workflows
+        (warning,) = [e for e in logs if e["log_level"] == "warning"]
+        assert (warning["workflow"], warning["task"], warning["inputs"]) == (
+            "t.risky", "go", ["command"])
+        assert warning["origin"] == where(tmp_path, "risky", text, "go")

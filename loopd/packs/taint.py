@@ -1,0 +1,123 @@
+"""What may reach a shell verbatim, and which templates read untrusted data.
+
+An ssh action's command template quotes every ``input.X`` (one shell word) but
+inserts ``raw.X`` as given: those inputs are its **raw inputs**, found here by
+reading the template's parse tree (``raw_inputs``), so any pack's action is covered,
+not a hard-coded list. A ``raw.X`` read only as a condition (``{{ 4 if raw.fail else
+0 }}``) inserts nothing and does not count; ``raw`` used as a whole (``raw[name]``)
+makes every input raw.
+
+A rule or workflow that gives a raw input a template reading anything but literals,
+``inventory``, ``entity`` and the pack's ``config`` (``untrusted_reads``) would let
+event data (``event``, ``vars``, ``key``, the trigger, and in a workflow everything
+that flows from them: ``input``, ``ctx``, ``result``, ``item``, ``history``,
+``telemetry``...) write shell syntax. The loaders refuse it unless the rule or task
+lists that input in ``unsafe_shell`` (see ``shell_problems``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.defaults import DEFAULT_NAMESPACE
+
+from loopd.expr.compiler import FUNCTIONS
+from loopd.expr.names import templates
+
+TRUSTED = frozenset({"inventory", "entity", "config"})
+"""Operator data: the only names a raw (verbatim) input's template may read."""
+_GLOBALS = frozenset(FUNCTIONS) | frozenset(DEFAULT_NAMESPACE) | {"loop", "caller", "varargs",
+                                                                  "kwargs"}
+_PARSER = jinja2.Environment()
+ALL = "*"  # raw_inputs: the template reads ``raw`` as a whole
+
+
+def _parse(text: str) -> nodes.Template | None:
+    try:
+        return _PARSER.parse(text)
+    except jinja2.TemplateSyntaxError:
+        return None  # the compiler reports the syntax error itself
+
+
+def _in_tests(tree: nodes.Node) -> set[int]:
+    """ids of the nodes inside a condition (``x if TEST else y``, ``{% if TEST %}``)."""
+    inside: set[int] = set()
+    for node in tree.find_all((nodes.CondExpr, nodes.If)):
+        test = getattr(node, "test", None)
+        if isinstance(test, nodes.Node):
+            inside.add(id(test))
+            inside.update(id(n) for n in test.find_all(nodes.Node))
+    return inside
+
+
+def raw_inputs(command: str) -> frozenset[str]:
+    """The inputs a command template inserts verbatim (``raw.X``); ``{ALL}`` when it reads
+    ``raw`` otherwise than by a constant member."""
+    tree = _parse(command)
+    if tree is None:
+        return frozenset()
+    tests = _in_tests(tree)
+    members: set[str] = set()
+    whole = False
+    used: set[int] = set()
+    for attr in tree.find_all(nodes.Getattr):
+        if isinstance(attr.node, nodes.Name) and attr.node.name == "raw":
+            used.add(id(attr.node))
+            if id(attr) not in tests:
+                members.add(attr.attr)
+    for item in tree.find_all(nodes.Getitem):
+        if isinstance(item.node, nodes.Name) and item.node.name == "raw":
+            used.add(id(item.node))
+            if id(item) in tests:
+                continue
+            if isinstance(item.arg, nodes.Const) and isinstance(item.arg.value, str):
+                members.add(item.arg.value)
+            else:
+                whole = True
+    for name in tree.find_all(nodes.Name):
+        if name.name == "raw" and name.ctx == "load" and id(name) not in used \
+                and id(name) not in tests:
+            whole = True  # {{ raw }}, raw.get(...), a loop over raw
+    return frozenset({ALL}) if whole else frozenset(members)
+
+
+def untrusted_reads(value: Any) -> list[str]:
+    """The names outside ``TRUSTED`` that the templates inside ``value`` read, in order."""
+    found: dict[str, None] = {}
+    for _, text in templates(value, ""):
+        tree = _parse(text)
+        if tree is None:
+            continue
+        bound = {n.name for n in tree.find_all(nodes.Name) if n.ctx != "load"}
+        for node in tree.find_all(nodes.Name):
+            if node.ctx == "load" and node.name not in TRUSTED and node.name not in bound \
+                    and node.name not in _GLOBALS:
+                found.setdefault(node.name)
+    return list(found)
+
+
+def shell_problems(target: str, raw: Collection[str], values: dict[str, Any],
+                   unsafe_shell: Collection[str], *, argv: bool) -> Iterator[str]:
+    """Why giving ``values`` to action ``target`` (whose raw inputs are ``raw``; ``argv``:
+    it takes an argument list) could let event data write shell syntax; an input listed
+    in ``unsafe_shell`` is accepted."""
+    for name in sorted(unsafe_shell):
+        if name not in values:
+            yield f"unsafe_shell lists {name!r}, which is not given to {target}"
+        elif ALL not in raw and name not in raw:
+            yield (f"unsafe_shell lists {name!r}, but {target} quotes that input "
+                   "(it is never passed to the shell verbatim): remove it")
+    for name, value in values.items():
+        if name in unsafe_shell or (ALL not in raw and name not in raw):
+            continue
+        reads = untrusted_reads(value)
+        if reads:
+            instead = ("give the command as an argument list instead (argv: [prog, "
+                       "\"{{ ... }}\"], each element one quoted word)" if argv else
+                       "give it a literal, or a value from inventory, entity or config")
+            yield (f"{target} passes input {name!r} to the shell verbatim (raw.{name}) and "
+                   f"this template reads {', '.join(reads)}: event data could run commands; "
+                   f"{instead}, or add unsafe_shell: [{name}] to accept the risk")
