@@ -43,7 +43,7 @@ _PROSE = re.compile(r"[(\[\"']?([A-Za-z][a-z]{0,19}|[A-Z]{1,8}|\d{1,4})[)\]\"',.
 class SecretResolver:
     """Resolves references (see the module docstring); holds values in memory only."""
 
-    __slots__ = ("dir", "ttl", "exec_ttl", "exec_timeout", "max_cached", "_cache", "_pending")
+    __slots__ = ("_cache", "_pending", "dir", "exec_timeout", "exec_ttl", "max_cached", "ttl")
 
     def __init__(self, *, dir: Path | None = None, ttl: float = 0.0, exec_ttl: float = 300.0,
                  exec_timeout: float = 10.0, max_cached: int = 1024) -> None:

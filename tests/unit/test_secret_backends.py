@@ -79,7 +79,7 @@ async def test_dir_refuses_a_symlink_out_of_the_directory(tmp_path: Path) -> Non
     (tmp_path / "outside").write_text(VALUE)
     (tmp_path / "mount").mkdir()
     (tmp_path / "mount" / "escape").symlink_to(tmp_path / "outside")
-    with pytest.raises(ConfigError, match="^dir:escape: the key leads outside secrets.dir$"):
+    with pytest.raises(ConfigError, match=r"^dir:escape: the key leads outside secrets\.dir$"):
         await SecretResolver(dir=tmp_path / "mount").resolve("dir:escape")
 
 
@@ -139,7 +139,7 @@ async def test_a_helper_that_prints_nothing_or_does_not_exist_fails_clearly(
         tmp_path: Path) -> None:
     """An empty answer and a missing program are errors that name the reference."""
     ref = helper(tmp_path, "pass\n")
-    with pytest.raises(ConfigError, match="the helper printed nothing$"):
+    with pytest.raises(ConfigError, match=r"the helper printed nothing$"):
         await SecretResolver().resolve(ref)
     with pytest.raises(ConfigError, match=r"^exec:/nonexistent/vault read x: cannot run the "
                                           "helper: No such file or directory$"):
@@ -173,5 +173,5 @@ def test_sanitized_line_keeps_prose_and_hides_tokens() -> None:
 def test_secrets_config_refuses_a_relative_dir() -> None:
     """``secrets.dir`` must be absolute: a mounted volume is not relative to the config."""
     assert SecretsConfig().exec_ttl == 300 and SecretsConfig().ttl == 0
-    with pytest.raises(ValueError, match="secrets.dir must be an absolute path"):
+    with pytest.raises(ValueError, match=r"secrets\.dir must be an absolute path"):
         SecretsConfig.model_validate({"dir": "var/secrets"})
