@@ -116,6 +116,7 @@ def fleet(config: Config, servers: Fleet, tmp: Path) -> None:
         return "exec:" + shlex.join([sys.executable, str(helper), arg])
 
     ssh_pw = ssh.passwords[USER] = "LeakSshPw-env-4f1c9a27"
+    servers.env["LEAK_SLACK_HOOK"] = slack.webhook_url  # a secret pack config field by env:
     servers.env["LEAK_SSH_PW"] = ssh_pw
     (files / "id_ed25519").write_text(ssh.client_key_text)
     key_lines = [ln for ln in ssh.client_key_text.splitlines() if not ln.startswith("-----")]
@@ -143,7 +144,7 @@ def fleet(config: Config, servers: Fleet, tmp: Path) -> None:
         "servicenow": {"username": sn.username, "password": f"file:{files / 'servicenow'}"},
     }
     config.pack_config = {"servicenow": {"instance": sn.url, "credentials": "servicenow"},
-                          "notify": {"webhook_url": slack.webhook_url}}
+                          "notify": {"webhook_url": "env:LEAK_SLACK_HOOK"}}
     config.extra = {"secrets": {"dir": str(mount)}, "log": {"format": "json", "level": "debug"}}
     config.sources = [{"name": "webhook", "type": "webhook"}]
     config.add_pack("leak", {"pack.yaml": SSH_PACK})
@@ -180,7 +181,7 @@ def fleet(config: Config, servers: Fleet, tmp: Path) -> None:
         Planted("bearer token (exec)", bearer),
         Planted("basic password (dir)", echo.password, (basic(echo.username, echo.password),)),
         Planted("servicenow password (file)", sn.password, (basic(sn.username, sn.password),)),
-        Planted("slack webhook url (pack config)", slack.webhook_url),
+        Planted("slack webhook url (env)", slack.webhook_url),
         Planted("slack webhook path", slack.path.rsplit("/", 1)[1]),
         Planted("literal password", literal),
         Planted("unknown-scheme value", unknown, ("UNKNOWNSCHEME-5678efgh",)),
