@@ -200,6 +200,25 @@ class AlertmanagerConfig(Strict):
     timeout: Duration = 5.0
 
 
+class SecretsConfig(Strict):
+    """How credential references are resolved (loopd/catalog/backends.py): ``dir:KEY``
+    reads ``dir/KEY``; values stay in memory only, for ``ttl`` (env/file/dir; 0 = read
+    at each use) or ``exec_ttl`` (exec helpers) seconds, at most ``max_cached`` of them."""
+
+    dir: Path | None = None  # absolute: a mounted secret volume is not part of the config
+    ttl: Duration = 0.0
+    exec_ttl: Duration = 300.0
+    exec_timeout: Duration = Field(default=10.0, gt=0)
+    max_cached: int = Field(default=1024, ge=0)
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError(f"secrets.dir must be an absolute path, got {str(v)!r}")
+        return v
+
+
 class LoopdConfig(Strict):
     listen: str = "127.0.0.1:8080"
     sources: list[SourceConfig] = Field(default_factory=list)
@@ -216,6 +235,7 @@ class LoopdConfig(Strict):
     log: LogConfig = LogConfig()
     engine: EngineConfig = EngineConfig()
     api: ApiConfig = ApiConfig()
+    secrets: SecretsConfig = SecretsConfig()
     source_file: Path | None = None
 
     @field_validator("listen")

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from loopd.catalog.backends import SecretResolver
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.silences import Silences
 from loopd.catalog.telemetry import Telemetry
@@ -212,8 +213,12 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
     registry, ruleset = load_packs_and_rules(config)
     buses = {} if simulated else build_buses([*config.sources, *config.sinks])
     # simulated: dry run, no runner is ever asked to act
+    secrets = config.secrets  # values are resolved at use, in memory only
     executor = Executor(registry, {}) if simulated else Executor(
-        registry, build_runners(buses), max_concurrent=config.engine.max_concurrent_runs)
+        registry, build_runners(buses), max_concurrent=config.engine.max_concurrent_runs,
+        secrets=SecretResolver(dir=secrets.dir, ttl=secrets.ttl, exec_ttl=secrets.exec_ttl,
+                               exec_timeout=secrets.exec_timeout,
+                               max_cached=secrets.max_cached))
     silences = Silences(config.alertmanager.url, refresh=config.alertmanager.refresh,
                         timeout=config.alertmanager.timeout) \
         if config.alertmanager and not simulated else None

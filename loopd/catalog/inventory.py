@@ -7,9 +7,16 @@ credentials:
   ssh-web: {username: loopd, password: "env:WEB_SSH_PASSWORD", key: "file:/etc/loopd/id_ed25519"}
 ```
 
-Credentials hold references (``env:VAR`` or ``file:/path``), never values;
-they are resolved only when an action needs them and never logged or returned
-by the API.
+Credentials hold references (``env:VAR``, ``file:/path``, ``dir:KEY`` or
+``exec:COMMAND``, see loopd/catalog/credentials.py), never values; they are
+resolved only when an action needs them and never logged or returned by the API.
+
+A field that is not a well-formed reference (a literal password, an unknown
+scheme) is a located error of ``read`` (so ``loopd check`` fails on it) that never
+shows the value: ``inventory.yaml:7: credentials.ssh-web.password: not a reference
+(...); the value is not shown``. ``load`` (the daemon) only warns about it, with
+the same words: one bad credentials entry fails the actions that use it, not
+loopd.
 """
 
 from __future__ import annotations
@@ -18,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loopd import yamlfile
 from loopd.catalog.credentials import Credentials
 from loopd.errors import ConfigError
+
+log = structlog.get_logger("loopd.inventory")
 
 
 class InventoryFile(BaseModel):
@@ -47,16 +57,25 @@ class Inventory:
     @classmethod
     def load(cls, path: Path | None) -> Inventory:
         """The inventory of ``path``; raises the first ConfigError (``read`` lists them all)."""
-        inventory, errors = cls.read(path)
+        inventory, errors, credential_errors = cls._read(path)
         if errors:
             raise errors[0]
+        for problem in credential_errors:  # the message names entry and field, not the value
+            log.warning("inventory credentials unusable", problem=str(problem))
         return inventory
 
     @classmethod
     def read(cls, path: Path | None) -> tuple[Inventory, list[ConfigError]]:
-        """The inventory and every problem of its entities, each with its file:line."""
+        """The inventory and every problem of its entities and credentials, each with its
+        file:line."""
+        inventory, errors, credential_errors = cls._read(path)
+        return inventory, errors + credential_errors
+
+    @classmethod
+    def _read(cls, path: Path | None
+              ) -> tuple[Inventory, list[ConfigError], list[ConfigError]]:
         if path is None:
-            return cls(), []
+            return cls(), [], []
         node: yaml.Node | None = None
         try:
             text = path.read_bytes()
@@ -77,14 +96,21 @@ class Inventory:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise ConfigError(f"{loc}: {err['msg']}", origin=str(path)) from None
-        lines = _entity_lines(node, path)
+        lines = _section_lines(node, path, "entities")
         errors = []
         for name, entity in parsed.entities.items():
             entity.setdefault("name", name)
             for fld, problem in entity_problems(entity, parsed.credentials):
                 where = lines.get(f"{name}.{fld}", lines.get(name, str(path)))
                 errors.append(ConfigError(f"entities.{name}.{fld}: {problem}", origin=where))
-        return cls(parsed.entities, parsed.credentials), errors
+        lines = _section_lines(node, path, "credentials")
+        credential_errors = []
+        for name, creds in parsed.credentials.items():
+            for cfld, problem in creds.problems():
+                where = lines.get(f"{name}.{cfld}", lines.get(name, str(path)))
+                credential_errors.append(
+                    ConfigError(f"credentials.{name}.{cfld}: {problem}", origin=where))
+        return cls(parsed.entities, parsed.credentials), errors, credential_errors
 
 
 def entity_problems(entity: dict[str, Any], credentials: dict[str, Credentials]
@@ -134,13 +160,14 @@ def _host_key_problem(value: Any) -> str | None:
     return None
 
 
-def _entity_lines(node: yaml.Node | None, path: Path) -> dict[str, str]:
-    """``name`` and ``name.field`` -> file:line, for the entities of a YAML inventory."""
+def _section_lines(node: yaml.Node | None, path: Path, section: str) -> dict[str, str]:
+    """``name`` and ``name.field`` -> file:line, for the entries of one section
+    (``entities``, ``credentials``) of a YAML inventory."""
     out: dict[str, str] = {}
     if not isinstance(node, yaml.MappingNode):
         return out
     for key, value in node.value:
-        if key.value != "entities" or not isinstance(value, yaml.MappingNode):
+        if key.value != section or not isinstance(value, yaml.MappingNode):
             continue
         for ekey, evalue in value.value:
             out[str(ekey.value)] = f"{path}:{ekey.start_mark.line + 1}"

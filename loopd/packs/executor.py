@@ -8,8 +8,10 @@ Runner contract (every runner passes ``tests/integration/test_runner_contract.py
 * It never retries on its own beyond what its spec says (http: connection
   errors and 5xx, ``retries`` times); task-level retries belong to workflows.
 * ``close()`` releases pooled connections (ssh per host, one http session).
-* Secrets come from ``await ctx.secret(name, field)`` (resolved at that call) and
-  never appear in results, errors or logs.
+* Secrets come from ``await ctx.secret(name, field)`` (resolved at that call by the
+  executor's ``SecretResolver``, see loopd/catalog/backends.py) and never appear in
+  results, errors or logs; an error names the credentials entry, the field and (when
+  well formed) the reference, never a value.
 * An action that only waits for a while (``core.sleep``, a poll interval) does so
   inside ``async with ctx.waiting():``, which gives its slots back meanwhile.
 
@@ -31,7 +33,8 @@ from typing import Any, Protocol
 import structlog
 
 from loopd import metrics
-from loopd.catalog.credentials import Credentials
+from loopd.catalog.backends import SecretResolver
+from loopd.catalog.credentials import Credentials, Reference
 from loopd.catalog.credentials import Field as CredentialField
 from loopd.catalog.inventory import Inventory
 from loopd.errors import ActionError, ActionTimeout, ConfigError, UnknownAction
@@ -81,6 +84,7 @@ class ActionContext:
     dry_run: bool = False
     services: dict[str, Any] = field(default_factory=dict)  # e.g. buses for `publish`
     holds: list[Hold] = field(default_factory=list)  # taken in order, given back reversed
+    secrets: SecretResolver = field(default_factory=SecretResolver)  # the executor's
 
     @asynccontextmanager
     async def waiting(self) -> AsyncIterator[None]:
@@ -105,13 +109,18 @@ class ActionContext:
         return creds
 
     async def secret(self, name: str, field: CredentialField) -> str | None:
-        """Resolve one field of credentials ``name`` now; ActionError names the reference.
+        """Resolve one field of credentials ``name`` now (None when unset); ActionError
+        names the entry, the field and the reference if well formed, never the value.
 
         A coroutine: a secret backend may have to ask a helper command for the value."""
+        creds = self.credentials(name)
         try:
-            return self.credentials(name).resolve(field)
+            ref = creds.reference(field)
+            if not isinstance(ref, Reference):
+                return ref  # unset, or a plain username
+            return await self.secrets.resolve(str(ref))
         except ConfigError as exc:
-            raise ActionError(f"credentials {name!r}: {exc}") from None
+            raise ActionError(f"credentials {name!r} {field}: {exc}") from None
 
 
 @dataclass(slots=True)
@@ -133,9 +142,10 @@ class Executor:
     """Finds the action, validates its input, applies its timeout, times it."""
 
     def __init__(self, registry: PackRegistry, runners: dict[str, Runner], *,
-                 max_concurrent: int = 64) -> None:
+                 max_concurrent: int = 64, secrets: SecretResolver | None = None) -> None:
         self.registry = registry
         self.runners = runners
+        self.secrets = secrets if secrets is not None else SecretResolver()
         # Caps actions executing at once; runs waiting (confirm, approval, delay, an action
         # inside ctx.waiting()) hold no slot.
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -155,6 +165,7 @@ class Executor:
         try:
             action = self.action(name)
             ctx.pack_config = action.pack.config
+            ctx.secrets = self.secrets
             try:
                 values = validate_fields(action.spec.input, raw_input, "input",
                                          one_of=action.spec.one_of)

@@ -32,6 +32,12 @@ Sending (``send``, also used by python actions that build a request in code):
   inputs and pack config fields marked ``secret``) are replaced by ``***`` in
   the url, the result and the error; a secret that is itself a URL (a Slack
   webhook) is shown as its origin followed by ``/***``.
+* A pack config field marked ``secret`` may be given as a reference
+  (``webhook_url: "env:SLACK_WEBHOOK_URL"``, ``file:``, ``dir:`` or ``exec:``, see
+  loopd/catalog/credentials.py): it is resolved at each use by the executor's
+  resolver, so the value is in no file loopd reads as configuration. Any other
+  value (``https://...``) is used as written. Inputs are never resolved: they may
+  come from event data.
 
 The session keeps no cookies: actions with different credentials against the
 same host must never share a server-side login.
@@ -51,8 +57,9 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from loopd.catalog.credentials import SCHEMES
 from loopd.catalog.secrets import Secrets, split_url
-from loopd.errors import ActionError, ConditionError
+from loopd.errors import ActionError, ConditionError, ConfigError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import HttpAction
@@ -199,7 +206,8 @@ class HttpRunner:
         if not isinstance(spec, HttpAction):
             raise ActionError(f"runner http cannot run a {spec.runner} action")
         compiled = self._compile(action.name, spec)
-        scope = {"input": input, "config": ctx.pack_config}
+        config = await secret_config(action, ctx)
+        scope = {"input": input, "config": config}
         try:
             method = _text(compiled.method(scope)).upper()
             url = _text(compiled.url(scope))
@@ -213,8 +221,7 @@ class HttpRunner:
         if method not in METHODS:
             raise ActionError(f"http: method {method!r} is not one of {', '.join(METHODS)}")
         secrets = [input.get(k) for k, f in spec.input.items() if f.secret]
-        secrets += [ctx.pack_config.get(k) for k, f in action.pack.manifest.config.items()
-                    if f.secret]
+        secrets += [config.get(k) for k, f in action.pack.manifest.config.items() if f.secret]
         secrets += [v for k, v in headers.items() if k.lower() in SECRET_HEADERS]
         if spec.auth is not None:
             value, hidden = await authorization(spec.auth.type, credentials, ctx)
@@ -245,6 +252,22 @@ class HttpRunner:
         except ValueError as exc:
             raise ActionError(f"http action {exc}") from None
         return compiled
+
+
+async def secret_config(action: Action, ctx: ActionContext) -> dict[str, Any]:
+    """The pack's config with each ``secret`` field given as a reference resolved now."""
+    config = ctx.pack_config
+    refs = [k for k, f in action.pack.manifest.config.items() if f.secret
+            and isinstance(config.get(k), str) and str(config[k]).partition(":")[0] in SCHEMES]
+    if not refs:
+        return config
+    resolved = dict(config)
+    for name in refs:
+        try:
+            resolved[name] = await ctx.secrets.resolve(str(config[name]))
+        except ConfigError as exc:
+            raise ActionError(f"pack config {action.pack.name}.{name}: {exc}") from None
+    return resolved
 
 
 async def authorization(kind: str, name: Any, ctx: ActionContext) -> tuple[str, list[str]]:

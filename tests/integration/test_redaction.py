@@ -66,6 +66,16 @@ actions:
     auth: {type: bearer, credentials: svc}
 """
 
+SECRET_CONFIG_PACK = """
+name: hook
+config: {url: {type: string, secret: true}}
+actions:
+  post:
+    runner: http
+    method: POST
+    url: "{{ config.url }}"
+"""
+
 SSH_PACK = """
 name: x
 actions:
@@ -169,3 +179,29 @@ async def test_ssh_output_hides_what_the_remote_side_echoes(
     assert result.output["command"] == "echo ***"
     assert result.output["stdout"].strip() == "***"
     assert TOKEN not in orjson.dumps(result.output).decode()
+
+
+async def test_a_secret_pack_config_field_may_be_a_reference(
+        tmp_path: Path, http_echo: HttpEcho, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``secret`` pack config field given as ``env:VAR`` is resolved at use and masked in
+    the result; an unresolvable one fails naming the field and reference, not a value."""
+    (tmp_path / "packs" / "hook").mkdir(parents=True)
+    (tmp_path / "packs" / "hook" / "pack.yaml").write_text(SECRET_CONFIG_PACK)
+    hook = f"{http_echo.url}/echo?key=Zz-config-hook-secret-7"
+    monkeypatch.setenv("REDACT_HOOK", hook)
+    monkeypatch.delenv("REDACT_UNSET", raising=False)
+    runner = HttpRunner(backoff=0.001)
+    try:
+        results = []
+        for ref in ("env:REDACT_HOOK", "env:REDACT_UNSET"):
+            registry = PackRegistry.load([tmp_path / "packs"], {"hook": {"url": ref}})
+            results.append(await Executor(registry, {"http": runner}).execute(
+                "hook.post", {}, ActionContext("run-1", "task", Inventory())))
+    finally:
+        await runner.close()
+    ok, unset = results
+    assert ok.ok, ok.error
+    assert ok.output["json"]["query"] == {"key": ["***"]} and ok.output["url"].endswith("/***")
+    assert "Zz-config-hook-secret-7" not in orjson.dumps(ok.output).decode()
+    assert unset.error == ("hook.post: pack config hook.url: env:REDACT_UNSET: environment "
+                           "variable REDACT_UNSET is not set")
