@@ -37,6 +37,7 @@ from loopd.catalog.backends import SecretResolver
 from loopd.catalog.credentials import Credentials, Reference
 from loopd.catalog.credentials import Field as CredentialField
 from loopd.catalog.inventory import Inventory
+from loopd.catalog.secrets import Secrets
 from loopd.errors import ActionError, ActionTimeout, ConfigError, UnknownAction
 from loopd.packs.registry import Action, PackRegistry, validate_fields
 
@@ -171,6 +172,9 @@ class Executor:
                                          one_of=action.spec.one_of)
             except ValueError as exc:
                 raise ActionError(str(exc)) from None
+            hidden = Secrets()
+            if not ctx.dry_run:
+                values, hidden = await self._resolve_secret_inputs(action, values)
             runner = None if ctx.dry_run else self.runners.get(action.spec.runner)
             if runner is None and not ctx.dry_run:
                 raise ActionError(f"runner {action.spec.runner!r} is not available")
@@ -189,13 +193,38 @@ class Executor:
             await hold.take()  # waits behind the cap; nothing has acted yet
             if started is not None:
                 await started()
-            return await self._invoke(name, action, runner, values, ctx, hold)
+            return await self._invoke(name, action, runner, values, ctx, hold, hidden)
         finally:
             hold.give_back()
 
+    async def _resolve_secret_inputs(self, action: Action, values: dict[str, Any]
+                                     ) -> tuple[dict[str, Any], Secrets]:
+        """The input with each ``secret: true`` input's reference replaced by its value
+        (the caller keeps, and stores, the reference: only the runner sees the value), and
+        those values, to be masked in what the runner returns."""
+        secret = [n for n, f in action.spec.input.items() if f.secret and values.get(n)]
+        if not secret:
+            return values, Secrets()
+        resolved = dict(values)
+        for name in secret:
+            ref = values[name]
+            if not isinstance(ref, str):
+                raise ActionError(f"input {name!r} is secret: give a reference, not a "
+                                  f"{type(ref).__name__}")
+            try:
+                resolved[name] = await self.secrets.resolve(ref)
+            except ConfigError as exc:
+                raise ActionError(f"input {name!r} is secret: {exc}") from None
+            problem = action.spec.input[name].pattern_problem(name, resolved[name])
+            if problem:
+                raise ActionError(f"input: {problem}")
+        return resolved, Secrets(resolved[n] for n in secret)
+
     async def _invoke(self, name: str, action: Action, runner: Runner,
-                      values: dict[str, Any], ctx: ActionContext, hold: _SlotHold
-                      ) -> ActionResult:
+                      values: dict[str, Any], ctx: ActionContext, hold: _SlotHold,
+                      hidden: Secrets) -> ActionResult:
+        """Run it; whatever the runner returns or raises, a resolved secret input (in
+        ``hidden``) is masked before it is logged or leaves here."""
         began = time.monotonic()
         # the slot is given back while the action only waits (ctx.waiting())
         ctx.holds = [*ctx.holds, hold]
@@ -207,14 +236,20 @@ class Executor:
                 raise ActionTimeout(f"timed out after {action.spec.timeout:g}s") from None
             seconds = time.monotonic() - began
             metrics.action_finished(name, "succeeded", seconds)
-            return ActionResult(True, output, None, seconds)
+            return ActionResult(True, hidden.tree(output), None, seconds)
         except ActionError as exc:
-            return self._failed(name, ctx, exc, time.monotonic() - began)
+            masked = type(exc)(hidden.text(str(exc))) if hidden else exc
+            return self._failed(name, ctx, masked, time.monotonic() - began)
         except Exception as exc:  # task boundary: a buggy action fails its task, not loopd
             seconds = time.monotonic() - began
             metrics.action_finished(name, "failed", seconds)
-            log.exception("action crashed", action=name, run=ctx.run_id, task=ctx.task)
-            return ActionResult(False, {}, f"{name}: {type(exc).__name__}: {exc}", seconds)
+            problem = hidden.text(f"{type(exc).__name__}: {exc}")
+            if hidden:  # the traceback could hold the value: log the masked line only
+                log.error("action crashed", action=name, run=ctx.run_id, task=ctx.task,
+                          error=problem)
+            else:
+                log.exception("action crashed", action=name, run=ctx.run_id, task=ctx.task)
+            return ActionResult(False, {}, f"{name}: {problem}", seconds)
         finally:
             ctx.holds = [h for h in ctx.holds if h is not hold]
 

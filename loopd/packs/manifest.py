@@ -52,7 +52,9 @@ class InputField(_Strict):
     required: bool = False
     default: Any = None
     description: str = ""
-    secret: bool = False  # redacted wherever a run's input is shown
+    # takes a reference (env:, file:, dir:, exec:) that the executor resolves just before
+    # the runner is called: the run's stored input holds the reference, never the value
+    secret: bool = False
     enum: list[Any] | None = None
     pattern: str | None = None  # a string (or each string of an array) must fullmatch it
     _regex: re.Pattern[str] | None = PrivateAttr(default=None)
@@ -82,6 +84,12 @@ class InputField(_Strict):
             return f"{name}: expected {self.type}, got {type(value).__name__}"
         if self.enum is not None and value not in self.enum:
             return f"{name}: {value!r} is not one of {self.enum}"
+        if self.secret:  # the value is a reference: its pattern applies to what it gives
+            return None
+        return self.pattern_problem(name, value)
+
+    def pattern_problem(self, name: str, value: Any) -> str | None:
+        """None when ``value`` (or each string of a list) matches ``pattern``."""
         if self._regex is not None:
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str) and self._regex.fullmatch(item) is None:

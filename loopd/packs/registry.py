@@ -22,7 +22,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from loopd import yamlfile
-from loopd.errors import PackError
+from loopd.catalog.credentials import parse_reference
+from loopd.errors import ConfigError, PackError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.expr.names import problems, templates
 from loopd.packs.manifest import (
@@ -34,7 +35,7 @@ from loopd.packs.manifest import (
     PythonAction,
     SshAction,
 )
-from loopd.packs.taint import raw_inputs, shell_problems
+from loopd.packs.taint import raw_inputs, shell_problems, untrusted_reads
 
 
 @dataclass(slots=True)
@@ -100,6 +101,7 @@ class PackRegistry:
         out += _one_of_problems(target, action.spec.one_of, values, partial)
         out += shell_problems(target, action.raw_inputs, values, unsafe_shell,
                               argv="argv" in action.spec.input)
+        out += _secret_input_problems(target, action.spec.input, values)
         if action.input_model is not None:
             out += [p for p in _model_problems(target, action.input_model, values, partial)
                     if p not in out]
@@ -182,6 +184,36 @@ def _field_problems(target: str, fields: dict[str, InputField], values: dict[str
             problem = spec.check(name, value)
             if problem:
                 out.append(f"{target} input {problem}")
+    return out
+
+
+def _secret_input_problems(target: str, fields: dict[str, InputField],
+                           values: dict[str, Any]) -> list[str]:
+    """A ``secret: true`` input takes a reference (env:, file:, dir:, exec:), never the
+    value: the run's input is stored and shown, the value behind it is resolved at use.
+    Its template may read only operator data: a reference chosen by an event could read
+    any file or run any helper."""
+    out = []
+    for name, value in values.items():
+        spec = fields.get(name)
+        if spec is None or not spec.secret or value is None:
+            continue
+        if _is_template(value):
+            reads = untrusted_reads(value)
+            if reads:
+                out.append(f"{target} input {name!r} is secret and takes a reference, but "
+                           f"this template reads {', '.join(reads)}: a reference must come "
+                           "from a literal, inventory, entity or config, never from event "
+                           "data")
+            continue
+        if not isinstance(value, str):
+            out.append(f"{target} input {name!r} is secret: give a reference, not a "
+                       f"{type(value).__name__}")
+            continue
+        try:
+            parse_reference(value)
+        except ConfigError as exc:
+            out.append(f"{target} input {name!r} is secret: {exc}")
     return out
 
 

@@ -312,10 +312,12 @@ async def test_slack_message_reaches_the_webhook(loop: Loop, slack_webhook: Slac
     assert slack_webhook.path not in orjson.dumps(result.output).decode()
 
 
-async def test_slack_refusal_names_slacks_reason(loop: Loop, slack_webhook: SlackWebhook
-                                                 ) -> None:
-    """An empty message fails with Slack's `no_text`, and the webhook path stays hidden."""
-    result = await loop.action("notify.slack", {"text": "", "url": slack_webhook.webhook_url})
+async def test_slack_refusal_names_slacks_reason(loop: Loop, slack_webhook: SlackWebhook,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty message to the webhook a `url` reference names fails with Slack's `no_text`,
+    and the webhook path stays hidden."""
+    monkeypatch.setenv("SLACK_OTHER_CHANNEL", slack_webhook.webhook_url)
+    result = await loop.action("notify.slack", {"text": "", "url": "env:SLACK_OTHER_CHANNEL"})
     assert not result.ok and result.error is not None
     assert result.error == (f"notify.slack: http POST {slack_webhook.url}/***: "
                             "unexpected status 400 Bad Request: no_text")

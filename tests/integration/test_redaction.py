@@ -53,7 +53,7 @@ rules:
     on: {source: webhook, topic: leak}
     run:
       action: s.use
-      input: {hook: "{{ event.hook }}", password: "{{ event.pw }}", note: "kept"}
+      input: {hook: "env:REDACT_HOOK", password: "{{ event.pw }}", note: "kept"}
 """
 
 HTTP_PACK = """
@@ -88,7 +88,9 @@ TOKEN = "ssh-token-0123456789"
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, aiohttp.ClientSession]]:
+async def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                 ) -> AsyncIterator[tuple[Daemon, aiohttp.ClientSession]]:
+    monkeypatch.setenv("REDACT_HOOK", HOOK)
     (tmp_path / "packs" / "s").mkdir(parents=True)
     (tmp_path / "packs" / "s" / "pack.yaml").write_text(PACK)
     (tmp_path / "packs" / "s" / "actions.py").write_text(ACTIONS)
@@ -117,10 +119,11 @@ store: {path: var/loopd.db}
 
 async def test_api_shows_no_secret_of_a_run(
         daemon: tuple[Daemon, aiohttp.ClientSession]) -> None:
-    """GET /v1/runs/{id} masks secret inputs and secret-looking keys in the run's rendered
-    input, its trigger, and every step's input and output."""
+    """GET /v1/runs/{id} masks secret inputs (whose value, behind a reference, reaches only
+    the action) and secret-looking keys in the run's rendered input, its trigger, and every
+    step's input and output."""
     d, http = daemon
-    event = {"topic": "leak", "data": {"hook": HOOK, "pw": PASSWORD}}
+    event = {"topic": "leak", "data": {"pw": PASSWORD}}
     async with http.post("/v1/events", data=orjson.dumps(event),
                          headers={"Content-Type": "application/json"}) as resp:
         assert resp.status < 300, await resp.text()
@@ -164,6 +167,7 @@ async def test_ssh_output_hides_what_the_remote_side_echoes(
     """A remote command that prints a secret input shows it neither in the rendered command
     nor in its stdout."""
     monkeypatch.setenv("REDACT_SSH_PW", SSH_PASSWORD)
+    monkeypatch.setenv("REDACT_SSH_TOKEN", TOKEN)
     (tmp_path / "packs" / "x").mkdir(parents=True)
     (tmp_path / "packs" / "x" / "pack.yaml").write_text(SSH_PACK)
     registry = PackRegistry.load([tmp_path / "packs"])
@@ -172,7 +176,8 @@ async def test_ssh_output_hides_what_the_remote_side_echoes(
     runner = SshRunner(connect_timeout=5.0)
     try:
         result = await Executor(registry, {"ssh": runner}).execute(
-            "x.echo", {"host": "web-1", "token": TOKEN}, ActionContext("run-1", "t", inventory))
+            "x.echo", {"host": "web-1", "token": "env:REDACT_SSH_TOKEN"},
+            ActionContext("run-1", "t", inventory))
     finally:
         await runner.close()
     assert result.ok, result.error
@@ -205,3 +210,26 @@ async def test_a_secret_pack_config_field_may_be_a_reference(
     assert "Zz-config-hook-secret-7" not in orjson.dumps(ok.output).decode()
     assert unset.error == ("hook.post: pack config hook.url: env:REDACT_UNSET: environment "
                            "variable REDACT_UNSET is not set")
+
+
+async def test_the_store_keeps_a_secret_inputs_reference_never_its_value(
+        daemon: tuple[Daemon, aiohttp.ClientSession]) -> None:
+    """A ``secret: true`` input is stored (run input, step input) as the reference it was
+    given; the value behind it reached the action, and is in no byte of the state files."""
+    d, http = daemon
+    async with http.post("/v1/events", data=orjson.dumps({"topic": "leak", "data": {}}),
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status < 300, await resp.text()
+    await d.engine.drain(timeout=10)
+    await d.dispatcher.drain(timeout=10)
+    runs = await d.store.list_runs(limit=10)
+    assert [r.status for r in runs] == ["succeeded"]
+    assert runs[0].input is not None and runs[0].input["hook"] == "env:REDACT_HOOK"
+    steps = await d.store.steps(runs[0].id)
+    assert steps[-1].input is not None and steps[-1].input["hook"] == "env:REDACT_HOOK"
+    assert steps[-1].output is not None
+    assert steps[-1].output["echo"]["hook"] == "https://hooks.example.com/***"
+    state = d.config.store.path
+    for path in (state, state.with_name(state.name + "-wal")):
+        if path.exists():
+            assert HOOK.encode() not in path.read_bytes(), path

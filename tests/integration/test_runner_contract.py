@@ -47,7 +47,8 @@ from tests.servers.mqtt import MqttBroker
 from tests.servers.ssh import PASSWORD, USER, SshServer
 
 VALUE = "contract-value-42"
-TOKEN = "input-token-0123456789"  # a `secret: true` input (ssh)
+TOKEN = "input-token-0123456789"  # the value behind a `secret: true` input
+TOKEN_REF = "env:CONTRACT_SECRET_INPUT"  # what the input is given: a reference
 
 PYTHON_PACK = """
 name: c
@@ -204,6 +205,11 @@ def pack(tmp_path: Path, manifest: str, actions: str | None = None,
     return registry
 
 
+@pytest.fixture(autouse=True)
+def secret_input_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONTRACT_SECRET_INPUT", TOKEN)
+
+
 @pytest.fixture
 async def python_kit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Kit]:
     secret = "python-pw-0123456789"
@@ -225,7 +231,7 @@ async def ssh_kit(tmp_path: Path, ssh_server: SshServer, monkeypatch: pytest.Mon
     runner = SshRunner(connect_timeout=5.0)
     yield Kit("ssh", runner, pack(tmp_path, SSH_PACK), inventory, (PASSWORD, TOKEN),
               f"ssh web-1: `exit 3 {VALUE}` exited 3", base={"host": "web-1"},
-              secret_input={"token": TOKEN})
+              secret_input={"token": TOKEN_REF})
     await runner.close()
 
 
@@ -289,7 +295,7 @@ async def kafka_kit(tmp_path: Path, kafka_broker: KafkaBroker, silent_broker: in
     yield Kit("publish-kafka", runner,
               publish_pack(tmp_path, "-", "secret", 100_000, prefix), Inventory(),
               (TOKEN,), f"kafka bus down (127.0.0.1:{down}): cannot connect",
-              secret_input={"token": TOKEN}, received=received)
+              secret_input={"token": TOKEN_REF}, received=received)
     await runner.close()
 
 
@@ -327,7 +333,7 @@ async def mqtt_kit(tmp_path: Path, mqtt_broker: MqttBroker, silent_broker: int,
     yield Kit("publish-mqtt", runner,
               publish_pack(tmp_path, "/", "+/refused", 1, prefix), Inventory(),
               (secret, TOKEN), f"mqtt bus down ({mqtt_broker.host}:{down}): cannot connect",
-              secret_input={"token": TOKEN}, received=received)
+              secret_input={"token": TOKEN_REF}, received=received)
     await runner.close()
     collecting.cancel()
     await asyncio.gather(collecting, return_exceptions=True)

@@ -251,11 +251,14 @@ async def test_inputs_are_shell_quoted(
 
 
 async def test_secrets_never_appear_in_results_or_errors(
-        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner) -> None:
+        ssh_server: SshServer, registry: PackRegistry, runner: SshRunner,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Secret inputs show as *** and the password shows nowhere, on success or failure."""
+    monkeypatch.setenv("SSH_TEST_TOKEN", "tok-123")
     inv = inventory(ssh_server)
-    ok = await execute(registry, runner, inv, "secret", token="tok-123")
-    failed = await execute(registry, runner, inv, "secret", token="tok-123", status=4)
+    ok = await execute(registry, runner, inv, "secret", token="env:SSH_TEST_TOKEN")
+    failed = await execute(registry, runner, inv, "secret", token="env:SSH_TEST_TOKEN",
+                           status=4)
     assert ok.ok, ok.error
     assert ok.output["command"] == "exit 0 ***"
     assert failed.error == "t.secret: ssh web-1: `exit 4 ***` exited 4: exit 4 requested"

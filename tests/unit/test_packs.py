@@ -315,7 +315,7 @@ def test_raw_inputs_are_read_from_the_command_template(
 
 
 async def test_a_pattern_and_one_of_are_checked_before_the_action_runs(
-    packs_dir: Path,
+    packs_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An input not matching its pattern (a secret one not shown) and a one_of given twice
     or not at all fail naming the input, before the runner is called."""
@@ -331,12 +331,14 @@ actions:
       y: {}
     one_of: [x, y]
 """, "async def a(input, ctx):\n    return {'ran': True}\n")
+    monkeypatch.setenv("PACKS_TEST_BAD_TOKEN", "SECRET-1")  # a secret input is a reference:
+    monkeypatch.setenv("PACKS_TEST_TOKEN", "beef")  # its pattern applies to its value
     executor = Executor(PackRegistry.load([packs_dir]), {"python": PythonRunner()})
     ctx = ActionContext("r", "t", Inventory())
     cases: dict[str, dict[str, Any]] = {
         "input: path: '-delete' does not match its pattern /.*": {"path": "-delete", "x": 1},
-        "input: token: the value does not match its pattern [a-f0-9]+": {"token": "SECRET-1",
-                                                                          "x": 1},
+        "input: token: the value does not match its pattern [a-f0-9]+": {
+            "token": "env:PACKS_TEST_BAD_TOKEN", "x": "1"},
         "input: give exactly one of x, y (got x, y)": {"x": 1, "y": 2},
         "input: give exactly one of x, y": {},
     }
@@ -344,5 +346,6 @@ actions:
         result = await executor.execute("p.a", values, ctx)
         assert result.error == f"p.a: {message}"
         assert "SECRET-1" not in (result.error or "")
-    ok = await executor.execute("p.a", {"path": "/var/log", "token": "beef", "y": "1"}, ctx)
+    ok = await executor.execute("p.a", {"path": "/var/log", "token": "env:PACKS_TEST_TOKEN",
+                                        "y": "1"}, ctx)
     assert ok.ok and ok.output == {"ran": True}

@@ -307,6 +307,7 @@ actions:
       argv: {type: array}
       command: {type: string}
       unit: {type: string, pattern: "[a-z][a-z0-9-]*"}
+      token: {type: string, secret: true}
     one_of: [argv, command]
     command: "{{ input.argv if input.argv else raw.command }} {{ input.unit }}"
 """
@@ -423,3 +424,39 @@ def test_a_constant_input_that_fails_its_pattern_or_one_of_is_reported(
     assert sorted(e.message for e in rules.errors) == [
         "sh.run input unit: '--help' does not match its pattern [a-z][a-z0-9-]*",
         "sh.run takes exactly one of argv, command (got argv, command)"]
+
+
+@pytest.mark.parametrize(("token", "problem"), [
+    ("PLAIN-SECRET-VALUE-1", "is secret: not a reference (use env:VAR, file:/path, dir:KEY "
+                             "or exec:COMMAND); the value is not shown"),
+    ("vault:PLAIN-SECRET-VALUE-1", "is secret: not a reference"),
+    ("{{ event.labels.token }}", "is secret and takes a reference, but this template reads "
+                                 "event: a reference must come from a literal, inventory, "
+                                 "entity or config, never from event data"),
+])
+def test_a_secret_input_takes_a_reference_from_operator_data_only(
+        tmp_path: Path, packs_dir: Path, token: str, problem: str) -> None:
+    """A ``secret: true`` input given a value (which the store would keep) or a reference
+    built from event data (which could read any file or run any helper) is refused at
+    load, and the error never shows the value."""
+    rules = _shell_rules(tmp_path, packs_dir, f"""\
+        rules:
+          - name: tok
+            run: {{action: sh.run, input: {{host: web-1, argv: [id], token: {token!r}}}}}
+        """)
+    error = _only_error(rules)
+    assert f"sh.run input 'token' {problem}" in error.message
+    assert "PLAIN-SECRET-VALUE-1" not in str(error)
+
+
+def test_a_secret_input_given_a_reference_loads(tmp_path: Path, packs_dir: Path) -> None:
+    """A literal reference, or one from config or inventory, is what a secret input takes."""
+    rules = _shell_rules(tmp_path, packs_dir, """\
+        rules:
+          - name: a
+            run: {action: sh.run, input: {host: web-1, argv: [id], token: "env:TOKEN"}}
+          - name: b
+            run: {action: sh.run, input: {host: web-1, argv: [id],
+                                          token: "{{ inventory.web.token_ref }}"}}
+        """)
+    assert rules.errors == []
