@@ -73,6 +73,7 @@ ROUTE_ROLES: dict[str, Role] = {
     "reject_run": Role.OPERATOR,
     "close_breaker": Role.OPERATOR,
     "reload": Role.ADMIN,
+    "audit": Role.ADMIN,
 }
 
 
