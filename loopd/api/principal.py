@@ -52,7 +52,7 @@ class Principal:
 # auth: none (explicitly configured): every caller may do everything, as "anonymous"
 UNAUTHENTICATED = Principal("anonymous", Role.ADMIN, authenticated=False)
 
-_KEY = "loopd.principal"
+_KEY = web.RequestKey("loopd.principal", Principal)  # a str key warns (aiohttp 3.14)
 
 # the least role each named route needs (aiohttp route names)
 ROUTE_ROLES: dict[str, Role] = {
@@ -83,5 +83,4 @@ def set_principal(request: web.Request, who: Principal) -> None:
 
 def principal(request: web.Request) -> Principal:
     """The caller of ``request`` (``UNAUTHENTICATED`` when no auth middleware ran)."""
-    who = request.get(_KEY)
-    return who if isinstance(who, Principal) else UNAUTHENTICATED
+    return request.get(_KEY, UNAUTHENTICATED)

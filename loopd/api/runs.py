@@ -2,10 +2,10 @@
 
 The story includes the people who intervened: ``interventions`` lists, from the audit
 trail (loopd.api.audit), each approve, reject and cancel call on the run with who made
-it (name and role), when, its reason and its result; approve, reject and cancel also
-pass the caller's name to where the run's own history is written (its ``reason``:
-"rejected by oncall-alice: ...", "cancelled through the API by oncall-bob";
-``context.approved.by``; an approval step's output), so a trace tells who did it.
+it (name and role), when, its reason and its result. Approve, reject and cancel also
+pass the caller's token name (when auth is on) to where the run's own history is
+written: its ``reason`` ("rejected by oncall-alice: ...", "cancelled through the API by
+oncall-bob"), ``context.approved.by``, an approval step's output; so a trace tells who.
 """
 
 from __future__ import annotations
@@ -118,9 +118,16 @@ def _values(tree: Any, names: frozenset[str]) -> list[Any]:
     return [v for k, v in tree.items() if k in names or secret_key(k)]
 
 
+def _by(request: web.Request) -> str | None:
+    """Who the run's history names: the caller's token name (with auth off, nobody: the
+    audit trail still records the call, as ``anonymous``)."""
+    who = principal(request)
+    return who.name if who.authenticated else None
+
+
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = request.match_info["id"]
-    answer = await request.app[CTX].control.cancel(run_id, principal(request).name)
+    answer = await request.app[CTX].control.cancel(run_id, _by(request))
     if answer.state == "missing":
         return error(404, answer.problem or f"no run {run_id!r}")
     if answer.state == "refused":
@@ -133,7 +140,7 @@ async def cancel_run(request: web.Request) -> web.Response:
 async def decide_approval(request: web.Request, approved: bool) -> web.Response:
     run_id = request.match_info["id"]
     problem = request.app[CTX].control.decide(run_id, approved, request.query.get("reason"),
-                                              principal(request).name)
+                                              _by(request))
     if problem is not None:
         return error(409, problem)
     return json_response({"id": run_id, "approved": approved}, status=202)
