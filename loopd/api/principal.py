@@ -83,4 +83,5 @@ def set_principal(request: web.Request, who: Principal) -> None:
 
 def principal(request: web.Request) -> Principal:
     """The caller of ``request`` (``UNAUTHENTICATED`` when no auth middleware ran)."""
-    return request.get(_KEY, UNAUTHENTICATED)
+    who = request.get(_KEY)
+    return who if isinstance(who, Principal) else UNAUTHENTICATED
