@@ -57,9 +57,11 @@ def _route(request: web.Request) -> str:
 
 
 def _audited(request: web.Request) -> bool:
-    """A call that changes something: every non-GET route but ingest."""
-    return request.method not in ("GET", "HEAD", "OPTIONS") \
-        and _route(request) not in INGEST_ROUTES
+    """A call that changes something: every non-GET named route but ingest (a path that
+    matches no route changes nothing, and must not let anyone fill the trail)."""
+    name = request.match_info.route.name
+    return name is not None and name not in INGEST_ROUTES \
+        and request.method not in ("GET", "HEAD", "OPTIONS")
 
 
 def client_address(request: web.Request) -> str | None:
@@ -150,6 +152,8 @@ async def trail(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Before the auth middleware: its 403 answers (a too-weak role) are recorded too."""
+    if request.match_info.route.name is None:
+        return await handler(request)
     try:
         response = await handler(request)
     except web.HTTPException as exc:

@@ -28,6 +28,7 @@ from loopd.api.principal import ROUTE_ROLES, Principal, Role, set_principal
 from loopd.store.sqlite import SqliteStore
 from tests.integration.test_api import REPO, Api, sample, serving
 from tests.servers import wait_until
+from tests.workflow_harness import open_harness
 
 APPROVAL_RULES = """\
 rules:
@@ -36,6 +37,15 @@ rules:
     mode: approval
     approval: {within: 1h}
     run: {action: core.noop, input: {host: "{{ key }}"}}
+"""
+
+APPROVAL_TASK = """
+    input: [host]
+    tasks:
+      ask:
+        approval: {within: 5s, message: "restart nginx on {{ ctx.host }}?"}
+        next: go
+      go: {action: t.notify, input: {message: "go {{ ctx.host }}"}}
 """
 
 CONFIG = """\
@@ -296,3 +306,23 @@ async def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(site: Path)
     async with serving(config, site / "rules") as api:
         await api.post("/v1/reload", headers=forwarded)
         assert (await trail(api, "?limit=1"))[0]["client"] == "203.0.113.9 (via 127.0.0.1)"
+
+
+async def test_an_approval_task_of_a_workflow_records_who_decided(tmp_path: Path) -> None:
+    """A workflow's ``approval:`` task decided by a named principal keeps the name in the
+    step's output (approved) and in the run's reason (rejected)."""
+    async with open_harness(tmp_path) as harness:
+        harness.load(ask=APPROVAL_TASK)
+        yes = await harness.start("ask", host="web-1")
+        no = await harness.start("ask", host="web-2")
+        for run, approved in ((yes, True), (no, False)):
+            def decided(run_id: str = run.id, yes_or_no: bool = approved) -> bool:
+                return harness.approvals.decide(run_id, yes_or_no, "checked",
+                                                "oncall-alice") is None
+
+            await wait_until(decided, timeout=5, what="the approval to be decided")
+        done = await harness.wait(yes)
+        assert done.of("ask")[0].output == {"approved": True, "reason": "checked",
+                                            "by": "oncall-alice"}
+        done = await harness.wait(no)
+        assert done.reason == "rejected by oncall-alice: checked"
