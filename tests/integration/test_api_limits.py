@@ -19,6 +19,8 @@ import aiohttp
 import pytest
 
 from loopd.api.limits import INGEST_GATE
+from loopd.config import load_config
+from loopd.errors import ConfigError
 from loopd.store.base import Batch, CommitResult, Store
 from tests.integration.test_api import REPO, RULES, Api, sample, serving
 from tests.servers import wait_until
@@ -348,3 +350,16 @@ async def test_a_full_engine_queue_is_503_with_retry_after_and_a_retry_is_dedupl
         assert await api.daemon.store.count_decisions(rule="hot-disk") == 50
         assert len(await api.runs("hot-disk")) == 50
         assert sample("loopd_events_duplicate_total", source="webhook") == queued
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ("max_batch: 0", "api.max_batch"), ("max_body: lots", "api.max_body"),
+    ("trusted_proxies: [proxy.example]", "api.trusted_proxies"),
+    ("queue_timeout: 0s", "api.queue_timeout")])
+def test_a_bad_limit_is_a_config_error_naming_it(tmp_path: Path, setting: str,
+                                                 named: str) -> None:
+    """A limit or proxy list that cannot work is refused at load, naming the setting."""
+    (tmp_path / "loopd.yaml").write_text(LIMITED.format(api=setting))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "loopd.yaml")
+    assert named in str(info.value)
