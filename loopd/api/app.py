@@ -128,8 +128,8 @@ async def close_breaker(request: web.Request) -> web.Response:
 def build_app(ctx: ApiContext) -> web.Application:
     from loopd.api import audit, ingest, limits, runs
 
-    # ingest reads its bodies in chunks against each source's max_payload; this is the hard
-    # cap of anything read whole (request.read(), post())
+    # ingest reads its bodies in chunks against each source's max_payload; anything read
+    # whole (request.read(), post()) is capped at api.max_body
     cap = ctx.api.max_body
     # audit.refusals before the auth middleware (it records 403s), audit.trail after it
     app = web.Application(middlewares=[errors_middleware, limits.body_limit, audit.refusals,
