@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     ValidationError,
     field_validator,
     model_validator,
@@ -176,6 +177,23 @@ class ApiConfig(Strict):
     idle_timeout: Duration = Field(default=60.0, gt=0)
     body_timeout: Duration = Field(default=30.0, gt=0)  # reading one request's body: 408
     max_connections: int = Field(default=1024, ge=1)  # past it: 503 and closed
+    # -- request limits (loopd.api.limits, loopd.api.ingest) and the audit trail's view of
+    # client addresses (loopd.api.audit) --
+    max_body: int = 64 * 1024  # any route but ingest (those keep their source's max_payload)
+    max_body_unused: int = 4 * 1024  # a route that takes no body (approve, reload, reads)
+    max_batch: int = Field(default=1000, ge=1)  # events / alerts per ingest request: 413
+    max_concurrent_ingest: int = Field(default=64, ge=1)  # past it: 503 + Retry-After
+    queue_timeout: Duration = Field(default=5.0, gt=0)  # engine queue full this long: 503
+    # X-Forwarded-For is believed only from these proxies (addresses or networks)
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+
+    @field_validator("max_body", "max_body_unused", mode="before")
+    @classmethod
+    def _body_size(cls, v: int | str) -> int:
+        size = parse_size(v)
+        if size < 0:
+            raise ValueError(f"a body size cannot be negative ({v!r})")
+        return size
 
 
 class PrometheusConfig(Strict):

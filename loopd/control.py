@@ -2,10 +2,11 @@
 
 The API (loopd.api) sees loopd only through ``Control`` (and the ingest path of push
 sources): approve/reject/cancel a run, close a breaker, reload, rules with their match
-counts, guard status, and runs/incidents/steps read from the store. Changes go to their
-one writer: guard memory and queued runs to the engine (written by its next batch,
-awaited here so an answer means durable), running runs to the dispatcher, approvals to
-the one set of pending approvals.
+counts, guard status, runs/incidents/steps read from the store, and the audit trail
+(appended to and read, never changed). Changes go to their one writer: guard memory
+and queued runs to the engine (written by its next batch, awaited here so an answer
+means durable), running runs to the dispatcher, approvals to the one set of pending
+approvals; approve, reject and cancel carry who asked (``by``) into the run's history.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from loopd.packs.registry import PackRegistry
 from loopd.rules.loader import RuleSet
 from loopd.runs import states
 from loopd.runs.approvals import Approvals
-from loopd.runs.dispatcher import API_CANCEL, Dispatcher
+from loopd.runs.dispatcher import Dispatcher, api_cancel
 from loopd.sources.base import Source
-from loopd.store.base import DecisionRecord, IncidentRecord, RunRecord, StepRecord, Store
+from loopd.store.base import (
+    AuditQuery,
+    AuditRecord,
+    DecisionRecord,
+    IncidentRecord,
+    RunRecord,
+    StepRecord,
+    Store,
+)
 
 WRITE_TIMEOUT = 10.0
 
@@ -112,24 +121,25 @@ class Control:
 
     # -- runs ---------------------------------------------------------------------------
 
-    def decide(self, run_id: str, approved: bool, reason: str | None) -> str | None:
+    def decide(self, run_id: str, approved: bool, reason: str | None,
+               by: str | None = None) -> str | None:
         """Approve or reject a run waiting for approval (rule ``mode: approval`` or an
-        ``approval:`` task); None when done, else why not."""
-        return self._approvals.decide(run_id, approved, reason)
+        ``approval:`` task) as ``by``; None when done, else why not."""
+        return self._approvals.decide(run_id, approved, reason, by)
 
-    async def cancel(self, run_id: str) -> CancelAnswer:
+    async def cancel(self, run_id: str, by: str | None = None) -> CancelAnswer:
+        """Cancel a run as ``by`` (its reason names who)."""
         run = await self._store.get_run(run_id)
         if run is None:
             return CancelAnswer("missing", f"no run {run_id!r}")
         if run.status == states.QUEUED:  # still the engine's: in its incident's queue
-            if self._engine.cancel_queued(run_id, "cancelled through the API while queued") \
-                    is None:
+            if self._engine.cancel_queued(run_id, f"{api_cancel(by)} while queued") is None:
                 return CancelAnswer("refused", f"run {run_id} is no longer queued")
             await self._engine.drain(WRITE_TIMEOUT)
             return CancelAnswer("cancelled")
         if run.status not in states.ACTIVE:
             return CancelAnswer("refused", f"run {run_id} already ended ({run.status})")
-        if not self._dispatcher.cancel(run_id, API_CANCEL, acting_too=True):
+        if not self._dispatcher.cancel(run_id, api_cancel(by), acting_too=True):
             return CancelAnswer("refused", f"run {run_id} is not executing here")
         return CancelAnswer("cancelling")
 
@@ -149,3 +159,12 @@ class Control:
 
     async def list_incidents(self, *, status: str | None, limit: int) -> list[IncidentRecord]:
         return await self._store.list_incidents(status=status, limit=limit)
+
+    # -- the audit trail (append-only) -----------------------------------------------------
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        """Durable when this returns; StoreError when it cannot be written."""
+        await self._store.append_audit(record)
+
+    async def audit(self, query: AuditQuery) -> list[AuditRecord]:
+        return await self._store.audit(query)

@@ -205,7 +205,7 @@ class Daemon:
             if c.type in ("webhook", "alertmanager")}
         limits = self.config.api
         ctx = ApiContext(control=self.control, emit=self.engine.emit, push_sources=push,
-                         body_timeout=limits.body_timeout)
+                         body_timeout=limits.body_timeout, api=limits)
         # keepalive_timeout closes a connection with no complete request head for that
         # long (idle, or headers sent slowly); lingering_time bounds how long the rest of
         # a refused body is read and discarded before the connection closes

@@ -96,6 +96,16 @@ class Metrics:
             registry=r)
         self.outcomes = Counter(
             "loopd_run_outcomes_total", "Run outcomes", ["workflow", "outcome"], registry=r)
+        self.api_refused = Counter(
+            "loopd_api_refused_total", "API requests refused by a limit (413, 503)",
+            ["route", "limit"], registry=r)
+        self.ingest_requests = Counter(
+            "loopd_ingest_requests_total", "Ingest requests, by source and the principal "
+            "(token name) that posted them", ["source", "principal"], registry=r)
+        self.audit_failures = Counter(
+            "loopd_audit_write_failures_total", "Audit records the store could not write "
+            "(before acting: the call was refused 503; after: its result is missing)",
+            ["action", "phase"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -256,3 +266,24 @@ def budget_remaining(rule: str, left: int) -> None:
 
 def action_finished(action: str, status: str, seconds: float) -> None:
     _CURRENT.get(_PROCESS).action_seconds.labels(action, status).observe(seconds)
+
+
+def request_refused(route: str, limit: str, detail: str, **where: object) -> None:
+    """An API request refused by ``limit`` (body, batch, concurrency, queue, decision);
+    ``detail`` says which bound, never what the request carried."""
+    _CURRENT.get(_PROCESS).api_refused.labels(route, limit).inc()
+    log.warning("api request refused", route=route, limit=limit, detail=detail, **where)
+
+
+def ingest_request(source: str, principal: str) -> None:
+    """An ingest request from ``principal`` (its token name) to ``source`` was accepted for
+    reading; its events are recorded as decisions, not in the audit trail."""
+    _CURRENT.get(_PROCESS).ingest_requests.labels(source, principal).inc()
+
+
+def audit_write_failed(action: str, phase: str, error: object, **where: object) -> None:
+    """The audit record of ``action`` could not be written ``before`` acting (the call is
+    refused) or ``after`` (the action is done; its result record is missing)."""
+    _CURRENT.get(_PROCESS).audit_failures.labels(action, phase).inc()
+    log.error("audit record not written", action=action, phase=phase, error=str(error),
+              **where)

@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from loopd import metrics
+from loopd.config import ApiConfig
 from loopd.control import Control, ReloadResult
 from loopd.events import Delivery
 
@@ -34,6 +35,7 @@ class ApiContext:
     push_sources: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> type, max
     decision_timeout: float = 30.0
     body_timeout: float = 30.0  # reading one request body (api.body_timeout)
+    api: ApiConfig = field(default_factory=ApiConfig)  # limits (loopd.api.limits)
 
 
 CTX = web.AppKey("loopd", ApiContext)
@@ -124,12 +126,14 @@ async def close_breaker(request: web.Request) -> web.Response:
 
 
 def build_app(ctx: ApiContext) -> web.Application:
-    from loopd.api import ingest, runs
+    from loopd.api import audit, ingest, limits, runs
 
-    # ingest reads its bodies in chunks against each source's max_payload; this is the hard
-    # cap of anything read whole (request.read(), post())
-    cap = max((m for _, m in ctx.push_sources.values()), default=1024 * 1024)
-    app = web.Application(middlewares=[errors_middleware], client_max_size=cap)
+    # ingest reads its bodies in chunks against each source's max_payload; anything read
+    # whole (request.read(), post()) is capped at api.max_body
+    cap = ctx.api.max_body
+    # audit.refusals before the auth middleware (it records 403s), audit.trail after it
+    app = web.Application(middlewares=[errors_middleware, limits.body_limit, audit.refusals,
+                                       audit.trail], client_max_size=cap)
     app[CTX] = ctx
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
@@ -141,4 +145,5 @@ def build_app(ctx: ApiContext) -> web.Application:
                         name="close_breaker")
     ingest.add_routes(app)
     runs.add_routes(app)
+    audit.add_routes(app)
     return app

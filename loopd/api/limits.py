@@ -1,19 +1,38 @@
-"""Connection limits of the API's server: a TCP site that refuses connections past a cap.
+"""Limits of the API: connections, request bodies, concurrent ingest requests.
 
-aiohttp has no connection cap of its own. ``CappedSite`` wraps the server's protocol
-factory: while ``max_connections`` connections are open, a new one is answered
-``503`` with a JSON error and closed at once, before anything of it is read.
+* aiohttp has no connection cap of its own. ``CappedSite`` wraps the server's protocol
+  factory: while ``api.max_connections`` connections are open, a new one is answered
+  ``503`` with a JSON error and closed at once, before anything of it is read.
+* ``body_limit`` (a middleware) bounds the body of every route but ingest (those read
+  in chunks against their source's ``max_payload``, loopd.api.ingest): a route that
+  takes no body (approve, reject, cancel, close a breaker, reload, every read) refuses
+  one over ``api.max_body_unused`` (4 KiB), any other one over ``api.max_body``
+  (64 KiB), with 413 naming the limit, whether the length is declared or chunked.
+* ``IngestGate`` counts the ingest requests being served: past
+  ``api.max_concurrent_ingest`` the next one is answered 503 with ``Retry-After`` at
+  once, before its body is read.
+
+Every refusal is counted in ``loopd_api_refused_total{route, limit}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
 from aiohttp import web
 
+from loopd import metrics
+from loopd.api.app import CTX, error
+
 log = structlog.get_logger("loopd.api")
+
+INGEST_ROUTES = frozenset({"events", "events_source", "alertmanager", "alertmanager_source"})
+# routes that read a body besides ingest (none yet: e.g. a UI form would be one)
+BODY_ROUTES: frozenset[str] = frozenset()
+_CHUNK = 64 * 1024
 
 
 def _refusal(limit: int) -> bytes:
@@ -68,3 +87,82 @@ class CappedSite(web.TCPSite):
             reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+async def read_capped(request: web.Request, limit: int, timeout: float) -> bytes | None:
+    """The body, read chunk by chunk; None as soon as it passes ``limit`` (the rest is
+    never buffered). TimeoutError when it takes longer than ``timeout``."""
+    chunks: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(timeout):
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def closing(response: web.Response) -> web.Response:
+    """The rest of the body is not read: the connection cannot carry another request."""
+    response.force_close()
+    return response
+
+
+def refuse(status: int, route: str, limit: str, message: str,
+           retry_after: float | None = None, **where: object) -> web.Response:
+    """A JSON refusal by ``limit``, counted and logged (``message`` names the bound)."""
+    metrics.request_refused(route, limit, message, **where)
+    response = error(status, message)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, round(retry_after)))
+    return response
+
+
+@web.middleware
+async def body_limit(request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+    route = request.match_info.route.name or ""
+    if route in INGEST_ROUTES or not request.body_exists:
+        return await handler(request)
+    api = request.app[CTX].api
+    takes_body = route in BODY_ROUTES
+    limit = api.max_body if takes_body else api.max_body_unused
+    setting = "api.max_body" if takes_body else "api.max_body_unused"
+    what = "" if takes_body else f"; {route or request.path} takes no body"
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        return closing(refuse(413, route, "body", f"body of {declared} bytes exceeds "
+                              f"{setting} {limit}{what}", client=request.remote))
+    if not takes_body:
+        # a chunked body: read (at most the limit) and drop it, so the handler starts clean
+        try:
+            body = await read_capped(request, limit, request.app[CTX].body_timeout)
+        except TimeoutError:
+            return closing(refuse(408, route, "body_timeout", "body timeout: the request "
+                                  "body did not arrive in time", client=request.remote))
+        if body is None:
+            return closing(refuse(413, route, "body", f"body of more than {limit} bytes "
+                                  f"exceeds {setting} {limit}{what}", client=request.remote))
+    return await handler(request)
+
+
+class IngestGate:
+    """How many ingest requests are being served; at most ``limit`` at a time."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.serving = 0
+
+    def enter(self) -> bool:
+        if self.serving >= self.limit:
+            return False
+        self.serving += 1
+        return True
+
+    def leave(self) -> None:
+        self.serving -= 1
+
+
+INGEST_GATE = web.AppKey("loopd.ingest_gate", IngestGate)

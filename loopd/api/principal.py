@@ -52,7 +52,7 @@ class Principal:
 # auth: none (explicitly configured): every caller may do everything, as "anonymous"
 UNAUTHENTICATED = Principal("anonymous", Role.ADMIN, authenticated=False)
 
-_KEY = "loopd.principal"
+_KEY = web.RequestKey("loopd.principal", Principal)  # a str key warns (aiohttp 3.14)
 
 # the least role each named route needs (aiohttp route names)
 ROUTE_ROLES: dict[str, Role] = {
@@ -73,6 +73,7 @@ ROUTE_ROLES: dict[str, Role] = {
     "reject_run": Role.OPERATOR,
     "close_breaker": Role.OPERATOR,
     "reload": Role.ADMIN,
+    "audit": Role.ADMIN,
 }
 
 

@@ -1,4 +1,12 @@
-"""Runs and incidents: ``GET /v1/runs/{id}`` tells the whole story of a run."""
+"""Runs and incidents: ``GET /v1/runs/{id}`` tells the whole story of a run.
+
+The story includes the people who intervened: ``interventions`` lists, from the audit
+trail (loopd.api.audit), each approve, reject and cancel call on the run with who made
+it (name and role), when, its reason and its result. Approve, reject and cancel also
+pass the caller's token name (when auth is on) to where the run's own history is
+written: its ``reason`` ("rejected by oncall-alice: ...", "cancelled through the API by
+oncall-bob"), ``context.approved.by``, an approval step's output; so a trace tells who.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,14 @@ from typing import Any
 from aiohttp import web
 
 from loopd.api.app import CTX, error, json_response
+from loopd.api.principal import principal
 from loopd.catalog.secrets import Secrets, redact_keys, secret_key
 from loopd.packs.registry import PackRegistry
 from loopd.runs import states
-from loopd.store.base import IncidentRecord, RunRecord, StepRecord
+from loopd.store.base import AuditQuery, AuditRecord, IncidentRecord, RunRecord, StepRecord
+
+# the audited calls on a run that belong to its story
+_INTERVENTIONS = {"approve_run": "approve", "reject_run": "reject", "cancel_run": "cancel"}
 
 
 def _limit(request: web.Request) -> int:
@@ -77,11 +89,14 @@ async def get_run(request: web.Request) -> web.Response:
     registry = control.registry()
     hidden = secret_inputs(registry, run.target) if run.kind == "action" else frozenset()
     story = run_summary(run)
+    trail = await control.audit(AuditQuery(target=run_id, limit=1000))
     story.update(
         input=redact_keys(run.input, hidden), context=redact_keys(run.ctx),
         trigger=redact_keys(run.event), steps=[step_view(s, registry) for s in steps],
         events=[{"source": d.source, "id": d.event_id, "outcome": d.outcome,
                  "reason": d.reason, "time": d.time} for d in decisions],
+        interventions=[intervention(r) for r in reversed(trail)
+                       if r.action in _INTERVENTIONS and r.status is not None],
     )
     # a secret input's value (declared, or under a secret-looking name) may also sit in the
     # trigger, the context, an output or an error: mask it there by value
@@ -90,15 +105,29 @@ async def get_run(request: web.Request) -> web.Response:
     return json_response(known.tree(story))
 
 
+def intervention(r: AuditRecord) -> dict[str, Any]:
+    """An approve, reject or cancel call on a run, as its story shows it."""
+    reason = r.params.get("reason") if isinstance(r.params, dict) else None
+    return {"action": _INTERVENTIONS[r.action], "by": r.who, "role": r.role, "at": r.time,
+            "reason": reason, "status": r.status, "outcome": r.outcome}
+
+
 def _values(tree: Any, names: frozenset[str]) -> list[Any]:
     if not isinstance(tree, dict):
         return []
     return [v for k, v in tree.items() if k in names or secret_key(k)]
 
 
+def _by(request: web.Request) -> str | None:
+    """Who the run's history names: the caller's token name (with auth off, nobody: the
+    audit trail still records the call, as ``anonymous``)."""
+    who = principal(request)
+    return who.name if who.authenticated else None
+
+
 async def cancel_run(request: web.Request) -> web.Response:
     run_id = request.match_info["id"]
-    answer = await request.app[CTX].control.cancel(run_id)
+    answer = await request.app[CTX].control.cancel(run_id, _by(request))
     if answer.state == "missing":
         return error(404, answer.problem or f"no run {run_id!r}")
     if answer.state == "refused":
@@ -110,7 +139,8 @@ async def cancel_run(request: web.Request) -> web.Response:
 
 async def decide_approval(request: web.Request, approved: bool) -> web.Response:
     run_id = request.match_info["id"]
-    problem = request.app[CTX].control.decide(run_id, approved, request.query.get("reason"))
+    problem = request.app[CTX].control.decide(run_id, approved, request.query.get("reason"),
+                                              _by(request))
     if problem is not None:
         return error(409, problem)
     return json_response({"id": run_id, "approved": approved}, status=202)

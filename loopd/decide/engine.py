@@ -203,14 +203,23 @@ class Engine:
             tg.create_task(self._writer(), name="engine-writer")
 
     async def emit(self, delivery: Delivery) -> None:
-        """Hand a delivery to the engine; waits while the queue is full (backpressure)."""
+        """Hand a delivery to the engine; waits while the queue is full (backpressure).
+        Cancelled while it waits, the delivery is not handed over."""
         if not self._in_flight:
             self.progress_at = time.monotonic()
         self._in_flight += 1
         self._idle.clear()
         queue = self.queue
         if queue.full():
-            await queue.put(delivery)
+            try:
+                await queue.put(delivery)
+            except asyncio.CancelledError:
+                # the caller gave up waiting (the API's queue_timeout): never handed over
+                self._in_flight -= 1
+                if self._in_flight <= 0:
+                    self._in_flight = 0
+                    self._idle.set()
+                raise
         else:  # the common case, without a coroutine per event
             queue.put_nowait(delivery)
         self._wake.set()

@@ -34,6 +34,11 @@ log = structlog.get_logger("loopd.dispatcher")
 API_CANCEL = "cancelled through the API"
 
 
+def api_cancel(by: str | None) -> str:
+    """The reason of a run cancelled through the API, naming who: ``... by oncall-bob``."""
+    return f"{API_CANCEL} by {by}" if by else API_CANCEL
+
+
 class WorkflowExecutor(Protocol):
     """Executes a run of kind ``workflow`` (see loopd.runs.runner)."""
 
@@ -200,14 +205,13 @@ class Dispatcher:
             await self._end(run, states.EXPIRED, "approval expired before anyone decided")
             return False
         if not decided.approved:
-            reason = decided.reason
-            await self._end(run, states.REJECTED, f"rejected{': ' + reason if reason else ''}")
+            await self._end(run, states.REJECTED, decided.rejection())
             return False
         await self._slots.take(run.id)
         states.move(run, states.PENDING)
         run.progress = {k: v for k, v in (run.progress or {}).items() if k != "gate"} or None
         run.ctx = {**(run.ctx or {}), "approved": {"reason": decided.reason,
-                                                   "at": self.clock.now()}}
+                                                   "by": decided.by, "at": self.clock.now()}}
         await self.store.save_run(run)
         return True
 

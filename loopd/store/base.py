@@ -22,6 +22,11 @@ Contract (every implementation passes ``tests/unit/test_store_contract.py``):
   throttles) and recently decided event ids (for de-duplication).
 * Run records and their steps are written as they change, so a crash leaves
   every run in the last state it reached.
+* **The audit trail is append-only.** ``append_audit`` adds a record (raises
+  ``StoreError`` when it cannot: the caller must not act unaudited); the store numbers
+  records in the order appended (``seq``, as read back); ``audit(query)`` reads them
+  newest first. Nothing updates
+  or deletes a record: the SQLite table has triggers that abort both.
 """
 
 from __future__ import annotations
@@ -107,6 +112,45 @@ class StepRecord:
     output: JSON = None
     error: str | None = None
     transition: str | None = None
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """One API call that changes something (or was refused for a too-weak role).
+
+    A call is recorded twice under one ``request`` id: before it acts (``status`` None,
+    ``outcome`` "requested") and with its result (HTTP status and a short outcome), so an
+    action is never taken without a record of it, and a missing result is visible.
+    """
+
+    time: float
+    request: str          # shared by the records of one call
+    who: str              # the principal's name (a token name, or anonymous)
+    role: str
+    action: str           # the route's name: approve_run, cancel_run, reload, ...
+    target: str | None    # a run id, a breaker scope; None for reload
+    params: JSON          # query parameters, secrets redacted
+    status: int | None    # the HTTP status; None on the record written before acting
+    outcome: str
+    client: str | None    # the client's address
+    seq: int = 0          # given by the store: the order of appending (as read back)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which audit records to read (each filter exact; ``since`` in epoch seconds)."""
+
+    action: str | None = None
+    who: str | None = None
+    target: str | None = None
+    since: float | None = None
+    limit: int = 100
+
+    def matches(self, record: AuditRecord) -> bool:
+        return ((self.action is None or record.action == self.action)
+                and (self.who is None or record.who == self.who)
+                and (self.target is None or record.target == self.target)
+                and (self.since is None or record.time >= self.since))
 
 
 @dataclass(slots=True)
@@ -231,3 +275,12 @@ class Store(Protocol):
         ...
 
     async def kv_put(self, namespace: str, key: str, value: JSON) -> None: ...
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        """Append ``record`` to the audit trail, durable when this returns. There is no
+        update and no delete."""
+        ...
+
+    async def audit(self, query: AuditQuery) -> list[AuditRecord]:
+        """The audit records matching ``query``, newest first, at most ``query.limit``."""
+        ...

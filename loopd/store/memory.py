@@ -3,9 +3,9 @@
 It keeps the same promises as the SQLite store (``tests/unit/test_store_contract.py``
 runs on both): a commit is all or nothing, a duplicate decision creates nothing, one
 open incident per (rule, key), runs are claimed per replica, JSON values go through the
-same encoding (so a value reads back as it would from disk). Nothing survives the
-process, unless a ``MemoryData`` is handed to the next ``MemoryStore`` (a "restart" in
-tests).
+same encoding (so a value reads back as it would from disk), the audit trail is a
+list only ever appended to. Nothing survives the process, unless a ``MemoryData`` is
+handed to the next ``MemoryStore`` (a "restart" in tests).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 from loopd.errors import StoreError, StoreRejected
 from loopd.store.base import (
     RUN_OUTCOMES,
+    AuditQuery,
+    AuditRecord,
     Batch,
     CommitResult,
     DecisionRecord,
@@ -42,6 +44,7 @@ class MemoryData:
     timers: dict[tuple[str, str], float] = field(default_factory=dict)
     kv: dict[tuple[str, str], bytes] = field(default_factory=dict)
     replicas: dict[str, float] = field(default_factory=dict)  # name -> last heartbeat
+    audit: list[AuditRecord] = field(default_factory=list)  # append-only, oldest first
 
 
 def _missing(value: Any) -> bool:
@@ -256,3 +259,19 @@ class MemoryStore:
 
     async def kv_put(self, namespace: str, key: str, value: Any) -> None:
         self._d.kv[(namespace, key)] = dump(value)
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        trail = self._d.audit
+        for name in ("time", "request", "who", "role", "action", "outcome"):
+            if _missing(getattr(record, name)):
+                raise _refuse(f"audit record {record.request}", name)
+        trail.append(replace(record, params=load(dump(record.params)), seq=len(trail) + 1))
+
+    async def audit(self, query: AuditQuery) -> list[AuditRecord]:
+        found: list[AuditRecord] = []
+        for record in reversed(self._d.audit):
+            if len(found) >= query.limit:
+                break
+            if query.matches(record):
+                found.append(replace(record))
+        return found

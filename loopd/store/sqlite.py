@@ -28,6 +28,8 @@ import aiosqlite
 from loopd.errors import StoreError, StoreRejected
 from loopd.store.base import (
     RUN_OUTCOMES,
+    AuditQuery,
+    AuditRecord,
     Batch,
     CommitResult,
     DecisionRecord,
@@ -40,11 +42,13 @@ from loopd.store.base import (
 from loopd.store.codec import dump as _dump
 from loopd.store.codec import load as _load
 from loopd.store.sqlite_schema import (
+    APPEND_AUDIT,
     INSERT_DECISION,
     MIGRATIONS,
     RUN_MARKS,
     SAVE_RUN,
     SCHEMA_VERSION,
+    SELECT_AUDIT,
     UPSERT_INCIDENT,
 )
 
@@ -487,3 +491,28 @@ class SqliteStore:
             return None
         s, i, topic, key, t, data = rows[0]
         return EventRecord(s, i, topic, key, t, _load(data))
+
+    async def append_audit(self, record: AuditRecord) -> None:
+        # through the group commit like every write: durable when this returns
+        await self._write(APPEND_AUDIT, (
+            record.time, record.request, record.who, record.role, record.action,
+            record.target, _dump(record.params), record.status, record.outcome,
+            record.client))
+
+    async def audit(self, query: AuditQuery) -> list[AuditRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("action", query.action), ("who", query.who),
+                              ("target", query.target)):
+            if value is not None:
+                where.append(f"{column}=?")
+                params.append(value)
+        if query.since is not None:
+            where.append("time>=?")
+            params.append(query.since)
+        sql = SELECT_AUDIT + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = await self._all(f"{sql} ORDER BY seq DESC LIMIT ?", [*params, query.limit])
+        return [AuditRecord(t, req, who, role, action, target, _load(p), status, outcome,
+                            client, seq)
+                for t, req, who, role, action, target, p, status, outcome, client, seq
+                in rows]

@@ -3,7 +3,7 @@ statements the store's hot paths use."""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # One entry per schema version: the statements that bring version N-1 to N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -47,6 +47,18 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE replicas (name TEXT PRIMARY KEY, incarnation TEXT NOT NULL,
                host TEXT NOT NULL, pid INTEGER NOT NULL, heartbeat REAL NOT NULL)""",
     ],
+    3: [  # the audit trail: append-only, the database itself refuses UPDATE and DELETE
+        """CREATE TABLE audit (seq INTEGER PRIMARY KEY, time REAL NOT NULL,
+               request TEXT NOT NULL, who TEXT NOT NULL, role TEXT NOT NULL,
+               action TEXT NOT NULL, target TEXT, params BLOB, status INTEGER,
+               outcome TEXT NOT NULL, client TEXT)""",
+        "CREATE INDEX audit_time ON audit (time)",
+        "CREATE INDEX audit_target ON audit (target, seq)",
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+               BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+               BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
+    ],
 }
 
 RUN_MARKS = ",".join("?" * 19)
@@ -65,3 +77,9 @@ RUN_COLUMNS = ("id", "incident_id", "rule", "key", "kind", "target", "input", "s
 # the epoch belongs to claim_runs: a save never turns it back
 SAVE_RUN = (f"INSERT INTO runs VALUES ({RUN_MARKS}) ON CONFLICT (id) DO UPDATE SET "
              + ", ".join(f"{c}=excluded.{c}" for c in RUN_COLUMNS if c not in ("id", "epoch")))
+
+AUDIT_COLUMNS = ("time", "request", "who", "role", "action", "target", "params", "status",
+                 "outcome", "client")
+APPEND_AUDIT = (f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) "
+                f"VALUES ({','.join('?' * len(AUDIT_COLUMNS))})")
+SELECT_AUDIT = f"SELECT {', '.join(AUDIT_COLUMNS)}, seq FROM audit"

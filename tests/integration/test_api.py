@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from loopd import metrics
+from loopd.api.principal import ROUTE_ROLES, Role
 from loopd.config import load_config
 from loopd.daemon import Daemon
 from loopd.store.base import Store
@@ -491,3 +492,17 @@ async def test_readiness_is_false_while_the_store_fails(api: Api) -> None:
     flaky.down = False
     assert (await post)[0] == 200
     assert await status() == 200
+
+
+async def test_every_route_is_named_and_has_a_role(api: Api) -> None:
+    """Every route of the API (the audit trail's included) has a name in ROUTE_ROLES, and
+    GET /v1/audit needs an admin."""
+    assert api.daemon.runner is not None
+    names = {r.name for r in api.daemon.runner.app.router.routes()
+             if r.method != "HEAD"}
+    assert None not in names
+    assert names == set(ROUTE_ROLES)
+    assert ROUTE_ROLES["audit"] is Role.ADMIN
+    assert await api.get("/v1/audit") == (200, {"audit": []})
+    assert (await api.post("/v1/no-such-route"))[0] == 404
+    assert await api.get("/v1/audit") == (200, {"audit": []})  # an unknown path: no record

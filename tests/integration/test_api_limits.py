@@ -1,13 +1,15 @@
 """The HTTP API's limits and health, against a real daemon on loopback.
 
 Nesting depth, ids of events sent without one, body size enforced while reading,
-idle / body timeouts, the connection cap, and liveness of a wedged engine. Each test
+idle / body timeouts, the connection cap, liveness of a wedged engine, the body limit of
+routes that take none, the batch size, concurrent ingest requests, and a full queue. Each test
 starts a real ``Daemon`` (SQLite store in tmp_path) with small limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,6 +18,9 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
+from loopd.api.limits import INGEST_GATE
+from loopd.config import load_config
+from loopd.errors import ConfigError
 from loopd.store.base import Batch, CommitResult, Store
 from tests.integration.test_api import REPO, RULES, Api, sample, serving
 from tests.servers import wait_until
@@ -217,3 +222,144 @@ async def test_liveness_fails_while_the_engine_is_wedged(api: Api) -> None:
     engine.store = wedged._inner
     await api.settled()
     assert await status() == 200
+
+
+# -- limits of what one request may ask (api.max_body*, max_batch, max_concurrent_ingest,
+# queue_timeout) ---------------------------------------------------------------------------
+
+LIMITED = """\
+listen: 127.0.0.1:0
+sources:
+  - {{name: webhook, type: webhook, max_payload: 1MiB}}
+rules: [rules]
+packs: [packs]
+store: {{path: var/loopd.db}}
+api: {{{api}}}
+engine: {{queue_size: 2}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def limited(tmp_path: Path, api: str) -> AsyncIterator[Api]:
+    """A daemon with the ``api:`` settings ``api`` and an engine queue of two."""
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "alerts.yaml").write_text(RULES)
+    shutil.copytree(REPO / "packs" / "core", tmp_path / "packs" / "core")
+    (tmp_path / "loopd.yaml").write_text(LIMITED.format(api=api))
+    async with serving(tmp_path / "loopd.yaml", rules_dir) as daemon_api:
+        yield daemon_api
+
+
+def disk(n: int, prefix: str = "d") -> dict[str, Any]:
+    return {"id": f"{prefix}{n}", "topic": "disk", "key": f"db-{n}", "data": {"used": 0.95}}
+
+
+async def test_a_body_on_a_route_that_takes_none_is_refused_413(api: Api) -> None:
+    """A reload or approve carrying a body over ``api.max_body_unused`` (declared or
+    chunked) is refused 413 naming the limit, before it acts or is audited."""
+    status, body = await api.post("/v1/reload", data=b"x" * 8192)
+    assert status == 413
+    assert body["error"] == ("body of 8192 bytes exceeds api.max_body_unused 4096; reload "
+                             "takes no body")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+        for _ in range(4):
+            yield b"y" * 2048
+
+    status, body = await api.post("/v1/runs/r1/approve", data=chunks())
+    assert status == 413
+    assert "exceeds api.max_body_unused 4096; approve_run takes no body" in body["error"]
+    assert sample("loopd_api_refused_total", route="reload", limit="body") == 1
+    assert sample("loopd_api_refused_total", route="approve_run", limit="body") == 1
+    assert (await api.get("/v1/audit"))[1]["audit"] == []
+    # a small body is ignored: the reload runs (422: this fixture's rules name a source
+    # it does not configure)
+    assert (await api.post("/v1/reload", data=b"{}"))[0] == 422
+
+
+async def test_a_batch_over_max_batch_is_413_and_nothing_is_decided(tmp_path: Path) -> None:
+    """Six events to a daemon with ``api.max_batch: 5`` are refused 413 naming the limit,
+    and none of them is decided; five are accepted."""
+    async with limited(tmp_path, "max_batch: 5") as api:
+        status, body = await api.post("/v1/events", [disk(n) for n in range(6)])
+        assert status == 413
+        assert "6 events exceed api.max_batch 5; nothing was decided" in body["error"]
+        await api.settled()
+        assert await api.daemon.store.count_decisions() == 0
+        assert sample("loopd_events_received_total", source="webhook") == 0
+        assert sample("loopd_api_refused_total", route="events", limit="batch") == 1
+        status, body = await api.post("/v1/events", [disk(n) for n in range(5)])
+        assert (status, body["accepted"]) == (200, 5)
+
+
+async def test_ingest_past_max_concurrent_ingest_is_503_at_once(tmp_path: Path) -> None:
+    """With two ingest requests being served (their decision held by a wedged store), a
+    third is answered 503 with Retry-After at once; the two finish once the store moves."""
+    async with limited(tmp_path, "max_concurrent_ingest: 2") as api:
+        engine = api.daemon.engine
+        wedged = WedgedStore(engine.store)
+        engine.store = cast(Store, wedged)
+        held = [asyncio.create_task(api.post("/v1/events", disk(n))) for n in range(2)]
+        try:
+            assert api.daemon.runner is not None
+            gate = api.daemon.runner.app[INGEST_GATE]
+            await wait_until(lambda: gate.serving == 2, what="two ingest requests served")
+            async with asyncio.timeout(5), api.http.post("/v1/events", json=disk(9)) as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"] == "1"
+                assert "api.max_concurrent_ingest" in (await resp.json())["error"]
+            assert sample("loopd_api_refused_total", route="events",
+                          limit="concurrency") == 1
+        finally:
+            wedged.release.set()
+            results = await asyncio.gather(*held)
+            engine.store = wedged._inner
+        assert [status for status, _ in results] == [200, 200]
+        assert sample("loopd_ingest_requests_total", source="webhook",
+                      principal="anonymous") == 2
+
+
+async def test_a_full_engine_queue_is_503_with_retry_after_and_a_retry_is_deduplicated(
+        tmp_path: Path) -> None:
+    """While the engine's queue stays full past ``api.queue_timeout`` the request gets 503
+    with Retry-After instead of holding the connection; what was queued is decided, and
+    the retry decides the rest without deciding any event twice."""
+    async with limited(tmp_path, "queue_timeout: 0.3s") as api:
+        engine = api.daemon.engine
+        wedged = WedgedStore(engine.store)
+        engine.store = cast(Store, wedged)
+        batch = [disk(n) for n in range(50)]
+        try:
+            async with asyncio.timeout(10), api.http.post("/v1/events", json=batch) as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"] == "1"
+                message = (await resp.json())["error"]
+            assert "engine queue stayed full for 0.3s (api.queue_timeout)" in message
+            assert sample("loopd_api_refused_total", route="events", limit="queue") == 1
+        finally:
+            wedged.release.set()
+        await api.settled()
+        engine.store = wedged._inner
+        queued = await api.daemon.store.count_decisions(rule="hot-disk")
+        assert 0 < queued < 50
+        assert f"{queued} of 50 event(s) queued" in message
+        status, body = await api.post("/v1/events", batch)
+        assert (status, body["accepted"]) == (200, 50)
+        await api.settled()
+        assert await api.daemon.store.count_decisions(rule="hot-disk") == 50
+        assert len(await api.runs("hot-disk")) == 50
+        assert sample("loopd_events_duplicate_total", source="webhook") == queued
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ("max_batch: 0", "api.max_batch"), ("max_body: lots", "api.max_body"),
+    ("trusted_proxies: [proxy.example]", "api.trusted_proxies"),
+    ("queue_timeout: 0s", "api.queue_timeout")])
+def test_a_bad_limit_is_a_config_error_naming_it(tmp_path: Path, setting: str,
+                                                 named: str) -> None:
+    """A limit or proxy list that cannot work is refused at load, naming the setting."""
+    (tmp_path / "loopd.yaml").write_text(LIMITED.format(api=setting))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "loopd.yaml")
+    assert named in str(info.value)

@@ -17,6 +17,8 @@ import pytest
 
 from loopd.errors import StoreError
 from loopd.store.base import (
+    AuditQuery,
+    AuditRecord,
     Batch,
     DecisionRecord,
     EventRecord,
@@ -27,7 +29,7 @@ from loopd.store.base import (
 )
 from loopd.store.memory import MemoryData, MemoryStore
 from loopd.store.sqlite import SqliteStore
-from loopd.store.sqlite_schema import SCHEMA_VERSION
+from loopd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 Opener = Callable[[], Awaitable[Store]]
 
@@ -361,3 +363,99 @@ async def test_an_incident_closed_earlier_in_a_batch_frees_its_key(impl: Opener)
     assert not result
     assert [i.id for i in await store.list_incidents(status="open")] == ["inc-2"]
     assert (await store.get_run("run-2")) is not None
+
+
+def _audit(n: int, *, action: str = "approve_run", who: str = "oncall-alice",
+           target: str | None = "run-1", at: float | None = None,
+           status: int | None = 202) -> AuditRecord:
+    return AuditRecord(at if at is not None else time.time(), f"req-{n}", who, "operator",
+                       action, target, {"reason": f"n{n}", "token": "***"}, status,
+                       "requested" if status is None else "approved", "127.0.0.1")
+
+
+async def test_the_audit_trail_is_read_newest_first_and_filtered(impl: Opener) -> None:
+    """Audit records read back newest first with their parameters, numbered in the order
+    appended, and filtered by action, who, target and since, up to the limit."""
+    store = await impl()
+    now = time.time()
+    await store.append_audit(_audit(1, at=now - 100, status=None))
+    await store.append_audit(_audit(2, at=now - 50))
+    await store.append_audit(_audit(3, action="cancel_run", who="bob", target="run-2", at=now))
+    await store.append_audit(_audit(4, action="reload", target=None, at=now))
+    everything = await store.audit(AuditQuery())
+    assert [r.request for r in everything] == ["req-4", "req-3", "req-2", "req-1"]
+    assert [r.seq for r in everything] == sorted((r.seq for r in everything), reverse=True)
+    oldest = everything[-1]
+    assert (oldest.who, oldest.role, oldest.action, oldest.target, oldest.status,
+            oldest.outcome, oldest.client) == ("oncall-alice", "operator", "approve_run",
+                                               "run-1", None, "requested", "127.0.0.1")
+    assert oldest.params == {"reason": "n1", "token": "***"}
+    assert [r.request for r in await store.audit(AuditQuery(action="approve_run"))] == \
+        ["req-2", "req-1"]
+    assert [r.request for r in await store.audit(AuditQuery(who="bob"))] == ["req-3"]
+    assert [r.request for r in await store.audit(AuditQuery(target="run-1"))] == \
+        ["req-2", "req-1"]
+    assert [r.request for r in await store.audit(AuditQuery(since=now - 60))] == \
+        ["req-4", "req-3", "req-2"]
+    assert [r.request for r in await store.audit(AuditQuery(limit=2))] == ["req-4", "req-3"]
+    assert await store.audit(AuditQuery(who="bob", action="reload")) == []
+
+
+async def test_the_audit_trail_survives_a_restart(impl: Opener) -> None:
+    """Audit records appended before a restart are read back after it, and new ones follow."""
+    store = await impl()
+    await store.append_audit(_audit(1))
+    await store.close()
+    again = await impl()
+    await again.append_audit(_audit(2))
+    assert [r.request for r in await again.audit(AuditQuery())] == ["req-2", "req-1"]
+
+
+async def test_an_audit_record_missing_a_field_is_refused(impl: Opener) -> None:
+    """An audit record without its principal is refused with a StoreError, not stored."""
+    store = await impl()
+    record = _audit(1)
+    record.who = None  # type: ignore[assignment]
+    with pytest.raises(StoreError):
+        await store.append_audit(record)
+    assert await store.audit(AuditQuery()) == []
+
+
+async def test_the_sqlite_audit_table_refuses_update_and_delete(tmp_path: Path) -> None:
+    """The SQLite audit table is append-only in the database itself: an UPDATE or a DELETE,
+    even from another connection (sqlite3 by hand), aborts and leaves the record as it was."""
+    path = tmp_path / "loopd.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.append_audit(_audit(1))
+    await store.close()
+    with sqlite3.connect(path) as db:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("UPDATE audit SET who='mallory'")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("DELETE FROM audit")
+        assert db.execute("SELECT who FROM audit").fetchall() == [("oncall-alice",)]
+
+
+async def test_a_version_2_store_upgrades_and_keeps_its_runs(tmp_path: Path) -> None:
+    """A state file of schema version 2 (before the audit trail) opens: it is migrated to
+    the current version, its runs are kept, and the audit trail works."""
+    path = tmp_path / "loopd.db"
+    with sqlite3.connect(path) as db:
+        for version in (1, 2):
+            for statement in MIGRATIONS[version]:
+                db.execute(statement)
+        db.execute("INSERT INTO runs (id, kind, target, status, created) "
+                   "VALUES ('old-run', 'action', 'core.noop', 'succeeded', 1.0)")
+        db.execute("PRAGMA user_version=2")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        old = await store.get_run("old-run")
+        assert old is not None and old.status == "succeeded"
+        await store.append_audit(_audit(1))
+        assert [r.request for r in await store.audit(AuditQuery())] == ["req-1"]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3

@@ -29,9 +29,10 @@ class ApprovalTasks(TaskBase):
             await self._finish(step, states.EXPIRED, None, "approval expired")
             return TaskResult(states.EXPIRED, {}, f"approval of {ct.name} expired", 1, step)
         approved, reason = decided.approved, decided.reason
+        by = {"by": decided.by} if decided.by else {}  # who decided, through the API
         if approved:
-            await self._finish(step, states.SUCCEEDED, {"approved": True, "reason": reason})
+            await self._finish(step, states.SUCCEEDED, {"approved": True, "reason": reason, **by})
             return TaskResult(states.SUCCEEDED, {"approved": True}, None, 1, step)
-        why = f"rejected{': ' + reason if reason else ''}"
-        await self._finish(step, states.REJECTED, {"approved": False}, why)
+        why = decided.rejection()
+        await self._finish(step, states.REJECTED, {"approved": False, **by}, why)
         return TaskResult(states.REJECTED, {"approved": False}, why, 1, step)
