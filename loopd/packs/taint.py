@@ -110,6 +110,11 @@ def shell_problems(target: str, raw: Collection[str], values: dict[str, Any],
         elif ALL not in raw and name not in raw:
             yield (f"unsafe_shell lists {name!r}, but {target} quotes that input "
                    "(it is never passed to the shell verbatim): remove it")
+    words = values.get("argv") if argv else None
+    if isinstance(words, list) and words and untrusted_reads(words[0]):
+        yield (f"{target} runs the program argv[0] names, and this template reads "
+               f"{', '.join(untrusted_reads(words[0]))}: event data could choose which "
+               "program runs; name the program literally (or from inventory or config)")
     for name, value in values.items():
         if name in unsafe_shell or (ALL not in raw and name not in raw):
             continue

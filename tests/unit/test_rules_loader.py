@@ -460,3 +460,19 @@ def test_a_secret_input_given_a_reference_loads(tmp_path: Path, packs_dir: Path)
                                           token: "{{ inventory.web.token_ref }}"}}
         """)
     assert rules.errors == []
+
+
+def test_argv_may_not_let_event_data_choose_the_program(tmp_path: Path, packs_dir: Path
+                                                        ) -> None:
+    """argv[0] names the program that runs: a template reading event data there is refused
+    (each later element may: it is one quoted argument)."""
+    rules = _shell_rules(tmp_path, packs_dir, """\
+        rules:
+          - name: prog
+            run: {action: sh.run, input: {host: web-1, argv: ["{{ event.prog }}", "-x"]}}
+        """)
+    error = _only_error(rules)
+    assert error.message == (
+        "sh.run runs the program argv[0] names, and this template reads event: event data "
+        "could choose which program runs; name the program literally (or from inventory or "
+        "config)")
