@@ -96,6 +96,10 @@ class Metrics:
             registry=r)
         self.outcomes = Counter(
             "loopd_run_outcomes_total", "Run outcomes", ["workflow", "outcome"], registry=r)
+        self.api_refused = Counter(
+            "loopd_api_refused_total", "API requests refused before their handler ran "
+            "(unauthenticated, forbidden, throttled, host, origin, media_type)",
+            ["route", "reason"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -256,3 +260,8 @@ def budget_remaining(rule: str, left: int) -> None:
 
 def action_finished(action: str, status: str, seconds: float) -> None:
     _CURRENT.get(_PROCESS).action_seconds.labels(action, status).observe(seconds)
+
+
+def api_refused(route: str, reason: str) -> None:
+    """An API request refused by the gate (the gate logs who and from where)."""
+    _CURRENT.get(_PROCESS).api_refused.labels(route, reason).inc()

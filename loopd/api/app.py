@@ -1,5 +1,9 @@
 """The HTTP API (aiohttp, one port): health, metrics, ingest, rules, runs, reload.
 
+Every request passes the gate first (``loopd.api.auth``: Host and Origin allow-lists,
+JSON-only mutating requests, tokens and roles); handlers read the caller with
+``loopd.api.principal.principal(request)``.
+
 Every error is JSON ``{"error": "...", "status": N}`` naming the problem; an
 unexpected exception in a handler is logged with the request and answered 500
 without taking the daemon down.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -18,6 +22,9 @@ from aiohttp import web
 from loopd import metrics
 from loopd.control import Control, ReloadResult
 from loopd.events import Delivery
+
+if TYPE_CHECKING:
+    from loopd.api.auth import Gate
 
 log = structlog.get_logger("loopd.api")
 
@@ -34,6 +41,7 @@ class ApiContext:
     push_sources: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> type, max
     decision_timeout: float = 30.0
     body_timeout: float = 30.0  # reading one request body (api.body_timeout)
+    gate: Gate | None = None  # admission (auth, roles, browser safety); None: the default
 
 
 CTX = web.AppKey("loopd", ApiContext)
@@ -125,11 +133,14 @@ async def close_breaker(request: web.Request) -> web.Response:
 
 def build_app(ctx: ApiContext) -> web.Application:
     from loopd.api import ingest, runs
+    from loopd.api.auth import Gate
+    from loopd.config import LoopdConfig
 
+    gate = ctx.gate or Gate(LoopdConfig())  # loopback, no tokens: as the daemon's default
     # ingest reads its bodies in chunks against each source's max_payload; this is the hard
     # cap of anything read whole (request.read(), post())
     cap = max((m for _, m in ctx.push_sources.values()), default=1024 * 1024)
-    app = web.Application(middlewares=[errors_middleware], client_max_size=cap)
+    app = web.Application(middlewares=[errors_middleware, gate.middleware], client_max_size=cap)
     app[CTX] = ctx
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")

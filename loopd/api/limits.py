@@ -8,6 +8,7 @@ factory: while ``max_connections`` connections are open, a new one is answered
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import orjson
 import structlog
@@ -40,8 +41,10 @@ class CappedSite(web.TCPSite):
     """A ``TCPSite`` that serves at most ``max_connections`` connections at a time."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 max_connections: int, reuse_address: bool = True) -> None:
-        super().__init__(runner, host, port, reuse_address=reuse_address)
+                 max_connections: int, reuse_address: bool = True,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(runner, host, port, reuse_address=reuse_address,
+                         ssl_context=ssl_context)
         self._max_connections = max_connections
         self._answer = _refusal(max_connections)
         self.refused = 0

@@ -52,7 +52,8 @@ class Principal:
 # auth: none (explicitly configured): every caller may do everything, as "anonymous"
 UNAUTHENTICATED = Principal("anonymous", Role.ADMIN, authenticated=False)
 
-_KEY = "loopd.principal"
+# a RequestKey, not a str: aiohttp warns about str keys (an error under filterwarnings)
+_KEY = web.RequestKey("loopd.principal", Principal)
 
 # the least role each named route needs (aiohttp route names)
 ROUTE_ROLES: dict[str, Role] = {

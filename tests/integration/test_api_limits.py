@@ -99,7 +99,7 @@ async def test_a_chunked_body_over_max_payload_is_refused_while_reading(api: Api
     """A chunked upload of 64 MiB to a 1 MiB source gets 413 long before it is sent: the
     server stops reading at max_payload instead of buffering the body."""
     reader, writer = await connect(api)
-    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: loopd\r\nContent-Type: application/json"
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                  b"\r\nTransfer-Encoding: chunked\r\n\r\n")
     answer = asyncio.ensure_future(reader.readline())
     chunk = b"%x\r\n%s\r\n" % (64 * 1024, b" " * 64 * 1024)
@@ -139,7 +139,7 @@ async def test_a_half_sent_body_gets_408_after_the_body_timeout(api: Api) -> Non
     """A request whose body stops arriving is answered 408 and closed after
     ``api.body_timeout``."""
     reader, writer = await connect(api)
-    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: loopd\r\nContent-Type: application/json"
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                  b"\r\nContent-Length: 100\r\n\r\n{\"topic\": ")
     try:
         answer = await closed(reader)
