@@ -230,6 +230,13 @@ class ApiConfig(Strict):
     body_timeout: Duration = Field(default=30.0, gt=0)  # reading one request's body: 408
     max_connections: int = Field(default=1024, ge=1)  # past it: 503 and closed
 
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_word(cls, v: object) -> object:
+        if isinstance(v, str) and v != "none":  # not echoed: it could be a pasted token
+            raise ValueError("must be a mapping with tokens: [...], or the word none")
+        return v
+
     @model_validator(mode="after")
     def _wildcard_needs_auth(self) -> ApiConfig:
         if "*" in self.allowed_hosts and not isinstance(self.auth, AuthConfig):
