@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import orjson
 import pytest
 import trustme
@@ -419,3 +420,30 @@ async def test_the_loop_is_not_left_with_pending_handshakes(site: Site) -> None:
     async with site.serve({"tls": tls, "auth": auth}, ssl=_client(ca), token=VIEWER) as api:
         answers = await asyncio.gather(*(call(api, "GET", "/v1/runs") for _ in range(20)))
         assert {a[0] for a in answers} == {200}
+
+
+async def test_a_named_route_missing_from_route_roles_is_refused(site: Site) -> None:
+    """A route whose name has no entry in ROUTE_ROLES is refused 403, with auth or without."""
+    from loopd.api.auth import Gate
+
+    async def handler(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"reached": True})
+
+    for api_cfg in (None, {"auth": {"tokens": site.tokens()}}):
+        gate = Gate(load_config(site.write(api_cfg)))
+        app = aiohttp.web.Application(middlewares=[gate.middleware])
+        app.router.add_get("/v1/unlisted", handler, name="unlisted")
+        runner = aiohttp.web.AppRunner(app)
+        await runner.setup()
+        tcp = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+        await tcp.start()
+        try:
+            port = runner.addresses[0][1]
+            async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{port}/v1/unlisted",
+                    headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+                assert resp.status == 403
+                assert await resp.json() == {"error": "route 'unlisted' has no role; refused",
+                                             "status": 403}
+        finally:
+            await runner.cleanup()
