@@ -290,3 +290,23 @@ def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert tls is not None
     assert (tls.cert, tls.key, tls.client_ca) == (
         path.parent / "tls/c.pem", path.parent / "tls/k.pem", path.parent / "ca.pem")
+
+
+def test_loopd_check_reports_what_would_stop_the_api(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``loopd check`` reports an unauthenticated non-loopback listen, a bad token and an
+    unreadable certificate, each naming its place and no secret value."""
+    from loopd.cli import EXIT_INVALID, check
+
+    path = _write(tmp_path, "listen: 0.0.0.0:8080\nrules: []\npacks: []\n"
+                            "api: {tls: {cert: nope.crt, key: nope.key}}\n")
+    assert check(path) == EXIT_INVALID
+    out = capsys.readouterr().out
+    assert "refusing to listen on 0.0.0.0:8080 without authentication" in out
+    assert "api.tls: cannot load certificate" in out and "nope.crt" in out
+    path = _write(tmp_path, "rules: []\npacks: []\napi: {auth: {tokens: [{name: am, "
+                            "role: ingest, token: LITERAL-token-value-0123}]}}\n")
+    assert check(path) == EXIT_INVALID
+    out = capsys.readouterr().out
+    assert "api.auth token 'am': token must be a reference" in out
+    assert "LITERAL-token" not in out
