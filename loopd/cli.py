@@ -105,7 +105,7 @@ def run(path: Path, listen: str | None) -> int:
         return EXIT_CONFIG
     try:
         _run_loop(daemon.run())
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:  # ConfigError: e.g. an API token's reference
         print(f"loopd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:  # e.g. the API port is taken
@@ -127,6 +127,8 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 def check(path: Path) -> int:
+    """Validate everything ``run`` would load (config, inventory, packs, rules, and the
+    API's exposure, tokens and certificate) and print each problem."""
     from loopd.catalog.inventory import Inventory
     from loopd.wiring import load_packs_and_rules
 
@@ -138,6 +140,7 @@ def check(path: Path) -> int:
         problems += [str(e) for e in Inventory.read(config.inventory)[1]]
     except ConfigError as exc:
         problems.append(str(exc))
+    problems += _api_problems(config)
     registry, ruleset = load_packs_and_rules(config)
     problems += [str(e) for e in registry.errors]
     problems += [str(e) for e in ruleset.errors]
@@ -153,6 +156,29 @@ def check(path: Path) -> int:
         return EXIT_INVALID
     print(f"{summary}: OK")
     return EXIT_OK
+
+
+def _api_problems(config: LoopdConfig) -> list[str]:
+    """What would stop ``run`` at the API: exposure without auth, tokens, TLS files."""
+    from loopd.api.auth import Gate, check_exposure
+    from loopd.api.tls import ServerTls
+    from loopd.wiring import secret_resolver
+
+    problems = []
+    try:
+        check_exposure(config)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:  # reads the tokens' values, as run would
+        asyncio.run(Gate(config).load(secret_resolver(config)))
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if config.api.tls is not None:
+        try:
+            ServerTls(config.api.tls)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def simulate(args: argparse.Namespace) -> int:

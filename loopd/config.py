@@ -9,6 +9,7 @@ Paths in the file are relative to the file's own directory. Overrides:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -169,8 +170,60 @@ class EngineConfig(Strict):
     stall_after: Duration = Field(default=60.0, gt=0)
 
 
+class TokenConfig(Strict):
+    """One API token: a name (shown in logs and the audit trail), a role, and where the
+    secret lives (``env:VAR``, ``file:/path``): never the secret itself."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Literal["viewer", "ingest", "operator", "admin"]
+    token: str = Field(min_length=1)
+
+    def __repr__(self) -> str:  # the reference only; still, keep it out of tracebacks
+        return f"TokenConfig(name={self.name!r}, role={self.role!r})"
+
+
+class AuthConfig(Strict):
+    """``api.auth``: the tokens the API accepts, and the routes left open (Prometheus)."""
+
+    tokens: list[TokenConfig] = Field(min_length=1)
+    open: list[Literal["healthz", "readyz", "metrics"]] = Field(default_factory=list)
+    # per client address: past max_failures refused authentications within failure_window
+    # the address gets 429 (with Retry-After) until the window has passed
+    max_failures: int = Field(default=10, ge=1)
+    failure_window: Duration = Field(default=60.0, gt=0)
+
+    @field_validator("tokens")
+    @classmethod
+    def _distinct_names(cls, v: list[TokenConfig]) -> list[TokenConfig]:
+        seen: set[str] = set()
+        for t in v:
+            if t.name in seen:
+                raise ValueError(f"duplicate token name {t.name!r}")
+            seen.add(t.name)
+        return v
+
+
+class TlsConfig(Strict):
+    """``api.tls``: serve HTTPS; ``client_ca`` turns on mutual TLS (a client without a
+    certificate signed by it is refused). The files are read again on SIGHUP/reload."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 class ApiConfig(Strict):
-    """Limits of the HTTP API's server, so slow or idle clients cannot exhaust it."""
+    """The HTTP API's server: who may call it (auth, tls, allowed hosts and origins), and
+    limits so slow or idle clients cannot exhaust it."""
+
+    # None: nothing configured (only a loopback listen is allowed); "none": explicitly off
+    auth: AuthConfig | Literal["none"] | None = None
+    tls: TlsConfig | None = None
+    # Host header names accepted (DNS rebinding); empty: loopback names, the listen host
+    # and the address a connection arrived on. "*" (any) needs auth
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Origin headers accepted besides the API's own origin, e.g. "https://ops.example"
+    allowed_origins: list[str] = Field(default_factory=list)
 
     # a connection that sends no (complete) request head for this long is closed: it
     # bounds both idle keep-alive connections and slowly sent headers
@@ -194,6 +247,19 @@ class ApiConfig(Strict):
         if size < 0:
             raise ValueError(f"a body size cannot be negative ({v!r})")
         return size
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_word(cls, v: object) -> object:
+        if isinstance(v, str) and v != "none":  # not echoed: it could be a pasted token
+            raise ValueError("must be a mapping with tokens: [...], or the word none")
+        return v
+
+    @model_validator(mode="after")
+    def _wildcard_needs_auth(self) -> ApiConfig:
+        if "*" in self.allowed_hosts and not isinstance(self.auth, AuthConfig):
+            raise ValueError("allowed_hosts '*' (any Host header) needs api.auth tokens")
+        return self
 
 
 class PrometheusConfig(Strict):
@@ -314,8 +380,18 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
         "packs": [rel(p) for p in cfg.packs],
         "inventory": rel(cfg.inventory) if cfg.inventory else None,
         "store": cfg.store.model_copy(update={"path": rel(cfg.store.path)}),
+        "api": _api_paths(cfg.api, rel),
         "source_file": path,
     })
+
+
+def _api_paths(api: ApiConfig, rel: Callable[[Path], Path]) -> ApiConfig:
+    if api.tls is None:
+        return api
+    tls = api.tls
+    return api.model_copy(update={"tls": tls.model_copy(update={
+        "cert": rel(tls.cert), "key": rel(tls.key),
+        "client_ca": rel(tls.client_ca) if tls.client_ca else None})})
 
 
 def _apply_env(raw: dict[str, object]) -> None:

@@ -5,7 +5,11 @@ and dispatcher tasks -> sources (supervised) -> HTTP API. Stop (SIGTERM/SIGINT):
 API -> sources stop feeding the engine -> engine drains in-flight decisions ->
 sources close (Kafka commits everything decided) -> runs get a short grace
 period, the rest resume at next start -> runners -> store. SIGHUP and
-``POST /v1/reload`` reload rules and packs.
+``POST /v1/reload`` reload rules and packs, the API tokens' values and the TLS
+certificate (new connections get the new one).
+
+A non-loopback listen without ``api.auth`` is refused here, before anything starts;
+``api.auth: none`` allows it with a warning at every start.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from aiohttp import web
 
 from loopd import metrics
 from loopd.api.app import ApiContext, build_app
+from loopd.api.auth import Gate, check_exposure, warn_if_open
 from loopd.api.limits import CappedSite
+from loopd.api.tls import ServerTls
 from loopd.config import LoopdConfig
 from loopd.control import Control, ReloadResult
 from loopd.errors import StoreError
@@ -41,6 +47,9 @@ class Daemon:
 
     def __init__(self, config: LoopdConfig) -> None:
         self.config = config
+        check_exposure(config)  # before anything is built: ConfigError, exit 2
+        self.gate = Gate(config)  # its token values are read in run(), before the API serves
+        self.tls = ServerTls(config.api.tls) if config.api.tls is not None else None
         self.metrics = metrics.Metrics()  # this daemon's own registry, current in run()
         with metrics.using(self.metrics):  # __init__ runs in the caller's context
             self.loopd = parts = build(config)
@@ -100,6 +109,11 @@ class Daemon:
         self.engine.swap_rules(ruleset)
         self._report_load(ruleset)
         errors = [str(e) for e in [*registry.errors, *ruleset.errors]]
+        errors += await self.gate.reload(self.executor.secrets)
+        if self.tls is not None and (problem := self.tls.reload()) is not None:
+            log.error("TLS certificate not reloaded; the one loaded before stays active",
+                      error=problem)
+            errors.append(problem)
         return ReloadResult(len(ruleset.rules), errors, [str(p) for p in ruleset.kept])
 
     async def _reloader(self) -> None:
@@ -136,7 +150,9 @@ class Daemon:
             await self.engine.load(in_flight)
             await self.dispatcher.resume(in_flight)
             del in_flight  # the runs live on in their tasks; the list need not
-            # before the task group: a taken port is a plain OSError the CLI can explain
+            # before the task group: a taken port is a plain OSError the CLI can explain, and
+            # so is a token that cannot be read (ConfigError)
+            await self.gate.load(self.executor.secrets)
             await self._start_api()
             async with asyncio.TaskGroup() as tg:
                 workers = [tg.create_task(self.engine.run(), name="engine"),
@@ -148,7 +164,9 @@ class Daemon:
                 feeds = [tg.create_task(s.run(), name=f"source-{s.source.name}")
                          for s in self.supervisors]
                 self._install_signals()
+                warn_if_open(self.config)
                 log.info("loopd ready", listen=f"{self.config.listen_host_port[0]}:{self.port}",
+                         tls=self.tls is not None, auth=self.gate.tokens is not None,
                          rules=len(self.engine.ruleset.rules), sources=list(self.sources),
                          startup_s=round(time.monotonic() - started, 3))
                 if on_ready is not None:
@@ -205,7 +223,8 @@ class Daemon:
             if c.type in ("webhook", "alertmanager")}
         limits = self.config.api
         ctx = ApiContext(control=self.control, emit=self.engine.emit, push_sources=push,
-                         body_timeout=limits.body_timeout, api=limits)
+                         body_timeout=limits.body_timeout, api=limits,
+                         gate=self.gate)
         # keepalive_timeout closes a connection with no complete request head for that
         # long (idle, or headers sent slowly); lingering_time bounds how long the rest of
         # a refused body is read and discarded before the connection closes
@@ -214,7 +233,8 @@ class Daemon:
                                     lingering_time=2.0)
         await self.runner.setup()
         host, port = self.config.listen_host_port
-        site = CappedSite(self.runner, host, port, max_connections=limits.max_connections)
+        site = CappedSite(self.runner, host, port, max_connections=limits.max_connections,
+                          ssl_context=self.tls.context if self.tls is not None else None)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

@@ -97,8 +97,9 @@ class Metrics:
         self.outcomes = Counter(
             "loopd_run_outcomes_total", "Run outcomes", ["workflow", "outcome"], registry=r)
         self.api_refused = Counter(
-            "loopd_api_refused_total", "API requests refused by a limit (413, 503)",
-            ["route", "limit"], registry=r)
+            "loopd_api_refused_total", "API requests refused: by the gate (unauthenticated, "
+            "forbidden, throttled, host, origin, media_type) or a limit (body, batch, "
+            "concurrency, queue, decision)", ["route", "reason"], registry=r)
         self.ingest_requests = Counter(
             "loopd_ingest_requests_total", "Ingest requests, by source and the principal "
             "(token name) that posted them", ["source", "principal"], registry=r)
@@ -287,3 +288,8 @@ def audit_write_failed(action: str, phase: str, error: object, **where: object) 
     _CURRENT.get(_PROCESS).audit_failures.labels(action, phase).inc()
     log.error("audit record not written", action=action, phase=phase, error=str(error),
               **where)
+
+
+def api_refused(route: str, reason: str) -> None:
+    """An API request refused by the gate (the gate logs who and from where)."""
+    _CURRENT.get(_PROCESS).api_refused.labels(route, reason).inc()

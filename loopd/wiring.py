@@ -201,6 +201,13 @@ class Loopd:
         return self.runs.kinds
 
 
+def secret_resolver(config: LoopdConfig) -> SecretResolver:
+    """How references are resolved (``secrets:``): values at use, in memory only."""
+    secrets = config.secrets
+    return SecretResolver(dir=secrets.dir, ttl=secrets.ttl, exec_ttl=secrets.exec_ttl,
+                          exec_timeout=secrets.exec_timeout, max_cached=secrets.max_cached)
+
+
 def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | None = None,
           event_time: bool = False, dry_run: bool = False, simulated: bool = False,
           telemetry_sources: tuple[str, ...] = ()) -> Loopd:
@@ -213,12 +220,9 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
     registry, ruleset = load_packs_and_rules(config)
     buses = {} if simulated else build_buses([*config.sources, *config.sinks])
     # simulated: dry run, no runner is ever asked to act
-    secrets = config.secrets  # values are resolved at use, in memory only
     executor = Executor(registry, {}) if simulated else Executor(
         registry, build_runners(buses), max_concurrent=config.engine.max_concurrent_runs,
-        secrets=SecretResolver(dir=secrets.dir, ttl=secrets.ttl, exec_ttl=secrets.exec_ttl,
-                               exec_timeout=secrets.exec_timeout,
-                               max_cached=secrets.max_cached))
+        secrets=secret_resolver(config))
     silences = Silences(config.alertmanager.url, refresh=config.alertmanager.refresh,
                         timeout=config.alertmanager.timeout) \
         if config.alertmanager and not simulated else None

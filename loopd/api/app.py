@@ -1,5 +1,9 @@
 """The HTTP API (aiohttp, one port): health, metrics, ingest, rules, runs, reload.
 
+Every request passes the gate first (``loopd.api.auth``: Host and Origin allow-lists,
+JSON-only mutating requests, tokens and roles); handlers read the caller with
+``loopd.api.principal.principal(request)``.
+
 Every error is JSON ``{"error": "...", "status": N}`` naming the problem; an
 unexpected exception in a handler is logged with the request and answered 500
 without taking the daemon down.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -19,6 +23,9 @@ from loopd import metrics
 from loopd.config import ApiConfig
 from loopd.control import Control, ReloadResult
 from loopd.events import Delivery
+
+if TYPE_CHECKING:
+    from loopd.api.auth import Gate
 
 log = structlog.get_logger("loopd.api")
 
@@ -36,6 +43,7 @@ class ApiContext:
     decision_timeout: float = 30.0
     body_timeout: float = 30.0  # reading one request body (api.body_timeout)
     api: ApiConfig = field(default_factory=ApiConfig)  # limits (loopd.api.limits)
+    gate: Gate | None = None  # admission (auth, roles, browser safety); None: the default
 
 
 CTX = web.AppKey("loopd", ApiContext)
@@ -127,13 +135,17 @@ async def close_breaker(request: web.Request) -> web.Response:
 
 def build_app(ctx: ApiContext) -> web.Application:
     from loopd.api import audit, ingest, limits, runs
+    from loopd.api.auth import Gate
+    from loopd.config import LoopdConfig
 
+    gate = ctx.gate or Gate(LoopdConfig())  # loopback, no tokens: as the daemon's default
     # ingest reads its bodies in chunks against each source's max_payload; anything read
     # whole (request.read(), post()) is capped at api.max_body
     cap = ctx.api.max_body
-    # audit.refusals before the auth middleware (it records 403s), audit.trail after it
+    # audit.refusals before the gate (it records the gate's 403s), audit.trail after it
+    # (it records who acted, as the gate found them)
     app = web.Application(middlewares=[errors_middleware, limits.body_limit, audit.refusals,
-                                       audit.trail], client_max_size=cap)
+                                       gate.middleware, audit.trail], client_max_size=cap)
     app[CTX] = ctx
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")

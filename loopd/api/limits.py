@@ -12,12 +12,13 @@
   ``api.max_concurrent_ingest`` the next one is answered 503 with ``Retry-After`` at
   once, before its body is read.
 
-Every refusal is counted in ``loopd_api_refused_total{route, limit}``.
+Every refusal is counted in ``loopd_api_refused_total{route, reason}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -59,8 +60,10 @@ class CappedSite(web.TCPSite):
     """A ``TCPSite`` that serves at most ``max_connections`` connections at a time."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 max_connections: int, reuse_address: bool = True) -> None:
-        super().__init__(runner, host, port, reuse_address=reuse_address)
+                 max_connections: int, reuse_address: bool = True,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(runner, host, port, reuse_address=reuse_address,
+                         ssl_context=ssl_context)
         self._max_connections = max_connections
         self._answer = _refusal(max_connections)
         self.refused = 0

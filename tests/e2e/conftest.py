@@ -38,8 +38,9 @@ async def loopd_factory(request: pytest.FixtureRequest) -> AsyncIterator[Factory
     daemons: list[LoopdProcess] = []
     request.node._loopd_daemons = daemons
 
-    def make(config: Config, env: dict[str, str] | None = None) -> LoopdProcess:
-        daemon = LoopdProcess(config, env)
+    def make(config: Config, env: dict[str, str] | None = None, **options: Any
+             ) -> LoopdProcess:
+        daemon = LoopdProcess(config, env, **options)  # token=, ssl=: see LoopdProcess
         daemons.append(daemon)
         return daemon
 

@@ -12,6 +12,9 @@ Everything here is async and never blocks the event loop for long: the test's
 own servers (SSH, ServiceNow) run in-process on that loop. Nothing sleeps to
 wait; every wait polls a condition with a deadline (``tests.servers.wait_until``).
 
+A daemon with ``api.auth`` or ``api.tls`` is reached with ``LoopdProcess(config,
+token=..., ssl=client_context)``: every call then sends the bearer token over HTTPS.
+
 ``Config`` writes loopd.yaml, rule files and the inventory into a test's
 ``tmp_path``; ``store_query`` reads the daemon's SQLite file read-only.
 """
@@ -28,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -119,10 +123,14 @@ class DaemonError(Exception):
 class LoopdProcess:
     """One loopd daemon: start / stop / kill / restart, and its HTTP API."""
 
-    def __init__(self, config: Config, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Config, env: dict[str, str] | None = None, *,
+                 token: str | None = None, ssl: SSLContext | None = None) -> None:
         self.config = config
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # token: sent as a bearer token on every call; ssl: talk HTTPS trusting it
+        self.token = token
+        self.ssl = ssl
+        self.url = f"{'https' if ssl is not None else 'http'}://127.0.0.1:{self.port}"
         # the test decides every LOOPD_* setting, not the shell that runs pytest
         base = {k: v for k, v in os.environ.items() if not k.startswith("LOOPD_")}
         self.env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -244,7 +252,10 @@ class LoopdProcess:
                       timeout: float = 30.0) -> tuple[int, Any]:
         """One API call; returns (status, decoded JSON or text)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            auth = {"Authorization": f"Bearer {self.token}"} if self.token else None
+            self._session = aiohttp.ClientSession(
+                headers=auth, connector=aiohttp.TCPConnector(ssl=self.ssl)
+                if self.ssl is not None else None)
         data = orjson.dumps(body) if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         async with self._session.request(

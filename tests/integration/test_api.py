@@ -13,6 +13,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any, cast
 
 import aiohttp
@@ -177,15 +178,21 @@ store: {path: var/loopd.db}
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Path, rules_dir: Path) -> AsyncIterator[Api]:
-    """A real Daemon on ``config`` until the block ends, with an HTTP client on its API."""
+async def serving(config: Path, rules_dir: Path, *, token: str | None = None,
+                  ssl: SSLContext | None = None) -> AsyncIterator[Api]:
+    """A real Daemon on ``config`` until the block ends, with an HTTP client on its API
+    (sending ``token`` as a bearer token; over HTTPS trusting ``ssl`` when given)."""
     daemon = Daemon(load_config(config))
     # sample() reads this daemon's registry: pytest-asyncio hands a fixture's context to the test
     metrics.use(daemon.metrics)
     ready = asyncio.Event()
     task = await _until_ready(daemon.run(on_ready=lambda _: ready.set()), ready)
+    scheme = "http" if ssl is None else "https"
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
     try:
-        async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{daemon.port}") as http:
+        async with aiohttp.ClientSession(
+                base_url=f"{scheme}://127.0.0.1:{daemon.port}", headers=headers,
+                connector=aiohttp.TCPConnector(ssl=ssl) if ssl is not None else None) as http:
             yield Api(daemon, http, rules_dir)
     finally:
         daemon.stop()

@@ -104,7 +104,7 @@ async def test_a_chunked_body_over_max_payload_is_refused_while_reading(api: Api
     """A chunked upload of 64 MiB to a 1 MiB source gets 413 long before it is sent: the
     server stops reading at max_payload instead of buffering the body."""
     reader, writer = await connect(api)
-    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: loopd\r\nContent-Type: application/json"
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                  b"\r\nTransfer-Encoding: chunked\r\n\r\n")
     answer = asyncio.ensure_future(reader.readline())
     chunk = b"%x\r\n%s\r\n" % (64 * 1024, b" " * 64 * 1024)
@@ -144,7 +144,7 @@ async def test_a_half_sent_body_gets_408_after_the_body_timeout(api: Api) -> Non
     """A request whose body stops arriving is answered 408 and closed after
     ``api.body_timeout``."""
     reader, writer = await connect(api)
-    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: loopd\r\nContent-Type: application/json"
+    writer.write(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                  b"\r\nContent-Length: 100\r\n\r\n{\"topic\": ")
     try:
         answer = await closed(reader)
@@ -270,8 +270,8 @@ async def test_a_body_on_a_route_that_takes_none_is_refused_413(api: Api) -> Non
     status, body = await api.post("/v1/runs/r1/approve", data=chunks())
     assert status == 413
     assert "exceeds api.max_body_unused 4096; approve_run takes no body" in body["error"]
-    assert sample("loopd_api_refused_total", route="reload", limit="body") == 1
-    assert sample("loopd_api_refused_total", route="approve_run", limit="body") == 1
+    assert sample("loopd_api_refused_total", route="reload", reason="body") == 1
+    assert sample("loopd_api_refused_total", route="approve_run", reason="body") == 1
     assert (await api.get("/v1/audit"))[1]["audit"] == []
     # a small body is ignored: the reload runs (422: this fixture's rules name a source
     # it does not configure)
@@ -288,7 +288,7 @@ async def test_a_batch_over_max_batch_is_413_and_nothing_is_decided(tmp_path: Pa
         await api.settled()
         assert await api.daemon.store.count_decisions() == 0
         assert sample("loopd_events_received_total", source="webhook") == 0
-        assert sample("loopd_api_refused_total", route="events", limit="batch") == 1
+        assert sample("loopd_api_refused_total", route="events", reason="batch") == 1
         status, body = await api.post("/v1/events", [disk(n) for n in range(5)])
         assert (status, body["accepted"]) == (200, 5)
 
@@ -310,7 +310,7 @@ async def test_ingest_past_max_concurrent_ingest_is_503_at_once(tmp_path: Path) 
                 assert resp.headers["Retry-After"] == "1"
                 assert "api.max_concurrent_ingest" in (await resp.json())["error"]
             assert sample("loopd_api_refused_total", route="events",
-                          limit="concurrency") == 1
+                          reason="concurrency") == 1
         finally:
             wedged.release.set()
             results = await asyncio.gather(*held)
@@ -336,7 +336,7 @@ async def test_a_full_engine_queue_is_503_with_retry_after_and_a_retry_is_dedupl
                 assert resp.headers["Retry-After"] == "1"
                 message = (await resp.json())["error"]
             assert "engine queue stayed full for 0.3s (api.queue_timeout)" in message
-            assert sample("loopd_api_refused_total", route="events", limit="queue") == 1
+            assert sample("loopd_api_refused_total", route="events", reason="queue") == 1
         finally:
             wedged.release.set()
         await api.settled()

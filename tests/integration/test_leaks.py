@@ -36,7 +36,7 @@ from tests.servers.http_targets import HttpEcho, ServiceNow, SlackWebhook
 from tests.servers.ssh import USER, SshServer
 
 API_PATHS = ("/v1/runs?limit=1000", "/v1/incidents", "/v1/incidents?status=closed",
-             "/v1/rules", "/v1/guards", "/metrics", "/readyz", "/healthz")
+             "/v1/rules", "/v1/guards", "/v1/audit", "/metrics", "/readyz", "/healthz")
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled", "crashed")
 # run alone after the others, when the webhook refuses with its own URL in the body
 LAST = "slack-refused"
@@ -89,6 +89,8 @@ class Fleet:
     env: dict[str, str] = field(default_factory=dict)
     planted: list[Planted] = field(default_factory=list)
     expect: dict[str, str] = field(default_factory=dict)  # rule -> final status
+    api_admin: str = ""  # the token the harness calls the API with
+    api_wrong: str = ""  # a token presented but never configured
 
 
 def rule(name: str, action: str, input: dict[str, Any]) -> dict[str, Any]:
@@ -105,9 +107,11 @@ def fleet(config: Config, servers: Fleet, tmp: Path) -> None:
     files.mkdir()
     helper = tmp / "vault-helper.py"
     bearer, exec_fail = "LeakBearer-exec-8b2d7e41", "ExecStderr-LEAK-9a8b7c6d"
+    api_ingest = "LeakApiIngest-exec-2c4e6a8b0d"
     helper.write_text(
         "import sys\n"
         f"if sys.argv[1] == 'bearer':\n    print({bearer!r})\n"
+        f"elif sys.argv[1] == 'ingest':\n    print({api_ingest!r})\n"
         f"else:\n    print({exec_fail!r})\n"
         f"    sys.stderr.write('Error: permission denied for {exec_fail}\\n')\n"
         "    sys.exit(3)\n")
@@ -145,7 +149,18 @@ def fleet(config: Config, servers: Fleet, tmp: Path) -> None:
     }
     config.pack_config = {"servicenow": {"instance": sn.url, "credentials": "servicenow"},
                           "notify": {"webhook_url": "env:LEAK_SLACK_HOOK"}}
-    config.extra = {"secrets": {"dir": str(mount)}, "log": {"format": "json", "level": "debug"}}
+    # the API's own tokens, one per backend; the harness calls with the admin one
+    servers.api_admin = "LeakApiAdmin-dir-7d9f1b3c5e"
+    api_viewer = servers.env["LEAK_API_VIEWER"] = "LeakApiViewer-env-8e0a2c4d6f"
+    servers.api_wrong = "LeakApiWrong-never-configured-1357"
+    (mount / "api-admin").write_text(servers.api_admin + "\n")
+    tokens = [{"name": "harness", "role": "admin", "token": "dir:api-admin"},
+              {"name": "alertmanager", "role": "ingest", "token": exec_ref("ingest")},
+              {"name": "dashboard", "role": "viewer", "token": "env:LEAK_API_VIEWER"}]
+    # a secret input takes a reference: the URL behind it reaches the action only
+    servers.env["LEAK_SLACK_OTHER"] = slack.webhook_url
+    config.extra = {"secrets": {"dir": str(mount)}, "log": {"format": "json", "level": "debug"},
+                    "api": {"auth": {"tokens": tokens, "open": ["healthz", "readyz"]}}}
     config.sources = [{"name": "webhook", "type": "webhook"}]
     config.add_pack("leak", {"pack.yaml": SSH_PACK})
 
@@ -171,6 +186,8 @@ def fleet(config: Config, servers: Fleet, tmp: Path) -> None:
         ("servicenow", "servicenow.create_incident", {"short_description": "leak test"},
          "succeeded"),
         ("slack", "notify.slack", {"text": "leak test"}, "succeeded"),
+        ("slack-input", "notify.slack", {"text": "leak test", "url": "env:LEAK_SLACK_OTHER"},
+         "succeeded"),
         ("slack-refused", "notify.slack", {"text": "leak test"}, "failed"),  # last: see LAST
     ]
     config.rules = {"leak.yaml": [rule(name, action, input) for name, action, input, _ in runs]}
@@ -188,6 +205,10 @@ def fleet(config: Config, servers: Fleet, tmp: Path) -> None:
         Planted("exec helper's stderr", exec_fail),
         Planted("wrong bearer echoed back", wrong_bearer),
         Planted("wrong basic echoed back", wrong_basic, (basic(echo.username, wrong_basic),)),
+        Planted("API admin token (dir)", servers.api_admin),
+        Planted("API ingest token (exec)", api_ingest, (basic("alertmanager", api_ingest),)),
+        Planted("API viewer token (env)", api_viewer),
+        Planted("API token never configured, presented", servers.api_wrong),
     ]
 
 
@@ -205,14 +226,37 @@ async def servers() -> AsyncIterator[Fleet]:
         yield fleet
 
 
-async def answers(url: str, paths: list[str]) -> dict[str, bytes]:
-    """path -> raw body of GET url+path, each answered with 200."""
+async def answers(url: str, paths: list[str], token: str | None = None) -> dict[str, bytes]:
+    """path -> raw body of GET url+path (with bearer ``token``), each answered with 200."""
     out: dict[str, bytes] = {}
-    async with aiohttp.ClientSession() as http:
+    sent = {"Authorization": f"Bearer {token}"} if token else None
+    async with aiohttp.ClientSession(headers=sent) as http:
         for path in paths:
             async with http.get(url + path) as resp:
                 out[path] = await resp.read()
                 assert resp.status == 200, (path, resp.status, out[path][:200])
+    return out
+
+
+async def api_refusals(url: str, servers: Fleet) -> dict[str, bytes]:
+    """The answers to a wrong token (bearer and basic), to the ingest token where a viewer's
+    is needed and the reverse, and to an ingest by basic auth as Alertmanager sends it."""
+    ingest = next(p for p in servers.planted if p.what.startswith("API ingest")).value
+    viewer = servers.env["LEAK_API_VIEWER"]
+    calls = [("GET", "/v1/runs", f"Bearer {servers.api_wrong}", 401),
+             ("GET", "/v1/runs", f"Basic {basic('harness', servers.api_wrong)}", 401),
+             ("POST", "/v1/reload", f"Bearer {ingest}", 403),
+             ("POST", "/v1/events", f"Bearer {viewer}", 403),
+             ("POST", "/v1/events", f"Basic {basic('alertmanager', ingest)}", 200)]
+    out: dict[str, bytes] = {}
+    async with aiohttp.ClientSession() as http:
+        for method, path, auth, status in calls:
+            body = orjson.dumps({"topic": "no-rule", "data": {}}) if path == "/v1/events" \
+                else None
+            async with http.request(method, url + path, data=body, headers={
+                    "Authorization": auth, "Content-Type": "application/json"}) as resp:
+                out[f"{method} {path} ({status})"] = await resp.read()
+                assert resp.status == status, (method, path, resp.status)
     return out
 
 
@@ -235,7 +279,7 @@ async def test_no_planted_secret_reaches_a_log_an_answer_the_store_or_a_report(
     config = Config(root=tmp_path / "loopd")
     config.root.mkdir()
     fleet(config, servers, tmp_path)
-    daemon = LoopdProcess(config, env=servers.env)
+    daemon = LoopdProcess(config, env=servers.env, token=servers.api_admin)
     found: list[str] = []
     try:
         await daemon.start()
@@ -253,8 +297,11 @@ async def test_no_planted_secret_reaches_a_log_an_answer_the_store_or_a_report(
                     run["id"], lambda s: s["status"] in TERMINAL)
         found += hits(servers.planted, "the store while running", b"".join(
             store_files(config).values()))
+        refusals = await api_refusals(daemon.url, servers)
         got = await answers(daemon.url, [*API_PATHS, *(f"/v1/runs/{r['id']}" for r in
-                                                         runs.values())])
+                                                         runs.values())], servers.api_admin)
+        for what, body in refusals.items():
+            found += hits(servers.planted, what, body)
         stories = {name: orjson.loads(got[f"/v1/runs/{r['id']}"]) for name, r in runs.items()}
         for path, body in got.items():
             found += hits(servers.planted, f"GET {path}", body)

@@ -191,3 +191,150 @@ def test_the_shipped_config_loads() -> None:
     assert {s.name for s in cfg.sources} == {"webhook", "alertmanager"}
     assert cfg.rules == [REPO / "rules"]
     assert cfg.packs == [REPO / "packs"]
+
+
+# -- api.auth: tokens by reference ---------------------------------------------------------
+
+def _auth_config(tmp_path: Path, tokens: list[dict[str, str]]) -> Path:
+    import yaml
+
+    return _write(tmp_path, yaml.safe_dump({"api": {"auth": {"tokens": tokens}}}))
+
+
+def _tokens_of(path: Path) -> object:
+    import asyncio
+
+    from loopd.api.auth import Tokens
+    from loopd.catalog.backends import SecretResolver
+    from loopd.config import AuthConfig
+
+    auth = load_config(path).api.auth
+    assert isinstance(auth, AuthConfig)
+    return asyncio.run(Tokens.resolve(auth, SecretResolver()))
+
+
+def test_api_tokens_resolve_from_env_and_file(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens given as env: and file: references resolve; the compiled tokens keep no value."""
+    monkeypatch.setenv("LOOPD_TEST_TOKEN", "env-token-0123456789abcdef")
+    secret = tmp_path / "am-token"
+    secret.write_text("file-token-0123456789abcdef\n")
+    tokens = _tokens_of(_auth_config(tmp_path, [
+        {"name": "ci", "role": "admin", "token": "env:LOOPD_TEST_TOKEN"},
+        {"name": "alertmanager", "role": "ingest", "token": f"file:{secret}"}]))
+    from loopd.api.auth import Tokens
+
+    assert isinstance(tokens, Tokens)
+    found = tokens.match("file-token-0123456789abcdef")
+    assert found is not None and (found.name, found.role.label) == ("alertmanager", "ingest")
+    assert tokens.match("file-token-0123456789abcde") is None
+    assert "0123456789" not in repr(tokens._tokens)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    pytest.param([{"name": "am", "role": "ingest", "token": "LITERAL-secret-value-123456"}],
+                 "api.auth token 'am': not a reference (use env:VAR, file:/path, dir:KEY or "
+                 "exec:COMMAND); the value is not shown", id="literal-value"),
+    pytest.param([{"name": "am", "role": "ingest", "token": "ab:LITERAL-secret-value-1234"}],
+                 "api.auth token 'am': not a reference (use env:VAR, file:/path, dir:KEY or "
+                 "exec:COMMAND); the value is not shown", id="unknown-scheme"),
+    pytest.param([{"name": "am", "role": "ingest", "token": "env:LOOPD_TEST_UNSET"}],
+                 "api.auth token 'am': environment variable LOOPD_TEST_UNSET is not set",
+                 id="unset-env"),
+    pytest.param([{"name": "am", "role": "ingest", "token": "env:LOOPD_TEST_SHORT"}],
+                 "api.auth token 'am': token is shorter than 16 characters", id="short"),
+    pytest.param([{"name": "a", "role": "ingest", "token": "env:LOOPD_TEST_TOKEN"},
+                  {"name": "b", "role": "admin", "token": "env:LOOPD_TEST_TOKEN"}],
+                 "api.auth token 'b': token has the same value as token 'a'", id="same-value"),
+])
+def test_a_bad_api_token_is_a_config_error_naming_the_token_never_the_value(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokens: list[dict[str, str]],
+        message: str) -> None:
+    """A literal, unknown-scheme, unset, short or repeated token fails with an error that
+    names the token and never contains its value."""
+    monkeypatch.setenv("LOOPD_TEST_TOKEN", "same-token-0123456789abcdef")
+    monkeypatch.setenv("LOOPD_TEST_SHORT", "tooshort-SECRET")
+    monkeypatch.delenv("LOOPD_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        _tokens_of(_auth_config(tmp_path, tokens))
+    assert str(err.value) == message
+    for value in ("LITERAL-secret", "same-token-0123", "tooshort-SECRET"):
+        assert value not in str(err.value)
+
+
+@pytest.mark.parametrize("api, message", [
+    ({"auth": {"tokens": [{"name": "a", "role": "boss", "token": "env:X"}]}},
+     "api.auth.AuthConfig.tokens.0.role: Input should be 'viewer', 'ingest', 'operator' or "
+     "'admin'"),
+    ({"auth": {"tokens": [{"name": "a", "role": "admin", "token": "env:X"},
+                          {"name": "a", "role": "viewer", "token": "env:Y"}]}},
+     "api.auth.AuthConfig.tokens: Value error, duplicate token name 'a'"),
+    ({"auth": {"tokens": []}},
+     "api.auth.AuthConfig.tokens: List should have at least 1 item after validation, not 0"),
+    ({"auth": "off"}, "api.auth: Value error, must be a mapping with tokens: [...], or the "
+     "word none"),
+    ({"tls": {"cert": "c.pem"}}, "api.tls.key: Field required"),
+])
+def test_api_auth_and_tls_config_errors_name_the_field(
+        tmp_path: Path, api: dict[str, object], message: str) -> None:
+    """Unknown roles, repeated token names, no tokens, a misspelt ``none`` and a TLS
+    section without a key are rejected naming the field."""
+    import yaml
+
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, yaml.safe_dump({"api": api})))
+    assert str(err.value).endswith(message)
+
+
+def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    """``api.tls`` file paths resolve against loopd.yaml's directory."""
+    path = _write(tmp_path, "api: {tls: {cert: tls/c.pem, key: tls/k.pem, client_ca: ca.pem}}")
+    tls = load_config(path).api.tls
+    assert tls is not None
+    assert (tls.cert, tls.key, tls.client_ca) == (
+        path.parent / "tls/c.pem", path.parent / "tls/k.pem", path.parent / "ca.pem")
+
+
+def test_loopd_check_reports_what_would_stop_the_api(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``loopd check`` reports an unauthenticated non-loopback listen, a bad token and an
+    unreadable certificate, each naming its place and no secret value."""
+    from loopd.cli import EXIT_INVALID, check
+
+    path = _write(tmp_path, "listen: 0.0.0.0:8080\nrules: []\npacks: []\n"
+                            "api: {tls: {cert: nope.crt, key: nope.key}}\n")
+    assert check(path) == EXIT_INVALID
+    out = capsys.readouterr().out
+    assert "refusing to listen on 0.0.0.0:8080 without authentication" in out
+    assert "api.tls: cannot load certificate" in out and "nope.crt" in out
+    path = _write(tmp_path, "rules: []\npacks: []\napi: {auth: {tokens: [{name: am, "
+                            "role: ingest, token: LITERAL-token-value-0123}]}}\n")
+    assert check(path) == EXIT_INVALID
+    out = capsys.readouterr().out
+    assert "api.auth token 'am': not a reference (use env:VAR" in out
+    assert "LITERAL-token" not in out
+
+
+async def test_api_tokens_resolve_through_every_secret_backend(tmp_path: Path) -> None:
+    """A token may be a dir: key (a mounted Kubernetes secret) or an exec: helper's output,
+    like any other reference."""
+    import sys
+
+    import yaml
+
+    from loopd.api.auth import Tokens
+    from loopd.catalog.backends import SecretResolver
+    from loopd.config import AuthConfig
+
+    (tmp_path / "mounted").mkdir()
+    (tmp_path / "mounted" / "am-token").write_text("dir-token-0123456789abcdef\n")
+    helper = f"exec:{sys.executable} -c \"print('exec-token-0123456789abcdef')\""
+    path = _write(tmp_path, yaml.safe_dump({"api": {"auth": {"tokens": [
+        {"name": "am", "role": "ingest", "token": "dir:am-token"},
+        {"name": "ci", "role": "admin", "token": helper}]}}}))
+    auth = load_config(path).api.auth
+    assert isinstance(auth, AuthConfig)
+    tokens = await Tokens.resolve(auth, SecretResolver(dir=tmp_path / "mounted"))
+    found = [tokens.match(v) for v in ("dir-token-0123456789abcdef",
+                                       "exec-token-0123456789abcdef")]
+    assert [(t.name, t.role.label) for t in found if t] == [("am", "ingest"), ("ci", "admin")]

@@ -1,0 +1,357 @@
+"""Who may call the API, and from where: tokens and roles, Host and Origin allow-lists,
+JSON-only mutating requests, and a throttle on failed authentications.
+
+``Gate`` is compiled once from ``api`` in loopd.yaml; its ``middleware`` runs on every
+request, in this order, before any handler:
+
+1. ``Host`` not in the allow-list: ``421`` (DNS rebinding: a browser tricked into
+   sending an attacker's page to loopd carries the attacker's host name). Always
+   accepted: the loopback names, the address the connection arrived on, and
+   ``api.allowed_hosts`` (default: the listen host); ``*`` accepts any, only with auth.
+2. ``Origin`` present and neither the API's own origin nor in ``api.allowed_origins``:
+   ``403`` (a cross-site page).
+3. A mutating request (POST) with a body that is not ``application/json``: ``415``
+   (``text/plain``, forms and multipart are what a cross-site page can send without
+   asking). An empty body passes whatever its ``Content-Type``.
+4. Authentication, when ``api.auth`` has tokens. ``Authorization: Bearer <token>`` or
+   ``Authorization: Basic`` with the token as password and the token's *name* as user
+   name (Alertmanager's ``http_config`` can send either). Missing or wrong: ``401``
+   with ``WWW-Authenticate: Bearer``. Routes listed in ``auth.open`` (only
+   ``healthz``, ``readyz``, ``metrics``) need no token. Past ``auth.max_failures``
+   refused authentications within ``auth.failure_window`` from one client address, that
+   address gets ``429`` with ``Retry-After`` until the window has passed.
+5. The role: ``ROUTE_ROLES`` (``loopd.api.principal``) gives the least role of each
+   route; a weaker token gets ``403``; a route missing from the table is refused.
+
+Presented tokens are hashed and compared with every configured token in constant time
+(``hmac.compare_digest``, no early exit); only the digests are kept. Every refusal is
+one log line and one ``loopd_api_refused_total`` sample naming the token (or
+``anonymous``), the route and the client address, never what was presented. Token
+values are read through the daemon's ``SecretResolver`` (any reference: ``env:``,
+``file:``, ``dir:``, ``exec:``) at start and again on reload (SIGHUP,
+``POST /v1/reload``); errors name the token, never its value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+import structlog
+from aiohttp import web
+
+from loopd import metrics
+from loopd.api.principal import (
+    ROUTE_ROLES,
+    UNAUTHENTICATED,
+    Principal,
+    Role,
+    set_principal,
+)
+from loopd.catalog.backends import SecretResolver
+from loopd.config import AuthConfig, LoopdConfig
+from loopd.errors import ConfigError
+
+log = structlog.get_logger("loopd.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MIN_TOKEN_LENGTH = 16
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_OPEN_PRINCIPAL = Principal("anonymous", Role.VIEWER, authenticated=False)
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="loopd"'}
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    name: str
+    role: Role
+    digest: bytes  # sha256 of the value: the value itself is not kept
+
+    def __repr__(self) -> str:
+        return f"_Token({self.name!r}, {self.role.label})"
+
+
+class Tokens:
+    """The configured tokens, compiled: ``match`` finds the one a request presents."""
+
+    def __init__(self, tokens: list[_Token]) -> None:
+        self._tokens = tokens
+
+    @classmethod
+    async def resolve(cls, auth: AuthConfig, secrets: SecretResolver) -> Tokens:
+        """Read every token's value (any reference scheme: env, file, dir, exec);
+        ConfigError names the token, never the value."""
+        tokens: list[_Token] = []
+        seen: dict[bytes, str] = {}
+        for entry in auth.tokens:
+            where = f"api.auth token {entry.name!r}"
+            try:
+                value = await secrets.resolve(entry.token)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, origin=where) from None
+            if len(value) < MIN_TOKEN_LENGTH:
+                raise ConfigError(f"token is shorter than {MIN_TOKEN_LENGTH} characters",
+                                  origin=where)
+            digest = hashlib.sha256(value.encode()).digest()
+            if digest in seen:
+                raise ConfigError(f"token has the same value as token {seen[digest]!r}",
+                                  origin=where)
+            seen[digest] = entry.name
+            tokens.append(_Token(entry.name, Role.parse(entry.role), digest))
+        return cls(tokens)
+
+    def match(self, presented: str) -> _Token | None:
+        """The token equal to ``presented``: every token is compared, in constant time."""
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        found: _Token | None = None
+        for token in self._tokens:  # no early exit: timing tells nothing about which
+            if hmac.compare_digest(digest, token.digest):
+                found = token
+        return found
+
+
+def _credentials(header: str) -> tuple[str | None, str] | None:
+    """(basic user name or None for bearer, token) from an Authorization header."""
+    scheme, _, rest = header.strip().partition(" ")
+    scheme = scheme.lower()
+    rest = rest.strip()
+    if scheme == "bearer" and rest:
+        return None, rest
+    if scheme == "basic" and rest:
+        try:
+            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        user, sep, password = decoded.partition(":")
+        return (user, password) if sep else None
+    return None
+
+
+# -- the throttle ------------------------------------------------------------------------
+
+class FailureThrottle:
+    """Failed authentications per client address in a sliding window (bounded memory)."""
+
+    def __init__(self, max_failures: int, window: float, *, max_clients: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self._max_clients = max_clients
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds until ``client`` may try again, or None when it is not blocked."""
+        seen = self._failures.get(client)
+        if seen is None:
+            return None
+        now = self._clock()
+        while seen and seen[0] <= now - self.window:
+            seen.popleft()
+        if not seen:
+            del self._failures[client]
+            return None
+        if len(seen) < self.max_failures:
+            return None
+        return seen[0] + self.window - now
+
+    def failed(self, client: str) -> bool:
+        """Count a failure; True when it is the one that blocks ``client``."""
+        seen = self._failures.setdefault(client, deque(maxlen=self.max_failures))
+        self._failures.move_to_end(client)
+        seen.append(self._clock())
+        while len(self._failures) > self._max_clients:
+            self._failures.popitem(last=False)
+        return len(seen) >= self.max_failures
+
+
+# -- the gate ----------------------------------------------------------------------------
+
+def _refuse(status: int, message: str, headers: dict[str, str] | None = None
+            ) -> web.Response:
+    body = orjson.dumps({"error": message, "status": status})
+    return web.Response(body=body, status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() and ":" not in name else host
+
+
+class Gate:
+    """The API's admission: compiled from ``api`` config; see the module docstring."""
+
+    def __init__(self, config: LoopdConfig) -> None:
+        api = config.api
+        self._auth = api.auth if isinstance(api.auth, AuthConfig) else None
+        # auth on: no token matches until load() has read them (every call is 401 meanwhile)
+        self.tokens: Tokens | None = Tokens([]) if self._auth else None
+        self.open_routes = frozenset(self._auth.open if self._auth else ())
+        self.throttle = FailureThrottle(
+            self._auth.max_failures if self._auth else 10,
+            self._auth.failure_window if self._auth else 60.0)
+        listen_host = config.listen_host_port[0].strip("[]").lower()
+        named = api.allowed_hosts or ([listen_host] if listen_host not in ("0.0.0.0", "::")
+                                      else [])
+        self.any_host = "*" in named
+        self.hosts = LOOPBACK_NAMES | {_host_name(h) for h in named if h != "*"}
+        self.origins = frozenset(o.strip().rstrip("/").lower() for o in api.allowed_origins)
+
+    async def load(self, secrets: SecretResolver) -> None:
+        """Read the token values (at start, before the API serves); ConfigError names the
+        token whose reference fails, never a value."""
+        if self._auth is not None:
+            self.tokens = await Tokens.resolve(self._auth, secrets)
+
+    async def reload(self, secrets: SecretResolver) -> list[str]:
+        """Read the token values again (rotated files); errors keep the tokens before."""
+        try:
+            await self.load(secrets)
+        except ConfigError as exc:
+            log.error("API tokens not reloaded; the tokens read before stay active",
+                      error=str(exc))
+            return [str(exc)]
+        return []
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler
+                         ) -> web.StreamResponse:
+        route = request.match_info.route.name
+        client = request.remote or "?"
+        refused = self._browser_check(request)
+        if refused is not None:
+            reason, response = refused
+            return self._refused(response, reason, "anonymous", route, client)
+        who: Principal = UNAUTHENTICATED
+        if self.tokens is not None and route not in self.open_routes:
+            wait = self.throttle.retry_after(client)
+            if wait is not None:
+                # logged once, when the address became blocked; counted each time
+                metrics.api_refused(route or "-", "throttled")
+                return _refuse(429, "too many failed authentications from this address; "
+                                    f"retry in {math.ceil(wait)}s",
+                               {"Retry-After": str(math.ceil(wait))})
+            found = self._authenticate(request.headers.get("Authorization"))
+            if found is None:
+                blocked = self.throttle.failed(client)
+                return self._refused(
+                    _refuse(401, "authentication required: send Authorization: Bearer "
+                                 "<token> (or basic auth with the token's name and the token)",
+                            _CHALLENGE),
+                    "unauthenticated", "anonymous", route, client, blocked=blocked)
+            who = Principal(found.name, found.role)
+        elif self.tokens is not None:
+            who = _OPEN_PRINCIPAL
+        # known before any 403: the audit trail records who was refused (loopd.api.audit)
+        set_principal(request, who)
+        if route is not None or request.match_info.http_exception is None:
+            needed = ROUTE_ROLES.get(route or "")
+            if needed is None:
+                log.error("API route has no role in ROUTE_ROLES; refused", route=route)
+                return self._refused(_refuse(403, f"route {route!r} has no role; refused"),
+                                     "unknown_route", who.name, route, client)
+            if not who.may(needed):
+                return self._refused(
+                    _refuse(403, f"token {who.name!r} has role {who.role.label}; "
+                                 f"{request.method} {request.path} needs {needed.label}"),
+                    "forbidden", who.name, route, client)
+        return await handler(request)
+
+    def _authenticate(self, header: str | None) -> _Token | None:
+        assert self.tokens is not None
+        creds = _credentials(header) if header else None
+        if creds is None:
+            return None
+        user, presented = creds
+        token = self.tokens.match(presented)
+        if token is None or (user is not None and user != token.name):
+            return None
+        return token
+
+    def _browser_check(self, request: web.Request) -> tuple[str, web.Response] | None:
+        host = request.headers.get("Host")
+        if host is not None and not self.any_host:
+            name = _host_name(host)
+            if name not in self.hosts and name != self._local_address(request):
+                return "host", _refuse(421, f"Host {host!r} is not an allowed host of this "
+                                            "API (add it to api.allowed_hosts)")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            normal = origin.strip().rstrip("/").lower()
+            own = f"{request.scheme}://{(host or '').strip().lower()}"
+            if normal != own and normal not in self.origins:
+                return "origin", _refuse(403, f"Origin {origin!r} is not allowed (add it to "
+                                              "api.allowed_origins)")
+        # an empty body is fine whatever its Content-Type (clients label none
+        # application/octet-stream); a browser's empty cross-site POST carries an Origin
+        if request.method in _MUTATING and request.body_exists and \
+                request.content_type != "application/json":
+            given = request.headers.get("Content-Type")
+            return "media_type", _refuse(
+                415, f"{request.method} {request.path} takes an application/json body "
+                     f"(or none), not {given or 'a body without Content-Type'}")
+        return None
+
+    @staticmethod
+    def _local_address(request: web.Request) -> str | None:
+        transport = request.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        if isinstance(sockname, tuple) and sockname:
+            return str(sockname[0]).lower()
+        return None
+
+    @staticmethod
+    def _refused(response: web.Response, reason: str, who: str, route: str | None,
+                 client: str, *, blocked: bool = False) -> web.Response:
+        metrics.api_refused(route or "-", reason)
+        log.warning("API request refused", reason=reason, status=response.status,
+                    token=who, route=route or "-", client=client,
+                    **({"blocked": True} if blocked else {}))
+        return response
+
+
+def check_exposure(config: LoopdConfig) -> None:
+    """Refuse a non-loopback listen without auth; warn when auth is explicitly off."""
+    host, port = config.listen_host_port
+    auth = config.api.auth
+    if auth is None and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host}:{port} without authentication: configure "
+            "api.auth tokens, listen on a loopback address, or set api.auth: none to "
+            "accept that anyone who reaches the port may approve, cancel and reload",
+            origin=str(config.source_file or "loopd.yaml"))
+
+
+def warn_if_open(config: LoopdConfig) -> None:
+    if config.api.auth == "none":
+        host, port = config.listen_host_port
+        log.warning("API authentication is off (api.auth: none): anyone who reaches "
+                    f"{host}:{port} may approve, cancel, reload and post events",
+                    listen=f"{host}:{port}")
