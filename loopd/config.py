@@ -172,7 +172,8 @@ class EngineConfig(Strict):
 
 class TokenConfig(Strict):
     """One API token: a name (shown in logs and the audit trail), a role, and where the
-    secret lives (``env:VAR``, ``file:/path``): never the secret itself."""
+    secret lives (``env:VAR``, ``file:/path``, ``dir:KEY``, ``exec:COMMAND``): never the
+    secret itself."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
     role: Literal["viewer", "ingest", "operator", "admin"]
