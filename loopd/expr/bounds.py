@@ -15,8 +15,9 @@ bound               value       what it caps
 ``MAX_OUTPUT``      1 MiB       what one template renders, and the text a value
                                 would become (``str()``, output, ``tojson``)
 ``MAX_LOOP``        100,000     loop iterations, ``range()`` items, calls, filter
-                                input items and KiB built by ``~``/``+``/``*`` in
-                                one Jinja render, nested loops counted together
+                                input items (16 per unit) and KiB built by ``~``,
+                                ``+``, ``*`` in one Jinja render, nested loops
+                                counted together
 ==================  ==========  ===============================================
 
 An operation past a bound raises ``ConditionError`` naming the bound (``expression

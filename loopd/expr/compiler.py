@@ -238,8 +238,8 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
         def run_one(scope: Scope) -> Any:
             try:
                 return fn(scope.get(only))
-            except ConditionError:
-                raise
+            except ConditionError as exc:  # a bound or a method: say where
+                raise ConditionError(f"{exc} in {source.strip()!r}") from None
             except Exception as exc:  # any evaluation error of user code, e.g. None > 3
                 raise ConditionError(
                     f"{source.strip()!r}: {type(exc).__name__}: {exc}") from None
@@ -249,8 +249,8 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
     def run(scope: Scope) -> Any:
         try:
             return fn(*[scope.get(n) for n in ordered])
-        except ConditionError:
-            raise
+        except ConditionError as exc:
+            raise ConditionError(f"{exc} in {source.strip()!r}") from None
         except Exception as exc:  # any evaluation error of user code, e.g. None > 3
             raise ConditionError(f"{source.strip()!r}: {type(exc).__name__}: {exc}") from None
 

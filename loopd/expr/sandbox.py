@@ -9,9 +9,10 @@ of lists and dicts, so ``l.extend(l)`` cannot double a list per iteration):
   operations run instead, and Jinja's optimizer can no longer fold them at load time;
 * the parsed tree is rewritten before it is compiled: every ``for`` iterable is wrapped
   by ``bounds.counted`` (each iteration charged to the budget), every ``~`` becomes
-  ``bounds.concat``; every call, macros and ``loop()`` included, costs one unit;
-* every filter charges the length of its input and checks its width or count argument
-  before it allocates (``center``, ``indent``, ``format``, ``join``, ``batch``, ...);
+  ``bounds.concat``; every call costs one unit, a macro or ``loop()`` call ``MACRO_CALL``;
+* every filter charges its input's length (one unit per 16 items) and checks its width
+  or count argument before it allocates (``center``, ``indent``, ``format``, ``join``,
+  ``batch``, ...);
 * a value turned into output is size-checked (``finalize``), and ``render`` stops once
   the output passes ``MAX_OUTPUT``.
 
@@ -27,13 +28,14 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
-from jinja2.runtime import Context
+from jinja2.runtime import Context, LoopContext, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from loopd.errors import ConditionError
 from loopd.expr import bounds
 
+MACRO_CALL = 10  # budget units one macro call (and a recursive loop()) costs
 # generators of data out of nothing, not offered to loopd templates
 REMOVED_GLOBALS = frozenset({"lipsum"})
 
@@ -57,7 +59,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Context, __obj: Any, *args: Any,
              **kwargs: Any) -> Any:
-        bounds.charge()
+        # a macro call (or a recursive loop()) costs about as much as ten loop turns
+        bounds.charge(MACRO_CALL if isinstance(__obj, Macro | LoopContext) else 1)
         target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         owner = getattr(target, "__self__", None)
         if isinstance(owner, str):
@@ -131,8 +134,8 @@ def _bounded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def run(*args: Any, **kwargs: Any) -> Any:
         value, rest = (args[1], args[2:]) if passes else (args[0], args[1:])
-        if hasattr(value, "__len__"):
-            bounds.charge(len(value))
+        if hasattr(value, "__len__"):  # a filter visits each item, ~1/16 of a loop turn
+            bounds.charge(len(value) >> 4)
         _check_filter(name, value, rest, kwargs)
         return func(*args, **kwargs)
 
