@@ -28,7 +28,6 @@ comparisons and lookups compile exactly as before.
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import re
 from collections.abc import Callable, Mapping
@@ -171,7 +170,15 @@ class _Rewrite(ast.NodeTransformer):
             return node
         raise _Unsupported(node.id)
 
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        if isinstance(node.operand, ast.BinOp) and isinstance(node.operand.op, ast.Pow):
+            raise _Unsupported("-x ** y")  # Jinja reads (-x) ** y: let Jinja parse it
+        return self.generic_visit(node)
+
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        if isinstance(node.op, ast.Pow) and isinstance(node.right, ast.BinOp) and \
+                isinstance(node.right.op, ast.Pow):
+            raise _Unsupported("x ** y ** z")  # Jinja's ** groups to the left
         helper = _BOUNDED.get(type(node.op))
         node = self.generic_visit(node)  # type: ignore[assignment]
         if helper is None or (isinstance(node.op, ast.Add) and
@@ -214,12 +221,19 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
         tree = ast.parse(source.strip(), mode="eval")
     except SyntaxError:
         raise _Unsupported("syntax") from None
+    problem = None
     for node in ast.walk(tree):
-        if isinstance(node, ast.BinOp):
-            with contextlib.suppress(_Unsupported):
+        if isinstance(node, ast.BinOp) and problem is None:
+            try:
                 _fold(node)  # refuses 9 ** (9 ** 9) now, not when an event arrives
+            except _Unsupported:
+                pass
+            except ValueError as exc:
+                problem = exc
     rewrite = _Rewrite(names)
-    body = rewrite.visit(tree).body
+    body = rewrite.visit(tree).body  # _Unsupported first: Jinja parses ** differently
+    if problem is not None:
+        raise problem
     ordered = sorted(rewrite.used)  # the closure takes only the names it reads
     lam = ast.Lambda(
         ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in ordered], kwonlyargs=[],
