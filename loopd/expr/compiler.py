@@ -52,6 +52,8 @@ WORKFLOW_SCOPE = frozenset({
 Compiled = Callable[[Scope], Any]
 
 _EXPR = re.compile(r"\{\{(.*?)\}\}", re.S)
+# what can build a structure bigger than the data it reads: operators, filters, calls
+_BUILDS = re.compile(r"[*+%~|(]")
 _CONSTANTS = {"true": True, "false": False, "none": None, "True": True, "False": False,
               "None": None}
 FUNCTIONS: dict[str, Callable[..., Any]] = {
@@ -347,10 +349,12 @@ def compile_template(text: Any, names: frozenset[str]) -> Compiled:
     single = _EXPR.fullmatch(text.strip())
     if single and "{{" not in single.group(1):
         expression = compile_expression(single.group(1), names)
+        if not _BUILDS.search(single.group(1)):
+            return expression  # a lookup returns event data or a literal as it is
 
         def value(scope: Scope) -> Any:
             result = expression(scope)
-            if not isinstance(result, str | int | float | bool | None):
+            if type(result) not in bounds.SCALARS:
                 bounds.text_size(result)  # [s] * 100000 would be gigabytes as JSON
             return result
 
@@ -395,16 +399,20 @@ def _compile_fast_text(text: str, names: frozenset[str]) -> Compiled:
 
     def render(scope: Scope) -> str:
         out = []
-        size = 0
         for p in pieces:
-            if not isinstance(p, str):
-                value = p(scope)
-                p = "" if value is None else bounds.bounded_str(value)
-            size += len(p)
-            if size > bounds.MAX_OUTPUT:
-                raise ConditionError(f"template {text!r} exceeds the output bound of "
-                                     f"{bounds.MAX_OUTPUT} characters")
-            out.append(p)
-        return "".join(out)
+            if isinstance(p, str):
+                out.append(p)
+                continue
+            value = p(scope)
+            if type(value) is str:
+                out.append(value)
+            elif value is not None:
+                out.append(bounds.bounded_str(value))
+        # each piece is bounded on its own and their number is fixed: check the sum once
+        rendered = "".join(out)
+        if len(rendered) > bounds.MAX_OUTPUT:
+            raise ConditionError(f"template {text!r} exceeds the output bound of "
+                                 f"{bounds.MAX_OUTPUT} characters")
+        return rendered
 
     return render
