@@ -9,10 +9,12 @@ operation that can grow a value beyond its inputs checks the size of its result
 bound               value       what it caps
 ==================  ==========  ===============================================
 ``MAX_INT_BITS``    4096        an integer made by ``**``, ``*`` or ``<<``
-``MAX_STRING``      1 MiB       a string made by ``*``, ``+``, ``~``, ``%``, a
-                                method or a filter (in characters)
+``MAX_STRING``      4 MiB       a string made by ``*``, ``+``, ``~``, ``%``, a
+                                method or a filter (in characters); above the
+                                1 MB a Kafka record may have, so the bus's own
+                                limit stays the one a payload meets
 ``MAX_ITEMS``       100,000     a list or tuple made by ``*`` or ``+``
-``MAX_OUTPUT``      1 MiB       what one template renders, and the text a value
+``MAX_OUTPUT``      4 MiB       what one template renders, and the text a value
                                 would become (``str()``, output, ``tojson``)
 ``MAX_LOOP``        100,000     loop iterations, ``range()`` items, calls, filter
                                 input items (16 per unit) and KiB built by ``~``,
@@ -21,7 +23,7 @@ bound               value       what it caps
 ==================  ==========  ===============================================
 
 An operation past a bound raises ``ConditionError`` naming the bound (``expression
-exceeds the string bound of 1048576 characters``); the caller turns it into an
+exceeds the string bound of 4194304 characters``); the caller turns it into an
 ``error`` decision or a failed task, and the next event is decided as usual. At load
 time the compilers fold constant subexpressions with the same operations, so
 ``9 ** (9 ** 9)`` or ``'a' * 10 ** 9`` is a ``ValueError`` from ``loopd check``.
@@ -43,9 +45,9 @@ from typing import Any
 from loopd.errors import ConditionError
 
 MAX_INT_BITS = 4096
-MAX_STRING = 1 << 20
+MAX_STRING = 1 << 22
 MAX_ITEMS = 100_000
-MAX_OUTPUT = 1 << 20
+MAX_OUTPUT = 1 << 22
 MAX_LOOP = 100_000
 
 _SEQUENCES = (str, bytes, list, tuple)

@@ -90,9 +90,9 @@ async def test_abusive_events_fail_their_decisions_while_the_daemon_keeps_answer
     by_rule = {rule: (outcome, reason) for rule, outcome, reason in rows}
     expected = {
         "power-if": "if: expression exceeds the integer bound of 4096 bits",
-        "repeat-key": "key: expression exceeds the string bound of 1048576 characters",
+        "repeat-key": "key: expression exceeds the string bound of 4194304 characters",
         "nested-loops": "template exceeds the loop budget of 100000 iterations",
-        "wide-filter": "filter argument width=1000000000 exceeds its bound of 1048576",
+        "wide-filter": "filter argument width=1000000000 exceeds its bound of 4194304",
     }
     for rule, message in expected.items():
         outcome, reason = by_rule[rule]
