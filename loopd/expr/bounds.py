@@ -8,7 +8,8 @@ operation that can grow a value beyond its inputs checks the size of its result
 ==================  ==========  ===============================================
 bound               value       what it caps
 ==================  ==========  ===============================================
-``MAX_INT_BITS``    4096        an integer made by ``**``, ``*`` or ``<<``
+``MAX_INT_BITS``    4096        an integer made by ``**`` or ``*`` (``<<`` is not
+                                part of the language on either path)
 ``MAX_STRING``      4 MiB       a string made by ``*``, ``+``, ``~``, ``%``, a
                                 method or a filter (in characters); above the
                                 1 MB a Kafka record may have, so the bus's own
@@ -20,6 +21,7 @@ bound               value       what it caps
                                 input items (16 per unit) and KiB built by ``~``,
                                 ``+``, ``*`` in one Jinja render, nested loops
                                 counted together
+``MAX_ROUND_DIGITS`` 1365       negative digits of ``round()`` on an integer
 ==================  ==========  ===============================================
 
 An operation past a bound raises ``ConditionError`` naming the bound (``expression
@@ -116,13 +118,6 @@ def add(left: Any, right: Any) -> Any:
     return left + right
 
 
-def lshift(left: Any, right: Any) -> Any:
-    if isinstance(left, int) and isinstance(right, int) and right > 0 and \
-            left.bit_length() + right > MAX_INT_BITS:
-        raise _too_big("integer", MAX_INT_BITS, "bits")
-    return left << right
-
-
 # a printf conversion: widths and precisions are checked, `*` widths refused
 PRINTF = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?[a-zA-Z%]")
 
@@ -156,7 +151,7 @@ def concat(*parts: Any) -> str:
 
 
 BINOPS: dict[str, Callable[[Any, Any], Any]] = {
-    "**": power, "*": mul, "+": add, "%": mod, "<<": lshift,
+    "**": power, "*": mul, "+": add, "%": mod,
     "-": operator.sub, "/": operator.truediv, "//": operator.floordiv,
 }
 
