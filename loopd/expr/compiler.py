@@ -13,9 +13,16 @@ whitelisted AST: about 50x faster than Jinja's sandbox, and just as safe:
 * a missing key reads as ``None`` (like Jinja's chainable undefined).
 
 Anything outside that subset (filters ``|``, tests ``is defined``, ``~``,
-statements) falls back to Jinja2's ``SandboxedEnvironment``: slower, still safe.
+statements) falls back to Jinja2's sandbox (``loopd.expr.sandbox``): slower, still safe.
 Both paths raise ``ConditionError`` at evaluation and ``ValueError`` (turned into
 a ``RuleError``/``PackError`` with a location by the caller) at compile time.
+
+Both paths are bounded (``loopd.expr.bounds``): ``**``, ``*``, ``+`` and ``%`` become
+calls to bounded operations that check the size of their result before computing it,
+``str.replace`` and ``sum``/``str`` are checked the same way, a text template's output
+is capped, and constant subexpressions are folded at compile time so that
+``9 ** (9 ** 9)`` or ``'a' * 10 ** 9`` is a ``ValueError`` naming the bound. Plain
+comparisons and lookups compile exactly as before.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.environment import TemplateExpression
 from jinja2.parser import Parser
-from jinja2.sandbox import SandboxedEnvironment
 
 from loopd.errors import ConditionError
 from loopd.events import Event
+from loopd.expr import bounds, sandbox
 
 Scope = Mapping[str, Any]
 
@@ -43,16 +51,18 @@ WORKFLOW_SCOPE = frozenset({
 })
 Compiled = Callable[[Scope], Any]
 
-_JINJA = SandboxedEnvironment(undefined=jinja2.ChainableUndefined, autoescape=False)
 _EXPR = re.compile(r"\{\{(.*?)\}\}", re.S)
+# what can build a structure bigger than the data it reads: operators, filters, calls
+_BUILDS = re.compile(r"[*+%~|(]")
 _CONSTANTS = {"true": True, "false": False, "none": None, "True": True, "False": False,
               "None": None}
 FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "len": len, "int": int, "float": float, "str": str, "bool": bool, "abs": abs,
-    "min": min, "max": max, "round": round, "sum": sum, "any": any, "all": all,
-    "sorted": sorted,
+    "len": len, "int": int, "float": float, "str": bounds.bounded_str, "bool": bool, "abs": abs,
+    "min": min, "max": max, "round": bounds.bounded_round, "sum": bounds.bounded_sum, "any": any,
+    "all": all, "sorted": sorted,
 }
-_JINJA.globals.update(FUNCTIONS)  # the fallback offers the same functions as the fast path
+# the fallback offers the same functions as the fast path
+_JINJA = sandbox.make_environment(FUNCTIONS)
 _METHODS: dict[type, set[str]] = {
     str: {"startswith", "endswith", "lower", "upper", "strip", "split", "replace", "count",
           "isdigit"},
@@ -64,8 +74,16 @@ _NODES = (
     ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.FloorDiv, ast.Compare,
     ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Is, ast.IsNot,
     ast.Name, ast.Load, ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.Attribute,
-    ast.Subscript, ast.Call, ast.IfExp, ast.Slice,
+    ast.Subscript, ast.Call, ast.IfExp, ast.Slice, ast.Pow,
 )
+# operators that can build a value far bigger than their operands, and their bounded twins
+_BOUNDED: dict[type[ast.operator], str] = {
+    ast.Pow: "_power", ast.Mult: "_mul", ast.Add: "_add", ast.Mod: "_mod",
+}
+_FOLD: dict[type[ast.operator], Any] = {
+    ast.Pow: bounds.power, ast.Mult: bounds.mul, ast.Add: bounds.add, ast.Mod: bounds.mod,
+    ast.Sub: lambda a, b: a - b, ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b,
+}
 
 
 class _Unsupported(Exception):
@@ -101,7 +119,37 @@ def _method(obj: Any, name: str) -> Callable[..., Any]:
     if allowed is None or name not in allowed:
         raise ConditionError(f"method {name!r} is not available on {type(obj).__name__}")
     method: Callable[..., Any] = getattr(obj, name)
+    if type(obj) is str:
+        return bounds.checked_method(obj, name, method)
     return method
+
+
+def _number(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and type(node.value) in (int, float)
+
+
+def _fold(node: ast.AST) -> Any:
+    """The value of a constant subexpression, computed with the bounded operations;
+    raises ValueError naming the bound it exceeds, _Unsupported when it is not constant."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _fold(node.operand)
+        if type(value) not in (int, float):
+            raise _Unsupported("operand")
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.List | ast.Tuple):
+        items = [_fold(item) for item in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.BinOp) and type(node.op) in _FOLD:
+        left, right = _fold(node.left), _fold(node.right)
+        try:
+            return _FOLD[type(node.op)](left, right)
+        except ConditionError as exc:
+            raise ValueError(str(exc)) from None
+        except Exception:  # e.g. 1 / 0: an evaluation error, reported when evaluated
+            raise _Unsupported("constant") from None
+    raise _Unsupported("not constant")
 
 
 class _Rewrite(ast.NodeTransformer):
@@ -123,6 +171,23 @@ class _Rewrite(ast.NodeTransformer):
         if node.id in FUNCTIONS:
             return node
         raise _Unsupported(node.id)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        if isinstance(node.operand, ast.BinOp) and isinstance(node.operand.op, ast.Pow):
+            raise _Unsupported("-x ** y")  # Jinja reads (-x) ** y: let Jinja parse it
+        return self.generic_visit(node)
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        if isinstance(node.op, ast.Pow) and isinstance(node.right, ast.BinOp) and \
+                isinstance(node.right.op, ast.Pow):
+            raise _Unsupported("x ** y ** z")  # Jinja's ** groups to the left
+        helper = _BOUNDED.get(type(node.op))
+        node = self.generic_visit(node)  # type: ignore[assignment]
+        if helper is None or (isinstance(node.op, ast.Add) and
+                              (_number(node.left) or _number(node.right))):
+            return node  # -, /, // and adding a number cannot grow a value
+        call = ast.Call(ast.Name(helper, ast.Load()), [node.left, node.right], [])
+        return ast.copy_location(call, node)
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
         if node.attr.startswith("_"):
@@ -158,8 +223,19 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
         tree = ast.parse(source.strip(), mode="eval")
     except SyntaxError:
         raise _Unsupported("syntax") from None
+    problem = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and problem is None:
+            try:
+                _fold(node)  # refuses 9 ** (9 ** 9) now, not when an event arrives
+            except _Unsupported:
+                pass
+            except ValueError as exc:
+                problem = exc
     rewrite = _Rewrite(names)
-    body = rewrite.visit(tree).body
+    body = rewrite.visit(tree).body  # _Unsupported first: Jinja parses ** differently
+    if problem is not None:
+        raise problem
     ordered = sorted(rewrite.used)  # the closure takes only the names it reads
     lam = ast.Lambda(
         ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in ordered], kwonlyargs=[],
@@ -168,7 +244,8 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
     )
     module = ast.fix_missing_locations(ast.Expression(lam))
     env: dict[str, Any] = {"__builtins__": {}, "_get": _get, "_item": _item,
-                           "_method": _method, **FUNCTIONS}
+                           "_method": _method, "_power": bounds.power, "_mul": bounds.mul,
+                           "_add": bounds.add, "_mod": bounds.mod, **FUNCTIONS}
     fn = eval(compile(module, "<loopd-expression>", "eval"), env)  # whitelisted AST only
 
     if len(ordered) == 1:
@@ -177,8 +254,8 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
         def run_one(scope: Scope) -> Any:
             try:
                 return fn(scope.get(only))
-            except ConditionError:
-                raise
+            except ConditionError as exc:  # a bound or a method: say where
+                raise ConditionError(f"{exc} in {source.strip()!r}") from None
             except Exception as exc:  # any evaluation error of user code, e.g. None > 3
                 raise ConditionError(
                     f"{source.strip()!r}: {type(exc).__name__}: {exc}") from None
@@ -188,8 +265,8 @@ def _compile_fast(source: str, names: frozenset[str]) -> Compiled:
     def run(scope: Scope) -> Any:
         try:
             return fn(*[scope.get(n) for n in ordered])
-        except ConditionError:
-            raise
+        except ConditionError as exc:
+            raise ConditionError(f"{exc} in {source.strip()!r}") from None
         except Exception as exc:  # any evaluation error of user code, e.g. None > 3
             raise ConditionError(f"{source.strip()!r}: {type(exc).__name__}: {exc}") from None
 
@@ -217,14 +294,23 @@ def _refuse_private(tree: nodes.Node) -> None:
 
 def _compile_jinja_expression(source: str) -> Compiled:
     try:
-        _refuse_private(Parser(_JINJA, source.strip(), state="variable").parse_expression())
-        expr = _JINJA.compile_expression(source.strip(), undefined_to_none=True)
+        parser = Parser(_JINJA, source.strip(), state="variable")
+        parsed = parser.parse_expression()
+        if not parser.stream.eos:
+            raise jinja2.TemplateSyntaxError("chunk after expression",
+                                             parser.stream.current.lineno, None, None)
+        _refuse_private(parsed)
+        body = [nodes.Assign(nodes.Name("result", "store"), parsed, lineno=1)]
+        tree = sandbox.prepare(_JINJA, nodes.Template(body, lineno=1))
+        expr = TemplateExpression(_JINJA.from_string(tree), undefined_to_none=True)
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"invalid expression {source.strip()!r}: {exc.message}") from None
 
     def run(scope: Scope) -> Any:
         try:
-            return expr(**_jinja_scope(scope))
+            return sandbox.evaluate(expr, _jinja_scope(scope))
+        except ConditionError as exc:
+            raise ConditionError(f"{exc} in {source.strip()!r}") from None
         except jinja2.TemplateError as exc:
             raise ConditionError(f"{source.strip()!r}: {exc}") from None
         except Exception as exc:  # evaluation error inside user code
@@ -262,21 +348,34 @@ def compile_template(text: Any, names: frozenset[str]) -> Compiled:
         return lambda scope: text
     single = _EXPR.fullmatch(text.strip())
     if single and "{{" not in single.group(1):
-        return compile_expression(single.group(1), names)
+        expression = compile_expression(single.group(1), names)
+        if not _BUILDS.search(single.group(1)):
+            return expression  # a lookup returns event data or a literal as it is
+
+        def value(scope: Scope) -> Any:
+            result = expression(scope)
+            if type(result) not in bounds.SCALARS:
+                bounds.text_size(result)  # [s] * 100000 would be gigabytes as JSON
+            return result
+
+        return value
     if "{%" not in text and "{#" not in text:
         try:
             return _compile_fast_text(text, names)
         except _Unsupported:
             pass
     try:
-        _refuse_private(_JINJA.parse(text))
-        template = _JINJA.from_string(text)
+        tree = _JINJA.parse(text)
+        _refuse_private(tree)
+        template = _JINJA.from_string(sandbox.prepare(_JINJA, tree))
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"invalid template {text!r}: {exc.message}") from None
 
     def render(scope: Scope) -> Any:
         try:
-            return template.render(**_jinja_scope(scope))
+            return sandbox.render(template, _jinja_scope(scope))
+        except ConditionError as exc:  # a bound: named first, the engine keeps 500 chars
+            raise ConditionError(f"{exc} in template {text!r}") from None
         except jinja2.TemplateError as exc:
             raise ConditionError(f"template {text!r}: {exc}") from None
         except Exception as exc:  # evaluation error inside user code
@@ -303,9 +402,17 @@ def _compile_fast_text(text: str, names: frozenset[str]) -> Compiled:
         for p in pieces:
             if isinstance(p, str):
                 out.append(p)
-            else:
-                value = p(scope)
-                out.append("" if value is None else str(value))
-        return "".join(out)
+                continue
+            value = p(scope)
+            if type(value) is str:
+                out.append(value)
+            elif value is not None:
+                out.append(bounds.bounded_str(value))
+        # each piece is bounded on its own and their number is fixed: check the sum once
+        rendered = "".join(out)
+        if len(rendered) > bounds.MAX_OUTPUT:
+            raise ConditionError(f"template {text!r} exceeds the output bound of "
+                                 f"{bounds.MAX_OUTPUT} characters")
+        return rendered
 
     return render

@@ -20,11 +20,12 @@ from jinja2.defaults import DEFAULT_NAMESPACE
 from jinja2.sandbox import SandboxedEnvironment
 
 from loopd.expr.compiler import FUNCTIONS
+from loopd.expr.sandbox import REMOVED_GLOBALS
 
-# the functions both compiler paths offer, Jinja's own globals (range, dict, ...) and the
-# names Jinja binds inside loops and macros
-_GLOBALS = frozenset(FUNCTIONS) | frozenset(DEFAULT_NAMESPACE) | {"loop", "caller", "varargs",
-                                                                  "kwargs"}
+# the functions both compiler paths offer, Jinja's own globals (range, dict, ...) but those
+# loopd removes (lipsum), and the names Jinja binds inside loops and macros
+_GLOBALS = frozenset(FUNCTIONS) | (frozenset(DEFAULT_NAMESPACE) - REMOVED_GLOBALS) | {
+    "loop", "caller", "varargs", "kwargs"}
 _DICT_METHODS = frozenset({"get", "keys", "values", "items"})
 _PARSER = SandboxedEnvironment()
 
