@@ -104,6 +104,7 @@ def run(path: Path, listen: str | None) -> int:
         print(f"loopd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        daemon.exit_hard_after_shutdown_budget()
         _run_loop(daemon.run())
     except (StoreError, ConfigError) as exc:  # ConfigError: e.g. an API token's reference
         print(f"loopd: {exc}", file=sys.stderr)

@@ -4,7 +4,9 @@ Start: store -> packs and rules -> engine state -> dispatcher resume -> engine
 and dispatcher tasks -> sources (supervised) -> HTTP API. Stop (SIGTERM/SIGINT):
 API -> sources stop feeding the engine -> engine drains in-flight decisions ->
 sources close (Kafka commits everything decided) -> runs get a short grace
-period, the rest resume at next start -> runners -> store. SIGHUP and
+period, the rest resume at next start -> runners -> store. Every step is bounded and
+all of them together by ``SHUTDOWN_BUDGET``; ``loopd run`` also exits hard at
+``HARD_EXIT_AFTER`` seconds (what is decided is durable; runs resume). SIGHUP and
 ``POST /v1/reload`` reload rules and packs, the API tokens' values and the TLS
 certificate (new connections get the new one).
 
@@ -15,7 +17,11 @@ A non-loopback listen without ``api.auth`` is refused here, before anything star
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +46,8 @@ from loopd.wiring import build, load_packs_and_rules
 log = structlog.get_logger("loopd")
 
 SHUTDOWN_GRACE = 1.5
+SHUTDOWN_BUDGET = 8.5  # all of the shutdown, closing included: SIGTERM exits within 10 s
+HARD_EXIT_AFTER = 9.5  # `loopd run` only: past this, the process exits without waiting more
 
 
 class Daemon:
@@ -75,6 +83,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._holding = False  # set at shutdown: sources no longer feed the engine
+        self._stopping_at: float | None = None  # monotonic time the shutdown began
+        self._hard_exit = False
+        self._hard_exit_timer: threading.Timer | None = None
         with metrics.using(self.metrics):
             self._report_load(parts.ruleset)
 
@@ -128,6 +139,29 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def exit_hard_after_shutdown_budget(self) -> None:
+        """``loopd run`` (never an in-process daemon): once the shutdown has begun, the
+        process exits at ``HARD_EXIT_AFTER`` seconds whatever is still being cancelled (tens
+        of thousands of queued runs, a close that hangs). Nothing is lost: every decision is
+        durable before it is acknowledged, and runs in flight resume at the next start."""
+        self._hard_exit = True
+
+    def _arm_hard_exit(self) -> None:
+        if not self._hard_exit:
+            return
+
+        def exit_now() -> None:
+            log.warning("shutdown budget exceeded; exiting now (runs in flight resume at "
+                        "next start)", budget_s=HARD_EXIT_AFTER)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(0)
+
+        self._hard_exit_timer = threading.Timer(HARD_EXIT_AFTER, exit_now)
+        self._hard_exit_timer.daemon = True
+        self._hard_exit_timer.start()
+
     async def _heartbeat(self) -> None:
         """Tell the store this replica is alive, so its runs stay its own (a replica silent
         for longer than the store's lease loses them to another)."""
@@ -177,43 +211,64 @@ class Daemon:
         finally:
             if self.runner is not None:  # the task group failed: the API still has to go
                 await self.runner.cleanup()
-            await self.executor.close()
-            if self.tasks.prometheus is not None:
-                await self.tasks.prometheus.close()
-            await self.store.close()
+            # what is left of the shutdown budget bounds the closing too: everything decided
+            # is durable already, so a slow close (a WAL checkpoint, a peer that never
+            # answers) costs nothing but time
+            try:
+                async with asyncio.timeout(self._left(SHUTDOWN_BUDGET, floor=1.0)):
+                    await self.executor.close()
+                    if self.tasks.prometheus is not None:
+                        await self.tasks.prometheus.close()
+                    await self.store.close()
+            except TimeoutError:
+                log.warning("closing connections and the store took past the shutdown "
+                            "budget; exiting anyway (the store recovers at next open)")
+            if self._hard_exit_timer is not None:
+                self._hard_exit_timer.cancel()
             log.info("loopd stopped")
+
+    def _left(self, cap: float, *, floor: float = 0.1) -> float:
+        """Seconds a shutdown step may take: at most ``cap``, at most what is left of the
+        whole budget (at least ``floor``); ``cap`` alone before the shutdown began."""
+        if self._stopping_at is None:
+            return cap
+        left = self._stopping_at + SHUTDOWN_BUDGET - time.monotonic()
+        return max(floor, min(cap, left))
 
     async def _shutdown(self, feeds: list[asyncio.Task[None]],
                         workers: list[asyncio.Task[None]]) -> None:
-        # Each step is bounded so SIGTERM exits within 10 s whatever the brokers do:
-        # API 2 s, decisions in flight 3 s, sources 3 s, runs 1.5 s.
+        # Each step is bounded, and all of them together by SHUTDOWN_BUDGET, so SIGTERM
+        # exits within 10 s whatever the brokers do and however loaded the machine is:
+        # API 2 s, decisions in flight 3 s, sources 3 s, runs 1.5 s, run ends 1 s, closing.
+        self._stopping_at = time.monotonic()
+        self._arm_hard_exit()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
         self._holding = True
         try:  # decisions in flight are finished and acknowledged ...
-            await self.engine.drain(timeout=3.0)
+            await self.engine.drain(timeout=self._left(3.0))
         except TimeoutError:
-            log.warning("engine did not drain in 3s; undecided events will be redelivered")
+            log.warning("engine did not drain in time; undecided events will be redelivered")
         try:
-            async with asyncio.timeout(3.0):
+            async with asyncio.timeout(self._left(3.0)):
                 for sup in self.supervisors:  # ... before the sources commit and close
                     await sup.stop()
         except TimeoutError:
-            log.warning("sources did not close in 3s; uncommitted offsets are redelivered "
+            log.warning("sources did not close in time; uncommitted offsets are redelivered "
                         "and recognised as duplicates")
         for task in feeds:
             task.cancel()
         try:
-            await self.dispatcher.drain(timeout=SHUTDOWN_GRACE)
+            await self.dispatcher.drain(timeout=self._left(SHUTDOWN_GRACE))
         except TimeoutError:
             log.info("runs still active at shutdown resume at next start",
                      active=self.dispatcher.active())
         self.dispatcher.shutting_down = True
         try:  # the ends of the runs that finished: incidents closed, guards saved
-            await self.engine.drain(timeout=1.0)
+            await self.engine.drain(timeout=self._left(1.0))
         except TimeoutError:
-            log.warning("run ends not recorded in 1s; incidents are closed at next start")
+            log.warning("run ends not recorded in time; incidents are closed at next start")
         for task in workers:
             task.cancel()
 
