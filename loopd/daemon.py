@@ -46,8 +46,8 @@ from loopd.wiring import build, load_packs_and_rules
 log = structlog.get_logger("loopd")
 
 SHUTDOWN_GRACE = 1.5
-SHUTDOWN_BUDGET = 8.5  # all of the shutdown, closing included: SIGTERM exits within 10 s
-HARD_EXIT_AFTER = 9.5  # `loopd run` only: past this, the process exits without waiting more
+SHUTDOWN_BUDGET = 8.0  # all of the shutdown, closing included: SIGTERM exits within 10 s
+HARD_EXIT_AFTER = 9.0  # `loopd run` only: this long after SIGTERM the process exits, done or not
 
 
 class Daemon:
@@ -137,6 +137,7 @@ class Daemon:
                 log.exception("reload failed; the rules loaded before stay active")
 
     def stop(self) -> None:
+        self._arm_hard_exit()  # counted from the signal, not from when the loop gets to it
         self._stop.set()
 
     def exit_hard_after_shutdown_budget(self) -> None:
@@ -147,7 +148,7 @@ class Daemon:
         self._hard_exit = True
 
     def _arm_hard_exit(self) -> None:
-        if not self._hard_exit:
+        if not self._hard_exit or self._hard_exit_timer is not None:
             return
 
         def exit_now() -> None:
@@ -241,7 +242,6 @@ class Daemon:
         # exits within 10 s whatever the brokers do and however loaded the machine is:
         # API 2 s, decisions in flight 3 s, sources 3 s, runs 1.5 s, run ends 1 s, closing.
         self._stopping_at = time.monotonic()
-        self._arm_hard_exit()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

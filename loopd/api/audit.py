@@ -13,8 +13,10 @@ a second record with the same ``request`` id holds the result (HTTP status and a
 outcome). If that one cannot be written the action stands (it happened) and the failure
 is logged and counted (``loopd_audit_write_failures_total``): the trail still shows the
 call, with its result missing, as it does for a call in flight when loopd stopped.
-``refusals`` runs before the auth middleware and records its 403 answers (the auth
-middleware puts the principal on the request before it refuses a weaker one).
+``refusals`` runs before the auth middleware and records its 403 answers to a real
+token with too weak a role (the auth middleware puts the principal on the request
+before it refuses one); a 403 for a foreign Origin or Host, which needs no token, is
+counted in metrics but not recorded, so nobody can fill the trail.
 
 A record holds the principal's name and role, the route's name as the action, its
 target (run id, breaker scope), the query parameters with secret-looking keys redacted
@@ -149,6 +151,12 @@ async def trail(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+def _token_refused(request: web.Request) -> bool:
+    """A 403 worth a record: a real token, too weak for the route. A refused Origin or
+    Host comes before any token is checked, and anyone could send those by the million."""
+    return principal(request).authenticated and not request.get(_RECORDED, False)
+
+
 @web.middleware
 async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Before the auth middleware: its 403 answers (a too-weak role) are recorded too."""
@@ -157,11 +165,11 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        if exc.status == 403 and not request.get(_RECORDED, False):
+        if exc.status == 403 and _token_refused(request):
             await _append(request, _record(request, uuid.uuid4().hex, 403,
                                            exc.text or exc.reason), "refused")
         raise
-    if response.status == 403 and not request.get(_RECORDED, False):
+    if response.status == 403 and _token_refused(request):
         await _append(request, _record(request, uuid.uuid4().hex, 403, _outcome(response)),
                       "refused")
     return response

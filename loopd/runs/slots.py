@@ -11,18 +11,41 @@ both.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 
 
 class Slots:
+    """At most ``size`` runs hold a slot; the others wait in arrival order.
+
+    Not an ``asyncio.Semaphore``: a semaphore forgets a cancelled waiter by searching its
+    queue, so cancelling tens of thousands of waiting runs at shutdown (in a task group's
+    arbitrary order) took quadratic time, tens of seconds. Here a waiter is found by its
+    run id.
+    """
+
     def __init__(self, size: int = 256) -> None:
-        self._free = asyncio.Semaphore(size)
+        self._free = size
         self._holding: set[str] = set()
+        self._waiting: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
 
     async def take(self, run_id: str) -> None:
         """Wait for a slot for ``run_id`` (a no-op when it holds one already)."""
-        if run_id not in self._holding:
-            await self._free.acquire()
+        if run_id in self._holding:
+            return
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
             self._holding.add(run_id)
+            return
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[run_id] = handed
+        try:
+            await handed  # _hand_on() puts run_id in _holding before it resolves this
+        except asyncio.CancelledError:
+            if self._waiting.get(run_id) is handed:
+                del self._waiting[run_id]
+            else:  # handed a slot just as it was cancelled: pass it on
+                self.give_back(run_id)
+            raise
 
     def hold(self, run_id: str) -> RunSlot:
         """``run_id``'s slot as an action's :class:`~loopd.packs.executor.Hold`: an
@@ -33,7 +56,16 @@ class Slots:
         """The run waits now (or ended): it no longer counts as starting."""
         if run_id in self._holding:
             self._holding.discard(run_id)
-            self._free.release()
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        while self._waiting:
+            run_id, handed = self._waiting.popitem(last=False)
+            if not handed.done():
+                self._holding.add(run_id)
+                handed.set_result(None)
+                return
+        self._free += 1
 
 
 class RunSlot:

@@ -467,3 +467,15 @@ async def test_the_audit_trail_names_the_token_behind_each_call(authed: Api) -> 
     assert len(seen) == 3
     text = orjson.dumps(body).decode()
     assert all(token not in text for _, token in TOKENS.values())
+
+
+async def test_a_refused_origin_needs_no_token_and_so_leaves_no_audit_record(
+        authed: Api) -> None:
+    """A POST with a foreign Origin is refused 403 before any token is checked, and is not
+    recorded: nobody can fill the audit trail without a token."""
+    for _ in range(5):
+        status, _, _ = await call(authed, "POST", "/v1/reload",
+                                  headers={"Origin": "https://evil.example"})
+        assert status == 403
+    status, body, _ = await call(authed, "GET", "/v1/audit", token=ADMIN)
+    assert (status, body["audit"]) == (200, [])
