@@ -24,11 +24,23 @@ import jinja2
 from jinja2 import nodes
 from jinja2.defaults import DEFAULT_NAMESPACE
 
-from loopd.expr.compiler import FUNCTIONS
+from loopd.expr.compiler import FUNCTIONS, WORKFLOW_SCOPE
 from loopd.expr.names import templates
 
 TRUSTED = frozenset({"inventory", "entity", "config"})
 """Operator data: the only names a raw (verbatim) input's template may read."""
+SCOPE_NAMES = (WORKFLOW_SCOPE | {"event", "vars", "key", "telemetry", "now", "trigger", "raw",
+                                 "rule", "reason"}) - TRUSTED
+"""Names a rule's or workflow's templates get from loopd: never trusted, even rebound."""
+RUNS_ITS_ARGUMENTS = frozenset({
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "busybox", "env",
+    "sudo", "doas", "su", "runuser", "setpriv", "xargs", "nohup", "timeout", "nice",
+    "ionice", "setsid", "stdbuf", "chroot", "nsenter", "unshare", "watch", "ssh", "eval",
+    "exec", "python", "python3", "perl", "ruby", "node", "php", "lua", "awk", "gawk",
+    "mawk", "tclsh", "expect", "script", "systemd-run", "flock", "strace", "time",
+})
+"""Programs that run (part of) their arguments as a command or program: with one of
+these as argv[0], an argument from event data could choose what runs."""
 _GLOBALS = frozenset(FUNCTIONS) | frozenset(DEFAULT_NAMESPACE) | {"loop", "caller", "varargs",
                                                                   "kwargs"}
 _PARSER = jinja2.Environment()
@@ -91,7 +103,10 @@ def untrusted_reads(value: Any) -> list[str]:
         tree = _parse(text)
         if tree is None:
             continue
-        bound = {n.name for n in tree.find_all(nodes.Name) if n.ctx != "load"}
+        # a name the template binds itself ({% set %}, a loop or macro variable) is read
+        # from what it was bound to, which is checked where it is read; but a name of the
+        # scope stays untrusted even when rebound ({% set event = event %})
+        bound = {n.name for n in tree.find_all(nodes.Name) if n.ctx != "load"} - SCOPE_NAMES
         for node in tree.find_all(nodes.Name):
             if node.ctx == "load" and node.name not in TRUSTED and node.name not in bound \
                     and node.name not in _GLOBALS:
@@ -107,14 +122,11 @@ def shell_problems(target: str, raw: Collection[str], values: dict[str, Any],
     for name in sorted(unsafe_shell):
         if name not in values:
             yield f"unsafe_shell lists {name!r}, which is not given to {target}"
-        elif ALL not in raw and name not in raw:
+        elif name != "argv" and ALL not in raw and name not in raw:
             yield (f"unsafe_shell lists {name!r}, but {target} quotes that input "
                    "(it is never passed to the shell verbatim): remove it")
-    words = values.get("argv") if argv else None
-    if isinstance(words, list) and words and untrusted_reads(words[0]):
-        yield (f"{target} runs the program argv[0] names, and this template reads "
-               f"{', '.join(untrusted_reads(words[0]))}: event data could choose which "
-               "program runs; name the program literally (or from inventory or config)")
+    yield from _argv_problems(target, values.get("argv") if argv else None,
+                              "argv" in unsafe_shell)
     for name, value in values.items():
         if name in unsafe_shell or (ALL not in raw and name not in raw):
             continue
@@ -126,3 +138,32 @@ def shell_problems(target: str, raw: Collection[str], values: dict[str, Any],
             yield (f"{target} passes input {name!r} to the shell verbatim (raw.{name}) and "
                    f"this template reads {', '.join(reads)}: event data could run commands; "
                    f"{instead}, or add unsafe_shell: [{name}] to accept the risk")
+
+
+def _argv_problems(target: str, words: Any, accepted: bool) -> Iterator[str]:
+    """argv is quoted word by word, but its first word chooses the program: event data
+    may not choose it, nor feed a program that runs its arguments (``sh -c``, ``sudo``)."""
+    if words is None:
+        return
+    if not isinstance(words, list):
+        reads = untrusted_reads(words)
+        if reads and not accepted:
+            yield (f"{target} takes argv as a list, and this template builds the whole "
+                   f"list from {', '.join(reads)}: event data could choose which program "
+                   "runs; give argv as a YAML list whose first element is a literal")
+        return
+    if not words:
+        return
+    reads = untrusted_reads(words[0])
+    if reads:
+        yield (f"{target} runs the program argv[0] names, and this template reads "
+               f"{', '.join(reads)}: event data could choose which program runs; name the "
+               "program literally (or from inventory or config)")
+        return
+    program = words[0].rsplit("/", 1)[-1] if isinstance(words[0], str) else ""
+    later = [r for w in words[1:] for r in untrusted_reads(w)]
+    if program in RUNS_ITS_ARGUMENTS and later and not accepted:
+        yield (f"{target} runs {program}, which runs its arguments as a command, and an "
+               f"argument reads {', '.join(dict.fromkeys(later))}: event data could choose "
+               f"what runs; call the program itself, or add unsafe_shell: [argv] to accept "
+               "the risk")

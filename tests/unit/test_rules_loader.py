@@ -476,3 +476,43 @@ def test_argv_may_not_let_event_data_choose_the_program(tmp_path: Path, packs_di
         "sh.run runs the program argv[0] names, and this template reads event: event data "
         "could choose which program runs; name the program literally (or from inventory or "
         "config)")
+
+
+@pytest.mark.parametrize("given", [
+    'command: "{% set event = event %}journalctl -u {{ event.labels.service }}"',
+    'command: "{% for event in [event] %}tail {{ event.labels.service }}{% endfor %}"',
+    'command: "{% macro m(event) %}{% endmacro %}tail {{ event.labels.service }}"',
+    'argv: "{{ event.labels.cmd.split() }}"',
+    'argv: "{{ event.args }}"',
+    'argv: ["{% set event = event %}{{ event.labels.prog }}", "x"]',
+    'argv: [sh, -c, "{{ event.labels.cmd }}"]',
+    'argv: [/usr/bin/sudo, "{{ event.labels.prog }}"]',
+    'token: "{% set event = event %}{{ event.labels.ref }}"',
+], ids=["set", "for", "macro", "argv-split", "argv-native", "argv0-set", "sh-c", "sudo",
+        "secret-set"])
+def test_rebinding_a_scope_name_or_a_whole_argv_does_not_hide_event_data(
+        tmp_path: Path, packs_dir: Path, given: str) -> None:
+    """A template that rebinds ``event`` before reading it, an argv built whole by one
+    template, and event data handed to a program that runs its arguments (``sh -c``,
+    ``sudo``) are all refused: each would let the event choose what runs."""
+    argv = "" if given.startswith("argv") else "argv: [id], " if given.startswith("token") \
+        else ""
+    rules = _shell_rules(tmp_path, packs_dir, f"""\
+        rules:
+          - name: sneaky
+            run: {{action: sh.run, input: {{host: web-1, {argv}{given}}}}}
+        """)
+    assert rules.rules == [], "loaded"
+    assert "event" in _only_error(rules).message
+
+
+def test_a_wrapper_program_with_event_arguments_loads_with_unsafe_shell(
+        tmp_path: Path, packs_dir: Path) -> None:
+    """``unsafe_shell: [argv]`` accepts event data as an argument of ``sh -c`` explicitly."""
+    rules = _shell_rules(tmp_path, packs_dir, """\
+        rules:
+          - name: risky
+            unsafe_shell: [argv]
+            run: {action: sh.run, input: {host: web-1, argv: [sh, -c, "{{ event.cmd }}"]}}
+        """)
+    assert rules.errors == [] and len(rules.rules) == 1
