@@ -264,8 +264,21 @@ def _check_translate(text: str, table: Any) -> None:
         check_length(text, len(text) * max(longest - 1, 0))
 
 
-# str methods that may grow their result: each is checked before the method runs
+def _check_split(text: str, sep: Any = None, maxsplit: Any = -1, **_: Any) -> None:
+    """A split makes one object per piece: at most MAX_ITEMS of them (a 4 MiB string of
+    two-character words would make two million)."""
+    limit = MAX_ITEMS if not isinstance(maxsplit, int) or maxsplit < 0 \
+        else min(maxsplit, MAX_ITEMS)
+    if limit == MAX_ITEMS and len(text.split(sep, MAX_ITEMS)) > MAX_ITEMS:
+        raise ConditionError(f"expression exceeds the list bound of {MAX_ITEMS} items: "
+                             "split would make more pieces")
+
+
+# str methods that may grow their result (or make many objects): each is checked before
+# the method runs
 STR_CHECKS: dict[str, Callable[..., None]] = {
+    "split": _check_split, "rsplit": _check_split, "splitlines": lambda text, *a, **k: (
+        _check_split(text, "\n")),
     "replace": _check_replace, "join": _check_join, "expandtabs": _check_expandtabs,
     "center": _check_pad, "ljust": _check_pad, "rjust": _check_pad, "zfill": _check_pad,
     "format": _check_format, "translate": _check_translate,
@@ -322,6 +335,21 @@ def budget_range(*args: int) -> range:
     rng = range(*args)
     charge(len(rng))
     return rng
+
+
+def sliced(value: Any, start: Any, stop: Any, step: Any) -> Any:
+    """Jinja's ``x[a:b:c]``: a slice copies what it keeps, charged per KiB."""
+    result = value[slice(start, stop, step)]
+    if isinstance(result, str | list | tuple):
+        charge_size(len(result))
+    return result
+
+
+def contains(needle: Any, haystack: Any) -> bool:
+    """Jinja's ``a in b``: scanning a long string or list is charged per KiB of it."""
+    if isinstance(haystack, str | list | tuple):
+        charge_size(len(haystack))
+    return needle in haystack
 
 
 def counted(iterable: Iterable[Any]) -> Iterator[Any]:

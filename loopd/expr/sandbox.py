@@ -63,10 +63,21 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         bounds.charge(MACRO_CALL if isinstance(__obj, Macro | LoopContext) else 1)
         target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         owner = getattr(target, "__self__", None)
+        if isinstance(owner, str | list | tuple | dict):
+            bounds.charge_size(len(owner))  # a method reads its whole receiver, per call
         if isinstance(owner, str):
             bounds.STR_CHECKS.get(getattr(target, "__name__", ""), _no_check)(
                 owner, *args, **kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(result, str | list | tuple):
+            bounds.charge_size(len(result))
+        return result
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        result = super().getitem(obj, argument)
+        if isinstance(argument, slice) and isinstance(result, str | list | tuple):
+            bounds.charge_size(len(result))  # a slice copies what it keeps
+        return result
 
 
 def _no_check(*args: Any, **kwargs: Any) -> None:
@@ -160,6 +171,24 @@ class _Bound(NodeTransformer):
         node.iter = nodes.Call(nodes.ImportedName("loopd.expr.bounds.counted"), [node.iter],
                                [], None, None, lineno=node.lineno)
         return node
+
+    def visit_Getitem(self, node: nodes.Getitem) -> nodes.Node:
+        self.generic_visit(node)
+        if node.ctx != "load" or not isinstance(node.arg, nodes.Slice):
+            return node
+        part = node.arg
+        bounds_ = [p if p is not None else nodes.Const(None)
+                   for p in (part.start, part.stop, part.step)]
+        return nodes.Call(nodes.ImportedName("loopd.expr.bounds.sliced"),
+                          [node.node, *bounds_], [], None, None, lineno=node.lineno)
+
+    def visit_Compare(self, node: nodes.Compare) -> nodes.Node:
+        self.generic_visit(node)
+        if len(node.ops) != 1 or node.ops[0].op not in ("in", "notin"):
+            return node  # a chain with `in` is rare: its scan is bounded by its operands
+        call = nodes.Call(nodes.ImportedName("loopd.expr.bounds.contains"),
+                          [node.expr, node.ops[0].expr], [], None, None, lineno=node.lineno)
+        return nodes.Not(call, lineno=node.lineno) if node.ops[0].op == "notin" else call
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)

@@ -121,6 +121,8 @@ def test_event_data_cannot_make_a_template_blow_up(
     ("round(5, event.n)", {"n": -10**7}),
     ("str([event.s] * 100000)", {"s": "a" * 1000}),
     ("sum(event.l, [])", {"l": [[1] * 1000] * 1000}),
+    ("event.s.split()", {"s": "ab " * 330_000}),
+    ("event.s.split(' ')", {"s": "ab " * 330_000}),
 ])
 def test_fast_path_operations_check_their_result_before_computing_it(
         text: str, data: dict[str, Any]) -> None:
@@ -149,6 +151,7 @@ def test_fast_path_operations_check_their_result_before_computing_it(
     ("{{ ([event.s] * 100000) | tojson }}", {"s": "a" * 1000}),
     ("{{ event.l | sum(start=[]) | length }}", {"l": [[1] * 1000] * 1000}),
     ("{{ event.s.replace('a', event.s) | string }}", {"s": "a" * 10_000}),
+    ("{{ event.s.split() | length }}", {"s": "ab " * 330_000}),
 ])
 def test_jinja_operators_methods_and_filters_are_bounded(text: str, data: dict[str, Any]) -> None:
     """The Jinja fallback checks ``~``, str methods and sized filter arguments before they
@@ -167,11 +170,19 @@ def test_jinja_operators_methods_and_filters_are_bounded(text: str, data: dict[s
     ("{% for i in range(1000) %}{{ event.l | sum }}{% endfor %}", {"l": [1] * 100_000}),
     ("{% set ns = namespace(s='') %}{% for i in range(event.n) %}"
      "{% set ns.s = ns.s ~ '0123456789' %}{% endfor %}{{ ns.s | length }}", {"n": 100_000}),
+    # a method, a slice or `in` reads its whole operand: each costs a unit per KiB
+    ("{% for i in range(5000) %}{% set x = (event.s or '').upper() %}{% endfor %}",
+     {"s": "ab " * 330_000}),
+    ("{% for i in range(5000) %}{% set x = (event.s or '')[1:] %}{% endfor %}",
+     {"s": "ab " * 330_000}),
+    ("{% for i in range(5000) %}{% set x = 'b' in (event.s or '') %}{% endfor %}",
+     {"s": "ab " * 330_000}),
 ])
 def test_loops_calls_and_filters_share_one_budget_per_render(
         text: str, data: dict[str, Any]) -> None:
-    """Nested loops, recursive macros, filters inside loops and string building in a loop
-    all spend the render's loop budget, and stop at it within a second."""
+    """Nested loops, recursive macros, filters inside loops, string building in a loop and
+    methods, slices or ``in`` on a long string all spend the render's loop budget, and stop
+    at it within a second."""
     render = compile_template(text, NAMES)
     started = time.monotonic()
     with pytest.raises(ConditionError, match="exceeds the loop budget of 100000 iterations"):
