@@ -14,6 +14,7 @@ survive power loss too, at a cost in throughput.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sqlite3
@@ -114,8 +115,10 @@ class SqliteStore:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             sync = os.environ.get("LOOPD_SQLITE_SYNC", "NORMAL").upper()
-            for pragma in ("journal_mode=WAL", f"synchronous={sync}", "foreign_keys=OFF",
-                           "busy_timeout=5000"):
+            # busy_timeout first: another process opening the same file at the same moment
+            # holds the lock briefly (journal mode, migrations) and must be waited for
+            for pragma in ("busy_timeout=5000", "journal_mode=WAL", f"synchronous={sync}",
+                           "foreign_keys=OFF"):
                 await self.db.execute(f"PRAGMA {pragma}")
             await self._migrate()
             await self._register()
@@ -127,20 +130,26 @@ class SqliteStore:
             raise
 
     async def _migrate(self) -> None:
-        async with self.db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"store schema version {version} is newer than this loopd ({SCHEMA_VERSION})",
-                origin=str(self.path),
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            await self.db.execute("BEGIN IMMEDIATE")
-            for statement in MIGRATIONS[target]:
-                await self.db.execute(statement)
-            await self.db.execute(f"PRAGMA user_version={target}")
+        # The version is read inside the write transaction: two processes opening a new (or
+        # old) file together must not both apply the same migration.
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            async with self.db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store schema version {version} is newer than this loopd "
+                    f"({SCHEMA_VERSION})", origin=str(self.path))
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    await self.db.execute(statement)
+                await self.db.execute(f"PRAGMA user_version={target}")
             await self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(aiosqlite.Error):  # the error that got us here counts
+                await self.db.execute("ROLLBACK")
+            raise
 
     async def _register(self) -> None:
         """Take this replica's name; refuse it while another live process holds it (two
@@ -165,7 +174,8 @@ class SqliteStore:
                 (self.replica, self._incarnation, host, pid, now))
             await self.db.execute("COMMIT")
         except BaseException:
-            await self.db.execute("ROLLBACK")
+            with contextlib.suppress(aiosqlite.Error):  # the error that got us here counts
+                await self.db.execute("ROLLBACK")
             raise
 
     async def heartbeat(self) -> None:

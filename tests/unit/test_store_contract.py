@@ -459,3 +459,16 @@ async def test_a_version_2_store_upgrades_and_keeps_its_runs(tmp_path: Path) -> 
         await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+async def test_processes_opening_a_new_sqlite_file_together_migrate_it_once(
+        tmp_path: Path) -> None:
+    """Several replicas starting at once on one new state file all open it: the schema is
+    read and migrated inside one write transaction, so no migration is applied twice."""
+    path = tmp_path / "loopd.db"
+    stores = [SqliteStore(path, replica=f"r{i}") for i in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    for store in stores:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
