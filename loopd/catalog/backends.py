@@ -129,17 +129,21 @@ class SecretResolver:
             raise ConfigError(f"cannot run the helper: {exc.strerror or type(exc).__name__}",
                               origin=str(ref)) from None
         try:
-            async with asyncio.timeout(self.exec_timeout):
-                out, err, status = await asyncio.gather(
-                    _read_limited(proc.stdout), _read_limited(proc.stderr), proc.wait())
-        except TimeoutError:
-            raise ConfigError(f"the helper did not answer within {self.exec_timeout:g}s",
-                              origin=str(ref)) from None
-        finally:
-            if proc.returncode is None:  # timed out or cancelled: leave nothing running
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                async with asyncio.timeout(self.exec_timeout):
+                    out, err, status = await asyncio.gather(
+                        _read_limited(proc.stdout), _read_limited(proc.stderr), proc.wait())
+            except TimeoutError:
+                raise ConfigError(f"the helper did not answer within {self.exec_timeout:g}s",
+                                  origin=str(ref)) from None
+        except BaseException:
+            # timed out or cancelled: leave nothing running, not even a child the helper
+            # left behind holding its pipes (it runs in its own session: one group)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.returncode is None:
                 await proc.wait()
+            raise
         if status != 0:
             why = f"killed by signal {-status}" if status < 0 else f"exited {status}"
             line = sanitized_line(err)

@@ -15,6 +15,7 @@ import pytest
 from loopd.catalog.backends import MAX_STDERR_LINE, SecretResolver, sanitized_line
 from loopd.config import SecretsConfig
 from loopd.errors import ConfigError
+from tests.servers import wait_until
 
 VALUE = "Backend-Secret-7f3a9c1e2b"
 
@@ -133,6 +134,29 @@ async def test_a_helper_that_hangs_is_killed_at_the_timeout(tmp_path: Path) -> N
     assert time.monotonic() - began < 5
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
+
+
+async def test_a_child_the_helper_left_holding_its_pipes_is_killed_too(tmp_path: Path
+                                                                        ) -> None:
+    """A helper that exits at once but leaves a child holding its output open times out,
+    and that child is killed with it: nothing of a helper outlives its use."""
+    pid_file = tmp_path / "pid"
+    ref = helper(tmp_path, "import subprocess, sys\n"
+                           "child = subprocess.Popen([sys.executable, '-c', "
+                           "'import time; time.sleep(60)'])\n"
+                           f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+                           "print('value')\n")
+    with pytest.raises(ConfigError, match=r"the helper did not answer within 0.5s$"):
+        await SecretResolver(exec_timeout=0.5).resolve(ref)
+    child = int(pid_file.read_text())
+
+    def gone() -> bool:  # killed: no such process, or a zombie until init reaps it
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    await wait_until(gone, what="the helper's child killed", timeout=5)
 
 
 async def test_a_helper_that_prints_nothing_or_does_not_exist_fails_clearly(
