@@ -285,6 +285,14 @@ class AlertmanagerConfig(Strict):
     timeout: Duration = 5.0
 
 
+class SshConfig(Strict):
+    """The ssh runner. ``unlisted_hosts``: connect to a host that is not in the inventory
+    (at its own name, with the daemon user's agent and keys). Off by default: a rule's
+    ``host: "{{ event.labels.instance }}"`` would let an event name any host."""
+
+    unlisted_hosts: bool = False
+
+
 class SecretsConfig(Strict):
     """How credential references are resolved (loopd/catalog/backends.py): ``dir:KEY``
     reads ``dir/KEY``; values stay in memory only, for ``ttl`` (env/file/dir; 0 = read
@@ -321,6 +329,7 @@ class LoopdConfig(Strict):
     engine: EngineConfig = EngineConfig()
     api: ApiConfig = ApiConfig()
     secrets: SecretsConfig = SecretsConfig()
+    ssh: SshConfig = SshConfig()
     source_file: Path | None = None
 
     @field_validator("listen")

@@ -97,10 +97,12 @@ class LazyRunner:
             await self._runner.close()
 
 
-def _ssh() -> Runner:
-    from loopd.packs.ssh import SshRunner
+def _ssh(unlisted_hosts: bool) -> Callable[[], Runner]:
+    def build() -> Runner:
+        from loopd.packs.ssh import SshRunner
 
-    return SshRunner()
+        return SshRunner(unlisted_hosts=unlisted_hosts)
+    return build
 
 
 def _http() -> Runner:
@@ -109,10 +111,11 @@ def _http() -> Runner:
     return HttpRunner()
 
 
-def build_runners(buses: dict[str, Bus]) -> dict[str, Runner]:
+def build_runners(buses: dict[str, Bus], *, ssh_unlisted_hosts: bool = False
+                  ) -> dict[str, Runner]:
     """runner name -> Runner; a plain mapping, nothing registers itself."""
-    return {"python": PythonRunner(), "ssh": LazyRunner(_ssh), "http": LazyRunner(_http),
-            "publish": PublishRunner(buses)}
+    return {"python": PythonRunner(), "ssh": LazyRunner(_ssh(ssh_unlisted_hosts)),
+            "http": LazyRunner(_http), "publish": PublishRunner(buses)}
 
 
 def load_packs_and_rules(config: LoopdConfig, previous: RuleSet | None = None
@@ -221,7 +224,8 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
     buses = {} if simulated else build_buses([*config.sources, *config.sinks])
     # simulated: dry run, no runner is ever asked to act
     executor = Executor(registry, {}) if simulated else Executor(
-        registry, build_runners(buses), max_concurrent=config.engine.max_concurrent_runs,
+        registry, build_runners(buses, ssh_unlisted_hosts=config.ssh.unlisted_hosts),
+        max_concurrent=config.engine.max_concurrent_runs,
         secrets=secret_resolver(config))
     silences = Silences(config.alertmanager.url, refresh=config.alertmanager.refresh,
                         timeout=config.alertmanager.timeout) \

@@ -28,7 +28,6 @@ loopd.api.ingest).
 
 from __future__ import annotations
 
-import ipaddress
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,7 +40,7 @@ from aiohttp import web
 from loopd import metrics
 from loopd.api.app import CTX, error, json_response
 from loopd.api.limits import INGEST_ROUTES
-from loopd.api.principal import principal
+from loopd.api.principal import forwarded_client, principal
 from loopd.catalog.secrets import redact_keys
 from loopd.errors import StoreError
 from loopd.store.base import AuditQuery, AuditRecord
@@ -67,26 +66,9 @@ def _audited(request: web.Request) -> bool:
 
 
 def client_address(request: web.Request) -> str | None:
-    """The peer, or the X-Forwarded-For client when the peer is a trusted proxy: the
-    right-most address that is not one of the proxies (the left ones are the client's
-    to write)."""
-    peer = request.remote
-    proxies = request.app[CTX].api.trusted_proxies
-    forwarded = request.headers.get("X-Forwarded-For")
-    if not proxies or not forwarded or not _within(peer, proxies):
-        return peer
-    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
-        if not _within(hop, proxies):
-            return f"{hop[:64]} (via {peer})"
-    return peer
-
-
-def _within(address: str | None, networks: list[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address or "")
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+    """The peer, or the X-Forwarded-For client when the peer is a trusted proxy."""
+    return forwarded_client(request.remote, request.headers.get("X-Forwarded-For"),
+                            request.app[CTX].api.trusted_proxies)
 
 
 def _record(request: web.Request, request_id: str, status: int | None,

@@ -55,6 +55,7 @@ from loopd.api.principal import (
     UNAUTHENTICATED,
     Principal,
     Role,
+    forwarded_client,
     set_principal,
 )
 from loopd.catalog.backends import SecretResolver
@@ -223,6 +224,7 @@ class Gate:
         self.any_host = "*" in named
         self.hosts = LOOPBACK_NAMES | {_host_name(h) for h in named if h != "*"}
         self.origins = frozenset(o.strip().rstrip("/").lower() for o in api.allowed_origins)
+        self.proxies = list(api.trusted_proxies)
 
     async def load(self, secrets: SecretResolver) -> None:
         """Read the token values (at start, before the API serves); ConfigError names the
@@ -244,7 +246,10 @@ class Gate:
     async def middleware(self, request: web.Request, handler: Handler
                          ) -> web.StreamResponse:
         route = request.match_info.route.name
-        client = request.remote or "?"
+        # behind a trusted proxy, the client it names: one noisy client must not get
+        # everyone behind the same proxy throttled
+        client = forwarded_client(request.remote, request.headers.get("X-Forwarded-For"),
+                                  self.proxies) or "?"
         refused = self._browser_check(request)
         if refused is not None:
             reason, response = refused

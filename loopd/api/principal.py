@@ -13,7 +13,9 @@ route missing from the table is refused (tests check the table covers every rout
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -85,3 +87,24 @@ def principal(request: web.Request) -> Principal:
     """The caller of ``request`` (``UNAUTHENTICATED`` when no auth middleware ran)."""
     who = request.get(_KEY)
     return who if isinstance(who, Principal) else UNAUTHENTICATED
+
+
+def forwarded_client(peer: str | None, forwarded: str | None, proxies: list[Any]
+                     ) -> str | None:
+    """Who is calling: the peer, or, when the peer is one of ``proxies`` (networks), the
+    right-most X-Forwarded-For address that is not a proxy (the left ones are the
+    client's to write). The audit trail and the failed-login throttle both use it."""
+    if not proxies or not forwarded or not _within(peer, proxies):
+        return peer
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if not _within(hop, proxies):
+            return f"{hop[:64]} (via {peer})"
+    return peer
+
+
+def _within(address: str | None, networks: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)

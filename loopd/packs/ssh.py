@@ -5,7 +5,9 @@ default ``{{ input.host }}``, rendered with ``{"input": input}``) and its
 ``command`` (a template rendered with ``input``, ``raw``, ``entity``, ``config``).
 Both are compiled once per template text and cached.
 
-Target: the host name is looked up in the inventory (``ctx.entity(name)``):
+Target: the host name is looked up in the inventory (``ctx.entity(name)``); a name that
+is not there is refused unless the runner was built with ``unlisted_hosts`` (loopd.yaml
+``ssh: {unlisted_hosts: true}``), since an event may choose the name:
 
 * ``address`` (default: the name itself), ``port`` (default 22);
 * ``credentials``: a name in the inventory's ``credentials``; ``username``,
@@ -135,12 +137,14 @@ class SshRunner:
 
     def __init__(self, *, connect_timeout: float = 10.0, keepalive_interval: float = 30.0,
                  max_output: int = MAX_OUTPUT, max_sessions: int = 8,
-                 known_hosts: str | tuple[()] | None = ()) -> None:
+                 known_hosts: str | tuple[()] | None = (), unlisted_hosts: bool = False
+                 ) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.max_output = max_output
         self.max_sessions = max_sessions
         self.known_hosts = known_hosts  # () = asyncssh's default, None = no checking
+        self.unlisted_hosts = unlisted_hosts  # reach a host missing from the inventory
         self._templates: dict[tuple[str, str], Compiled] = {}
         self._pool: dict[PoolKey, _Pooled] = {}
         self._keys: dict[str, PoolKey] = {}  # inventory name -> its target's last pool key
@@ -155,6 +159,10 @@ class SshRunner:
             raise ActionError(f"the ssh runner cannot run a {spec.runner} action")
         _refuse_control_characters(input, action.raw_inputs)  # before anything connects
         host = self._render_host(spec, input)
+        if host not in ctx.inventory.entities and not self.unlisted_hosts:
+            raise ActionError(f"ssh {host}: not in the inventory; loopd connects only to "
+                              "inventory hosts (an event could name any host): add it, or "
+                              "set ssh: {unlisted_hosts: true} in loopd.yaml")
         entity = ctx.entity(host)
         command = self._render_command(spec, input, entity, ctx.pack_config)
         secrets = [name for name, f in spec.input.items() if f.secret and input.get(name)]

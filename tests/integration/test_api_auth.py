@@ -479,3 +479,18 @@ async def test_a_refused_origin_needs_no_token_and_so_leaves_no_audit_record(
         assert status == 403
     status, body, _ = await call(authed, "GET", "/v1/audit", token=ADMIN)
     assert (status, body["audit"]) == (200, [])
+
+
+async def test_behind_a_trusted_proxy_the_throttle_blocks_the_client_not_the_proxy(
+        site: Site) -> None:
+    """With the peer in ``api.trusted_proxies``, failed logins are counted per forwarded
+    client: one guessing client is throttled, another behind the same proxy is not."""
+    auth = {"tokens": site.tokens(), "max_failures": 3}
+    async with site.serve({"auth": auth, "trusted_proxies": ["127.0.0.1/32"]}) as api:
+        guessing = {"X-Forwarded-For": "203.0.113.7"}
+        for _ in range(3):
+            assert (await call(api, "GET", "/v1/runs", token="wrong-" * 4,
+                               headers=guessing))[0] == 401
+        assert (await call(api, "GET", "/v1/runs", token=VIEWER, headers=guessing))[0] == 429
+        other = {"X-Forwarded-For": "198.51.100.9"}
+        assert (await call(api, "GET", "/v1/runs", token=VIEWER, headers=other))[0] == 200

@@ -189,10 +189,18 @@ async def test_known_hosts_file_is_used(
     assert result.ok, result.error
 
 
-async def test_host_missing_from_inventory_uses_its_name_and_default_known_hosts(
+async def test_a_host_missing_from_the_inventory_is_refused_unless_allowed(
         ssh_server: SshServer, registry: PackRegistry, runner: SshRunner) -> None:
-    """A host not in the inventory is reached at its own name, and its unknown key refused."""
+    """A host not in the inventory (an event could name any) is refused before anything
+    connects; with ``unlisted_hosts`` it is reached at its own name, its unknown key refused."""
     executor = Executor(registry, {"ssh": runner})
+    refused = await executor.execute(
+        "t.run", {"host": ssh_server.entity()["address"], "command": "echo hi"},
+        ActionContext("run-1", "task", Inventory()))
+    assert refused.error is not None and refused.error.startswith(
+        "t.run: ssh 127.0.0.1: not in the inventory; loopd connects only to inventory hosts")
+    assert ssh_server.host.commands == [] and ssh_server.connections == 0
+    runner.unlisted_hosts = True
     result = await executor.execute(
         "t.run", {"host": "127.0.0.1", "command": "echo hi"},
         ActionContext("run-1", "task", Inventory()))
