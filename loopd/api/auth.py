@@ -19,7 +19,8 @@ request, in this order, before any handler:
    with ``WWW-Authenticate: Bearer``. Routes listed in ``auth.open`` (only
    ``healthz``, ``readyz``, ``metrics``) need no token. Past ``auth.max_failures``
    refused authentications within ``auth.failure_window`` from one client address, that
-   address gets ``429`` with ``Retry-After`` until the window has passed.
+   address gets ``429`` with ``Retry-After`` until the window has passed (behind a proxy
+   in ``api.trusted_proxies``, the client it forwards counts, not the proxy).
 5. The role: ``ROUTE_ROLES`` (``loopd.api.principal``) gives the least role of each
    route; a weaker token gets ``403``; a route missing from the table is refused.
 
