@@ -84,6 +84,7 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._holding = False  # set at shutdown: sources no longer feed the engine
         self._stopping_at: float | None = None  # monotonic time the shutdown began
+        self.site: CappedSite | None = None  # the API's listening site
         self._hard_exit = False
         self._hard_exit_timer: threading.Timer | None = None
         with metrics.using(self.metrics):
@@ -121,10 +122,15 @@ class Daemon:
         self._report_load(ruleset)
         errors = [str(e) for e in [*registry.errors, *ruleset.errors]]
         errors += await self.gate.reload(self.executor.secrets)
-        if self.tls is not None and (problem := self.tls.reload()) is not None:
-            log.error("TLS certificate not reloaded; the one loaded before stays active",
-                      error=problem)
-            errors.append(problem)
+        if self.tls is not None:
+            if (problem := self.tls.reload()) is not None:
+                log.error("TLS certificate not reloaded; the one loaded before stays active",
+                          error=problem)
+                errors.append(problem)
+            elif self.site is not None and self.runner is not None:
+                await self._listen()  # new connections get the new context
+                log.info("TLS certificate reloaded", cert=str(self.config.api.tls.cert)
+                         if self.config.api.tls else None)
         return ReloadResult(len(ruleset.rules), errors, [str(p) for p in ruleset.kept])
 
     async def _reloader(self) -> None:
@@ -244,7 +250,7 @@ class Daemon:
         self._stopping_at = time.monotonic()
         if self.runner is not None:
             await self.runner.cleanup()
-            self.runner = None
+            self.runner = self.site = None
         self._holding = True
         try:  # decisions in flight are finished and acknowledged ...
             await self.engine.drain(timeout=self._left(3.0))
@@ -287,10 +293,21 @@ class Daemon:
                                     keepalive_timeout=limits.idle_timeout,
                                     lingering_time=2.0)
         await self.runner.setup()
+        await self._listen()
+
+    async def _listen(self) -> None:
+        """Listen on the API's address (again, with a new TLS context after a reload: the
+        old site stops accepting first, the connections it accepted stay open)."""
         host, port = self.config.listen_host_port
-        site = CappedSite(self.runner, host, port, max_connections=limits.max_connections,
+        if self.site is not None:
+            await self.site.stop()
+            port = self.port or port  # a listen on port 0 keeps the port it was given
+        assert self.runner is not None
+        site = CappedSite(self.runner, host, port,
+                          max_connections=self.config.api.max_connections,
                           ssl_context=self.tls.context if self.tls is not None else None)
         await site.start()
+        self.site = site
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port

@@ -1,8 +1,11 @@
-"""The API's TLS: one server ``SSLContext`` from ``api.tls``, its certificate reloadable.
+"""The API's TLS: a server ``SSLContext`` from ``api.tls``, rebuilt on reload.
 
-``ServerTls.reload()`` loads the certificate chain again into the same context: the
-listening socket keeps it, and every connection accepted afterwards is handshaken with
-the new certificate (connections already open keep theirs). With ``client_ca`` the
+``ServerTls.reload()`` builds a whole new context from the files (certificate, key and
+client CA, each read once) and only then replaces ``context``: a file that fails keeps
+the context before, and a client CA removed from the file is no longer trusted (a
+context can gain CAs, never lose them, so it is never changed in place). The daemon then
+listens again with the new context (``Daemon.reload``): connections accepted afterwards
+get the new certificate, connections already open keep theirs. With ``client_ca`` the
 context requires a client certificate signed by that CA (mutual TLS); a client without
 one fails the handshake. TLS 1.2 is the least version accepted.
 """
@@ -20,33 +23,33 @@ class ServerTls:
 
     def __init__(self, config: TlsConfig) -> None:
         self.config = config
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._load()
-
-    def _load(self) -> None:
-        cfg = self.config
-        try:
-            self.context.load_cert_chain(cfg.cert, cfg.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load certificate {cfg.cert} with key {cfg.key}: "
-                              f"{_reason(exc)}", origin="api.tls") from None
-        if cfg.client_ca is not None:
-            try:
-                self.context.load_verify_locations(cafile=cfg.client_ca)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load client_ca {cfg.client_ca}: {_reason(exc)}",
-                                  origin="api.tls") from None
-            self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context = _build(config)
 
     def reload(self) -> str | None:
-        """Read the files again; an error (returned) keeps the certificate loaded before."""
+        """Build the context again; an error (returned) keeps the one built before."""
         try:
-            ServerTls(self.config)  # a scratch context first: a half-loaded chain never serves
-            self._load()
+            self.context = _build(self.config)
         except ConfigError as exc:
             return str(exc)
         return None
+
+
+def _build(cfg: TlsConfig) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cfg.cert, cfg.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load certificate {cfg.cert} with key {cfg.key}: "
+                          f"{_reason(exc)}", origin="api.tls") from None
+    if cfg.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=cfg.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load client_ca {cfg.client_ca}: {_reason(exc)}",
+                              origin="api.tls") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _reason(exc: OSError | ssl.SSLError) -> str:

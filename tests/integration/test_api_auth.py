@@ -405,6 +405,32 @@ async def test_mutual_tls_refuses_a_client_without_a_valid_certificate(site: Sit
                         await resp.read()
 
 
+async def test_a_client_ca_removed_on_reload_is_trusted_no_more(site: Site) -> None:
+    """Replacing ``client_ca`` and reloading makes new connections trust only the new CA:
+    a client certificate of the removed CA fails the handshake, one of the new CA is
+    served (the context is rebuilt, not added to)."""
+    ca, old_clients, new_clients = trustme.CA(), trustme.CA(), trustme.CA()
+    tls = {**_tls_files(site.root, ca, "loopd-1"), "client_ca": str(site.root / "clients.pem")}
+    old_clients.cert_pem.write_to_path(tls["client_ca"])
+    old_cert, new_cert = (c.issue_cert("alertmanager@example") for c in (old_clients,
+                                                                         new_clients))
+
+    async def status(cert: trustme.LeafCert) -> int | str:
+        url = f"https://127.0.0.1:{api.daemon.port}/v1/runs"
+        async with aiohttp.ClientSession() as fresh:  # a new connection, a new handshake
+            try:
+                async with fresh.get(url, ssl=_client(ca, cert)) as resp:
+                    return resp.status
+            except aiohttp.ClientError:
+                return "refused"
+
+    async with site.serve({"tls": tls}, ssl=_client(ca, old_cert)) as api:
+        assert (await status(old_cert), await status(new_cert)) == (200, "refused")
+        new_clients.cert_pem.write_to_path(tls["client_ca"])
+        assert (await api.daemon.reload()).errors == []
+        assert (await status(old_cert), await status(new_cert)) == ("refused", 200)
+
+
 async def test_bad_tls_files_are_a_config_error_naming_the_file(site: Site) -> None:
     """A missing certificate file stops the start with an error naming it."""
     missing = str(site.root / "nope.crt")
