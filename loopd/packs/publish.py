@@ -101,7 +101,9 @@ class MqttBus:
         async with self._lock:
             if self._client is None:
                 cfg = self.config
-                password = resolve_secret(cfg.password_ref) if cfg.password_ref else None
+                # a file read: off the event loop
+                password = await asyncio.to_thread(resolve_secret, cfg.password_ref) \
+                    if cfg.password_ref else None
                 client = aiomqtt.Client(cfg.host, cfg.port, username=cfg.username,
                                         password=password, timeout=_TIMEOUT,
                                         identifier=f"{cfg.client_id or 'loopd-' + cfg.name}-pub")

@@ -83,7 +83,8 @@ class MqttSource:
     async def _session(self, emit: Emit) -> None:
         cfg = self.config
         # resolved on every connect so a rotated secret file is picked up
-        password = resolve_secret(cfg.password_ref) if cfg.password_ref else None
+        password = await asyncio.to_thread(resolve_secret, cfg.password_ref) \
+            if cfg.password_ref else None  # a file read: off the event loop
         client = aiomqtt.Client(
             cfg.host, cfg.port, identifier=self.client_id, username=cfg.username,
             password=password, clean_session=False, keepalive=cfg.keepalive,
