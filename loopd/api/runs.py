@@ -47,7 +47,7 @@ def secret_inputs(registry: PackRegistry, action: str | None) -> frozenset[str]:
     found = registry.actions.get(action) if action else None
     if found is None:
         return frozenset()
-    return frozenset(name for name, f in found.spec.input.items() if f.secret)
+    return found.secret_inputs
 
 
 def step_view(step: StepRecord, registry: PackRegistry) -> dict[str, Any]:

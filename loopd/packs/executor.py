@@ -202,7 +202,7 @@ class Executor:
         """The input with each ``secret: true`` input's reference replaced by its value
         (the caller keeps, and stores, the reference: only the runner sees the value), and
         those values, to be masked in what the runner returns."""
-        secret = [n for n, f in action.spec.input.items() if f.secret and values.get(n)]
+        secret = [n for n in action.secret_inputs if values.get(n)]
         if not secret:
             return values, Secrets()
         resolved = dict(values)

@@ -220,7 +220,7 @@ class HttpRunner:
             raise ActionError(f"http {spec.method}: template: {exc}") from None
         if method not in METHODS:
             raise ActionError(f"http: method {method!r} is not one of {', '.join(METHODS)}")
-        secrets = [input.get(k) for k, f in spec.input.items() if f.secret]
+        secrets = [input.get(k) for k in action.secret_inputs]
         secrets += [config.get(k) for k, f in action.pack.manifest.config.items() if f.secret]
         secrets += [v for k, v in headers.items() if k.lower() in SECRET_HEADERS]
         if spec.auth is not None:

@@ -202,7 +202,7 @@ class PublishRunner:
             raise ActionError(f"template: {exc}") from None
         data = encode(payload)
         # a secret input rendered into the topic or key must not show in the result or error
-        hidden = Secrets(input.get(k) for k, f in spec.input.items() if f.secret)
+        hidden = Secrets(input.get(k) for k in action.secret_inputs)
         try:
             await bus.publish(topic, data, key)
         except ActionError as exc:

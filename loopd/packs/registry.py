@@ -47,6 +47,7 @@ class Action:
     input_model: type[BaseModel] | None = None
     rollback_input: Compiled | None = None
     raw_inputs: frozenset[str] = frozenset()  # inserted verbatim by its command (taint.py)
+    secret_inputs: frozenset[str] = frozenset()  # declared ``secret: true``: references
 
 
 @dataclass(slots=True)
@@ -327,7 +328,8 @@ def _load_pack(folder: Path, pack_config: dict[str, dict[str, Any]]
     lines = _action_lines(node, manifest_path)
     found: list[PackError] = []
     for short, spec in manifest.actions.items():
-        action = Action(f"{manifest.name}.{short}", pack, spec)
+        action = Action(f"{manifest.name}.{short}", pack, spec, secret_inputs=frozenset(
+            name for name, f in spec.input.items() if f.secret))
         if isinstance(spec, SshAction):
             action.raw_inputs = raw_inputs(spec.command)
         found += [PackError(f"actions.{short}.{fld}: {problem}",

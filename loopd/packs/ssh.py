@@ -165,7 +165,7 @@ class SshRunner:
                               "set ssh: {unlisted_hosts: true} in loopd.yaml")
         entity = ctx.entity(host)
         command = self._render_command(spec, input, entity, ctx.pack_config)
-        secrets = [name for name, f in spec.input.items() if f.secret and input.get(name)]
+        secrets = [name for name in action.secret_inputs if input.get(name)]
         shown = command if not secrets else self._render_command(
             spec, input, entity, ctx.pack_config, mask=secrets)
         target = await self._target(host, entity, ctx)

@@ -38,25 +38,21 @@ PASSWORD_ENV = "LOOPD_TEST_SHELL_PASSWORD"
 PAYLOADS = ["nginx; touch pwned1 #", "$(touch pwned2)", "`touch pwned3`",
             "nginx\ntouch pwned4 #"]
 
-RAW_RULE = """\
+def journal_rule(input: str) -> str:
+    """A rule passing an alert label to linux.run_command with ``input`` (YAML flow)."""
+    return f"""\
 rules:
   - name: tail-journal
-    on: {source: alertmanager, match: {labels.alertname: ServiceDown}}
-    key: "{{ event.labels.service }}"
+    on: {{source: alertmanager, match: {{labels.alertname: ServiceDown}}}}
+    key: "{{{{ event.labels.service }}}}"
     run:
       action: linux.run_command
-      input: {host: web-1, command: "journalctl -u {{ event.labels.service }} -n 20"}
+      input: {{host: web-1, {input}}}
 """
 
-ARGV_RULE = """\
-rules:
-  - name: tail-journal
-    on: {source: alertmanager, match: {labels.alertname: ServiceDown}}
-    key: "{{ event.labels.service }}"
-    run:
-      action: linux.run_command
-      input: {host: web-1, argv: [printf, "[%s]", "{{ event.labels.service }}"]}
-"""
+
+RAW_RULE = journal_rule('command: "journalctl -u {{ event.labels.service }} -n 20"')
+ARGV_RULE = journal_rule('argv: [printf, "[%s]", "{{ event.labels.service }}"]')
 
 
 def notification(*services: str) -> dict[str, Any]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from loopd.messages import CancelRun, RunCommand, StartRun
 from loopd.packs.registry import PackRegistry
 from loopd.rules.loader import RuleSet, load_rules
+from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,3 +59,17 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         yield s
     finally:
         await s.close()
+
+
+@dataclass
+class Sent:
+    """The dispatcher's command queue, as a record: runs started, runs cancelled."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+    cancels: list[CancelRun] = field(default_factory=list)
+
+    def put_nowait(self, command: RunCommand, /) -> None:
+        if isinstance(command, StartRun):
+            self.runs.append(command.run)
+        else:
+            self.cancels.append(command)

@@ -23,31 +23,17 @@ from loopd.catalog.inventory import Inventory
 from loopd.clock import VirtualClock
 from loopd.decide.engine import Engine
 from loopd.events import Delivery, Event
-from loopd.messages import CancelRun, RunCommand, RunEnded, StartRun
+from loopd.messages import RunEnded
 from loopd.rules.loader import RuleSet
 from loopd.store.base import Batch, CommitResult, RunRecord, Store
 from loopd.store.sqlite import SqliteStore
 from tests.servers import wait_until
-from tests.unit.conftest import RulesFrom
+from tests.unit.conftest import RulesFrom, Sent
 
 
 def event_time() -> dict[str, Any]:
     """Engine options for event time: a VirtualClock the engine moves to each event."""
     return {"clock": VirtualClock(), "event_time": True}
-
-
-@dataclass
-class Sent:
-    """The dispatcher's command queue, as a record: runs started, runs cancelled."""
-
-    runs: list[RunRecord] = field(default_factory=list)
-    cancels: list[CancelRun] = field(default_factory=list)
-
-    def put_nowait(self, command: RunCommand, /) -> None:
-        if isinstance(command, StartRun):
-            self.runs.append(command.run)
-        else:
-            self.cancels.append(command)
 
 
 @dataclass

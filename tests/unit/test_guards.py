@@ -16,7 +16,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,14 @@ from loopd.clock import VirtualClock
 from loopd.decide.engine import Engine
 from loopd.decide.guards import Guards
 from loopd.events import Delivery, Event
-from loopd.messages import CancelRun, RunCommand, RunEnded, StartRun
+from loopd.messages import CancelRun, RunEnded
 from loopd.policy import GlobalGuards
 from loopd.rules.loader import RuleSet
 from loopd.runs import states
 from loopd.store.base import RunRecord
 from loopd.store.sqlite import SqliteStore
 from tests.servers.http_targets import AlertmanagerApi
-from tests.unit.conftest import RulesFrom
+from tests.unit.conftest import RulesFrom, Sent
 
 T0 = float(int(time.time())) - 3 * 86400  # event time of each test's first event
 HOUR = 3600.0
@@ -55,20 +55,6 @@ def alert(ident: str, host: str, at: float, *, status: str = "firing",
 
 def sample(name: str, **labels: str) -> float:
     return metrics.current().registry.get_sample_value(name, labels) or 0.0
-
-
-@dataclass
-class Sent:
-    """The dispatcher's command queue, as a record: runs started, runs cancelled."""
-
-    runs: list[RunRecord] = field(default_factory=list)
-    cancels: list[CancelRun] = field(default_factory=list)
-
-    def put_nowait(self, command: RunCommand, /) -> None:
-        if isinstance(command, StartRun):
-            self.runs.append(command.run)
-        else:
-            self.cancels.append(command)
 
 
 @dataclass

@@ -13,10 +13,7 @@ class ApprovalTasks(TaskBase):
     async def _approval(self, run: RunRecord, ct: CompiledTask, ts: TaskState) -> TaskResult:
         approval = ct.task.approval
         assert approval is not None
-        if ts.deadline is None:
-            ts.deadline = self.clock.now() + approval.within
-        deadline = ts.deadline
-        ts.state = "waiting"
+        deadline = self._begin_waiting(ts, approval.within)
         message = self._message(run, ct)
         step = await self._waiting_step(run, ct, ts, states.AWAITING_APPROVAL,
                                         {"message": message, "expires": deadline})

@@ -100,6 +100,13 @@ class TaskBase:
         if run.status != status:
             states.move(run, status)
 
+    def _begin_waiting(self, ts: TaskState, within: float) -> float:
+        """A confirm/approval starts waiting: its deadline (kept across a restart)."""
+        if ts.deadline is None:
+            ts.deadline = self.clock.now() + within
+        ts.state = "waiting"
+        return ts.deadline
+
     async def _waiting_step(self, run: RunRecord, ct: CompiledTask, ts: TaskState,
                             status: str, input: Any = None) -> StepRecord:
         """The step of a confirm/approval: created once, found again after a restart."""

@@ -16,10 +16,7 @@ class ConfirmTasks(TaskBase):
     async def _confirm(self, run: RunRecord, ct: CompiledTask, ts: TaskState) -> TaskResult:
         confirm = ct.task.confirm
         assert confirm is not None
-        if ts.deadline is None:
-            ts.deadline = self.clock.now() + confirm.within
-        deadline = ts.deadline
-        ts.state = "waiting"
+        deadline = self._begin_waiting(ts, confirm.within)
         step = await self._waiting_step(run, ct, ts, states.WAITING)
         waiter = None
         if ct.evidence is not None:
