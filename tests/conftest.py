@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.servers.mqtt",
     "tests.servers.ssh",
     "tests.servers.http_targets",
+    "tests.servers.postgres",
 ]
 
 
