@@ -98,6 +98,12 @@ class StoreRejected(StoreError):
     constraint failed): retrying the same records can never succeed."""
 
 
+class LeaseLost(StoreError):
+    """A run's lease is no longer this replica's (another took it over after this one was
+    silent for longer than the lease): the write was refused and nothing of it is stored.
+    The run's task must stop at once, write nothing more and act on nothing."""
+
+
 class SourceError(LoopdError):
     """A source could not connect, or lost its connection."""
 

@@ -16,7 +16,36 @@ Contract (every implementation passes ``tests/unit/test_store_contract.py``):
   becomes ``joined`` to the open one (``conflicts``) and its run is not created.
 * Runs belong to one replica at a time (``owner``, ``epoch``): runs are created
   owned by the committing replica; ``claim_runs`` takes over runs whose owner
-  is this replica or whose owner's heartbeat is older than the lease.
+  is this replica or whose owner's heartbeat is older than the lease (Postgres:
+  ``FOR UPDATE SKIP LOCKED``, so two replicas never claim one run), bumping the
+  epoch. The store remembers the epoch it holds each run under (created by its
+  commit, claimed, or first inserted by ``save_run``).
+* **Every write of run state is fenced.** ``save_run`` and ``save_step`` write only
+  while the stored run is owned by this replica under the epoch this store holds
+  it under; otherwise they raise ``LeaseLost`` and write nothing (a paused former
+  owner that wakes up cannot write). ``holds(run_id)`` reads the same check from
+  the database (the lease check before an action). A run this store does not hold
+  is refused too: claim it first.
+* **Guards hold across replicas.** A new run in a batch may carry ``Limit``s
+  (``Batch.limits[run.id]``). In the commit's transaction, serialized per scope
+  (Postgres: ``pg_advisory_xact_lock``), the store counts what every replica
+  admitted: ``window``: runs admitted in ``scope`` whose time is within ``per``
+  seconds before this run's ``created``, refused at ``count``; ``open``: distinct
+  keys of the scope whose incident is still open (other than this run's key),
+  refused at ``count``; ``breaker``: refused while the scope's breaker is open at
+  ``created``. A refused run is not created, nor the incident it opened; its
+  decision becomes ``suppressed`` with the limit's reason (``refused`` says which).
+  An admitted run is counted in each scope of its limits; closing its incident
+  ends its ``open`` count.
+* Breakers are shared: ``Batch.breakers`` opens them (a breaker already open is
+  left as it is; ``CommitResult.breakers_opened`` names those this commit opened,
+  so exactly one replica escalates); ``breakers()`` lists the open ones;
+  ``close_breaker`` closes one for every replica.
+* Commands for a run (approve, reject, cancel) given to any replica reach its owner
+  through ``send_command`` / ``commands``; events stored by any replica are read in
+  order with ``events_since`` (confirmation evidence); ``wait_changed`` returns
+  early when another replica wrote runs, commands or events (Postgres LISTEN/NOTIFY:
+  a hint only, polling is the truth).
 * ``load_state()`` returns everything the engine needs to carry on after a
   restart: open incidents, pending ``for:`` timers, recent run starts (for
   throttles) and recently decided event ids (for de-duplication).
@@ -153,6 +182,47 @@ class AuditQuery:
                 and (self.since is None or record.time >= self.since))
 
 
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A guard the store checks for a new run against every replica's runs (see the module
+    docstring): ``kind`` is ``window``, ``open`` or ``breaker``."""
+
+    scope: str            # "fleet", "rule:<rule>", "key:<rule>|<key>", "group:<group>", ...
+    kind: str
+    count: int = 0
+    per: float = 0.0
+    guard: str = "budget"  # the guard named in the refused decision's reason
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class BreakerRecord:
+    scope: str            # a rule, or "rule|key"
+    opened: float
+    until: float
+    reason: str
+
+
+@dataclass(slots=True)
+class CommandRecord:
+    """A command for a run, given to any replica, carried out by the run's owner."""
+
+    run_id: str
+    kind: str             # approve | reject | cancel
+    by: str | None
+    reason: str | None
+    time: float
+    seq: int = 0          # given by the store, increasing
+
+
+@dataclass(slots=True)
+class ReplicaRecord:
+    name: str
+    host: str
+    pid: int
+    heartbeat: float
+
+
 @dataclass(slots=True)
 class CommitResult:
     """What a commit created; the engine brings its memory in line with it."""
@@ -160,14 +230,19 @@ class CommitResult:
     duplicates: set[tuple[str, str, str]] = field(default_factory=set)  # source, event, rule
     conflicts: dict[str, IncidentRecord] = field(default_factory=dict)  # new id -> open one
     skipped_runs: set[str] = field(default_factory=set)  # runs not created (see above)
+    refused: dict[str, Limit] = field(default_factory=dict)  # run id -> the limit it met
+    breakers_opened: set[str] = field(default_factory=set)  # scopes this commit opened
 
     def __bool__(self) -> bool:
-        return bool(self.duplicates or self.conflicts or self.skipped_runs)
+        return bool(self.duplicates or self.conflicts or self.skipped_runs or self.refused
+                    or self.breakers_opened)
 
     def merge(self, other: CommitResult) -> None:
         self.duplicates |= other.duplicates
         self.conflicts.update(other.conflicts)
         self.skipped_runs |= other.skipped_runs
+        self.refused.update(other.refused)
+        self.breakers_opened |= other.breakers_opened
 
 
 # Decisions whose run the batch creates (the others only join or suppress).
@@ -190,10 +265,13 @@ class Batch:
     # (namespace, key) -> value, as kv_put writes it: the guards' memory changes in the
     # transaction of the decision (or run end) that changed it
     kv: dict[tuple[str, str], JSON] = field(default_factory=dict)
+    # run id -> the guards the store checks across replicas before creating the run
+    limits: dict[str, list[Limit]] = field(default_factory=dict)
+    breakers: list[BreakerRecord] = field(default_factory=list)  # breakers to open
 
     def __bool__(self) -> bool:
         return bool(self.decisions or self.incidents or self.runs or self.run_updates
-                    or self.timers_set or self.timers_cleared or self.kv)
+                    or self.timers_set or self.timers_cleared or self.kv or self.breakers)
 
     def mark(self) -> Mark:
         """Where the records of the next event start (see ``part``)."""
@@ -211,7 +289,10 @@ class Batch:
             {i: inc for i, inc in self.incidents.items() if i in ids},
             self.runs[start[2]:end[2]], self.run_updates[start[3]:end[3]],
             self.timers_set[start[4]:end[4]], self.timers_cleared[start[5]:end[5]],
-            dict(self.kv))  # the latest guard memory goes with every part
+            dict(self.kv),  # the latest guard memory goes with every part
+            {r.id: self.limits[r.id] for r in self.runs[start[2]:end[2]]
+             if r.id in self.limits},
+            list(self.breakers) if start[0] == 0 and start[1] == 0 else [])
 
 
 @dataclass(slots=True)
@@ -232,11 +313,57 @@ class Store(Protocol):
 
     async def commit(self, batch: Batch) -> CommitResult: ...
 
-    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None
-                         ) -> set[str]:
-        """The ids of the runs in ``statuses`` this replica may execute now, claimed for it
-        (epoch bumped): its own, unowned ones, and those of replicas silent for longer than
-        ``lease`` (default: the store's)."""
+    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None,
+                         others_only: bool = False) -> dict[str, int]:
+        """The runs in ``statuses`` this replica may execute now, claimed for it (epoch
+        bumped; id -> the new epoch): unowned ones, those of replicas silent for longer
+        than ``lease`` (default: the store's) and, unless ``others_only`` (the periodic
+        takeover, while this replica executes its own), its own."""
+        ...
+
+    async def holds(self, run_id: str) -> bool:
+        """Whether the stored run is still this replica's under the epoch this store holds
+        it under (read from the database: the lease check before an action)."""
+        ...
+
+    def release(self, run_id: str) -> None:
+        """Forget the epoch of a run this replica no longer executes (its task ended)."""
+        ...
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        """Every replica that registered, with its last heartbeat."""
+        ...
+
+    async def breakers(self) -> list[BreakerRecord]:
+        """The breakers open now (``until`` in the future), whoever opened them."""
+        ...
+
+    async def close_breaker(self, scope: str) -> bool:
+        """Close a breaker for every replica; False when it was not open."""
+        ...
+
+    async def send_command(self, command: CommandRecord) -> None:
+        """Durable when this returns; its run's owner carries it out (see ``commands``)."""
+        ...
+
+    async def commands(self, after: int) -> list[CommandRecord]:
+        """Commands with ``seq > after`` for runs this replica owns, oldest first."""
+        ...
+
+    async def events_since(self, after: int, *, limit: int = 1000
+                           ) -> list[tuple[int, EventRecord]]:
+        """Events stored (by any replica) after position ``after``, in the order stored,
+        with their positions; ``events_since(-1, limit=0)`` is cheap to ask for the
+        position of the newest (use ``last_event``)."""
+        ...
+
+    async def last_event(self) -> int:
+        """The position of the newest stored event (0 when none)."""
+        ...
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Return after ``timeout`` seconds, or earlier when another replica wrote runs,
+        commands or events (a hint: the caller polls whatever it waits for)."""
         ...
 
     async def heartbeat(self) -> None:
