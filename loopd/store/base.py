@@ -195,6 +195,11 @@ class Limit:
     reason: str = ""
 
 
+def refusal_reason(limit: Limit) -> str:
+    """The reason of a decision whose run a store-checked limit refused."""
+    return f"guard {limit.guard}: {limit.reason} (counted across replicas)"
+
+
 @dataclass(slots=True)
 class BreakerRecord:
     scope: str            # a rule, or "rule|key"
