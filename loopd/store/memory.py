@@ -192,12 +192,15 @@ class MemoryStore:
             raise self._lost(run_id)
         return stored
 
-    def _refusal(self, run: RunRecord, limits: list[Limit]) -> Limit | None:
+    def _refusal(self, run: RunRecord, limits: list[Limit], result: CommitResult
+                 ) -> Limit | None:
         d = self._d
         for limit in limits:
             rows = [a for a in d.admissions if a[1] == limit.scope]
-            if limit.kind == "window":
-                refused = sum(1 for a in rows if a[3] >= run.created - limit.per) >= limit.count
+            if limit.kind == "opens":  # only with the breaker this very commit opened
+                refused = limit.scope not in result.breakers_opened
+            elif limit.kind == "window":
+                refused = sum(1 for a in rows if a[3] > run.created - limit.per) >= limit.count
             elif limit.kind == "open":
                 refused = len({a[2] for a in rows if a[5] and a[2] != run.key}) >= limit.count
             elif limit.kind == "breaker":
@@ -252,6 +255,8 @@ class MemoryStore:
         refused_incidents: dict[str, str] = {}  # new incident not created -> why
         refused_runs: dict[str, str] = {}
         opened: dict[str, BreakerRecord] = {}
+        for scope in batch.breakers_closed:
+            d.breakers.pop(scope, None)
         for breaker in batch.breakers:
             held_b = d.breakers.get(breaker.scope)
             if held_b is None or held_b.until <= breaker.opened:
@@ -261,7 +266,7 @@ class MemoryStore:
             limits = batch.limits.get(run.id)
             if not limits or run.id in result.skipped_runs or run.id in d.runs:
                 continue
-            refused = self._refusal(run, limits)
+            refused = self._refusal(run, limits, result)
             if refused is None:
                 scopes = {lim.scope for lim in limits if lim.kind in ("window", "open")}
                 rows = [[run.id, scope, run.key, run.created, run.incident_id, True]

@@ -414,6 +414,9 @@ class SqliteStore:
             closed = [(i.id,) for i in incidents.values() if i.status != "open"]
             if closed:
                 await db.executemany("UPDATE admissions SET open=0 WHERE incident_id=?", closed)
+        if batch.breakers_closed:
+            await db.executemany("DELETE FROM breakers WHERE scope=?",
+                                 [(scope,) for scope in batch.breakers_closed])
         for breaker in batch.breakers:
             cur = await db.execute(
                 "INSERT INTO breakers VALUES (?,?,?,?) ON CONFLICT (scope) DO UPDATE SET "
@@ -462,7 +465,7 @@ class SqliteStore:
         admitted = []
         for run in runs:
             limits = batch.limits.get(run.id)
-            refused = await self._refusal(run, limits) if limits else None
+            refused = await self._refusal(run, limits, result) if limits else None
             if refused is None:
                 admitted.append(run)
                 if limits:
@@ -486,10 +489,15 @@ class SqliteStore:
                                  "run_id=NULL WHERE run_id=?", (reason, run.id))
         return admitted
 
-    async def _refusal(self, run: RunRecord, limits: list[Limit]) -> Limit | None:
+    async def _refusal(self, run: RunRecord, limits: list[Limit], result: CommitResult
+                       ) -> Limit | None:
         for limit in limits:
+            if limit.kind == "opens":  # only with the breaker this very commit opened
+                if limit.scope not in result.breakers_opened:
+                    return limit
+                continue
             if limit.kind == "window":
-                sql = "SELECT COUNT(*) FROM admissions WHERE scope=? AND at>=?"
+                sql = "SELECT COUNT(*) FROM admissions WHERE scope=? AND at>?"
                 params: tuple[Any, ...] = (limit.scope, run.created - limit.per)
             elif limit.kind == "open":
                 sql = ("SELECT COUNT(DISTINCT key) FROM admissions WHERE scope=? AND open=1 "
