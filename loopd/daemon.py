@@ -79,6 +79,7 @@ class Daemon:
                                registry=lambda: self.registry, reload=self.reload,
                                sources=self.sources, stall_after=config.engine.stall_after)
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
+        self.dispatcher.on_lost = self.engine.forget_run
         self.cluster = Cluster(self.store, self.engine, self.dispatcher, parts.runs.approvals,
                                self.workflows.hub, lambda: self.registry,
                                poll=config.store.poll)

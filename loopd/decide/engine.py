@@ -295,6 +295,19 @@ class Engine:
                   if r.incident_id in wanted]
         self.incidents.adopt(incidents, [*runs, *queued])
 
+    async def refresh_timers(self) -> None:
+        """Partitions moved to this replica (a Kafka rebalance): the ``for:`` timers come
+        from the store, where the previous owner wrote them, so a condition that started
+        to hold there must still hold for the whole duration here (and fires once), and
+        one that stopped holding there does not fire here."""
+        state = await self.store.load_state(since=time.time(), recent=0)
+        self._timers.replace(state.for_timers)
+
+    def forget_run(self, run: RunRecord) -> None:
+        """A run another replica took over: its incident is that replica's to close, so
+        memory forgets both (an event for it meets the incident in the store, joined)."""
+        self.incidents.discard(run)
+
     def sync_breakers(self, shared: list[BreakerRecord]) -> None:
         """The breakers the store holds for every replica (see Guards.sync_breakers)."""
         self.guards.sync_breakers(shared, self.now())

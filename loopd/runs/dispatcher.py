@@ -15,6 +15,7 @@ only once its action holds an executor slot: one still waiting for a slot is sto
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -87,6 +88,8 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.shutting_down = False
+        # told (the engine) when a run was lost to another replica: memory forgets it
+        self.on_lost: Callable[[RunRecord], None] | None = None
 
     def cancel(self, run_id: str, reason: str, *, acting_too: bool = False) -> bool:
         """Stop a run this dispatcher has; unless ``acting_too``, only one that has not
@@ -187,6 +190,8 @@ class Dispatcher:
             # another replica owns the run now: stop without writing or acting (nothing of
             # this run is ours to end; its new owner resumes it from the store)
             metrics.lease_lost(run.id, exc)
+            if self.on_lost is not None:
+                self.on_lost(run)
         finally:
             self._ending.discard(run.id)
             self._slots.give_back(run.id)

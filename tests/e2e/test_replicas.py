@@ -143,3 +143,60 @@ async def test_approve_and_cancel_on_the_replica_that_does_not_execute_the_run(
     await a.stop()
     await b.stop()
     assert [r.json["host"] for r in http_echo.requests] == ["web-1"]
+
+
+CONFIRMED_RESTART = """\
+input:
+  host: {type: string, required: true}
+tasks:
+  restart:
+    action: http.request
+    input: {method: POST, url: "%s/echo", json: {restart: nginx, host: "{{ ctx.host }}"}}
+    next: [{when: succeeded, do: verify}]
+  verify:
+    confirm:
+      event:
+        source: alertmanager
+        match: {status: resolved, labels.alertname: NginxDown, labels.instance: "{{ ctx.host }}"}
+      within: 60s
+    next:
+      - {when: succeeded, do: fixed}
+      - {when: failed, do: broken}
+      - {when: inconclusive, do: broken}
+  fixed: {succeed: fixed}
+  broken: {fail: not fixed}
+"""
+
+
+async def test_evidence_posted_to_another_replica_confirms_the_fix(
+        config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
+    """The run waits on replica a for the resolved alert; Alertmanager's resolved
+    notification reaches replica b (a Service spreads posts): b stores it, a's confirm task
+    reads it from the store, and the run ends fixed."""
+    config.add_pack("e2e", {
+        "pack.yaml": "name: e2e\nversion: 0.0.1\ndescription: replica tests\n",
+        "workflows/restart.yaml": CONFIRMED_RESTART % http_echo.url,
+    })
+    _alerts_rule(config, http_echo)
+    config.rules["alerts.yaml"][0]["run"] = {"workflow": "e2e.restart",
+                                             "input": {"host": "{{ key }}"}}
+    config.extra["store"] = {"path": "var/loopd.db", "poll": "200ms"}
+    config.write()
+    a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
+    b = loopd_factory(config, env={"LOOPD_REPLICA": "b"})
+    await asyncio.gather(a.start(), b.start())
+    await eventually(lambda: len(store_query(config.store, "SELECT name FROM replicas")) == 2,
+                     what="both replicas registered")
+    await asyncio.sleep(0.6)  # a poll or two: each sees the other alive
+    await a.post("/v1/alertmanager", notification(alert("NginxDown", "web-1")))
+    (run,) = await a.wait_runs(1)
+    await eventually(lambda: len(http_echo.requests) == 1, what="the restart")
+    await a.wait_run(run["id"], lambda r: r["status"] == "waiting", timeout=20)
+    await b.post("/v1/alertmanager", notification(alert("NginxDown", "web-1",
+                                                        status="resolved")))
+    done = await a.wait_run(run["id"], lambda r: r["status"] not in ("running", "waiting"),
+                            timeout=30)
+    await a.stop()
+    await b.stop()
+    assert (done["status"], done["outcome"]) == ("succeeded", "fixed"), done
+    assert done["owner"] == "a"
