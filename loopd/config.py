@@ -128,6 +128,7 @@ class KafkaSourceConfig(_SourceBase):
     group: str = "loopd"
     # static membership (KIP-345): a restarted member with the same id gets its partitions
     # back without a rebalance; "{replica}" is this replica's name, e.g. a StatefulSet pod's
+    # (Kafka 2.3+; tansu 0.6 rebalances forever after a static member rejoins)
     group_instance_id: ReplicaTemplate = None
     dead_letter_topic: str | None = None
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
