@@ -288,20 +288,27 @@ async def test_static_members_join_under_their_instance_ids(
 ) -> None:
     """With group_instance_id "loopd-{replica}" two replicas join as static members (the
     broker names each member after its instance id), split the partitions and consume every
-    record once."""
+    record."""
     await create_topic(kafka_broker.bootstrap, kafka_topic, partitions=PARTITIONS)
     cfg = config(kafka_broker, "kafka-static", kafka_topic, group_instance_id="loopd-{replica}")
     a, b = Replica(cfg, "r1"), Replica(cfg, "r2")
     assert (a.source.group_instance_id, b.source.group_instance_id) == ("loopd-r1", "loopd-r2")
     async with group(a, b):
-        # Kafka and tansu both make a static member's id "<group.instance.id>-<uuid>"
-        first, second = await group_members(kafka_broker, cfg.group)
-        assert first.startswith("loopd-r1-") and second.startswith("loopd-r2-")
+        async def named_after_instances() -> bool:
+            # Kafka and tansu both make a static member's id "<group.instance.id>-<uuid>"
+            members = await group_members(kafka_broker, cfg.group)
+            return [m.rsplit("-", 5)[0] for m in members] == ["loopd-r1", "loopd-r2"]
+
+        await wait_until(named_after_instances, interval=0.2,
+                         what="members named after their instance ids")
         await produce_spread(kafka_broker, kafka_topic)
         await wait_until(lambda: len(a.got.events) + len(b.got.events) >= PARTITIONS
                          * PER_PARTITION, what="every record")
-    got = Counter(a.got.numbers() + b.got.numbers())
-    assert len(got) == PARTITIONS * PER_PARTITION and set(got.values()) == {1}
+    # at least once, not exactly: tansu 0.6 now and then rebalances even a fresh static
+    # group (a member told UNKNOWN_MEMBER_ID), its commits fail and records come again;
+    # the store recognises those (the dynamic-membership tests assert exactly once)
+    assert set(a.got.numbers() + b.got.numbers()) == {
+        p * 100 + i for p in range(PARTITIONS) for i in range(PER_PARTITION)}
 
 
 async def test_a_restarted_static_member_gets_its_partitions_back_without_a_rebalance(
