@@ -36,8 +36,9 @@ run under the ``Supervisor`` below):
   awaits it when this replica is given a share it did not have (kafka: a rebalance
   assigned partitions this consumer did not own just before, including the first
   assignment of every connection), *before* the first message of that share is emitted,
-  so the engine can rebuild its caches for the keys that moved (``for:`` timers,
-  throttles, recent event ids) from the store. An error out of it counts as a lost
+  so the engine can rebuild its caches for the keys that moved from the store (its
+  ``for:`` timers; throttles and recent event ids need no rebuild: the store checks
+  them in every commit). An error out of it counts as a lost
   connection (the source raises, the supervisor reconnects, the hook runs again). Sources
   without partitions never call it (mqtt shared subscriptions spread messages, not keys).
 * ``close()`` makes ``run`` return promptly (seconds, whatever it is waiting
