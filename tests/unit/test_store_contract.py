@@ -28,21 +28,29 @@ from loopd.store.base import (
     Store,
 )
 from loopd.store.memory import MemoryData, MemoryStore
+from loopd.store.postgres import PostgresStore
 from loopd.store.sqlite import SqliteStore
 from loopd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 Opener = Callable[[], Awaitable[Store]]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def impl(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
-    """Opens a store on the same durable location each time it is called (a "restart")."""
+    """Opens a store on the same durable location each time it is called (a "restart");
+    postgres: a database of its own on the test server (tests/servers/postgres.py)."""
     opened: list[Store] = []
     data = MemoryData()
+    dsn = request.getfixturevalue("postgres_dsn") if request.param == "postgres" else ""
 
     async def open_store() -> Store:
-        store: Store = SqliteStore(tmp_path / "loopd.db") if request.param == "sqlite" \
-            else MemoryStore(data)
+        store: Store
+        if request.param == "sqlite":
+            store = SqliteStore(tmp_path / "loopd.db")
+        elif request.param == "postgres":
+            store = PostgresStore(dsn, replica="contract", pool_min=1, pool_max=4)
+        else:
+            store = MemoryStore(data)
         await store.open()
         opened.append(store)
         return store
