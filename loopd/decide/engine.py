@@ -155,6 +155,7 @@ class Engine:
         self.inbox = Inbox(self._wake, self)
         self._open = _Pending(Batch(), [])  # what decide_now decided, not yet committed
         self._run_updates: list[RunRecord] = []  # queued runs cancelled through control
+        self._breakers_closed: list[str] = []  # closed through control: written next batch
         self._idle = asyncio.Event()
         self._idle.set()
         self.ruleset = rules
@@ -267,6 +268,7 @@ class Engine:
         if not self.guards.close_breaker(scope):
             return False
         self.guards.dirty = True
+        self._breakers_closed.append(scope)  # for every replica: in the store
         self.inbox.put_nowait(None)
         return True
 
@@ -358,6 +360,9 @@ class Engine:
         if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
             self.guards.dirty = False
             pending.batch.kv[GUARDS_KV] = self.guards.state()
+        if self._breakers_closed:
+            pending.batch.breakers_closed.extend(self._breakers_closed)
+            self._breakers_closed = []
 
     def _send(self, pending: _Pending) -> None:
         send = self._commands.put_nowait

@@ -30,7 +30,7 @@ from loopd.messages import CancelRun, RunCommand, StartRun
 from loopd.policy import Escalate, RuleGuards
 from loopd.rules.compile import RULE_SCOPE, CompiledRule
 from loopd.runs import states
-from loopd.store.base import Batch, DecisionRecord, IncidentRecord, RunRecord
+from loopd.store.base import Batch, DecisionRecord, IncidentRecord, Limit, RunRecord
 
 
 @dataclass(slots=True)
@@ -165,6 +165,9 @@ class Incidents:
         if status == states.AWAITING_APPROVAL:
             run.progress = {"gate": {"deadline": now + policy.approval.within}}
         self.guards.run_started(name, key, now, policy.guards.max_runs)
+        limits = self.guards.limits(name, key, policy.guards, throttle)
+        if limits:
+            batch.limits[run.id] = limits
         if incident is None:
             incident = IncidentRecord(new_id(), name, key, "open", now, run_id=run.id)
             self.open[(name, key)] = incident
@@ -264,7 +267,17 @@ class Incidents:
             if self.guards.remembers(rule.rule.guards):
                 self.guards.dirty = True
             if reason is not None:
-                self._escalate(rule, run.key, reason, now, batch, commands)
+                breaker = rule.rule.guards.breaker
+                scope = rule.name if breaker is None or breaker.per == "rule" \
+                    else f"{rule.name}|{run.key}"
+                opened = self.guards.breaker_record(scope)
+                if opened is not None:
+                    batch.breakers.append(opened)
+                escalation = self._escalate(rule, run.key, reason, now, batch, commands)
+                if escalation is not None and opened is not None:
+                    # escalated by the one replica whose commit opens the breaker
+                    batch.limits[escalation.id] = [Limit(scope, "opens", guard="breaker",
+                                                         reason="breaker already open")]
         incident_id = run.incident_id
         slot = self.runs.get(incident_id or "")
         if slot is None or incident_id is None:
