@@ -353,6 +353,8 @@ class PostgresStore:
         except StoreError as exc:
             return exc
         self._held.update(group.taken)
+        for run_id in group.lost:
+            self._held.pop(run_id, None)
         for (_, done), answer in zip(ops, group.answers, strict=True):
             if not done.done():
                 done.set_result(answer)

@@ -37,6 +37,7 @@ from loopd.store.base import (
     Limit,
     RunRecord,
     StepRecord,
+    refusal_reason,
 )
 from loopd.store.codec import dump
 from loopd.store.postgres_schema import (
@@ -60,6 +61,7 @@ from loopd.store.postgres_schema import (
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 JOINED_REASON = "incident already open (decided by another loopd)"
+_COUNTED = frozenset({"window", "open"})  # the limit kinds whose scopes count admissions
 _RUNS = "(" + ", ".join(f"'{o}'" for o in sorted(RUN_OUTCOMES)) + ")"  # SQL: a run's outcomes
 
 
@@ -130,11 +132,12 @@ class Group:
     origin: str
     answers: list[Answer] = field(default_factory=list)
     taken: dict[str, int] = field(default_factory=dict)   # runs this group made held
+    lost: set[str] = field(default_factory=set)           # runs it found held no more
     notify: bool = False          # runs, events or commands written: wake the others
 
     async def write(self, conn: Conn) -> None:
         self.answers = [None] * len(self.ops)
-        self.taken = {}
+        self.taken, self.lost = {}, set()
         self.notify = False
         scopes = sorted({scope_key(s) for op in self.ops if isinstance(op, Batch)
                          for s in _scopes(op)})
@@ -223,6 +226,7 @@ class Group:
                 self.answers[i] = self._lost(op.step.run_id, "step")
 
     def _lost(self, run_id: str, what: str) -> LeaseLost:
+        self.lost.add(run_id)
         return LeaseLost(f"{what} of run {run_id} not written: the run is not held by "
                          f"replica {self.replica} under the epoch it claimed",
                          origin=self.origin)
@@ -243,6 +247,9 @@ class Group:
             live = {d.incident_id for d in batch.decisions
                     if (d.source, d.event_id, d.rule) not in result.duplicates}
             incidents = {i: inc for i, inc in incidents.items() if i in live}
+        if batch.breakers_closed:
+            await conn.execute("DELETE FROM breakers WHERE scope = ANY(%s::text[])",
+                               (list(batch.breakers_closed),))
         if batch.breakers:
             async with conn.cursor() as cur:
                 await cur.execute(BREAKERS_OPEN, columns(
@@ -257,6 +264,7 @@ class Group:
         if limited:
             await self._admit(conn, limited, batch, inserted, result)
             runs = [r for r in runs if r.id not in result.refused]
+            result.skipped_runs |= set(result.refused)
         if runs:
             for run in runs:
                 run.owner = self.replica
@@ -264,9 +272,15 @@ class Group:
                 await cur.execute(RUNS_INSERT, columns([run_row(r) for r in runs], 19))
                 self.taken.update((rid, int(epoch)) for rid, epoch in await cur.fetchall())
             self.notify = True
-        if batch.run_updates:
-            await conn.execute(RUNS_UPSERT, columns([run_row(r) for r in batch.run_updates],
-                                                    19))
+        if batch.run_updates:  # a queued run started, or cancelled: this replica takes it
+            updates = {r.id: r for r in batch.run_updates}
+            for run in updates.values():
+                run.owner = self.replica
+            async with conn.cursor() as cur:
+                await cur.execute(RUNS_UPSERT, columns([run_row(r) for r in updates.values()],
+                                                       19))
+                for rid, epoch in await cur.fetchall():
+                    updates[rid].epoch = self.taken[rid] = int(epoch)
             self.notify = True
         if batch.timers_set:
             await conn.execute(TIMERS_SET, columns(
@@ -350,36 +364,39 @@ class Group:
         refused: list[RunRecord] = []
         for run in runs:
             limits = batch.limits[run.id]
-            limit = next((lim for lim in limits if state.refuses(lim, run)), None)
+            limit = next((lim for lim in limits if state.refuses(lim, run, result)), None)
             if limit is not None:
                 result.refused[run.id] = limit
                 refused.append(run)
                 continue
-            for lim in limits:
-                state.admit(lim, run)
-                rows.append((lim.scope, run.id, run.key, number(run.created), run.incident_id))
+            for scope in sorted({lim.scope for lim in limits if lim.kind in _COUNTED}):
+                state.admit(scope, run)
+                rows.append((scope, run.id, run.key, number(run.created), run.incident_id))
         if rows:
             await conn.execute(ADMISSIONS_INSERT, columns(rows, 5))
         if not refused:
             return
+        # nothing dangles: no decision points at a run or an incident never created
+        dropped = [(r.incident_id, r.id, refusal_reason(result.refused[r.id]))
+                   for r in refused if r.incident_id in inserted]
+        if dropped:  # the incidents the refused runs opened are not created either
+            incidents, run_ids, reasons = columns(dropped, 3)
+            await conn.execute(
+                "DELETE FROM incidents USING unnest(%s::text[], %s::text[]) AS d(id, run) "
+                "WHERE incidents.id = d.id AND incidents.run_id = d.run", (incidents, run_ids))
+            await conn.execute(
+                "UPDATE decisions SET outcome='suppressed', reason=d.reason, incident_id=NULL, "
+                "run_id=NULL FROM unnest(%s::text[], %s::text[]) AS d(id, reason) "
+                "WHERE decisions.incident_id = d.id", (incidents, reasons))
         await conn.execute(
             "UPDATE decisions SET outcome='suppressed', reason=u.reason, run_id=NULL "
             "FROM unnest(%s::text[], %s::text[]) AS u(run, reason) "
-            f"WHERE decisions.run_id = u.run AND decisions.outcome IN {_RUNS}",
-            columns([(r.id, _reason(result.refused[r.id])) for r in refused], 2))
-        dropped = [r.incident_id for r in refused if r.incident_id in inserted]
-        if dropped:  # the incidents the refused runs opened are not created either
-            await conn.execute("DELETE FROM incidents WHERE id = ANY(%s::text[])", (dropped,))
-            await conn.execute("UPDATE decisions SET incident_id=NULL "
-                               "WHERE incident_id = ANY(%s::text[])", (dropped,))
-
-
-def _reason(limit: Limit) -> str:
-    return f"guard {limit.guard}: {limit.reason}"
+            "WHERE decisions.run_id = u.run",
+            columns([(r.id, refusal_reason(result.refused[r.id])) for r in refused], 2))
 
 
 def _scopes(batch: Batch) -> set[str]:
-    scopes = {b.scope for b in batch.breakers}
+    scopes = {b.scope for b in batch.breakers} | set(batch.breakers_closed)
     for run in batch.runs:
         scopes |= {lim.scope for lim in batch.limits.get(run.id, ())}
     return scopes
@@ -392,7 +409,7 @@ class _Admissions:
 
     times: dict[str, list[float]]              # window scopes: admission times, sorted
     keys: dict[str, set[str | None]]           # open scopes: keys with an open incident
-    breakers: dict[str, tuple[float, float]]   # scope -> (opened, until)
+    breakers: dict[str, float]                 # scope -> until
     open_incidents: set[str]                   # the runs' incidents that are open
 
     @classmethod
@@ -410,7 +427,7 @@ class _Admissions:
                     opened.add(lim.scope)
                 elif lim.kind == "breaker":
                     breaker.add(lim.scope)
-                else:
+                elif lim.kind != "opens":
                     raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
                                         f"{lim.kind!r}", origin="postgres")
         state = cls(defaultdict(list), defaultdict(set), {}, set())
@@ -419,7 +436,7 @@ class _Admissions:
                 await cur.execute(
                     "SELECT a.scope, a.time FROM admissions a JOIN unnest(%s::text[], "
                     "%s::float8[]) AS w(scope, since) ON a.scope = w.scope "
-                    "AND a.time >= w.since", columns(list(window.items()), 2))
+                    "AND a.time > w.since", columns(list(window.items()), 2))
                 for scope, t in await cur.fetchall():
                     state.times[scope].append(float(t))
                 for times in state.times.values():
@@ -436,23 +453,25 @@ class _Admissions:
                     ([r.incident_id for r in runs if r.incident_id is not None],))
                 state.open_incidents = {row[0] for row in await cur.fetchall()}
             if breaker:
-                await cur.execute("SELECT scope, opened, until FROM breakers "
+                await cur.execute("SELECT scope, until FROM breakers "
                                   "WHERE scope = ANY(%s::text[])", (sorted(breaker),))
-                state.breakers = {s: (float(o), float(u)) for s, o, u in await cur.fetchall()}
+                state.breakers = {s: float(u) for s, u in await cur.fetchall()}
         return state
 
-    def refuses(self, limit: Limit, run: RunRecord) -> bool:
+    def refuses(self, limit: Limit, run: RunRecord, result: CommitResult) -> bool:
         created = float(run.created)
         if limit.kind == "window":
             times = self.times[limit.scope]
-            recent = len(times) - bisect.bisect_left(times, created - float(limit.per))
+            recent = len(times) - bisect.bisect_right(times, created - float(limit.per))
             return recent >= limit.count
         if limit.kind == "open":
             return len(self.keys[limit.scope] - {run.key}) >= limit.count
-        window = self.breakers.get(limit.scope)
-        return window is not None and window[0] <= created < window[1]
+        if limit.kind == "opens":  # only with the breaker this very commit opened
+            return limit.scope not in result.breakers_opened
+        until = self.breakers.get(limit.scope)
+        return until is not None and until > created
 
-    def admit(self, limit: Limit, run: RunRecord) -> None:
-        bisect.insort(self.times[limit.scope], float(run.created))
+    def admit(self, scope: str, run: RunRecord) -> None:
+        bisect.insort(self.times[scope], float(run.created))
         if run.incident_id in self.open_incidents:
-            self.keys[limit.scope].add(run.key)
+            self.keys[scope].add(run.key)

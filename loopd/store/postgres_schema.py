@@ -134,13 +134,14 @@ RUNS_INSERT = (
     f"SELECT {', '.join(_value(c, 'r') for c in RUN_COLUMNS)} "
     f"FROM {_unnest(RUN_COLUMNS, RUN_TYPES, 'r')} ON CONFLICT (id) DO NOTHING "
     "RETURNING id, epoch")
-# run_updates of a batch (the engine's runs, not executing yet): the epoch belongs to
-# claim_runs, a save never turns it back
+# run_updates of a batch (a queued run started, or cancelled, by the engine): this replica
+# takes the run, as a claim would (the epoch goes up)
 RUNS_UPSERT = (
     f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) "
     f"SELECT {', '.join(_value(c, 'r') for c in RUN_COLUMNS)} "
     f"FROM {_unnest(RUN_COLUMNS, RUN_TYPES, 'r')} ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c}=excluded.{c}" for c in RUN_COLUMNS if c not in ("id", "epoch")))
+    + ", ".join(f"{c}=excluded.{c}" for c in RUN_COLUMNS if c not in ("id", "epoch"))
+    + ", epoch=runs.epoch+1 RETURNING id, epoch")
 # save_run of held runs, fenced: written only while owned by this replica (%s) under the
 # epoch this store holds each under (the ``epoch`` array)
 RUNS_SAVE = (
