@@ -61,11 +61,12 @@ class Incidents:
 
     # -- restore --------------------------------------------------------------------
 
-    def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]
-                ) -> list[IncidentRecord]:
-        """Rebuild from the store; returns incidents left open without a live run (loopd
-        died between a run's end and its incident's close), closed here, to be saved."""
+    def adopt(self, incidents: list[IncidentRecord], runs: list[RunRecord]) -> None:
+        """Open incidents from the store, with their active and queued runs, into memory
+        (a restart, or runs taken over from another replica)."""
         for inc in incidents:
+            if inc.id in self.by_id:
+                continue
             self.open[(inc.rule, inc.key)] = inc
             self.by_id[inc.id] = (inc.rule, inc.key)
             self.runs[inc.id] = _Runs()
@@ -75,13 +76,20 @@ class Incidents:
             if slot is None:
                 continue
             if run.status == states.QUEUED:
-                slot.queued.append(run)
+                if run not in slot.queued:
+                    slot.queued.append(run)
             else:
                 slot.active.add(run.id)
             fingerprint = (run.event or {}).get("data", {}).get("fingerprint")
             if fingerprint and run.incident_id:
                 slot.fingerprint = fingerprint
                 self.by_fingerprint.setdefault(fingerprint, set()).add(run.incident_id)
+
+    def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]
+                ) -> list[IncidentRecord]:
+        """Rebuild from the store; returns incidents left open without a live run (loopd
+        died between a run's end and its incident's close), closed here, to be saved."""
+        self.adopt(incidents, runs)
         stale = []
         for incident_id, slot in list(self.runs.items()):
             if slot.active or slot.queued:

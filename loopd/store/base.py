@@ -34,8 +34,9 @@ Contract (every implementation passes ``tests/unit/test_store_contract.py``):
   keys of the scope whose incident is still open (other than this run's key),
   refused at ``count``; ``breaker``: refused while the scope's breaker is open at
   ``created``; ``opens``: created only when this very commit opened the scope's
-  breaker (``Batch.breakers``: the escalation of one replica). A refused run is not created, nor the incident it opened; its
-  decision becomes ``suppressed`` with the limit's reason (``refused`` says which).
+  breaker (``Batch.breakers``: the escalation of one replica). A refused run is
+  not created, nor the incident it opened; its decision becomes ``suppressed``
+  with the limit's reason (``refused`` says which).
   An admitted run is counted in each scope of its limits; closing its incident
   ends its ``open`` count.
 * Breakers are shared: ``Batch.breakers`` opens them (a breaker already open is
