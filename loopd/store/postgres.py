@@ -132,6 +132,7 @@ class PostgresStore:
         self._held: dict[str, int] = {}  # run id -> the epoch this store holds it under
         self._changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        self.commits = 0  # group transactions committed (benchmarks, tests)
 
     # -- connections ----------------------------------------------------------------------
 
@@ -156,10 +157,24 @@ class PostgresStore:
         dsn = await self._resolve(self._dsn)
         self.origin, password = describe(dsn)
         self._scrub = _Scrubber(password or "", dsn)
+        # one connection of its own first: its error says why (a refused password, no
+        # server), and it migrates and registers before the pool fills
+        try:
+            async with asyncio.timeout(self.timeout):
+                first = await psycopg.AsyncConnection.connect(dsn, **self._kwargs())
+        except (psycopg.Error, TimeoutError, OSError) as exc:
+            raise StoreError(f"cannot open store: {self._what(exc)}", origin=self.origin) \
+                from None
+        try:
+            async with first:
+                await self._migrate(first)
+                await self._register(first)
+        except (psycopg.Error, TimeoutError, OSError, *_REJECTED) as exc:
+            raise self._classify(exc, "opening the store") from None
         pool: psycopg_pool.AsyncConnectionPool[Conn] = psycopg_pool.AsyncConnectionPool(
             dsn, min_size=self.pool_min, max_size=self.pool_max, kwargs=self._kwargs(),
             open=False, timeout=self.timeout, configure=_configure,
-            name=f"loopd-{self.replica}", reconnect_timeout=0)
+            name=f"loopd-{self.replica}")
         try:
             await pool.open(wait=True, timeout=self.timeout)
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
@@ -168,8 +183,6 @@ class PostgresStore:
                 from None
         self._pool = pool
         try:
-            await self._migrate()
-            await self._register()
             listen = await self._resolve(self._listen_dsn) if self._listen_dsn else dsn
             if listen != dsn:
                 self._scrub = _Scrubber(password or "", dsn, listen,
@@ -244,11 +257,11 @@ class PostgresStore:
 
     # -- schema and registration -----------------------------------------------------
 
-    async def _migrate(self) -> None:
+    async def _migrate(self, conn: Conn) -> None:
         """Bring the schema to this version, once: under an advisory lock held until the
         transaction ends, two replicas opening a new database together never both
         migrate; a schema newer than this loopd is refused."""
-        async def body(conn: Conn) -> None:
+        async with asyncio.timeout(self.timeout * 6), conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
                                (LOCK_SPACE, MIGRATION_LOCK))
             await conn.execute(CREATE_VERSION_TABLE)
@@ -265,15 +278,13 @@ class PostgresStore:
             if version < SCHEMA_VERSION:
                 await conn.execute("DELETE FROM schema_version")
                 await conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
-        await self._with("migrating the schema", body, transaction=True)
 
-    async def _register(self) -> None:
+    async def _register(self, conn: Conn) -> None:
         """Take this replica's name; refuse it while another live process holds it (two
         processes with one name would both think they own the same runs). Live: on this
         host, its process exists; on another, its heartbeat is within the lease."""
         host, pid = socket.gethostname(), os.getpid()
-
-        async def body(conn: Conn) -> None:
+        async with asyncio.timeout(self.timeout), conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
                                (LOCK_SPACE, REPLICA_LOCK))
             async with conn.cursor() as cur:
@@ -293,7 +304,6 @@ class PostgresStore:
                 f"(%s, %s, %s, %s, {DB_NOW}) ON CONFLICT (name) DO UPDATE SET "
                 "incarnation=excluded.incarnation, host=excluded.host, pid=excluded.pid, "
                 "heartbeat=excluded.heartbeat", (self.replica, self._incarnation, host, pid))
-        await self._with("registering the replica", body, transaction=True)
 
     async def heartbeat(self) -> None:
         await self._write(Statement(
@@ -352,6 +362,7 @@ class PostgresStore:
             await self._with("write", body, transaction=True)
         except StoreError as exc:
             return exc
+        self.commits += 1
         self._held.update(group.taken)
         for run_id in group.lost:
             self._held.pop(run_id, None)

@@ -24,7 +24,6 @@ from loopd.store.base import (
     DecisionRecord,
     EventRecord,
     IncidentRecord,
-    Mark,
     RunRecord,
     StepRecord,
 )
@@ -154,10 +153,9 @@ async def test_a_wrong_password_never_shows_up_in_errors_or_logs(
     postgres_server.psql("SELECT pg_reload_conf()")
     try:
         port = postgres_server.port
-        with caplog.at_level(logging.DEBUG):
-            with pytest.raises(StoreError) as info:
-                await stores("a", dsn=f"postgresql://pw_user:wr0ng-pw@127.0.0.1:{port}/{db}",
-                             timeout=2.0)
+        with caplog.at_level(logging.DEBUG), pytest.raises(StoreError) as info:
+            await stores("a", dsn=f"postgresql://pw_user:wr0ng-pw@127.0.0.1:{port}/{db}",
+                         timeout=2.0)
         assert "password authentication failed" in str(info.value)
         assert "wr0ng-pw" not in str(info.value)
         assert all("wr0ng-pw" not in r.getMessage() for r in caplog.records)
@@ -251,8 +249,9 @@ async def test_two_replicas_claiming_at_once_never_claim_a_run_twice(
                          "WHERE name = 'dead'", _database(postgres_dsn))
     a = await stores("a", pool_max=6)
     b = await stores("b", pool_max=6)
-    claims = await asyncio.gather(*(s.claim_runs(("pending",)) for _ in range(6)
-                                    for s in (a, b)))
+    # others_only: a replica claiming again does not take back its own (epoch 2)
+    claims = await asyncio.gather(*(s.claim_runs(("pending",), others_only=True)
+                                    for _ in range(6) for s in (a, b)))
     won_by_a = {r for claim in claims[0::2] for r in claim}
     won_by_b = {r for claim in claims[1::2] for r in claim}
     assert not won_by_a & won_by_b
