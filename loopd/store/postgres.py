@@ -549,7 +549,7 @@ class PostgresStore:
         return [self._run(r) for r in rows]
 
     async def runs_in_status(self, statuses: tuple[str, ...]) -> list[RunRecord]:
-        rows = await self._all(f"{SELECT_RUN} WHERE status = ANY(%s::text[]) ORDER BY created",
+        rows = await self._all(f"{SELECT_RUN} WHERE status = ANY(%b::text[]) ORDER BY created",
                                (list(statuses),))
         return [self._run(r) for r in rows]
 

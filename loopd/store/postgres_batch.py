@@ -143,7 +143,7 @@ class Group:
                          for s in _scopes(op)})
         if scopes:
             await conn.execute(
-                "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::int8[]) WITH ORDINALITY "
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(%b::int8[]) WITH ORDINALITY "
                 "AS u(k, n) ORDER BY n", (scopes,))
         events: list[EventRecord] = []
         i = 0
@@ -248,7 +248,7 @@ class Group:
                     if (d.source, d.event_id, d.rule) not in result.duplicates}
             incidents = {i: inc for i, inc in incidents.items() if i in live}
         if batch.breakers_closed:
-            await conn.execute("DELETE FROM breakers WHERE scope = ANY(%s::text[])",
+            await conn.execute("DELETE FROM breakers WHERE scope = ANY(%b::text[])",
                                (list(batch.breakers_closed),))
         if batch.breakers:
             async with conn.cursor() as cur:
@@ -309,7 +309,7 @@ class Group:
         open one for the same (rule, key) (another replica opened it) is not created: its
         decisions join the open one, and its runs are not created."""
         async with conn.cursor() as cur:
-            await cur.execute("SELECT id FROM incidents WHERE id = ANY(%s::text[])",
+            await cur.execute("SELECT id FROM incidents WHERE id = ANY(%b::text[])",
                               ([i.id for i in incidents],))
             stored = {row[0] for row in await cur.fetchall()}
         # updates first: an incident closed in this batch frees its key for a new one
@@ -332,7 +332,7 @@ class Group:
         async with conn.cursor() as cur:
             await cur.execute(
                 f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE status='open' AND (rule, key)"
-                " IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                " IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
                 columns([(i.rule, i.key) for i in missed], 2))
             held = {(row[1], row[2]): IncidentRecord(*row) for row in await cur.fetchall()}
         joins = []
@@ -348,7 +348,7 @@ class Group:
             f"UPDATE decisions SET incident_id=j.held, outcome=CASE WHEN outcome IN {_RUNS} "
             f"THEN 'joined' ELSE outcome END, reason=CASE WHEN outcome IN {_RUNS} THEN %s "
             f"ELSE reason END, run_id=CASE WHEN outcome IN {_RUNS} THEN j.run ELSE run_id END "
-            "FROM unnest(%s::text[], %s::text[], %s::text[]) AS j(new, held, run) "
+            "FROM unnest(%b::text[], %b::text[], %b::text[]) AS j(new, held, run) "
             "WHERE decisions.incident_id = j.new", (JOINED_REASON, *columns(joins, 3)))
         return inserted
 
@@ -382,15 +382,15 @@ class Group:
         if dropped:  # the incidents the refused runs opened are not created either
             incidents, run_ids, reasons = columns(dropped, 3)
             await conn.execute(
-                "DELETE FROM incidents USING unnest(%s::text[], %s::text[]) AS d(id, run) "
+                "DELETE FROM incidents USING unnest(%b::text[], %b::text[]) AS d(id, run) "
                 "WHERE incidents.id = d.id AND incidents.run_id = d.run", (incidents, run_ids))
             await conn.execute(
                 "UPDATE decisions SET outcome='suppressed', reason=d.reason, incident_id=NULL, "
-                "run_id=NULL FROM unnest(%s::text[], %s::text[]) AS d(id, reason) "
+                "run_id=NULL FROM unnest(%b::text[], %b::text[]) AS d(id, reason) "
                 "WHERE decisions.incident_id = d.id", (incidents, reasons))
         await conn.execute(
             "UPDATE decisions SET outcome='suppressed', reason=u.reason, run_id=NULL "
-            "FROM unnest(%s::text[], %s::text[]) AS u(run, reason) "
+            "FROM unnest(%b::text[], %b::text[]) AS u(run, reason) "
             "WHERE decisions.run_id = u.run",
             columns([(r.id, refusal_reason(result.refused[r.id])) for r in refused], 2))
 
@@ -434,8 +434,8 @@ class _Admissions:
         async with conn.cursor() as cur:
             if window:
                 await cur.execute(
-                    "SELECT a.scope, a.time FROM admissions a JOIN unnest(%s::text[], "
-                    "%s::float8[]) AS w(scope, since) ON a.scope = w.scope "
+                    "SELECT a.scope, a.time FROM admissions a JOIN unnest(%b::text[], "
+                    "%b::float8[]) AS w(scope, since) ON a.scope = w.scope "
                     "AND a.time > w.since", columns(list(window.items()), 2))
                 for scope, t in await cur.fetchall():
                     state.times[scope].append(float(t))
@@ -444,17 +444,17 @@ class _Admissions:
             if opened:
                 await cur.execute(
                     "SELECT DISTINCT a.scope, a.key FROM admissions a JOIN incidents i "
-                    "ON i.id = a.incident_id WHERE i.status = 'open' AND a.scope = ANY(%s::text[])",
+                    "ON i.id = a.incident_id WHERE i.status = 'open' AND a.scope = ANY(%b::text[])",
                     (sorted(opened),))
                 for scope, key in await cur.fetchall():
                     state.keys[scope].add(key)
                 await cur.execute(
-                    "SELECT id FROM incidents WHERE status = 'open' AND id = ANY(%s::text[])",
+                    "SELECT id FROM incidents WHERE status = 'open' AND id = ANY(%b::text[])",
                     ([r.incident_id for r in runs if r.incident_id is not None],))
                 state.open_incidents = {row[0] for row in await cur.fetchall()}
             if breaker:
                 await cur.execute("SELECT scope, until FROM breakers "
-                                  "WHERE scope = ANY(%s::text[])", (sorted(breaker),))
+                                  "WHERE scope = ANY(%b::text[])", (sorted(breaker),))
                 state.breakers = {s: float(u) for s, u in await cur.fetchall()}
         return state
 

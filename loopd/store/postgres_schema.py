@@ -90,25 +90,25 @@ CREATE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version integ
 # ``unnest`` of one typed array per column: a batch is one statement
 EVENTS_INSERT = (
     "INSERT INTO events (source, id, topic, key, time, data) "
-    "SELECT s, i, t, k, tm, d::jsonb FROM unnest(%s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::float8[], %s::text[]) AS e(s, i, t, k, tm, d) "
+    "SELECT s, i, t, k, tm, d::jsonb FROM unnest(%b::text[], %b::text[], %b::text[], "
+    "%b::text[], %b::float8[], %b::text[]) AS e(s, i, t, k, tm, d) "
     "ON CONFLICT (source, id) DO NOTHING")
 DECISIONS_INSERT = (
     "INSERT INTO decisions (source, event_id, rule, key, outcome, reason, time, "
-    "incident_id, run_id) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::text[], %s::float8[], %s::text[], %s::text[]) "
+    "incident_id, run_id) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], "
+    "%b::text[], %b::text[], %b::text[], %b::float8[], %b::text[], %b::text[]) "
     "ON CONFLICT (source, event_id, rule) DO NOTHING RETURNING source, event_id, rule")
 INCIDENTS_UPDATE = (
     "UPDATE incidents SET status=u.status, closed=u.closed, events=u.events, "
-    "run_id=u.run_id, outcome=u.outcome FROM unnest(%s::text[], %s::text[], %s::float8[], "
-    "%s::int[], %s::text[], %s::text[]) AS u(id, status, closed, events, run_id, outcome) "
+    "run_id=u.run_id, outcome=u.outcome FROM unnest(%b::text[], %b::text[], %b::float8[], "
+    "%b::int[], %b::text[], %b::text[]) AS u(id, status, closed, events, run_id, outcome) "
     "WHERE incidents.id = u.id")
 # DO NOTHING without a target: a row meeting the open incident of its (rule, key)
 # (the partial unique index) is not inserted, and the store finds which one it met
 INCIDENTS_INSERT = (
     "INSERT INTO incidents (id, rule, key, status, opened, closed, events, run_id, outcome) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
-    "%s::float8[], %s::int[], %s::text[], %s::text[]) ON CONFLICT DO NOTHING RETURNING id")
+    "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::float8[], "
+    "%b::float8[], %b::int[], %b::text[], %b::text[]) ON CONFLICT DO NOTHING RETURNING id")
 INCIDENT_COLUMNS = "id, rule, key, status, opened, closed, events, run_id, outcome"
 
 RUN_COLUMNS = ("id", "incident_id", "rule", "key", "kind", "target", "input", "status",
@@ -120,7 +120,7 @@ _JSON_RUN = frozenset({"input", "ctx", "event", "progress"})
 
 
 def _unnest(columns: tuple[str, ...], types: tuple[str, ...], alias: str) -> str:
-    arrays = ", ".join(f"%s::{t}[]" for t in types)
+    arrays = ", ".join(f"%b::{t}[]" for t in types)
     return f"unnest({arrays}) AS {alias}({', '.join(columns)})"
 
 
@@ -168,24 +168,24 @@ STEPS_SAVE = (
     "error=excluded.error, transition=excluded.transition RETURNING run_id, seq")
 
 TIMERS_SET = (
-    "INSERT INTO timers (rule, key, since) SELECT * FROM unnest(%s::text[], %s::text[], "
-    "%s::float8[]) ON CONFLICT (rule, key) DO UPDATE SET since=excluded.since")
+    "INSERT INTO timers (rule, key, since) SELECT * FROM unnest(%b::text[], %b::text[], "
+    "%b::float8[]) ON CONFLICT (rule, key) DO UPDATE SET since=excluded.since")
 TIMERS_CLEAR = (
-    "DELETE FROM timers USING unnest(%s::text[], %s::text[]) AS c(rule, key) "
+    "DELETE FROM timers USING unnest(%b::text[], %b::text[]) AS c(rule, key) "
     "WHERE timers.rule = c.rule AND timers.key = c.key")
 KV_PUT = (
     "INSERT INTO kv (namespace, key, value, updated) SELECT n, k, v::jsonb, %s FROM "
-    "unnest(%s::text[], %s::text[], %s::text[]) AS p(n, k, v) "
+    "unnest(%b::text[], %b::text[], %b::text[]) AS p(n, k, v) "
     "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, "
     "updated=excluded.updated")
 ADMISSIONS_INSERT = (
     "INSERT INTO admissions (scope, run_id, key, time, incident_id) SELECT * FROM "
-    "unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::text[]) "
+    "unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::text[]) "
     "ON CONFLICT (scope, run_id) DO NOTHING")
 # a breaker still open at the new one's opening is left as it is
 BREAKERS_OPEN = (
-    "INSERT INTO breakers (scope, opened, until, reason) SELECT * FROM unnest(%s::text[], "
-    "%s::float8[], %s::float8[], %s::text[]) ON CONFLICT (scope) DO UPDATE SET "
+    "INSERT INTO breakers (scope, opened, until, reason) SELECT * FROM unnest(%b::text[], "
+    "%b::float8[], %b::float8[], %b::text[]) ON CONFLICT (scope) DO UPDATE SET "
     "opened=excluded.opened, until=excluded.until, reason=excluded.reason "
     "WHERE breakers.until <= excluded.opened RETURNING scope")
 
@@ -193,8 +193,8 @@ AUDIT_COLUMNS = ("time", "request", "who", "role", "action", "target", "params",
                  "outcome", "client")
 AUDIT_APPEND = (
     f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) SELECT t, rq, w, ro, a, tg, p::jsonb, "
-    "st, o, c FROM unnest(%s::float8[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::int4[], %s::text[], %s::text[]) "
+    "st, o, c FROM unnest(%b::float8[], %b::text[], %b::text[], %b::text[], %b::text[], "
+    "%b::text[], %b::text[], %b::int4[], %b::text[], %b::text[]) "
     "AS x(t, rq, w, ro, a, tg, p, st, o, c)")
 SELECT_AUDIT = f"SELECT {', '.join(AUDIT_COLUMNS)}, seq FROM audit"
 
