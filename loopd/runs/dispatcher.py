@@ -15,6 +15,7 @@ only once its action holds an executor slot: one still waiting for a slot is sto
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -87,6 +88,8 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.shutting_down = False
+        # told (the engine) when a run was lost to another replica: memory forgets it
+        self.on_lost: Callable[[RunRecord], None] | None = None
 
     def cancel(self, run_id: str, reason: str, *, acting_too: bool = False) -> bool:
         """Stop a run this dispatcher has; unless ``acting_too``, only one that has not
@@ -101,11 +104,21 @@ class Dispatcher:
         # else its body has not run yet: it sees ``_stopping`` first thing and ends there
         return True
 
-    async def resume(self, stored: list[RunRecord] | None = None) -> int:
+    async def claim(self, stored: list[RunRecord]) -> dict[str, int]:
+        """Claim what this replica resumes (its own runs, unowned ones, those of replicas
+        silent past the lease), marking them in ``stored``; id -> epoch."""
+        mine = await self.store.claim_runs(states.ACTIVE)
+        for run in stored:
+            if run.id in mine:
+                run.owner, run.epoch = self.store.replica, mine[run.id]
+        return mine
+
+    async def resume(self, stored: list[RunRecord] | None = None,
+                     claimed: dict[str, int] | None = None) -> int:
         """Re-dispatch what was in flight when loopd stopped; returns how many."""
         # sub-workflow runs ("parent/task") are resumed by their parent
         # only the runs this replica claimed: two processes on one store never both run one
-        mine = await self.store.claim_runs(states.ACTIVE)
+        mine = claimed if claimed is not None else await self.store.claim_runs(states.ACTIVE)
         if stored is None:
             stored = await self.store.runs_in_status(states.ACTIVE)
         runs = [r for r in stored if r.status in states.ACTIVE and "/" not in r.id
@@ -187,6 +200,8 @@ class Dispatcher:
             # another replica owns the run now: stop without writing or acting (nothing of
             # this run is ours to end; its new owner resumes it from the store)
             metrics.lease_lost(run.id, exc)
+            if self.on_lost is not None:
+                self.on_lost(run)
         finally:
             self._ending.discard(run.id)
             self._slots.give_back(run.id)

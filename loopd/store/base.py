@@ -278,7 +278,8 @@ class Batch:
     breakers_closed: list[str] = field(default_factory=list)  # scopes closed (the API)
 
     def __bool__(self) -> bool:
-        return bool(self.decisions or self.incidents or self.runs or self.run_updates
+        return bool(self.events or self.decisions or self.incidents or self.runs
+                    or self.run_updates
                     or self.timers_set or self.timers_cleared or self.kv or self.breakers
                     or self.breakers_closed)
 
