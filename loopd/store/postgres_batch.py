@@ -252,9 +252,10 @@ class Group:
                                (list(batch.breakers_closed),))
         if batch.breakers:
             async with conn.cursor() as cur:
+                first = {b.scope: b for b in reversed(batch.breakers)}  # a scope once
                 await cur.execute(BREAKERS_OPEN, columns(
                     [(b.scope, number(b.opened), number(b.until), b.reason)
-                     for b in batch.breakers], 4))
+                     for b in first.values()], 4))
                 result.breakers_opened |= {row[0] for row in await cur.fetchall()}
         inserted: set[str] = set()
         if incidents:
@@ -282,9 +283,13 @@ class Group:
                 for rid, epoch in await cur.fetchall():
                     updates[rid].epoch = self.taken[rid] = int(epoch)
             self.notify = True
-        if batch.timers_set:
+        if batch.timers_set:  # one row per timer: a statement may not change a row twice
+            starts: dict[tuple[str, str], float | None] = {}
+            for rule, key, since in batch.timers_set:
+                at, was = number(since), starts.get((rule, key))
+                starts[(rule, key)] = at if was is None or at is None else min(at, was)
             await conn.execute(TIMERS_SET, columns(
-                [(r, k, number(s)) for r, k, s in batch.timers_set], 3))
+                [(r, k, s) for (r, k), s in starts.items()], 3))
         if batch.timers_cleared:
             await conn.execute(TIMERS_CLEAR, columns(list(batch.timers_cleared), 2))
         if batch.kv:

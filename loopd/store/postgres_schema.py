@@ -167,9 +167,12 @@ STEPS_SAVE = (
     "finished=excluded.finished, input=excluded.input, output=excluded.output, "
     "error=excluded.error, transition=excluded.transition RETURNING run_id, seq")
 
+# the earliest start wins: two replicas that both saw the condition start to hold (webhooks
+# spread over them) keep the first one's instant
 TIMERS_SET = (
     "INSERT INTO timers (rule, key, since) SELECT * FROM unnest(%b::text[], %b::text[], "
-    "%b::float8[]) ON CONFLICT (rule, key) DO UPDATE SET since=excluded.since")
+    "%b::float8[]) ON CONFLICT (rule, key) DO UPDATE SET "
+    "since=LEAST(timers.since, excluded.since)")
 TIMERS_CLEAR = (
     "DELETE FROM timers USING unnest(%b::text[], %b::text[]) AS c(rule, key) "
     "WHERE timers.rule = c.rule AND timers.key = c.key")
