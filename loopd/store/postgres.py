@@ -78,8 +78,10 @@ T = TypeVar("T")
 Dsn = str | Callable[[], Awaitable[str]]
 CHANNEL = "loopd"
 # Errors a retry of the same records can never fix: the culprit is found and rejected.
+# (A ProgrammingError from the server, SQLSTATE class 42, is a missing table or privilege:
+# the operator's to fix, so transient; one from psycopg itself is a value it cannot send.)
 _REJECTED = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
-             psycopg.NotSupportedError, OverflowError, TypeError, ValueError, RecursionError)
+             OverflowError, TypeError, ValueError, RecursionError)
 
 
 class _Scrubber:
@@ -216,7 +218,8 @@ class PostgresStore:
         if isinstance(exc, StoreError):
             return exc
         message = f"{doing} failed: {self._what(exc)}"
-        if isinstance(exc, _REJECTED):
+        if isinstance(exc, _REJECTED) and not (
+                isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is not None):
             return StoreRejected(message, origin=self.origin)
         return StoreError(message, origin=self.origin)
 

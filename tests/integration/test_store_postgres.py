@@ -8,28 +8,36 @@ the DSN's password kept out of every message. The Store contract itself runs on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
+import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from loopd.decide.committer import Committer
-from loopd.errors import ConfigError, StoreError, StoreRejected
+from loopd.errors import ConfigError, LeaseLost, StoreError, StoreRejected
 from loopd.events import Event
 from loopd.store.base import (
     Batch,
+    CommandRecord,
     DecisionRecord,
     EventRecord,
     IncidentRecord,
+    Limit,
     RunRecord,
     StepRecord,
 )
 from loopd.store.postgres import PostgresStore
 from loopd.store.postgres_schema import SCHEMA_VERSION
-from tests.servers.postgres import PostgresServer
+from tests.servers import free_port, require, wait_port
+from tests.servers.postgres import USER, PostgresServer, _as_server_user
 
 Open = Callable[..., Any]
 
@@ -314,3 +322,74 @@ def test_a_literal_password_in_the_config_is_refused_without_showing_it(
         load_config(path)
     text = str(info.value)
     assert "s3cret-pw" not in text and "store.dsn" in text and f"{path}:4" in text
+
+
+@pytest.fixture
+def bouncer_dsn(postgres_server: PostgresServer, postgres_dsn: str) -> Iterator[str]:
+    """A DSN of this test's database through PgBouncer in transaction mode (Debian's
+    ``pgbouncer``; ``./scripts/test`` installs it), with fewer server connections than
+    the stores' pools: every transaction may land on another server connection."""
+    binary = shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer",) if os.path.exists(p)), None)
+    require(binary is not None, "pgbouncer (Debian's pgbouncer package)")
+    assert binary is not None
+    root = Path(tempfile.mkdtemp(prefix="loopd-pgbouncer-"))
+    port = free_port()
+    (root / "users.txt").write_text(f'"{USER}" ""\n')
+    (root / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host=127.0.0.1 port={postgres_server.port}\n[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {root}/users.txt\npool_mode = transaction\n"
+        f"default_pool_size = 3\nmax_client_conn = 100\nlogfile = {root}/pgbouncer.log\n")
+    if os.geteuid() == 0:  # like postgres, pgbouncer refuses to run as root
+        for path in (root, *root.iterdir()):
+            shutil.chown(path, "nobody", "nogroup")
+    proc = subprocess.Popen([*_as_server_user(), binary, str(root / "pgbouncer.ini")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield f"postgresql://{USER}@127.0.0.1:{port}/{_database(postgres_dsn)}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_replicas_behind_pgbouncer_in_transaction_mode(
+        bouncer_dsn: str, postgres_dsn: str, stores: Open) -> None:
+    """Through PgBouncer in transaction mode (LISTEN straight to the server): two replicas
+    deciding at once keep a fleet budget, a run taken over refuses its former owner's
+    save, a command reaches the owner and a write wakes the other replica."""
+    a = await stores("a", dsn=bouncer_dsn, listen_dsn=postgres_dsn, pool_max=6)
+    b = await stores("b", dsn=bouncer_dsn, listen_dsn=postgres_dsn, pool_max=6)
+    now = time.time()
+    fleet = Limit("fleet", "window", 20, 3600.0, "budget", "fleet budget of 20 runs")
+
+    def decided(i: int) -> Batch:
+        inc = IncidentRecord(f"inc-{i}", "r", f"k{i}", "open", now, run_id=f"run-{i}")
+        run = RunRecord(f"run-{i}", inc.id, "r", f"k{i}", "action", "core.noop", {}, "pending",
+                        now)
+        return Batch(events=[EventRecord("w", f"e{i}", "t", f"k{i}", now, {"i": i})],
+                     decisions=[DecisionRecord("w", f"e{i}", "r", f"k{i}", "run_created", None,
+                                               now, inc.id, run.id)],
+                     incidents={inc.id: inc}, runs=[run], limits={run.id: [fleet]})
+
+    results = await asyncio.gather(*(([a, b][i % 2]).commit(decided(i)) for i in range(100)))
+    assert sum(len(r.refused) for r in results) == 80
+    runs = await a.list_runs(limit=1000)
+    assert len(runs) == 20 and await b.last_event() > 0
+    mine = next(r for r in runs if r.owner == "a")
+    await b.send_command(CommandRecord(mine.id, "cancel", "oncall", None, now))
+    assert [c.kind for c in await a.commands(0)] == ["cancel"]
+    waiting = asyncio.create_task(a.wait_changed(120))
+    await asyncio.sleep(0)
+    assert mine.id in await b.claim_runs(("pending",), lease=0.0, others_only=True)
+    await b.save_run(mine)  # b holds it now: its write is the one that counts
+    await asyncio.wait_for(waiting, 30)
+    with pytest.raises(LeaseLost):
+        await a.save_run(mine)
