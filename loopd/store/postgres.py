@@ -314,7 +314,11 @@ class PostgresStore:
             (self.replica, self._incarnation)))
 
     async def replicas(self) -> list[ReplicaRecord]:
-        rows = await self._all("SELECT name, host, pid, heartbeat FROM replicas ORDER BY name")
+        """Every registered replica; ``heartbeat`` on this host's clock (the database's
+        instant moved by the difference of the two clocks), so ``time.time() -
+        heartbeat`` is the silence the database measured, whatever this host's clock."""
+        rows = await self._all(f"SELECT name, host, pid, heartbeat - {DB_NOW} + %s "
+                               "FROM replicas ORDER BY name", (time.time(),))
         return [ReplicaRecord(n, h, int(p), float(b)) for n, h, p, b in rows]
 
     # -- the group commit -------------------------------------------------------------
