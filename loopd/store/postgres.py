@@ -371,8 +371,9 @@ class PostgresStore:
             return exc
         self.commits += 1
         self._held.update(group.taken)
-        for run_id in group.lost:
-            self._held.pop(run_id, None)
+        for run_id in group.lost:  # unless a claim meanwhile gave it a newer epoch
+            if self._held.get(run_id) == group.held.get(run_id):
+                self._held.pop(run_id, None)
         for (_, done), answer in zip(ops, group.answers, strict=True):
             if not done.done():
                 done.set_result(answer)
