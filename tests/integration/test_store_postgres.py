@@ -393,3 +393,35 @@ async def test_replicas_behind_pgbouncer_in_transaction_mode(
     await asyncio.wait_for(waiting, 30)
     with pytest.raises(LeaseLost):
         await a.save_run(mine)
+
+
+@pytest.mark.parametrize(("store", "message"), [
+    ({"type": "postgres"}, "needs dsn"),
+    ({"type": "postgres", "dsn": "env:PG", "path": "x.db"}, "sqlite store only"),
+    ({"dsn": "env:PG"}, "postgres store only"),
+    ({"type": "postgres", "dsn": "env:"}, "malformed env: reference"),
+    ({"type": "postgres", "dsn": "env:PG", "pool": {"min": 3, "max": 2}}, "below pool.min"),
+])
+def test_store_settings_that_do_not_fit_its_type_are_refused(
+        store: dict[str, Any], message: str, tmp_path: Path) -> None:
+    """Each store type takes its own settings: a postgres store needs a DSN reference and
+    has no path, a sqlite store has no DSN, a pool's max is not below its min."""
+    from loopd.config import load_config
+
+    path = tmp_path / "loopd.yaml"
+    path.write_text("store:\n" + "".join(f"  {k}: {v!r}\n" for k, v in store.items()))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_a_password_less_dsn_is_allowed_and_store_path_is_left_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A literal DSN without a password is accepted (libpq's PGPASSWORD or .pgpass gives
+    it), and LOOPD_STORE_PATH does not turn a postgres store into a file path."""
+    from loopd.config import load_config
+
+    monkeypatch.setenv("LOOPD_STORE_PATH", "/srv/loopd/state.db")
+    path = tmp_path / "loopd.yaml"
+    path.write_text("store: {type: postgres, dsn: 'postgresql://loopd@db/loopd'}\n")
+    config = load_config(path)
+    assert config.store.type == "postgres" and config.store.dsn == "postgresql://loopd@db/loopd"
