@@ -226,9 +226,13 @@ class PostgresStore:
     async def _with(self, doing: str, body: Callable[[Conn], Coroutine[Any, Any, T]], *,
                     transaction: bool = False) -> T:
         """Run ``body`` on a pooled connection (in a transaction when asked), bounded by
-        the timeout. A connection the server dropped meanwhile (a restart) is retried
-        once on a fresh one, unless a COMMIT was sent: its outcome is unknown."""
-        for attempt in (1, 2):
+        the timeout. Retried when nothing of it can have been written: a transaction the
+        server rolled back for a deadlock (a few times), or a connection the server dropped
+        meanwhile (a restart: once, on a fresh one, unless a COMMIT was sent, whose outcome
+        is then unknown)."""
+        attempt = 0
+        while True:
+            attempt += 1
             committing = False
             try:
                 async with asyncio.timeout(self.timeout), self.pool.connection() as conn:
@@ -239,7 +243,11 @@ class PostgresStore:
                         committing = True
                     return value
             except psycopg.OperationalError as exc:
-                if attempt == 2 or committing or not _dropped(exc) \
+                # SQLSTATE class 40 (a deadlock, a serialization failure): rolled back
+                if (exc.sqlstate or "").startswith("40") and attempt < 4:
+                    await asyncio.sleep(0.01 * attempt)  # the other transaction goes first
+                    continue
+                if attempt >= 2 or committing or not _dropped(exc) \
                         or isinstance(exc, psycopg_pool.PoolTimeout):
                     raise self._classify(exc, doing) from None
                 with contextlib.suppress(psycopg.Error, psycopg_pool.PoolTimeout,
@@ -249,7 +257,6 @@ class PostgresStore:
             except (psycopg.Error, psycopg_pool.PoolTimeout, TimeoutError, OSError,
                     *_REJECTED) as exc:
                 raise self._classify(exc, doing) from None
-        raise AssertionError("unreachable")
 
     async def _all(self, sql: str, params: Any = ()) -> list[Any]:
         async def body(conn: Conn) -> list[Any]:

@@ -425,3 +425,34 @@ def test_a_password_less_dsn_is_allowed_and_store_path_is_left_alone(
     path.write_text("store: {type: postgres, dsn: 'postgresql://loopd@db/loopd'}\n")
     config = load_config(path)
     assert config.store.type == "postgres" and config.store.dsn == "postgresql://loopd@db/loopd"
+
+
+async def test_a_commit_chosen_as_a_deadlock_victim_is_retried(
+        postgres_dsn: str, stores: Open) -> None:
+    """A group commit that PostgreSQL rolls back to break a deadlock is written again:
+    the writer sees its commit succeed, and the other transaction goes through too."""
+    import psycopg
+
+    store = await stores()
+    first, second = _run("r1"), _run("r2")
+    await store.commit(Batch(runs=[first, second]))
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as other:
+        await other.execute("UPDATE runs SET reason='other' WHERE id='r1'")  # holds r1
+        # the store's statement locks r2, then waits for r1
+        writing = asyncio.create_task(store.commit(Batch(run_updates=[second, first])))
+
+        async def store_waits() -> bool:
+            cur = await other.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND pid <> pg_backend_pid() AND datname = current_database()")
+            row = await cur.fetchone()
+            return row is not None and row[0] > 0
+
+        from tests.servers import wait_until
+        await wait_until(store_waits, what="the store's commit to wait for r1")
+        # r2 closes the cycle: the store, waiting longer, is the one rolled back
+        await other.execute("UPDATE runs SET reason='other' WHERE id='r2'")
+        await other.commit()
+    await asyncio.wait_for(writing, 60)
+    saved = await store.get_run("r2")
+    assert saved is not None and saved.reason is None and saved.owner == "a"
