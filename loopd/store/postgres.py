@@ -19,7 +19,8 @@ breaker's ``until``) are the engine's, as with every store.
 Bounded: connecting, waiting for a pooled connection and every statement give up after
 ``timeout`` seconds (a statement past it is cancelled on the server), so a server that
 is down raises ``StoreError``; the pool reconnects by itself when the server is back.
-The DSN's password never appears in an error or a log line (``scrub``).
+The DSN's password never appears in an error or a log line (``Scrubber``). The reads,
+and the bounded, retried use of pooled connections, are in ``postgres_reads``.
 """
 
 from __future__ import annotations
@@ -30,34 +31,25 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import orjson
 import psycopg
 import psycopg_pool
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import set_json_loads
 
 from loopd import metrics
 from loopd.errors import LeaseLost, StoreError, StoreRejected
 from loopd.store.base import (
-    AuditQuery,
     AuditRecord,
     Batch,
-    BreakerRecord,
     CommandRecord,
     CommitResult,
-    DecisionRecord,
-    EngineState,
-    EventRecord,
-    IncidentRecord,
-    ReplicaRecord,
     RunRecord,
     StepRecord,
 )
 from loopd.store.postgres_batch import Answer, Conn, Group, Op, SaveRun, SaveStep, Statement
 from loopd.store.postgres_batch import text as _text
+from loopd.store.postgres_reads import REJECTED, PostgresReads, Scrubber, configure, describe
 from loopd.store.postgres_schema import (
     AUDIT_APPEND,
     COMMANDS_LOCK,
@@ -69,51 +61,14 @@ from loopd.store.postgres_schema import (
     MIGRATIONS,
     REPLICA_LOCK,
     SCHEMA_VERSION,
-    SELECT_AUDIT,
-    SELECT_RUN,
 )
 from loopd.store.sqlite import default_replica
 
-T = TypeVar("T")
 Dsn = str | Callable[[], Awaitable[str]]
 CHANNEL = "loopd"
-# Errors a retry of the same records can never fix: the culprit is found and rejected.
-# (A ProgrammingError from the server, SQLSTATE class 42, is a missing table or privilege:
-# the operator's to fix, so transient; one from psycopg itself is a value it cannot send.)
-_REJECTED = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError,
-             OverflowError, TypeError, ValueError, RecursionError)
 
 
-class _Scrubber:
-    """Takes the DSN's secrets out of text: psycopg's errors may quote the connection
-    string (a malformed one), and no log line or error may show a password."""
-
-    def __init__(self, *secrets: str) -> None:
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-
-def describe(dsn: str) -> tuple[str, str | None]:
-    """``(where, password)`` of a DSN: ``postgres user@host:port/db`` names the server
-    without its secrets. StoreError (showing nothing of it) when it does not parse."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        raise StoreError("the store DSN is not a valid PostgreSQL connection string; "
-                         "the value is not shown", origin="postgres") from None
-    user = params.get("user")
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    port = params.get("port") or "5432"
-    where = f"postgres {f'{user}@' if user else ''}{host}:{port}/{params.get('dbname', '')}"
-    password = params.get("password")
-    return where, str(password) if password is not None else None
-
-
-class PostgresStore:
+class PostgresStore(PostgresReads):
     """The Store protocol on PostgreSQL (see the module docstring)."""
 
     def __init__(self, dsn: Dsn, *, replica: str | None = None, lease: float = 15.0,
@@ -126,7 +81,7 @@ class PostgresStore:
         self.pool_min, self.pool_max = pool_min, max(pool_min, pool_max)
         self.timeout = timeout
         self.origin = "postgres"
-        self._scrub = _Scrubber()
+        self._scrub = Scrubber()
         self._incarnation = uuid.uuid4().hex
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] | None = None
         self._lock = asyncio.Lock()  # the writer's turn (see _submit)
@@ -149,16 +104,10 @@ class PostgresStore:
                 "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
                 "application_name": f"loopd {self.replica}"[:63]}
 
-    @property
-    def pool(self) -> psycopg_pool.AsyncConnectionPool[Conn]:
-        if self._pool is None:
-            raise StoreError("store is not open", origin=self.origin)
-        return self._pool
-
     async def open(self) -> None:
         dsn = await self._resolve(self._dsn)
         self.origin, password = describe(dsn)
-        self._scrub = _Scrubber(password or "", dsn)
+        self._scrub = Scrubber(password or "", dsn)
         # one connection of its own first: its error says why (a refused password, no
         # server), and it migrates and registers before the pool fills
         try:
@@ -171,11 +120,11 @@ class PostgresStore:
             async with first:
                 await self._migrate(first)
                 await self._register(first)
-        except (psycopg.Error, TimeoutError, OSError, *_REJECTED) as exc:
+        except (psycopg.Error, TimeoutError, OSError, *REJECTED) as exc:
             raise self._classify(exc, "opening the store") from None
         pool: psycopg_pool.AsyncConnectionPool[Conn] = psycopg_pool.AsyncConnectionPool(
             dsn, min_size=self.pool_min, max_size=self.pool_max, kwargs=self._kwargs(),
-            open=False, timeout=self.timeout, configure=_configure,
+            open=False, timeout=self.timeout, configure=configure,
             name=f"loopd-{self.replica}")
         try:
             await pool.open(wait=True, timeout=self.timeout)
@@ -187,7 +136,7 @@ class PostgresStore:
         try:
             listen = await self._resolve(self._listen_dsn) if self._listen_dsn else dsn
             if listen != dsn:
-                self._scrub = _Scrubber(password or "", dsn, listen,
+                self._scrub = Scrubber(password or "", dsn, listen,
                                         describe(listen)[1] or "")
             self._listener = asyncio.create_task(self._listen(listen),
                                                  name=f"store-listen-{self.replica}")
@@ -204,66 +153,6 @@ class PostgresStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close(timeout=self.timeout)
-
-    def _what(self, exc: BaseException) -> str:
-        """An error's text for a message: its class and its scrubbed words."""
-        if isinstance(exc, psycopg_pool.PoolTimeout):
-            return f"no connection to the server within {self.timeout:g}s"
-        if isinstance(exc, TimeoutError):
-            return f"no answer from the server within {self.timeout:g}s"
-        words = " ".join(str(exc).split()) or type(exc).__name__
-        return self._scrub(f"{type(exc).__name__}: {words}")
-
-    def _classify(self, exc: BaseException, doing: str) -> StoreError:
-        if isinstance(exc, StoreError):
-            return exc
-        message = f"{doing} failed: {self._what(exc)}"
-        if isinstance(exc, _REJECTED) and not (
-                isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is not None):
-            return StoreRejected(message, origin=self.origin)
-        return StoreError(message, origin=self.origin)
-
-    async def _with(self, doing: str, body: Callable[[Conn], Coroutine[Any, Any, T]], *,
-                    transaction: bool = False) -> T:
-        """Run ``body`` on a pooled connection (in a transaction when asked), bounded by
-        the timeout. Retried when nothing of it can have been written: a transaction the
-        server rolled back for a deadlock (a few times), or a connection the server dropped
-        meanwhile (a restart: once, on a fresh one, unless a COMMIT was sent, whose outcome
-        is then unknown)."""
-        attempt = 0
-        while True:
-            attempt += 1
-            committing = False
-            try:
-                async with asyncio.timeout(self.timeout), self.pool.connection() as conn:
-                    if not transaction:
-                        return await body(conn)
-                    async with conn.transaction():
-                        value = await body(conn)
-                        committing = True
-                    return value
-            except psycopg.OperationalError as exc:
-                # SQLSTATE class 40 (a deadlock, a serialization failure): rolled back
-                if (exc.sqlstate or "").startswith("40") and attempt < 4:
-                    await asyncio.sleep(0.01 * attempt)  # the other transaction goes first
-                    continue
-                if attempt >= 2 or committing or not _dropped(exc) \
-                        or isinstance(exc, psycopg_pool.PoolTimeout):
-                    raise self._classify(exc, doing) from None
-                with contextlib.suppress(psycopg.Error, psycopg_pool.PoolTimeout,
-                                         TimeoutError):
-                    async with asyncio.timeout(self.timeout):
-                        await self.pool.check()  # drop every other stale connection too
-            except (psycopg.Error, psycopg_pool.PoolTimeout, TimeoutError, OSError,
-                    *_REJECTED) as exc:
-                raise self._classify(exc, doing) from None
-
-    async def _all(self, sql: str, params: Any = ()) -> list[Any]:
-        async def body(conn: Conn) -> list[Any]:
-            async with conn.cursor() as cur:
-                await cur.execute(sql, params)
-                return await cur.fetchall()
-        return await self._with("read", body)
 
     # -- schema and registration -----------------------------------------------------
 
@@ -319,14 +208,6 @@ class PostgresStore:
         await self._write(Statement(
             f"UPDATE replicas SET heartbeat={DB_NOW} WHERE name=%s AND incarnation=%s",
             (self.replica, self._incarnation)))
-
-    async def replicas(self) -> list[ReplicaRecord]:
-        """Every registered replica; ``heartbeat`` on this host's clock (the database's
-        instant moved by the difference of the two clocks), so ``time.time() -
-        heartbeat`` is the silence the database measured, whatever this host's clock."""
-        rows = await self._all(f"SELECT name, host, pid, heartbeat - {DB_NOW} + %s "
-                               "FROM replicas ORDER BY name", (time.time(),))
-        return [ReplicaRecord(n, h, int(p), float(b)) for n, h, p, b in rows]
 
     # -- the group commit -------------------------------------------------------------
 
@@ -435,11 +316,6 @@ class PostgresStore:
 
     # -- breakers, commands, events ---------------------------------------------------
 
-    async def breakers(self) -> list[BreakerRecord]:
-        rows = await self._all("SELECT scope, opened, until, reason FROM breakers "
-                               "WHERE until > %s ORDER BY scope", (time.time(),))
-        return [BreakerRecord(s, float(o), float(u), r) for s, o, u, r in rows]
-
     async def close_breaker(self, scope: str) -> bool:
         now = time.time()
 
@@ -466,26 +342,6 @@ class PostgresStore:
             if row is not None:
                 command.seq = int(row[0])
         await self._with("sending a command", body, transaction=True)
-
-    async def commands(self, after: int) -> list[CommandRecord]:
-        rows = await self._all(
-            "SELECT c.run_id, c.kind, c.by, c.reason, c.time, c.seq FROM commands c "
-            "JOIN runs r ON r.id = c.run_id WHERE c.seq > %s AND r.owner = %s "
-            "ORDER BY c.seq", (after, self.replica))
-        return [CommandRecord(r, k, b, why, float(t), int(s)) for r, k, b, why, t, s in rows]
-
-    async def events_since(self, after: int, *, limit: int = 1000
-                           ) -> list[tuple[int, EventRecord]]:
-        if limit <= 0:
-            return []
-        rows = await self._all(
-            "SELECT pos, source, id, topic, key, time, data FROM events WHERE pos > %s "
-            "ORDER BY pos LIMIT %s", (after, limit))
-        return [(int(p), EventRecord(s, i, t, k, float(tm), d)) for p, s, i, t, k, tm, d in rows]
-
-    async def last_event(self) -> int:
-        rows = await self._all("SELECT max(pos) FROM events")
-        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     async def wait_changed(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -526,92 +382,13 @@ class PostgresStore:
 
     # -- the rest of the Store protocol -------------------------------------------------
 
-    async def load_state(self, *, since: float, recent: int) -> EngineState:
-        incidents = [IncidentRecord(*row) for row in await self._all(
-            "SELECT id, rule, key, status, opened, closed, events, run_id, outcome "
-            "FROM incidents WHERE status='open'")]
-        timers = [(r, k, float(s)) for r, k, s in await self._all(
-            "SELECT rule, key, since FROM timers")]
-        starts = [(r, k, float(c)) for r, k, c in await self._all(
-            "SELECT rule, key, created FROM runs WHERE created >= %s AND rule IS NOT NULL "
-            "AND incident_id IS NOT NULL AND strpos(id, '/') = 0 ORDER BY created",
-            (since,))]
-        seen = [(s, i) for s, i in reversed(await self._all(
-            "SELECT source, event_id FROM decisions ORDER BY seq DESC LIMIT %s", (recent,)))]
-        return EngineState(incidents, timers, starts, seen)
-
     async def close_incident(self, incident_id: str, closed: float, outcome: str) -> None:
         await self._write(Statement(
             "UPDATE incidents SET status='closed', closed=%s, outcome=%s WHERE id=%s",
             (closed, outcome, incident_id)))
 
-    @staticmethod
-    def _run(row: Any) -> RunRecord:
-        (rid, inc, rule, key, kind, target, inp, status, created, started, finished, reason,
-         ctx, outcome, event, progress, owner, epoch, version) = row
-        return RunRecord(rid, inc, rule, key, kind, target, inp, status, created, started,
-                         finished, reason, ctx or {}, outcome, event, progress, owner,
-                         int(epoch), int(version))
-
-    async def get_run(self, run_id: str) -> RunRecord | None:
-        rows = await self._all(f"{SELECT_RUN} WHERE id=%s", (run_id,))
-        return self._run(rows[0]) if rows else None
-
-    async def list_runs(self, *, status: str | None = None, limit: int = 100) -> list[RunRecord]:
-        where, params = ("WHERE status=%s", [status]) if status else ("", [])
-        rows = await self._all(f"{SELECT_RUN} {where} ORDER BY created DESC LIMIT %s",
-                               [*params, limit])
-        return [self._run(r) for r in rows]
-
-    async def runs_in_status(self, statuses: tuple[str, ...]) -> list[RunRecord]:
-        rows = await self._all(f"{SELECT_RUN} WHERE status = ANY(%b::text[]) ORDER BY created",
-                               (list(statuses),))
-        return [self._run(r) for r in rows]
-
-    async def steps(self, run_id: str) -> list[StepRecord]:
-        rows = await self._all(
-            "SELECT run_id, seq, task, action, attempt, status, started, finished, input, "
-            "output, error, transition FROM steps WHERE run_id=%s ORDER BY seq", (run_id,))
-        return [StepRecord(*r) for r in rows]
-
-    async def list_incidents(self, *, status: str | None = None,
-                             limit: int = 100) -> list[IncidentRecord]:
-        where, params = ("WHERE status=%s", [status]) if status else ("", [])
-        rows = await self._all(
-            "SELECT id, rule, key, status, opened, closed, events, run_id, outcome FROM "
-            f"incidents {where} ORDER BY opened DESC LIMIT %s", [*params, limit])
-        return [IncidentRecord(*r) for r in rows]
-
-    async def decisions_for(self, *, run_id: str | None = None, incident_id: str | None = None,
-                            limit: int = 1000) -> list[DecisionRecord]:
-        if run_id is not None:
-            where, param = "run_id=%s", run_id
-        else:
-            where, param = "incident_id=%s", incident_id or ""
-        rows = await self._all(
-            "SELECT source, event_id, rule, key, outcome, reason, time, incident_id, run_id "
-            f"FROM decisions WHERE {where} ORDER BY seq LIMIT %s", (param, limit))
-        return [DecisionRecord(*r) for r in rows]
-
-    async def count_decisions(self, *, rule: str | None = None) -> int:
-        if rule is None:
-            rows = await self._all("SELECT count(*) FROM decisions")
-        else:
-            rows = await self._all("SELECT count(*) FROM decisions WHERE rule=%s", (rule,))
-        return int(rows[0][0])
-
-    async def kv_get(self, namespace: str, key: str) -> Any:
-        rows = await self._all("SELECT value FROM kv WHERE namespace=%s AND key=%s",
-                               (namespace, key))
-        return rows[0][0] if rows else None
-
     async def kv_put(self, namespace: str, key: str, value: Any) -> None:
         await self._write(Statement(KV_PUT, (time.time(), [namespace], [key], [_text(value)])))
-
-    async def get_event(self, source: str, event_id: str) -> EventRecord | None:
-        rows = await self._all("SELECT source, id, topic, key, time, data FROM events "
-                               "WHERE source=%s AND id=%s", (source, event_id))
-        return EventRecord(*rows[0]) if rows else None
 
     async def append_audit(self, record: AuditRecord) -> None:
         # through the group commit like every write: durable when this returns
@@ -619,38 +396,6 @@ class PostgresStore:
         await self._write(Statement(AUDIT_APPEND, (
             [r.time], [r.request], [r.who], [r.role], [r.action], [r.target],
             [_text(r.params)], [r.status], [r.outcome], [r.client])))
-
-    async def audit(self, query: AuditQuery) -> list[AuditRecord]:
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (("action", query.action), ("who", query.who),
-                              ("target", query.target)):
-            if value is not None:
-                where.append(f"{column}=%s")
-                params.append(value)
-        if query.since is not None:
-            where.append("time>=%s")
-            params.append(query.since)
-        sql = SELECT_AUDIT + (f" WHERE {' AND '.join(where)}" if where else "")
-        rows = await self._all(f"{sql} ORDER BY seq DESC LIMIT %s", [*params, query.limit])
-        return [AuditRecord(t, req, who, role, action, target, p, status, outcome, client,
-                            int(seq))
-                for t, req, who, role, action, target, p, status, outcome, client, seq
-                in rows]
-
-
-async def _configure(conn: Conn) -> None:
-    """Each pooled connection reads jsonb with orjson (client-side only: no session
-    state on the server)."""
-    set_json_loads(orjson.loads, conn)
-
-
-def _dropped(exc: psycopg.OperationalError) -> bool:
-    """Whether the connection itself was lost (the server restarted, the network
-    dropped), as opposed to a statement failing on a working connection."""
-    return isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.CannotConnectNow) \
-        or getattr(exc, "sqlstate", None) is None
-
 
 def _pid_alive(pid: int) -> bool:
     try:
