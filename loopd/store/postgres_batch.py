@@ -170,11 +170,9 @@ class Group:
         await self._saves(conn)
         await self._steps(conn)
         if events:
-            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                               (LOCK_SPACE, EVENTS_LOCK))
             rows = [(e.source, e.id, e.topic, e.key, number(e.time), text(e.data))
                     for e in events]
-            await conn.execute(EVENTS_INSERT, columns(rows, 6))
+            await conn.execute(EVENTS_INSERT, (LOCK_SPACE, EVENTS_LOCK, *columns(rows, 6)))
             self.notify = True
 
     # -- fenced run and step saves ------------------------------------------------------
@@ -313,24 +311,20 @@ class Group:
         """Write the incidents; returns the ids inserted. A new incident that meets an
         open one for the same (rule, key) (another replica opened it) is not created: its
         decisions join the open one, and its runs are not created."""
+        # new ones first (one statement, the common case); those already stored are
+        # updated, and a new one that met an open incident the batch closes goes in after
+        inserted = await self._insert_incidents(conn, incidents)
+        stored = [i for i in incidents if i.id not in inserted]
+        if not stored:
+            return inserted
         async with conn.cursor() as cur:
-            await cur.execute("SELECT id FROM incidents WHERE id = ANY(%b::text[])",
-                              ([i.id for i in incidents],))
-            stored = {row[0] for row in await cur.fetchall()}
-        # updates first: an incident closed in this batch frees its key for a new one
-        old = [i for i in incidents if i.id in stored]
-        if old:
-            await conn.execute(INCIDENTS_UPDATE, columns(
+            await cur.execute(INCIDENTS_UPDATE, columns(
                 [(i.id, i.status, number(i.closed), i.events, i.run_id, i.outcome)
-                 for i in old], 6))
-        new = [i for i in incidents if i.id not in stored]
-        if not new:
-            return set()
-        async with conn.cursor() as cur:
-            await cur.execute(INCIDENTS_INSERT, columns(
-                [(i.id, i.rule, i.key, i.status, number(i.opened), number(i.closed), i.events,
-                  i.run_id, i.outcome) for i in new], 9))
-            inserted = {row[0] for row in await cur.fetchall()}
+                 for i in stored], 6))
+            updated = {row[0] for row in await cur.fetchall()}
+        new = [i for i in stored if i.id not in updated]
+        if new:
+            inserted |= await self._insert_incidents(conn, new)
         missed = [i for i in new if i.id not in inserted]
         if not missed:
             return inserted
@@ -356,6 +350,16 @@ class Group:
             "FROM unnest(%b::text[], %b::text[], %b::text[]) AS j(new, held, run) "
             "WHERE decisions.incident_id = j.new", (JOINED_REASON, *columns(joins, 3)))
         return inserted
+
+    @staticmethod
+    async def _insert_incidents(conn: Conn, incidents: list[IncidentRecord]) -> set[str]:
+        """Insert what is new; returns the ids inserted (not: stored already, or the
+        (rule, key) has an open incident)."""
+        async with conn.cursor() as cur:
+            await cur.execute(INCIDENTS_INSERT, columns(
+                [(i.id, i.rule, i.key, i.status, number(i.opened), number(i.closed), i.events,
+                  i.run_id, i.outcome) for i in incidents], 9))
+            return {row[0] for row in await cur.fetchall()}
 
     # -- guards across replicas -------------------------------------------------------
 

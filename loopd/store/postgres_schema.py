@@ -88,11 +88,13 @@ MIGRATIONS: dict[int, list[str]] = {
 CREATE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
 
 # ``unnest`` of one typed array per column: a batch is one statement
+# under the EVENTS_LOCK, taken in the same statement before any row (and so any position)
+# is produced, held until commit: positions are handed out in commit order
 EVENTS_INSERT = (
     "INSERT INTO events (source, id, topic, key, time, data) "
-    "SELECT s, i, t, k, tm, d::jsonb FROM unnest(%b::text[], %b::text[], %b::text[], "
-    "%b::text[], %b::float8[], %b::text[]) AS e(s, i, t, k, tm, d) "
-    "ON CONFLICT (source, id) DO NOTHING")
+    "SELECT s, i, t, k, tm, d::jsonb FROM (SELECT pg_advisory_xact_lock(%s, %s)) AS l, "
+    "unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::float8[], %b::text[]) "
+    "AS e(s, i, t, k, tm, d) ON CONFLICT (source, id) DO NOTHING")
 DECISIONS_INSERT = (
     "INSERT INTO decisions (source, event_id, rule, key, outcome, reason, time, "
     "incident_id, run_id) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], "
@@ -102,7 +104,7 @@ INCIDENTS_UPDATE = (
     "UPDATE incidents SET status=u.status, closed=u.closed, events=u.events, "
     "run_id=u.run_id, outcome=u.outcome FROM unnest(%b::text[], %b::text[], %b::float8[], "
     "%b::int[], %b::text[], %b::text[]) AS u(id, status, closed, events, run_id, outcome) "
-    "WHERE incidents.id = u.id")
+    "WHERE incidents.id = u.id RETURNING incidents.id")
 # DO NOTHING without a target: a row meeting the open incident of its (rule, key)
 # (the partial unique index) is not inserted, and the store finds which one it met
 INCIDENTS_INSERT = (
