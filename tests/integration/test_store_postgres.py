@@ -36,7 +36,7 @@ from loopd.store.base import (
 )
 from loopd.store.postgres import PostgresStore
 from loopd.store.postgres_schema import SCHEMA_VERSION
-from tests.servers import free_port, require, wait_port
+from tests.servers import free_port, require, wait_port, wait_until
 from tests.servers.postgres import USER, PostgresServer, _as_server_user
 
 Open = Callable[..., Any]
@@ -103,7 +103,7 @@ async def test_a_database_from_a_newer_loopd_is_refused(
 
 
 async def test_the_store_works_again_after_a_server_restart(
-        postgres_server: PostgresServer, stores: Open) -> None:
+        postgres_server: PostgresServer, postgres_dsn: str, stores: Open) -> None:
     """While the server is down, reads and writes raise StoreError (bounded, never a hang);
     once it is back they work again on new connections, and LISTEN is made again."""
     a = await stores("a", timeout=3.0)
@@ -119,11 +119,13 @@ async def test_the_store_works_again_after_a_server_restart(
         postgres_server.start()
     await a.commit(Batch(runs=[_run("after")]))
     assert {r.id for r in await b.list_runs()} == {"before", "after"}
-    # the listener reconnected: a write of b's wakes a again
-    for _ in range(200):  # drain the wake-up the reconnection itself gives
-        await a.wait_changed(0.05)
-        if a._listener is not None and not a._changed.is_set():
-            break
+    # the listener connects again (after its backoff) and a write of b's wakes a again
+    db = _database(postgres_dsn)
+    await wait_until(lambda: postgres_server.psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loopd a' "
+        "AND query = 'LISTEN loopd'", db).strip() == "1", timeout=30,
+        interval=0.1, what="a's LISTEN connection to be made again")
+    await a.wait_changed(0)  # the wake-up the reconnection itself gives
     waiting = asyncio.create_task(a.wait_changed(120))
     await b.commit(Batch(runs=[_run("wake")]))
     await asyncio.wait_for(waiting, 30)
@@ -448,7 +450,6 @@ async def test_a_commit_chosen_as_a_deadlock_victim_is_retried(
             row = await cur.fetchone()
             return row is not None and row[0] > 0
 
-        from tests.servers import wait_until
         await wait_until(store_waits, what="the store's commit to wait for r1")
         # r2 closes the cycle: the store, waiting longer, is the one rolled back
         await other.execute("UPDATE runs SET reason='other' WHERE id='r2'")
