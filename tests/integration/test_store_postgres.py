@@ -457,3 +457,30 @@ async def test_a_commit_chosen_as_a_deadlock_victim_is_retried(
     await asyncio.wait_for(writing, 60)
     saved = await store.get_run("r2")
     assert saved is not None and saved.reason is None and saved.owner == "a"
+
+
+async def test_three_replicas_deciding_at_once_never_exceed_a_budget_or_a_radius(
+        stores: Open) -> None:
+    """Three replicas committing 150 new runs at the same moment (each its own group
+    commits, in parallel transactions): the fleet window budget and the blast radius are
+    counted in the transactions under their scopes' locks, so neither is ever exceeded."""
+    replicas = [await stores(name, pool_max=6) for name in ("a", "b", "c")]
+    now = time.time()
+    fleet = Limit("fleet", "window", 25, 3600.0, "budget", "fleet budget of 25 runs")
+    radius = Limit("group:web", "open", 10, 0.0, "blast_radius", "10 of group web at most")
+
+    def decided(i: int) -> Batch:
+        key = f"web-{i % 40}"
+        inc = IncidentRecord(f"inc-{i}", "r", key, "open", now, run_id=f"run-{i}")
+        run = RunRecord(f"run-{i}", inc.id, "r", key, "action", "core.noop", {}, "pending", now)
+        limits = [fleet, radius] if i % 3 else [radius]
+        return Batch(decisions=[DecisionRecord("w", f"e{i}", "r", key, "run_created", None,
+                                               now, inc.id, run.id)],
+                     incidents={inc.id: inc}, runs=[run], limits={run.id: limits})
+
+    await asyncio.gather(*(replicas[i % 3].commit(decided(i)) for i in range(150)))
+    runs = await replicas[0].list_runs(limit=1000)
+    open_keys = {i.key for i in await replicas[0].list_incidents(status="open", limit=1000)}
+    assert len(open_keys) == 10 and len({r.key for r in runs}) == 10
+    fleet_runs = [r for r in runs if int(r.id.split("-")[1]) % 3]
+    assert len(fleet_runs) <= 25
