@@ -484,3 +484,35 @@ async def test_three_replicas_deciding_at_once_never_exceed_a_budget_or_a_radius
     assert len(open_keys) == 10 and len({r.key for r in runs}) == 10
     fleet_runs = [r for r in runs if int(r.id.split("-")[1]) % 3]
     assert len(fleet_runs) <= 25
+
+
+async def test_a_reader_following_events_since_never_misses_one(stores: Open) -> None:
+    """Two replicas storing events at once while a third follows ``events_since`` from the
+    last position it saw: it reads every event exactly once (positions are handed out in
+    commit order, so none commits behind a position already read)."""
+    a, b, reader = await stores("a"), await stores("b"), await stores("reader")
+    done = asyncio.Event()
+
+    async def write(store: PostgresStore, tag: str) -> None:
+        for n in range(60):
+            await asyncio.gather(*(store.commit(Batch(events=[
+                EventRecord("w", f"{tag}-{n}-{i}-{j}", "t", "k", 1.0, {}) for j in range(3)]))
+                for i in range(4)))
+
+    async def writers() -> None:
+        await asyncio.gather(write(a, "a"), write(b, "b"))
+        done.set()
+
+    seen: list[str] = []
+    position = 0
+    task = asyncio.create_task(writers())
+    while True:
+        finished = done.is_set()
+        found = await reader.events_since(position)
+        seen += [event.id for _, event in found]
+        position = found[-1][0] if found else position
+        if finished:
+            break
+        await asyncio.sleep(0)
+    await task
+    assert len(seen) == len(set(seen)) == 2 * 60 * 4 * 3
