@@ -3,9 +3,9 @@
 ``Group.write(conn)`` runs every queued operation (engine batches, fenced run and step
 saves, single statements) on one connection, one statement per kind of row (``unnest``
 of arrays), and returns each operation's answer. Nothing here commits, and nothing
-touches the store's memory: the store applies ``Group.held`` (the epochs it now holds
-runs under) only once the transaction committed, so a retried or failed group leaves
-the store as it was.
+touches the store's memory: the store applies ``Group.taken`` and ``Group.lost`` (the
+epochs it now holds runs under, the runs it holds no more) only once the transaction
+committed, so a retried or failed group leaves the store as it was.
 
 Order inside the transaction: the locks of every ``Limit`` scope and breaker the group
 touches (sorted, so two replicas' groups never deadlock), then batches and single
@@ -115,7 +115,6 @@ class Statement:
 
     sql: str
     params: tuple[Any, ...]
-    notify: bool = False
 
 
 Op = Batch | SaveRun | SaveStep | Statement
@@ -162,7 +161,6 @@ class Group:
                         break
                     rows.append(nxt.params)
                     i += 1
-                self.notify |= op.notify
                 async with conn.cursor() as cur:
                     await cur.executemany(op.sql, rows)
             else:
