@@ -105,7 +105,9 @@ class Cluster:
             if problem is not None:
                 return  # decided already, or not waiting (any more): nothing to do
         elif command.kind == "cancel":
-            if not self.dispatcher.cancel(run_id, api_cancel(command.by), acting_too=True):
+            why = api_cancel(command.by)
+            if not self.dispatcher.cancel(run_id, why, acting_too=True) and \
+                    self.engine.cancel_queued(run_id, f"{why} while queued") is None:
                 return
         else:
             log.warning("unknown run command ignored", kind=command.kind, run=run_id)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -63,13 +64,58 @@ class AlertmanagerSourceConfig(_SourceBase):
     telemetry: bool = False  # alerts are not telemetry
 
 
+REPLICA = "{replica}"
+
+
+def expand_replica(template: str, replica: str) -> str:
+    """``template`` with every ``{replica}`` replaced by this replica's name."""
+    return template.replace(REPLICA, replica)
+
+
+def mqtt_client_id(config: MqttSourceConfig | MqttSinkConfig, replica: str) -> str:
+    """The MQTT client id of ``config``'s connection on ``replica``: ``client_id`` with
+    ``{replica}`` expanded, else ``loopd-<replica>-<name>``."""
+    if config.client_id is not None:
+        return expand_replica(config.client_id, replica)
+    return f"loopd-{replica}-{config.name}"
+
+
+def _replica_template(v: str | None) -> str | None:
+    """A name that may contain ``{replica}`` and no other placeholder (a ``{host}`` typed
+    for ``{replica}`` would otherwise become a literal name shared by every replica)."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise ValueError("must not be empty")
+    rest = v.replace(REPLICA, "")
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"only the {REPLICA} placeholder is expanded, got {v!r}")
+    return v
+
+
+ReplicaTemplate = Annotated[str | None, AfterValidator(_replica_template)]
+
+
+def _share_group(v: str | None) -> str | None:
+    # the group is one topic level of "$share/GROUP/filter" (MQTT 5 4.8.2)
+    if v is not None and (not v or any(c in v for c in "/+#")):
+        raise ValueError(f"a share group is one non-empty topic level without / + #, got {v!r}")
+    return v
+
+
 class MqttSourceConfig(_SourceBase):
+    """An MQTT broker's topics. ``client_id`` (default ``loopd-{replica}-<name>``) may name
+    ``{replica}``: each replica needs its own, since a broker disconnects the older of two
+    clients with one id. ``shared: GROUP`` subscribes to ``$share/GROUP/<filter>`` so that
+    each message goes to one replica of the group, not to all of them."""
+
     type: Literal["mqtt"]
     host: str = "127.0.0.1"
     port: int = 1883
     topics: list[str] = Field(min_length=1)
     qos: Literal[0, 1, 2] = 1
-    client_id: str | None = None
+    client_id: ReplicaTemplate = None
+    shared: Annotated[str | None, AfterValidator(_share_group)] = None
     username: str | None = None
     password_ref: str | None = None
     keepalive: int = 30
@@ -80,6 +126,10 @@ class KafkaSourceConfig(_SourceBase):
     bootstrap: str = "127.0.0.1:9092"
     topics: list[str] = Field(min_length=1)
     group: str = "loopd"
+    # static membership (KIP-345): a restarted member with the same id gets its partitions
+    # back without a rebalance; "{replica}" is this replica's name, e.g. a StatefulSet pod's
+    # (Kafka 2.3+; tansu 0.6 rebalances forever after a static member rejoins)
+    group_instance_id: ReplicaTemplate = None
     dead_letter_topic: str | None = None
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     commit_interval: Duration = 0.5
@@ -132,7 +182,7 @@ class MqttSinkConfig(Strict):
     name: str
     host: str = "127.0.0.1"
     port: int = 1883
-    client_id: str | None = None
+    client_id: ReplicaTemplate = None  # like a source's; the bus adds "-pub"
     username: str | None = None
     password_ref: str | None = None
 

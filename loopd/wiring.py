@@ -64,8 +64,10 @@ from loopd.workflow.loader import load_workflows
 log = structlog.get_logger("loopd")
 
 
-def build_source(config: SourceConfig, fleets: dict[str, Fleet]) -> Source:
-    """type -> Source class; a plain mapping, nothing registers itself on import."""
+def build_source(config: SourceConfig, fleets: dict[str, Fleet], replica: str | None = None
+                 ) -> Source:
+    """type -> Source class; a plain mapping, nothing registers itself on import.
+    ``replica`` (the store's) goes into MQTT client ids and Kafka group instance ids."""
     if isinstance(config, WebhookSourceConfig | AlertmanagerSourceConfig):
         return PushSource(config)
     if isinstance(config, SimSourceConfig):
@@ -73,10 +75,10 @@ def build_source(config: SourceConfig, fleets: dict[str, Fleet]) -> Source:
     if isinstance(config, KafkaSourceConfig):
         from loopd.sources.kafka import KafkaSource
 
-        return KafkaSource(config)
+        return KafkaSource(config, replica=replica)
     from loopd.sources.mqtt import MqttSource
 
-    return MqttSource(config)
+    return MqttSource(config, replica=replica)
 
 
 class LazyRunner:
@@ -243,7 +245,8 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
     clock = clock if clock is not None else WallClock()
     inventory = Inventory.load(config.inventory)
     registry, ruleset = load_packs_and_rules(config)
-    buses = {} if simulated else build_buses([*config.sources, *config.sinks])
+    buses = {} if simulated else build_buses([*config.sources, *config.sinks],
+                                             replica=store.replica)
     # simulated: dry run, no runner is ever asked to act
     executor = Executor(registry, {}) if simulated else Executor(
         registry, build_runners(buses, ssh_unlisted_hosts=config.ssh.unlisted_hosts),
@@ -282,7 +285,8 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
                       max_starting=1 << 30 if simulated else 256,
                       announcer=BusOutcomes(bus, config.outcomes.topic)
                       if bus is not None else None)
-    sources = {} if simulated else {c.name: build_source(c, fleets) for c in config.sources}
+    sources = {} if simulated else {c.name: build_source(c, fleets, store.replica)
+                                    for c in config.sources}
     loopd = Loopd(config, store, inventory, registry, ruleset, buses, executor, silences,
                   guards, engine, runs, fleets, sources)
     return loopd
