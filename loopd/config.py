@@ -196,14 +196,88 @@ SourceConfig = Annotated[
 ]
 
 
+class PoolConfig(Strict):
+    """The Postgres store's connection pool, per replica (plus one LISTEN connection)."""
+
+    min: int = Field(default=2, ge=1)
+    max: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolConfig:
+        if self.max < self.min:
+            raise ValueError(f"pool.max ({self.max}) is below pool.min ({self.min})")
+        return self
+
+
+def _dsn_problem(value: str) -> str | None:
+    """What is wrong with a ``store.dsn`` value, never showing it: a reference must be well
+    formed; anything else must be a connection string without a password."""
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    from loopd.catalog.credentials import HIDDEN, SCHEMES, USAGE, parse_reference
+
+    scheme = value.partition(":")[0]
+    if scheme in SCHEMES:
+        try:
+            parse_reference(value)
+        except ConfigError as exc:
+            return exc.message
+        return None
+    try:
+        params = conninfo_to_dict(value)
+    except PsycopgError:
+        return f"neither a reference ({USAGE}) nor a PostgreSQL connection string; {HIDDEN}"
+    if params.get("password"):
+        return (f"holds a password: give the DSN by reference instead ({USAGE}); "
+                f"{HIDDEN}")
+    return None
+
+
 class StoreConfig(Strict):
+    """``type: sqlite`` (one file, ``path``) or ``type: postgres`` (``dsn``, shared by
+    several replicas). The DSN is a secret reference (``env:VAR``, ``file:/path``,
+    ``dir:KEY``, ``exec:COMMAND``) resolved when the store opens, or a connection string
+    without a password (``postgresql://loopd@db/loopd``, the password then comes from
+    libpq's ``PGPASSWORD`` or ``.pgpass``); a literal password is refused."""
+
+    type: Literal["sqlite", "postgres"] = "sqlite"
     path: Path = Path("var/loopd.db")
+    dsn: str | None = None
+    # where LISTEN connects when the pool goes through PgBouncer in transaction mode (its
+    # connections do not keep a LISTEN); default: dsn
+    listen_dsn: str | None = None
+    pool: PoolConfig = PoolConfig()
+    timeout: Duration = Field(default=10.0, gt=0)  # connect, wait for a connection, statement
     batch_max: int = 2000
     batch_wait: Duration = 0.002
     # several replicas: a replica silent (no heartbeat) for this long loses its runs to
     # another; each replica looks for such runs, commands and evidence every ``poll``
     lease: Duration = Field(default=15.0, gt=0)
     poll: Duration = Field(default=1.0, gt=0)
+
+    @field_validator("dsn", "listen_dsn")
+    @classmethod
+    def _secret_safe(cls, v: str | None) -> str | None:
+        problem = _dsn_problem(v) if v is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _for_type(self) -> StoreConfig:
+        if self.type == "postgres":
+            if self.dsn is None:
+                raise ValueError("a postgres store needs dsn (e.g. dsn: env:LOOPD_PG_DSN)")
+            if "path" in self.model_fields_set:
+                raise ValueError("path is for the sqlite store only")
+        else:
+            for name in ("dsn", "listen_dsn"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is for the postgres store only")
+            if "pool" in self.model_fields_set:
+                raise ValueError("pool is for the postgres store only")
+        return self
 
 
 class LogConfig(Strict):
@@ -433,7 +507,9 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{loc}: {first['msg']}", origin=str(path)) from None
+        # the store's DSN is a credential: its problems name file:line like the others'
+        where = _line_of(path, first["loc"]) if first["loc"][:1] == ("store",) else str(path)
+        raise ConfigError(f"{loc}: {first['msg']}", origin=where) from None
     base = path.parent
 
     def rel(p: Path) -> Path:
@@ -449,6 +525,24 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
     })
 
 
+def _line_of(path: Path, loc: tuple[int | str, ...]) -> str:
+    """``file:line`` of the deepest key of ``loc`` in the config file (the file when the
+    file cannot be read again)."""
+    try:
+        _, node = yamlfile.compose(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return str(path)
+    where = str(path)
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+        if found is None:
+            break
+        where, node = f"{path}:{found[0].start_mark.line + 1}", found[1]
+    return where
+
+
 def _api_paths(api: ApiConfig, rel: Callable[[Path], Path]) -> ApiConfig:
     if api.tls is None:
         return api
@@ -462,10 +556,14 @@ def _apply_env(raw: dict[str, object]) -> None:
     env = os.environ
     if "LOOPD_LISTEN" in env:
         raw["listen"] = env["LOOPD_LISTEN"]
+    store = raw.get("store")
+    postgres = isinstance(store, dict) and store.get("type") == "postgres"
     for var, section, key in (
         ("LOOPD_STORE_PATH", "store", "path"), ("LOOPD_LOG_FORMAT", "log", "format"),
         ("LOOPD_LOG_LEVEL", "log", "level"),
     ):
+        if var == "LOOPD_STORE_PATH" and postgres:
+            continue  # a file path means nothing to the postgres store
         if var in env:
             sub = raw.setdefault(section, {})
             if isinstance(sub, dict):
