@@ -23,6 +23,7 @@ from psycopg.types.json import set_json_loads
 
 from loopd.errors import StoreError, StoreRejected
 from loopd.store.base import (
+    LIVE_STATUSES,
     AuditQuery,
     AuditRecord,
     BreakerRecord,
@@ -171,7 +172,7 @@ class PostgresReads:
         rows = await self._all(
             "SELECT c.run_id, c.kind, c.by, c.reason, c.time, c.seq FROM commands c "
             "JOIN runs r ON r.id = c.run_id WHERE c.seq > %s AND r.owner = %s "
-            "ORDER BY c.seq", (after, self.replica))
+            f"AND r.status IN {LIVE_STATUSES} ORDER BY c.seq", (after, self.replica))
         return [CommandRecord(r, k, b, why, float(t), int(s)) for r, k, b, why, t, s in rows]
 
     async def events_since(self, after: int, *, limit: int = 1000
