@@ -25,6 +25,7 @@ from loopd.runs.approvals import Approvals
 from loopd.runs.dispatcher import Dispatcher, api_cancel
 from loopd.sources.base import Source
 from loopd.store.base import (
+    LIVE,
     AuditQuery,
     AuditRecord,
     CommandRecord,
@@ -131,20 +132,19 @@ class Control:
         """Approve or reject a run waiting for approval (rule ``mode: approval`` or an
         ``approval:`` task) as ``by``; None when done (here, or handed to the replica
         executing the run), else why not."""
-        problem = self._approvals.decide(run_id, approved, reason, by)
-        if problem is None:
-            return None
         run = await self._store.get_run(run_id)
-        if run is None or run.status not in states.ACTIVE:
-            return problem
         kind = "approve" if approved else "reject"
-        return None if await self._forward(run, kind, by, reason) else problem
+        if run is not None and await self._forward(run, kind, by, reason):
+            return None
+        return self._approvals.decide(run_id, approved, reason, by)
 
     async def _forward(self, run: RunRecord, kind: str, by: str | None,
                        reason: str | None) -> bool:
-        """Hand a command to the replica executing ``run`` (through the store); False
-        when the run is this replica's (or nobody's), so there is nobody to hand it to."""
-        if run.owner in (None, self._store.replica):
+        """Hand a command to the replica executing ``run`` (through the store), when the
+        store says it is another's: this replica may still hold a stale task of it (it
+        was paused past its lease). False when the run is this replica's (or nobody's,
+        or ended), so there is nobody to hand it to."""
+        if run.owner in (None, self._store.replica) or run.status not in LIVE:
             return False
         await self._store.send_command(CommandRecord(run.id, kind, by, reason, time.time()))
         metrics.run_command(kind, "sent", run.id)
@@ -155,18 +155,16 @@ class Control:
         run = await self._store.get_run(run_id)
         if run is None:
             return CancelAnswer("missing", f"no run {run_id!r}")
+        if await self._forward(run, "cancel", by, None):
+            return CancelAnswer("cancelling")  # by the replica that has it
         if run.status == states.QUEUED:  # still the engine's: in its incident's queue
             if self._engine.cancel_queued(run_id, f"{api_cancel(by)} while queued") is None:
-                if await self._forward(run, "cancel", by, None):
-                    return CancelAnswer("cancelling")  # queued on another replica
                 return CancelAnswer("refused", f"run {run_id} is no longer queued")
             await self._engine.drain(WRITE_TIMEOUT)
             return CancelAnswer("cancelled")
         if run.status not in states.ACTIVE:
             return CancelAnswer("refused", f"run {run_id} already ended ({run.status})")
         if not self._dispatcher.cancel(run_id, api_cancel(by), acting_too=True):
-            if await self._forward(run, "cancel", by, None):
-                return CancelAnswer("cancelling")  # by the replica executing it
             return CancelAnswer("refused", f"run {run_id} is not executing here")
         return CancelAnswer("cancelling")
 

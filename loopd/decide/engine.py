@@ -193,16 +193,17 @@ class Engine:
             open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
         # Incidents whose runs another replica executes stay out of memory: that replica
         # closes them, and an event for them here meets them in the store (joined)
+        # (whose are an incident's queued runs is told by its active ones)
+        active = [r for r in open_runs if r.status in states.ACTIVE]
         if claimed is None:
             now = time.time()
             others = {r.name for r in await self.store.replicas() if r.name !=
                       self.store.replica and now - r.heartbeat < self.store.lease}
-            foreign_run = {r.id for r in open_runs if r.owner in others}
+            foreign_run = {r.id for r in active if r.owner in others}
         else:
-            foreign_run = {r.id for r in open_runs
-                           if r.status in states.ACTIVE and r.id not in claimed}
-        theirs = {r.incident_id for r in open_runs if r.id in foreign_run}
-        ours = {r.incident_id for r in open_runs if r.id not in foreign_run}
+            foreign_run = {r.id for r in active if r.id not in claimed}
+        theirs = {r.incident_id for r in active if r.id in foreign_run}
+        ours = {r.incident_id for r in active if r.id not in foreign_run}
         foreign = theirs - ours
         stale = self.incidents.restore(
             [i for i in state.open_incidents if i.id not in foreign],
@@ -313,8 +314,9 @@ class Engine:
 
     def forget_run(self, run: RunRecord) -> None:
         """A run another replica took over: its incident is that replica's to close, so
-        memory forgets both (an event for it meets the incident in the store, joined)."""
-        self.incidents.discard(run)
+        memory forgets both, and the runs queued behind it, which the taker adopted (an
+        event for it meets the incident in the store, joined)."""
+        self.incidents.discard(run, queued_too=True)
 
     def sync_breakers(self, shared: list[BreakerRecord]) -> None:
         """The breakers the store holds for every replica (see Guards.sync_breakers); one

@@ -323,16 +323,20 @@ class Incidents:
                     return run
         return None
 
-    def discard(self, run: RunRecord) -> None:
+    def discard(self, run: RunRecord, *, queued_too: bool = False) -> None:
         """The store did not create ``run`` (its decision was a duplicate, lost a race for the
-        incident, or was rejected): forget it, and its incident when nothing else runs there.
-        Memory follows the store; it never decides a conflict."""
+        incident, or was rejected), or another replica took it over: forget it, and its
+        incident when nothing else runs there (``queued_too``: nothing else is active; the
+        queued runs went with the incident to its new owner). Memory follows the store; it
+        never decides a conflict."""
         slot = self.runs.get(run.incident_id or "")
         if slot is None or run.incident_id is None:
             return
         slot.active.discard(run.id)
         if run in slot.queued:
             slot.queued.remove(run)
+        if queued_too and not slot.active:
+            slot.queued.clear()
         if slot.active or slot.queued:
             return
         ident = self.by_id.pop(run.incident_id, None)

@@ -136,10 +136,15 @@ class Dispatcher:
         from their last stored step (today's rule for an action that was running: retried
         only when idempotent, else ``interrupted``); returns them (the engine adopts their
         incidents before they end)."""
-        claimed = await self.store.claim_runs(states.ACTIVE, others_only=True)
+        # not the runs a task here still executes: one whose lease was taken while this
+        # replica was paused must first stop at its next fenced write or lease check (a
+        # claim now would give it the new epoch, and it would act from stale memory);
+        # the next poll claims it for a fresh resume from the store
+        claimed = await self.store.claim_runs(states.ACTIVE, others_only=True,
+                                              exclude=frozenset(self._tasks))
         runs = []
         for run_id, epoch in claimed.items():
-            if "/" in run_id or run_id in self._tasks:
+            if "/" in run_id:
                 continue  # a sub-workflow run is resumed by its parent
             run = await self.store.get_run(run_id)
             if run is None or run.status not in states.ACTIVE:

@@ -330,11 +330,14 @@ class Store(Protocol):
     async def commit(self, batch: Batch) -> CommitResult: ...
 
     async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None,
-                         others_only: bool = False) -> dict[str, int]:
+                         others_only: bool = False, exclude: frozenset[str] = frozenset()
+                         ) -> dict[str, int]:
         """The runs in ``statuses`` this replica may execute now, claimed for it (epoch
         bumped; id -> the new epoch): unowned ones, those of replicas silent for longer
         than ``lease`` (default: the store's) and, unless ``others_only`` (the periodic
-        takeover, while this replica executes its own), its own."""
+        takeover, while this replica executes its own), its own. A run's sub-workflow
+        runs (``parent/task``) are claimed with it; runs in ``exclude`` (and theirs) are
+        not (a task of this process still holds them under an older epoch)."""
         ...
 
     async def holds(self, run_id: str) -> bool:

@@ -122,13 +122,16 @@ class MemoryStore:
         self._d.replicas[self.replica] = time.time()
 
     async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None,
-                         others_only: bool = False) -> dict[str, int]:
+                         others_only: bool = False, exclude: frozenset[str] = frozenset()
+                         ) -> dict[str, int]:
         d = self._d
         stale = time.time() - (self.lease if lease is None else lease)
         alive = {name for name, beat in d.replicas.items() if beat >= stale}
         claimed = {}
         for run in d.runs.values():
             mine = run.owner == self.replica
+            if run.id.split("/", 1)[0] in exclude:
+                continue
             if run.status in statuses and (run.owner is None or (mine and not others_only)
                                            or (not mine and run.owner not in alive)):
                 run.owner, run.epoch = self.replica, run.epoch + 1
@@ -264,23 +267,30 @@ class MemoryStore:
             if held_b is None or held_b.until <= breaker.opened:
                 opened[breaker.scope] = breaker
                 result.breakers_opened.add(breaker.scope)
+        refusals: list[tuple[RunRecord, Limit]] = []
+        kept: set[str | None] = set()  # incidents of which a run was admitted
         for run in batch.runs:
-            limits = batch.limits.get(run.id)
-            if not limits or run.id in result.skipped_runs or run.id in d.runs:
+            if run.id in result.skipped_runs or run.id in d.runs:
                 continue
-            refused = self._refusal(run, limits, result)
-            if refused is None:
+            limits = batch.limits.get(run.id)
+            refused = self._refusal(run, limits, result) if limits else None
+            if refused is not None:
+                refusals.append((run, refused))
+                continue
+            kept.add(run.incident_id)
+            if limits:
                 scopes = {lim.scope for lim in limits if lim.kind in ("window", "open")}
                 rows = [[run.id, scope, run.key, run.created, run.incident_id, True]
                         for scope in sorted(scopes)]
                 d.admissions.extend(rows)
                 admitted.extend(rows)
-                continue
+        for run, refused in refusals:
             result.refused[run.id] = refused
             result.skipped_runs.add(run.id)
             reason = refusal_reason(refused)
             refused_runs[run.id] = reason
-            if run.incident_id is not None and run.incident_id not in d.incidents:
+            if run.incident_id is not None and run.incident_id not in d.incidents \
+                    and run.incident_id not in kept:
                 refused_incidents[run.incident_id] = reason
                 incidents.pop(run.incident_id, None)
         # nothing above wrote (but the admissions, which are this batch's own): from here
@@ -305,6 +315,10 @@ class MemoryStore:
                 dec = replace(dec, outcome="suppressed", reason=why, run_id=None)
             d.decisions[(dec.source, dec.event_id, dec.rule)] = replace(dec)
         for inc in incidents.values():
+            old_inc = d.incidents.get(inc.id)
+            if old_inc is not None and old_inc.status == "closed":  # never opened again
+                inc = replace(inc, status="closed", closed=old_inc.closed,
+                              run_id=old_inc.run_id, outcome=old_inc.outcome or inc.outcome)
             d.incidents[inc.id] = replace(inc)
             if inc.status != "open":
                 for row in d.admissions:

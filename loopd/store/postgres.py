@@ -274,18 +274,23 @@ class PostgresStore(PostgresReads):
     # -- runs under a lease -------------------------------------------------------------
 
     async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None,
-                         others_only: bool = False) -> dict[str, int]:
-        # SKIP LOCKED: a run another replica is claiming (or saving a step of) right now
-        # is left to it; the outer UPDATE re-checks the owner of every row it takes
+                         others_only: bool = False, exclude: frozenset[str] = frozenset()
+                         ) -> dict[str, int]:
+        # SKIP LOCKED on the top-level runs: one another replica is claiming (or saving a
+        # step of) right now is left to it. A run's sub-workflow runs ("parent/task") go
+        # with it, so a parent and its child are never split between two replicas.
         mine = "owner IS DISTINCT FROM %(me)s AND " if others_only else ""
+        free = ("(owner IS NULL OR owner=%(me)s OR owner NOT IN (SELECT name FROM replicas "
+                f"WHERE heartbeat >= {DB_NOW} - %(lease)s))")
         sql = (
-            "UPDATE runs SET owner=%(me)s, epoch=epoch+1 WHERE id IN (SELECT id FROM runs "
-            f"WHERE status = ANY(%(statuses)s::text[]) AND {mine}(owner IS NULL "
-            "OR owner=%(me)s OR owner NOT IN (SELECT name FROM replicas "
-            f"WHERE heartbeat >= {DB_NOW} - %(lease)s)) FOR UPDATE SKIP LOCKED) "
+            "WITH roots AS (SELECT id FROM runs WHERE status = ANY(%(statuses)s::text[]) "
+            "AND position('/' in id) = 0 AND NOT (id = ANY(%(exclude)s::text[])) "
+            f"AND {mine}{free} FOR UPDATE SKIP LOCKED) "
+            "UPDATE runs SET owner=%(me)s, epoch=epoch+1 WHERE status = ANY(%(statuses)s::text[]) "
+            f"AND split_part(id, '/', 1) IN (SELECT id FROM roots) AND {mine}{free} "
             "RETURNING id, epoch")
         rows = await self._all(sql, {
-            "me": self.replica, "statuses": list(statuses),
+            "me": self.replica, "statuses": list(statuses), "exclude": sorted(exclude),
             "lease": float(self.lease if lease is None else lease)})
         claimed = {rid: int(epoch) for rid, epoch in rows}
         self._held.update(claimed)

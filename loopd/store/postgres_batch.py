@@ -383,9 +383,12 @@ class Group:
             await conn.execute(ADMISSIONS_INSERT, columns(rows, 5))
         if not refused:
             return
-        # nothing dangles: no decision points at a run or an incident never created
+        # nothing dangles: no decision points at a run or an incident never created; an
+        # incident goes only when none of its runs in this batch was admitted
+        kept = {r.incident_id for r in batch.runs
+                if r.id not in result.refused and r.id not in result.skipped_runs}
         dropped = [(r.incident_id, r.id, refusal_reason(result.refused[r.id]))
-                   for r in refused if r.incident_id in inserted]
+                   for r in refused if r.incident_id in inserted and r.incident_id not in kept]
         if dropped:  # the incidents the refused runs opened are not created either
             incidents, run_ids, reasons = columns(dropped, 3)
             await conn.execute(

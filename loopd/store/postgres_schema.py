@@ -100,10 +100,14 @@ DECISIONS_INSERT = (
     "incident_id, run_id) SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], "
     "%b::text[], %b::text[], %b::text[], %b::float8[], %b::text[], %b::text[]) "
     "ON CONFLICT (source, event_id, rule) DO NOTHING RETURNING source, event_id, rule")
+# a closed incident is never opened again (a replica's memory may be behind the store)
 INCIDENTS_UPDATE = (
-    "UPDATE incidents SET status=u.status, closed=u.closed, events=u.events, "
-    "run_id=u.run_id, outcome=u.outcome FROM unnest(%b::text[], %b::text[], %b::float8[], "
-    "%b::int[], %b::text[], %b::text[]) AS u(id, status, closed, events, run_id, outcome) "
+    "UPDATE incidents SET status=CASE WHEN incidents.status='closed' THEN 'closed' "
+    "ELSE u.status END, closed=COALESCE(incidents.closed, u.closed), events=u.events, "
+    "run_id=CASE WHEN incidents.status='closed' THEN incidents.run_id ELSE u.run_id END, "
+    "outcome=COALESCE(incidents.outcome, u.outcome) FROM unnest(%b::text[], %b::text[], "
+    "%b::float8[], %b::int[], %b::text[], %b::text[]) "
+    "AS u(id, status, closed, events, run_id, outcome) "
     "WHERE incidents.id = u.id RETURNING incidents.id")
 # DO NOTHING without a target: a row meeting the open incident of its (rule, key)
 # (the partial unique index) is not inserted, and the store finds which one it met

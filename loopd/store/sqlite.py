@@ -214,12 +214,14 @@ class SqliteStore:
                           (time.time(), self.replica, self._incarnation))
 
     async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None,
-                         others_only: bool = False) -> dict[str, int]:
+                         others_only: bool = False, exclude: frozenset[str] = frozenset()
+                         ) -> dict[str, int]:
         marks = ",".join("?" * len(statuses))
         stale = time.time() - (self.lease if lease is None else lease)
         own = "" if others_only else "OR owner=? "
+        skip = ",".join("?" * len(exclude))
         params = (self.replica, *statuses, *(() if others_only else (self.replica,)),
-                  self.replica, stale)
+                  self.replica, stale, *sorted(exclude))
         async with self._lock:
             db = self.db
             try:
@@ -227,7 +229,8 @@ class SqliteStore:
                 async with db.execute(
                         f"UPDATE runs SET owner=?, epoch=epoch+1 WHERE status IN ({marks}) AND ("
                         f"owner IS NULL {own}OR (owner<>? AND owner NOT IN (SELECT name FROM "
-                        "replicas WHERE heartbeat >= ?))) RETURNING id, epoch", params) as cur:
+                        "replicas WHERE heartbeat >= ?))) AND substr(id, 1, instr(id || '/', "
+                        f"'/') - 1) NOT IN ({skip}) RETURNING id, epoch", params) as cur:
                     claimed = {row[0]: int(row[1]) for row in await cur.fetchall()}
                 await db.execute("COMMIT")
             except aiosqlite.Error as exc:
@@ -465,9 +468,11 @@ class SqliteStore:
         """Check each new run's limits against what every replica admitted (one writer at a
         time: BEGIN IMMEDIATE serializes the processes on the file); returns the runs
         admitted, counted in their scopes. A refused run is not created, nor the incident it
-        opened; its decisions become ``suppressed`` with the limit's reason."""
+        opened when no other run of it was admitted; its decisions become ``suppressed``
+        with the limit's reason."""
         db = self.db
         admitted = []
+        refusals: list[tuple[RunRecord, Limit]] = []
         for run in runs:
             limits = batch.limits.get(run.id)
             refused = await self._refusal(run, limits, result) if limits else None
@@ -479,13 +484,17 @@ class SqliteStore:
                         "INSERT INTO admissions VALUES (?,?,?,?,?,1)",
                         [(run.id, scope, run.key, run.created, run.incident_id)
                          for scope in sorted(scopes)])
-                continue
+            else:
+                refusals.append((run, refused))
+        kept = {r.incident_id for r in admitted}
+        for run, refused in refusals:
             result.refused[run.id] = refused
             result.skipped_runs.add(run.id)
             reason = refusal_reason(refused)
             inc = run.incident_id
-            if inc is not None and inc not in existing:  # the incident it opened goes too
-                await db.execute("DELETE FROM incidents WHERE id=? AND run_id=?", (inc, run.id))
+            if inc is not None and inc not in existing and inc not in kept:
+                # the incident it opened goes too (no run of it was admitted)
+                await db.execute("DELETE FROM incidents WHERE id=?", (inc,))
                 await db.execute(
                     "UPDATE decisions SET outcome='suppressed', reason=?, incident_id=NULL, "
                     "run_id=NULL WHERE incident_id=?", (reason, inc))

@@ -80,10 +80,13 @@ RUN_MARKS = ",".join("?" * 19)
 INSERT_DECISION = (
     "INSERT INTO decisions (source, event_id, rule, key, outcome, reason, time, incident_id, "
     "run_id) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (source, event_id, rule) DO NOTHING")
+# a closed incident is never opened again (a replica's memory may be behind the store)
 UPSERT_INCIDENT = (
     "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET "
-    "status=excluded.status, closed=excluded.closed, events=excluded.events, "
-    "run_id=excluded.run_id, outcome=excluded.outcome")
+    "status=CASE WHEN incidents.status='closed' THEN 'closed' ELSE excluded.status END, "
+    "closed=COALESCE(incidents.closed, excluded.closed), events=excluded.events, "
+    "run_id=CASE WHEN incidents.status='closed' THEN incidents.run_id ELSE excluded.run_id "
+    "END, outcome=COALESCE(incidents.outcome, excluded.outcome)")
 RUN_COLUMNS = ("id", "incident_id", "rule", "key", "kind", "target", "input", "status",
                 "created", "started", "finished", "reason", "ctx", "outcome", "event",
                 "progress", "owner", "epoch", "version")

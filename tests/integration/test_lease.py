@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from loopd import metrics
 from loopd.runs import states
+from loopd.store.base import StepRecord
 from loopd.store.sqlite import SqliteStore
 from tests.servers import wait_until
 from tests.workflow_harness import Harness, Process, open_harness
@@ -94,3 +96,36 @@ def _pausing(harness: Harness, run_id: str) -> Callable[[], Awaitable[bool]]:
         tasks = (stored.progress or {}).get("tasks", {}) if stored is not None else {}
         return bool(tasks.get("pause", {}).get("state") == "waiting")
     return check
+
+
+def _beat(path: Path, replica: str, value: float) -> None:
+    with contextlib.closing(sqlite3.connect(str(path))) as db, db:
+        db.execute("UPDATE replicas SET heartbeat=? WHERE name=?", (value, replica))
+
+
+async def test_a_woken_replica_does_not_claim_back_a_run_it_still_has_a_stale_task_of(
+        harness: Harness) -> None:
+    """a is paused while its run waits; the survivor takes the run over, starts its action
+    and dies; a wakes: its poll does not claim the run back while its stale task lives (a
+    claim would give the stale task the new epoch); the stale task stops at its lease
+    check, without acting, and the next poll resumes the run from the store."""
+    harness.load(change=WAIT_THEN_ACT)
+    run = await harness.start("change")
+    await wait_until(_pausing(harness, run.id), timeout=5, what="the run to wait")
+    me = harness.store.replica
+    other = SqliteStore(harness.store.path, replica="survivor", lease=0.1)
+    await other.open()
+    try:
+        _beat(harness.store.path, me, 0)  # a paused past the lease
+        assert run.id in await other.claim_runs(states.ACTIVE, others_only=True)
+        await other.save_step(StepRecord(run.id, 99, "act", "t.notify", 1, states.RUNNING,
+                                         time.time()))  # the survivor acts, then dies
+        _beat(harness.store.path, "survivor", 0)
+        _beat(harness.store.path, me, time.time())  # a wakes up: its cluster poll
+        assert await harness.dispatcher.takeover() == []
+        await harness.dispatcher.drain(10)
+        assert harness.calls.count("notify") == 0  # the stale task did not act
+        taken = await harness.dispatcher.takeover()  # the next poll: a fresh resume
+        assert [r.id for r in taken] == [run.id]
+    finally:
+        await other.close()

@@ -237,3 +237,39 @@ async def test_the_earliest_for_timer_start_wins(impl: Opener) -> None:
     await b.commit(Batch(timers_cleared=[("r", "k")]))
     await a.commit(Batch(timers_set=[("r", "k", 130.0)]))
     assert (await b.load_state(since=0, recent=0)).for_timers == [("r", "k", 130.0)]
+
+
+async def test_a_refused_queued_run_leaves_the_admitted_runs_decision_alone(
+        impl: Opener) -> None:
+    """One batch opens an incident with a run (admitted) and queues a second (refused): the
+    incident and the first decision stand; only the second is suppressed."""
+    store = await impl()
+    now = time.time()
+    first, second = _run("ra", created=now), _run("rb", created=now + 1, status="queued")
+    second.incident_id = first.incident_id
+    batch = _decided(first)
+    batch.decisions.append(DecisionRecord("am", "ev-rb", "r", "web-1", "queued", None,
+                                          now + 1, first.incident_id, "rb"))
+    batch.runs.append(second)
+    fleet = [Limit("fleet", "window", 1, 3600.0, "budget", "fleet budget of 1 run")]
+    batch.limits = {"ra": fleet, "rb": fleet}
+    result = await store.commit(batch)
+    assert set(result.refused) == {"rb"}
+    assert await store.get_run("ra") is not None and await store.get_run("rb") is None
+    assert [i.id for i in await store.list_incidents(status="open")] == [first.incident_id]
+    assert [(d.event_id, d.outcome) for d in await store.decisions_for(run_id="ra")] == [
+        ("ev-ra", "run_created")]
+
+
+async def test_a_closed_incident_is_never_opened_again(impl: Opener) -> None:
+    """A replica whose memory is behind the store upserts an incident another closed: it
+    stays closed (its events count), so no event joins a closed incident."""
+    a, b = await _two(impl)
+    run = _run("run-1")
+    await a.commit(_decided(run))
+    await b.close_incident(run.incident_id or "", time.time(), "fixed")
+    stale = IncidentRecord(run.incident_id or "", "r", "web-1", "open", run.created,
+                           events=2, run_id=run.id)
+    await a.commit(Batch(incidents={stale.id: stale}))
+    (stored,) = await a.list_incidents()
+    assert (stored.status, stored.outcome, stored.events) == ("closed", "fixed", 2)

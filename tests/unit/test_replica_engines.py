@@ -1,0 +1,86 @@
+"""Engines of two replicas on one store: a replica that starts while another executes an
+incident's runs leaves that incident (and the runs queued behind it) to the other."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from loopd.catalog.inventory import Inventory
+from loopd.clock import VirtualClock
+from loopd.decide.engine import Engine
+from loopd.decide.guards import Guards
+from loopd.policy import GlobalGuards
+from loopd.rules.loader import RuleSet
+from loopd.runs import states
+from loopd.store.sqlite import SqliteStore
+from tests.unit.conftest import RulesFrom, Sent
+from tests.unit.test_guards import T0, Loop, alert, rule
+
+
+@contextlib.asynccontextmanager
+async def replica(db: Path, rules: RuleSet, name: str) -> AsyncIterator[Loop]:
+    """One replica's engine, started the way the daemon starts it (claim, then load)."""
+    store = SqliteStore(db, replica=name)
+    await store.open()
+    inv = Inventory()
+    sent = Sent()
+    engine = Engine(store, rules, inventory=inv, clock=VirtualClock(), event_time=True,
+                    commands=sent, guards=Guards(GlobalGuards(), inv, None))
+    in_flight = await store.runs_in_status((*states.ACTIVE, states.QUEUED))
+    claimed = await store.claim_runs(states.ACTIVE)
+    await engine.load(in_flight, set(claimed))
+    task = asyncio.create_task(engine.run())
+    try:
+        yield Loop(engine, store, db, sent)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+
+
+async def test_a_replica_started_later_leaves_another_replicas_queued_incident_alone(
+        tmp_path: Path, rules_from: RulesFrom) -> None:
+    """b executes r1 with r2 queued behind it; c starts meanwhile: c does not restore the
+    incident, so its event joins it in the store; b runs both and closes it, and a later
+    event at c opens a new incident instead of joining (or reopening) the closed one."""
+    db = tmp_path / "loopd.db"
+    rules = rules_from(rule("q", extra="    run_mode: queued\n    max_queued: 5"))
+    async with replica(db, rules, "b") as b:
+        await b.feed(alert("e1", "web-1", T0), alert("e2", "web-1", T0 + 1))
+        (r1,) = b.runs
+        assert b.outcomes() == ["run_created", "queued"]
+        async with replica(db, rules, "c") as c:
+            assert not c.engine.incidents.open
+            await c.feed(alert("e3", "web-1", T0 + 2))
+            assert b.outcomes()[-1] == "joined"
+            await b.end(r1)
+            await b.end(b.runs[1])
+            assert await b.store.runs_in_status((states.QUEUED,)) == []
+            assert [i.status for i in await b.store.list_incidents()] == ["closed"]
+            await c.feed(alert("e4", "web-1", T0 + 3))
+            assert b.outcomes()[-1] == "run_created"
+            assert sorted(i.status for i in await b.store.list_incidents()) == [
+                "closed", "open"]
+
+
+async def test_a_queued_run_is_cancelled_by_the_engine_that_holds_its_incident(
+        tmp_path: Path, rules_from: RulesFrom) -> None:
+    """c does not hold b's incident, so it cannot cancel the queued run itself (the API
+    hands the cancel to b); cancelled on b, it stays cancelled when r1 ends."""
+    db = tmp_path / "loopd.db"
+    rules = rules_from(rule("q", extra="    run_mode: queued\n    max_queued: 5"))
+    async with replica(db, rules, "b") as b:
+        await b.feed(alert("e1", "web-1", T0), alert("e2", "web-1", T0 + 1))
+        (r1,) = b.runs
+        (r2,) = await b.store.runs_in_status((states.QUEUED,))
+        async with replica(db, rules, "c") as c:
+            assert c.engine.cancel_queued(r2.id, "cancelled by bob") is None
+            assert b.engine.cancel_queued(r2.id, "cancelled by bob") is not None
+            await b.engine.drain(timeout=10)
+            await b.end(r1)
+            after = await b.store.get_run(r2.id)
+            assert after is not None and after.status == states.CANCELLED
+            assert [r.id for r in b.runs] == [r1.id]
