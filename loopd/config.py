@@ -150,6 +150,10 @@ class StoreConfig(Strict):
     path: Path = Path("var/loopd.db")
     batch_max: int = 2000
     batch_wait: Duration = 0.002
+    # several replicas: a replica silent (no heartbeat) for this long loses its runs to
+    # another; each replica looks for such runs, commands and evidence every ``poll``
+    lease: Duration = Field(default=15.0, gt=0)
+    poll: Duration = Field(default=1.0, gt=0)
 
 
 class LogConfig(Strict):

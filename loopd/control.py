@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from loopd import metrics
 from loopd.decide.engine import Engine
 from loopd.packs.registry import PackRegistry
 from loopd.rules.loader import RuleSet
@@ -26,6 +27,7 @@ from loopd.sources.base import Source
 from loopd.store.base import (
     AuditQuery,
     AuditRecord,
+    CommandRecord,
     DecisionRecord,
     IncidentRecord,
     RunRecord,
@@ -111,8 +113,11 @@ class Control:
         engine.guards.publish_budgets(engine.policies(), engine.now())
 
     async def close_breaker(self, scope: str) -> bool:
+        """Close a breaker for every replica: here (memory and the store, through the
+        engine's next batch), or in the store when only another replica's memory has it
+        (the others follow the store within a poll)."""
         if not self._engine.close_breaker(scope):
-            return False
+            return await self._store.close_breaker(scope)
         await self._engine.drain(WRITE_TIMEOUT)  # written by the engine's next batch
         return True
 
@@ -121,11 +126,29 @@ class Control:
 
     # -- runs ---------------------------------------------------------------------------
 
-    def decide(self, run_id: str, approved: bool, reason: str | None,
-               by: str | None = None) -> str | None:
+    async def decide(self, run_id: str, approved: bool, reason: str | None,
+                     by: str | None = None) -> str | None:
         """Approve or reject a run waiting for approval (rule ``mode: approval`` or an
-        ``approval:`` task) as ``by``; None when done, else why not."""
-        return self._approvals.decide(run_id, approved, reason, by)
+        ``approval:`` task) as ``by``; None when done (here, or handed to the replica
+        executing the run), else why not."""
+        problem = self._approvals.decide(run_id, approved, reason, by)
+        if problem is None:
+            return None
+        run = await self._store.get_run(run_id)
+        if run is None or run.status not in states.ACTIVE:
+            return problem
+        kind = "approve" if approved else "reject"
+        return None if await self._forward(run, kind, by, reason) else problem
+
+    async def _forward(self, run: RunRecord, kind: str, by: str | None,
+                       reason: str | None) -> bool:
+        """Hand a command to the replica executing ``run`` (through the store); False
+        when the run is this replica's (or nobody's), so there is nobody to hand it to."""
+        if run.owner in (None, self._store.replica):
+            return False
+        await self._store.send_command(CommandRecord(run.id, kind, by, reason, time.time()))
+        metrics.run_command(kind, "sent", run.id)
+        return True
 
     async def cancel(self, run_id: str, by: str | None = None) -> CancelAnswer:
         """Cancel a run as ``by`` (its reason names who)."""
@@ -140,6 +163,8 @@ class Control:
         if run.status not in states.ACTIVE:
             return CancelAnswer("refused", f"run {run_id} already ended ({run.status})")
         if not self._dispatcher.cancel(run_id, api_cancel(by), acting_too=True):
+            if await self._forward(run, "cancel", by, None):
+                return CancelAnswer("cancelling")  # by the replica executing it
             return CancelAnswer("refused", f"run {run_id} is not executing here")
         return CancelAnswer("cancelling")
 

@@ -34,6 +34,7 @@ from loopd.api.app import ApiContext, build_app
 from loopd.api.auth import Gate, check_exposure, warn_if_open
 from loopd.api.limits import CappedSite
 from loopd.api.tls import ServerTls
+from loopd.cluster import Cluster
 from loopd.config import LoopdConfig
 from loopd.control import Control, ReloadResult
 from loopd.errors import StoreError
@@ -78,6 +79,10 @@ class Daemon:
                                registry=lambda: self.registry, reload=self.reload,
                                sources=self.sources, stall_after=config.engine.stall_after)
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
+        self.dispatcher.on_lost = self.engine.forget_run
+        self.cluster = Cluster(self.store, self.engine, self.dispatcher, parts.runs.approvals,
+                               self.workflows.hub, lambda: self.registry,
+                               poll=config.store.poll)
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self._stop = asyncio.Event()
@@ -199,7 +204,8 @@ class Daemon:
                 workers = [tg.create_task(self.engine.run(), name="engine"),
                            tg.create_task(self.dispatcher.run(), name="dispatcher"),
                            tg.create_task(self._reloader(), name="reloader"),
-                           tg.create_task(self._heartbeat(), name="heartbeat")]
+                           tg.create_task(self._heartbeat(), name="heartbeat"),
+                           tg.create_task(self.cluster.run(), name="cluster")]
                 if self.silences is not None:
                     workers.append(tg.create_task(self.silences.run(), name="silences"))
                 feeds = [tg.create_task(s.run(), name=f"source-{s.source.name}")

@@ -107,6 +107,16 @@ class Metrics:
             "loopd_audit_write_failures_total", "Audit records the store could not write "
             "(before acting: the call was refused 503; after: its result is missing)",
             ["action", "phase"], registry=r)
+        self.runs_taken_over = Counter(
+            "loopd_runs_taken_over_total", "Runs this replica took over from a replica silent "
+            "for longer than the lease", registry=r)
+        self.lease_lost = Counter(
+            "loopd_lease_lost_total", "Runs this replica stopped because another took them "
+            "over (it was silent for longer than the lease: paused, partitioned)", registry=r)
+        self.commands_forwarded = Counter(
+            "loopd_run_commands_total", "Run commands (approve, reject, cancel) handed to "
+            "another replica through the store, or carried out here for another",
+            ["kind", "direction"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -223,6 +233,24 @@ def rules_loaded(count: int, errors: int) -> None:
     m.rules_loaded.set(count)
     m.rule_load_errors.set(errors)
     log.info("rules loaded", rules=count, errors=errors)
+
+
+def runs_taken_over(count: int, runs: list[str]) -> None:
+    _CURRENT.get(_PROCESS).runs_taken_over.inc(count)
+    log.warning("took over runs of a replica silent for longer than the lease",
+                count=count, runs=runs[:20])
+
+
+def lease_lost(run_id: str, error: object) -> None:
+    _CURRENT.get(_PROCESS).lease_lost.inc()
+    log.warning("lease lost: another replica took this run over; it stops here without "
+                "writing or acting", run=run_id, error=str(error))
+
+
+def run_command(kind: str, direction: str, run_id: str) -> None:
+    _CURRENT.get(_PROCESS).commands_forwarded.labels(kind, direction).inc()
+    log.info("run command " + ("handed to its owner" if direction == "sent"
+                               else "from another replica"), kind=kind, run=run_id)
 
 
 def run_started(workflow: str, run_id: str) -> None:

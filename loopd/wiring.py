@@ -217,7 +217,8 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
     """Build loopd from its configuration. ``simulated`` (loopd simulate): no runner
     ever acts, no source, Alertmanager or Prometheus is contacted, runs start without a
     cap (the replay waits for quiescence itself)."""
-    store = store if store is not None else SqliteStore(config.store.path)
+    store = store if store is not None else SqliteStore(config.store.path,
+                                                        lease=config.store.lease)
     clock = clock if clock is not None else WallClock()
     inventory = Inventory.load(config.inventory)
     registry, ruleset = load_packs_and_rules(config)

@@ -39,6 +39,7 @@ def run_summary(run: RunRecord) -> dict[str, Any]:
         "reason": run.reason, "created": run.created, "started": run.started,
         "finished": run.finished,
         "duration_s": (run.finished - run.created) if run.finished else None,
+        "owner": run.owner, "epoch": run.epoch,  # the replica executing it, its claim
     }
 
 
@@ -139,8 +140,8 @@ async def cancel_run(request: web.Request) -> web.Response:
 
 async def decide_approval(request: web.Request, approved: bool) -> web.Response:
     run_id = request.match_info["id"]
-    problem = request.app[CTX].control.decide(run_id, approved, request.query.get("reason"),
-                                              _by(request))
+    problem = await request.app[CTX].control.decide(
+        run_id, approved, request.query.get("reason"), _by(request))
     if problem is not None:
         return error(409, problem)
     return json_response({"id": run_id, "approved": approved}, status=202)

@@ -52,6 +52,7 @@ from loopd.rules.matcher import RuleIndex
 from loopd.runs import states
 from loopd.store.base import (
     Batch,
+    BreakerRecord,
     CommitResult,
     DecisionRecord,
     EventRecord,
@@ -62,6 +63,7 @@ from loopd.store.base import (
 )
 
 NO_KEY = "-"
+ANY_SOURCE = "*"  # in Engine.keep_evidence: a confirm task waits on events of any source
 THROTTLE_MEMORY = 7 * 86400.0
 GUARDS_KV = ("guards", "state")
 
@@ -139,6 +141,9 @@ class Engine:
             self._virtual = self.clock
         self._commands: Outbox[RunCommand] = commands if commands is not None else _Ignore()
         self._evidence = evidence  # e.g. confirm tasks waiting for evidence
+        # several replicas: events of these sources are stored even when no rule decided
+        # them, for confirm tasks waiting on other replicas (None: not stored)
+        self.keep_evidence: frozenset[str] | None = None
         self._outcomes_topic = outcomes_topic  # a run's end is an event on this topic
         self.matches: Counter[str] = Counter()
         self._batch_max = batch_max
@@ -155,6 +160,7 @@ class Engine:
         self.inbox = Inbox(self._wake, self)
         self._open = _Pending(Batch(), [])  # what decide_now decided, not yet committed
         self._run_updates: list[RunRecord] = []  # queued runs cancelled through control
+        self._breakers_closed: list[str] = []  # closed through control: written next batch
         self._idle = asyncio.Event()
         self._idle.set()
         self.ruleset = rules
@@ -182,13 +188,28 @@ class Engine:
             since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
         if open_runs is None:
             open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
-        stale = self.incidents.restore(state.open_incidents, open_runs)
+        # Incidents whose runs another live replica executes stay out of memory: that
+        # replica closes them, and an event for them here meets them in the store (joined)
+        now = time.time()
+        others = {r.name for r in await self.store.replicas()
+                  if r.name != self.store.replica and now - r.heartbeat < self.store.lease}
+        theirs = {r.incident_id for r in open_runs if r.owner in others}
+        ours = {r.incident_id for r in open_runs if r.owner not in others}
+        foreign = theirs - ours
+        stale = self.incidents.restore(
+            [i for i in state.open_incidents if i.id not in foreign],
+            [r for r in open_runs if r.incident_id not in foreign])
         if stale:  # closed as any other change of incidents: through a Batch
             now = self.now()
             for incident in stale:
                 incident.closed = incident.closed or now
             await self.store.commit(Batch(incidents={i.id: i for i in stale}))
         self.guards.load(await self.store.kv_get(*GUARDS_KV))
+        # breakers are shared through the store's table (a store older than it kept them
+        # in guard memory only): what memory has is written there, once
+        opened = [b for s in self.guards.breakers if (b := self.guards.breaker_record(s))]
+        if opened:
+            await self.store.commit(Batch(breakers=opened))
         for rule, key, since in state.for_timers:
             self._timers.load(rule, key, since)
         for rule, key, created in state.run_starts:
@@ -262,11 +283,41 @@ class Engine:
     def policies(self) -> dict[str, RuleGuards]:
         return self.incidents.policy_map()
 
+    async def adopt(self, runs: list[RunRecord]) -> None:
+        """Runs this replica took over: their open incidents (and the runs queued behind
+        them) come into memory from the store, so their ends close them here."""
+        wanted = {r.incident_id for r in runs if r.incident_id} - set(self.incidents.by_id)
+        if not wanted:
+            return
+        incidents = [i for i in await self.store.list_incidents(status="open", limit=100_000)
+                     if i.id in wanted]
+        queued = [r for r in await self.store.runs_in_status((states.QUEUED,))
+                  if r.incident_id in wanted]
+        self.incidents.adopt(incidents, [*runs, *queued])
+
+    async def refresh_timers(self) -> None:
+        """Partitions moved to this replica (a Kafka rebalance): the ``for:`` timers come
+        from the store, where the previous owner wrote them, so a condition that started
+        to hold there must still hold for the whole duration here (and fires once), and
+        one that stopped holding there does not fire here."""
+        state = await self.store.load_state(since=time.time(), recent=0)
+        self._timers.replace(state.for_timers)
+
+    def forget_run(self, run: RunRecord) -> None:
+        """A run another replica took over: its incident is that replica's to close, so
+        memory forgets both (an event for it meets the incident in the store, joined)."""
+        self.incidents.discard(run)
+
+    def sync_breakers(self, shared: list[BreakerRecord]) -> None:
+        """The breakers the store holds for every replica (see Guards.sync_breakers)."""
+        self.guards.sync_breakers(shared, self.now())
+
     def close_breaker(self, scope: str) -> bool:
         """Close an open circuit breaker; the change is written by the next batch."""
         if not self.guards.close_breaker(scope):
             return False
         self.guards.dirty = True
+        self._breakers_closed.append(scope)  # for every replica: in the store
         self.inbox.put_nowait(None)
         return True
 
@@ -358,6 +409,9 @@ class Engine:
         if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
             self.guards.dirty = False
             pending.batch.kv[GUARDS_KV] = self.guards.state()
+        if self._breakers_closed:
+            pending.batch.breakers_closed.extend(self._breakers_closed)
+            self._breakers_closed = []
 
     def _send(self, pending: _Pending) -> None:
         send = self._commands.put_nowait
@@ -409,6 +463,15 @@ class Engine:
         for held in result.conflicts.values():
             metrics.log.info("incident already open in the store; the event joined it",
                              rule=held.rule, key=held.key, incident=held.id)
+        if result.refused:
+            runs = {r.id: r for r in pending.batch.runs}
+            for run_id, limit in result.refused.items():
+                run = runs.get(run_id)
+                if limit.kind != "opens" and run is not None:
+                    metrics.guard_suppressed(run.rule or "", limit.guard)
+                    metrics.log.info("guard counted across replicas refused the run",
+                                     rule=run.rule, key=run.key, guard=limit.guard,
+                                     reason=limit.reason)
         skipped = result.skipped_runs
         if not skipped:
             return
@@ -444,6 +507,12 @@ class Engine:
             self.telemetry.observe(event)
         if self._evidence is not None:
             self._evidence(event)
+        kept = self.keep_evidence is not None and (
+            event.source in self.keep_evidence or ANY_SOURCE in self.keep_evidence)
+        if kept:  # stored for confirm tasks waiting on other replicas (events_since)
+            pending.batch.events.append(
+                EventRecord(event.source, event.id, event.topic, event.key, event.time,
+                            event.data))
         virtual = self._virtual
         now = event.time
         if virtual is not None:  # event time: decided at its own time; timers due exactly
@@ -501,6 +570,8 @@ class Engine:
             self._decide_rule(rule, event, key, scope, now, pending)
         if decided and ident is not None:
             self._remember(ident)
+            if kept:
+                return
             pending.batch.events.append(
                 EventRecord(event.source, event.id, event.topic, event.key, event.time,
                             event.data))

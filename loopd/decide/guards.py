@@ -22,6 +22,7 @@ from loopd.catalog.silences import Silences
 from loopd.decide.timers import Throttle
 from loopd.policy import BlastRadius, Budget, GlobalGuards, RuleGuards, Window
 from loopd.runs import states
+from loopd.store.base import BreakerRecord, Limit
 
 # breaker failures; ``done`` (succeeded, nothing to confirm) and ``cancelled`` are not
 NOT_FIXED = frozenset({states.NOT_FIXED, states.OUTCOME_FAILED, states.INCONCLUSIVE})
@@ -240,6 +241,58 @@ class Guards:
             recent = _count_since(starts, now - most.per)
             return f"throttled: {recent} runs within {most.per:g}s (max {most.count})"
         return None
+
+    def limits(self, rule: str, key: str, policy: RuleGuards, throttle: Throttle | None
+               ) -> list[Limit]:
+        """The guards of a new run that the store checks again in the decision's
+        transaction, against the runs of every replica (memory only knows this one's)."""
+        found: list[Limit] = []
+        per_key = f"key:{rule}|{key}"
+        if throttle is not None:
+            if throttle.once is not None:
+                found.append(Limit(per_key, "window", 1, throttle.once.per, "throttle",
+                                   f"once within {throttle.once.per:g}s"))
+            if throttle.most is not None:
+                found.append(Limit(per_key, "window", throttle.most.count, throttle.most.per,
+                                   "throttle", f"{throttle.most.count} runs within "
+                                   f"{throttle.most.per:g}s"))
+        if policy.breaker is not None:
+            scope = rule if policy.breaker.per == "rule" else f"{rule}|{key}"
+            found.append(Limit(scope, "breaker", guard="breaker", reason=f"circuit {scope} "
+                               "is open"))
+        for budget, scope, what in ((policy.max_runs, f"rule:{rule}", "rule"),
+                                    (policy.max_runs_per_key, per_key, "key"),
+                                    (self.config.max_runs, "fleet", "fleet")):
+            if budget is not None:
+                found.append(Limit(scope, "window", budget.count, budget.per, "budget",
+                                   f"{what} budget of {budget.count} runs per "
+                                   f"{budget.per:g}s is spent"))
+        radius = policy.blast_radius or self.config.blast_radius
+        group = self.group_of(key) if radius is not None else None
+        if radius is not None and group is not None and radius.group in (None, group):
+            members = len(self.inventory.group(group))
+            limit = radius.limit(members)
+            found.append(Limit(f"group:{group}", "open", limit, 0.0, "blast_radius",
+                               f"{limit} of {members} entities of group {group} under "
+                               f"remediation (max {radius.max})"))
+        return found
+
+    def breaker_record(self, scope: str) -> BreakerRecord | None:
+        state = self.breakers.get(scope)
+        return None if state is None else BreakerRecord(scope, state.opened, state.until,
+                                                        state.reason)
+
+    def sync_breakers(self, shared: list[BreakerRecord], now: float) -> None:
+        """Follow the breakers every replica sees (the store's): one closed elsewhere
+        (``POST .../close`` on another replica) closes here; one opened elsewhere opens."""
+        stored = {b.scope: b for b in shared}
+        for scope in [s for s, b in self.breakers.items() if s not in stored and
+                      b.opened < now - 1.0]:  # one opened here this second may be unwritten
+            self.close_breaker(scope)
+        for scope, b in stored.items():
+            if scope not in self.breakers:
+                self.breakers[scope] = BreakerState(b.opened, b.until, b.reason, True)
+                metrics.circuit(scope.split("|")[0], True)
 
     @staticmethod
     def remaining(budget: Budget, starts: list[float] | None, now: float) -> int:

@@ -30,7 +30,7 @@ from loopd.messages import CancelRun, RunCommand, StartRun
 from loopd.policy import Escalate, RuleGuards
 from loopd.rules.compile import RULE_SCOPE, CompiledRule
 from loopd.runs import states
-from loopd.store.base import Batch, DecisionRecord, IncidentRecord, RunRecord
+from loopd.store.base import Batch, DecisionRecord, IncidentRecord, Limit, RunRecord
 
 
 @dataclass(slots=True)
@@ -61,11 +61,12 @@ class Incidents:
 
     # -- restore --------------------------------------------------------------------
 
-    def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]
-                ) -> list[IncidentRecord]:
-        """Rebuild from the store; returns incidents left open without a live run (loopd
-        died between a run's end and its incident's close), closed here, to be saved."""
+    def adopt(self, incidents: list[IncidentRecord], runs: list[RunRecord]) -> None:
+        """Open incidents from the store, with their active and queued runs, into memory
+        (a restart, or runs taken over from another replica)."""
         for inc in incidents:
+            if inc.id in self.by_id:
+                continue
             self.open[(inc.rule, inc.key)] = inc
             self.by_id[inc.id] = (inc.rule, inc.key)
             self.runs[inc.id] = _Runs()
@@ -75,13 +76,20 @@ class Incidents:
             if slot is None:
                 continue
             if run.status == states.QUEUED:
-                slot.queued.append(run)
+                if run not in slot.queued:
+                    slot.queued.append(run)
             else:
                 slot.active.add(run.id)
             fingerprint = (run.event or {}).get("data", {}).get("fingerprint")
             if fingerprint and run.incident_id:
                 slot.fingerprint = fingerprint
                 self.by_fingerprint.setdefault(fingerprint, set()).add(run.incident_id)
+
+    def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]
+                ) -> list[IncidentRecord]:
+        """Rebuild from the store; returns incidents left open without a live run (loopd
+        died between a run's end and its incident's close), closed here, to be saved."""
+        self.adopt(incidents, runs)
         stale = []
         for incident_id, slot in list(self.runs.items()):
             if slot.active or slot.queued:
@@ -165,6 +173,9 @@ class Incidents:
         if status == states.AWAITING_APPROVAL:
             run.progress = {"gate": {"deadline": now + policy.approval.within}}
         self.guards.run_started(name, key, now, policy.guards.max_runs)
+        limits = self.guards.limits(name, key, policy.guards, throttle)
+        if limits:
+            batch.limits[run.id] = limits
         if incident is None:
             incident = IncidentRecord(new_id(), name, key, "open", now, run_id=run.id)
             self.open[(name, key)] = incident
@@ -264,7 +275,17 @@ class Incidents:
             if self.guards.remembers(rule.rule.guards):
                 self.guards.dirty = True
             if reason is not None:
-                self._escalate(rule, run.key, reason, now, batch, commands)
+                breaker = rule.rule.guards.breaker
+                scope = rule.name if breaker is None or breaker.per == "rule" \
+                    else f"{rule.name}|{run.key}"
+                opened = self.guards.breaker_record(scope)
+                if opened is not None:
+                    batch.breakers.append(opened)
+                escalation = self._escalate(rule, run.key, reason, now, batch, commands)
+                if escalation is not None and opened is not None:
+                    # escalated by the one replica whose commit opens the breaker
+                    batch.limits[escalation.id] = [Limit(scope, "opens", guard="breaker",
+                                                         reason="breaker already open")]
         incident_id = run.incident_id
         slot = self.runs.get(incident_id or "")
         if slot is None or incident_id is None:

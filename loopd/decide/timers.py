@@ -49,6 +49,12 @@ class ForTimers:
         self._since[(rule, key)] = since
         self._bound()
 
+    def replace(self, timers: list[tuple[str, str, float]]) -> None:
+        """All timers anew, as the store has them (partitions moved between replicas)."""
+        self._since.clear()
+        for rule, key, since in sorted(timers, key=lambda t: t[2]):
+            self.load(rule, key, since)
+
     def hold(self, rule: str, key: str, now: float) -> tuple[float, bool]:
         """Record that the condition holds; return (since, newly started)."""
         since = self._since.get((rule, key))

@@ -86,6 +86,9 @@ class ActionContext:
     services: dict[str, Any] = field(default_factory=dict)  # e.g. buses for `publish`
     holds: list[Hold] = field(default_factory=list)  # taken in order, given back reversed
     secrets: SecretResolver = field(default_factory=SecretResolver)  # the executor's
+    # awaited right before the action acts: raises (LeaseLost) when the run is no longer
+    # this replica's, so a former owner that wakes up acts on nothing
+    lease: Callable[[], Awaitable[None]] | None = None
 
     @asynccontextmanager
     async def waiting(self) -> AsyncIterator[None]:
@@ -193,6 +196,8 @@ class Executor:
             await hold.take()  # waits behind the cap; nothing has acted yet
             if started is not None:
                 await started()
+            if ctx.lease is not None:
+                await ctx.lease()
             return await self._invoke(name, action, runner, values, ctx, hold, hidden)
         finally:
             hold.give_back()

@@ -15,6 +15,7 @@ only once its action holds an executor slot: one still waiting for a slot is sto
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -22,10 +23,12 @@ import structlog
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.clock import Clock, WallClock
+from loopd.errors import LeaseLost
 from loopd.messages import CancelRun, Outbox, RunCommand, RunEnded, StartRun
 from loopd.packs.executor import ActionContext, Executor
 from loopd.runs import states
 from loopd.runs.approvals import Approvals
+from loopd.runs.lease import lease_check
 from loopd.runs.slots import Slots
 from loopd.store.base import RunRecord, StepRecord, Store
 
@@ -85,6 +88,8 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self.shutting_down = False
+        # told (the engine) when a run was lost to another replica: memory forgets it
+        self.on_lost: Callable[[RunRecord], None] | None = None
 
     def cancel(self, run_id: str, reason: str, *, acting_too: bool = False) -> bool:
         """Stop a run this dispatcher has; unless ``acting_too``, only one that has not
@@ -109,11 +114,37 @@ class Dispatcher:
         runs = [r for r in stored if r.status in states.ACTIVE and "/" not in r.id
                 and r.id in mine]
         for run in runs:
+            run.owner, run.epoch = self.store.replica, mine[run.id]
             self._idle.clear()
             self.commands.put_nowait(StartRun(run, resumed=True))
         if runs:
             log.info("resuming runs", count=len(runs))
         return len(runs)
+
+    async def takeover(self) -> list[RunRecord]:
+        """Claim the runs of replicas silent for longer than the lease and resume them here,
+        from their last stored step (today's rule for an action that was running: retried
+        only when idempotent, else ``interrupted``); returns them (the engine adopts their
+        incidents before they end)."""
+        claimed = await self.store.claim_runs(states.ACTIVE, others_only=True)
+        runs = []
+        for run_id, epoch in claimed.items():
+            if "/" in run_id or run_id in self._tasks:
+                continue  # a sub-workflow run is resumed by its parent
+            run = await self.store.get_run(run_id)
+            if run is None or run.status not in states.ACTIVE:
+                continue
+            run.epoch = epoch
+            runs.append(run)
+        if runs:
+            metrics.runs_taken_over(len(runs), [r.id for r in runs])
+        return runs
+
+    def start(self, runs: list[RunRecord]) -> None:
+        """Execute runs this replica just took over."""
+        for run in runs:
+            self._idle.clear()
+            self.commands.put_nowait(StartRun(run, resumed=True))
 
     async def run(self) -> None:
         commands = self.commands
@@ -154,6 +185,25 @@ class Dispatcher:
     async def _execute(self, run: RunRecord, resumed: bool) -> None:
         self._entered.add(run.id)
         try:
+            await self._execute_run(run, resumed)
+        except LeaseLost as exc:
+            # another replica owns the run now: stop without writing or acting (nothing of
+            # this run is ours to end; its new owner resumes it from the store)
+            metrics.lease_lost(run.id, exc)
+            if self.on_lost is not None:
+                self.on_lost(run)
+        finally:
+            self._ending.discard(run.id)
+            self._slots.give_back(run.id)
+            self._tasks.pop(run.id, None)
+            self._unstarted.discard(run.id)
+            self._stopping.pop(run.id, None)
+            self._entered.discard(run.id)
+            self.store.release(run.id)
+            self._idle_if_done()
+
+    async def _execute_run(self, run: RunRecord, resumed: bool) -> None:
+        try:
             if run.id in self._stopping:
                 raise asyncio.CancelledError  # cancelled before it was ever scheduled
             await self._slots.take(run.id)
@@ -178,21 +228,17 @@ class Dispatcher:
             if self.workflows is not None and run.kind == "workflow" and run.progress:
                 run.outcome = self.workflows.outcome(run, states.CANCELLED)
             await self._end(run, states.CANCELLED, why or API_CANCEL, started=not unstarted)
+        except LeaseLost:
+            raise
         except Exception as exc:  # task boundary: a loopd bug ends this run, not the daemon
             log.exception("run crashed", run=run.id)
             if run.id not in self._ending:
                 try:
                     await self._end(run, states.CRASHED, f"{type(exc).__name__}: {exc}")
+                except LeaseLost:
+                    raise
                 except Exception:  # e.g. the store is failing too: say so, keep the daemon
                     log.exception("could not record the crashed run", run=run.id)
-        finally:
-            self._ending.discard(run.id)
-            self._slots.give_back(run.id)
-            self._tasks.pop(run.id, None)
-            self._unstarted.discard(run.id)
-            self._stopping.pop(run.id, None)
-            self._entered.discard(run.id)
-            self._idle_if_done()
 
     async def _gate(self, run: RunRecord) -> bool:
         """Rule ``mode: approval``: wait for a human before acting, through the same
@@ -243,7 +289,8 @@ class Dispatcher:
             await self.store.save_step(step)
 
         ctx = ActionContext(run.id, "action", self.inventory, dry_run=self.dry_run,
-                            holds=[self._slots.hold(run.id)])
+                            holds=[self._slots.hold(run.id)],
+                            lease=lease_check(self.store, run.id))
         inputs: dict[str, Any] = run.input if isinstance(run.input, dict) else {}
         known = self.executor.registry.actions.get(run.target)
         if known is not None and known.spec.idempotent:

@@ -33,8 +33,10 @@ Contract (every implementation passes ``tests/unit/test_store_contract.py``):
   seconds before this run's ``created``, refused at ``count``; ``open``: distinct
   keys of the scope whose incident is still open (other than this run's key),
   refused at ``count``; ``breaker``: refused while the scope's breaker is open at
-  ``created``. A refused run is not created, nor the incident it opened; its
-  decision becomes ``suppressed`` with the limit's reason (``refused`` says which).
+  ``created``; ``opens``: created only when this very commit opened the scope's
+  breaker (``Batch.breakers``: the escalation of one replica). A refused run is
+  not created, nor the incident it opened; its decision becomes ``suppressed``
+  with the limit's reason (``refused`` says which).
   An admitted run is counted in each scope of its limits; closing its incident
   ends its ``open`` count.
 * Breakers are shared: ``Batch.breakers`` opens them (a breaker already open is
@@ -195,6 +197,11 @@ class Limit:
     reason: str = ""
 
 
+def refusal_reason(limit: Limit) -> str:
+    """The reason of a decision whose run a store-checked limit refused."""
+    return f"guard {limit.guard}: {limit.reason} (counted across replicas)"
+
+
 @dataclass(slots=True)
 class BreakerRecord:
     scope: str            # a rule, or "rule|key"
@@ -268,10 +275,13 @@ class Batch:
     # run id -> the guards the store checks across replicas before creating the run
     limits: dict[str, list[Limit]] = field(default_factory=dict)
     breakers: list[BreakerRecord] = field(default_factory=list)  # breakers to open
+    breakers_closed: list[str] = field(default_factory=list)  # scopes closed (the API)
 
     def __bool__(self) -> bool:
-        return bool(self.decisions or self.incidents or self.runs or self.run_updates
-                    or self.timers_set or self.timers_cleared or self.kv or self.breakers)
+        return bool(self.events or self.decisions or self.incidents or self.runs
+                    or self.run_updates
+                    or self.timers_set or self.timers_cleared or self.kv or self.breakers
+                    or self.breakers_closed)
 
     def mark(self) -> Mark:
         """Where the records of the next event start (see ``part``)."""
@@ -292,7 +302,8 @@ class Batch:
             dict(self.kv),  # the latest guard memory goes with every part
             {r.id: self.limits[r.id] for r in self.runs[start[2]:end[2]]
              if r.id in self.limits},
-            list(self.breakers) if start[0] == 0 and start[1] == 0 else [])
+            list(self.breakers) if start[0] == 0 and start[1] == 0 else [],
+            list(self.breakers_closed) if start[0] == 0 and start[1] == 0 else [])
 
 
 @dataclass(slots=True)

@@ -10,24 +10,30 @@ handed to the next ``MemoryStore`` (a "restart" in tests).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loopd.errors import StoreError, StoreRejected
+from loopd.errors import LeaseLost, StoreError, StoreRejected
 from loopd.store.base import (
     RUN_OUTCOMES,
     AuditQuery,
     AuditRecord,
     Batch,
+    BreakerRecord,
+    CommandRecord,
     CommitResult,
     DecisionRecord,
     EngineState,
     EventRecord,
     IncidentRecord,
+    Limit,
+    ReplicaRecord,
     RunRecord,
     StepRecord,
+    refusal_reason,
 )
 from loopd.store.codec import dump, load
 
@@ -45,6 +51,12 @@ class MemoryData:
     kv: dict[tuple[str, str], bytes] = field(default_factory=dict)
     replicas: dict[str, float] = field(default_factory=dict)  # name -> last heartbeat
     audit: list[AuditRecord] = field(default_factory=list)  # append-only, oldest first
+    # several replicas: what every replica admitted (run id, scope, key, time, incident,
+    # open), the shared breakers, run commands, and the order events were stored in
+    admissions: list[list[Any]] = field(default_factory=list)
+    breakers: dict[str, BreakerRecord] = field(default_factory=dict)
+    commands: list[CommandRecord] = field(default_factory=list)
+    event_order: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _missing(value: Any) -> bool:
@@ -90,6 +102,7 @@ class MemoryStore:
         self.replica = replica
         self.lease = lease
         self._open = False
+        self._held: dict[str, int] = {}  # run id -> the epoch this store holds it under
 
     @property
     def _d(self) -> MemoryData:
@@ -107,18 +120,98 @@ class MemoryStore:
     async def heartbeat(self) -> None:
         self._d.replicas[self.replica] = time.time()
 
-    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None
-                         ) -> set[str]:
+    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None,
+                         others_only: bool = False) -> dict[str, int]:
         d = self._d
         stale = time.time() - (self.lease if lease is None else lease)
         alive = {name for name, beat in d.replicas.items() if beat >= stale}
-        claimed = set()
+        claimed = {}
         for run in d.runs.values():
-            if run.status in statuses and (run.owner in (None, self.replica)
-                                           or run.owner not in alive):
+            mine = run.owner == self.replica
+            if run.status in statuses and (run.owner is None or (mine and not others_only)
+                                           or (not mine and run.owner not in alive)):
                 run.owner, run.epoch = self.replica, run.epoch + 1
-                claimed.add(run.id)
+                claimed[run.id] = run.epoch
+        self._held.update(claimed)
         return claimed
+
+    async def holds(self, run_id: str) -> bool:
+        run = self._d.runs.get(run_id)
+        return run is not None and run.owner == self.replica \
+            and self._held.get(run_id) == run.epoch
+
+    def release(self, run_id: str) -> None:
+        self._held.pop(run_id, None)
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        return [ReplicaRecord(name, "memory", 0, beat)
+                for name, beat in sorted(self._d.replicas.items())]
+
+    async def breakers(self) -> list[BreakerRecord]:
+        now = time.time()
+        return [replace(b) for _, b in sorted(self._d.breakers.items()) if b.until > now]
+
+    async def close_breaker(self, scope: str) -> bool:
+        found = self._d.breakers.pop(scope, None)
+        return found is not None and found.until > time.time()
+
+    async def send_command(self, command: CommandRecord) -> None:
+        commands = self._d.commands
+        commands.append(replace(command, seq=len(commands) + 1))
+
+    async def commands(self, after: int) -> list[CommandRecord]:
+        d = self._d
+        return [replace(c) for c in d.commands if c.seq > after
+                and (run := d.runs.get(c.run_id)) is not None and run.owner == self.replica]
+
+    async def events_since(self, after: int, *, limit: int = 1000
+                           ) -> list[tuple[int, EventRecord]]:
+        d = self._d
+        found = []
+        for pos in range(max(after, 0) + 1, min(len(d.event_order), after + limit) + 1):
+            found.append((pos, replace(d.events[d.event_order[pos - 1]])))
+        return found
+
+    async def last_event(self) -> int:
+        return len(self._d.event_order)
+
+    async def wait_changed(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+
+    def _lost(self, run_id: str) -> LeaseLost:
+        self._held.pop(run_id, None)
+        return LeaseLost(f"run {run_id} is no longer this replica's ({self.replica}): another "
+                         "replica took it over; nothing was written", origin="memory")
+
+    def _fenced(self, run_id: str) -> RunRecord | None:
+        """The stored run, when this store may write it (None: a run new to the store)."""
+        stored = self._d.runs.get(run_id)
+        if stored is None:
+            return None
+        if stored.owner != self.replica or self._held.get(run_id) != stored.epoch:
+            raise self._lost(run_id)
+        return stored
+
+    def _refusal(self, run: RunRecord, limits: list[Limit], result: CommitResult
+                 ) -> Limit | None:
+        d = self._d
+        for limit in limits:
+            rows = [a for a in d.admissions if a[1] == limit.scope]
+            if limit.kind == "opens":  # only with the breaker this very commit opened
+                refused = limit.scope not in result.breakers_opened
+            elif limit.kind == "window":
+                refused = sum(1 for a in rows if a[3] > run.created - limit.per) >= limit.count
+            elif limit.kind == "open":
+                refused = len({a[2] for a in rows if a[5] and a[2] != run.key}) >= limit.count
+            elif limit.kind == "breaker":
+                found = d.breakers.get(limit.scope)
+                refused = found is not None and found.until > run.created
+            else:
+                raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
+                                    f"{limit.kind!r}", origin="memory")
+            if refused:
+                return limit
+        return None
 
     async def commit(self, batch: Batch) -> CommitResult:
         d = self._d
@@ -157,9 +250,44 @@ class MemoryStore:
             result.conflicts[new_id] = held
             result.skipped_runs |= {r.id for r in batch.runs if r.incident_id == new_id}
             incidents.pop(new_id)
-        # nothing above wrote: from here the batch is applied whole
+        # the limits of the runs left, in order (each sees the ones admitted before it)
+        admitted: list[list[Any]] = []
+        refused_incidents: dict[str, str] = {}  # new incident not created -> why
+        refused_runs: dict[str, str] = {}
+        opened: dict[str, BreakerRecord] = {}
+        for scope in batch.breakers_closed:
+            d.breakers.pop(scope, None)
+        for breaker in batch.breakers:
+            held_b = d.breakers.get(breaker.scope)
+            if held_b is None or held_b.until <= breaker.opened:
+                opened[breaker.scope] = breaker
+                result.breakers_opened.add(breaker.scope)
+        for run in batch.runs:
+            limits = batch.limits.get(run.id)
+            if not limits or run.id in result.skipped_runs or run.id in d.runs:
+                continue
+            refused = self._refusal(run, limits, result)
+            if refused is None:
+                scopes = {lim.scope for lim in limits if lim.kind in ("window", "open")}
+                rows = [[run.id, scope, run.key, run.created, run.incident_id, True]
+                        for scope in sorted(scopes)]
+                d.admissions.extend(rows)
+                admitted.extend(rows)
+                continue
+            result.refused[run.id] = refused
+            result.skipped_runs.add(run.id)
+            reason = refusal_reason(refused)
+            refused_runs[run.id] = reason
+            if run.incident_id is not None and run.incident_id not in d.incidents:
+                refused_incidents[run.incident_id] = reason
+                incidents.pop(run.incident_id, None)
+        # nothing above wrote (but the admissions, which are this batch's own): from here
+        # the batch is applied whole
+        d.breakers.update(opened)
         for e in batch.events:
-            d.events.setdefault((e.source, e.id), replace(e, data=load(dump(e.data))))
+            if (e.source, e.id) not in d.events:
+                d.events[(e.source, e.id)] = replace(e, data=load(dump(e.data)))
+                d.event_order.append((e.source, e.id))
         for dec in new_decisions:
             held = joined.get(dec.incident_id or "")
             if held is not None:
@@ -167,16 +295,30 @@ class MemoryStore:
                 if dec.outcome in RUN_OUTCOMES:
                     dec = replace(dec, outcome="joined", run_id=held.run_id,
                                   reason="incident already open (decided by another loopd)")
+            why = refused_incidents.get(dec.incident_id or "")
+            if why is not None:
+                dec = replace(dec, outcome="suppressed", reason=why, incident_id=None,
+                              run_id=None)
+            elif (why := refused_runs.get(dec.run_id or "")) is not None:
+                dec = replace(dec, outcome="suppressed", reason=why, run_id=None)
             d.decisions[(dec.source, dec.event_id, dec.rule)] = replace(dec)
         for inc in incidents.values():
             d.incidents[inc.id] = replace(inc)
+            if inc.status != "open":
+                for row in d.admissions:
+                    if row[4] == inc.id:
+                        row[5] = False
         for run in batch.runs:
             if run.id in result.skipped_runs or run.id in d.runs:
                 continue
             run.owner = self.replica
             d.runs[run.id] = _stored(run)
+            self._held[run.id] = run.epoch
         for run in batch.run_updates:
+            old = d.runs.get(run.id)
+            run.owner, run.epoch = self.replica, (old.epoch if old else run.epoch) + 1
             d.runs[run.id] = _stored(run)
+            self._held[run.id] = run.epoch
         for rule, key, since in batch.timers_set:
             d.timers[(rule, key)] = since
         for rule, key in batch.timers_cleared:
@@ -197,15 +339,19 @@ class MemoryStore:
                            [(r, k, c) for r, k, c in starts if r and k], seen)
 
     async def save_run(self, run: RunRecord) -> None:
+        old = self._fenced(run.id)
         run.owner = self.replica
         run.version += 1
-        old = self._d.runs.get(run.id)
         saved = _stored(run)
         if old is not None:
-            saved.epoch = old.epoch  # the epoch belongs to claim_runs
+            saved.epoch = run.epoch = old.epoch  # the epoch belongs to claim_runs
+        else:
+            self._held[run.id] = run.epoch
         self._d.runs[run.id] = saved
 
     async def save_step(self, step: StepRecord) -> None:
+        if self._fenced(step.run_id) is None:
+            raise self._lost(step.run_id)  # a step of a run this store never wrote
         self._d.steps[(step.run_id, step.seq)] = replace(
             step, input=load(dump(step.input)), output=load(dump(step.output)))
 
@@ -213,6 +359,9 @@ class MemoryStore:
         inc = self._d.incidents.get(incident_id)
         if inc is not None:
             inc.status, inc.closed, inc.outcome = "closed", closed, outcome
+        for row in self._d.admissions:
+            if row[4] == incident_id:
+                row[5] = False
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         run = self._d.runs.get(run_id)

@@ -21,24 +21,30 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from loopd.errors import StoreError, StoreRejected
+from loopd.errors import LeaseLost, StoreError, StoreRejected
 from loopd.store.base import (
     RUN_OUTCOMES,
     AuditQuery,
     AuditRecord,
     Batch,
+    BreakerRecord,
+    CommandRecord,
     CommitResult,
     DecisionRecord,
     EngineState,
     EventRecord,
     IncidentRecord,
+    Limit,
+    ReplicaRecord,
     RunRecord,
     StepRecord,
+    refusal_reason,
 )
 from loopd.store.codec import dump as _dump
 from loopd.store.codec import load as _load
@@ -48,12 +54,25 @@ from loopd.store.sqlite_schema import (
     MIGRATIONS,
     RUN_MARKS,
     SAVE_RUN,
+    SAVE_STEP,
     SCHEMA_VERSION,
     SELECT_AUDIT,
+    UPDATE_RUN,
     UPSERT_INCIDENT,
 )
 
-Op = Batch | tuple[str, tuple[Any, ...]]
+
+@dataclass(frozen=True, slots=True)
+class _Fenced:
+    """A write of run state: executed alone, and refused (``LeaseLost``) when it changed
+    nothing because the run is no longer this replica's under the epoch it holds."""
+
+    sql: str
+    params: tuple[Any, ...]
+    run_id: str
+
+
+Op = Batch | _Fenced | tuple[str, tuple[Any, ...]]
 # Errors a retry of the same records can never fix: the culprit is found and rejected.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
              sqlite3.ProgrammingError, OverflowError, TypeError, ValueError, RecursionError)
@@ -102,6 +121,8 @@ class SqliteStore:
         # may run statements on it meanwhile.
         self._lock = asyncio.Lock()
         self._queue: list[tuple[Op, asyncio.Future[CommitResult | None]]] = []
+        # run id -> the epoch this process holds the run under (created, claimed, inserted)
+        self._held: dict[str, int] = {}
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -117,10 +138,19 @@ class SqliteStore:
             sync = os.environ.get("LOOPD_SQLITE_SYNC", "NORMAL").upper()
             # busy_timeout first: another process opening the same file at the same moment
             # holds the lock briefly (journal mode, migrations) and must be waited for
-            for pragma in ("busy_timeout=5000", "journal_mode=WAL", f"synchronous={sync}",
-                           "foreign_keys=OFF"):
-                await self.db.execute(f"PRAGMA {pragma}")
-            await self._migrate()
+            for attempt in range(10):
+                try:
+                    for pragma in ("busy_timeout=5000", "journal_mode=WAL",
+                                   f"synchronous={sync}", "foreign_keys=OFF"):
+                        await self.db.execute(f"PRAGMA {pragma}")
+                    await self._migrate()
+                    break
+                except sqlite3.OperationalError as exc:
+                    # several processes creating one new file: switching it to WAL can
+                    # fail at once with "locked" (no busy wait there); the next try sees WAL
+                    if "locked" not in str(exc) or attempt == 9:
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
             await self._register()
         except BaseException as exc:
             # close what was opened: aiosqlite's thread would keep the process alive
@@ -182,26 +212,80 @@ class SqliteStore:
         await self._write("UPDATE replicas SET heartbeat=? WHERE name=? AND incarnation=?",
                           (time.time(), self.replica, self._incarnation))
 
-    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None
-                         ) -> set[str]:
+    async def claim_runs(self, statuses: tuple[str, ...], *, lease: float | None = None,
+                         others_only: bool = False) -> dict[str, int]:
         marks = ",".join("?" * len(statuses))
         stale = time.time() - (self.lease if lease is None else lease)
+        own = "" if others_only else "OR owner=? "
+        params = (self.replica, *statuses, *(() if others_only else (self.replica,)),
+                  self.replica, stale)
         async with self._lock:
             db = self.db
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 async with db.execute(
                         f"UPDATE runs SET owner=?, epoch=epoch+1 WHERE status IN ({marks}) AND ("
-                        "owner IS NULL OR owner=? OR owner NOT IN (SELECT name FROM replicas "
-                        "WHERE heartbeat >= ?)) RETURNING id",
-                        (self.replica, *statuses, self.replica, stale)) as cur:
-                    claimed = {row[0] for row in await cur.fetchall()}
+                        f"owner IS NULL {own}OR (owner<>? AND owner NOT IN (SELECT name FROM "
+                        "replicas WHERE heartbeat >= ?))) RETURNING id, epoch", params) as cur:
+                    claimed = {row[0]: int(row[1]) for row in await cur.fetchall()}
                 await db.execute("COMMIT")
             except aiosqlite.Error as exc:
                 if db.in_transaction:
                     await db.execute("ROLLBACK")
                 raise StoreError(f"claiming runs failed: {exc}", origin=str(self.path)) from None
+        self._held.update(claimed)
         return claimed
+
+    async def holds(self, run_id: str) -> bool:
+        epoch = self._held.get(run_id)
+        if epoch is None:
+            return False
+        rows = await self._all("SELECT 1 FROM runs WHERE id=? AND owner=? AND epoch=?",
+                               (run_id, self.replica, epoch))
+        return bool(rows)
+
+    def release(self, run_id: str) -> None:
+        self._held.pop(run_id, None)
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        return [ReplicaRecord(n, h, int(p), float(b)) for n, h, p, b in await self._all(
+            "SELECT name, host, pid, heartbeat FROM replicas ORDER BY name")]
+
+    async def breakers(self) -> list[BreakerRecord]:
+        return [BreakerRecord(*row) for row in await self._all(
+            "SELECT scope, opened, until, reason FROM breakers WHERE until>? ORDER BY scope",
+            (time.time(),))]
+
+    async def close_breaker(self, scope: str) -> bool:
+        open_ = await self._all("SELECT 1 FROM breakers WHERE scope=? AND until>?",
+                                (scope, time.time()))
+        await self._write("DELETE FROM breakers WHERE scope=?", (scope,))
+        return bool(open_)
+
+    async def send_command(self, command: CommandRecord) -> None:
+        await self._write("INSERT INTO commands (run_id, kind, by, reason, time) "
+                          "VALUES (?,?,?,?,?)", (command.run_id, command.kind, command.by,
+                                                 command.reason, command.time))
+
+    async def commands(self, after: int) -> list[CommandRecord]:
+        rows = await self._all(
+            "SELECT c.run_id, c.kind, c.by, c.reason, c.time, c.seq FROM commands c JOIN runs r "
+            "ON r.id=c.run_id WHERE c.seq>? AND r.owner=? ORDER BY c.seq", (after, self.replica))
+        return [CommandRecord(*row) for row in rows]
+
+    async def events_since(self, after: int, *, limit: int = 1000
+                           ) -> list[tuple[int, EventRecord]]:
+        rows = await self._all("SELECT rowid, * FROM events WHERE rowid>? ORDER BY rowid "
+                               "LIMIT ?", (after, limit))
+        return [(int(pos), EventRecord(s, i, topic, key, t, _load(data)))
+                for pos, s, i, topic, key, t, data in rows]
+
+    async def last_event(self) -> int:
+        rows = await self._all("SELECT MAX(rowid) FROM events")
+        return int(rows[0][0] or 0)
+
+    async def wait_changed(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)  # one file: nothing to listen to, polling is the truth
 
     async def close(self) -> None:
         if self._db is not None:
@@ -243,7 +327,7 @@ class SqliteStore:
 
     async def _write_all(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
                          ) -> StoreError | None:
-        results: list[CommitResult | None] = []
+        results: list[CommitResult | LeaseLost | None] = []
         try:
             db = self.db  # a store closed under its writers fails them, never hangs them
         except StoreError as exc:
@@ -259,10 +343,15 @@ class SqliteStore:
                     results.append(await self._batch(op))
                     i += 1
                     continue
+                if isinstance(op, _Fenced):
+                    cur = await db.execute(op.sql, op.params)
+                    results.append(None if cur.rowcount else self._lost(op.run_id))
+                    i += 1
+                    continue
                 sql, rows = op[0], [op[1]]
                 i += 1
                 results.append(None)
-                while i < len(ops) and not isinstance(ops[i][0], Batch) \
+                while i < len(ops) and not isinstance(ops[i][0], Batch | _Fenced) \
                         and ops[i][0][0] == sql:  # type: ignore[index]
                     rows.append(ops[i][0][1])  # type: ignore[index]
                     results.append(None)
@@ -279,9 +368,18 @@ class SqliteStore:
                 pass
             return _classify(exc, str(self.path))
         for (_, done), result in zip(ops, results, strict=True):
-            if not done.done():
+            if done.done():
+                continue
+            if isinstance(result, LeaseLost):
+                done.set_exception(result)
+            else:
                 done.set_result(result)
         return None
+
+    def _lost(self, run_id: str) -> LeaseLost:
+        self._held.pop(run_id, None)
+        return LeaseLost(f"run {run_id} is no longer this replica's ({self.replica}): another "
+                         "replica took it over; nothing was written", origin=str(self.path))
 
     async def _batch(self, batch: Batch) -> CommitResult:
         db = self.db
@@ -304,20 +402,47 @@ class SqliteStore:
             live = {d.incident_id for d in batch.decisions
                     if (d.source, d.event_id, d.rule) not in result.duplicates}
             incidents = {i: inc for i, inc in incidents.items() if i in live}
+        existing: set[str] = set()
+        if batch.limits:  # which incidents the limited runs' own are new (see _limits)
+            ids = {r.incident_id for r in batch.runs if r.id in batch.limits and r.incident_id}
+            marks = ",".join("?" * len(ids))
+            async with db.execute(f"SELECT id FROM incidents WHERE id IN ({marks})",
+                                  tuple(ids)) as cur:
+                existing = {row[0] for row in await cur.fetchall()}
         if incidents:
             await self._incidents(list(incidents.values()), batch, result)
+            closed = [(i.id,) for i in incidents.values() if i.status != "open"]
+            if closed:
+                await db.executemany("UPDATE admissions SET open=0 WHERE incident_id=?", closed)
+        if batch.breakers_closed:
+            await db.executemany("DELETE FROM breakers WHERE scope=?",
+                                 [(scope,) for scope in batch.breakers_closed])
+        for breaker in batch.breakers:
+            cur = await db.execute(
+                "INSERT INTO breakers VALUES (?,?,?,?) ON CONFLICT (scope) DO UPDATE SET "
+                "opened=excluded.opened, until=excluded.until, reason=excluded.reason "
+                "WHERE breakers.until <= excluded.opened",
+                (breaker.scope, breaker.opened, breaker.until, breaker.reason))
+            if cur.rowcount:
+                result.breakers_opened.add(breaker.scope)
         runs = batch.runs
         if result.skipped_runs:
             runs = [r for r in runs if r.id not in result.skipped_runs]
+        if batch.limits:
+            runs = await self._limits(runs, batch, existing, result)
         if runs:
             for run in runs:
                 run.owner = self.replica
             await db.executemany(
                 f"INSERT INTO runs VALUES ({RUN_MARKS}) ON CONFLICT (id) DO NOTHING",
                 [self._run_row(r) for r in runs])
-        if batch.run_updates:
-            await db.executemany(f"INSERT OR REPLACE INTO runs VALUES ({RUN_MARKS})",
-                                 [self._run_row(r) for r in batch.run_updates])
+            self._held.update((r.id, r.epoch) for r in runs)
+        for run in batch.run_updates:
+            run.owner = self.replica
+            async with db.execute(UPDATE_RUN, self._run_row(run)) as cur:
+                row = await cur.fetchone()
+            run.epoch = int(row[0]) if row is not None else run.epoch
+            self._held[run.id] = run.epoch
         if batch.timers_set:
             await db.executemany("INSERT OR REPLACE INTO timers VALUES (?,?,?)",
                                  batch.timers_set)
@@ -329,6 +454,68 @@ class SqliteStore:
             await db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
                                  [(ns, k, _dump(v), now) for (ns, k), v in batch.kv.items()])
         return result
+
+    async def _limits(self, runs: list[RunRecord], batch: Batch, existing: set[str],
+                      result: CommitResult) -> list[RunRecord]:
+        """Check each new run's limits against what every replica admitted (one writer at a
+        time: BEGIN IMMEDIATE serializes the processes on the file); returns the runs
+        admitted, counted in their scopes. A refused run is not created, nor the incident it
+        opened; its decisions become ``suppressed`` with the limit's reason."""
+        db = self.db
+        admitted = []
+        for run in runs:
+            limits = batch.limits.get(run.id)
+            refused = await self._refusal(run, limits, result) if limits else None
+            if refused is None:
+                admitted.append(run)
+                if limits:
+                    scopes = {lim.scope for lim in limits if lim.kind in ("window", "open")}
+                    await db.executemany(
+                        "INSERT INTO admissions VALUES (?,?,?,?,?,1)",
+                        [(run.id, scope, run.key, run.created, run.incident_id)
+                         for scope in sorted(scopes)])
+                continue
+            result.refused[run.id] = refused
+            result.skipped_runs.add(run.id)
+            reason = refusal_reason(refused)
+            inc = run.incident_id
+            if inc is not None and inc not in existing:  # the incident it opened goes too
+                await db.execute("DELETE FROM incidents WHERE id=? AND run_id=?", (inc, run.id))
+                await db.execute(
+                    "UPDATE decisions SET outcome='suppressed', reason=?, incident_id=NULL, "
+                    "run_id=NULL WHERE incident_id=?", (reason, inc))
+            else:
+                await db.execute("UPDATE decisions SET outcome='suppressed', reason=?, "
+                                 "run_id=NULL WHERE run_id=?", (reason, run.id))
+        return admitted
+
+    async def _refusal(self, run: RunRecord, limits: list[Limit], result: CommitResult
+                       ) -> Limit | None:
+        for limit in limits:
+            if limit.kind == "opens":  # only with the breaker this very commit opened
+                if limit.scope not in result.breakers_opened:
+                    return limit
+                continue
+            if limit.kind == "window":
+                sql = "SELECT COUNT(*) FROM admissions WHERE scope=? AND at>?"
+                params: tuple[Any, ...] = (limit.scope, run.created - limit.per)
+            elif limit.kind == "open":
+                sql = ("SELECT COUNT(DISTINCT key) FROM admissions WHERE scope=? AND open=1 "
+                       "AND key IS NOT ?")
+                params = (limit.scope, run.key)
+            elif limit.kind == "breaker":
+                sql = "SELECT COUNT(*) FROM breakers WHERE scope=? AND until>?"
+                params = (limit.scope, run.created)
+            else:
+                raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
+                                    f"{limit.kind!r}", origin=str(self.path))
+            async with self.db.execute(sql, params) as cur:
+                row = await cur.fetchone()
+            count = int(row[0]) if row else 0
+            if (limit.kind == "breaker" and count) or (
+                    limit.kind != "breaker" and count >= limit.count):
+                return limit
+        return None
 
     async def _decisions(self, decisions: list[DecisionRecord], result: CommitResult) -> None:
         """Insert the decisions; the ones already stored (by this process or another) are
@@ -416,21 +603,36 @@ class SqliteStore:
         return EngineState(incidents, timers, starts, seen)
 
     async def save_run(self, run: RunRecord) -> None:
-        run.owner = self.replica  # whoever writes a run executes it (it claimed it)
+        held = self._held.get(run.id)
+        if held is None:  # not held: only a run new to the store may be written (inserted)
+            held = -1
+            self._held[run.id] = run.epoch
+        else:
+            run.epoch = held
+        run.owner = self.replica  # whoever writes a run executes it (it holds it)
         run.version += 1
-        await self._write(SAVE_RUN, self._run_row(run))
+        try:
+            await self._submit(_Fenced(SAVE_RUN, (*self._run_row(run), self.replica, held),
+                                       run.id))
+        except LeaseLost:
+            raise
+        except BaseException:
+            if held == -1:
+                self._held.pop(run.id, None)
+            raise
 
     async def save_step(self, step: StepRecord) -> None:
-        await self._write(
-            "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (step.run_id, step.seq, step.task, step.action, step.attempt, step.status,
-             step.started, step.finished, _dump(step.input), _dump(step.output), step.error,
-             step.transition))
+        held = self._held.get(step.run_id, -1)
+        await self._submit(_Fenced(SAVE_STEP, (
+            step.run_id, step.seq, step.task, step.action, step.attempt, step.status,
+            step.started, step.finished, _dump(step.input), _dump(step.output), step.error,
+            step.transition, step.run_id, self.replica, held), step.run_id))
 
     async def close_incident(self, incident_id: str, closed: float, outcome: str) -> None:
         await self._write(
             "UPDATE incidents SET status='closed', closed=?, outcome=? WHERE id=?",
             (closed, outcome, incident_id))
+        await self._write("UPDATE admissions SET open=0 WHERE incident_id=?", (incident_id,))
 
     @staticmethod
     def _run(row: Any) -> RunRecord:

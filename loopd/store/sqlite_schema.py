@@ -3,7 +3,7 @@ statements the store's hot paths use."""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # One entry per schema version: the statements that bring version N-1 to N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -59,6 +59,19 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
                BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END""",
     ],
+    4: [  # several replicas: guards counted across them, shared breakers, run commands
+        """CREATE TABLE admissions (run_id TEXT NOT NULL, scope TEXT NOT NULL,
+               key TEXT, at REAL NOT NULL, incident_id TEXT, open INTEGER NOT NULL)""",
+        "CREATE INDEX admissions_scope ON admissions (scope, at)",
+        "CREATE INDEX admissions_open ON admissions (scope, open)",
+        "CREATE INDEX admissions_incident ON admissions (incident_id)",
+        """CREATE TABLE breakers (scope TEXT PRIMARY KEY, opened REAL NOT NULL,
+               until REAL NOT NULL, reason TEXT NOT NULL)""",
+        """CREATE TABLE commands (seq INTEGER PRIMARY KEY, run_id TEXT NOT NULL,
+               kind TEXT NOT NULL, by TEXT, reason TEXT, time REAL NOT NULL)""",
+        "CREATE INDEX commands_run ON commands (run_id)",
+        "CREATE INDEX runs_owner ON runs (owner, status)",
+    ],
 }
 
 RUN_MARKS = ",".join("?" * 19)
@@ -74,9 +87,18 @@ UPSERT_INCIDENT = (
 RUN_COLUMNS = ("id", "incident_id", "rule", "key", "kind", "target", "input", "status",
                 "created", "started", "finished", "reason", "ctx", "outcome", "event",
                 "progress", "owner", "epoch", "version")
-# the epoch belongs to claim_runs: a save never turns it back
+# Fenced: the epoch belongs to claim_runs, and a save changes the stored run only while it
+# is still this replica's under the epoch it holds it under (the last two parameters).
 SAVE_RUN = (f"INSERT INTO runs VALUES ({RUN_MARKS}) ON CONFLICT (id) DO UPDATE SET "
-             + ", ".join(f"{c}=excluded.{c}" for c in RUN_COLUMNS if c not in ("id", "epoch")))
+             + ", ".join(f"{c}=excluded.{c}" for c in RUN_COLUMNS if c not in ("id", "epoch"))
+             + " WHERE runs.owner=? AND runs.epoch=?")
+SAVE_STEP = ("INSERT OR REPLACE INTO steps SELECT ?,?,?,?,?,?,?,?,?,?,?,? WHERE EXISTS "
+             "(SELECT 1 FROM runs WHERE id=? AND owner=? AND epoch=?)")
+# an engine update of a stored run (a queued run started, or cancelled): this replica takes it
+UPDATE_RUN = (f"INSERT INTO runs VALUES ({RUN_MARKS}) ON CONFLICT (id) DO UPDATE SET "
+               + ", ".join(f"{c}=excluded.{c}" for c in RUN_COLUMNS
+                           if c not in ("id", "epoch"))
+               + ", epoch=runs.epoch+1 RETURNING epoch")
 
 AUDIT_COLUMNS = ("time", "request", "who", "role", "action", "target", "params", "status",
                  "outcome", "client")

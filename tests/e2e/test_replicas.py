@@ -4,6 +4,7 @@ decides, so an alert posted to both is acted on once."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -69,3 +70,133 @@ async def test_a_second_process_under_a_live_replica_name_is_refused(
     with pytest.raises(Exception, match="in use by a live loopd"):
         await b.start(timeout=15)
     await a.stop()
+
+
+def _alerts_rule(config: Config, echo: HttpEcho, **rule: Any) -> Config:
+    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
+    config.rules = {"alerts.yaml": [{
+        "name": "restart-nginx",
+        "on": {"source": "alertmanager", "match": {"status": "firing",
+                                                   "labels.alertname": "NginxDown"}},
+        "key": "{{ event.labels.instance }}",
+        "run": {"action": "http.request", "input": {
+            "method": "POST", "url": f"{echo.url}/echo",
+            "json": {"restart": "nginx", "host": "{{ key }}"}}},
+        **rule,
+    }]}
+    config.write()
+    return config
+
+
+async def test_a_fleet_budget_holds_across_two_replicas(
+        config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
+    """A fleet budget of 3 runs per hour, alerts for 10 hosts posted to two replicas in
+    turn: 3 runs in all, not 3 per replica; the other decisions are suppressed and say
+    which guard (the store counted what both replicas admitted)."""
+    config.extra["guards"] = {"max_runs": {"count": 3, "per": "1h"}}
+    _alerts_rule(config, http_echo)
+    a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
+    b = loopd_factory(config, env={"LOOPD_REPLICA": "b"})
+    await asyncio.gather(a.start(), b.start())
+    for i in range(10):
+        await (a if i % 2 else b).post("/v1/alertmanager",
+                                       notification(alert("NginxDown", f"web-{i}")))
+    await eventually(lambda: store_query(config.store, "SELECT COUNT(*) FROM decisions")[0][0]
+                     == 10, what="ten decisions")
+    await eventually(lambda: len(http_echo.requests) >= 3, what="three actions")
+    await a.stop()
+    await b.stop()
+    assert len(http_echo.requests) == 3
+    assert store_query(config.store, "SELECT COUNT(*) FROM runs")[0][0] == 3
+    suppressed = store_query(config.store, "SELECT reason FROM decisions WHERE "
+                             "outcome='suppressed'")
+    assert len(suppressed) == 7
+    assert all("fleet budget of 3 runs" in reason for (reason,) in suppressed), suppressed
+    assert any("counted across replicas" in reason for (reason,) in suppressed), suppressed
+
+
+async def test_approve_and_cancel_on_the_replica_that_does_not_execute_the_run(
+        config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
+    """Runs waiting for approval on replica a are approved (and cancelled) through replica
+    b's API: b hands the command to a through the store; the approver is on the run."""
+    _alerts_rule(config, http_echo, mode="approval")
+    config.extra["store"] = {"path": "var/loopd.db", "poll": "200ms"}
+    config.write()
+    a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
+    b = loopd_factory(config, env={"LOOPD_REPLICA": "b"})
+    await asyncio.gather(a.start(), b.start())
+    for host in ("web-1", "web-2"):
+        await a.post("/v1/alertmanager", notification(alert("NginxDown", host)))
+    waiting = await b.wait_runs(2, status="awaiting_approval")
+    by_host = {r["key"]: r for r in waiting}
+    assert {r["owner"] for r in waiting} == {"a"}  # b lists them: the store is the cluster's
+    approved = by_host["web-1"]["id"]
+    await b.post(f"/v1/runs/{approved}/approve?reason=checked", expect=202)
+    await b.wait_run(approved, lambda r: r["status"] == "succeeded", timeout=20)
+    cancelled = by_host["web-2"]["id"]
+    answer = await b.post(f"/v1/runs/{cancelled}/cancel", expect=202)
+    assert answer["status"] == "cancelling"
+    await a.wait_run(cancelled, lambda r: r["status"] == "cancelled", timeout=20)
+    run = await a.run(approved)
+    assert run["context"]["approved"]["reason"] == "checked"
+    assert [i["action"] for i in run["interventions"]] == ["approve"]  # audited on b, seen on a
+    await a.stop()
+    await b.stop()
+    assert [r.json["host"] for r in http_echo.requests] == ["web-1"]
+
+
+CONFIRMED_RESTART = """\
+input:
+  host: {type: string, required: true}
+tasks:
+  restart:
+    action: http.request
+    input: {method: POST, url: "%s/echo", json: {restart: nginx, host: "{{ ctx.host }}"}}
+    next: [{when: succeeded, do: verify}]
+  verify:
+    confirm:
+      event:
+        source: alertmanager
+        match: {status: resolved, labels.alertname: NginxDown, labels.instance: "{{ ctx.host }}"}
+      within: 60s
+    next:
+      - {when: succeeded, do: fixed}
+      - {when: failed, do: broken}
+      - {when: inconclusive, do: broken}
+  fixed: {succeed: fixed}
+  broken: {fail: not fixed}
+"""
+
+
+async def test_evidence_posted_to_another_replica_confirms_the_fix(
+        config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
+    """The run waits on replica a for the resolved alert; Alertmanager's resolved
+    notification reaches replica b (a Service spreads posts): b stores it, a's confirm task
+    reads it from the store, and the run ends fixed."""
+    config.add_pack("e2e", {
+        "pack.yaml": "name: e2e\nversion: 0.0.1\ndescription: replica tests\n",
+        "workflows/restart.yaml": CONFIRMED_RESTART % http_echo.url,
+    })
+    _alerts_rule(config, http_echo)
+    config.rules["alerts.yaml"][0]["run"] = {"workflow": "e2e.restart",
+                                             "input": {"host": "{{ key }}"}}
+    config.extra["store"] = {"path": "var/loopd.db", "poll": "200ms"}
+    config.write()
+    a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
+    b = loopd_factory(config, env={"LOOPD_REPLICA": "b"})
+    await asyncio.gather(a.start(), b.start())
+    await eventually(lambda: len(store_query(config.store, "SELECT name FROM replicas")) == 2,
+                     what="both replicas registered")
+    await asyncio.sleep(0.6)  # a poll or two: each sees the other alive
+    await a.post("/v1/alertmanager", notification(alert("NginxDown", "web-1")))
+    (run,) = await a.wait_runs(1)
+    await eventually(lambda: len(http_echo.requests) == 1, what="the restart")
+    await a.wait_run(run["id"], lambda r: r["status"] == "waiting", timeout=20)
+    await b.post("/v1/alertmanager", notification(alert("NginxDown", "web-1",
+                                                        status="resolved")))
+    done = await a.wait_run(run["id"], lambda r: r["status"] not in ("running", "waiting"),
+                            timeout=30)
+    await a.stop()
+    await b.stop()
+    assert (done["status"], done["outcome"]) == ("succeeded", "fixed"), done
+    assert done["owner"] == "a"

@@ -138,15 +138,15 @@ async def test_runs_are_claimed_by_one_replica(tmp_path: Path) -> None:
         now = time.time()
         await a.commit(Batch(runs=[RunRecord("run-1", None, "r", "k", "action", "core.noop",
                                              {}, "pending", now)]))
-        assert await a.claim_runs(("pending",)) == {"run-1"}
-        assert await b.claim_runs(("pending",)) == set()
+        assert await a.claim_runs(("pending",)) == {"run-1": 1}
+        assert await b.claim_runs(("pending",)) == {}
         # a stops beating; after the lease, b takes the run over with a new epoch
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             conn.execute("UPDATE replicas SET heartbeat=? WHERE name='a'", (now - 1,))
-        assert await b.claim_runs(("pending",)) == {"run-1"}
+        assert await b.claim_runs(("pending",)) == {"run-1": 2}
         taken = await b.get_run("run-1")
         assert taken is not None and (taken.owner, taken.epoch) == ("b", 2)
-        assert await a.claim_runs(("pending",), lease=3600) == set()
+        assert await a.claim_runs(("pending",), lease=3600) == {}
     finally:
         await a.close()
         await b.close()

@@ -235,6 +235,28 @@ async def test_for_timers_survive_a_restart(db: Path, rules_from: RulesFrom) -> 
         assert len(r.runs) == 1
 
 
+async def test_for_timers_follow_moved_partitions(db: Path, rules_from: RulesFrom) -> None:
+    """Keys move between replicas (a Kafka rebalance): the new owner takes the ``for:``
+    timers from the store, so the condition still has to hold for the whole duration (no
+    early fire, no second one), and a reset by one replica holds for the other."""
+    rules, t0 = rules_from(FOR_RULE), 1_000_000.0
+    async with running(db, rules, **event_time()) as first, \
+            running(db, rules, **event_time()) as second:
+        await first.feed(ev("a", at=t0, value=95))
+        await second.engine.refresh_timers()  # web-1's partition moved to the second
+        await second.feed(ev("b", at=t0 + 30, value=96))
+        assert second.runs == []  # held 30s of 60s, counted from the first's t0
+        await second.feed(ev("c", at=t0 + 60, value=97))
+        assert len(second.runs) == 1  # the whole duration held: it fires, once
+        await second.feed(ev("d", at=t0 + 70, value=97), ev("e", at=t0 + 80, value=40))
+        await first.engine.refresh_timers()  # and back: the reset at t0+80 holds there
+        await first.feed(ev("f", at=t0 + 125, value=99))
+        assert first.runs == [] and len(second.runs) == 1
+    assert [(i, o) for i, _, o in decisions(db)] == [
+        ("a", "suppressed"), ("b", "suppressed"), ("c", "run_created"), ("d", "suppressed"),
+        ("f", "suppressed")]
+
+
 THROTTLED = """
 rules:
   - name: once

@@ -372,7 +372,8 @@ async def test_an_open_breaker_survives_a_restart(db: Path, rules_from: RulesFro
         _, outcome, reason = loop.decisions()[-1]
         assert outcome == "suppressed"
         assert (reason or "").startswith("guard breaker: circuit open since 2 runs not fixed")
-        assert loop.engine.guards.close_breaker("breaker")
+        assert loop.engine.close_breaker("breaker")  # for every replica: in the store too
+        await loop.engine.drain(5.0)
         await loop.feed(alert("s3", "web-3", T0 + 40))
         assert len(loop.runs) == 1
 

@@ -31,18 +31,20 @@ from loopd.store.memory import MemoryData, MemoryStore
 from loopd.store.sqlite import SqliteStore
 from loopd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
-Opener = Callable[[], Awaitable[Store]]
+Opener = Callable[..., Awaitable[Store]]
 
 
 @pytest.fixture(params=["sqlite", "memory"])
 async def impl(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
-    """Opens a store on the same durable location each time it is called (a "restart")."""
+    """Opens a store on the same durable location each time it is called (a "restart", or
+    another replica with ``replica=``; ``lease=`` its lease)."""
     opened: list[Store] = []
     data = MemoryData()
 
-    async def open_store() -> Store:
-        store: Store = SqliteStore(tmp_path / "loopd.db") if request.param == "sqlite" \
-            else MemoryStore(data)
+    async def open_store(replica: str | None = None, lease: float = 15.0) -> Store:
+        store: Store = SqliteStore(tmp_path / "loopd.db", replica=replica, lease=lease) \
+            if request.param == "sqlite" else MemoryStore(data, replica=replica or "memory",
+                                                          lease=lease)
         await store.open()
         opened.append(store)
         return store
@@ -336,7 +338,7 @@ async def test_runs_are_claimed_by_one_replica_at_a_time(impl: Opener) -> None:
     await store.commit(Batch(runs=[run]))
     saved = await store.get_run("run-1")
     assert saved is not None and saved.owner == store.replica
-    assert await store.claim_runs(("pending",)) == {"run-1"}
+    assert set(await store.claim_runs(("pending",))) == {"run-1"}
     again = await store.get_run("run-1")
     assert again is not None and again.epoch == saved.epoch + 1
     await store.save_run(again)  # a save never turns the epoch back
@@ -458,7 +460,7 @@ async def test_a_version_2_store_upgrades_and_keeps_its_runs(tmp_path: Path) -> 
     finally:
         await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 async def test_processes_opening_a_new_sqlite_file_together_migrate_it_once(

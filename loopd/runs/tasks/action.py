@@ -8,6 +8,7 @@ from typing import Any
 from loopd.errors import ConditionError
 from loopd.packs.executor import ActionContext, ActionResult
 from loopd.runs import states
+from loopd.runs.lease import lease_check
 from loopd.runs.progress import TaskState
 from loopd.runs.tasks.base import TaskBase, TaskResult
 from loopd.store.base import RunRecord, StepRecord
@@ -53,7 +54,8 @@ class ActionTasks(TaskBase):
                 acting.append(await self._step(run, ct.name, action, attempt, rendered))
 
             ctx = ActionContext(run.id, ct.name, self.wf.inventory, dry_run=self.dry_run,
-                                services=self.services, holds=[self.slots.hold(run.id)])
+                                services=self.services, holds=[self.slots.hold(run.id)],
+                                lease=lease_check(self.store, run.id))
             known = self.executor.registry.actions.get(action)
             if known is not None and known.spec.idempotent:
                 # retried after a crash anyway: recorded running before it queues for a

@@ -5,6 +5,7 @@ from __future__ import annotations
 from loopd.errors import ConditionError
 from loopd.packs.executor import ActionContext
 from loopd.runs import states
+from loopd.runs.lease import lease_check
 from loopd.runs.tasks.base import TaskBase, TaskResult
 from loopd.store.base import RunRecord
 from loopd.workflow.loader import CompiledTask, CompiledWorkflow
@@ -36,7 +37,7 @@ class RollbackTasks(TaskBase):
                 continue
             step = await self._step(run, f"{ct.name}:{name}", spec.action, 1, rendered)
             ctx = ActionContext(run.id, ct.name, self.wf.inventory, dry_run=self.dry_run,
-                                services=self.services)
+                                services=self.services, lease=lease_check(self.store, run.id))
             result = await self.executor.execute(spec.action, rendered, ctx)
             await self._finish(step, states.SUCCEEDED if result.ok else states.FAILED,
                                result.output, result.error)

@@ -1,0 +1,131 @@
+"""Several replicas on one store: what each replica does besides its own work.
+
+Replicas share nothing but the store (PostgreSQL, or one SQLite file) and the brokers;
+there is no membership protocol of loopd's own. Every ``store.poll`` seconds (sooner when
+the store says another replica wrote: Postgres LISTEN/NOTIFY, a hint only) each replica:
+
+* **takes over** the runs of replicas silent for longer than the lease (their heartbeat
+  stopped: killed, paused, partitioned), adopts their incidents and resumes them from
+  their last stored step (``Dispatcher.takeover``);
+* **carries out commands** given to another replica's API for runs executing here
+  (approve, reject, cancel), read from the store;
+* **follows the shared breakers**: one closed or opened by another replica is closed or
+  opened here too;
+* while other replicas are alive, **stores the events confirm tasks may wait for** (the
+  sources their evidence names), and **brings evidence stored by other replicas** to the
+  confirm tasks waiting here, in the order it was stored.
+
+A poll that fails (the store is down) is logged and tried again at the next one; nothing
+is lost meanwhile: commands and events stay in the store, and runs keep their lease only
+while their replica's heartbeat is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from loopd import metrics
+from loopd.decide.engine import ANY_SOURCE, Engine
+from loopd.errors import StoreError
+from loopd.events import Event
+from loopd.packs.registry import PackRegistry
+from loopd.runs.approvals import Approvals
+from loopd.runs.dispatcher import Dispatcher, api_cancel
+from loopd.runs.evidence import ConfirmHub
+from loopd.store.base import CommandRecord, Store
+
+log = structlog.get_logger("loopd.cluster")
+
+
+def evidence_sources(registry: PackRegistry) -> frozenset[str]:
+    """The sources any loaded workflow's confirm task waits on (``*``: any source)."""
+    found: set[str] = set()
+    for workflow in registry.workflows.values():
+        for task in getattr(workflow, "tasks", {}).values():
+            evidence = getattr(task, "evidence", None)
+            if evidence is not None:
+                found.add(evidence.source or ANY_SOURCE)
+    return frozenset(found)
+
+
+class Cluster:
+    def __init__(self, store: Store, engine: Engine, dispatcher: Dispatcher,
+                 approvals: Approvals, hub: ConfirmHub, registry: Callable[[], PackRegistry],
+                 *, poll: float) -> None:
+        self.store = store
+        self.engine = engine
+        self.dispatcher = dispatcher
+        self.approvals = approvals
+        self.hub = hub
+        self.registry = registry
+        self.poll = poll
+        self.others: list[str] = []  # the other live replicas, as of the last poll
+        self._command_seq = 0
+        self._event_pos: int | None = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except StoreError as exc:
+                log.warning("replica poll failed; trying again", error=str(exc),
+                            retry_in_s=self.poll)
+            await self.store.wait_changed(self.poll)
+
+    async def tick(self) -> None:
+        store = self.store
+        now = time.time()
+        self.others = [r.name for r in await store.replicas()
+                       if r.name != store.replica and now - r.heartbeat < store.lease]
+        self.engine.keep_evidence = evidence_sources(self.registry()) if self.others else None
+        taken = await self.dispatcher.takeover()
+        if taken:
+            await self.engine.adopt(taken)
+            self.dispatcher.start(taken)
+        for command in await store.commands(self._command_seq):
+            self._command_seq = max(self._command_seq, command.seq)
+            self._carry_out(command)
+        self.engine.sync_breakers(await store.breakers())
+        await self._evidence()
+
+    def _carry_out(self, command: CommandRecord) -> None:
+        """A command another replica's API took for a run executing here."""
+        run_id = command.run_id
+        if command.kind in ("approve", "reject"):
+            problem = self.approvals.decide(run_id, command.kind == "approve", command.reason,
+                                            command.by)
+            if problem is not None:
+                return  # decided already, or not waiting (any more): nothing to do
+        elif command.kind == "cancel":
+            if not self.dispatcher.cancel(run_id, api_cancel(command.by), acting_too=True):
+                return
+        else:
+            log.warning("unknown run command ignored", kind=command.kind, run=run_id)
+            return
+        metrics.run_command(command.kind, "received", run_id)
+
+    async def _evidence(self) -> None:
+        """Offer the events other replicas stored to the confirm tasks waiting here."""
+        store = self.store
+        if self._event_pos is None or not len(self.hub) or not self.others:
+            self._event_pos = await store.last_event()
+            return
+        while True:
+            found = await store.events_since(self._event_pos, limit=1000)
+            for pos, record in found:
+                self._event_pos = pos
+                self.hub.offer(_event(record))
+            if len(found) < 1000:
+                return
+            await asyncio.sleep(0)
+
+
+def _event(record: Any) -> Event:
+    return Event(id=record.id, source=record.source, topic=record.topic,
+                 data=record.data if isinstance(record.data, dict) else {},
+                 key=record.key, time=record.time, origin=f"store:{record.source}")
