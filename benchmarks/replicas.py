@@ -39,7 +39,6 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import alerts, emit, machine, write_rules
-from loopd.config import StoreConfig
 from tests.e2e.daemon import Config, DaemonError, LoopdProcess, SharedStore
 from tests.e2e.test_cluster import FINAL, PACK, Receiver, runs_of, store_section, workflow
 from tests.servers import free_port, wait_until
@@ -288,10 +287,8 @@ async def main(args: argparse.Namespace) -> None:
     if pg is None:
         print("no PostgreSQL binaries: the postgres rows are skipped", file=sys.stderr)
     try:
-        # TODO(lease): drop once store.lease is on main (the stores' built-in lease is 15 s)
-        lease = args.lease if "lease" in StoreConfig.model_fields else 15.0
-        bench = Bench(folder, broker, pg, args.rules, lease)
-        emit({"name": "replicas_machine", **machine(), "lease_s": lease})
+        bench = Bench(folder, broker, pg, args.rules, args.lease)
+        emit({"name": "replicas_machine", **machine(), "lease_s": args.lease})
         configs = [("postgres", n) for n in (1, 2, 3)] if pg is not None else []
         for kind, count in [*configs, ("sqlite", 1)]:
             for row in await ingest(bench, kind, count, args.events, args.seconds):
