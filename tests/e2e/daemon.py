@@ -373,6 +373,7 @@ class SharedStore:
         self.dsn = dsn
         self.kind = "sqlite" if path is not None else "postgres"
         self._pg: Any = None  # psycopg.AsyncConnection, opened at the first query
+        self._opening = asyncio.Lock()  # several pollers may ask first at once
 
     def config(self, **extra: Any) -> dict[str, Any]:
         if self.path is not None:
@@ -390,9 +391,10 @@ class SharedStore:
             return store_query(self.path, sql, params)
         import psycopg
 
-        if self._pg is None:
-            assert self.dsn is not None
-            self._pg = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        async with self._opening:
+            if self._pg is None:
+                assert self.dsn is not None
+                self._pg = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         async with self._pg.cursor() as cur:
             await cur.execute(sql.replace("?", "%s"), params)
             return [tuple(row) for row in await cur.fetchall()]
