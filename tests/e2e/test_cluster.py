@@ -2,10 +2,11 @@
 
 Each replica is a real daemon process with its own ``LOOPD_REPLICA`` name and its own
 folder (config, logs); they share one store (PostgreSQL, the issue's target, or a SQLite
-file) and one consumer group on the tansu broker. Every remediation ends in a POST to the
-``Receiver`` (a non-idempotent action), which records the run id it was made for and the
-replica that made it (a header set from the replica's own pack config), so a duplicate
-side effect, or one made by a replica that lost its lease, is visible.
+file) and one consumer group on the tansu broker. In the chaos and fencing tests every
+remediation ends in a POST to the ``Receiver`` (a non-idempotent action), which records
+the run id it was made for and the replica that made it (a header set from the replica's
+own pack config), so a duplicate side effect, or one made by a replica that lost its
+lease, is visible.
 
 * chaos: three replicas, 10,000 keyed Kafka records and 1,000 Alertmanager alerts, two
   of the replicas killed with ``kill -9`` mid-stream and restarted;
