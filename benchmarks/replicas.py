@@ -146,8 +146,10 @@ async def _histogram(daemons: list[LoopdProcess]) -> dict[float, float]:
     return buckets
 
 
-def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
-    """``histogram_quantile`` over the observations between two snapshots."""
+def quantile(q: float, before: dict[float, float], after: dict[float, float]
+             ) -> tuple[float, float, float] | None:
+    """``histogram_quantile`` over the observations between two snapshots: (the estimate,
+    and the bounds of the bucket it lies in, which are all the histogram knows)."""
     bounds = sorted(after)
     counts = [after[b] - before.get(b, 0.0) for b in bounds]
     if not counts or counts[-1] <= 0:
@@ -156,11 +158,12 @@ def quantile(q: float, before: dict[float, float], after: dict[float, float]) ->
     for bound, cumulative in zip(bounds, counts, strict=True):
         if cumulative >= rank:
             if bound == float("inf"):
-                return lower
+                return lower, lower, bound
             inside = cumulative - below
-            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+            share = (rank - below) / inside if inside else 1.0
+            return lower + (bound - lower) * share, lower, bound
         lower, below = bound, cumulative
-    return lower
+    return lower, lower, float("inf")
 
 
 async def _produce(bench: Bench, topic: str, count: int, *, rate: float | None = None) -> None:
@@ -222,8 +225,12 @@ async def ingest(bench: Bench, kind: str, count: int, events: int, seconds: floa
 
         await _until(f"{paced} paced events decided", paced_done, timeout=120)
         p99 = quantile(0.99, before, await _histogram(daemons))
-        latency = {"name": "replicas_p99", **row, "rate": PACED_RATE, "events": paced,
-                   "decision_p99_ms": None if p99 is None else round(p99 * 1000, 2)}
+        latency: dict[str, Any] = {"name": "replicas_p99", **row, "rate": PACED_RATE,
+                                   "events": paced, "decision_p99_ms": None}
+        if p99 is not None:
+            latency["decision_p99_ms"] = round(p99[0] * 1000, 2)
+            top = None if p99[2] == float("inf") else round(p99[2] * 1000, 2)
+            latency["p99_bucket_ms"] = [round(p99[1] * 1000, 2), top]
         await asyncio.gather(*(d.stop() for d in daemons))
         return [throughput, latency]
     except (DaemonError, AssertionError) as exc:
