@@ -10,7 +10,8 @@ the store says another replica wrote: Postgres LISTEN/NOTIFY, a hint only) each 
 * **carries out commands** given to another replica's API for runs executing here
   (approve, reject, cancel), read from the store;
 * **follows the shared breakers**: one closed or opened by another replica is closed or
-  opened here too;
+  opened here too; and, while other replicas are alive, the shared ``for:`` timers (the
+  earliest start of a condition wins, a reset anywhere resets it everywhere);
 * while other replicas are alive, **stores the events confirm tasks may wait for** (the
   sources their evidence names), and **brings evidence stored by other replicas** to the
   confirm tasks waiting here, in the order it was stored.
@@ -91,6 +92,8 @@ class Cluster:
             self._command_seq = max(self._command_seq, command.seq)
             self._carry_out(command)
         self.engine.sync_breakers(await store.breakers())
+        if self.others:  # keys may reach any replica (webhooks): for: timers are shared
+            await self.engine.refresh_timers()
         await self._evidence()
 
     def _carry_out(self, command: CommandRecord) -> None:
@@ -102,7 +105,9 @@ class Cluster:
             if problem is not None:
                 return  # decided already, or not waiting (any more): nothing to do
         elif command.kind == "cancel":
-            if not self.dispatcher.cancel(run_id, api_cancel(command.by), acting_too=True):
+            why = api_cancel(command.by)
+            if not self.dispatcher.cancel(run_id, why, acting_too=True) and \
+                    self.engine.cancel_queued(run_id, f"{why} while queued") is None:
                 return
         else:
             log.warning("unknown run command ignored", kind=command.kind, run=run_id)

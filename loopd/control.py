@@ -157,6 +157,8 @@ class Control:
             return CancelAnswer("missing", f"no run {run_id!r}")
         if run.status == states.QUEUED:  # still the engine's: in its incident's queue
             if self._engine.cancel_queued(run_id, f"{api_cancel(by)} while queued") is None:
+                if await self._forward(run, "cancel", by, None):
+                    return CancelAnswer("cancelling")  # queued on another replica
                 return CancelAnswer("refused", f"run {run_id} is no longer queued")
             await self._engine.drain(WRITE_TIMEOUT)
             return CancelAnswer("cancelled")

@@ -193,8 +193,11 @@ class Daemon:
         try:
             # one read of the runs in flight serves both the engine and the dispatcher
             in_flight = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
-            await self.engine.load(in_flight)
-            await self.dispatcher.resume(in_flight)
+            # claimed first: incidents of the runs another replica executes (or claims
+            # meanwhile) stay that replica's, out of this engine's memory
+            claimed = await self.dispatcher.claim(in_flight)
+            await self.engine.load(in_flight, set(claimed))
+            await self.dispatcher.resume(in_flight, claimed)
             del in_flight  # the runs live on in their tasks; the list need not
             # before the task group: a taken port is a plain OSError the CLI can explain, and
             # so is a token that cannot be read (ConfigError)

@@ -182,19 +182,26 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def load(self, open_runs: list[RunRecord] | None = None) -> None:
-        """Restore what the store knows, before the first delivery."""
+    async def load(self, open_runs: list[RunRecord] | None = None,
+                   claimed: set[str] | None = None) -> None:
+        """Restore what the store knows, before the first delivery. ``claimed``: the active
+        runs this replica claimed (``Dispatcher.claim``); the others are another replica's."""
         state = await self.store.load_state(
             since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
         if open_runs is None:
             open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
-        # Incidents whose runs another live replica executes stay out of memory: that
-        # replica closes them, and an event for them here meets them in the store (joined)
-        now = time.time()
-        others = {r.name for r in await self.store.replicas()
-                  if r.name != self.store.replica and now - r.heartbeat < self.store.lease}
-        theirs = {r.incident_id for r in open_runs if r.owner in others}
-        ours = {r.incident_id for r in open_runs if r.owner not in others}
+        # Incidents whose runs another replica executes stay out of memory: that replica
+        # closes them, and an event for them here meets them in the store (joined)
+        if claimed is None:
+            now = time.time()
+            others = {r.name for r in await self.store.replicas() if r.name !=
+                      self.store.replica and now - r.heartbeat < self.store.lease}
+            foreign_run = {r.id for r in open_runs if r.owner in others}
+        else:
+            foreign_run = {r.id for r in open_runs
+                           if r.status in states.ACTIVE and r.id not in claimed}
+        theirs = {r.incident_id for r in open_runs if r.id in foreign_run}
+        ours = {r.incident_id for r in open_runs if r.id not in foreign_run}
         foreign = theirs - ours
         stale = self.incidents.restore(
             [i for i in state.open_incidents if i.id not in foreign],

@@ -104,11 +104,21 @@ class Dispatcher:
         # else its body has not run yet: it sees ``_stopping`` first thing and ends there
         return True
 
-    async def resume(self, stored: list[RunRecord] | None = None) -> int:
+    async def claim(self, stored: list[RunRecord]) -> dict[str, int]:
+        """Claim what this replica resumes (its own runs, unowned ones, those of replicas
+        silent past the lease), marking them in ``stored``; id -> epoch."""
+        mine = await self.store.claim_runs(states.ACTIVE)
+        for run in stored:
+            if run.id in mine:
+                run.owner, run.epoch = self.store.replica, mine[run.id]
+        return mine
+
+    async def resume(self, stored: list[RunRecord] | None = None,
+                     claimed: dict[str, int] | None = None) -> int:
         """Re-dispatch what was in flight when loopd stopped; returns how many."""
         # sub-workflow runs ("parent/task") are resumed by their parent
         # only the runs this replica claimed: two processes on one store never both run one
-        mine = await self.store.claim_runs(states.ACTIVE)
+        mine = claimed if claimed is not None else await self.store.claim_runs(states.ACTIVE)
         if stored is None:
             stored = await self.store.runs_in_status(states.ACTIVE)
         runs = [r for r in stored if r.status in states.ACTIVE and "/" not in r.id

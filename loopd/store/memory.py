@@ -319,8 +319,8 @@ class MemoryStore:
             run.owner, run.epoch = self.replica, (old.epoch if old else run.epoch) + 1
             d.runs[run.id] = _stored(run)
             self._held[run.id] = run.epoch
-        for rule, key, since in batch.timers_set:
-            d.timers[(rule, key)] = since
+        for rule, key, since in batch.timers_set:  # the earliest start wins (see SQLite)
+            d.timers[(rule, key)] = min(since, d.timers.get((rule, key), since))
         for rule, key in batch.timers_cleared:
             d.timers.pop((rule, key), None)
         for slot, value in batch.kv.items():

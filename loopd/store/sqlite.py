@@ -444,7 +444,10 @@ class SqliteStore:
             run.epoch = int(row[0]) if row is not None else run.epoch
             self._held[run.id] = run.epoch
         if batch.timers_set:
-            await db.executemany("INSERT OR REPLACE INTO timers VALUES (?,?,?)",
+            # the earliest start wins: two replicas that both saw the condition start to
+            # hold (webhooks spread over them) keep the first one's instant
+            await db.executemany("INSERT INTO timers VALUES (?,?,?) ON CONFLICT (rule, key) "
+                                 "DO UPDATE SET since=MIN(since, excluded.since)",
                                  batch.timers_set)
         if batch.timers_cleared:
             await db.executemany("DELETE FROM timers WHERE rule=? AND key=?",

@@ -16,7 +16,7 @@ from tests.servers.http_targets import HttpEcho
 pytestmark = pytest.mark.e2e
 
 
-def _config(config: Config, echo: HttpEcho) -> Config:
+def _config(config: Config, echo: HttpEcho, **rule: Any) -> Config:
     config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
     config.rules = {"alerts.yaml": [{
         "name": "restart-nginx",
@@ -26,6 +26,7 @@ def _config(config: Config, echo: HttpEcho) -> Config:
         "run": {"action": "http.request", "input": {
             "method": "POST", "url": f"{echo.url}/echo",
             "json": {"restart": "nginx", "host": "{{ key }}"}}},
+        **rule,
     }]}
     config.write()
     return config
@@ -72,29 +73,13 @@ async def test_a_second_process_under_a_live_replica_name_is_refused(
     await a.stop()
 
 
-def _alerts_rule(config: Config, echo: HttpEcho, **rule: Any) -> Config:
-    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
-    config.rules = {"alerts.yaml": [{
-        "name": "restart-nginx",
-        "on": {"source": "alertmanager", "match": {"status": "firing",
-                                                   "labels.alertname": "NginxDown"}},
-        "key": "{{ event.labels.instance }}",
-        "run": {"action": "http.request", "input": {
-            "method": "POST", "url": f"{echo.url}/echo",
-            "json": {"restart": "nginx", "host": "{{ key }}"}}},
-        **rule,
-    }]}
-    config.write()
-    return config
-
-
 async def test_a_fleet_budget_holds_across_two_replicas(
         config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
     """A fleet budget of 3 runs per hour, alerts for 10 hosts posted to two replicas in
     turn: 3 runs in all, not 3 per replica; the other decisions are suppressed and say
     which guard (the store counted what both replicas admitted)."""
     config.extra["guards"] = {"max_runs": {"count": 3, "per": "1h"}}
-    _alerts_rule(config, http_echo)
+    _config(config, http_echo)
     a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
     b = loopd_factory(config, env={"LOOPD_REPLICA": "b"})
     await asyncio.gather(a.start(), b.start())
@@ -119,7 +104,7 @@ async def test_approve_and_cancel_on_the_replica_that_does_not_execute_the_run(
         config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
     """Runs waiting for approval on replica a are approved (and cancelled) through replica
     b's API: b hands the command to a through the store; the approver is on the run."""
-    _alerts_rule(config, http_echo, mode="approval")
+    _config(config, http_echo, mode="approval")
     config.extra["store"] = {"path": "var/loopd.db", "poll": "200ms"}
     config.write()
     a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
@@ -177,7 +162,7 @@ async def test_evidence_posted_to_another_replica_confirms_the_fix(
         "pack.yaml": "name: e2e\nversion: 0.0.1\ndescription: replica tests\n",
         "workflows/restart.yaml": CONFIRMED_RESTART % http_echo.url,
     })
-    _alerts_rule(config, http_echo)
+    _config(config, http_echo)
     config.rules["alerts.yaml"][0]["run"] = {"workflow": "e2e.restart",
                                              "input": {"host": "{{ key }}"}}
     config.extra["store"] = {"path": "var/loopd.db", "poll": "200ms"}

@@ -215,3 +215,15 @@ async def test_events_are_read_in_the_order_stored_by_any_replica(impl: Opener) 
     assert [e.id for _, e in await a.events_since(positions[0])] == ["e1", "e2"]
     assert [e.id for _, e in await a.events_since(start, limit=1)] == ["e0"]
     assert found[1][1].data == {"n": 1}
+
+
+async def test_the_earliest_for_timer_start_wins(impl: Opener) -> None:
+    """Two replicas that both saw a condition start to hold keep the first instant."""
+    a, b = await _two(impl)
+    await a.commit(Batch(timers_set=[("r", "k", 100.0)]))
+    await b.commit(Batch(timers_set=[("r", "k", 120.0)]))
+    state = await a.load_state(since=0, recent=0)
+    assert state.for_timers == [("r", "k", 100.0)]
+    await b.commit(Batch(timers_cleared=[("r", "k")]))
+    await a.commit(Batch(timers_set=[("r", "k", 130.0)]))
+    assert (await b.load_state(since=0, recent=0)).for_timers == [("r", "k", 130.0)]
