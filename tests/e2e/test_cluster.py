@@ -584,7 +584,7 @@ def held_seconds(reason: str) -> float | None:
 
 
 @pytest.mark.kafka
-@pytest.mark.parametrize("shared_store", ["postgres"], indirect=True)
+@pytest.mark.parametrize("shared_store", ["postgres", "sqlite"], indirect=True)
 async def test_a_for_window_keeps_its_start_when_its_partition_moves_and_fires_once(
         kafka_broker: KafkaBroker, kafka_topic: str, shared_store: SharedStore,
         tmp_path: Path, loopd_factory: Factory) -> None:
