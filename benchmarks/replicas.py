@@ -258,10 +258,11 @@ async def takeover(bench: Bench, kind: str, runs: int) -> dict[str, Any]:
         await victim.post("/v1/events", [{"topic": "t", "key": f"k{i}", "data": {}}
                                          for i in range(runs)])
 
-        async def holding() -> bool:
-            return len(await runs_of(store, "r0")) == runs
+        async def holding() -> bool:  # started: each in its delay, due at a saved instant
+            return int(await store.scalar("SELECT COUNT(*) FROM runs WHERE owner='r0' AND "
+                                          "status='running'") or 0) == runs
 
-        await _until(f"{runs} runs held by r0", holding, timeout=30)
+        await _until(f"{runs} runs started by r0", holding, timeout=30)
         held = await runs_of(store, "r0")
         await victim.kill()
         killed = time.monotonic()

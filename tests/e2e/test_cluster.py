@@ -202,7 +202,7 @@ ALERTS = 1_000
 HOSTS = 40
 PARTITIONS = 6
 BUDGET = 50
-RUN_DELAY = 3.0  # each run waits this long before it acts: runs are in flight at a kill
+RUN_DELAY = 2.0  # each run waits this long before it acts: runs are in flight at a kill
 ALERT_BATCH = 20
 
 
