@@ -410,8 +410,10 @@ async def test_three_replicas_survive_two_kill_9s_deciding_every_event_once_acti
         "SELECT id, status, owner, epoch, finished, rule FROM runs")}
     decisions = await store.query("SELECT rule, outcome, reason, run_id FROM decisions")
     by_rule = Counter(str(d[0]) for d in decisions)
+    ends = [runs[run][3] - k.at for k in kills for run in k.runs if runs[run][3] is not None]
     print(f"cluster chaos on {store.kind}: {len(runs)} runs, kills "
-          f"{[(k.name, len(k.runs)) for k in kills]}, {posts} alert posts, "
+          f"{[(k.name, len(k.runs)) for k in kills]}, their runs ended at most "
+          f"{max(ends, default=0):.1f}s after the kill, {posts} alert posts, "
           f"{len(receiver.calls)} calls, {time.monotonic() - began:.1f}s")
 
     # Every guarantee is judged, then all that failed are reported together: one run of
