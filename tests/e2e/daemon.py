@@ -365,7 +365,7 @@ class SharedStore:
 
     ``config(**extra)`` is the ``store:`` section of each replica's loopd.yaml, ``env`` the
     variables its process needs; ``query`` reads the store from the test (``?`` marks on
-    both kinds), rows as tuples."""
+    both kinds, so no literal ``%`` in the SQL), rows as tuples."""
 
     def __init__(self, *, path: Path | None = None, dsn: str | None = None) -> None:
         assert (path is None) != (dsn is None), "a SQLite path or a PostgreSQL DSN"
@@ -389,7 +389,9 @@ class SharedStore:
             if not self.path.exists():  # no daemon has opened it yet
                 return []
             return store_query(self.path, sql, params)
-        import psycopg
+        # imported here: only the PostgreSQL store needs the driver (a dependency of loopd's
+        # Postgres store); the ignore keeps mypy quiet on an install without it
+        import psycopg  # type: ignore[import-not-found, unused-ignore]
 
         async with self._opening:
             if self._pg is None:
