@@ -66,7 +66,7 @@ class Cluster:
         self.registry = registry
         self.poll = poll
         self.others: list[str] = []  # the other live replicas, as of the last poll
-        self._command_seq = 0
+        self._carried_out: set[int] = set()  # command seqs done here (of live runs)
         self._event_pos: int | None = None
 
     async def run(self) -> None:
@@ -88,31 +88,38 @@ class Cluster:
         if taken:
             await self.engine.adopt(taken)
             self.dispatcher.start(taken)
-        for command in await store.commands(self._command_seq):
-            self._command_seq = max(self._command_seq, command.seq)
-            self._carry_out(command)
+        # every command of the live runs this replica owns, not only new ones: a run taken
+        # over brings the commands its dying owner never carried out; one that cannot be
+        # carried out yet (a resumed run not waiting for approval yet) is tried again
+        pending = await store.commands(0)
+        self._carried_out &= {c.seq for c in pending}
+        for command in pending:
+            if command.seq not in self._carried_out and self._carry_out(command):
+                self._carried_out.add(command.seq)
         self.engine.sync_breakers(await store.breakers())
         if self.others:  # keys may reach any replica (webhooks): for: timers are shared
             await self.engine.refresh_timers()
         await self._evidence()
 
-    def _carry_out(self, command: CommandRecord) -> None:
-        """A command another replica's API took for a run executing here."""
+    def _carry_out(self, command: CommandRecord) -> bool:
+        """A command another replica's API took for a run executing here; False when it
+        cannot be carried out now (the run is not waiting for approval, not executing)."""
         run_id = command.run_id
         if command.kind in ("approve", "reject"):
             problem = self.approvals.decide(run_id, command.kind == "approve", command.reason,
                                             command.by)
             if problem is not None:
-                return  # decided already, or not waiting (any more): nothing to do
+                return False
         elif command.kind == "cancel":
             why = api_cancel(command.by)
             if not self.dispatcher.cancel(run_id, why, acting_too=True) and \
                     self.engine.cancel_queued(run_id, f"{why} while queued") is None:
-                return
+                return False
         else:
             log.warning("unknown run command ignored", kind=command.kind, run=run_id)
-            return
+            return True
         metrics.run_command(command.kind, "received", run_id)
+        return True
 
     async def _evidence(self) -> None:
         """Offer the events other replicas stored to the confirm tasks waiting here."""

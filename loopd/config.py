@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -63,13 +64,58 @@ class AlertmanagerSourceConfig(_SourceBase):
     telemetry: bool = False  # alerts are not telemetry
 
 
+REPLICA = "{replica}"
+
+
+def expand_replica(template: str, replica: str) -> str:
+    """``template`` with every ``{replica}`` replaced by this replica's name."""
+    return template.replace(REPLICA, replica)
+
+
+def mqtt_client_id(config: MqttSourceConfig | MqttSinkConfig, replica: str) -> str:
+    """The MQTT client id of ``config``'s connection on ``replica``: ``client_id`` with
+    ``{replica}`` expanded, else ``loopd-<replica>-<name>``."""
+    if config.client_id is not None:
+        return expand_replica(config.client_id, replica)
+    return f"loopd-{replica}-{config.name}"
+
+
+def _replica_template(v: str | None) -> str | None:
+    """A name that may contain ``{replica}`` and no other placeholder (a ``{host}`` typed
+    for ``{replica}`` would otherwise become a literal name shared by every replica)."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise ValueError("must not be empty")
+    rest = v.replace(REPLICA, "")
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"only the {REPLICA} placeholder is expanded, got {v!r}")
+    return v
+
+
+ReplicaTemplate = Annotated[str | None, AfterValidator(_replica_template)]
+
+
+def _share_group(v: str | None) -> str | None:
+    # the group is one topic level of "$share/GROUP/filter" (MQTT 5 4.8.2)
+    if v is not None and (not v or any(c in v for c in "/+#")):
+        raise ValueError(f"a share group is one non-empty topic level without / + #, got {v!r}")
+    return v
+
+
 class MqttSourceConfig(_SourceBase):
+    """An MQTT broker's topics. ``client_id`` (default ``loopd-{replica}-<name>``) may name
+    ``{replica}``: each replica needs its own, since a broker disconnects the older of two
+    clients with one id. ``shared: GROUP`` subscribes to ``$share/GROUP/<filter>`` so that
+    each message goes to one replica of the group, not to all of them."""
+
     type: Literal["mqtt"]
     host: str = "127.0.0.1"
     port: int = 1883
     topics: list[str] = Field(min_length=1)
     qos: Literal[0, 1, 2] = 1
-    client_id: str | None = None
+    client_id: ReplicaTemplate = None
+    shared: Annotated[str | None, AfterValidator(_share_group)] = None
     username: str | None = None
     password_ref: str | None = None
     keepalive: int = 30
@@ -80,6 +126,10 @@ class KafkaSourceConfig(_SourceBase):
     bootstrap: str = "127.0.0.1:9092"
     topics: list[str] = Field(min_length=1)
     group: str = "loopd"
+    # static membership (KIP-345): a restarted member with the same id gets its partitions
+    # back without a rebalance; "{replica}" is this replica's name, e.g. a StatefulSet pod's
+    # (Kafka 2.3+; tansu 0.6 rebalances forever after a static member rejoins)
+    group_instance_id: ReplicaTemplate = None
     dead_letter_topic: str | None = None
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     commit_interval: Duration = 0.5
@@ -132,7 +182,7 @@ class MqttSinkConfig(Strict):
     name: str
     host: str = "127.0.0.1"
     port: int = 1883
-    client_id: str | None = None
+    client_id: ReplicaTemplate = None  # like a source's; the bus adds "-pub"
     username: str | None = None
     password_ref: str | None = None
 
@@ -146,14 +196,88 @@ SourceConfig = Annotated[
 ]
 
 
+class PoolConfig(Strict):
+    """The Postgres store's connection pool, per replica (plus one LISTEN connection)."""
+
+    min: int = Field(default=2, ge=1)
+    max: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolConfig:
+        if self.max < self.min:
+            raise ValueError(f"pool.max ({self.max}) is below pool.min ({self.min})")
+        return self
+
+
+def _dsn_problem(value: str) -> str | None:
+    """What is wrong with a ``store.dsn`` value, never showing it: a reference must be well
+    formed; anything else must be a connection string without a password."""
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    from loopd.catalog.credentials import HIDDEN, SCHEMES, USAGE, parse_reference
+
+    scheme = value.partition(":")[0]
+    if scheme in SCHEMES:
+        try:
+            parse_reference(value)
+        except ConfigError as exc:
+            return exc.message
+        return None
+    try:
+        params = conninfo_to_dict(value)
+    except PsycopgError:
+        return f"neither a reference ({USAGE}) nor a PostgreSQL connection string; {HIDDEN}"
+    if params.get("password"):
+        return (f"holds a password: give the DSN by reference instead ({USAGE}); "
+                f"{HIDDEN}")
+    return None
+
+
 class StoreConfig(Strict):
+    """``type: sqlite`` (one file, ``path``) or ``type: postgres`` (``dsn``, shared by
+    several replicas). The DSN is a secret reference (``env:VAR``, ``file:/path``,
+    ``dir:KEY``, ``exec:COMMAND``) resolved when the store opens, or a connection string
+    without a password (``postgresql://loopd@db/loopd``, the password then comes from
+    libpq's ``PGPASSWORD`` or ``.pgpass``); a literal password is refused."""
+
+    type: Literal["sqlite", "postgres"] = "sqlite"
     path: Path = Path("var/loopd.db")
+    dsn: str | None = None
+    # where LISTEN connects when the pool goes through PgBouncer in transaction mode (its
+    # connections do not keep a LISTEN); default: dsn
+    listen_dsn: str | None = None
+    pool: PoolConfig = PoolConfig()
+    timeout: Duration = Field(default=10.0, gt=0)  # connect, wait for a connection, statement
     batch_max: int = 2000
     batch_wait: Duration = 0.002
     # several replicas: a replica silent (no heartbeat) for this long loses its runs to
     # another; each replica looks for such runs, commands and evidence every ``poll``
     lease: Duration = Field(default=15.0, gt=0)
     poll: Duration = Field(default=1.0, gt=0)
+
+    @field_validator("dsn", "listen_dsn")
+    @classmethod
+    def _secret_safe(cls, v: str | None) -> str | None:
+        problem = _dsn_problem(v) if v is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _for_type(self) -> StoreConfig:
+        if self.type == "postgres":
+            if self.dsn is None:
+                raise ValueError("a postgres store needs dsn (e.g. dsn: env:LOOPD_PG_DSN)")
+            if "path" in self.model_fields_set:
+                raise ValueError("path is for the sqlite store only")
+        else:
+            for name in ("dsn", "listen_dsn"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is for the postgres store only")
+            if "pool" in self.model_fields_set:
+                raise ValueError("pool is for the postgres store only")
+        return self
 
 
 class LogConfig(Strict):
@@ -383,7 +507,9 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{loc}: {first['msg']}", origin=str(path)) from None
+        # the store's DSN is a credential: its problems name file:line like the others'
+        where = _line_of(path, first["loc"]) if first["loc"][:1] == ("store",) else str(path)
+        raise ConfigError(f"{loc}: {first['msg']}", origin=where) from None
     base = path.parent
 
     def rel(p: Path) -> Path:
@@ -399,6 +525,24 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
     })
 
 
+def _line_of(path: Path, loc: tuple[int | str, ...]) -> str:
+    """``file:line`` of the deepest key of ``loc`` in the config file (the file when the
+    file cannot be read again)."""
+    try:
+        _, node = yamlfile.compose(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return str(path)
+    where = str(path)
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+        if found is None:
+            break
+        where, node = f"{path}:{found[0].start_mark.line + 1}", found[1]
+    return where
+
+
 def _api_paths(api: ApiConfig, rel: Callable[[Path], Path]) -> ApiConfig:
     if api.tls is None:
         return api
@@ -412,10 +556,14 @@ def _apply_env(raw: dict[str, object]) -> None:
     env = os.environ
     if "LOOPD_LISTEN" in env:
         raw["listen"] = env["LOOPD_LISTEN"]
+    store = raw.get("store")
+    postgres = isinstance(store, dict) and store.get("type") == "postgres"
     for var, section, key in (
         ("LOOPD_STORE_PATH", "store", "path"), ("LOOPD_LOG_FORMAT", "log", "format"),
         ("LOOPD_LOG_LEVEL", "log", "level"),
     ):
+        if var == "LOOPD_STORE_PATH" and postgres:
+            continue  # a file path means nothing to the postgres store
         if var in env:
             sub = raw.setdefault(section, {})
             if isinstance(sub, dict):

@@ -80,6 +80,8 @@ class Daemon:
                                sources=self.sources, stall_after=config.engine.stall_after)
         self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
         self.dispatcher.on_lost = self.engine.forget_run
+        for source in self.sources.values():  # keys moved here: their for: timers too
+            source.on_assigned = self.engine.refresh_timers
         self.cluster = Cluster(self.store, self.engine, self.dispatcher, parts.runs.approvals,
                                self.workflows.hub, lambda: self.registry,
                                poll=config.store.poll)

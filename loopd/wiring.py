@@ -19,13 +19,14 @@ Batches; the dispatcher, runner and task kinds (runs/) write run state and steps
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from loopd.catalog.backends import SecretResolver
+from loopd.catalog.credentials import SCHEMES
 from loopd.catalog.inventory import Inventory
 from loopd.catalog.silences import Silences
 from loopd.catalog.telemetry import Telemetry
@@ -63,8 +64,10 @@ from loopd.workflow.loader import load_workflows
 log = structlog.get_logger("loopd")
 
 
-def build_source(config: SourceConfig, fleets: dict[str, Fleet]) -> Source:
-    """type -> Source class; a plain mapping, nothing registers itself on import."""
+def build_source(config: SourceConfig, fleets: dict[str, Fleet], replica: str | None = None
+                 ) -> Source:
+    """type -> Source class; a plain mapping, nothing registers itself on import.
+    ``replica`` (the store's) goes into MQTT client ids and Kafka group instance ids."""
     if isinstance(config, WebhookSourceConfig | AlertmanagerSourceConfig):
         return PushSource(config)
     if isinstance(config, SimSourceConfig):
@@ -72,10 +75,10 @@ def build_source(config: SourceConfig, fleets: dict[str, Fleet]) -> Source:
     if isinstance(config, KafkaSourceConfig):
         from loopd.sources.kafka import KafkaSource
 
-        return KafkaSource(config)
+        return KafkaSource(config, replica=replica)
     from loopd.sources.mqtt import MqttSource
 
-    return MqttSource(config)
+    return MqttSource(config, replica=replica)
 
 
 class LazyRunner:
@@ -211,18 +214,39 @@ def secret_resolver(config: LoopdConfig) -> SecretResolver:
                           exec_timeout=secrets.exec_timeout, max_cached=secrets.max_cached)
 
 
+def build_store(config: LoopdConfig) -> Store:
+    """The store ``store:`` names: SQLite (one file), or PostgreSQL (several replicas),
+    whose DSN references are resolved when it opens, not here (nor kept in the config)."""
+    cfg = config.store
+    if cfg.type == "sqlite":
+        return SqliteStore(cfg.path, lease=cfg.lease)
+    from loopd.store.postgres import PostgresStore  # psycopg only where it is used
+
+    resolver = secret_resolver(config)
+
+    def dsn(text: str | None) -> str | Callable[[], Awaitable[str]] | None:
+        if text is None or text.partition(":")[0] not in SCHEMES:
+            return text  # a connection string without a password (config checked it)
+        return lambda: resolver.resolve(text)
+
+    main = dsn(cfg.dsn)
+    assert main is not None  # StoreConfig: a postgres store has a dsn
+    return PostgresStore(main, listen_dsn=dsn(cfg.listen_dsn), lease=cfg.lease,
+                         pool_min=cfg.pool.min, pool_max=cfg.pool.max, timeout=cfg.timeout)
+
+
 def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | None = None,
           event_time: bool = False, dry_run: bool = False, simulated: bool = False,
           telemetry_sources: tuple[str, ...] = ()) -> Loopd:
     """Build loopd from its configuration. ``simulated`` (loopd simulate): no runner
     ever acts, no source, Alertmanager or Prometheus is contacted, runs start without a
     cap (the replay waits for quiescence itself)."""
-    store = store if store is not None else SqliteStore(config.store.path,
-                                                        lease=config.store.lease)
+    store = store if store is not None else build_store(config)
     clock = clock if clock is not None else WallClock()
     inventory = Inventory.load(config.inventory)
     registry, ruleset = load_packs_and_rules(config)
-    buses = {} if simulated else build_buses([*config.sources, *config.sinks])
+    buses = {} if simulated else build_buses([*config.sources, *config.sinks],
+                                             replica=store.replica)
     # simulated: dry run, no runner is ever asked to act
     executor = Executor(registry, {}) if simulated else Executor(
         registry, build_runners(buses, ssh_unlisted_hosts=config.ssh.unlisted_hosts),
@@ -261,7 +285,8 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
                       max_starting=1 << 30 if simulated else 256,
                       announcer=BusOutcomes(bus, config.outcomes.topic)
                       if bus is not None else None)
-    sources = {} if simulated else {c.name: build_source(c, fleets) for c in config.sources}
+    sources = {} if simulated else {c.name: build_source(c, fleets, store.replica)
+                                    for c in config.sources}
     loopd = Loopd(config, store, inventory, registry, ruleset, buses, executor, silences,
                   guards, engine, runs, fleets, sources)
     return loopd

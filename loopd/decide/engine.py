@@ -161,6 +161,7 @@ class Engine:
         self._open = _Pending(Batch(), [])  # what decide_now decided, not yet committed
         self._run_updates: list[RunRecord] = []  # queued runs cancelled through control
         self._breakers_closed: list[str] = []  # closed through control: written next batch
+        self._closed_here: dict[str, float] = {}  # scope -> when (monotonic)
         self._idle = asyncio.Event()
         self._idle.set()
         self.ruleset = rules
@@ -316,8 +317,13 @@ class Engine:
         self.incidents.discard(run)
 
     def sync_breakers(self, shared: list[BreakerRecord]) -> None:
-        """The breakers the store holds for every replica (see Guards.sync_breakers)."""
-        self.guards.sync_breakers(shared, self.now())
+        """The breakers the store holds for every replica (see Guards.sync_breakers); one
+        closed here moments ago is not opened again from a read taken before its close
+        was written (memory is only a pre-filter: the store refuses runs of an open one)."""
+        now = time.monotonic()
+        self._closed_here = {s: t for s, t in self._closed_here.items() if now - t < 10.0}
+        self.guards.sync_breakers([b for b in shared if b.scope not in self._closed_here],
+                                  self.now())
 
     def close_breaker(self, scope: str) -> bool:
         """Close an open circuit breaker; the change is written by the next batch."""
@@ -325,6 +331,7 @@ class Engine:
             return False
         self.guards.dirty = True
         self._breakers_closed.append(scope)  # for every replica: in the store
+        self._closed_here[scope] = time.monotonic()
         self.inbox.put_nowait(None)
         return True
 

@@ -4,7 +4,9 @@ A bus is named after a kafka or mqtt source (it reuses that broker's address)
 or a ``sinks:`` entry of loopd.yaml for brokers loopd only writes to. Each bus
 connects lazily on first use, keeps one producer/client, and reconnects once
 when a publish finds the connection dead. Run outcome events are published
-through the same buses (``outcomes: {bus, topic}``).
+through the same buses (``outcomes: {bus, topic}``). An MQTT bus connects as its
+source's client id with ``-pub`` added (so ``{replica}`` is in it: two replicas never
+share one id, which would make the broker disconnect one of them at every connect).
 """
 
 from __future__ import annotations
@@ -17,12 +19,19 @@ import orjson
 
 from loopd.catalog.credentials import resolve_secret
 from loopd.catalog.secrets import Secrets
-from loopd.config import KafkaSinkConfig, KafkaSourceConfig, MqttSinkConfig, MqttSourceConfig
+from loopd.config import (
+    KafkaSinkConfig,
+    KafkaSourceConfig,
+    MqttSinkConfig,
+    MqttSourceConfig,
+    mqtt_client_id,
+)
 from loopd.errors import ActionError, ConditionError
 from loopd.expr.compiler import WORKFLOW_SCOPE, Compiled, compile_template
 from loopd.packs.executor import ActionContext
 from loopd.packs.manifest import PublishAction
 from loopd.packs.registry import Action
+from loopd.sources.base import replica_name
 
 if TYPE_CHECKING:  # the client libraries load when a bus first connects
     import aiomqtt
@@ -89,9 +98,10 @@ class KafkaBus:
 
 
 class MqttBus:
-    def __init__(self, config: MqttSourceConfig | MqttSinkConfig) -> None:
+    def __init__(self, config: MqttSourceConfig | MqttSinkConfig, replica: str) -> None:
         self.name = config.name
         self.config = config
+        self.client_id = f"{mqtt_client_id(config, replica)}-pub"
         self._client: aiomqtt.Client | None = None
         self._lock = asyncio.Lock()
 
@@ -106,7 +116,7 @@ class MqttBus:
                     if cfg.password_ref else None
                 client = aiomqtt.Client(cfg.host, cfg.port, username=cfg.username,
                                         password=password, timeout=_TIMEOUT,
-                                        identifier=f"{cfg.client_id or 'loopd-' + cfg.name}-pub")
+                                        identifier=self.client_id)
                 try:
                     await client.__aenter__()
                 except aiomqtt.MqttError as exc:
@@ -144,14 +154,16 @@ class MqttBus:
         await self._drop()
 
 
-def build_buses(configs: list[Any]) -> dict[str, Bus]:
-    """name -> Bus for every kafka and mqtt source or sink."""
+def build_buses(configs: list[Any], *, replica: str | None = None) -> dict[str, Bus]:
+    """name -> Bus for every kafka and mqtt source or sink; ``replica`` names this process
+    in MQTT client ids (default: ``LOOPD_REPLICA``, else the host name)."""
+    replica = replica_name(replica)
     buses: dict[str, Bus] = {}
     for cfg in configs:
         if isinstance(cfg, KafkaSourceConfig | KafkaSinkConfig):
             buses[cfg.name] = KafkaBus(cfg.name, cfg.bootstrap)
         elif isinstance(cfg, MqttSourceConfig | MqttSinkConfig):
-            buses[cfg.name] = MqttBus(cfg)
+            buses[cfg.name] = MqttBus(cfg, replica)
     return buses
 
 

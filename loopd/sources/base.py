@@ -31,6 +31,16 @@ run under the ``Supervisor`` below):
   block the stream. It is never emitted, never silently dropped, and the
   messages after it are read as usual.
 * ``connected`` is true between a successful connect and the loss of it.
+* ``on_assigned`` (optional, set by whoever wires the source before ``run``; None:
+  nothing to call): a source whose broker moves a share of the stream between replicas
+  awaits it when this replica is given a share it did not have (kafka: a rebalance
+  assigned partitions this consumer did not own just before, including the first
+  assignment of every connection), *before* the first message of that share is emitted,
+  so the engine can rebuild its caches for the keys that moved from the store (its
+  ``for:`` timers; throttles and recent event ids need no rebuild: the store checks
+  them in every commit). An error out of it counts as a lost
+  connection (the source raises, the supervisor reconnects, the hook runs again). Sources
+  without partitions never call it (mqtt shared subscriptions spread messages, not keys).
 * ``close()`` makes ``run`` return promptly (seconds, whatever it is waiting
   on) and flushes acknowledgements (Kafka commits the offsets of everything
   decided so far); ``run`` on a closed source returns at once.
@@ -53,10 +63,13 @@ from loopd.events import Delivery
 log = structlog.get_logger("loopd.sources")
 
 Emit = Callable[[Delivery], Awaitable[None]]
+# awaited when the broker gives this replica a share of the stream it did not have
+OnAssigned = Callable[[], Awaitable[None]]
 
 
 class Source(Protocol):
     name: str
+    on_assigned: OnAssigned | None
 
     @property
     def connected(self) -> bool: ...
@@ -68,10 +81,12 @@ class Source(Protocol):
 
 class StoppableSource:
     """Plumbing shared by sources without a connection of their own (push, sim):
-    ``connected`` while ``run`` runs, ``close()`` makes it return."""
+    ``connected`` while ``run`` runs, ``close()`` makes it return; nothing is ever
+    reassigned to them, so ``on_assigned`` is never called."""
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.on_assigned: OnAssigned | None = None
         self._connected = False
         self._stop = asyncio.Event()
 
@@ -150,3 +165,13 @@ class Supervisor:
     async def stop(self) -> None:
         self._stopping.set()
         await self.source.close()
+
+
+def replica_name(replica: str | None) -> str:
+    """``replica``, or when None the process's own name (``LOOPD_REPLICA``, else the host
+    name), the one the store writes under; the wiring passes the store's."""
+    if replica is not None:
+        return replica
+    from loopd.store.sqlite import default_replica  # one definition of the default
+
+    return default_replica()

@@ -11,6 +11,19 @@ partitions are revoked in a rebalance, and on close.
 probe fails or times out); the supervisor then builds a new consumer, which
 resumes from the committed offsets. Acknowledgements for records of an older
 consumer or of a revoked partition are ignored: those records are redelivered.
+
+Several replicas share one consumer group (``group``), so each partition, and each
+entity key (records are keyed by entity), is consumed by one replica at a time. When a
+rebalance revokes partitions, what is acked on them is committed first and the rest of
+their bookkeeping dropped; their unacked records go to the new owner, whose store
+recognises a record this replica had already decided. When it assigns partitions this
+consumer did not own just before, ``on_assigned`` is awaited before any record of them
+is emitted: the engine rebuilds its caches for the keys that moved. With
+``group_instance_id`` (static membership, KIP-345, ``{replica}`` expanded) a restarted
+replica rejoins as the same member: the group waits up to ``session_timeout`` for it
+instead of rebalancing at once, and stopping sends no LeaveGroup (its partitions move
+only once the session expires). tansu 0.6 takes static members but mishandles the rejoin
+of one (the group then rebalances every few seconds): leave it off there.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -34,10 +47,10 @@ from aiokafka.errors import (
 )
 
 from loopd import metrics
-from loopd.config import KafkaSourceConfig
+from loopd.config import KafkaSourceConfig, expand_replica
 from loopd.errors import EventError, SourceError
 from loopd.events import Delivery, Event, decode_object, event_from_object
-from loopd.sources.base import Emit
+from loopd.sources.base import Emit, OnAssigned, replica_name
 
 log = structlog.get_logger("loopd.kafka")
 
@@ -51,6 +64,9 @@ _HEADER_ROOM = 64 * 1024
 # the value kept in a dead letter whose record is too large to be sent whole
 _TRUNCATED = 1024
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+# on_assigned rebuilds caches from the store; the group waits for it (the consumer sends
+# heartbeats meanwhile), so it may take long, but not forever
+_ASSIGN_TIMEOUT = 120.0
 
 
 class _Partition:
@@ -78,15 +94,27 @@ class _Partition:
 
 
 class _Session:
-    """State of one consumer connection; dropped whole when ``run`` ends."""
+    """State of one consumer connection; dropped whole when ``run`` ends.
 
-    def __init__(self, source: str, consumer: AIOKafkaConsumer, timeout: float) -> None:
+    ``ready`` holds the partitions of the current assignment whose records may be emitted
+    (``on_assigned`` has returned for them); ``settled`` is set once an assignment is
+    ready and cleared at every revoke. aiokafka installs an assignment, and may fetch for
+    it, before it calls the listener, so ``_consume`` waits on these, not on the fetch.
+    """
+
+    def __init__(self, source: str, consumer: AIOKafkaConsumer, timeout: float,
+                 on_assigned: Callable[[], OnAssigned | None]) -> None:
         self.source = source
         self.timeout = timeout
         self.consumer = consumer
+        self.on_assigned = on_assigned  # read at each assignment: the source's hook now
         self.partitions: dict[TopicPartition, _Partition] = {}
         self.commit_lock = asyncio.Lock()
         self.generation = 0  # bumped at every revoke: records fetched before it are stale
+        self.ready: set[TopicPartition] = set()
+        self.revoked: set[TopicPartition] = set()  # the assignment just before this one
+        self.settled = asyncio.Event()
+        self.failed: SourceError | None = None  # on_assigned raised: the session is over
 
     def track(self, tp: TopicPartition, offset: int) -> _Partition:
         part = self.partitions.get(tp)
@@ -120,21 +148,53 @@ class _Session:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Commits and forgets revoked partitions; runs ``on_assigned`` for new ones.
+
+    aiokafka awaits these in its group coordinator task (concurrently with ``_consume``,
+    whose records of revoked partitions may still be in the engine's queue) and swallows
+    what they raise, so they raise nothing: a failed hook is kept on the session for
+    ``_consume`` to raise.
+    """
+
     def __init__(self, session: _Session) -> None:
         self._session = session
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        session = self._session
+        session.settled.clear()  # nothing of the next assignment is emitted before it is set
+        session.ready.clear()
         # commit what is decided before another member takes these partitions over
         try:
-            await self._session.commit(revoked)
+            await session.commit(revoked)
         except SourceError as exc:
-            log.warning("commit on revoke failed", source=self._session.source, error=str(exc))
-        self._session.generation += 1
+            log.warning("commit on revoke failed", source=session.source, error=str(exc))
+        session.generation += 1
+        session.revoked = set(revoked)
         for tp in revoked:
-            self._session.partitions.pop(tp, None)
+            session.partitions.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        return None
+        session = self._session
+        moved = assigned - session.revoked
+        hook = session.on_assigned()
+        if moved and hook is not None:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(_ASSIGN_TIMEOUT):
+                    await hook()
+            except Exception as exc:  # supervised boundary: the session ends, run() reports
+                failed = SourceError(
+                    f"on_assigned failed for {len(moved)} new partition(s): "
+                    f"{type(exc).__name__}: {exc}", origin=f"kafka group {session.source}")
+                failed.__cause__ = exc
+                session.failed = failed
+                session.settled.set()  # wakes _consume, which raises it
+                return
+            log.info("partitions assigned, caches rebuilt", source=session.source,
+                     partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in moved),
+                     seconds=round(time.monotonic() - started, 3))
+        session.ready = set(assigned)
+        session.settled.set()
 
 
 class KafkaSource:
@@ -144,15 +204,23 @@ class KafkaSource:
     member before its partitions move (some brokers also hold each join that long).
     """
 
-    def __init__(self, config: KafkaSourceConfig, *, session_timeout: float | None = None
-                 ) -> None:
+    def __init__(self, config: KafkaSourceConfig, *, replica: str | None = None,
+                 session_timeout: float | None = None) -> None:
+        """``replica`` names this process in ``group_instance_id`` (default:
+        ``replica_name``); ``session_timeout`` overrides the config's."""
         self.name = config.name
         self.config = config
+        self.on_assigned: OnAssigned | None = None
+        self.group_instance_id = (
+            expand_replica(config.group_instance_id, replica_name(replica))
+            if config.group_instance_id is not None else None
+        )
         timeout = config.session_timeout if session_timeout is None else session_timeout
         self._session_timeout_ms = int(timeout * 1000)
         self._connected = False
         self._closing = asyncio.Event()
         self._finished: asyncio.Event | None = None
+        self._session: _Session | None = None
         self._timeout = config.request_timeout
         # the dead-letter producer carries a record up to max_payload whole, with headers
         self._max_request = max(1024 * 1024, config.max_payload + _HEADER_ROOM)
@@ -160,6 +228,13 @@ class KafkaSource:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The partitions whose records this source emits now: the group's current
+        assignment once ``on_assigned`` has run for it, empty during a rebalance."""
+        session = self._session
+        return frozenset(session.ready) if session is not None else frozenset()
 
     async def run(self, emit: Emit) -> None:
         if self._closing.is_set():
@@ -169,12 +244,14 @@ class KafkaSource:
             bootstrap_servers=cfg.bootstrap, group_id=cfg.group, enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset, session_timeout_ms=self._session_timeout_ms,
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
+            group_instance_id=self.group_instance_id,
         )
         producer = (
             AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, max_request_size=self._max_request)
             if cfg.dead_letter_topic else None
         )
-        session = _Session(self.name, consumer, self._timeout)
+        session = _Session(self.name, consumer, self._timeout, lambda: self.on_assigned)
+        self._session = session
         self._finished = finished = asyncio.Event()
         lost = False
         try:
@@ -199,6 +276,7 @@ class KafkaSource:
             raise
         finally:
             self._connected = False
+            session.ready.clear()
             try:
                 if not lost:  # flush what was decided; pointless against a dead broker
                     await session.commit()
@@ -241,6 +319,8 @@ class KafkaSource:
             batches = await session.consumer.getmany(timeout_ms=500, max_records=_MAX_RECORDS)
             generation = session.generation
             for tp, records in batches.items():
+                if not await self._ready(session, tp, generation):
+                    continue  # fetched for an assignment that is gone: refetched if ours
                 for record in records:
                     if session.generation != generation:
                         break  # a rebalance while we emitted: the owner refetches from the commit
@@ -252,6 +332,16 @@ class KafkaSource:
                     metrics.event_received(self.name)
                     # blocks while the engine's queue is full: that is the backpressure
                     await emit(Delivery(event, functools.partial(part.ack, record.offset)))
+
+    @staticmethod
+    async def _ready(session: _Session, tp: TopicPartition, generation: int) -> bool:
+        """Whether records of ``tp`` fetched at ``generation`` may be emitted, once the
+        assignment's ``on_assigned`` has run; raise if it failed."""
+        # no timeout: the listener's hook is bounded, and a revoke clears and re-sets it
+        await session.settled.wait()
+        if session.failed is not None:
+            raise session.failed
+        return session.generation == generation and tp in session.ready
 
     async def _decode(self, record: Any, producer: AIOKafkaProducer | None) -> Event | None:
         topic, partition, offset = record.topic, record.partition, record.offset

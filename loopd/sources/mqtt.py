@@ -1,10 +1,20 @@
 """MQTT source: JSON messages from several topic filters, with a persistent session.
 
-The client uses a stable identifier (``client_id`` or ``loopd-<name>``) and
-``clean_session=False``, so the broker keeps the subscriptions and queues QoS 1/2
-messages published while loopd is disconnected, and delivers them after the
-reconnect. Every connect subscribes to every filter again anyway (a broker that
-lost its state gets the subscriptions back).
+The client uses an identifier stable across restarts and distinct per replica
+(``client_id`` with ``{replica}`` expanded, default ``loopd-{replica}-<name>``: a
+broker disconnects the older of two clients with one id, so two replicas sharing one
+would knock each other off forever) and ``clean_session=False``, so the broker keeps
+the subscriptions and queues QoS 1/2 messages published while loopd is disconnected,
+and delivers them after the reconnect. Every connect subscribes to every filter again
+anyway (a broker that lost its state gets the subscriptions back).
+
+Several replicas: without ``shared`` every replica receives, and decides, every message
+(each with its own fresh event id unless the payload is an envelope carrying one). With
+``shared: GROUP`` each filter is subscribed as ``$share/GROUP/<filter>`` and the broker
+hands each message to one member of the group; the message keeps its real topic, which
+is what rules see. A broker may still queue a share of the messages for a member that is
+disconnected but whose session lives (mosquitto does): that replica gets them when it
+comes back under the same id, which a stable replica name (a StatefulSet pod) gives.
 
 Delivery semantics, and their limit: paho-mqtt (under aiomqtt) sends the PUBACK
 of a QoS 1 message as soon as it is received, before the engine has decided
@@ -27,17 +37,19 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from loopd import metrics
 from loopd.catalog.credentials import resolve_secret
-from loopd.config import MqttSourceConfig
+from loopd.config import MqttSourceConfig, mqtt_client_id
 from loopd.errors import ConfigError, EventError, SourceError
 from loopd.events import Delivery, decode_object, event_from_object
-from loopd.sources.base import Emit
+from loopd.sources.base import Emit, OnAssigned, replica_name
 
 
 class MqttSource:
     """One MQTT connection subscribed to ``config.topics`` at ``config.qos``."""
 
-    def __init__(self, config: MqttSourceConfig, *, timeout: float = 10.0) -> None:
-        """``timeout`` bounds connect, subscribe and disconnect, each."""
+    def __init__(self, config: MqttSourceConfig, *, replica: str | None = None,
+                 timeout: float = 10.0) -> None:
+        """``replica`` names this process (default: ``replica_name``); ``timeout`` bounds
+        connect, subscribe and disconnect, each."""
         for topic in config.topics:
             try:
                 aiomqtt.Wildcard(topic)
@@ -49,7 +61,10 @@ class MqttSource:
             resolve_secret(config.password_ref)  # fail at startup, not on every reconnect
         self.config = config
         self.name = config.name
-        self.client_id = config.client_id or f"loopd-{config.name}"
+        self.client_id = mqtt_client_id(config, replica_name(replica))
+        prefix = f"$share/{config.shared}/" if config.shared else ""
+        self.filters = [f"{prefix}{topic}" for topic in config.topics]
+        self.on_assigned: OnAssigned | None = None  # never called: nothing is partitioned
         self._timeout = timeout
         self._where = f"mqtt {config.host}:{config.port}"
         self._connected = False
@@ -93,7 +108,7 @@ class MqttSource:
         try:
             # connect: paho's socket connect is bounded (5 s), CONNACK by timeout
             async with client:
-                filters: list[tuple[str, int]] = [(topic, cfg.qos) for topic in cfg.topics]
+                filters: list[tuple[str, int]] = [(f, cfg.qos) for f in self.filters]
                 granted = await client.subscribe(filters)
                 self._check_granted(granted)
                 self._connected = True
@@ -106,7 +121,9 @@ class MqttSource:
             raise SourceError(f"{exc}", origin=self._where) from exc
 
     def _check_granted(self, granted: Sequence[int | ReasonCode]) -> None:
-        for topic, code in zip(self.config.topics, granted, strict=False):
+        # a broker without shared subscriptions refuses "$share/..." here (0x80, or 0x9E
+        # "shared subscriptions not supported" in MQTT 5): named, not silently unshared
+        for topic, code in zip(self.filters, granted, strict=False):
             if code >= 0x80 if isinstance(code, int) else code.is_failure:
                 raise SourceError(f"broker refused subscription to {topic!r}", origin=self._where)
 
@@ -129,3 +146,4 @@ class MqttSource:
             # blocks while the engine queue is full (aiomqtt keeps buffering meanwhile)
             metrics.event_received(self.name)
             await emit(Delivery(event))
+

@@ -252,6 +252,11 @@ class CommitResult:
         self.breakers_opened |= other.breakers_opened
 
 
+# The statuses of runs that have not ended (loopd.runs.states: ACTIVE and queued; the
+# store cannot import it) and the same as an SQL list.
+LIVE = frozenset({"pending", "running", "waiting", "awaiting_approval", "queued"})
+LIVE_STATUSES = "(" + ",".join(f"'{s}'" for s in sorted(LIVE)) + ")"
+
 # Decisions whose run the batch creates (the others only join or suppress).
 RUN_OUTCOMES = frozenset({"run_created", "queued", "restarted"})
 
@@ -358,7 +363,8 @@ class Store(Protocol):
         ...
 
     async def commands(self, after: int) -> list[CommandRecord]:
-        """Commands with ``seq > after`` for runs this replica owns, oldest first."""
+        """Commands with ``seq > after`` for the runs this replica owns that have not ended
+        (``LIVE``), oldest first: a run taken over brings its commands along."""
         ...
 
     async def events_since(self, after: int, *, limit: int = 1000

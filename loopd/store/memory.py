@@ -18,6 +18,7 @@ from typing import Any
 
 from loopd.errors import LeaseLost, StoreError, StoreRejected
 from loopd.store.base import (
+    LIVE,
     RUN_OUTCOMES,
     AuditQuery,
     AuditRecord,
@@ -162,7 +163,8 @@ class MemoryStore:
     async def commands(self, after: int) -> list[CommandRecord]:
         d = self._d
         return [replace(c) for c in d.commands if c.seq > after
-                and (run := d.runs.get(c.run_id)) is not None and run.owner == self.replica]
+                and (run := d.runs.get(c.run_id)) is not None and run.owner == self.replica
+                and run.status in LIVE]
 
     async def events_since(self, after: int, *, limit: int = 1000
                            ) -> list[tuple[int, EventRecord]]:

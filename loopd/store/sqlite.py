@@ -29,6 +29,7 @@ import aiosqlite
 
 from loopd.errors import LeaseLost, StoreError, StoreRejected
 from loopd.store.base import (
+    LIVE_STATUSES,
     RUN_OUTCOMES,
     AuditQuery,
     AuditRecord,
@@ -270,7 +271,8 @@ class SqliteStore:
     async def commands(self, after: int) -> list[CommandRecord]:
         rows = await self._all(
             "SELECT c.run_id, c.kind, c.by, c.reason, c.time, c.seq FROM commands c JOIN runs r "
-            "ON r.id=c.run_id WHERE c.seq>? AND r.owner=? ORDER BY c.seq", (after, self.replica))
+            f"ON r.id=c.run_id WHERE c.seq>? AND r.owner=? AND r.status IN {LIVE_STATUSES} "
+            "ORDER BY c.seq", (after, self.replica))
         return [CommandRecord(*row) for row in rows]
 
     async def events_since(self, after: int, *, limit: int = 1000

@@ -14,7 +14,7 @@ from loopd import metrics
 from loopd.config import KafkaSourceConfig
 from loopd.errors import SourceError
 from loopd.events import Delivery, Event
-from loopd.sources.base import Supervisor
+from loopd.sources.base import OnAssigned, Supervisor
 from loopd.sources.kafka import KafkaSource
 from tests.servers import free_port, require, wait_until
 from tests.servers.kafka import (
@@ -326,6 +326,7 @@ class _StrayCancel:
 
     name = "stray-cancel"
     connected = False
+    on_assigned: OnAssigned | None = None
 
     def __init__(self) -> None:
         self.runs = 0

@@ -168,7 +168,7 @@ async def test_qos1_messages_published_while_disconnected_arrive_after_reconnect
     if restart_broker:
         require(mqtt_broker.persistent, "MQTT broker that persists sessions (mosquitto)")
     cfg = config(mqtt_broker, "mq-offline", ["jobs/#"])
-    first = MqttSource(cfg)
+    first = MqttSource(cfg, replica="r1")
     async with supervised(first, Collector()):  # creates the persistent session
         await wait_until(lambda: first.connected, what="first connection")
 
@@ -177,13 +177,13 @@ async def test_qos1_messages_published_while_disconnected_arrive_after_reconnect
         mqtt_broker.stop()
         mqtt_broker.start()
 
-    second, emit = MqttSource(cfg), Collector()
+    second, emit = MqttSource(cfg, replica="r1"), Collector()  # the same session
     async with supervised(second, emit):
         await wait_until(lambda: len(emit.events) >= 2, what="queued messages")
         await publish(mqtt_broker, ("jobs/c", b'{"n": 3}'))
         await wait_until(lambda: len(emit.events) >= 3, what="live message")
     assert emit.payloads() == [{"n": 1}, {"n": 2}, {"n": 3}]
-    assert second.client_id == "loopd-mq-offline"
+    assert second.client_id == "loopd-r1-mq-offline"
 
 
 async def test_close_makes_run_return_promptly(mqtt_broker: MqttBroker) -> None:
@@ -268,4 +268,4 @@ def test_bad_configuration_fails_at_construction(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ConfigError, match="env:LOOPD_TEST_MQTT_PASSWORD"):
         MqttSource(cfg)
     monkeypatch.setenv("LOOPD_TEST_MQTT_PASSWORD", "s3cret")
-    assert MqttSource(cfg).client_id == "loopd-mq-bad"
+    assert MqttSource(cfg, replica="r1").client_id == "loopd-r1-mq-bad"

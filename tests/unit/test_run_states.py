@@ -11,7 +11,7 @@ from loopd.errors import IllegalTransition, LoopdError
 from loopd.runs import states
 from loopd.runs.progress import Ended, Progress, TaskState
 from loopd.runs.states import TRANSITIONS, Outcome, RunStatus
-from loopd.store.base import RunRecord
+from loopd.store.base import LIVE, RunRecord
 from loopd.workflow.model import Task
 
 LEGAL = [(a, b) for a, nexts in TRANSITIONS.items() for b in sorted(nexts)]
@@ -111,3 +111,9 @@ def test_progress_saved_by_the_dict_version_loads() -> None:
     assert progress.ended == Ended(RunStatus.SUCCEEDED, None, None)
     assert Progress.from_json(None) == Progress() == Progress.from_json({})
     assert Progress.from_json({"gate": {"deadline": 8.0}}).gate == 8.0
+
+
+def test_the_store_knows_which_statuses_have_not_ended() -> None:
+    """loopd.store cannot import the run states; its copy must not drift from them."""
+    assert frozenset(states.ACTIVE) | {states.QUEUED} == LIVE
+    assert not LIVE & set(states.FINAL)

@@ -199,6 +199,16 @@ async def test_commands_reach_the_runs_owner(impl: Opener) -> None:
         ("run-a", "approve", "oncall", "looks right")]
     assert [c.kind for c in await b.commands(0)] == ["cancel"]
     assert await a.commands(mine[-1].seq) == []
+    # b takes run-a over (a fell silent): the approval a never carried out comes along
+    await b.claim_runs(("pending",), lease=0.0, others_only=True)
+    assert [(c.run_id, c.kind) for c in await b.commands(0)] == [
+        ("run-a", "approve"), ("run-b", "cancel")]
+    assert await a.commands(0) == []
+    ended = await b.get_run("run-b")
+    assert ended is not None
+    ended.status = "cancelled"
+    await b.save_run(ended)  # an ended run's commands are done with
+    assert [c.run_id for c in await b.commands(0)] == ["run-a"]
 
 
 async def test_events_are_read_in_the_order_stored_by_any_replica(impl: Opener) -> None:

@@ -28,23 +28,31 @@ from loopd.store.base import (
     Store,
 )
 from loopd.store.memory import MemoryData, MemoryStore
+from loopd.store.postgres import PostgresStore
 from loopd.store.sqlite import SqliteStore
 from loopd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 Opener = Callable[..., Awaitable[Store]]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def impl(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens a store on the same durable location each time it is called (a "restart", or
-    another replica with ``replica=``; ``lease=`` its lease)."""
+    another replica with ``replica=``; ``lease=`` its lease); postgres: a database of its
+    own on the test server (tests/servers/postgres.py)."""
     opened: list[Store] = []
     data = MemoryData()
+    dsn = request.getfixturevalue("postgres_dsn") if request.param == "postgres" else ""
 
     async def open_store(replica: str | None = None, lease: float = 15.0) -> Store:
-        store: Store = SqliteStore(tmp_path / "loopd.db", replica=replica, lease=lease) \
-            if request.param == "sqlite" else MemoryStore(data, replica=replica or "memory",
-                                                          lease=lease)
+        store: Store
+        if request.param == "sqlite":
+            store = SqliteStore(tmp_path / "loopd.db", replica=replica, lease=lease)
+        elif request.param == "postgres":
+            store = PostgresStore(dsn, replica=replica or "contract", lease=lease,
+                                  pool_min=1, pool_max=4)
+        else:
+            store = MemoryStore(data, replica=replica or "memory", lease=lease)
         await store.open()
         opened.append(store)
         return store
