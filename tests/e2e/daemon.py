@@ -17,6 +17,11 @@ token=..., ssl=client_context)``: every call then sends the bearer token over HT
 
 ``Config`` writes loopd.yaml, rule files and the inventory into a test's
 ``tmp_path``; ``store_query`` reads the daemon's SQLite file read-only.
+
+Several daemons ("replicas", each with its own ``LOOPD_REPLICA``) share one store through
+``SharedStore``: a SQLite file or a PostgreSQL database, with the same ``query`` for both,
+so one test runs on either. Give each replica a ``Config`` of its own (its own folder, so
+its own logs) whose ``extra["store"]`` is the shared store's ``config()``.
 """
 
 from __future__ import annotations
@@ -352,3 +357,55 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str,
                      timeout: float = 20.0) -> None:
     """Poll ``check`` every 50 ms until true; fail naming ``what`` after ``timeout`` s."""
     await wait_until(check, timeout=timeout, interval=0.05, what=what)
+
+
+class SharedStore:
+    """One store several daemons share: a SQLite file (``path``) or a PostgreSQL database
+    (``dsn``, handed to the daemons as ``env:LOOPD_PG_DSN``, never written in a file).
+
+    ``config(**extra)`` is the ``store:`` section of each replica's loopd.yaml, ``env`` the
+    variables its process needs; ``query`` reads the store from the test (``?`` marks on
+    both kinds, so no literal ``%`` in the SQL), rows as tuples."""
+
+    def __init__(self, *, path: Path | None = None, dsn: str | None = None) -> None:
+        assert (path is None) != (dsn is None), "a SQLite path or a PostgreSQL DSN"
+        self.path = path
+        self.dsn = dsn
+        self.kind = "sqlite" if path is not None else "postgres"
+        self._pg: Any = None  # psycopg.AsyncConnection, opened at the first query
+        self._opening = asyncio.Lock()  # several pollers may ask first at once
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        if self.path is not None:
+            return {"path": str(self.path), **extra}
+        return {"type": "postgres", "dsn": "env:LOOPD_PG_DSN", **extra}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"LOOPD_PG_DSN": self.dsn} if self.dsn is not None else {}
+
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self.path is not None:
+            if not self.path.exists():  # no daemon has opened it yet
+                return []
+            return store_query(self.path, sql, params)
+        # imported here: only the PostgreSQL store needs the driver (a dependency of loopd's
+        # Postgres store); the ignore keeps mypy quiet on an install without it
+        import psycopg  # type: ignore[import-not-found, unused-ignore]
+
+        async with self._opening:
+            if self._pg is None:
+                assert self.dsn is not None
+                self._pg = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        async with self._pg.cursor() as cur:
+            await cur.execute(sql.replace("?", "%s"), params)
+            return [tuple(row) for row in await cur.fetchall()]
+
+    async def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        rows = await self.query(sql, params)
+        return rows[0][0] if rows else None
+
+    async def close(self) -> None:
+        if self._pg is not None:
+            await self._pg.close()
+            self._pg = None
