@@ -90,6 +90,9 @@ class PostgresStore(PostgresReads):
         self._changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self.commits = 0  # group transactions committed (benchmarks, tests)
+        # a write transaction idle this long is ended by the server (see _write_all): well
+        # inside the lease, so a frozen replica's locks go before its runs are taken over
+        self._idle_ms = int(1000 * max(1.0, min(lease / 3, timeout)))
 
     # -- connections ----------------------------------------------------------------------
 
@@ -205,9 +208,13 @@ class PostgresStore(PostgresReads):
                 "heartbeat=excluded.heartbeat", (self.replica, self._incarnation, host, pid))
 
     async def heartbeat(self) -> None:
-        await self._write(Statement(
-            f"UPDATE replicas SET heartbeat={DB_NOW} WHERE name=%s AND incarnation=%s",
-            (self.replica, self._incarnation)))
+        # on a connection of its own, outside the group commit: a group waiting on a lock
+        # (another replica frozen inside its transaction) must not cost this one its lease
+        async def beat(conn: Conn) -> None:
+            await conn.execute(
+                f"UPDATE replicas SET heartbeat={DB_NOW} WHERE name=%s AND incarnation=%s",
+                (self.replica, self._incarnation))
+        await self._with("heartbeat", beat)
 
     # -- the group commit -------------------------------------------------------------
 
@@ -250,6 +257,11 @@ class PostgresStore(PostgresReads):
         group = Group([op for op, _ in ops], self.replica, dict(self._held), self.origin)
 
         async def body(conn: Conn) -> None:
+            # A replica frozen inside this transaction (SIGSTOP, a pause) would hold its
+            # locks (the scopes of its limits, the event numbering) and stall every other
+            # replica: the server ends a transaction idle for this long, releasing them.
+            await conn.execute("SELECT set_config('idle_in_transaction_session_timeout', "
+                               "%s, true)", (f"{self._idle_ms}ms",))
             await group.write(conn)
             if group.notify:
                 await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._incarnation))

@@ -12,9 +12,12 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -516,3 +519,75 @@ async def test_a_reader_following_events_since_never_misses_one(stores: Open) ->
         await asyncio.sleep(0)
     await task
     assert len(seen) == len(set(seen)) == 2 * 60 * 4 * 3
+
+
+FROZEN_WRITER = """
+import asyncio, sys, time, uuid
+from loopd.store.postgres import PostgresStore
+from loopd.store.base import Batch, DecisionRecord, EventRecord, Limit, RunRecord
+
+async def main(dsn):
+    store = PostgresStore(dsn, replica="frozen", lease=1.0, pool_min=1, pool_max=2)
+    await store.open()
+    print("ready", flush=True)
+    for i in range(10**9):
+        rid, now = uuid.uuid4().hex, time.time()
+        await store.commit(Batch(
+            events=[EventRecord("w", f"a{i}", "t", f"k{i}", now, {})],
+            decisions=[DecisionRecord("w", f"a{i}", "r", f"k{i}", "run_created", None, now,
+                                      None, rid)],
+            runs=[RunRecord(rid, None, "r", f"k{i}", "action", "core.noop", {}, "pending",
+                            now)],
+            limits={rid: [Limit("fleet", "window", 10**9, 3600.0)]}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def _frozen_in_transaction(server: PostgresServer, database: str) -> bool:
+    out = server.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name="
+                      "'loopd frozen' AND state LIKE 'idle in transaction%'", database)
+    return int(out.strip() or 0) > 0
+
+
+async def test_a_replica_frozen_inside_its_transaction_does_not_stall_the_others(
+        postgres_server: PostgresServer, postgres_dsn: str) -> None:
+    """A replica SIGSTOPped in the middle of a group commit holds the locks of its
+    transaction (the fleet scope, the event numbering): the server ends the transaction
+    once it is idle for a third of the lease, so the other replicas commit and beat
+    their hearts meanwhile (found in review: they timed out while it stayed frozen)."""
+    database = postgres_dsn.rsplit("/", 1)[1]
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FROZEN_WRITER, postgres_dsn, stdout=asyncio.subprocess.PIPE)
+    other = PostgresStore(postgres_dsn, replica="other", lease=1.0, timeout=3.0,
+                          pool_min=1, pool_max=2)
+    try:
+        assert writer.stdout is not None
+        assert (await writer.stdout.readline()).strip() == b"ready"
+        for _ in range(200):  # stop it until it is stopped inside a transaction
+            os.kill(writer.pid, signal.SIGSTOP)
+            await asyncio.sleep(0.02)
+            if await _frozen_in_transaction(postgres_server, database):
+                break
+            os.kill(writer.pid, signal.SIGCONT)
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("the writer was never stopped inside a transaction")
+        await other.open()
+        now, rid = time.time(), uuid.uuid4().hex
+        batch = Batch(events=[EventRecord("w", "b1", "t", "x", now, {})],
+                      decisions=[DecisionRecord("w", "b1", "r", "x", "run_created", None, now,
+                                                None, rid)],
+                      runs=[RunRecord(rid, None, "r", "x", "action", "core.noop", {},
+                                      "pending", now)],
+                      limits={rid: [Limit("fleet", "window", 10**9, 3600.0)]})
+        results = await asyncio.gather(other.commit(batch), other.heartbeat(),
+                                       return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert await other.get_run(rid) is not None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(writer.pid, signal.SIGCONT)
+        writer.kill()
+        await writer.wait()
+        await other.close()
