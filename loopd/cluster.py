@@ -98,7 +98,7 @@ class Cluster:
                 self._carried_out.add(command.seq)
         self.engine.sync_breakers(await store.breakers())
         if self.others:  # keys may reach any replica (webhooks): for: timers are shared
-            await self.engine.refresh_timers()
+            await self.engine.follow_timers()
         await self._evidence()
 
     def _carry_out(self, command: CommandRecord) -> bool:

@@ -312,6 +312,13 @@ class Engine:
         state = await self.store.load_state(since=time.time(), recent=0)
         self._timers.replace(state.for_timers)
 
+    async def follow_timers(self) -> None:
+        """Other replicas decide the same keys (webhooks reach any): the ``for:`` timers
+        follow the store's, except where this engine's own change may not be written yet
+        (see ForTimers.follow)."""
+        state = await self.store.load_state(since=time.time(), recent=0)
+        self._timers.follow(state.for_timers)
+
     def forget_run(self, run: RunRecord) -> None:
         """A run another replica took over: its incident is that replica's to close, so
         memory forgets both, and the runs queued behind it, which the taker adopted (an

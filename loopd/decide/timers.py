@@ -44,6 +44,10 @@ class ForTimers:
         self._since: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.max_keys = max_keys
         self._warned = False
+        # keys this engine changed since the last follow, and in the round before: its
+        # change may not be in the store yet, so a store read must not undo it
+        self._touched: set[tuple[str, str]] = set()
+        self._touched_before: set[tuple[str, str]] = set()
 
     def load(self, rule: str, key: str, since: float) -> None:
         self._since[(rule, key)] = since
@@ -55,17 +59,32 @@ class ForTimers:
         for rule, key, since in sorted(timers, key=lambda t: t[2]):
             self.load(rule, key, since)
 
+    def follow(self, stored: list[tuple[str, str, float]]) -> None:
+        """The store's timers (every replica's), for the keys this engine did not change
+        in the last two rounds (its own change may still be on its way to the store)."""
+        protected = self._touched | self._touched_before
+        self._touched_before, self._touched = self._touched, set()
+        found = {(rule, key): since for rule, key, since in stored}
+        for slot in [s for s in self._since if s not in found and s not in protected]:
+            del self._since[slot]  # reset by another replica
+        for slot, since in found.items():
+            if slot not in protected and self._since.get(slot) != since:
+                self._since[slot] = since
+        self._bound()
+
     def hold(self, rule: str, key: str, now: float) -> tuple[float, bool]:
         """Record that the condition holds; return (since, newly started)."""
         since = self._since.get((rule, key))
         if since is None:
             self._since[(rule, key)] = now
+            self._touched.add((rule, key))
             self._bound()
             return now, True
         return since, False
 
     def reset(self, rule: str, key: str) -> bool:
         """The condition no longer holds; True when a timer was running."""
+        self._touched.add((rule, key))
         return self._since.pop((rule, key), None) is not None
 
     def __len__(self) -> int:

@@ -579,3 +579,22 @@ async def test_a_run_end_is_not_starved_by_a_busy_source_queue(
         assert len(gated.log) >= 10
         assert await r.store.list_incidents(status="open") != []
         assert all(i.key != "web-1" for i in await r.store.list_incidents(status="open"))
+
+
+async def test_following_the_stores_timers_keeps_a_reset_not_written_yet(
+        db: Path, rules_from: RulesFrom) -> None:
+    """The cluster poll reads the store's timers while this engine's reset of one is still
+    being committed: the reset holds (found in review: the read brought the timer back,
+    and for: 60s fired after holding 11s)."""
+    rules, t0 = rules_from(FOR_RULE), 1_000_000.0
+    async with running(db, rules, gated=True, **event_time()) as r:
+        await r.feed(ev("a", at=t0, value=95))  # the condition starts to hold
+        gated = cast(GatedStore, r.store)
+        gated.gate.clear()
+        await r.engine.emit(Delivery(ev("b", at=t0 + 50, value=40)))  # ... and stops
+        await wait_until(lambda: gated.waiting == 1, timeout=5, what="b's commit")
+        await r.engine.follow_timers()  # the poll, meanwhile
+        gated.gate.set()
+        await r.engine.drain(timeout=10)
+        await r.feed(ev("c", at=t0 + 61, value=97))  # held for 11s only
+        assert r.runs == []
