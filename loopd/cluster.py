@@ -13,8 +13,10 @@ the store says another replica wrote: Postgres LISTEN/NOTIFY, a hint only) each 
   opened here too; and, while other replicas are alive, the shared ``for:`` timers (the
   earliest start of a condition wins, a reset anywhere resets it everywhere);
 * while other replicas are alive, **stores the events confirm tasks may wait for** (the
-  sources their evidence names), and **brings evidence stored by other replicas** to the
-  confirm tasks waiting here, in the order it was stored.
+  sources their evidence names) and resolved alerts, **brings evidence stored by other
+  replicas** to the confirm tasks waiting here, in the order it was stored (what was
+  stored before a task began to wait is no evidence for it), and lets a resolved alert
+  that reached another replica cancel the runs here that have not acted yet.
 
 A poll that fails (the store is down) is logged and tried again at the next one; nothing
 is lost meanwhile: commands and events stay in the store, and runs keep their lease only
@@ -122,16 +124,22 @@ class Cluster:
         return True
 
     async def _evidence(self) -> None:
-        """Offer the events other replicas stored to the confirm tasks waiting here."""
+        """Offer the events other replicas stored to the confirm tasks waiting here (those
+        stored after each began to wait), and let resolved alerts cancel the runs here
+        that have not acted yet, as they would on the replica that received them."""
         store = self.store
-        if self._event_pos is None or not len(self.hub) or not self.others:
-            self._event_pos = await store.last_event()
+        if self._event_pos is None or not self.others:
+            self._event_pos = self.hub.position = await store.last_event()
             return
         while True:
             found = await store.events_since(self._event_pos, limit=1000)
             for pos, record in found:
-                self._event_pos = pos
-                self.hub.offer(_event(record))
+                event = _event(record)
+                if len(self.hub):
+                    self.hub.offer(event, position=pos)
+                if event.data.get("status") == "resolved":
+                    self.engine.resolved_elsewhere(event)
+                self._event_pos = self.hub.position = pos
             if len(found) < 1000:
                 return
             await asyncio.sleep(0)

@@ -161,6 +161,7 @@ class Engine:
         self._open = _Pending(Batch(), [])  # what decide_now decided, not yet committed
         self._run_updates: list[RunRecord] = []  # queued runs cancelled through control
         self._breakers_closed: list[str] = []  # closed through control: written next batch
+        self._resolved: list[Event] = []  # resolved alerts received by other replicas
         self._closed_here: dict[str, float] = {}  # scope -> when (monotonic)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -319,6 +320,12 @@ class Engine:
         state = await self.store.load_state(since=time.time(), recent=0)
         self._timers.follow(state.for_timers)
 
+    def resolved_elsewhere(self, event: Event) -> None:
+        """A resolved alert another replica received (read from the store): the runs of
+        its incidents here that have not acted yet are cancelled, as if it came here."""
+        self._resolved.append(event)
+        self.inbox.put_nowait(None)
+
     def forget_run(self, run: RunRecord) -> None:
         """A run another replica took over: its incident is that replica's to close, so
         memory forgets both, and the runs queued behind it, which the taker adopted (an
@@ -425,6 +432,10 @@ class Engine:
         if self._run_updates:
             pending.batch.run_updates.extend(self._run_updates)
             self._run_updates = []
+        if self._resolved:
+            resolved, self._resolved = self._resolved, []
+            for event in resolved:
+                self.incidents.resolved(event, pending.batch, pending.commands, self.now())
         return ended
 
     def _seal(self, pending: _Pending) -> None:
@@ -530,8 +541,9 @@ class Engine:
             self.telemetry.observe(event)
         if self._evidence is not None:
             self._evidence(event)
-        kept = self.keep_evidence is not None and (
-            event.source in self.keep_evidence or ANY_SOURCE in self.keep_evidence)
+        keep = self.keep_evidence
+        kept = keep is not None and (event.source in keep or ANY_SOURCE in keep
+                                     or event.data.get("status") == "resolved")
         if kept:  # stored for confirm tasks waiting on other replicas (events_since)
             pending.batch.events.append(
                 EventRecord(event.source, event.id, event.topic, event.key, event.time,

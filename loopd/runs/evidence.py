@@ -38,6 +38,7 @@ class Waiter:
     found: asyncio.Future[Event] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
     against: int = 0
+    after: int = 0  # events stored at this position or before predate the wait
     last_against: dict[str, Any] | None = None
 
     def offer(self, event: Event) -> None:
@@ -83,6 +84,9 @@ class ConfirmHub:
         self._paths: dict[str | None, dict[tuple[str, ...], int]] = {}  # indexed paths per source
         self._count = 0
         self.satisfied = 0  # waiters whose evidence an offered event was, ever
+        # the newest stored event position a replica has read (loopd.cluster): a waiter
+        # added now takes only events stored after it as evidence read from the store
+        self.position = 0
 
     def __len__(self) -> int:
         return self._count
@@ -99,6 +103,7 @@ class ConfirmHub:
         return (ev.source, "*", None)
 
     def add(self, waiter: Waiter) -> None:
+        waiter.after = self.position
         slot = self._slot(waiter)
         self._slots.setdefault(slot, set()).add(waiter)
         self._count += 1
@@ -123,7 +128,9 @@ class ConfirmHub:
             if not paths[key]:
                 del paths[key]
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Event, *, position: int | None = None) -> None:
+        """Offer ``event`` to the waiters it may be evidence for; ``position``: where the
+        store holds it (read back for replicas: waiters that began after it skip it)."""
         if not self._count:
             return
         slots = self._slots
@@ -140,6 +147,8 @@ class ConfirmHub:
                 for waiter in list(waiters or ()):
                     if waiter.found.done():  # satisfied, its run not yet resumed
                         continue
+                    if position is not None and position <= waiter.after:
+                        continue  # stored before this run began to wait
                     waiter.offer(event)
                     if waiter.found.done():
                         self.satisfied += 1

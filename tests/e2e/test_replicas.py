@@ -185,3 +185,26 @@ async def test_evidence_posted_to_another_replica_confirms_the_fix(
     await b.stop()
     assert (done["status"], done["outcome"]) == ("succeeded", "fixed"), done
     assert done["owner"] == "a"
+
+
+async def test_a_resolved_alert_posted_to_another_replica_cancels_the_unstarted_run(
+        config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
+    """The run waits for approval on replica a; the alert's resolution reaches replica b:
+    the run is cancelled as it would be on one daemon, and nothing acts (found in review:
+    it stayed waiting, and ran once approved)."""
+    _config(config, http_echo, mode="approval")
+    config.extra["store"] = {"path": "var/loopd.db", "poll": "200ms"}
+    config.write()
+    a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
+    b = loopd_factory(config, env={"LOOPD_REPLICA": "b"})
+    await asyncio.gather(a.start(), b.start())
+    await asyncio.sleep(0.6)  # a poll or two: each sees the other alive
+    await a.post("/v1/alertmanager", notification(alert("NginxDown", "web-1")))
+    (run,) = await b.wait_runs(1, status="awaiting_approval")
+    await b.post("/v1/alertmanager", notification(alert(
+        "NginxDown", "web-1", status="resolved", ends="2026-11-23T03:05:00Z")))
+    done = await a.wait_run(run["id"], lambda r: r["status"] == "cancelled", timeout=20)
+    await a.stop()
+    await b.stop()
+    assert "alert resolved" in (done["reason"] or ""), done
+    assert http_echo.requests == []
