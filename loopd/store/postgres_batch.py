@@ -231,8 +231,9 @@ class Group:
 
     async def _batch(self, conn: Conn, batch: Batch) -> CommitResult:
         result = CommitResult()
+        again: set[str] = set()  # runs this batch created before (see _decisions)
         if batch.decisions:
-            await self._decisions(conn, batch.decisions, result)
+            again = await self._decisions(conn, batch.decisions, result)
         incidents = batch.incidents
         if result.duplicates:
             # a duplicate decision creates nothing: not its run, not the incident it opened
@@ -257,7 +258,7 @@ class Group:
         if incidents:
             inserted = await self._incidents(conn, list(incidents.values()), batch, result)
         runs = [r for r in batch.runs if r.id not in result.skipped_runs]
-        limited = [r for r in runs if batch.limits.get(r.id)]
+        limited = [r for r in runs if batch.limits.get(r.id) and r.id not in again]
         if limited:
             await self._admit(conn, limited, batch, inserted, result)
             runs = [r for r in runs if r.id not in result.refused]
@@ -294,15 +295,35 @@ class Group:
         return result
 
     async def _decisions(self, conn: Conn, decisions: list[DecisionRecord],
-                         result: CommitResult) -> None:
+                         result: CommitResult) -> set[str]:
         """Insert the decisions; those already stored (by this replica or another) are the
-        result's ``duplicates``: one statement whatever the batch holds."""
+        result's ``duplicates``: one statement whatever the batch holds. Returns the runs
+        this very batch created in an earlier commit whose answer was lost (the connection
+        dropped during COMMIT, and the committer tried again): their decisions are found
+        stored with the same run id (run ids are unique), and are not duplicates."""
         rows = [(d.source, d.event_id, d.rule, d.key, d.outcome, d.reason, number(d.time),
                  d.incident_id, d.run_id) for d in decisions]
         async with conn.cursor() as cur:
             await cur.execute(DECISIONS_INSERT, columns(rows, 9))
             new = {(s, e, r) for s, e, r in await cur.fetchall()}
-        result.duplicates |= {(d.source, d.event_id, d.rule) for d in decisions} - new
+        dup = {(d.source, d.event_id, d.rule) for d in decisions} - new
+        runs = [(d.source, d.event_id, d.rule, d.run_id) for d in decisions
+                if d.run_id and d.outcome in RUN_OUTCOMES and (d.source, d.event_id, d.rule)
+                in dup]
+        again: set[str] = set()
+        if runs:
+            async with conn.cursor() as cur:
+                await cur.execute(
+                    "SELECT d.source, d.event_id, d.rule, d.run_id FROM decisions d JOIN "
+                    "unnest(%b::text[], %b::text[], %b::text[], %b::text[]) AS u(source, "
+                    "event_id, rule, run_id) ON d.source = u.source AND d.event_id = "
+                    "u.event_id AND d.rule = u.rule AND d.run_id = u.run_id",
+                    columns(runs, 4))
+                for source, event_id, rule, run_id in await cur.fetchall():
+                    dup.discard((source, event_id, rule))
+                    again.add(run_id)
+        result.duplicates |= dup
+        return again
 
     async def _incidents(self, conn: Conn, incidents: list[IncidentRecord], batch: Batch,
                          result: CommitResult) -> set[str]:

@@ -591,3 +591,34 @@ async def test_a_replica_frozen_inside_its_transaction_does_not_stall_the_others
         writer.kill()
         await writer.wait()
         await other.close()
+
+
+async def test_a_batch_committed_again_after_a_lost_answer_keeps_its_runs(
+        stores: Open) -> None:
+    """The connection drops while COMMIT is on its way: the committer cannot know it went
+    through, and commits the same batch again. Its decisions are found stored with its
+    own run ids: not duplicates, so its runs are started, and its limits are not counted
+    twice (found in review: the runs were dropped from memory and never started)."""
+    store = await stores()
+    now = time.time()
+    run = _run("run-1", now)
+    run.incident_id = "inc-1"
+    incident = IncidentRecord("inc-1", "r", "web-1", "open", now, run_id="run-1")
+    budget = [Limit("fleet", "window", 1, 3600.0, "budget", "fleet budget of 1 run")]
+
+    def batch() -> Batch:
+        return Batch(
+            events=[EventRecord("am", "e1", "t", "web-1", now, {})],
+            decisions=[DecisionRecord("am", "e1", "r", "web-1", "run_created", None, now,
+                                      "inc-1", "run-1")],
+            incidents={"inc-1": incident}, runs=[run], limits={"run-1": budget})
+    assert not await store.commit(batch())
+    again = await store.commit(batch())
+    assert not again.duplicates and not again.skipped_runs and not again.refused, again
+    assert [r.id for r in await store.list_runs()] == ["run-1"]
+    assert [(d.outcome, d.run_id) for d in await store.decisions_for(run_id="run-1")] == [
+        ("run_created", "run-1")]
+    # another event for another key: still refused by the budget the first run spent
+    other = _run("run-2", now + 1)
+    refused = await store.commit(Batch(runs=[other], limits={"run-2": budget}))
+    assert set(refused.refused) == {"run-2"}
