@@ -45,15 +45,17 @@ from loopd.store.base import CommandRecord, Store
 log = structlog.get_logger("loopd.cluster")
 
 
-def evidence_sources(registry: PackRegistry) -> frozenset[str]:
-    """The sources any loaded workflow's confirm task waits on (``*``: any source)."""
-    found: set[str] = set()
+def evidence_sources(registry: PackRegistry) -> dict[str, tuple[str, ...]]:
+    """Per source any loaded workflow's confirm task waits on (``*``: any source), what
+    the topics it may take as evidence start with."""
+    found: dict[str, set[str]] = {}
     for workflow in registry.workflows.values():
         for task in getattr(workflow, "tasks", {}).values():
             evidence = getattr(task, "evidence", None)
             if evidence is not None:
-                found.add(evidence.source or ANY_SOURCE)
-    return frozenset(found)
+                found.setdefault(evidence.source or ANY_SOURCE, set()).add(
+                    evidence.topic_prefix)
+    return {source: tuple(sorted(prefixes)) for source, prefixes in found.items()}
 
 
 class Cluster:

@@ -141,9 +141,10 @@ class Engine:
             self._virtual = self.clock
         self._commands: Outbox[RunCommand] = commands if commands is not None else _Ignore()
         self._evidence = evidence  # e.g. confirm tasks waiting for evidence
-        # several replicas: events of these sources are stored even when no rule decided
-        # them, for confirm tasks waiting on other replicas (None: not stored)
-        self.keep_evidence: frozenset[str] | None = None
+        # several replicas: events of these sources (topics starting with one of the
+        # prefixes) are stored even when no rule decided them, for confirm tasks waiting
+        # on other replicas (None: not stored)
+        self.keep_evidence: dict[str, tuple[str, ...]] | None = None
         self._outcomes_topic = outcomes_topic  # a run's end is an event on this topic
         self.matches: Counter[str] = Counter()
         self._batch_max = batch_max
@@ -542,8 +543,10 @@ class Engine:
         if self._evidence is not None:
             self._evidence(event)
         keep = self.keep_evidence
-        kept = keep is not None and (event.source in keep or ANY_SOURCE in keep
-                                     or event.data.get("status") == "resolved")
+        kept = keep is not None and (
+            event.data.get("status") == "resolved" or any(
+                event.topic.startswith(prefix)
+                for prefix in (*keep.get(event.source, ()), *keep.get(ANY_SOURCE, ()))))
         if kept:  # stored for confirm tasks waiting on other replicas (events_since)
             pending.batch.events.append(
                 EventRecord(event.source, event.id, event.topic, event.key, event.time,

@@ -47,6 +47,7 @@ class CompiledEvidence:
     topic: Compiled | None
     match: tuple[tuple[DataPath, Compiled], ...]
     condition: Compiled | None
+    topic_prefix: str = ""  # what every topic it can match starts with (replicas store those)
 
 
 @dataclass(slots=True)
@@ -241,7 +242,8 @@ def _compile(name: str, path: Path, wf: Workflow, lines: dict[str, str],
                               for k, v in ev.match.items())
                 ctask.evidence = CompiledEvidence(
                     ev.source, topic, match,
-                    expr(ev.if_, "confirm.event.if") if ev.if_ else None)
+                    expr(ev.if_, "confirm.event.if") if ev.if_ else None,
+                    literal_prefix(ev.topic))
             if task.confirm.promql is not None:
                 ctask.query = tmpl(task.confirm.promql, "confirm.query")
         message = task.approval.message if task.approval else task.succeed or task.fail
@@ -250,6 +252,15 @@ def _compile(name: str, path: Path, wf: Workflow, lines: dict[str, str],
         out.tasks[tname] = ctask
     _check_cycles(out, lines, path)
     return out
+
+
+def literal_prefix(pattern: str | None) -> str:
+    """The part of a topic pattern (or template) before its first capture, wildcard or
+    template: every topic it matches starts with it."""
+    if pattern is None:
+        return ""
+    cuts = [i for i in (pattern.find(c) for c in "{+#*") if i >= 0]
+    return pattern[:min(cuts)] if cuts else pattern
 
 
 def _check_cycles(wf: CompiledWorkflow, lines: dict[str, str], path: Path) -> None:

@@ -15,6 +15,7 @@ from loopd.policy import GlobalGuards
 from loopd.rules.loader import RuleSet
 from loopd.runs import states
 from loopd.store.sqlite import SqliteStore
+from loopd.workflow.loader import literal_prefix
 from tests.unit.conftest import RulesFrom, Sent
 from tests.unit.test_guards import T0, Loop, alert, rule
 
@@ -84,3 +85,14 @@ async def test_a_queued_run_is_cancelled_by_the_engine_that_holds_its_incident(
             after = await b.store.get_run(r2.id)
             assert after is not None and after.status == states.CANCELLED
             assert [r.id for r in b.runs] == [r1.id]
+
+
+def test_replicas_store_only_the_topics_confirm_tasks_can_take_as_evidence() -> None:
+    """What a confirm task's topic can match starts with its literal part: while replicas
+    share the work, only such events (and resolved alerts) are stored for each other."""
+    assert literal_prefix("telemetry/{{ ctx.host }}/service/{{ ctx.service }}") == \
+        "telemetry/"
+    assert literal_prefix("metrics/{host}/node_load1") == "metrics/"
+    assert literal_prefix("alerts/+/down") == "alerts/"
+    assert literal_prefix("health/web-1") == "health/web-1"
+    assert literal_prefix(None) == ""
