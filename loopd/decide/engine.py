@@ -215,6 +215,13 @@ class Engine:
             for incident in stale:
                 incident.closed = incident.closed or now
             await self.store.commit(Batch(incidents={i.id: i for i in stale}))
+        # loopd died between a run's end and starting the run queued behind it: start it
+        # now (durable as pending first, as the engine does when a run ends)
+        waiting = self.incidents.start_orphaned_queues()
+        if waiting:
+            await self.store.commit(Batch(run_updates=waiting))
+            for run in waiting:
+                self._commands.put_nowait(StartRun(run))
         self.guards.load(await self.store.kv_get(*GUARDS_KV))
         # breakers are shared through the store's table (a store older than it kept them
         # in guard memory only): what memory has is written there, once

@@ -85,6 +85,19 @@ class Incidents:
                 slot.fingerprint = fingerprint
                 self.by_fingerprint.setdefault(fingerprint, set()).add(run.incident_id)
 
+    def start_orphaned_queues(self) -> list[RunRecord]:
+        """The next queued run of every incident whose active runs all ended (loopd died
+        before it started the next one), moved to pending: the caller stores and starts
+        them."""
+        started = []
+        for slot in self.runs.values():
+            if slot.queued and not slot.active:
+                nxt = slot.queued.popleft()
+                states.move(nxt, states.PENDING)
+                slot.active.add(nxt.id)
+                started.append(nxt)
+        return started
+
     def restore(self, incidents: list[IncidentRecord], runs: list[RunRecord]
                 ) -> list[IncidentRecord]:
         """Rebuild from the store; returns incidents left open without a live run (loopd

@@ -96,3 +96,23 @@ def test_replicas_store_only_the_topics_confirm_tasks_can_take_as_evidence() -> 
     assert literal_prefix("alerts/+/down") == "alerts/"
     assert literal_prefix("health/web-1") == "health/web-1"
     assert literal_prefix(None) == ""
+
+
+async def test_a_run_queued_behind_one_that_ended_at_a_crash_starts_at_the_restart(
+        tmp_path: Path, rules_from: RulesFrom) -> None:
+    """loopd died after r1's end was stored and before the engine started r2, queued
+    behind it: the restarted engine starts r2 (it waited forever before)."""
+    db = tmp_path / "loopd.db"
+    rules = rules_from(rule("q", extra="    run_mode: queued\n    max_queued: 5"))
+    async with replica(db, rules, "b") as b:
+        await b.feed(alert("e1", "web-1", T0), alert("e2", "web-1", T0 + 1))
+        (r1,) = b.runs
+        (r2,) = await b.store.runs_in_status((states.QUEUED,))
+        ended = await b.store.get_run(r1.id)
+        assert ended is not None
+        ended.status = states.SUCCEEDED
+        await b.store.save_run(ended)  # the end is stored; the engine never heard of it
+    async with replica(db, rules, "b") as again:
+        assert [r.id for r in again.runs] == [r2.id]
+        stored = await again.store.get_run(r2.id)
+        assert stored is not None and stored.status == states.PENDING
