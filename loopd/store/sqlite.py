@@ -28,6 +28,7 @@ from typing import Any
 import aiosqlite
 
 from loopd.errors import LeaseLost, StoreError, StoreRejected
+from loopd.store.admission import KINDS, Admissions, Wanted
 from loopd.store.base import (
     LIVE_STATUSES,
     RUN_OUTCOMES,
@@ -92,6 +93,10 @@ def _incident_row(i: IncidentRecord) -> tuple[Any, ...]:
     return (i.id, i.rule, i.key, i.status, i.opened, i.closed, i.events, i.run_id, i.outcome)
 
 
+def _marks(values: list[str]) -> str:
+    return ",".join("?" * len(values))
+
+
 def default_replica() -> str:
     """This replica's name: ``LOOPD_REPLICA``, else the host name (stable across restarts,
     like a StatefulSet pod's)."""
@@ -124,6 +129,8 @@ class SqliteStore:
         self._queue: list[tuple[Op, asyncio.Future[CommitResult | None]]] = []
         # run id -> the epoch this process holds the run under (created, claimed, inserted)
         self._held: dict[str, int] = {}
+        # lease checks waiting to be read, all in one query (see holds)
+        self._checks: list[tuple[str, int, asyncio.Future[bool]]] = []
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -241,12 +248,39 @@ class SqliteStore:
         return claimed
 
     async def holds(self, run_id: str) -> bool:
+        """Read from the file; the checks of runs acting at once are read together, in
+        one query (like the group commit), so a thousand actions cost a few reads."""
         epoch = self._held.get(run_id)
         if epoch is None:
             return False
-        rows = await self._all("SELECT 1 FROM runs WHERE id=? AND owner=? AND epoch=?",
-                               (run_id, self.replica, epoch))
-        return bool(rows)
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._checks.append((run_id, epoch, answer))
+        async with self._lock:
+            if not answer.done():
+                checks, self._checks = self._checks, []
+                await self._read_checks(checks)
+        return await answer
+
+    async def _read_checks(self, checks: list[tuple[str, int, asyncio.Future[bool]]]
+                           ) -> None:
+        found: dict[str, int] = {}
+        try:
+            for start in range(0, len(checks), 500):
+                ids = [c[0] for c in checks[start:start + 500]]
+                async with self.db.execute(
+                        f"SELECT id, epoch FROM runs WHERE owner=? AND id IN ({_marks(ids)})",
+                        (self.replica, *ids)) as cur:
+                    found.update((rid, int(ep)) for rid, ep in await cur.fetchall())
+        except (aiosqlite.Error, StoreError) as exc:
+            error = exc if isinstance(exc, StoreError) else \
+                StoreError(f"read failed: {exc}", origin=str(self.path))
+            for _, _, answer in checks:
+                if not answer.done():
+                    answer.set_exception(error)
+            return
+        for run_id, epoch, answer in checks:
+            if not answer.done():
+                answer.set_result(found.get(run_id) == epoch)
 
     def release(self, run_id: str) -> None:
         self._held.pop(run_id, None)
@@ -349,9 +383,13 @@ class SqliteStore:
                     i += 1
                     continue
                 if isinstance(op, _Fenced):
-                    cur = await db.execute(op.sql, op.params)
-                    results.append(None if cur.rowcount else self._lost(op.run_id))
+                    fenced = [op]
                     i += 1
+                    while i < len(ops) and isinstance(ops[i][0], _Fenced) \
+                            and ops[i][0].sql == op.sql:  # type: ignore[union-attr]
+                        fenced.append(ops[i][0])  # type: ignore[arg-type]
+                        i += 1
+                    results += await self._fenced(fenced)
                     continue
                 sql, rows = op[0], [op[1]]
                 i += 1
@@ -380,6 +418,20 @@ class SqliteStore:
             else:
                 done.set_result(result)
         return None
+
+    async def _fenced(self, ops: list[_Fenced]) -> list[LeaseLost | None]:
+        """Fenced writes of one statement, as one ``executemany``: when every row changed
+        the store, all were this replica's; otherwise each is written again alone (the
+        same values: harmless) to find those that changed nothing (``LeaseLost``)."""
+        db = self.db
+        cur = await db.executemany(ops[0].sql, [op.params for op in ops])
+        if cur.rowcount == len(ops):
+            return [None] * len(ops)
+        answers: list[LeaseLost | None] = []
+        for op in ops:
+            cur = await db.execute(op.sql, op.params)
+            answers.append(None if cur.rowcount else self._lost(op.run_id))
+        return answers
 
     def _lost(self, run_id: str) -> LeaseLost:
         self._held.pop(run_id, None)
@@ -471,21 +523,27 @@ class SqliteStore:
         opened when no other run of it was admitted; its decisions become ``suppressed``
         with the limit's reason."""
         db = self.db
-        admitted = []
+        state = await self._admissions(runs, batch.limits)
+        admitted, rows = [], []
         refusals: list[tuple[RunRecord, Limit]] = []
         for run in runs:
             limits = batch.limits.get(run.id)
-            refused = await self._refusal(run, limits, result) if limits else None
-            if refused is None:
+            if not limits:
                 admitted.append(run)
-                if limits:
-                    scopes = {lim.scope for lim in limits if lim.kind in ("window", "open")}
-                    await db.executemany(
-                        "INSERT INTO admissions VALUES (?,?,?,?,?,1)",
-                        [(run.id, scope, run.key, run.created, run.incident_id)
-                         for scope in sorted(scopes)])
-            else:
+                continue
+            for limit in limits:
+                if limit.kind not in KINDS:
+                    raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
+                                        f"{limit.kind!r}", origin=str(self.path))
+            refused = state.refusal(run, limits, result)
+            if refused is not None:
                 refusals.append((run, refused))
+                continue
+            admitted.append(run)
+            rows += [(run.id, scope, run.key, run.created, run.incident_id)
+                     for scope in state.admit(run, limits)]
+        if rows:
+            await db.executemany("INSERT INTO admissions VALUES (?,?,?,?,?,1)", rows)
         kept = {r.incident_id for r in admitted}
         for run, refused in refusals:
             result.refused[run.id] = refused
@@ -503,33 +561,32 @@ class SqliteStore:
                                  "run_id=NULL WHERE run_id=?", (reason, run.id))
         return admitted
 
-    async def _refusal(self, run: RunRecord, limits: list[Limit], result: CommitResult
-                       ) -> Limit | None:
-        for limit in limits:
-            if limit.kind == "opens":  # only with the breaker this very commit opened
-                if limit.scope not in result.breakers_opened:
-                    return limit
-                continue
-            if limit.kind == "window":
-                sql = "SELECT COUNT(*) FROM admissions WHERE scope=? AND at>?"
-                params: tuple[Any, ...] = (limit.scope, run.created - limit.per)
-            elif limit.kind == "open":
-                sql = ("SELECT COUNT(DISTINCT key) FROM admissions WHERE scope=? AND open=1 "
-                       "AND key IS NOT ?")
-                params = (limit.scope, run.key)
-            elif limit.kind == "breaker":
-                sql = "SELECT COUNT(*) FROM breakers WHERE scope=? AND until>?"
-                params = (limit.scope, run.created)
-            else:
-                raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
-                                    f"{limit.kind!r}", origin=str(self.path))
-            async with self.db.execute(sql, params) as cur:
-                row = await cur.fetchone()
-            count = int(row[0]) if row else 0
-            if (limit.kind == "breaker" and count) or (
-                    limit.kind != "breaker" and count >= limit.count):
-                return limit
-        return None
+    async def _admissions(self, runs: list[RunRecord], limits: dict[str, list[Limit]]
+                          ) -> Admissions:
+        """What the scopes of the batch's limits hold: three reads for the whole batch."""
+        wanted = Wanted.of(runs, limits)
+        state = Admissions()
+        if wanted.window:
+            scopes = sorted(wanted.window)
+            async with self.db.execute(
+                    f"SELECT scope, at FROM admissions WHERE scope IN ({_marks(scopes)}) "
+                    "AND at>? ORDER BY at", (*scopes, min(wanted.window.values()))) as cur:
+                for scope, at in await cur.fetchall():
+                    state.times[scope].append(float(at))
+        if wanted.opened:
+            scopes = sorted(wanted.opened)
+            async with self.db.execute(
+                    "SELECT DISTINCT scope, key FROM admissions WHERE open=1 AND scope IN "
+                    f"({_marks(scopes)})", scopes) as cur:
+                for scope, key in await cur.fetchall():
+                    state.keys[scope].add(key)
+        if wanted.breaker:
+            scopes = sorted(wanted.breaker)
+            async with self.db.execute(
+                    f"SELECT scope, until FROM breakers WHERE scope IN ({_marks(scopes)})",
+                    scopes) as cur:
+                state.breakers = {s: float(u) for s, u in await cur.fetchall()}
+        return state
 
     async def _decisions(self, decisions: list[DecisionRecord], result: CommitResult) -> None:
         """Insert the decisions; the ones already stored (by this process or another) are
