@@ -38,7 +38,9 @@ Contract (every implementation passes ``tests/unit/test_store_contract.py``):
   not created, nor the incident it opened; its decision becomes ``suppressed``
   with the limit's reason (``refused`` says which).
   An admitted run is counted in each scope of its limits; closing its incident
-  ends its ``open`` count.
+  ends its ``open`` count. A store that knows no other replica has been alive since it
+  opened (SQLite, alone on its file) may count without checking: its engine's memory,
+  rebuilt from the store at start, saw every run and decided exactly the same.
 * Breakers are shared: ``Batch.breakers`` opens them (a breaker already open is
   left as it is; ``CommitResult.breakers_opened`` names those this commit opened,
   so exactly one replica escalates); ``breakers()`` lists the open ones;

@@ -129,6 +129,8 @@ class SqliteStore:
         self._queue: list[tuple[Op, asyncio.Future[CommitResult | None]]] = []
         # run id -> the epoch this process holds the run under (created, claimed, inserted)
         self._held: dict[str, int] = {}
+        self._alone = True  # no other replica wrote since this store opened (see _shared)
+        self._opened_at = time.time()
         # lease checks waiting to be read, all in one query (see holds)
         self._checks: list[tuple[str, int, asyncio.Future[bool]]] = []
 
@@ -211,6 +213,7 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO replicas VALUES (?,?,?,?,?)",
                 (self.replica, self._incarnation, host, pid, now))
             await self.db.execute("COMMIT")
+            self._opened_at = now
         except BaseException:
             with contextlib.suppress(aiosqlite.Error):  # the error that got us here counts
                 await self.db.execute("ROLLBACK")
@@ -460,7 +463,8 @@ class SqliteStore:
                     if (d.source, d.event_id, d.rule) not in result.duplicates}
             incidents = {i: inc for i, inc in incidents.items() if i in live}
         existing: set[str] = set()
-        if batch.limits:  # which incidents the limited runs' own are new (see _limits)
+        shared = bool(batch.limits) and await self._shared()
+        if shared:  # which incidents the limited runs' own are new (see _limits)
             ids = {r.incident_id for r in batch.runs if r.id in batch.limits and r.incident_id}
             marks = ",".join("?" * len(ids))
             async with db.execute(f"SELECT id FROM incidents WHERE id IN ({marks})",
@@ -486,7 +490,7 @@ class SqliteStore:
         if result.skipped_runs:
             runs = [r for r in runs if r.id not in result.skipped_runs]
         if batch.limits:
-            runs = await self._limits(runs, batch, existing, result)
+            runs = await self._limits(runs, batch, existing, result, shared=shared)
         if runs:
             for run in runs:
                 run.owner = self.replica
@@ -515,15 +519,30 @@ class SqliteStore:
                                  [(ns, k, _dump(v), now) for (ns, k), v in batch.kv.items()])
         return result
 
+    async def _shared(self) -> bool:
+        """Whether another replica has been alive since this store opened (its heartbeat is
+        newer than the lease before that: a live replica beats within it). Until one has,
+        this process's engine saw every run there is (its memory was rebuilt from the file
+        at start), so its guards already decided exactly what the limits would: they are
+        counted, not read again."""
+        if not self._alone:
+            return True
+        async with self.db.execute("SELECT 1 FROM replicas WHERE name<>? AND heartbeat>=? "
+                                   "LIMIT 1", (self.replica, self._opened_at - self.lease)
+                                   ) as cur:
+            self._alone = await cur.fetchone() is None
+        return not self._alone
+
     async def _limits(self, runs: list[RunRecord], batch: Batch, existing: set[str],
-                      result: CommitResult) -> list[RunRecord]:
+                      result: CommitResult, *, shared: bool = True) -> list[RunRecord]:
         """Check each new run's limits against what every replica admitted (one writer at a
         time: BEGIN IMMEDIATE serializes the processes on the file); returns the runs
         admitted, counted in their scopes. A refused run is not created, nor the incident it
         opened when no other run of it was admitted; its decisions become ``suppressed``
         with the limit's reason."""
         db = self.db
-        state = await self._admissions(runs, batch.limits)
+        # alone on the file: only the escalation's "opens" can refuse (see _shared)
+        state = await self._admissions(runs, batch.limits) if shared else Admissions()
         admitted, rows = [], []
         refusals: list[tuple[RunRecord, Limit]] = []
         for run in runs:

@@ -2,6 +2,9 @@
 fenced run writes, limits counted across replicas in the commit's transaction, shared
 breakers, run commands, event positions.
 
+Limits are tested with another replica alive: a SQLite store alone on its file since it
+opened counts them without reading them (its engine's memory saw every run and checked).
+
 Two replicas are two stores on the same durable location (``impl(replica=...)``).
 """
 
@@ -135,7 +138,7 @@ async def test_a_fleet_budget_holds_across_replicas(impl: Opener) -> None:
 
 
 async def test_refused_decisions_read_back_suppressed_with_the_reason(impl: Opener) -> None:
-    store = await impl()
+    store, _ = await _two(impl)  # another replica is alive: the store counts
     now = time.time()
     limit = Limit("rule:r", "window", 1, 60.0, "budget", "rule budget of 1 runs per 60s")
     await store.commit(_decided(_run("run-1", created=now), [limit]))
@@ -243,7 +246,7 @@ async def test_a_refused_queued_run_leaves_the_admitted_runs_decision_alone(
         impl: Opener) -> None:
     """One batch opens an incident with a run (admitted) and queues a second (refused): the
     incident and the first decision stand; only the second is suppressed."""
-    store = await impl()
+    store, _ = await _two(impl)
     now = time.time()
     first, second = _run("ra", created=now), _run("rb", created=now + 1, status="queued")
     second.incident_id = first.incident_id
