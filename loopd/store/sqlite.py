@@ -74,7 +74,16 @@ class _Fenced:
     run_id: str
 
 
-Op = Batch | _Fenced | tuple[str, tuple[Any, ...]]
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """A lease check (``holds``), read inside the group's transaction: checks between
+    writes cost no transaction of their own, nor split the writers' group."""
+
+    run_id: str
+    epoch: int
+
+
+Op = Batch | _Fenced | _Check | tuple[str, tuple[Any, ...]]
 # Errors a retry of the same records can never fix: the culprit is found and rejected.
 _REJECTED = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
              sqlite3.ProgrammingError, OverflowError, TypeError, ValueError, RecursionError)
@@ -131,8 +140,6 @@ class SqliteStore:
         self._held: dict[str, int] = {}
         self._alone = True  # no other replica wrote since this store opened (see _shared)
         self._opened_at = time.time()
-        # lease checks waiting to be read, all in one query (see holds)
-        self._checks: list[tuple[str, int, asyncio.Future[bool]]] = []
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -256,34 +263,20 @@ class SqliteStore:
         epoch = self._held.get(run_id)
         if epoch is None:
             return False
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._checks.append((run_id, epoch, answer))
-        async with self._lock:
-            if not answer.done():
-                checks, self._checks = self._checks, []
-                await self._read_checks(checks)
-        return await answer
+        return await self._submit(_Check(run_id, epoch)) is not None
 
-    async def _read_checks(self, checks: list[tuple[str, int, asyncio.Future[bool]]]
-                           ) -> None:
+    async def _checked(self, checks: list[_Check]) -> list[CommitResult | None]:
+        """Lease checks of one group in one query, answered as the group's writers are: a
+        result object (an empty CommitResult) for each run still held under its epoch,
+        None for the others (``holds`` tells them apart by ``is None``)."""
         found: dict[str, int] = {}
-        try:
-            for start in range(0, len(checks), 500):
-                ids = [c[0] for c in checks[start:start + 500]]
-                async with self.db.execute(
-                        f"SELECT id, epoch FROM runs WHERE owner=? AND id IN ({_marks(ids)})",
-                        (self.replica, *ids)) as cur:
-                    found.update((rid, int(ep)) for rid, ep in await cur.fetchall())
-        except (aiosqlite.Error, StoreError) as exc:
-            error = exc if isinstance(exc, StoreError) else \
-                StoreError(f"read failed: {exc}", origin=str(self.path))
-            for _, _, answer in checks:
-                if not answer.done():
-                    answer.set_exception(error)
-            return
-        for run_id, epoch, answer in checks:
-            if not answer.done():
-                answer.set_result(found.get(run_id) == epoch)
+        for start in range(0, len(checks), 500):
+            ids = [c.run_id for c in checks[start:start + 500]]
+            async with self.db.execute(
+                    f"SELECT id, epoch FROM runs WHERE owner=? AND id IN ({_marks(ids)})",
+                    (self.replica, *ids)) as cur:
+                found.update((rid, int(ep)) for rid, ep in await cur.fetchall())
+        return [CommitResult() if found.get(c.run_id) == c.epoch else None for c in checks]
 
     def release(self, run_id: str) -> None:
         self._held.pop(run_id, None)
@@ -385,6 +378,14 @@ class SqliteStore:
                     results.append(await self._batch(op))
                     i += 1
                     continue
+                if isinstance(op, _Check):
+                    checks = [op]
+                    i += 1
+                    while i < len(ops) and isinstance(ops[i][0], _Check):
+                        checks.append(ops[i][0])  # type: ignore[arg-type]
+                        i += 1
+                    results += await self._checked(checks)
+                    continue
                 if isinstance(op, _Fenced):
                     fenced = [op]
                     i += 1
@@ -397,7 +398,7 @@ class SqliteStore:
                 sql, rows = op[0], [op[1]]
                 i += 1
                 results.append(None)
-                while i < len(ops) and not isinstance(ops[i][0], Batch | _Fenced) \
+                while i < len(ops) and not isinstance(ops[i][0], Batch | _Fenced | _Check) \
                         and ops[i][0][0] == sql:  # type: ignore[index]
                     rows.append(ops[i][0][1])  # type: ignore[index]
                     results.append(None)
