@@ -12,6 +12,8 @@ the store says another replica wrote: Postgres LISTEN/NOTIFY, a hint only) each 
 * **follows the shared breakers**: one closed or opened by another replica is closed or
   opened here too; and, while other replicas are alive, the shared ``for:`` timers (the
   earliest start of a condition wins, a reset anywhere resets it everywhere);
+* **reloads** when ``POST /v1/reload`` was called on another replica (each replica reads
+  its own configuration files; SIGHUP stays one process's);
 * while other replicas are alive, **stores the events confirm tasks may wait for** (the
   sources their evidence names) and resolved alerts, **brings evidence stored by other
   replicas** to the confirm tasks waiting here, in the order it was stored (what was
@@ -33,6 +35,7 @@ from typing import Any
 import structlog
 
 from loopd import metrics
+from loopd.control import RELOAD_KV
 from loopd.decide.engine import ANY_SOURCE, Engine
 from loopd.errors import StoreError
 from loopd.events import Event
@@ -43,6 +46,7 @@ from loopd.runs.evidence import ConfirmHub
 from loopd.store.base import CommandRecord, Store
 
 log = structlog.get_logger("loopd.cluster")
+_UNREAD = object()
 
 
 def evidence_sources(registry: PackRegistry) -> dict[str, tuple[str, ...]]:
@@ -61,7 +65,7 @@ def evidence_sources(registry: PackRegistry) -> dict[str, tuple[str, ...]]:
 class Cluster:
     def __init__(self, store: Store, engine: Engine, dispatcher: Dispatcher,
                  approvals: Approvals, hub: ConfirmHub, registry: Callable[[], PackRegistry],
-                 *, poll: float) -> None:
+                 *, poll: float, reload: Callable[[], None] | None = None) -> None:
         self.store = store
         self.engine = engine
         self.dispatcher = dispatcher
@@ -70,6 +74,8 @@ class Cluster:
         self.registry = registry
         self.poll = poll
         self.others: list[str] = []  # the other live replicas, as of the last poll
+        self._reload = reload
+        self._reload_seen: object = _UNREAD
         self._carried_out: set[int] = set()  # command seqs done here (of live runs)
         self._event_pos: int | None = None
 
@@ -101,9 +107,24 @@ class Cluster:
             if command.seq not in self._carried_out and self._carry_out(command):
                 self._carried_out.add(command.seq)
         self.engine.sync_breakers(await store.breakers())
+        await self._reloaded_elsewhere()
         if self.others:  # keys may reach any replica (webhooks): for: timers are shared
             await self.engine.follow_timers()
         await self._evidence()
+
+    async def _reloaded_elsewhere(self) -> None:
+        asked = await self.store.kv_get(*RELOAD_KV)
+        token = asked.get("token") if isinstance(asked, dict) else None
+        if self._reload_seen is _UNREAD:  # what was asked before this replica started
+            self._reload_seen = token
+            return
+        if token == self._reload_seen:
+            return
+        self._reload_seen = token
+        by = asked.get("by") if isinstance(asked, dict) else None
+        if by != self.store.replica and self._reload is not None:
+            log.info("reloading: POST /v1/reload on another replica", replica=by)
+            self._reload()
 
     def _carry_out(self, command: CommandRecord) -> bool:
         """A command another replica's API took for a run executing here; False when it

@@ -12,6 +12,7 @@ approvals; approve, reject and cancel carry who asked (``by``) into the run's hi
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +38,7 @@ from loopd.store.base import (
 )
 
 WRITE_TIMEOUT = 10.0
+RELOAD_KV = ("cluster", "reload")  # the last POST /v1/reload, on any replica
 
 
 @dataclass(slots=True)
@@ -123,7 +125,11 @@ class Control:
         return True
 
     async def reload(self) -> ReloadResult:
-        return await self._reload()
+        result = await self._reload()
+        # every other replica reloads its own files too, within a poll (loopd.cluster)
+        await self._store.kv_put(*RELOAD_KV, {"token": uuid.uuid4().hex,
+                                              "by": self._store.replica, "at": time.time()})
+        return result
 
     # -- runs ---------------------------------------------------------------------------
 

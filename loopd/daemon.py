@@ -84,7 +84,8 @@ class Daemon:
             source.on_assigned = self.engine.refresh_timers
         self.cluster = Cluster(self.store, self.engine, self.dispatcher, parts.runs.approvals,
                                self.workflows.hub, lambda: self.registry,
-                               poll=config.store.poll)
+                               poll=config.store.poll,
+                               reload=lambda: self._reload_requested.set())
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self._stop = asyncio.Event()

@@ -208,3 +208,26 @@ async def test_a_resolved_alert_posted_to_another_replica_cancels_the_unstarted_
     await b.stop()
     assert "alert resolved" in (done["reason"] or ""), done
     assert http_echo.requests == []
+
+
+async def test_a_reload_asked_of_one_replica_reloads_the_others(
+        config: Config, loopd_factory: Factory, http_echo: HttpEcho) -> None:
+    """POST /v1/reload on replica a: a reloads at once, b within a poll (each reads its
+    own files: here, the same rules folder with a second rule)."""
+    _config(config, http_echo)
+    config.extra["store"] = {"path": "var/loopd.db", "poll": "200ms"}
+    config.write()
+    a = loopd_factory(config, env={"LOOPD_REPLICA": "a"})
+    b = loopd_factory(config, env={"LOOPD_REPLICA": "b"})
+    await asyncio.gather(a.start(), b.start())
+    second = dict(config.rules["alerts.yaml"][0], name="restart-apache")
+    config.write_rules("more.yaml", [second])
+    answer = await a.post("/v1/reload")
+    assert answer["rules"] == 2
+
+    async def reloaded() -> bool:
+        return len((await b.get("/v1/rules"))["rules"]) == 2
+
+    await eventually(reloaded, what="b to reload")
+    await a.stop()
+    await b.stop()
