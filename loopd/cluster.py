@@ -86,6 +86,8 @@ class Cluster:
             except StoreError as exc:
                 log.warning("replica poll failed; trying again", error=str(exc),
                             retry_in_s=self.poll)
+            except Exception:  # supervised boundary: a bug here must not stop the daemon
+                log.exception("replica poll crashed; trying again", retry_in_s=self.poll)
             await self.store.wait_changed(self.poll)
 
     async def tick(self) -> None:
