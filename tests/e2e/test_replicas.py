@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.e2e.conftest import Factory
-from tests.e2e.daemon import Config, eventually, store_query
+from tests.e2e.daemon import LOOPD, Config, eventually, store_query
 from tests.e2e.test_alertmanager import alert, notification
 from tests.servers.http_targets import HttpEcho
+from tests.servers.postgres import USER, PostgresServer
 
 pytestmark = pytest.mark.e2e
 
@@ -231,3 +233,42 @@ async def test_a_reload_asked_of_one_replica_reloads_the_others(
     await eventually(reloaded, what="b to reload")
     await a.stop()
     await b.stop()
+
+
+async def test_the_postgres_dsns_password_appears_nowhere(
+        config: Config, loopd_factory: Factory, http_echo: HttpEcho,
+        postgres_server: PostgresServer, postgres_dsn: str) -> None:
+    """A daemon on the Postgres store, its DSN (with a password) by file: reference, runs
+    and answers: the password is in no log line, no API answer, no metric, nothing the
+    store holds, and not in `loopd check`'s output."""
+    password = "PgLeak-dsn-7d3e91c4"
+    host, database = postgres_dsn.split("@", 1)[1].rsplit("/", 1)
+    dsn_file = config.root / "pg-dsn"
+    dsn_file.write_text(f"postgresql://{USER}:{password}@{host}/{database}\n")
+    _config(config, http_echo)
+    config.extra["store"] = {"type": "postgres", "dsn": f"file:{dsn_file}"}
+    config.write()
+    daemon = loopd_factory(config, env={"LOOPD_REPLICA": "pg-1"})
+    await daemon.start()
+    await daemon.post("/v1/alertmanager", notification(alert("NginxDown", "web-1")))
+    (run,) = await daemon.wait_runs(1)
+    done = await daemon.wait_run(run["id"], lambda r: r["status"] == "succeeded")
+    seen = [orjson.dumps(done)]
+    for path in ("/v1/runs", "/v1/incidents", "/v1/rules", "/v1/guards", "/readyz",
+                 "/healthz", "/metrics", "/v1/audit"):
+        _, body = await daemon.request("GET", path)
+        seen.append(body.encode() if isinstance(body, str) else orjson.dumps(body))
+    await daemon.stop()
+    texts = {"api": b"".join(seen), "logs": b"".join(log.read_bytes() for log in daemon.logs),
+             "store": await _output(str(postgres_server.bin / "pg_dump"), "-h", "127.0.0.1",
+                                    "-p", str(postgres_server.port), "-U", USER, database),
+             "check": await _output(str(LOOPD), "check", "-c", str(config.path))}
+    assert len(http_echo.requests) == 1  # it really ran on the store
+    assert {where for where, text in texts.items() if password.encode() in text} == set()
+
+
+async def _output(*command: str) -> bytes:
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return out
