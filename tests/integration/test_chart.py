@@ -233,3 +233,20 @@ def test_rendered_config_passes_loopd_check(variant: str, tmp_path: Path) -> Non
     """The loopd.yaml, rules and inventory in the ConfigMap pass `loopd check`."""
     proc = _loopd_check(_template(*VARIANTS[variant]), tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_extra_packs_and_an_existing_config_map_render_valid_manifests() -> None:
+    """extraPacks land under /etc/loopd/packs; existingConfigMap replaces the chart's own."""
+    docs = _template("--set-string", "extraPacks.mypack.pack\\.yaml=name: mypack",
+                     "--set-string", "extraPacks.mypack.workflows/fix\\.yaml=tasks: []")
+    config = yaml.safe_load(_kind(docs, "ConfigMap")[0]["data"]["loopd.yaml"])
+    assert config["packs"] == ["/opt/loopd/packs", "/etc/loopd/packs"]
+    volume = next(v for v in _pod_spec(docs)["volumes"] if v["name"] == "config")
+    paths = {i["path"] for i in volume["configMap"]["items"]}
+    assert {"packs/mypack/pack.yaml", "packs/mypack/workflows/fix.yaml"} <= paths
+    docs = _template("--set", "existingConfigMap=my-loopd")
+    assert not _kind(docs, "ConfigMap")
+    volume = next(v for v in _pod_spec(docs)["volumes"] if v["name"] == "config")
+    assert volume["configMap"] == {"name": "my-loopd"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
