@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
+import orjson
 import pytest
 import yaml
 
@@ -102,7 +103,11 @@ def test_default_is_one_replica_with_sqlite_on_a_claim() -> None:
     container = _pod_spec(docs)["containers"][0]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["state"] == "/var/lib/loopd"
-    assert container["args"] == ["run", "-c", "/etc/loopd/loopd.yaml"]
+    # the image's entrypoint (Dockerfile) is `loopd run`: args replace only its CMD
+    entrypoint = next(line for line in (CHART.parents[1] / "Dockerfile").read_text()
+                      .splitlines() if line.startswith("ENTRYPOINT"))
+    assert container["command"] == ["loopd", "run"] == orjson.loads(entrypoint.split(" ", 1)[1])
+    assert container["args"] == ["-c", "/etc/loopd/loopd.yaml"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert sts["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
