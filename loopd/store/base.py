@@ -290,6 +290,19 @@ class Batch:
                     or self.timers_set or self.timers_cleared or self.kv or self.breakers
                     or self.breakers_closed)
 
+    def not_duplicated(self, result: CommitResult) -> dict[str, IncidentRecord]:
+        """After the decisions were inserted: a duplicate decision creates nothing, not
+        its run (added to ``result.skipped_runs``), not the incident it opened; returns
+        the incidents still to write."""
+        if not result.duplicates:
+            return self.incidents
+        dup = [d for d in self.decisions
+               if (d.source, d.event_id, d.rule) in result.duplicates]
+        result.skipped_runs |= {d.run_id for d in dup if d.run_id and d.outcome in RUN_OUTCOMES}
+        live = {d.incident_id for d in self.decisions
+                if (d.source, d.event_id, d.rule) not in result.duplicates}
+        return {i: inc for i, inc in self.incidents.items() if i in live}
+
     def mark(self) -> Mark:
         """Where the records of the next event start (see ``part``)."""
         return (len(self.events), len(self.decisions), len(self.runs), len(self.run_updates),

@@ -38,7 +38,7 @@ import psycopg
 import psycopg_pool
 
 from loopd import metrics
-from loopd.errors import LeaseLost, StoreError, StoreRejected
+from loopd.errors import LeaseLost, StoreError
 from loopd.store.base import (
     AuditRecord,
     Batch,
@@ -47,6 +47,7 @@ from loopd.store.base import (
     RunRecord,
     StepRecord,
 )
+from loopd.store.group import write_group
 from loopd.store.postgres_batch import Answer, Conn, Group, Op, SaveRun, SaveStep, Statement
 from loopd.store.postgres_batch import text as _text
 from loopd.store.postgres_reads import REJECTED, PostgresReads, Scrubber, configure, describe
@@ -62,7 +63,7 @@ from loopd.store.postgres_schema import (
     REPLICA_LOCK,
     SCHEMA_VERSION,
 )
-from loopd.store.sqlite import default_replica
+from loopd.store.sqlite import default_replica, pid_alive
 
 Dsn = str | Callable[[], Awaitable[str]]
 CHANNEL = "loopd"
@@ -195,7 +196,7 @@ class PostgresStore(PostgresReads):
                 row = await cur.fetchone()
             if row is not None and row[0] != self._incarnation:
                 other_host, other_pid, silent = row[1], int(row[2]), float(row[3])
-                alive = _pid_alive(other_pid) if other_host == host else silent < self.lease
+                alive = pid_alive(other_pid) if other_host == host else silent < self.lease
                 if alive and (other_host, other_pid) != (host, pid):
                     raise StoreError(
                         f"replica name {self.replica!r} is in use by a live loopd (pid "
@@ -227,7 +228,7 @@ class PostgresStore(PostgresReads):
                 # Shielded: a cancelled writer (a run being cancelled) must not leave the
                 # other writers of its group without an answer. The write ends by itself
                 # (bounded by the timeout), so the shield's inner task needs no owner.
-                await asyncio.shield(self._write_group(ops))
+                await asyncio.shield(write_group(ops, self._write_all))
         answer = await done
         if isinstance(answer, LeaseLost):
             raise answer
@@ -235,22 +236,6 @@ class PostgresStore(PostgresReads):
 
     async def _write(self, op: Op) -> None:
         await self._submit(op)
-
-    async def _write_group(self, ops: list[tuple[Op, asyncio.Future[Answer]]]) -> None:
-        """One transaction for the whole group; when it fails and the group has several
-        writers, each writes alone, so one rejected record fails only its own writer."""
-        error = await self._write_all(ops)
-        if error is None:
-            return
-        if len(ops) == 1 or not isinstance(error, StoreRejected):
-            for _, done in ops:
-                if not done.done():
-                    done.set_exception(error)
-            return
-        for op in ops:
-            alone = await self._write_all([op])
-            if alone is not None and not op[1].done():
-                op[1].set_exception(alone)
 
     async def _write_all(self, ops: list[tuple[Op, asyncio.Future[Answer]]]
                          ) -> StoreError | None:
@@ -413,12 +398,3 @@ class PostgresStore(PostgresReads):
         await self._write(Statement(AUDIT_APPEND, (
             [r.time], [r.request], [r.who], [r.role], [r.action], [r.target],
             [_text(r.params)], [r.status], [r.outcome], [r.client])))
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

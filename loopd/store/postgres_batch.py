@@ -234,16 +234,7 @@ class Group:
         again: set[str] = set()  # runs this batch created before (see _decisions)
         if batch.decisions:
             again = await self._decisions(conn, batch.decisions, result)
-        incidents = batch.incidents
-        if result.duplicates:
-            # a duplicate decision creates nothing: not its run, not the incident it opened
-            dup = [d for d in batch.decisions
-                   if (d.source, d.event_id, d.rule) in result.duplicates]
-            result.skipped_runs |= {d.run_id for d in dup
-                                    if d.run_id and d.outcome in RUN_OUTCOMES}
-            live = {d.incident_id for d in batch.decisions
-                    if (d.source, d.event_id, d.rule) not in result.duplicates}
-            incidents = {i: inc for i, inc in incidents.items() if i in live}
+        incidents = batch.not_duplicated(result)
         if batch.breakers_closed:
             await conn.execute("DELETE FROM breakers WHERE scope = ANY(%b::text[])",
                                (list(batch.breakers_closed),))

@@ -31,7 +31,6 @@ from loopd.errors import LeaseLost, StoreError, StoreRejected
 from loopd.store.admission import KINDS, Admissions, Wanted
 from loopd.store.base import (
     LIVE_STATUSES,
-    RUN_OUTCOMES,
     AuditQuery,
     AuditRecord,
     Batch,
@@ -50,6 +49,7 @@ from loopd.store.base import (
 )
 from loopd.store.codec import dump as _dump
 from loopd.store.codec import load as _load
+from loopd.store.group import write_group
 from loopd.store.sqlite_schema import (
     APPEND_AUDIT,
     INSERT_DECISION,
@@ -112,7 +112,8 @@ def default_replica() -> str:
     return os.environ.get("LOOPD_REPLICA") or socket.gethostname() or "loopd"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host runs under ``pid``."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -209,7 +210,7 @@ class SqliteStore:
                 row = await cur.fetchone()
             if row is not None and row[0] != self._incarnation:
                 other_host, other_pid, beat = row[1], int(row[2]), float(row[3])
-                alive = _pid_alive(other_pid) if other_host == host else \
+                alive = pid_alive(other_pid) if other_host == host else \
                     now - beat < self.lease
                 if alive and (other_host, other_pid) != (host, pid):
                     raise StoreError(
@@ -340,25 +341,8 @@ class SqliteStore:
                 # Shielded: a cancelled writer (a run being cancelled) must not leave the
                 # transaction open, nor the other writers of its group without an answer.
                 # The write ends by itself, so the shield's inner task needs no owner.
-                await asyncio.shield(self._write_group(ops))
+                await asyncio.shield(write_group(ops, self._write_all))
         return await done
-
-    async def _write_group(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
-                           ) -> None:
-        """One transaction for the whole group; when it fails and the group has several
-        writers, each writes alone, so one rejected record fails only its own writer."""
-        error = await self._write_all(ops)
-        if error is None:
-            return
-        if len(ops) == 1 or not isinstance(error, StoreRejected):
-            for _, done in ops:
-                if not done.done():
-                    done.set_exception(error)
-            return
-        for op in ops:
-            alone = await self._write_all([op])
-            if alone is not None and not op[1].done():
-                op[1].set_exception(alone)
 
     async def _write_all(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
                          ) -> StoreError | None:
@@ -453,16 +437,7 @@ class SqliteStore:
             )
         if batch.decisions:
             await self._decisions(batch.decisions, result)
-        incidents = batch.incidents
-        if result.duplicates:
-            # a duplicate decision creates nothing: not its run, not the incident it opened
-            dup = [d for d in batch.decisions
-                   if (d.source, d.event_id, d.rule) in result.duplicates]
-            result.skipped_runs |= {d.run_id for d in dup
-                                    if d.run_id and d.outcome in RUN_OUTCOMES}
-            live = {d.incident_id for d in batch.decisions
-                    if (d.source, d.event_id, d.rule) not in result.duplicates}
-            incidents = {i: inc for i, inc in incidents.items() if i in live}
+        incidents = batch.not_duplicated(result)
         existing: set[str] = set()
         shared = bool(batch.limits) and await self._shared()
         if shared:  # which incidents the limited runs' own are new (see _limits)
