@@ -78,6 +78,8 @@ class Cluster:
         self._reload_seen: object = _UNREAD
         self._carried_out: set[int] = set()  # command seqs done here (of live runs)
         self._event_pos: int | None = None
+        self._sources_of: PackRegistry | None = None  # the registry _sources came from
+        self._sources: dict[str, tuple[str, ...]] = {}
 
     async def run(self) -> None:
         while True:
@@ -95,7 +97,7 @@ class Cluster:
         now = time.time()
         self.others = [r.name for r in await store.replicas()
                        if r.name != store.replica and now - r.heartbeat < store.lease]
-        self.engine.keep_evidence = evidence_sources(self.registry()) if self.others else None
+        self.engine.keep_evidence = self._evidence_sources() if self.others else None
         taken = await self.dispatcher.takeover()
         if taken:
             await self.engine.adopt(taken)
@@ -113,6 +115,13 @@ class Cluster:
         if self.others:  # keys may reach any replica (webhooks): for: timers are shared
             await self.engine.follow_timers()
         await self._evidence()
+
+    def _evidence_sources(self) -> dict[str, tuple[str, ...]]:
+        """evidence_sources of the loaded packs, computed again only after a reload."""
+        registry = self.registry()
+        if self._sources_of is not registry:
+            self._sources_of, self._sources = registry, evidence_sources(registry)
+        return self._sources
 
     async def _reloaded_elsewhere(self) -> None:
         asked = await self.store.kv_get(*RELOAD_KV)

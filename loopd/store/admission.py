@@ -9,6 +9,7 @@ import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from loopd.errors import StoreRejected
 from loopd.store.base import CommitResult, Limit, RunRecord
 
 KINDS = frozenset({"window", "open", "breaker", "opens"})
@@ -25,10 +26,14 @@ class Wanted:
     breaker: set[str] = field(default_factory=set)
 
     @classmethod
-    def of(cls, runs: list[RunRecord], limits: dict[str, list[Limit]]) -> Wanted:
+    def of(cls, runs: list[RunRecord], limits: dict[str, list[Limit]], origin: str) -> Wanted:
+        """What ``runs``' limits need read; a limit of an unknown kind is refused."""
         wanted = cls()
         for run in runs:
             for lim in limits.get(run.id, ()):
+                if lim.kind not in KINDS:
+                    raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
+                                        f"{lim.kind!r}", origin=origin)
                 if lim.kind == "window":
                     since = run.created - lim.per
                     wanted.window[lim.scope] = min(wanted.window.get(lim.scope, since), since)
@@ -63,10 +68,13 @@ class Admissions:
                 return limit
         return None
 
-    def admit(self, run: RunRecord, limits: list[Limit]) -> list[str]:
-        """Count an admitted run in its scopes; returns them (one admission row each)."""
+    def admit(self, run: RunRecord, limits: list[Limit], *, open_key: bool = True
+              ) -> list[str]:
+        """Count an admitted run in its scopes (its key among the open ones when
+        ``open_key``: its incident is open); returns them (one admission row each)."""
         scopes = sorted({lim.scope for lim in limits if lim.kind in COUNTED})
         for scope in scopes:
             bisect.insort(self.times[scope], run.created)
-            self.keys[scope].add(run.key)
+            if open_key:
+                self.keys[scope].add(run.key)
         return scopes

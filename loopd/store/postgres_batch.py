@@ -17,16 +17,15 @@ reader of ``events_since`` never skips one that commits later with a smaller num
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
 from loopd.errors import LeaseLost, StoreRejected
+from loopd.store.admission import Admissions, Wanted
 from loopd.store.base import (
     RUN_OUTCOMES,
     Batch,
@@ -61,7 +60,6 @@ from loopd.store.postgres_schema import (
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 JOINED_REASON = "incident already open (decided by another loopd)"
-_COUNTED = frozenset({"window", "open"})  # the limit kinds whose scopes count admissions
 _RUNS = "(" + ", ".join(f"'{o}'" for o in sorted(RUN_OUTCOMES)) + ")"  # SQL: a run's outcomes
 
 
@@ -378,18 +376,18 @@ class Group:
         """Check each new run's limits against what every replica admitted (the scopes are
         locked: see ``write``), in order, counting those admitted before it in this batch;
         a refused run is not created, nor the incident it opened."""
-        state = await _Admissions.read(conn, runs, batch.limits)
+        state, open_incidents = await _read_admissions(conn, runs, batch.limits)
         rows: list[tuple[Any, ...]] = []
         refused: list[RunRecord] = []
         for run in runs:
             limits = batch.limits[run.id]
-            limit = next((lim for lim in limits if state.refuses(lim, run, result)), None)
+            limit = state.refusal(run, limits, result)
             if limit is not None:
                 result.refused[run.id] = limit
                 refused.append(run)
                 continue
-            for scope in sorted({lim.scope for lim in limits if lim.kind in _COUNTED}):
-                state.admit(scope, run)
+            for scope in state.admit(run, limits,
+                                     open_key=run.incident_id in open_incidents):
                 rows.append((scope, run.id, run.key, number(run.created), run.incident_id))
         if rows:
             await conn.execute(ADMISSIONS_INSERT, columns(rows, 5))
@@ -424,76 +422,37 @@ def _scopes(batch: Batch) -> set[str]:
     return scopes
 
 
-@dataclass
-class _Admissions:
-    """What the limits' scopes hold, read once per batch and brought up to date in memory
-    as the batch's runs are admitted."""
-
-    times: dict[str, list[float]]              # window scopes: admission times, sorted
-    keys: dict[str, set[str | None]]           # open scopes: keys with an open incident
-    breakers: dict[str, float]                 # scope -> until
-    open_incidents: set[str]                   # the runs' incidents that are open
-
-    @classmethod
-    async def read(cls, conn: Conn, runs: list[RunRecord], limits: dict[str, list[Limit]]
-                   ) -> _Admissions:
-        window: dict[str, float] = {}
-        opened: set[str] = set()
-        breaker: set[str] = set()
-        for run in runs:
-            for lim in limits[run.id]:
-                if lim.kind == "window":
-                    since = float(run.created) - float(lim.per)
-                    window[lim.scope] = min(window.get(lim.scope, since), since)
-                elif lim.kind == "open":
-                    opened.add(lim.scope)
-                elif lim.kind == "breaker":
-                    breaker.add(lim.scope)
-                elif lim.kind != "opens":
-                    raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
-                                        f"{lim.kind!r}", origin="postgres")
-        state = cls(defaultdict(list), defaultdict(set), {}, set())
-        async with conn.cursor() as cur:
-            if window:
-                await cur.execute(
-                    "SELECT a.scope, a.time FROM admissions a JOIN unnest(%b::text[], "
-                    "%b::float8[]) AS w(scope, since) ON a.scope = w.scope "
-                    "AND a.time > w.since", columns(list(window.items()), 2))
-                for scope, t in await cur.fetchall():
-                    state.times[scope].append(float(t))
-                for times in state.times.values():
-                    times.sort()
-            if opened:
-                await cur.execute(
-                    "SELECT DISTINCT a.scope, a.key FROM admissions a JOIN incidents i "
-                    "ON i.id = a.incident_id WHERE i.status = 'open' AND a.scope = ANY(%b::text[])",
-                    (sorted(opened),))
-                for scope, key in await cur.fetchall():
-                    state.keys[scope].add(key)
-                await cur.execute(
-                    "SELECT id FROM incidents WHERE status = 'open' AND id = ANY(%b::text[])",
-                    ([r.incident_id for r in runs if r.incident_id is not None],))
-                state.open_incidents = {row[0] for row in await cur.fetchall()}
-            if breaker:
-                await cur.execute("SELECT scope, until FROM breakers "
-                                  "WHERE scope = ANY(%b::text[])", (sorted(breaker),))
-                state.breakers = {s: float(u) for s, u in await cur.fetchall()}
-        return state
-
-    def refuses(self, limit: Limit, run: RunRecord, result: CommitResult) -> bool:
-        created = float(run.created)
-        if limit.kind == "window":
-            times = self.times[limit.scope]
-            recent = len(times) - bisect.bisect_right(times, created - float(limit.per))
-            return recent >= limit.count
-        if limit.kind == "open":
-            return len(self.keys[limit.scope] - {run.key}) >= limit.count
-        if limit.kind == "opens":  # only with the breaker this very commit opened
-            return limit.scope not in result.breakers_opened
-        until = self.breakers.get(limit.scope)
-        return until is not None and until > created
-
-    def admit(self, scope: str, run: RunRecord) -> None:
-        bisect.insort(self.times[scope], float(run.created))
-        if run.incident_id in self.open_incidents:
-            self.keys[scope].add(run.key)
+async def _read_admissions(conn: Conn, runs: list[RunRecord], limits: dict[str, list[Limit]]
+                           ) -> tuple[Admissions, set[str]]:
+    """What the limits' scopes hold (read once per batch, kept up to date in memory as
+    the batch's runs are admitted: loopd.store.admission), and which of the runs'
+    incidents are open (only those count a key in an ``open`` scope)."""
+    wanted = Wanted.of(runs, limits, "postgres")
+    state = Admissions()
+    open_incidents: set[str] = set()
+    async with conn.cursor() as cur:
+        if wanted.window:
+            await cur.execute(
+                "SELECT a.scope, a.time FROM admissions a JOIN unnest(%b::text[], "
+                "%b::float8[]) AS w(scope, since) ON a.scope = w.scope "
+                "AND a.time > w.since", columns(list(wanted.window.items()), 2))
+            for scope, t in await cur.fetchall():
+                state.times[scope].append(float(t))
+            for times in state.times.values():
+                times.sort()
+        if wanted.opened:
+            await cur.execute(
+                "SELECT DISTINCT a.scope, a.key FROM admissions a JOIN incidents i "
+                "ON i.id = a.incident_id WHERE i.status = 'open' AND a.scope = ANY(%b::text[])",
+                (sorted(wanted.opened),))
+            for scope, key in await cur.fetchall():
+                state.keys[scope].add(key)
+            await cur.execute(
+                "SELECT id FROM incidents WHERE status = 'open' AND id = ANY(%b::text[])",
+                ([r.incident_id for r in runs if r.incident_id is not None],))
+            open_incidents = {row[0] for row in await cur.fetchall()}
+        if wanted.breaker:
+            await cur.execute("SELECT scope, until FROM breakers "
+                              "WHERE scope = ANY(%b::text[])", (sorted(wanted.breaker),))
+            state.breakers = {s: float(u) for s, u in await cur.fetchall()}
+    return state, open_incidents

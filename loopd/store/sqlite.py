@@ -28,7 +28,7 @@ from typing import Any
 import aiosqlite
 
 from loopd.errors import LeaseLost, StoreError, StoreRejected
-from loopd.store.admission import KINDS, Admissions, Wanted
+from loopd.store.admission import Admissions, Wanted
 from loopd.store.base import (
     LIVE_STATUSES,
     AuditQuery,
@@ -518,7 +518,8 @@ class SqliteStore:
         with the limit's reason."""
         db = self.db
         # alone on the file: only the escalation's "opens" can refuse (see _shared)
-        state = await self._admissions(runs, batch.limits) if shared else Admissions()
+        wanted = Wanted.of(runs, batch.limits, str(self.path))
+        state = await self._admissions(wanted) if shared else Admissions()
         admitted, rows = [], []
         refusals: list[tuple[RunRecord, Limit]] = []
         for run in runs:
@@ -526,10 +527,6 @@ class SqliteStore:
             if not limits:
                 admitted.append(run)
                 continue
-            for limit in limits:
-                if limit.kind not in KINDS:
-                    raise StoreRejected(f"write failed: run {run.id}: unknown limit kind "
-                                        f"{limit.kind!r}", origin=str(self.path))
             refused = state.refusal(run, limits, result)
             if refused is not None:
                 refusals.append((run, refused))
@@ -556,10 +553,8 @@ class SqliteStore:
                                  "run_id=NULL WHERE run_id=?", (reason, run.id))
         return admitted
 
-    async def _admissions(self, runs: list[RunRecord], limits: dict[str, list[Limit]]
-                          ) -> Admissions:
+    async def _admissions(self, wanted: Wanted) -> Admissions:
         """What the scopes of the batch's limits hold: three reads for the whole batch."""
-        wanted = Wanted.of(runs, limits)
         state = Admissions()
         if wanted.window:
             scopes = sorted(wanted.window)
