@@ -30,6 +30,7 @@ from loopd.store.base import (
     AuditQuery,
     AuditRecord,
     CommandRecord,
+    DecisionQuery,
     DecisionRecord,
     IncidentRecord,
     RunRecord,
@@ -187,6 +188,10 @@ class Control:
 
     async def decisions_of_incident(self, incident_id: str) -> list[DecisionRecord]:
         return await self._store.decisions_for(incident_id=incident_id)
+
+    async def decisions(self, query: DecisionQuery) -> list[DecisionRecord]:
+        """Decisions newest first (``GET /v1/decisions``, the UI's explorer)."""
+        return await self._store.decisions(query)
 
     async def list_incidents(self, *, status: str | None, limit: int) -> list[IncidentRecord]:
         return await self._store.list_incidents(status=status, limit=limit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "kb": 1000, "mib": 1024**2, "mb": 1000**2}
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -41,3 +43,38 @@ def parse_duration(value: int | float | str) -> float:
     if number:  # trailing bare number means seconds
         total += float(number)
     return total
+
+
+def rfc3339(when: float | None) -> str | None:
+    """Epoch seconds -> ``2026-12-01T16:39:41.123Z`` (UTC, milliseconds): how the API, the
+    UI and the terminal show a time."""
+    if when is None:
+        return None
+    stamp = datetime.fromtimestamp(when, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> float:
+    """``2026-12-01T16:39:41Z`` (any RFC 3339 / ISO 8601 time; UTC when it names no zone)
+    or epoch seconds -> epoch seconds; ``ValueError`` naming the accepted forms."""
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"bad time {text!r}")
+        return value
+    try:
+        parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"bad time {text!r}: use RFC 3339 (2026-05-01T10:00:00Z) "
+                         "or epoch seconds") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def seconds(duration: float | None) -> float | None:
+    """A duration as the API shows it: seconds, rounded to milliseconds."""
+    return None if duration is None else round(duration, 3)

@@ -81,6 +81,49 @@ class DecisionRecord:
     time: float
     incident_id: str | None = None
     run_id: str | None = None
+    seq: int = 0          # its position in the store, as read back (0 before it is stored)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionQuery:
+    """Which decisions ``decisions(query)`` reads, newest first: each set field narrows;
+    ``before`` (a ``seq``) pages back, ``since``/``until`` bound the decision's time."""
+
+    rule: str | None = None
+    key: str | None = None
+    outcome: str | None = None
+    source: str | None = None
+    incident_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    before: int | None = None
+    limit: int = 100
+
+    def matches(self, d: DecisionRecord) -> bool:
+        return ((self.rule is None or d.rule == self.rule)
+                and (self.key is None or d.key == self.key)
+                and (self.outcome is None or d.outcome == self.outcome)
+                and (self.source is None or d.source == self.source)
+                and (self.incident_id is None or d.incident_id == self.incident_id)
+                and (self.since is None or d.time >= self.since)
+                and (self.until is None or d.time <= self.until)
+                and (self.before is None or d.seq < self.before))
+
+    def where(self, mark: str) -> tuple[str, list[Any]]:
+        """The SQL ``WHERE`` of this query (``mark``: the driver's placeholder)."""
+        terms, params = [], []
+        for column, op, value in (
+                ("rule", "=", self.rule), ("key", "=", self.key),
+                ("outcome", "=", self.outcome), ("source", "=", self.source),
+                ("incident_id", "=", self.incident_id), ("time", ">=", self.since),
+                ("time", "<=", self.until), ("seq", "<", self.before)):
+            if value is not None:
+                terms.append(f"{column}{op}{mark}")
+                params.append(value)
+        return (" WHERE " + " AND ".join(terms)) if terms else "", params
+
+
+DECISION_COLUMNS = "source, event_id, rule, key, outcome, reason, time, incident_id, run_id, seq"
 
 
 @dataclass(slots=True)
@@ -427,6 +470,11 @@ class Store(Protocol):
 
     async def decisions_for(self, *, run_id: str | None = None, incident_id: str | None = None,
                             limit: int = 1000) -> list[DecisionRecord]: ...
+
+    async def decisions(self, query: DecisionQuery) -> list[DecisionRecord]:
+        """The decisions matching ``query``, newest first (highest ``seq``), at most
+        ``query.limit``."""
+        ...
 
     async def count_decisions(self, *, rule: str | None = None) -> int: ...
 

@@ -26,6 +26,7 @@ from loopd.store.base import (
     BreakerRecord,
     CommandRecord,
     CommitResult,
+    DecisionQuery,
     DecisionRecord,
     EngineState,
     EventRecord,
@@ -313,7 +314,8 @@ class MemoryStore:
                               run_id=None)
             elif (why := refused_runs.get(dec.run_id or "")) is not None:
                 dec = replace(dec, outcome="suppressed", reason=why, run_id=None)
-            d.decisions[(dec.source, dec.event_id, dec.rule)] = replace(dec)
+            d.decisions[(dec.source, dec.event_id, dec.rule)] = replace(
+                dec, seq=len(d.decisions) + 1)
         for inc in incidents.values():
             old_inc = d.incidents.get(inc.id)
             if old_inc is not None and old_inc.status == "closed":  # never opened again
@@ -410,6 +412,10 @@ class MemoryStore:
         else:
             found = [x for x in self._d.decisions.values() if x.incident_id == incident_id]
         return [replace(x) for x in found[:limit]]
+
+    async def decisions(self, query: DecisionQuery) -> list[DecisionRecord]:
+        found = [x for x in reversed(self._d.decisions.values()) if query.matches(x)]
+        return [replace(x) for x in found[:query.limit]]
 
     async def count_decisions(self, *, rule: str | None = None) -> int:
         return sum(1 for x in self._d.decisions.values() if rule is None or x.rule == rule)

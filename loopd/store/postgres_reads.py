@@ -23,11 +23,13 @@ from psycopg.types.json import set_json_loads
 
 from loopd.errors import StoreError, StoreRejected
 from loopd.store.base import (
+    DECISION_COLUMNS,
     LIVE_STATUSES,
     AuditQuery,
     AuditRecord,
     BreakerRecord,
     CommandRecord,
+    DecisionQuery,
     DecisionRecord,
     EngineState,
     EventRecord,
@@ -248,8 +250,14 @@ class PostgresReads:
         else:
             where, param = "incident_id=%s", incident_id or ""
         rows = await self._all(
-            "SELECT source, event_id, rule, key, outcome, reason, time, incident_id, run_id "
-            f"FROM decisions WHERE {where} ORDER BY seq LIMIT %s", (param, limit))
+            f"SELECT {DECISION_COLUMNS} FROM decisions WHERE {where} ORDER BY seq LIMIT %s",
+            (param, limit))
+        return [DecisionRecord(*r) for r in rows]
+
+    async def decisions(self, query: DecisionQuery) -> list[DecisionRecord]:
+        where, params = query.where("%s")
+        rows = await self._all(f"SELECT {DECISION_COLUMNS} FROM decisions{where} "
+                               "ORDER BY seq DESC LIMIT %s", (*params, query.limit))
         return [DecisionRecord(*r) for r in rows]
 
     async def count_decisions(self, *, rule: str | None = None) -> int:

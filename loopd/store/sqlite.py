@@ -30,6 +30,7 @@ import aiosqlite
 from loopd.errors import LeaseLost, StoreError, StoreRejected
 from loopd.store.admission import Admissions, Wanted
 from loopd.store.base import (
+    DECISION_COLUMNS,
     LIVE_STATUSES,
     AuditQuery,
     AuditRecord,
@@ -37,6 +38,7 @@ from loopd.store.base import (
     BreakerRecord,
     CommandRecord,
     CommitResult,
+    DecisionQuery,
     DecisionRecord,
     EngineState,
     EventRecord,
@@ -738,8 +740,14 @@ class SqliteStore:
         else:
             where, param = "incident_id=?", incident_id or ""
         rows = await self._all(
-            "SELECT source, event_id, rule, key, outcome, reason, time, incident_id, run_id "
-            f"FROM decisions WHERE {where} ORDER BY seq LIMIT ?", (param, limit))
+            f"SELECT {DECISION_COLUMNS} FROM decisions WHERE {where} ORDER BY seq LIMIT ?",
+            (param, limit))
+        return [DecisionRecord(*r) for r in rows]
+
+    async def decisions(self, query: DecisionQuery) -> list[DecisionRecord]:
+        where, params = query.where("?")
+        rows = await self._all(f"SELECT {DECISION_COLUMNS} FROM decisions{where} "
+                               "ORDER BY seq DESC LIMIT ?", (*params, query.limit))
         return [DecisionRecord(*r) for r in rows]
 
     async def count_decisions(self, *, rule: str | None = None) -> int:

@@ -20,6 +20,7 @@ from loopd.store.base import (
     AuditQuery,
     AuditRecord,
     Batch,
+    DecisionQuery,
     DecisionRecord,
     EventRecord,
     IncidentRecord,
@@ -409,6 +410,35 @@ async def test_the_audit_trail_is_read_newest_first_and_filtered(impl: Opener) -
         ["req-4", "req-3", "req-2"]
     assert [r.request for r in await store.audit(AuditQuery(limit=2))] == ["req-4", "req-3"]
     assert await store.audit(AuditQuery(who="bob", action="reload")) == []
+
+
+async def test_decisions_are_read_newest_first_filtered_and_paged(impl: Opener) -> None:
+    """``decisions(query)``: newest first with their positions; rule, key, outcome, source,
+    incident and time narrow; ``before`` (a position) reads the next page."""
+    store = await impl()
+    now = time.time()
+    rows = [DecisionRecord("webhook", f"e{i}", "r" if i % 2 else "q", f"h{i % 3}",
+                           "suppressed" if i % 4 == 0 else "joined", f"why {i}", now + i,
+                           "inc-1" if i < 3 else None) for i in range(10)]
+    await store.commit(Batch(decisions=rows[:6]))
+    await store.commit(Batch(decisions=[*rows[6:], DecisionRecord(
+        "mqtt", "m1", "r", "h0", "run_created", None, now + 20)]))
+    every = await store.decisions(DecisionQuery())
+    assert [d.event_id for d in every] == ["m1", *(f"e{i}" for i in range(9, -1, -1))]
+    assert [d.seq for d in every] == sorted((d.seq for d in every), reverse=True)
+    assert len({d.seq for d in every}) == 11 and every[-1].seq > 0
+    expected: list[tuple[DecisionQuery, str]] = [
+        (DecisionQuery(rule="q"), "e8 e6 e4 e2 e0"), (DecisionQuery(key="h1"), "e7 e4 e1"),
+        (DecisionQuery(outcome="suppressed"), "e8 e4 e0"), (DecisionQuery(source="mqtt"), "m1"),
+        (DecisionQuery(incident_id="inc-1"), "e2 e1 e0"),
+        (DecisionQuery(since=now + 7), "m1 e9 e8 e7"), (DecisionQuery(until=now + 1), "e1 e0"),
+        (DecisionQuery(rule="r", key="h0"), "m1 e9 e3")]
+    for query, ids in expected:
+        assert [d.event_id for d in await store.decisions(query)] == ids.split(), query
+    first = await store.decisions(DecisionQuery(limit=4))
+    rest = await store.decisions(DecisionQuery(before=first[-1].seq, limit=100))
+    assert [d.event_id for d in first + rest] == [d.event_id for d in every]
+    assert await store.decisions(DecisionQuery(rule="nope")) == []
 
 
 async def test_the_audit_trail_survives_a_restart(impl: Opener) -> None:
