@@ -42,6 +42,9 @@ WRITE_TIMEOUT = 10.0
 RELOAD_KV = ("cluster", "reload")  # the last POST /v1/reload, on any replica
 
 
+AROUND = 900.0  # s: how far from an incident its rule and key's suppressions still belong to it
+
+
 @dataclass(slots=True)
 class ReloadResult:
     rules: int
@@ -186,8 +189,21 @@ class Control:
     async def steps(self, run_id: str) -> list[StepRecord]:
         return await self._store.steps(run_id)
 
-    async def decisions_of_incident(self, incident_id: str) -> list[DecisionRecord]:
-        return await self._store.decisions_for(incident_id=incident_id)
+    async def get_incident(self, incident_id: str) -> IncidentRecord | None:
+        return await self._store.get_incident(incident_id)
+
+    async def decisions_around(self, incident: IncidentRecord) -> list[DecisionRecord]:
+        """The incident's story in decisions, oldest first: the one that opened it, the
+        events that joined it (the newest thousand), and the suppressed decisions for its
+        rule and key from ``AROUND`` seconds before it opened to as long after it closed
+        (a pending ``for:``, a throttle, a silence, a breaker)."""
+        own = await self._store.decisions(DecisionQuery(incident_id=incident.id, limit=1000))
+        until = (incident.closed if incident.closed is not None else time.time()) + AROUND
+        near = await self._store.decisions(DecisionQuery(
+            rule=incident.rule, key=incident.key, outcome="suppressed",
+            since=incident.opened - AROUND, until=until, limit=200))
+        merged = {d.seq: d for d in (*own, *near)}
+        return [merged[seq] for seq in sorted(merged)]
 
     async def decisions(self, query: DecisionQuery) -> list[DecisionRecord]:
         """Decisions newest first (``GET /v1/decisions``, the UI's explorer)."""

@@ -85,8 +85,8 @@ async def get_run(request: web.Request) -> web.Response:
     if run is None:
         return error(404, f"no run {run_id!r}")
     steps = await control.steps(run_id)
-    decisions = await control.decisions_of_incident(run.incident_id) \
-        if run.incident_id else []
+    incident = await control.get_incident(run.incident_id) if run.incident_id else None
+    decisions = await control.decisions_around(incident) if incident is not None else []
     registry = control.registry()
     hidden = secret_inputs(registry, run.target) if run.kind == "action" else frozenset()
     story = run_summary(run)

@@ -405,6 +405,10 @@ class MemoryStore:
         found.sort(key=lambda i: i.opened, reverse=True)
         return [replace(i) for i in found[:limit]]
 
+    async def get_incident(self, incident_id: str) -> IncidentRecord | None:
+        found = self._d.incidents.get(incident_id)
+        return replace(found) if found is not None else None
+
     async def decisions_for(self, *, run_id: str | None = None, incident_id: str | None = None,
                             limit: int = 1000) -> list[DecisionRecord]:
         if run_id is not None:

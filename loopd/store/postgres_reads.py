@@ -243,6 +243,12 @@ class PostgresReads:
             f"incidents {where} ORDER BY opened DESC LIMIT %s", [*params, limit])
         return [IncidentRecord(*r) for r in rows]
 
+    async def get_incident(self, incident_id: str) -> IncidentRecord | None:
+        rows = await self._all(
+            "SELECT id, rule, key, status, opened, closed, events, run_id, outcome FROM "
+            "incidents WHERE id=%s", (incident_id,))
+        return IncidentRecord(*rows[0]) if rows else None
+
     async def decisions_for(self, *, run_id: str | None = None, incident_id: str | None = None,
                             limit: int = 1000) -> list[DecisionRecord]:
         if run_id is not None:

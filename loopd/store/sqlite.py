@@ -733,6 +733,10 @@ class SqliteStore:
             f"SELECT * FROM incidents {where} ORDER BY opened DESC LIMIT ?", [*params, limit])
         return [IncidentRecord(*r) for r in rows]
 
+    async def get_incident(self, incident_id: str) -> IncidentRecord | None:
+        rows = await self._all("SELECT * FROM incidents WHERE id=?", (incident_id,))
+        return IncidentRecord(*rows[0]) if rows else None
+
     async def decisions_for(self, *, run_id: str | None = None, incident_id: str | None = None,
                             limit: int = 1000) -> list[DecisionRecord]:
         if run_id is not None:

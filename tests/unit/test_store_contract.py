@@ -95,6 +95,8 @@ async def test_a_committed_batch_is_readable(impl: Opener) -> None:
     assert (decision.event_id, decision.outcome, decision.incident_id) == (
         "e1", "run_created", "inc-run-1")
     assert [i.id for i in await store.list_incidents(status="open")] == ["inc-run-1"]
+    assert await store.get_incident("inc-run-1") == incident
+    assert await store.get_incident("inc-nope") is None
 
 
 async def test_commit_is_atomic(impl: Opener) -> None:
