@@ -53,7 +53,10 @@ class Problem:
         """``sources[2].type``: the path as one would point at it in the file."""
         out = ""
         for part in self.path:
-            out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+            if isinstance(part, int):
+                out += f"[{part}]"
+            else:
+                out += f".{part}" if out else part
         return out
 
 
@@ -94,9 +97,9 @@ def _walk(err: ErrorDetails, document: object) -> tuple[ErrorDetails, Path, Memb
 
 def _one_member_per_union(found: list[tuple[ErrorDetails, Path, Member | None]],
                           document: object) -> list[tuple[ErrorDetails, Path]]:
-    """Without the errors of union members the value was plainly not meant for: a mapping
-    given to ``auth: AuthConfig | Literal["none"]`` is an AuthConfig whose fields are
-    wrong, not also "should be 'none'"."""
+    """The errors less those of union members the value was plainly not meant for: a
+    mapping given to ``auth: AuthConfig | Literal["none"]`` is an AuthConfig whose fields
+    are wrong, not also "should be 'none'"."""
     tried: dict[Path, set[str]] = {}
     for _, _, member in found:
         if member is not None:
@@ -136,9 +139,10 @@ def _problem(err: ErrorDetails, path: Path,
         noun, tags = kinds.get(str(path[0]) if path else "", ("", ()))
         if not tags:
             tags = str(ctx.get("expected_tags", "")).replace("'", "").split(", ")
-        expected = ", ".join(tags)
+        expected = ", ".join(t for t in tags if t)
         if kind == "union_tag_not_found":
-            return Problem((*path, key), f"is required (one of {expected})")
+            return Problem((*path, key),
+                           f"is required (one of {expected})" if expected else "is required")
         what = f"{noun} {key}" if noun else key
         return Problem((*path, key), f"unknown {what} {ctx['tag']!r} (expected one of "
                                      f"{expected})")
