@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from loopd import yamlfile
+from loopd import validation, yamlfile
 from loopd.errors import ConfigError
 from loopd.policy import GlobalGuards
 from loopd.units import parse_duration as parse_duration
@@ -34,6 +34,13 @@ from loopd.units import parse_size as parse_size
 
 # "500ms", "10s", "1m" like everywhere else in loopd's files, or plain seconds
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+def _size(v: object) -> int:
+    """A size with units, or bytes; anything else (a list, true) is refused by name."""
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise ValueError("must be a size: bytes or a number with KiB/MiB/kB/MB")
+    return parse_size(v)
 
 
 class Strict(BaseModel):
@@ -47,8 +54,8 @@ class _SourceBase(Strict):
 
     @field_validator("max_payload", mode="before")
     @classmethod
-    def _size(cls, v: int | str) -> int:
-        return parse_size(v)
+    def _size(cls, v: object) -> int:
+        return _size(v)
 
 
 class WebhookSourceConfig(_SourceBase):
@@ -111,7 +118,7 @@ class MqttSourceConfig(_SourceBase):
 
     type: Literal["mqtt"]
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int = Field(default=1883, ge=1, le=65535)
     topics: list[str] = Field(min_length=1)
     qos: Literal[0, 1, 2] = 1
     client_id: ReplicaTemplate = None
@@ -181,7 +188,7 @@ class MqttSinkConfig(Strict):
     type: Literal["mqtt"]
     name: str
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int = Field(default=1883, ge=1, le=65535)
     client_id: ReplicaTemplate = None  # like a source's; the bus adds "-pub"
     username: str | None = None
     password_ref: str | None = None
@@ -371,8 +378,8 @@ class ApiConfig(Strict):
 
     @field_validator("max_body", "max_body_unused", mode="before")
     @classmethod
-    def _body_size(cls, v: int | str) -> int:
-        size = parse_size(v)
+    def _body_size(cls, v: object) -> int:
+        size = _size(v)
         if size < 0:
             raise ValueError(f"a body size cannot be negative ({v!r})")
         return size
@@ -465,7 +472,7 @@ class LoopdConfig(Strict):
     def _host_port(cls, v: str) -> str:
         port = v.rpartition(":")[2]
         if not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"listen must be HOST:PORT, got {v!r}")
+            raise ValueError(f"must be HOST:PORT, got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -488,28 +495,31 @@ class LoopdConfig(Strict):
 
 
 def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
-    """Read, override from the environment, validate and resolve relative paths."""
+    """Read, override from the environment, validate and resolve relative paths.
+
+    ``listen`` is the command line's ``--listen``. Every problem is reported, each as
+    ``file:line: field: message``, or with the flag or environment variable instead of
+    ``file:line`` when the value came from there.
+    """
     path = Path(path)
     try:
-        raw = yamlfile.load(path.read_text()) or {}
+        raw, node = yamlfile.compose(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config: {exc.strerror}", origin=str(path)) from None
     except yaml.YAMLError as exc:
         where, message = yamlfile.error_where(exc, path)
         raise ConfigError(message, origin=where) from None
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("config must be a mapping", origin=str(path))
-    _apply_env(raw)
+    overrides = _apply_env(raw)
     if listen:
         raw["listen"] = listen
+        overrides[("listen",)] = "--listen"
     try:
         cfg = LoopdConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        # the store's DSN is a credential: its problems name file:line like the others'
-        where = _line_of(path, first["loc"]) if first["loc"][:1] == ("store",) else str(path)
-        raise ConfigError(f"{loc}: {first['msg']}", origin=where) from None
+        raise _config_error(exc, raw, node, path, overrides) from None
     base = path.parent
 
     def rel(p: Path) -> Path:
@@ -525,22 +535,38 @@ def load_config(path: Path | str, *, listen: str | None = None) -> LoopdConfig:
     })
 
 
-def _line_of(path: Path, loc: tuple[int | str, ...]) -> str:
-    """``file:line`` of the deepest key of ``loc`` in the config file (the file when the
-    file cannot be read again)."""
-    try:
-        _, node = yamlfile.compose(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return str(path)
-    where = str(path)
-    for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        found = next(((k, v) for k, v in node.value if k.value == str(part)), None)
-        if found is None:
-            break
-        where, node = f"{path}:{found[0].start_mark.line + 1}", found[1]
-    return where
+def _union_tags(union: Any) -> list[str]:
+    """The ``type`` values of a discriminated union of models, in declaration order."""
+    members = get_args(get_args(union)[0])
+    return [get_args(m.model_fields["type"].annotation)[0] for m in members]
+
+
+# how an unknown or missing ``type`` is explained
+_KINDS = {"sources": ("source", _union_tags(SourceConfig)),
+          "sinks": ("sink", _union_tags(SinkConfig))}
+
+
+def _config_error(exc: ValidationError, raw: dict[str, Any], node: yaml.Node | None,
+                  path: Path, overrides: dict[validation.Path, str]) -> ConfigError:
+    """One ConfigError for every problem of ``exc``, the first as its origin and message,
+    the others on the lines after it, in the order of the file."""
+    located = []
+    for problem in validation.problems(exc, raw, _KINDS):
+        origin = next((name for keys, name in overrides.items()
+                       if problem.path[:len(keys)] == keys), None)
+        if origin is None:
+            origin = yamlfile.line_of(node, problem.path, path)
+        message = f"{problem.field}: {problem.message}" if problem.path else problem.message
+        located.append((origin, message))
+    located.sort(key=lambda p: _line_number(p[0], path))
+    (origin, message), rest = located[0], located[1:]
+    return ConfigError("".join([message, *(f"\n{o}: {m}" for o, m in rest)]), origin=origin)
+
+
+def _line_number(origin: str, path: Path) -> int:
+    """The line of a ``file:line`` origin; 0 for the file itself, a flag or a variable."""
+    line = origin.removeprefix(f"{path}:")
+    return int(line) if line.isdigit() else 0
 
 
 def _api_paths(api: ApiConfig, rel: Callable[[Path], Path]) -> ApiConfig:
@@ -552,10 +578,14 @@ def _api_paths(api: ApiConfig, rel: Callable[[Path], Path]) -> ApiConfig:
         "client_ca": rel(tls.client_ca) if tls.client_ca else None})})
 
 
-def _apply_env(raw: dict[str, object]) -> None:
+def _apply_env(raw: dict[str, Any]) -> dict[validation.Path, str]:
+    """Apply the ``LOOPD_*`` overrides to ``raw``; what each changed, so that an error in
+    a value names the variable it came from rather than a line of the file."""
     env = os.environ
+    changed: dict[validation.Path, str] = {}
     if "LOOPD_LISTEN" in env:
         raw["listen"] = env["LOOPD_LISTEN"]
+        changed[("listen",)] = "environment variable LOOPD_LISTEN"
     store = raw.get("store")
     postgres = isinstance(store, dict) and store.get("type") == "postgres"
     for var, section, key in (
@@ -568,13 +598,15 @@ def _apply_env(raw: dict[str, object]) -> None:
             sub = raw.setdefault(section, {})
             if isinstance(sub, dict):
                 sub[key] = env[var]
-    for src in raw.get("sources") or []:  # type: ignore[attr-defined]
+                changed[(section, key)] = f"environment variable {var}"
+    sources = raw.get("sources")
+    for i, src in enumerate(sources if isinstance(sources, list) else []):
         if not isinstance(src, dict):
             continue
-        if src.get("type") == "kafka" and "LOOPD_KAFKA_BOOTSTRAP" in env:
-            src["bootstrap"] = env["LOOPD_KAFKA_BOOTSTRAP"]
-        if src.get("type") == "mqtt":
-            if "LOOPD_MQTT_HOST" in env:
-                src["host"] = env["LOOPD_MQTT_HOST"]
-            if "LOOPD_MQTT_PORT" in env:
-                src["port"] = env["LOOPD_MQTT_PORT"]  # validated (and named) by pydantic
+        for var, kind, key in (("LOOPD_KAFKA_BOOTSTRAP", "kafka", "bootstrap"),
+                               ("LOOPD_MQTT_HOST", "mqtt", "host"),
+                               ("LOOPD_MQTT_PORT", "mqtt", "port")):
+            if src.get("type") == kind and var in env:
+                src[key] = env[var]
+                changed[("sources", i, key)] = f"environment variable {var}"
+    return changed

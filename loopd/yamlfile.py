@@ -7,6 +7,7 @@ rule files use ``on:`` as a key, so only ``true``/``false`` are booleans here.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,22 @@ def key_lines(node: yaml.Node | None, path: Path | str) -> dict[str, str]:
     if not isinstance(node, yaml.MappingNode):
         return {}
     return {str(k.value): f"{path}:{k.start_mark.line + 1}" for k, _ in node.value}
+
+
+def line_of(node: yaml.Node | None, keys: Sequence[str | int], path: Path | str) -> str:
+    """``file:line`` of the deepest of ``keys`` (mapping keys and list indexes from the
+    root) that the node tree has: a missing field points at the mapping that lacks it."""
+    where = str(path)
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if found is None:
+                break
+            where, node = f"{path}:{found[0].start_mark.line + 1}", found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) \
+                and 0 <= key < len(node.value):
+            node = node.value[key]
+            where = f"{path}:{node.start_mark.line + 1}"
+        else:
+            break
+    return where

@@ -25,6 +25,11 @@ broker: while ``emit`` blocks, aiomqtt keeps received messages in its own
 (unbounded) in-memory queue. Retained messages are delivered again on every
 (re)subscribe, each time with a fresh event id unless the payload is an
 envelope carrying one.
+
+Payloads are JSON objects (an event envelope or the data itself), or a bare JSON number
+``N``, taken as ``{"value": N}``: telemetry streams often publish plain numbers, which a
+rule then reads as ``event.value``. Any other JSON (a string, an array, true, null) is
+rejected, counted and logged with its topic.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ import asyncio
 from collections.abc import Sequence
 
 import aiomqtt
+import orjson
 from paho.mqtt.reasoncodes import ReasonCode
 
 from loopd import metrics
 from loopd.catalog.credentials import resolve_secret
 from loopd.config import MqttSourceConfig, mqtt_client_id
-from loopd.errors import ConfigError, EventError, SourceError
-from loopd.events import Delivery, decode_object, event_from_object
+from loopd.errors import ConfigError, DecodeError, EventError, SourceError
+from loopd.events import JSON, Delivery, decode_object, event_from_object
 from loopd.sources.base import Emit, OnAssigned, replica_name
 
 
@@ -137,7 +143,7 @@ class MqttSource:
             try:
                 if not isinstance(payload, bytes | bytearray):  # paho always gives bytes
                     payload = str(payload).encode()
-                data = decode_object(bytes(payload), max_payload=max_payload, origin=origin)
+                data = decode_payload(bytes(payload), max_payload=max_payload, origin=origin)
                 event = event_from_object(data, source=self.name, topic=topic, origin=origin)
             except EventError as exc:
                 # counted and logged, never emitted; nothing to ack (see module docstring)
@@ -147,3 +153,21 @@ class MqttSource:
             metrics.event_received(self.name)
             await emit(Delivery(event))
 
+
+
+_KINDS = {str: "a string", list: "an array", bool: "a boolean", type(None): "null"}
+
+
+def decode_payload(payload: bytes, *, max_payload: int, origin: str) -> dict[str, JSON]:
+    """An MQTT payload as event data: a JSON object as it is, a bare JSON number ``N`` as
+    ``{"value": N}``; anything else is a DecodeError naming ``origin`` (the topic)."""
+    if len(payload) > max_payload or payload.lstrip()[:1] in (b"{", b""):
+        return decode_object(payload, max_payload=max_payload, origin=origin)
+    try:
+        value = orjson.loads(payload)  # never NaN or infinity: orjson refuses both
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"malformed JSON: {exc}", origin=origin) from None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {"value": value}
+    kind = _KINDS.get(type(value), type(value).__name__)
+    raise DecodeError(f"expected a JSON object or a bare number, got {kind}", origin=origin)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import aiomqtt
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from loopd import metrics
 from loopd.config import MqttSourceConfig
@@ -133,6 +134,44 @@ async def test_rejected_messages_are_counted_and_the_stream_continues(
         await publish(mqtt_broker, ("in/f", b'{"ok": 2}'))
         await wait_until(lambda: len(emit.events) >= 2, what="a message after the rejects")
     assert emit.payloads() == [{"ok": 1}, {"ok": 2}]
+
+
+async def test_a_bare_number_is_a_value_and_other_bare_json_is_rejected_by_topic(
+    mqtt_broker: MqttBroker,
+) -> None:
+    """A payload that is a plain JSON number becomes ``{"value": N}``; a bare string, array
+    or boolean is rejected with a warning naming its topic, and the stream goes on."""
+    name = "mq-bare"
+    source = MqttSource(config(mqtt_broker, name, ["bare/#"]))
+    emit = Collector()
+    decode = sample("loopd_events_rejected_total", source=name, reason="decode")
+    with capture_logs() as logs:
+        async with supervised(source, emit):
+            await wait_until(lambda: source.connected, what="source connected")
+            await publish(
+                mqtt_broker,
+                ("bare/web-1/cpu", b"93.5"),
+                ("bare/web-1/name", b'"web-1"'),
+                ("bare/web-1/list", b"[1, 2]"),
+                ("bare/web-1/up", b"true"),
+                ("bare/web-1/load", b" 7\n"),
+            )
+            await wait_until(lambda: len(emit.events) >= 2, what="the two numbers")
+            await wait_until(
+                lambda: sample("loopd_events_rejected_total", source=name, reason="decode")
+                == decode + 3, what="three rejects")
+    assert [(e.topic, e.data) for e in emit.events] == [
+        ("bare/web-1/cpu", {"value": 93.5}), ("bare/web-1/load", {"value": 7})]
+    rejected = {entry["topic"]: entry["error"] for entry in logs
+                if entry["event"] == "event rejected"}
+    assert rejected == {
+        "bare/web-1/name": "mqtt bare/web-1/name: expected a JSON object or a bare number, "
+                           "got a string",
+        "bare/web-1/list": "mqtt bare/web-1/list: expected a JSON object or a bare number, "
+                           "got an array",
+        "bare/web-1/up": "mqtt bare/web-1/up: expected a JSON object or a bare number, "
+                         "got a boolean",
+    }
 
 
 async def test_broker_restart_reconnects_and_resubscribes(mqtt_broker: MqttBroker) -> None:

@@ -94,7 +94,7 @@ def test_check_reports_an_invalid_config_file(
     config.write_text("listen: 127.0.0.1:8080\nsources: [{name: k, type: kafka}]\n")
     assert main(["check", "-c", str(config)]) == EXIT_INVALID
     err = capsys.readouterr().err
-    assert f"{config}: sources.0.kafka.topics: Field required" in err
+    assert f"{config}:2: sources[0].topics: is required" in err
 
 
 def test_check_reports_a_broken_pack_and_inventory(
