@@ -70,6 +70,8 @@ class Confirm(_Strict):
     def _evidence(self) -> Confirm:
         if self.event is None and self.query is None and self.or_query is None:
             raise ValueError("confirm needs an event, a query, or both")
+        if self.query is not None and self.or_query is not None:
+            raise ValueError("query and or_query are the same setting; give one")
         return self
 
     @property

@@ -108,6 +108,10 @@ BROKEN = {
         tasks:
           go: {action: t.echo, confirm: {query: up, within: 1m}}
     """, "go", "tasks.go: a task is exactly one of action, workflow, confirm"),
+    "query and or_query together": ("""
+        tasks:
+          go: {confirm: {query: up == 1, or_query: up == 1, within: 1m}}
+    """, "go", "tasks.go.confirm: query and or_query are the same setting; give one"),
     "unknown task field": ("""
         tasks:
           go: {action: t.echo, retries: 3}
