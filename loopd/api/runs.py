@@ -96,7 +96,7 @@ async def get_run(request: web.Request) -> web.Response:
     trail = await control.audit(AuditQuery(target=run_id, limit=1000))
     story.update(
         input=redact_keys(run.input, hidden), context=redact_keys(run.ctx),
-        trigger=redact_keys(run.event), steps=[step_view(s, registry) for s in steps],
+        trigger=trigger_view(run.event), steps=[step_view(s, registry) for s in steps],
         decisions=[decision_view(d) for d in decisions],
         interventions=[intervention(r) for r in reversed(trail)
                        if r.action in _INTERVENTIONS and r.status is not None],
@@ -106,6 +106,18 @@ async def get_run(request: web.Request) -> web.Response:
     known = Secrets([*_values(run.input, hidden), *(
         v for s in steps for v in _values(s.input, secret_inputs(registry, s.action)))])
     return json_response(known.tree(story))
+
+
+def trigger_view(event: Any) -> Any:
+    """The event that started the run, its time in RFC 3339 (its data as it came: the
+    run's context and step outputs are the workflow's own data, shown as stored)."""
+    if not isinstance(event, dict):
+        return event
+    shown = redact_keys(event)
+    when = event.get("time")
+    if isinstance(when, int | float):
+        shown["time"] = rfc3339(when)
+    return shown
 
 
 def intervention(r: AuditRecord) -> dict[str, Any]:

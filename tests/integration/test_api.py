@@ -227,6 +227,9 @@ async def test_alertmanager_notification_runs_the_rule_and_shows_the_run(api: Ap
     assert step["started"].endswith("Z") and step["duration_s"] == round(step["duration_s"], 3)
     assert story["trigger"]["data"]["labels"]["instance"] == "web-1:9113"
     assert story["trigger"]["data"]["receiver"] == "loopd"  # group fields come along
+    assert story["trigger"]["time"] == "2024-05-01T10:00:00.000Z"  # the alert's startsAt
+    assert paged["created"].endswith("Z") and paged["duration_s"] == round(
+        paged["duration_s"], 3)
     assert [e["outcome"] for e in story["decisions"]] == ["run_created"]
 
     status, incidents = await api.get("/v1/incidents?status=closed")
