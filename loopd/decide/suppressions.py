@@ -38,12 +38,16 @@ class SuppressionLog:
         self._interval = interval
         self._clock = clock
         self._windows: dict[tuple[str, str], _Window] = {}  # bounded: rules x guards
+        # bound once, after loopd.logs configured the level: the lazy proxy would resolve
+        # itself again on every call (half a microsecond)
+        self._log = log.bind()
+        self._debug = self._log.is_enabled_for(logging.DEBUG)
 
     def suppressed(self, rule: str, key: str | None, source: str, event_id: str,
                    guard: str, reason: str) -> None:
-        if log.is_enabled_for(logging.DEBUG):
-            log.debug("event suppressed", rule=rule, key=key, source=source,
-                      event_id=event_id, guard=guard, reason=reason)
+        if self._debug:
+            self._log.debug("event suppressed", rule=rule, key=key, source=source,
+                            event_id=event_id, guard=guard, reason=reason)
         window = self._windows.get((rule, guard))
         if window is None:
             window = self._windows[(rule, guard)] = _Window()
@@ -53,12 +57,12 @@ class SuppressionLog:
         # leading edge: the first suppression is told at once, then at most one line per
         # interval, counting everything since the previous line
         if last is None:
-            log.info(f"rule {rule}: {window.count} event(s) suppressed by {guard}",
-                     rule=rule, guard=guard, suppressed=window.count)
+            self._log.info(f"rule {rule}: {window.count} event(s) suppressed by {guard}",
+                           rule=rule, guard=guard, suppressed=window.count)
         elif now - last >= self._interval:
-            log.info(f"rule {rule}: {window.count} event(s) suppressed by {guard} in the "
-                     f"last {now - last:.0f}s", rule=rule, guard=guard,
-                     suppressed=window.count, seconds=round(now - last, 3))
+            self._log.info(f"rule {rule}: {window.count} event(s) suppressed by {guard} in "
+                           f"the last {now - last:.0f}s", rule=rule, guard=guard,
+                           suppressed=window.count, seconds=round(now - last, 3))
         else:
             return
         window.count = 0
