@@ -1,4 +1,5 @@
-"""The HTTP API (aiohttp, one port): health, metrics, ingest, rules, runs, reload.
+"""The HTTP API (aiohttp, one port): health, metrics, ingest, rules, runs, incidents,
+decisions, guards, audit, reload.
 
 Every request passes the gate first (``loopd.api.auth``: Host and Origin allow-lists,
 JSON-only mutating requests, tokens and roles); handlers read the caller with
