@@ -61,11 +61,14 @@ class Delivery:
     The engine calls ``ack`` exactly once, after the decision about the event
     is durable (or once it knows there is nothing to decide). A source must not
     consider the message consumed before that (Kafka commits its offset then).
+    Before it does, the engine sets ``duplicate`` when the event (its source and id) was
+    already decided, so nothing new was (the ingest reply counts them).
     """
 
     event: Event
     ack: Ack = _no_ack
     received: float = field(default_factory=time.monotonic)
+    duplicate: bool = False
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]

@@ -1,4 +1,5 @@
-"""The HTTP API (aiohttp, one port): health, metrics, ingest, rules, runs, reload.
+"""The HTTP API (aiohttp, one port): health, metrics, ingest, rules, runs, incidents,
+decisions, guards, audit, reload.
 
 Every request passes the gate first (``loopd.api.auth``: Host and Origin allow-lists,
 JSON-only mutating requests, tokens and roles); handlers read the caller with
@@ -23,6 +24,7 @@ from loopd import metrics
 from loopd.config import ApiConfig
 from loopd.control import Control, ReloadResult
 from loopd.events import Delivery
+from loopd.units import seconds
 
 if TYPE_CHECKING:
     from loopd.api.auth import Gate
@@ -107,7 +109,7 @@ async def rules(request: web.Request) -> web.Response:
         "rules": [{
             "name": r.name, "origin": r.origin, "enabled": r.rule.enabled,
             "source": r.source, "run": {r.kind: r.target}, "matches": control.matches(r.name),
-            "for": r.for_s, "throttle": r.throttle.model_dump() if r.throttle else None,
+            "for": seconds(r.for_s), "throttle": r.throttle.model_dump() if r.throttle else None,
         } for r in ruleset.rules],
         "errors": [str(e) for e in ruleset.errors],
     })
@@ -134,7 +136,7 @@ async def close_breaker(request: web.Request) -> web.Response:
 
 
 def build_app(ctx: ApiContext) -> web.Application:
-    from loopd.api import audit, ingest, limits, runs
+    from loopd.api import audit, decisions, ingest, limits, runs
     from loopd.api.auth import Gate
     from loopd.config import LoopdConfig
 
@@ -157,5 +159,6 @@ def build_app(ctx: ApiContext) -> web.Application:
                         name="close_breaker")
     ingest.add_routes(app)
     runs.add_routes(app)
+    decisions.add_routes(app)
     audit.add_routes(app)
     return app

@@ -3,8 +3,8 @@
 Every call that changes something (approve, reject, cancel, close a breaker, reload:
 every non-GET route but ingest) is appended to the store's append-only trail, and so is
 every call refused with 403 for a too-weak role. ``GET /v1/audit`` (admin) reads it,
-newest first, with filters ``action=``, ``who=``, ``target=``, ``since=`` (epoch
-seconds or ISO 8601) and ``limit=`` (at most 1000).
+newest first, with filters ``action=``, ``who=``, ``target=``, ``since=`` (RFC 3339
+or epoch seconds) and ``limit=`` (at most 1000); each record's ``time`` is RFC 3339.
 
 Order, so that nothing is done unaudited: ``trail`` runs after the auth middleware (the
 principal is known) and appends a ``requested`` record **before** the handler acts;
@@ -31,19 +31,20 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from loopd import metrics
+from loopd.api import query as params
 from loopd.api.app import CTX, error, json_response
 from loopd.api.limits import INGEST_ROUTES
 from loopd.api.principal import forwarded_client, principal
 from loopd.catalog.secrets import redact_keys
 from loopd.errors import StoreError
 from loopd.store.base import AuditQuery, AuditRecord
+from loopd.units import rfc3339
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -158,38 +159,17 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 def record_view(r: AuditRecord) -> dict[str, Any]:
-    return {"seq": r.seq, "time": r.time, "request": r.request, "who": r.who,
+    return {"seq": r.seq, "time": rfc3339(r.time), "request": r.request, "who": r.who,
             "role": r.role, "action": r.action, "target": r.target, "params": r.params,
             "status": r.status, "outcome": r.outcome, "client": r.client}
-
-
-def _since(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"since={text!r}: use epoch seconds or an ISO 8601 "
-                                      "time (2024-05-01T10:00:00Z)") from None
 
 
 def query(request: web.Request) -> AuditQuery:
     """The AuditQuery of ``GET /v1/audit``'s parameters; 400 naming a bad one."""
     q = request.query
-    unknown = sorted(set(q) - _FILTERS)
-    if unknown:
-        raise web.HTTPBadRequest(text=f"unknown parameter {unknown[0]!r} (use "
-                                      f"{', '.join(sorted(_FILTERS))})")
-    try:
-        limit = int(q.get("limit", "100"))
-    except ValueError:
-        raise web.HTTPBadRequest(text="limit must be an integer") from None
-    since = q.get("since")
+    params.refuse_unknown(q, _FILTERS)
     return AuditQuery(action=q.get("action"), who=q.get("who"), target=q.get("target"),
-                      since=_since(since) if since is not None else None,
-                      limit=max(1, min(1000, limit)))
+                      since=params.time_param(q, "since"), limit=params.limit(q))
 
 
 async def list_audit(request: web.Request) -> web.Response:

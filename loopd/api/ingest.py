@@ -1,8 +1,9 @@
 """``POST /v1/events`` and ``POST /v1/alertmanager``: push sources over HTTP.
 
 The handler answers once every accepted event is decided and durable: 200
-with counts, or 400 naming each rejected item (the valid ones are still
-decided), or 503 when the engine did not decide in time (the events stay
+with counts (``accepted``, of which ``duplicates`` were decided before: the same source
+and event id, so nothing new was decided for them), or 400 naming each rejected item
+(the valid ones are still decided), or 503 when the engine did not decide in time (the events stay
 queued; a retry is recognised by event id). The body is read in chunks: past the
 source's ``max_payload`` the answer is 413 at once (nothing more is buffered), and a
 body that does not arrive within ``api.body_timeout`` is answered 408; both close the
@@ -99,6 +100,7 @@ async def _decide(request: web.Request, name: str, route: str, parser: Parser
                       "smaller requests)", source=name)
     loop = asyncio.get_running_loop()
     waits: list[asyncio.Future[None]] = []
+    handed: list[Delivery] = []
     rejected = []
     valid = [item for item in items if not isinstance(item, EventError)]
     for item in items:
@@ -114,7 +116,9 @@ async def _decide(request: web.Request, name: str, route: str, parser: Parser
             for event in valid:
                 done: asyncio.Future[None] = loop.create_future()
                 metrics.event_received(name)
-                await ctx.emit(Delivery(event, _resolver(done)))
+                delivery = Delivery(event, _resolver(done))
+                await ctx.emit(delivery)
+                handed.append(delivery)
                 waits.append(done)
     except TimeoutError:
         return refuse(503, route, "queue", f"the engine queue stayed full for "
@@ -129,7 +133,11 @@ async def _decide(request: web.Request, name: str, route: str, parser: Parser
                       f"within {ctx.decision_timeout:g}s; retry is safe for events with an "
                       "id or a time (they are de-duplicated)", retry_after=queue_timeout,
                       source=name)
-    body_out = {"accepted": len(waits), "rejected": len(rejected), "errors": rejected}
+    # the engine marked the events it had decided before (the same source and id): they
+    # are accepted, and nothing new was decided for them
+    duplicates = sum(d.duplicate for d in handed)
+    body_out = {"accepted": len(waits), "duplicates": duplicates, "rejected": len(rejected),
+                "errors": rejected}
     return json_response(body_out, status=400 if rejected else 200)
 
 

@@ -66,6 +66,8 @@ ROUTE_ROLES: dict[str, Role] = {
     "runs": Role.VIEWER,
     "run": Role.VIEWER,
     "incidents": Role.VIEWER,
+    "incident": Role.VIEWER,
+    "decisions": Role.VIEWER,
     "events": Role.INGEST,
     "events_source": Role.INGEST,
     "alertmanager": Role.INGEST,

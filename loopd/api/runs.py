@@ -1,4 +1,10 @@
-"""Runs and incidents: ``GET /v1/runs/{id}`` tells the whole story of a run.
+"""Runs and incidents: ``GET /v1/runs/{id}`` tells the whole story of a run, and
+``GET /v1/incidents/{id}`` an incident's (its runs and decisions). Times are RFC 3339
+(``units.rfc3339``), durations seconds rounded to milliseconds (``units.seconds``).
+
+A run's story lists the decisions of its incident (``decisions``, the rows of
+``GET /v1/decisions``): the event that opened it, those that joined it, and the
+suppressions of its rule and key around it.
 
 The story includes the people who intervened: ``interventions`` lists, from the audit
 trail (loopd.api.audit), each approve, reject and cancel call on the run with who made
@@ -14,31 +20,27 @@ from typing import Any
 
 from aiohttp import web
 
+from loopd.api import query as params
 from loopd.api.app import CTX, error, json_response
+from loopd.api.decisions import decision_view
 from loopd.api.principal import principal
 from loopd.catalog.secrets import Secrets, redact_keys, secret_key
 from loopd.packs.registry import PackRegistry
 from loopd.runs import states
 from loopd.store.base import AuditQuery, AuditRecord, IncidentRecord, RunRecord, StepRecord
+from loopd.units import rfc3339, seconds
 
 # the audited calls on a run that belong to its story
 _INTERVENTIONS = {"approve_run": "approve", "reject_run": "reject", "cancel_run": "cancel"}
-
-
-def _limit(request: web.Request) -> int:
-    try:
-        return max(1, min(1000, int(request.query.get("limit", "100"))))
-    except ValueError:
-        raise web.HTTPBadRequest(text="limit must be an integer") from None
 
 
 def run_summary(run: RunRecord) -> dict[str, Any]:
     return {
         "id": run.id, "incident": run.incident_id, "rule": run.rule, "key": run.key,
         run.kind: run.target, "status": run.status, "outcome": run.outcome,
-        "reason": run.reason, "created": run.created, "started": run.started,
-        "finished": run.finished,
-        "duration_s": (run.finished - run.created) if run.finished else None,
+        "reason": run.reason, "created": rfc3339(run.created), "started": rfc3339(run.started),
+        "finished": rfc3339(run.finished),
+        "duration_s": seconds(run.finished - run.created) if run.finished else None,
         "owner": run.owner, "epoch": run.epoch,  # the replica executing it, its claim
     }
 
@@ -55,8 +57,9 @@ def step_view(step: StepRecord, registry: PackRegistry) -> dict[str, Any]:
     hidden = secret_inputs(registry, step.action)
     return {
         "seq": step.seq, "task": step.task, "action": step.action, "attempt": step.attempt,
-        "status": step.status, "started": step.started, "finished": step.finished,
-        "duration_s": (step.finished - step.started) if step.finished else None,
+        "status": step.status, "started": rfc3339(step.started),
+        "finished": rfc3339(step.finished),
+        "duration_s": seconds(step.finished - step.started) if step.finished else None,
         "input": redact_keys(step.input, hidden), "output": redact_keys(step.output, hidden),
         "error": step.error,
         "transition": step.transition,
@@ -65,7 +68,7 @@ def step_view(step: StepRecord, registry: PackRegistry) -> dict[str, Any]:
 
 def incident_view(inc: IncidentRecord) -> dict[str, Any]:
     return {"id": inc.id, "rule": inc.rule, "key": inc.key, "status": inc.status,
-            "opened": inc.opened, "closed": inc.closed, "events": inc.events,
+            "opened": rfc3339(inc.opened), "closed": rfc3339(inc.closed), "events": inc.events,
             "run": inc.run_id, "outcome": inc.outcome}
 
 
@@ -74,7 +77,7 @@ async def list_runs(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in (*states.ACTIVE, *states.FINAL, states.QUEUED):
         return error(400, f"unknown status {status!r}")
-    runs = await control.list_runs(status=status, limit=_limit(request))
+    runs = await control.list_runs(status=status, limit=params.limit(request.query))
     return json_response({"runs": [run_summary(r) for r in runs]})
 
 
@@ -93,9 +96,8 @@ async def get_run(request: web.Request) -> web.Response:
     trail = await control.audit(AuditQuery(target=run_id, limit=1000))
     story.update(
         input=redact_keys(run.input, hidden), context=redact_keys(run.ctx),
-        trigger=redact_keys(run.event), steps=[step_view(s, registry) for s in steps],
-        events=[{"source": d.source, "id": d.event_id, "outcome": d.outcome,
-                 "reason": d.reason, "time": d.time} for d in decisions],
+        trigger=trigger_view(run.event), steps=[step_view(s, registry) for s in steps],
+        decisions=[decision_view(d) for d in decisions],
         interventions=[intervention(r) for r in reversed(trail)
                        if r.action in _INTERVENTIONS and r.status is not None],
     )
@@ -106,10 +108,23 @@ async def get_run(request: web.Request) -> web.Response:
     return json_response(known.tree(story))
 
 
+def trigger_view(event: Any) -> Any:
+    """The event that started the run, its time in RFC 3339 (its data as it came: the
+    run's context and step outputs are the workflow's own data, shown as stored)."""
+    if not isinstance(event, dict):
+        return event
+    shown = redact_keys(event)
+    when = event.get("time")
+    if isinstance(when, int | float):
+        shown["time"] = rfc3339(when)
+    return shown
+
+
 def intervention(r: AuditRecord) -> dict[str, Any]:
     """An approve, reject or cancel call on a run, as its story shows it."""
     reason = r.params.get("reason") if isinstance(r.params, dict) else None
-    return {"action": _INTERVENTIONS[r.action], "by": r.who, "role": r.role, "at": r.time,
+    return {"action": _INTERVENTIONS[r.action], "by": r.who, "role": r.role,
+            "at": rfc3339(r.time),
             "reason": reason, "status": r.status, "outcome": r.outcome}
 
 
@@ -159,8 +174,29 @@ async def list_incidents(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status not in (None, "open", "closed"):
         return error(400, "status must be open or closed")
-    incidents = await request.app[CTX].control.list_incidents(status=status, limit=_limit(request))
+    incidents = await request.app[CTX].control.list_incidents(
+        status=status, limit=params.limit(request.query))
     return json_response({"incidents": [incident_view(i) for i in incidents]})
+
+
+async def get_incident(request: web.Request) -> web.Response:
+    """An incident, its runs (the one that opened it, the queued and restarted ones,
+    oldest first) and its decisions (``Control.decisions_around``: those that opened and
+    joined it, and its rule and key's suppressions around it)."""
+    control = request.app[CTX].control
+    incident_id = request.match_info["id"]
+    incident = await control.get_incident(incident_id)
+    if incident is None:
+        return error(404, f"no incident {incident_id!r}")
+    decisions = await control.decisions_around(incident)
+    run_ids = dict.fromkeys([*(d.run_id for d in decisions if d.run_id is not None
+                               and d.incident_id == incident.id),
+                             *([incident.run_id] if incident.run_id else [])])
+    runs = [run for run_id in run_ids if (run := await control.get_run(run_id)) is not None]
+    runs.sort(key=lambda r: r.created)
+    return json_response({**incident_view(incident),
+                          "runs": [run_summary(r) for r in runs],
+                          "decisions": [decision_view(d) for d in decisions]})
 
 
 def add_routes(app: web.Application) -> None:
@@ -170,3 +206,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/runs/{id}/approve", approve, name="approve_run")
     app.router.add_post("/v1/runs/{id}/reject", reject, name="reject_run")
     app.router.add_get("/v1/incidents", list_incidents, name="incidents")
+    app.router.add_get("/v1/incidents/{id}", get_incident, name="incident")

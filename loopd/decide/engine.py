@@ -41,6 +41,7 @@ from loopd.decide.committer import Committer
 from loopd.decide.guards import DEFAULT_MAX_KEYS as MEMORY_MAX_KEYS
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
+from loopd.decide.suppressions import SuppressionLog
 from loopd.decide.timers import ForTimers
 from loopd.errors import ConditionError
 from loopd.events import Delivery, Event
@@ -60,6 +61,7 @@ from loopd.store.base import (
     Mark,
     RunRecord,
     Store,
+    refusal_reason,
 )
 
 NO_KEY = "-"
@@ -152,7 +154,8 @@ class Engine:
         self._written: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=2)
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.guards = guards or Guards(GlobalGuards(), self.inventory)
-        self.incidents = Incidents(self.guards, self.inventory)
+        self.suppressions = SuppressionLog()  # the log lines of suppressed decisions
+        self.incidents = Incidents(self.guards, self.inventory, self.suppressions)
         self._timers = ForTimers(memory_max_keys)  # guard memory is bounded by Guards itself
         self._in_flight = 0
         # liveness: monotonic time of the last batch written (or of work arriving when idle)
@@ -422,7 +425,7 @@ class Engine:
                 delivery = queue.get_nowait()
                 pending.deliveries.append(delivery)
                 pending.marks.append(pending.batch.mark())
-                self._decide(delivery.event, pending)
+                delivery.duplicate = self._decide(delivery.event, pending)
             self._seal(pending)
             metrics.queue_depth(queue.qsize())
             # Waits when two batches are already being written: backpressure to the queue.
@@ -468,6 +471,8 @@ class Engine:
             if pending is None:
                 return
             result = await self._commit(pending) if pending.batch else CommitResult()
+            if result.duplicates:
+                self._mark_duplicates(pending, result)
             done = self.progress_at = time.monotonic()
             for delivery in pending.deliveries:
                 delivery.ack()
@@ -494,6 +499,17 @@ class Engine:
             events = [None] * (len(marks) - 1)
         return await self.committer.commit(pending.batch, marks, events)
 
+    @staticmethod
+    def _mark_duplicates(pending: _Pending, result: CommitResult) -> None:
+        """A delivery whose every decision the store already had is a duplicate (another
+        replica, or this one before a restart, decided it first)."""
+        decisions = pending.batch.decisions
+        ends = [m[1] for m in pending.marks[1:]] + [len(decisions)]
+        for delivery, start, end in zip(pending.deliveries, pending.marks, ends, strict=True):
+            own = decisions[start[1]:end]
+            if own and all((d.source, d.event_id, d.rule) in result.duplicates for d in own):
+                delivery.duplicate = True
+
     def _reconcile(self, pending: _Pending, result: CommitResult) -> None:
         """Bring memory in line with what the store created: runs it did not create are
         forgotten (with their new incidents), and no command goes out for them."""
@@ -511,9 +527,10 @@ class Engine:
                 run = runs.get(run_id)
                 if limit.kind != "opens" and run is not None:
                     metrics.guard_suppressed(run.rule or "", limit.guard)
-                    metrics.log.info("guard counted across replicas refused the run",
-                                     rule=run.rule, key=run.key, guard=limit.guard,
-                                     reason=limit.reason)
+                    trigger = run.event or {}
+                    self.suppressions.suppressed(
+                        run.rule or "", run.key, str(trigger.get("source", "")),
+                        str(trigger.get("id", "")), limit.guard, refusal_reason(limit))
         skipped = result.skipped_runs
         if not skipped:
             return
@@ -538,13 +555,16 @@ class Engine:
 
     # -- the hot path ----------------------------------------------------------------
 
-    def _decide(self, event: Event, pending: _Pending) -> None:
+    def _decide(self, event: Event, pending: _Pending) -> bool:
+        """Decide ``event`` into ``pending``; True when it was already decided (a
+        duplicate: nothing new is recorded)."""
         try:
-            self._decide_event(event, pending)
+            return self._decide_event(event, pending)
         except Exception:  # supervised boundary: a bug on one event must not stop the engine
             metrics.engine_error(event.source, event.origin or event.id)
+            return False
 
-    def _decide_event(self, event: Event, pending: _Pending) -> None:
+    def _decide_event(self, event: Event, pending: _Pending) -> bool:
         if self._telemetry_sources is None or event.source in self._telemetry_sources:
             self.telemetry.observe(event)
         if self._evidence is not None:
@@ -567,7 +587,7 @@ class Engine:
                                     now if virtual is not None else self.clock.now())
         candidates = self._index.candidates(event)
         if not candidates:
-            return
+            return False
         if virtual is None:
             now = self.clock.now()
         ident: tuple[str, str] | None = None
@@ -580,7 +600,7 @@ class Engine:
                 ident = (event.source, event.id)
                 if ident in self._recent:
                     metrics.event_duplicate(event.source, event.id)
-                    return
+                    return True
             scope = {"event": event, "vars": tvars, "inventory": self.inventory.entities,
                      "telemetry": self.telemetry, "now": now}
             part = "if"
@@ -615,11 +635,11 @@ class Engine:
             self._decide_rule(rule, event, key, scope, now, pending)
         if decided and ident is not None:
             self._remember(ident)
-            if kept:
-                return
-            pending.batch.events.append(
-                EventRecord(event.source, event.id, event.topic, event.key, event.time,
-                            event.data))
+            if not kept:
+                pending.batch.events.append(
+                    EventRecord(event.source, event.id, event.topic, event.key, event.time,
+                                event.data))
+        return False
 
     def _rule_failed(self, rule: CompiledRule, event: Event, part: str, error: ConditionError,
                      now: float, pending: _Pending) -> None:
@@ -639,9 +659,10 @@ class Engine:
             if started:
                 batch.timers_set.append((name, key, since))
             if now - since < rule.for_s:
+                reason = f"for: held {now - since:.0f}s of {rule.for_s:g}s"
+                self.suppressions.suppressed(name, key, event.source, event.id, "for", reason)
                 batch.decisions.append(DecisionRecord(
-                    event.source, event.id, name, key, "suppressed",
-                    f"for: held {now - since:.0f}s of {rule.for_s:g}s", now))
+                    event.source, event.id, name, key, "suppressed", reason, now))
                 return
         before = len(pending.commands)
         self.incidents.decide(rule, event, key, scope, now, batch, pending.commands)

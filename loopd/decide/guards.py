@@ -23,6 +23,7 @@ from loopd.decide.timers import Throttle
 from loopd.policy import BlastRadius, Budget, GlobalGuards, RuleGuards, Window
 from loopd.runs import states
 from loopd.store.base import BreakerRecord, Limit
+from loopd.units import rfc3339, seconds
 
 # breaker failures; ``done`` (succeeded, nothing to confirm) and ``cancelled`` are not
 NOT_FIXED = frozenset({states.NOT_FIXED, states.OUTCOME_FAILED, states.INCONCLUSIVE})
@@ -394,12 +395,14 @@ class Guards:
         return left
 
     def snapshot(self, policies: dict[str, RuleGuards], now: float) -> dict[str, Any]:
-        budgets = [{"rule": rule, "remaining": left, "count": b.count, "per_s": b.per}
+        """What ``GET /v1/guards`` shows (times RFC 3339, durations in seconds)."""
+        budgets = [{"rule": rule, "remaining": left, "count": b.count,
+                    "per_s": seconds(b.per)}
                    for rule, left in self.publish_budgets(policies, now).items()
                    if (b := policies[rule].max_runs) is not None]
         if self.config.max_runs is not None:
             budgets.append({"rule": _FLEET, "count": self.config.max_runs.count,
-                            "per_s": self.config.max_runs.per,
+                            "per_s": seconds(self.config.max_runs.per),
                             "remaining": self.remaining(self.config.max_runs,
                                                         self.starts.get(_FLEET), now)})
         windows = [w.name for w in self.config.maintenance if w.active(now)]
@@ -407,15 +410,16 @@ class Guards:
                     for w in p.maintenance if w.active(now)]
         return {
             "breakers": [{"scope": s, "state": "open" if now < b.until else "closing",
-                          "opened": b.opened, "closes": b.until, "reason": b.reason}
+                          "opened": rfc3339(b.opened), "closes": rfc3339(b.until),
+                          "reason": b.reason}
                          for s, b in self.breakers.items()],
             "budgets": budgets,
             "windows_active": windows,
-            "flapping": [{"scope": s, "since": t} for s, t in self.flapping.items()],
+            "flapping": [{"scope": s, "since": rfc3339(t)} for s, t in self.flapping.items()],
             "under_remediation": {g: sorted(keys) for g, keys in self.remediating.items()
                                   if keys},
             "silences": None if self.silences is None else {
-                "active": len(self.silences.active), "fetched": self.silences.fetched,
+                "active": len(self.silences.active), "fetched": rfc3339(self.silences.fetched),
                 "error": self.silences.error},
         }
 

@@ -22,6 +22,7 @@ from typing import Any
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
 from loopd.decide.guards import Guards, Verdict
+from loopd.decide.suppressions import SuppressionLog
 from loopd.decide.timers import Throttle, compile_throttle
 from loopd.errors import ConditionError
 from loopd.events import Event, new_id
@@ -41,9 +42,11 @@ class _Runs:
 
 
 class Incidents:
-    def __init__(self, guards: Guards, inventory: Inventory) -> None:
+    def __init__(self, guards: Guards, inventory: Inventory,
+                 suppressions: SuppressionLog | None = None) -> None:
         self.guards = guards
         self.inventory = inventory
+        self.suppressions = suppressions or SuppressionLog()
         self.open: dict[tuple[str, str], IncidentRecord] = {}
         self.by_id: dict[str, tuple[str, str]] = {}
         self.runs: dict[str, _Runs] = {}
@@ -152,19 +155,21 @@ class Incidents:
                 record("joined", f"queue full ({policy.max_queued})", incident)
                 return
         if resolved:
-            self._suppress(record, name, "resolved", "a resolved alert never starts a run")
+            self._suppress(record, event, name, key, "resolved",
+                           "guard resolved: a resolved alert never starts a run")
             return
         throttle = self._throttles.get(name)
         if throttle is not None:
             why = self.guards.throttled(name, key, throttle, now)
             if why is not None:
-                record("suppressed", why)
+                self._suppress(record, event, name, key, "throttle", why)
                 return
         labels = event.data.get("labels")
         verdict = self.guards.check(name, key, policy.guards, labels if isinstance(
             labels, dict) else None, now)
         if verdict is not None:
-            self._suppress(record, name, verdict.guard, verdict.reason)
+            self._suppress(record, event, name, key, verdict.guard,
+                           f"guard {verdict.guard}: {verdict.reason}")
             if verdict.escalate:
                 self._escalate(rule, key, verdict, now, batch, commands)
             return
@@ -221,10 +226,11 @@ class Incidents:
         commands.append(StartRun(run))
         record(outcome, None, incident, run.id)
 
-    @staticmethod
-    def _suppress(record: Callable[..., None], rule: str, guard: str, reason: str) -> None:
+    def _suppress(self, record: Callable[..., None], event: Event, rule: str, key: str,
+                  guard: str, reason: str) -> None:
         metrics.guard_suppressed(rule, guard)
-        record("suppressed", f"guard {guard}: {reason}")
+        self.suppressions.suppressed(rule, key, event.source, event.id, guard, reason)
+        record("suppressed", reason)
 
     def _escalate(self, rule: CompiledRule, key: str, verdict: Verdict | str, now: float,
                   batch: Batch, commands: list[RunCommand]) -> RunRecord | None:

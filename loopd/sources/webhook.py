@@ -47,7 +47,11 @@ def _check_size(body: bytes, max_payload: int, origin: str) -> None:
 
 
 def generic_events(body: JSON, *, source: str, origin: str) -> list[Event | DecodeError]:
-    """One event per object: a single object or a list of them (each checked alone)."""
+    """One event per object: a single object or a list of them (each checked alone).
+
+    The one check of a generic event, for ``POST /v1/events`` and ``loopd simulate``
+    alike: an object with a string ``topic`` and an object ``data`` (a bare payload is
+    refused here, unlike on a broker topic, where the topic comes from the broker)."""
     items = body if isinstance(body, list) else [body]
     out: list[Event | DecodeError] = []
     for index, item in enumerate(items):
@@ -56,22 +60,22 @@ def generic_events(body: JSON, *, source: str, origin: str) -> list[Event | Deco
             out.append(DecodeError(f"expected a JSON object, got {type(item).__name__}",
                                    origin=where))
             continue
-        topic = item.get("topic", "")
-        if not isinstance(topic, str):
-            out.append(DecodeError("field 'topic' must be a string", origin=where))
-            continue
         try:
+            topic = _require(item, "topic", str, where, "a string")
+            _require(item, "data", dict, where, "an object")
             out.append(event_from_object(item, source=source, topic=topic, origin=where))
         except DecodeError as exc:
             out.append(exc)
     return out
 
 
-def _require(obj: dict[str, Any], name: str, kind: type, where: str) -> Any:
+def _require(obj: dict[str, Any], name: str, kind: type, where: str,
+             what: str | None = None) -> Any:
     value = obj.get(name)
     if not isinstance(value, kind):
         got = "missing" if value is None else type(value).__name__
-        raise DecodeError(f"field {name!r} must be {kind.__name__}, got {got}", origin=where)
+        raise DecodeError(f"field {name!r} must be {what or kind.__name__}, got {got}",
+                          origin=where)
     return value
 
 

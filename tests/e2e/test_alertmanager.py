@@ -66,7 +66,7 @@ async def test_notifications_start_one_run_per_firing_alert_and_repeats_start_no
         alert("NodeDown", "db-1", status="resolved", ends="2026-11-23T03:05:00Z"),
     )
     assert await daemon.post("/v1/alertmanager", payload) == \
-        {"accepted": 4, "rejected": 0, "errors": []}
+        {"accepted": 4, "duplicates": 0, "rejected": 0, "errors": []}
     runs = await daemon.wait_runs(2, status="succeeded")
     assert sorted(r["key"] for r in runs) == ["web-1", "web-2"]
     story = await daemon.run(next(r["id"] for r in runs if r["key"] == "web-1"))
@@ -74,7 +74,8 @@ async def test_notifications_start_one_run_per_firing_alert_and_repeats_start_no
     assert story["trigger"]["data"]["receiver"] == "loopd"
 
     # Alertmanager repeats the notification (repeat_interval, or a retry after a timeout)
-    assert (await daemon.post("/v1/alertmanager", payload))["accepted"] == 4
+    again = await daemon.post("/v1/alertmanager", payload)
+    assert (again["accepted"], again["duplicates"]) == (4, 2)  # web-3 and db-1 match no rule
     assert await daemon.metric("loopd_events_duplicate_total", source="alertmanager") == 2
     assert len(await daemon.runs()) == 2
     assert daemon.store_query("SELECT COUNT(*) FROM decisions") == [(2,)]
@@ -91,6 +92,8 @@ async def test_notifications_start_one_run_per_firing_alert_and_repeats_start_no
     ((outcome, reason),) = daemon.store_query(
         "SELECT outcome, reason FROM decisions WHERE key='web-1' ORDER BY seq DESC LIMIT 1")
     assert outcome == "suppressed" and reason.startswith("throttled: once within 600s")
+    (seen,) = (await daemon.get("/v1/decisions?key=web-1&outcome=suppressed"))["decisions"]
+    assert (seen["guard"], seen["reason"]) == ("throttle", reason)
     assert await daemon.metric("loopd_decisions_total", rule=RULE, outcome="suppressed") == 1
 
     # a payload that is not Alertmanager's: 400 naming the problem, nothing decided

@@ -11,6 +11,7 @@ import aiomqtt
 import orjson
 import pytest
 
+from loopd.units import parse_time
 from tests.e2e.conftest import Factory
 from tests.e2e.daemon import SHIPPED_PACKS, Config, LoopdProcess, eventually
 from tests.e2e.test_mqtt import mqtt_client, mqtt_source, publish
@@ -132,7 +133,7 @@ async def test_unhealthy_service_is_restarted_once_and_confirmed_fixed(
     assert verify["transition"] == "fixed (when succeeded)"
     assert story["trigger"]["topic"] == HEALTH
     assert story["input"] == {"host": "web-1", "service": "nginx"}
-    assert [e["outcome"] for e in story["events"]] == ["run_created", "joined"]
+    assert [e["outcome"] for e in story["decisions"]] == ["run_created", "joined"]
     assert ssh_server.host.count(RESTART) == 1
     assert await daemon.metric("loopd_run_outcomes_total", workflow="linux.restart_and_verify",
                                outcome="fixed") == 1
@@ -220,7 +221,8 @@ async def test_run_killed_while_waiting_resumes_with_its_original_deadline(
     verify = task_of(story, "verify")
     assert verify["status"] == "inconclusive"
     assert verify["error"] == f"no evidence within {within:g}s"
-    assert verify["finished"] < restarted + within / 2, "waited anew after the restart"
+    assert parse_time(verify["finished"]) < restarted + within / 2, \
+        "waited anew after the restart"
     assert (story["status"], story["outcome"]) == ("failed", "inconclusive")
     assert [s["task"] for s in story["steps"]] == ["restart", "verify", "escalate"]
     assert verify["transition"] == "escalate (when inconclusive)"
@@ -259,7 +261,7 @@ async def test_run_stopped_while_waiting_is_fixed_by_evidence_after_the_restart(
     assert story["outcome"] == "fixed"
     assert [(s["task"], s["status"]) for s in story["steps"]] == [
         ("restart", "succeeded"), ("verify", "succeeded"), ("fixed", "succeeded")]
-    assert task_of(story, "verify")["finished"] < deadline
+    assert parse_time(task_of(story, "verify")["finished"]) < deadline
     ((progress,),) = daemon.store_query("SELECT progress FROM runs WHERE id=?", (run_id,))
     assert orjson.loads(progress)["tasks"]["verify"].get("deadline", deadline) == deadline
     assert ssh_server.host.count(RESTART) == 1

@@ -115,7 +115,7 @@ async def test_records_drive_decisions_and_malformed_ones_go_to_dead_letters(
     story = await daemon.run(runs[0]["id"])
     assert story["trigger"]["source"] == "bus" and story["trigger"]["topic"] == kafka_topic
     assert [s["status"] for s in story["steps"]] == ["succeeded"]
-    assert [e["outcome"] for e in story["events"]] == ["run_created"]
+    assert [e["outcome"] for e in story["decisions"]] == ["run_created"]
 
     (dead,) = await read_topic(kafka_broker.bootstrap, dlq, 1)
     headers = {k: v.decode() for k, v in dead.headers}

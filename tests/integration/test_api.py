@@ -26,6 +26,7 @@ from loopd.config import load_config
 from loopd.daemon import Daemon
 from loopd.store.base import Store
 from loopd.store.sqlite import SqliteStore
+from loopd.units import parse_time
 from tests.servers import wait_until
 from tests.unit.test_arbiter import FlakyStore
 
@@ -203,7 +204,8 @@ async def test_alertmanager_notification_runs_the_rule_and_shows_the_run(api: Ap
     """Each alert of a v4 notification is an event; the matching rule's run shows its steps."""
     received = sample("loopd_events_received_total", source="alertmanager")
     status, body = await api.post("/v1/alertmanager", ALERTMANAGER)
-    assert (status, body) == (200, {"accepted": 3, "rejected": 0, "errors": []})
+    assert (status, body) == (200, {"accepted": 3, "duplicates": 0, "rejected": 0,
+                                    "errors": []})
     assert sample("loopd_events_received_total", source="alertmanager") - received == 3
     await api.settled()
 
@@ -221,10 +223,14 @@ async def test_alertmanager_notification_runs_the_rule_and_shows_the_run(api: Ap
     assert (step["action"], step["status"], step["attempt"]) == ("core.log", "succeeded", 1)
     assert step["input"] == {"message": message, "level": "warning"}
     assert step["output"] == {"message": message}
-    assert step["finished"] >= step["started"]
+    assert parse_time(step["finished"]) >= parse_time(step["started"])
+    assert step["started"].endswith("Z") and step["duration_s"] == round(step["duration_s"], 3)
     assert story["trigger"]["data"]["labels"]["instance"] == "web-1:9113"
     assert story["trigger"]["data"]["receiver"] == "loopd"  # group fields come along
-    assert [e["outcome"] for e in story["events"]] == ["run_created"]
+    assert story["trigger"]["time"] == "2024-05-01T10:00:00.000Z"  # the alert's startsAt
+    assert paged["created"].endswith("Z") and paged["duration_s"] == round(
+        paged["duration_s"], 3)
+    assert [e["outcome"] for e in story["decisions"]] == ["run_created"]
 
     status, incidents = await api.get("/v1/incidents?status=closed")
     assert status == 200
@@ -360,7 +366,7 @@ async def test_generic_events_are_decided_one_by_one(api: Api) -> None:
     assert body["errors"] == [
         "webhook 127.0.0.1 /v1/events[2]: field 'key' has wrong type int",
         "webhook 127.0.0.1 /v1/events[3]: expected a JSON object, got str",
-        "webhook 127.0.0.1 /v1/events[4]: field 'topic' must be a string",
+        "webhook 127.0.0.1 /v1/events[4]: field 'topic' must be a string, got int",
     ]
     status, body = await api.post("/v1/events", {"id": "d4", "topic": "disk", "key": "db-3",
                                                  "data": {"used": 0.97}})
@@ -457,7 +463,7 @@ async def test_bad_query_parameters_are_400s(api: Api) -> None:
     assert await api.get("/v1/runs?status=sleeping") == (
         400, {"error": "unknown status 'sleeping'", "status": 400})
     status, body = await api.get("/v1/runs?limit=lots")
-    assert (status, body["error"]) == (400, "limit must be an integer")
+    assert (status, body["error"]) == (400, "limit must be an integer, got 'lots'")
     status, body = await api.get("/v1/incidents?status=maybe")
     assert (status, body["error"]) == (400, "status must be open or closed")
 

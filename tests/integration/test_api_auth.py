@@ -44,7 +44,8 @@ MUTATING = [
     pytest.param("/v1/runs/r-1/cancel", None, id="cancel"),
     pytest.param("/v1/reload", None, id="reload"),
     pytest.param("/v1/guards/breakers/page-on-critical/close", None, id="close-breaker"),
-    pytest.param("/v1/events", {"topic": "disk", "key": "db-1", "used": 0.95}, id="events"),
+    pytest.param("/v1/events", {"topic": "disk", "key": "db-1", "data": {"used": 0.95}},
+                 id="events"),
     pytest.param("/v1/alertmanager", ALERTMANAGER, id="alertmanager"),
 ]
 
@@ -225,8 +226,8 @@ async def test_failed_authentications_from_one_address_are_throttled_429(site: S
 ROLE_TABLE = [
     # token, method, path, body, expected status (409/404: the handler answered)
     (VIEWER, "GET", "/v1/runs", None, 200),
-    (VIEWER, "POST", "/v1/events", {"topic": "x"}, 403),
-    (INGEST, "POST", "/v1/events", {"topic": "x", "key": "k"}, 200),
+    (VIEWER, "POST", "/v1/events", {"topic": "x", "data": {}}, 403),
+    (INGEST, "POST", "/v1/events", {"topic": "x", "key": "k", "data": {}}, 200),
     (INGEST, "GET", "/v1/runs", None, 200),
     (INGEST, "POST", "/v1/runs/r-1/approve", None, 403),
     (OPERATOR, "POST", "/v1/runs/r-1/approve", None, 409),
@@ -332,7 +333,7 @@ async def test_json_or_no_body_is_accepted_and_same_origin_or_listed_origins_pas
     async with site.serve(api_cfg) as api:
         port = api.daemon.port
         assert (await call(api, "POST", "/v1/runs/r-1/approve"))[0] == 409
-        status, _, _ = await call(api, "POST", "/v1/events", data=b'{"topic": "t"}',
+        status, _, _ = await call(api, "POST", "/v1/events", data=b'{"topic": "t", "data": {}}',
                                   headers={"Content-Type": "application/json; charset=utf-8"})
         assert status == 200
         for origin in (f"http://127.0.0.1:{port}", "https://ops.example"):

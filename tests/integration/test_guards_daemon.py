@@ -27,6 +27,7 @@ import pytest
 from loopd import metrics
 from loopd.config import load_config
 from loopd.daemon import Daemon
+from loopd.units import parse_time
 from tests.servers import wait_until
 from tests.servers.http_targets import AlertmanagerApi
 
@@ -80,8 +81,8 @@ class Api:
     async def runs(self, rule: str | None = None) -> list[dict[str, Any]]:
         status, body = await self.get("/v1/runs?limit=1000")
         assert status == 200
-        return sorted((r for r in body["runs"] if rule is None or r["rule"] == rule),
-                      key=lambda r: r["created"])
+        # oldest first: the API answers newest first (two runs may share a millisecond)
+        return [r for r in reversed(body["runs"]) if rule is None or r["rule"] == rule]
 
     async def run(self, run_id: str) -> dict[str, Any]:
         status, body = await self.get(f"/v1/runs/{run_id}")
@@ -294,7 +295,7 @@ async def test_restart_mode_cancels_the_run_in_progress_and_starts_a_new_one(
         assert story["reason"] == "restarted by event e2"
         second = (await api.wait_runs("restart-mode", 2))[1]
         await api.wait_status(second["id"], "running")
-        assert [e["outcome"] for e in (await api.run(second["id"]))["events"]] == [
+        assert [e["outcome"] for e in (await api.run(second["id"]))["decisions"]] == [
             "run_created", "restarted"]
 
         await api.post("/v1/events", {"id": "g1", "topic": "gated", "key": "db-1", "data": {}})
@@ -394,7 +395,7 @@ rules:
         await api.daemon.engine.drain(timeout=10)
         story = await api.run(run["id"])
         assert story["status"] == "running"
-        assert [e["outcome"] for e in story["events"]] == ["run_created", "joined"]
+        assert [e["outcome"] for e in story["decisions"]] == ["run_created", "joined"]
         assert (await api.post(f"/v1/runs/{run['id']}/cancel"))[0] == 202
         story = await api.wait_status(run["id"], "cancelled")
         assert story["reason"] == "cancelled through the API"
@@ -476,7 +477,7 @@ async def test_the_breaker_opens_escalates_once_survives_a_restart_and_closes_by
         _, guards = await api.get("/v1/guards")
         (breaker,) = guards["breakers"]
         assert (breaker["scope"], breaker["state"]) == ("broken-fix", "open")
-        assert breaker["closes"] == pytest.approx(breaker["opened"] + 3600)
+        assert parse_time(breaker["closes"]) == pytest.approx(parse_time(breaker["opened"]) + 3600)
 
         before = sample("loopd_guard_suppressions_total", rule="broken-fix", guard="breaker")
         await api.alerts(am_alert("web-3"))
@@ -608,7 +609,7 @@ async def test_a_storm_of_1000_alerts_for_50_hosts_stays_within_the_limits(
     assert len(runs) == 80  # the fleet budget binds before the rule's 90
     assert all(r["status"] == "succeeded" for r in runs)
     assert suppressed > 0
-    per_host: dict[str, list[tuple[float, float]]] = {}
+    per_host: dict[str, list[tuple[str, str]]] = {}  # RFC 3339 times sort as times
     for r in runs:
         per_host.setdefault(r["key"], []).append((r["started"], r["finished"]))
     assert max(len(v) for v in per_host.values()) == 2  # the throttle: two per host

@@ -11,6 +11,7 @@ from loopd.catalog.inventory import Inventory
 from loopd.clock import VirtualClock
 from loopd.decide.engine import Engine
 from loopd.decide.guards import Guards
+from loopd.events import Delivery
 from loopd.policy import GlobalGuards
 from loopd.rules.loader import RuleSet
 from loopd.runs import states
@@ -116,3 +117,20 @@ async def test_a_run_queued_behind_one_that_ended_at_a_crash_starts_at_the_resta
         assert [r.id for r in again.runs] == [r2.id]
         stored = await again.store.get_run(r2.id)
         assert stored is not None and stored.status == states.PENDING
+
+
+async def test_an_event_another_replica_decided_is_marked_a_duplicate(
+        tmp_path: Path, rules_from: RulesFrom) -> None:
+    """The store, not memory, knows c's event was decided at b: c's delivery is marked
+    ``duplicate`` (the ingest reply counts it) and starts nothing; a new event is not."""
+    db = tmp_path / "loopd.db"
+    rules = rules_from(rule("once"))
+    async with replica(db, rules, "b") as b, replica(db, rules, "c") as c:
+        await b.feed(alert("e1", "web-1", T0))
+        again, fresh = Delivery(alert("e1", "web-1", T0)), Delivery(alert("e2", "web-2", T0))
+        for delivery in (again, fresh):
+            await c.engine.emit(delivery)
+        await c.engine.drain(timeout=10)
+        assert (again.duplicate, fresh.duplicate) == (True, False)
+        assert [r.key for r in (*b.runs, *c.runs)] == ["web-1", "web-2"]
+        assert b.outcomes() == ["run_created", "run_created"]
