@@ -211,7 +211,9 @@ class Daemon:
                            tg.create_task(self.dispatcher.run(), name="dispatcher"),
                            tg.create_task(self._reloader(), name="reloader"),
                            tg.create_task(self._heartbeat(), name="heartbeat"),
-                           tg.create_task(self.cluster.run(), name="cluster")]
+                           tg.create_task(self.cluster.run(), name="cluster"),
+                           tg.create_task(self.engine.suppressions.run(),
+                                          name="suppression-summaries")]
                 if self.silences is not None:
                     workers.append(tg.create_task(self.silences.run(), name="silences"))
                 feeds = [tg.create_task(s.run(), name=f"source-{s.source.name}")

@@ -11,6 +11,7 @@ clock read per suppression.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -53,17 +54,33 @@ class SuppressionLog:
             window = self._windows[(rule, guard)] = _Window()
         window.count += 1
         now = self._clock()
-        last = window.logged
         # leading edge: the first suppression is told at once, then at most one line per
-        # interval, counting everything since the previous line
-        if last is None:
+        # interval, counting everything since the previous line (``flush`` tells the rest)
+        if window.logged is None or now - window.logged >= self._interval:
+            self._tell(rule, guard, window, now)
+
+    def flush(self) -> None:
+        """Tell the counts whose interval has passed since their last line: suppressions
+        that came after a summary are not held back until the next one."""
+        now = self._clock()
+        for (rule, guard), window in self._windows.items():
+            if window.count and window.logged is not None \
+                    and now - window.logged >= self._interval:
+                self._tell(rule, guard, window, now)
+
+    async def run(self) -> None:
+        """``flush`` once per interval, until cancelled (a daemon task)."""
+        while True:
+            await asyncio.sleep(self._interval)
+            self.flush()
+
+    def _tell(self, rule: str, guard: str, window: _Window, now: float) -> None:
+        if window.logged is None:
             self._log.info(f"rule {rule}: {window.count} event(s) suppressed by {guard}",
                            rule=rule, guard=guard, suppressed=window.count)
-        elif now - last >= self._interval:
-            self._log.info(f"rule {rule}: {window.count} event(s) suppressed by {guard} in "
-                           f"the last {now - last:.0f}s", rule=rule, guard=guard,
-                           suppressed=window.count, seconds=round(now - last, 3))
         else:
-            return
+            self._log.info(f"rule {rule}: {window.count} event(s) suppressed by {guard} in "
+                           f"the last {now - window.logged:.0f}s", rule=rule, guard=guard,
+                           suppressed=window.count, seconds=round(now - window.logged, 3))
         window.count = 0
         window.logged = now

@@ -53,3 +53,26 @@ def test_every_suppression_is_a_debug_line_and_the_summary_comes_once_a_minute()
         "rule disk: 1 event(s) suppressed by budget",
         "rule disk: 37 event(s) suppressed by throttle in the last 60s",
     ]
+
+
+def test_suppressions_after_a_summary_are_told_by_the_next_flush() -> None:
+    """A burst that ends right after a summary is told once its minute has passed, by the
+    periodic flush, not held back until some later suppression; nothing pending, nothing
+    told."""
+    now = [0.0]
+    with capture_logs() as logs:
+        log = SuppressionLog(clock=lambda: now[0])
+        log.suppressed("disk", "db-1", "webhook", "e0", "throttle", "throttled: x")
+        now[0] = 5.0
+        for n in range(1, 4):
+            log.suppressed("disk", "db-1", "webhook", f"e{n}", "throttle", "throttled: x")
+        now[0] = 30.0
+        log.flush()  # not a minute yet
+        now[0] = 61.0
+        log.flush()
+        now[0] = 200.0
+        log.flush()  # nothing new
+    assert [e["event"] for e in logs if e["log_level"] == "info"] == [
+        "rule disk: 1 event(s) suppressed by throttle",
+        "rule disk: 3 event(s) suppressed by throttle in the last 61s",
+    ]
