@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -218,13 +219,30 @@ def simulate(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for error in report.data["rules"]["errors"]:
         print(f"loopd: warning: not simulated: {error}", file=sys.stderr)
-    print(report.render())
-    if args.report is not None:
+    late = report.data["events"]
+    if late["out_of_order"]:
+        first = late["out_of_order_first"][0]
+        print(f"loopd: warning: {late['out_of_order']} event(s) out of time order, each decided "
+              f"at the time of the latest event before it; first: {first['origin']}",
+              file=sys.stderr)
+    if args.report is not None:  # first: a reader that stops early (| head) loses nothing
         try:
             args.report.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
         except OSError as exc:
             print(f"loopd: cannot write report: {exc.strerror}", file=sys.stderr)
             return EXIT_CONFIG
+    return _print_to_pipe(report.render())
+
+
+def _print_to_pipe(text: str) -> int:
+    """Print ``text``; a reader that closed the pipe early (``| head -1``) is no error: the
+    rest goes nowhere, quietly (not even the interpreter's flush at exit complains)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return EXIT_OK
 
 

@@ -168,3 +168,24 @@ def test_progress_is_drawn_on_a_terminal(tmp_path: Path) -> None:
     text = drawn.decode()
     assert text.startswith("\r[") and "100.0%" in text
     assert "events/s" in text and "ETA" in text and text.rstrip().endswith("ETA 0s")
+
+
+def test_a_reader_that_stops_early_ends_the_replay_quietly_with_the_report_written(
+    tmp_path: Path,
+) -> None:
+    """`loopd simulate ... | head -1`: the closed pipe is no error (exit 0, no traceback on
+    stderr) and --report is written all the same."""
+    config = setup(tmp_path)
+    out = tmp_path / "report.json"
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the report is printed
+    try:
+        done = subprocess.run(
+            [str(LOOPD), "simulate", "-c", str(config), "--events", f"{NAB}:host=web-1,metric=cpu",
+             "--report", str(out), "--no-progress"],
+            cwd=tmp_path, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+            check=False)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert orjson.loads(out.read_bytes())["events"]["read"] == 4032
