@@ -13,7 +13,6 @@ import asyncio
 import errno
 import os
 import sys
-import urllib.parse
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ from loopd.config import LoopdConfig, load_config
 from loopd.errors import ConfigError, EventError, LoopdError, StoreError
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
+TERMINAL = ("runs", "show", "decisions", "approve", "reject")  # loopd.terminal: ask the API
 T = TypeVar("T")
 DESCRIPTION = ("loopd: an event-driven closed-loop remediation daemon. It decides with "
                "rules when something needs fixing, runs a workflow, and confirms from "
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(args)
     if args.command == "demo":
         return demo(args.config, args.listen, args.exit)
-    if args.command in _ASK:
+    if args.command in TERMINAL:
+        from loopd.terminal import ask
+
         return ask(args)
     return run(args.config, args.listen)
 
@@ -319,19 +321,9 @@ def simulate(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"loopd: cannot write report: {exc.strerror}", file=sys.stderr)
             return EXIT_CONFIG
-    return _print_to_pipe(report.render())
+    from loopd.terminal import print_to_pipe
 
-
-def _print_to_pipe(text: str) -> int:
-    """Print ``text``; a reader that closed the pipe early (``| head -1``) is no error: the
-    rest goes nowhere, quietly (not even the interpreter's flush at exit complains)."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    return EXIT_OK
+    return print_to_pipe(report.render())
 
 
 def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
@@ -341,109 +333,6 @@ def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
         return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
-
-
-# -- the terminal commands: a running daemon's API --------------------------------------
-
-
-def ask(args: argparse.Namespace) -> int:
-    """Run one of the terminal commands against ``--url``; print its answer."""
-    from loopd.client import ApiError, Client, ClientError, Unreachable, shown_url, token_from
-
-    try:
-        client = Client(args.url, token_from(args.token_file), cafile=args.cacert)
-        return _ASK[args.command](client, args)
-    except Unreachable as exc:
-        print(f"loopd: {exc}\n  hint: is the daemon running (loopd run, loopd demo)? Another "
-              "address: --url URL or LOOPD_URL", file=sys.stderr)
-        return EXIT_CONFIG
-    except ApiError as exc:
-        print(f"loopd: {shown_url(args.url)}: {exc}", file=sys.stderr)
-        if exc.status == 401:
-            print("  hint: give a token: the environment's LOOPD_TOKEN or --token-file FILE",
-                  file=sys.stderr)
-        return EXIT_INVALID
-    except ClientError as exc:
-        print(f"loopd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-
-
-def _show_json(answer: Any) -> int:
-    import orjson
-
-    return _print_to_pipe(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
-
-
-def _runs(client: Any, args: argparse.Namespace) -> int:
-    from loopd.terminal import Paint, runs_table
-
-    # asked for more when filtering by rule here too (a daemon may not filter by rule)
-    limit = 1000 if args.rule else args.limit
-    answer = client.get("/v1/runs", status=args.status, rule=args.rule, limit=limit)
-    # a sub-workflow's run ("parent/task") is told in its parent's story (loopd show)
-    runs = [r for r in answer.get("runs", []) if args.rule in (None, r.get("rule"))
-            and "/" not in str(r.get("id"))]
-    runs = runs[: args.limit]
-    if args.json:
-        return _show_json({**answer, "runs": runs})
-    return _print_to_pipe("\n".join(runs_table(runs, Paint.for_stream(sys.stdout))))
-
-
-def _run_path(run_id: str) -> str:
-    return f"/v1/runs/{urllib.parse.quote(run_id, safe='')}"
-
-
-def _show(client: Any, args: argparse.Namespace) -> int:
-    from loopd.client import ApiError
-    from loopd.terminal import Paint, Story
-
-    run = client.get(_run_path(args.run))
-    if args.json:
-        return _show_json(run)
-
-    def fetch(run_id: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = client.get(_run_path(run_id))
-        except ApiError:
-            return None
-        return found
-
-    story = Story(Paint.for_stream(sys.stdout), fetch)
-    return _print_to_pipe("\n".join(story.lines(run)))
-
-
-def _decisions(client: Any, args: argparse.Namespace) -> int:
-    from loopd.client import ApiError
-    from loopd.terminal import Paint, decisions_table
-
-    try:
-        answer = client.get("/v1/decisions", rule=args.rule, key=args.key,
-                            outcome=args.outcome, source=args.source, since=args.since,
-                            before=args.before, limit=args.limit)
-    except ApiError as exc:
-        if exc.status == 404:  # the route itself: a daemon older than /v1/decisions
-            raise ApiError(404, f"{exc} (this daemon has no GET /v1/decisions: upgrade it, "
-                           "or read a run's decisions with loopd show RUN_ID)") from None
-        raise
-    if args.json:
-        return _show_json(answer)
-    lines = decisions_table(answer.get("decisions", []), Paint.for_stream(sys.stdout))
-    older = urllib.parse.parse_qs(urllib.parse.urlsplit(answer.get("next") or "").query)
-    if older.get("before"):
-        lines.append(f"(older: the same command with --before {older['before'][0]})")
-    return _print_to_pipe("\n".join(lines))
-
-
-def _decide(client: Any, args: argparse.Namespace) -> int:
-    answer = client.post(f"{_run_path(args.run)}/{args.command}", reason=args.reason)
-    if args.json:
-        return _show_json(answer)
-    done = "approved: it goes on" if args.command == "approve" else "rejected: it stops"
-    return _print_to_pipe(f"run {args.run} {done} (loopd show {args.run} tells the rest)")
-
-
-_ASK = {"runs": _runs, "show": _show, "decisions": _decisions, "approve": _decide,
-        "reject": _decide}
 
 
 if __name__ == "__main__":

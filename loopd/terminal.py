@@ -1,20 +1,18 @@
-"""How the terminal commands show what the API answers: ``loopd runs`` and ``loopd
-decisions`` as tables, ``loopd show`` as a run's story.
+"""The terminal commands: ``loopd runs``, ``show``, ``decisions``, ``approve`` and
+``reject`` ask a running daemon's API (loopd.client) and print its answer: tables here,
+a run's story in loopd.story, the raw answer with ``--json``.
 
-A story reads top to bottom in the order things happened: the run (status, outcome and
-why, rule, key, times), the trigger event, the decisions about its rule and key (a run of
-alike decisions is one line with a count: 23 events joining the open incident), each step
-(when, attempt, status, duration, the transition taken; a failed step's error and its
-command's exit status, stdout and stderr; a confirmation's evidence), the people who
-intervened, the outcome, and the story of each sub-workflow run, indented.
-
-Times are UTC: the header's in full RFC 3339, the lines' as time of day. Colours only
-on a terminal, never with ``NO_COLOR`` set (https://no-color.org) or ``TERM=dumb``.
+Times are UTC. Colours only on a terminal, never with ``NO_COLOR`` set
+(https://no-color.org) or ``TERM=dumb``. A reader that closes the pipe early (``| head``)
+is no error.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,11 +20,10 @@ from typing import Any, TextIO
 
 import orjson
 
-from loopd.client import epoch
+from loopd.client import ApiError, Client, ClientError, Unreachable, epoch, shown_url, token_from
 from loopd.simulate.report import guard_of
 
 WIDE = 160  # a JSON value shown inline is cut here
-SUB_DEPTH = 3  # sub-workflow runs shown nested at most this deep
 _GOOD = {"fixed", "succeeded", "run_created", "approve"}
 _BAD = {"failed", "not_fixed", "timed_out", "crashed", "rejected", "expired", "interrupted",
         "reject", "cancel", "cancelled"}
@@ -127,13 +124,13 @@ def runs_table(runs: list[dict[str, Any]], paint: Paint) -> list[str]:
     if not runs:
         return ["no runs"]
     rows = [[str(r.get("id")), str(r.get("status") or "-"), str(r.get("outcome") or "-"),
-             str(r.get("rule") or "-"), str(r.get("key") or "-"), _target(r),
+             str(r.get("rule") or "-"), str(r.get("key") or "-"), target(r),
              stamp(r.get("created")), took(r.get("duration_s"))] for r in runs]
     return table(rows, ["RUN", "STATUS", "OUTCOME", "RULE", "KEY", "RUNS", "CREATED", "TOOK"],
                  paint, {1: paint.state, 2: paint.state})
 
 
-def _target(run: dict[str, Any]) -> str:
+def target(run: dict[str, Any]) -> str:
     for kind in ("workflow", "action"):
         if run.get(kind):
             return str(run[kind])
@@ -147,13 +144,13 @@ def decisions_table(rows: list[dict[str, Any]], paint: Paint) -> list[str]:
     if not rows:
         return ["no decisions"]
     cells = [[stamp(d.get("time")), str(d.get("rule") or "-"), str(d.get("key") or "-"),
-              str(d.get("outcome") or "-"), _guard(d) or "-", str(d.get("run") or "-"),
+              str(d.get("outcome") or "-"), guard(d) or "-", str(d.get("run") or "-"),
               inline(d.get("reason") or "", 80)] for d in rows]
     return table(cells, ["TIME", "RULE", "KEY", "OUTCOME", "GUARD", "RUN", "REASON"], paint,
                  {3: paint.state})
 
 
-def _guard(row: dict[str, Any]) -> str | None:
+def guard(row: dict[str, Any]) -> str | None:
     """The row's ``guard``, or (a daemon that sends none) the one its reason names."""
     if row.get("guard"):
         return str(row["guard"])
@@ -162,168 +159,107 @@ def _guard(row: dict[str, Any]) -> str | None:
     return None
 
 
-# -- loopd show ------------------------------------------------------------------------------
+# -- the commands ---------------------------------------------------------------------------
 
 
-class Story:
-    """The lines of ``loopd show`` for one run; ``fetch`` reads a sub-workflow's run (None
-    when it cannot be read)."""
 
-    def __init__(self, paint: Paint, fetch: Callable[[str], dict[str, Any] | None]) -> None:
-        self.paint = paint
-        self.fetch = fetch
-
-    def lines(self, run: dict[str, Any], depth: int = 0) -> list[str]:
-        p = self.paint
-        out = [f"{p.bold('run ' + str(run.get('id')))}  {_kind(run)} {_target(run)}"]
-        verdict = p.state(str(run.get("status") or "-"))
-        if run.get("outcome"):
-            verdict += f", outcome {p.state(str(run['outcome']))}"
-        if run.get("reason"):
-            verdict += f": {run['reason']}"
-        out.append(f"  {verdict}")
-        where = [f"rule {run['rule']}" if run.get("rule") else "",
-                 f"key {run['key']}" if run.get("key") else "",
-                 f"incident {run['incident']}" if run.get("incident") else ""]
-        if any(where):
-            out.append("  " + ", ".join(w for w in where if w))
-        times = f"  created {stamp(run.get('created'))}"
-        if run.get("finished"):
-            times += f", finished {clock(run.get('finished'))} (took {took(run.get('duration_s'))})"
-        elif run.get("started"):
-            times += f", started {clock(run.get('started'))}, still going"
-        out.append(times + p.dim("  (times UTC)"))
-        if depth == 0:  # a sub-workflow's run has its parent's trigger and decisions
-            out += self._trigger(run)
-            out += self._decisions(run.get("decisions", run.get("events")) or [])
-        out += self._steps(run, depth)
-        out += self._interventions(run.get("interventions") or [])
-        end = f"outcome {p.state(str(run.get('outcome') or 'none yet'))}"
-        end += f" (run {p.state(str(run.get('status') or '-'))})"
-        if run.get("finished"):
-            end += f" after {took(run.get('duration_s'))}"
-        out.append(p.bold("outcome") + end[len("outcome"):])
-        return out
-
-    def _trigger(self, run: dict[str, Any]) -> list[str]:
-        event = run.get("trigger")
-        out = []
-        if isinstance(event, dict):
-            head = [clock(event.get("time")), str(event.get("source") or "-"),
-                    str(event.get("topic") or "")]
-            if event.get("id"):
-                head.append(f"id {event['id']}")
-            out.append(f"{self.paint.bold('trigger')}  " + "  ".join(h for h in head if h))
-            out.append(f"  data {inline(event.get('data'))}")
-        if run.get("input"):
-            out.append(f"{self.paint.bold('input')}    {inline(run['input'])}")
-        return out
-
-    def _decisions(self, rows: list[dict[str, Any]]) -> list[str]:
-        if not rows:
-            return []
-        out = [f"{self.paint.bold('decisions')} ({len(rows)}, oldest first)"]
-        groups: list[list[dict[str, Any]]] = []
-        for row in sorted(rows, key=lambda d: epoch(d.get("time")) or 0.0):
-            like = (row.get("outcome"), _guard(row))
-            if groups and (groups[-1][0].get("outcome"), _guard(groups[-1][0])) == like:
-                groups[-1].append(row)
-            else:
-                groups.append([row])
-        for group in groups:
-            first, last = group[0], group[-1]
-            line = f"  {clock(first.get('time'))}  {self.paint.state(str(first.get('outcome')))}"
-            if first.get("reason"):
-                line += f"  {inline(first['reason'], 100)}"
-            if len(group) > 1:
-                line += self.paint.dim(f"  (x{len(group)}, until {clock(last.get('time'))})")
-            out.append(line)
-        return out
-
-    def _steps(self, run: dict[str, Any], depth: int) -> list[str]:
-        steps = run.get("steps") or []
-        if not steps:
-            return []
-        created = epoch(run.get("created"))
-        out = [self.paint.bold("steps")]
-        width = max(len(str(s.get("task"))) for s in steps)
-        kinds = [str(s.get("action") or _task_kind(s)) for s in steps]
-        kind_width = max(len(k) for k in kinds)
-        status_width = max(len(str(s.get("status"))) for s in steps)
-        for s, what in zip(steps, kinds, strict=True):
-            began = epoch(s.get("started"))
-            at = f"+{took(began - created)}" if began is not None and created is not None else "-"
-            status = str(s.get("status"))
-            line = (f"  {at:>8}  {s.get('task')!s:<{width}}  {what:<{kind_width}}  attempt "
-                    f"{s.get('attempt')}  {self.paint.state(status)}"
-                    f"{' ' * (status_width - len(status))}  {took(s.get('duration_s')):>6}")
-            if s.get("transition"):
-                line += f"  -> {s['transition']}"
-            out.append(line)
-            out += [f"             {detail}" for detail in self._step_details(s)]
-            sub = (s.get("output") or {}).get("run") if isinstance(s.get("output"), dict) else None
-            if isinstance(sub, str) and "/" in sub and depth < SUB_DEPTH:
-                child = self.fetch(sub)
-                if child is None:
-                    out.append(f"             sub-workflow run {sub} (not readable)")
-                else:
-                    out += [f"             | {line}" for line in self.lines(child, depth + 1)]
-        return out
-
-    def _step_details(self, step: dict[str, Any]) -> list[str]:
-        out = []
-        found = step.get("output")
-        output: dict[str, Any] = found if isinstance(found, dict) else {}
-        if step.get("error"):
-            out.append(f"error: {step['error']}")
-        if "exit_status" in output:
-            out.append(f"exit status {output['exit_status']}")
-        for stream in ("stdout", "stderr"):
-            text = output.get(stream)
-            if isinstance(text, str) and text.strip() and step.get("status") != "succeeded":
-                lines = text.rstrip().splitlines()
-                out.append(f"{stream}:")
-                if len(lines) > 10:
-                    out.append(f"  ... ({len(lines) - 10} line(s) before)")
-                out += [f"  {line}" for line in lines[-10:]]
-        if output.get("evidence") == "event" and isinstance(output.get("event"), dict):
-            out.append("evidence for: " + _event_line(output["event"]))
-        elif output.get("evidence") == "query":
-            out.append("evidence for: the query held")
-        if isinstance(output.get("last_evidence"), dict):
-            out.append("evidence against (last): " + _event_line(output["last_evidence"]))
-        return out
-
-    def _interventions(self, rows: list[dict[str, Any]]) -> list[str]:
-        if not rows:
-            return []
-        out = [self.paint.bold("interventions")]
-        for r in rows:
-            who = r.get("by") or "anonymous"
-            role = f" ({r['role']})" if r.get("role") else ""
-            reason = f": {r['reason']}" if r.get("reason") else ""
-            result = f" -> {r['status']}" if r.get("status") is not None else ""
-            out.append(f"  {clock(r.get('at'))}  {self.paint.state(str(r.get('action')))} by "
-                       f"{who}{role}{reason}{result}")
-        return out
+def ask(args: argparse.Namespace) -> int:
+    """Run one of the terminal commands against ``--url``; print its answer."""
+    try:
+        client = Client(args.url, token_from(args.token_file), cafile=args.cacert)
+        return _ASK[args.command](client, args)
+    except Unreachable as exc:
+        print(f"loopd: {exc}\n  hint: is the daemon running (loopd run, loopd demo)? Another "
+              "address: --url URL or LOOPD_URL", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"loopd: {shown_url(args.url)}: {exc}", file=sys.stderr)
+        if exc.status == 401:
+            print("  hint: give a token: the environment's LOOPD_TOKEN or --token-file FILE",
+                  file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        print(f"loopd: {exc}", file=sys.stderr)
+        return 2
 
 
-def _kind(run: dict[str, Any]) -> str:
-    return "action" if run.get("action") else "workflow"
+def _show_json(answer: Any) -> int:
+    return print_to_pipe(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
 
 
-def _task_kind(step: dict[str, Any]) -> str:
-    """What a step without an action did, as far as its output tells."""
-    output = step.get("output")
-    if isinstance(output, dict):
-        if "evidence" in output or "last_evidence" in output:
-            return "confirm"
-        if isinstance(output.get("run"), str):
-            return "workflow"
-    return "-"
+def _runs(client: Client, args: argparse.Namespace) -> int:
+    # asked for more when filtering by rule here too (a daemon may not filter by rule)
+    limit = 1000 if args.rule else args.limit
+    answer = client.get("/v1/runs", status=args.status, rule=args.rule, limit=limit)
+    # a sub-workflow's run ("parent/task") is told in its parent's story (loopd show)
+    runs = [r for r in answer.get("runs", []) if args.rule in (None, r.get("rule"))
+            and "/" not in str(r.get("id"))]
+    runs = runs[: args.limit]
+    if args.json:
+        return _show_json({**answer, "runs": runs})
+    return print_to_pipe("\n".join(runs_table(runs, Paint.for_stream(sys.stdout))))
 
 
-def _event_line(event: dict[str, Any]) -> str:
-    parts = [clock(event.get("time")), str(event.get("source") or ""),
-             str(event.get("topic") or "")]
-    return "  ".join(p for p in parts if p) + f"  {inline(event.get('data'), 100)}"
+def _run_path(run_id: str) -> str:
+    return f"/v1/runs/{urllib.parse.quote(run_id, safe='')}"
+
+
+def _show(client: Client, args: argparse.Namespace) -> int:
+    from loopd.story import Story
+
+    run = client.get(_run_path(args.run))
+    if args.json:
+        return _show_json(run)
+
+    def fetch(run_id: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = client.get(_run_path(run_id))
+        except ApiError:
+            return None
+        return found
+
+    story = Story(Paint.for_stream(sys.stdout), fetch)
+    return print_to_pipe("\n".join(story.lines(run)))
+
+
+def _decisions(client: Client, args: argparse.Namespace) -> int:
+    try:
+        answer = client.get("/v1/decisions", rule=args.rule, key=args.key,
+                            outcome=args.outcome, source=args.source, since=args.since,
+                            before=args.before, limit=args.limit)
+    except ApiError as exc:
+        if exc.status == 404:  # the route itself: a daemon older than /v1/decisions
+            raise ApiError(404, f"{exc} (this daemon has no GET /v1/decisions: upgrade it, "
+                           "or read a run's decisions with loopd show RUN_ID)") from None
+        raise
+    if args.json:
+        return _show_json(answer)
+    lines = decisions_table(answer.get("decisions", []), Paint.for_stream(sys.stdout))
+    older = urllib.parse.parse_qs(urllib.parse.urlsplit(answer.get("next") or "").query)
+    if older.get("before"):
+        lines.append(f"(older: the same command with --before {older['before'][0]})")
+    return print_to_pipe("\n".join(lines))
+
+
+def _decide(client: Client, args: argparse.Namespace) -> int:
+    answer = client.post(f"{_run_path(args.run)}/{args.command}", reason=args.reason)
+    if args.json:
+        return _show_json(answer)
+    done = "approved: it goes on" if args.command == "approve" else "rejected: it stops"
+    return print_to_pipe(f"run {args.run} {done} (loopd show {args.run} tells the rest)")
+
+
+_ASK = {"runs": _runs, "show": _show, "decisions": _decisions, "approve": _decide,
+        "reject": _decide}
+
+
+def print_to_pipe(text: str) -> int:
+    """Print ``text``; a reader that closed the pipe early (``| head -1``) is no error: the
+    rest goes nowhere, quietly (not even the interpreter's flush at exit complains)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 0

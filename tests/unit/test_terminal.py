@@ -1,6 +1,6 @@
-"""How the terminal commands show the API's answers (loopd/terminal.py): a run's story
-from an answer shaped like ``GET /v1/runs/{id}``, times in either form the API has sent,
-colours only when wanted."""
+"""How the terminal commands show the API's answers (loopd/terminal.py, loopd/story.py):
+a run's story from an answer shaped like ``GET /v1/runs/{id}``, times in either form the
+API has sent, colours only when wanted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from loopd.client import epoch
-from loopd.terminal import Paint, Story, decisions_table, runs_table
+from loopd.story import Story
+from loopd.terminal import Paint, decisions_table, runs_table
 
 T0 = 1_796_143_696.0  # 2026-12-01T16:48:16Z
 
