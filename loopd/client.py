@@ -13,6 +13,7 @@ sent epoch seconds: ``epoch`` reads both.
 
 from __future__ import annotations
 
+import http.client
 import os
 import ssl
 import urllib.error
@@ -53,11 +54,20 @@ def token_from(file: Path | None) -> str | None:
             text = file.read_text()
         except OSError as exc:
             raise ClientError(f"cannot read the token file {file}: {exc.strerror}") from None
-        token = text.strip()
-        if not token:
-            raise ClientError(f"the token file {file} is empty")
-        return token
-    return os.environ.get("LOOPD_TOKEN") or None
+        lines = text.strip().splitlines()
+        return _checked(lines[0].strip() if lines else "", f"the token file {file}")
+    token = os.environ.get("LOOPD_TOKEN")
+    return _checked(token.strip(), "LOOPD_TOKEN") if token else None
+
+
+def _checked(token: str, where: str) -> str:
+    """``token`` when a header can carry it: http.client's own error would quote it."""
+    if not token:
+        raise ClientError(f"{where} is empty")
+    if not all(33 <= ord(ch) <= 126 for ch in token):
+        raise ClientError(f"{where} holds a character a token cannot have (a space, a "
+                          "control or non-ASCII character)")
+    return token
 
 
 def epoch(value: Any) -> float | None:
@@ -119,8 +129,11 @@ class Client:
                 raise ApiError(exc.code, _message(exc.code, exc.read())) from None
         except urllib.error.URLError as exc:
             raise Unreachable(f"cannot reach the loopd API at {where}: {exc.reason}") from None
-        except (TimeoutError, ConnectionError) as exc:
+        except OSError as exc:  # timed out, or the connection broke while reading
             raise Unreachable(f"cannot reach the loopd API at {where}: {exc}") from None
+        except http.client.HTTPException as exc:
+            raise Unreachable(f"{where} does not answer as an HTTP server does "
+                              f"({type(exc).__name__}): is it loopd's API?") from None
         try:
             return orjson.loads(body) if body else {}
         except orjson.JSONDecodeError:

@@ -219,7 +219,8 @@ async def test_approve_and_reject_act_on_waiting_runs_and_refusals_print_the_api
 async def test_a_daemon_that_is_not_there_is_one_line_naming_the_url_and_exit_2(
         tmp_path: Path) -> None:
     """Nothing listening at --url: one line naming that URL with a hint, exit 2; so is a
-    URL holding a password (never shown) and a token file that cannot be read."""
+    URL holding a password, a token a header cannot carry (neither shown) and a token
+    file that cannot be read."""
     url = f"http://127.0.0.1:{free_port()}"
     code, out, err = await loopd("runs", url=url)
     assert (code, out) == (2, "")
@@ -229,6 +230,9 @@ async def test_a_daemon_that_is_not_there_is_one_line_naming_the_url_and_exit_2(
         "or LOOPD_URL"]
     code, _, err = await loopd("runs", "--url", url.replace("//", "//me:hunter2@"), url=url)
     assert code == 2 and "no user or password in the URL" in err and "hunter2" not in err
+    code, _, err = await loopd("runs", url=url, token="not a token\x7f")
+    assert code == 2 and "LOOPD_TOKEN holds a character a token cannot have" in err
+    assert "not a token" not in err
     code, _, err = await loopd("show", "r1", "--token-file", str(tmp_path / "nope"), url=url)
     assert code == 2 and err.startswith(f"loopd: cannot read the token file {tmp_path / 'nope'}")
 
