@@ -21,7 +21,6 @@ from loopd.terminal import Paint, clock, guard, inline, stamp, target, took
 SUB_DEPTH = 3  # sub-workflow runs shown nested at most this deep
 
 
-
 class Story:
     """The lines of ``loopd show`` for one run; ``fetch`` reads a sub-workflow's run (None
     when it cannot be read)."""
