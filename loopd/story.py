@@ -7,18 +7,112 @@ alike decisions is one line with a count: 23 events joining the open incident), 
 command's exit status, stdout and stderr; a confirmation's evidence), the people who
 intervened, the outcome, and the story of each sub-workflow run, indented.
 
-Times are UTC: the header's in full RFC 3339, the lines' as time of day.
+Times are UTC: the header's in full RFC 3339, the lines' as time of day. ``Paint`` and
+the formats here serve the tables of loopd.terminal too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
 
 from loopd.client import epoch
-from loopd.terminal import Paint, clock, guard, inline, stamp, target, took
+from loopd.simulate.report import guard_of
 
 SUB_DEPTH = 3  # sub-workflow runs shown nested at most this deep
+WIDE = 160  # a JSON value shown inline is cut here
+_GOOD = {"fixed", "succeeded", "run_created", "approve"}
+_BAD = {"failed", "not_fixed", "timed_out", "crashed", "rejected", "expired", "interrupted",
+        "reject", "cancel", "cancelled"}
+_WAIT = {"waiting", "awaiting_approval", "pending", "queued", "running", "suppressed",
+         "inconclusive"}
+
+
+@dataclass(frozen=True, slots=True)
+class Paint:
+    """ANSI colours, or nothing."""
+
+    on: bool
+
+    @classmethod
+    def for_stream(cls, stream: TextIO) -> Paint:
+        wanted = not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        return cls(wanted and stream.isatty())
+
+    def _sgr(self, code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.on and text else text
+
+    def bold(self, text: str) -> str:
+        return self._sgr("1", text)
+
+    def dim(self, text: str) -> str:
+        return self._sgr("2", text)
+
+    def state(self, text: str) -> str:
+        """A status, outcome or decision, green / red / yellow by what it means."""
+        word = text.split()[0] if text.split() else text
+        if word in _GOOD:
+            return self._sgr("32", text)
+        if word in _BAD:
+            return self._sgr("31", text)
+        if word in _WAIT:
+            return self._sgr("33", text)
+        return text
+
+
+def stamp(value: Any) -> str:
+    """An API time as RFC 3339 to the millisecond (``-`` when there is none)."""
+    when = epoch(value)
+    if when is None:
+        return "-"
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def clock(value: Any) -> str:
+    """An API time as the time of day (UTC), to the millisecond."""
+    when = epoch(value)
+    if when is None:
+        return "-"
+    return datetime.fromtimestamp(when, UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def took(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def inline(value: Any, width: int = WIDE) -> str:
+    """A JSON value on one line, cut at ``width``."""
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    text = " ".join(text.split()) if isinstance(value, str) else text
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def target(run: dict[str, Any]) -> str:
+    for kind in ("workflow", "action"):
+        if run.get(kind):
+            return str(run[kind])
+    return "-"
+
+
+def guard(row: dict[str, Any]) -> str | None:
+    """The row's ``guard``, or (a daemon that sends none) the one its reason names."""
+    if row.get("guard"):
+        return str(row["guard"])
+    if row.get("outcome") == "suppressed":
+        return guard_of(row.get("reason"))
+    return None
 
 
 class Story:

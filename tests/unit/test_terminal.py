@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from loopd.client import epoch
-from loopd.story import Story
-from loopd.terminal import Paint, decisions_table, runs_table
+from loopd.story import Paint, Story
+from loopd.terminal import decisions_table, runs_table
 
 T0 = 1_796_143_696.0  # 2026-12-01T16:48:16Z
 
