@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
             config, listen)
     command("check", "validate config, inventory, packs, rules, workflows", config)
     demo = command("demo", "a closed loop on a simulated fleet, narrated", listen)
+    demo.description = ("a closed loop on a simulated fleet, narrated; each demo starts from "
+                        "fresh state, in a new temporary directory that also keeps the "
+                        "daemon's log")
     demo.add_argument("-c", "--config", type=Path, default=Path("config/demo.yaml"),
                       help="the demo's configuration file")
     demo.add_argument("--exit", action="store_true",
