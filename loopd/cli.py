@@ -1,13 +1,17 @@
-"""The ``loopd`` command: run | check | simulate | version.
+"""The loopd command: the daemon (run, check, demo, simulate) and the terminal commands
+that ask a running daemon's API (runs, show, decisions, approve, reject).
 
-Exit codes: 0 success, 1 the input is invalid (check found errors, a bad
-event file), 2 usage or configuration error that stops ``run`` from starting.
+Exit codes: 0 success; 1 the input is invalid (check found errors, a bad event file) or
+the API refused the request (401, 403, 404, 409: its message is printed); 2 a usage or
+configuration error that stops run from starting, or no daemon answers at --url.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -18,36 +22,107 @@ from loopd.config import LoopdConfig, load_config
 from loopd.errors import ConfigError, EventError, LoopdError, StoreError
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
+TERMINAL = ("runs", "show", "decisions", "approve", "reject")  # loopd.terminal: ask the API
 T = TypeVar("T")
+DESCRIPTION = ("loopd: an event-driven closed-loop remediation daemon. It decides with "
+               "rules when something needs fixing, runs a workflow, and confirms from "
+               "telemetry that the fix worked.")
+EPILOG = "loopd COMMAND --help shows a command's options. Exit codes: " + \
+    __doc__.split("Exit codes: ", 1)[1].replace("\n", " ").strip()
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default when it has one worth showing (not None, not a flag's
+    False, not one the help text already names)."""
+
+    @classmethod
+    def commands(cls, prog: str) -> _Help:
+        """For the list of commands: argparse measures the options' column without the
+        commands (indented one step more), so a long name would push its help to the next
+        line; this column fits them all."""
+        formatter = cls(prog)
+        formatter._action_max_length = 16
+        return formatter
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loopd", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the daemon")
-    run.add_argument("-c", "--config", type=Path, default=Path("config/loopd.yaml"))
-    run.add_argument("--listen", help="HOST:PORT for the API (overrides the config)")
-    check = sub.add_parser("check", help="validate config, rules, packs and workflows")
-    check.add_argument("-c", "--config", type=Path, default=Path("config/loopd.yaml"))
-    demo = sub.add_parser("demo", help="a closed loop on a simulated fleet, narrated")
-    demo.add_argument("-c", "--config", type=Path, default=Path("config/demo.yaml"))
-    demo.add_argument("--listen", help="HOST:PORT for the API (overrides the config)")
+    from loopd.client import DEFAULT_URL
+
+    parser = argparse.ArgumentParser(prog="loopd", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_Help.commands)
+    parser.add_argument("--version", action="version", version=f"loopd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands",
+                                metavar="COMMAND")
+
+    def command(name: str, summary: str, *parents: argparse.ArgumentParser
+                ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, parents=list(parents),
+                              formatter_class=_Help)
+
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("-c", "--config", type=Path, default=Path("config/loopd.yaml"),
+                        help="the daemon's configuration file")
+    listen = argparse.ArgumentParser(add_help=False)
+    listen.add_argument("--listen", metavar="HOST:PORT",
+                        help="address of the API (overrides the config's listen)")
+    command("run", "run the daemon",
+            config, listen)
+    command("check", "validate config, inventory, packs, rules, workflows", config)
+    demo = command("demo", "a closed loop on a simulated fleet, narrated", listen)
+    demo.description = ("a closed loop on a simulated fleet, narrated; each demo starts from "
+                        "fresh state, in a new temporary directory that also keeps the "
+                        "daemon's log")
+    demo.add_argument("-c", "--config", type=Path, default=Path("config/demo.yaml"),
+                      help="the demo's configuration file")
     demo.add_argument("--exit", action="store_true",
                       help="stop when the scenario is over instead of keeping the API up")
-    sim = sub.add_parser(
-        "simulate", help="replay recorded events through the rules and workflows, "
-        "actions in dry run, event time as the clock; print (and write) a report")
-    sim.add_argument("-c", "--config", type=Path, default=Path("config/loopd.yaml"))
+    sim = command("simulate", "replay recorded events through rules and workflows", config)
     sim.add_argument("--events", nargs="+", required=True, metavar="FILE",
                      help="JSON Lines (events or Alertmanager payloads) or CSV telemetry "
                      "(timestamp,value; FILE:host=NAME,metric=NAME), merged in time order")
     sim.add_argument("--report", type=Path, metavar="OUT.json", help="also write it as JSON")
     sim.add_argument("--csv-source", default="telemetry", metavar="NAME",
-                     help="source name of CSV events (default: telemetry)")
-    sim.add_argument("--runs", type=int, default=10, metavar="N",
-                     help="list the first N runs (default: 10)")
+                     help="source name of CSV events")
+    sim.add_argument("--runs", type=int, default=10, metavar="N", help="list the first N runs")
     sim.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    sub.add_parser("version", help="print the version")
+
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--url", default=os.environ.get("LOOPD_URL") or DEFAULT_URL,
+                     help="the daemon's API (environment: LOOPD_URL)")
+    api.add_argument("--token-file", type=Path, metavar="FILE",
+                     help="read the API token from FILE (else the environment's LOOPD_TOKEN)")
+    api.add_argument("--cacert", type=Path, metavar="FILE",
+                     help="trust this CA certificate for an https:// URL")
+    api.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+    runs = command("runs", "list a running daemon's runs, newest first", api)
+    runs.description = ("list a running daemon's runs, newest first (a sub-workflow's run is "
+                        "in its parent's story: loopd show RUN_ID)")
+    runs.add_argument("--status", metavar="S", help="only runs in this status (running, "
+                      "waiting, awaiting_approval, succeeded, failed, ...)")
+    runs.add_argument("--rule", metavar="R", help="only runs of this rule")
+    runs.add_argument("--limit", type=int, default=50, metavar="N", help="at most N runs")
+    show = command("show", "one run's story: trigger, decisions, steps, outcome", api)
+    show.add_argument("run", metavar="RUN_ID")
+    dec = command("decisions", "decisions about events (why a run started or not)", api)
+    dec.add_argument("--rule", metavar="R", help="only this rule's decisions")
+    dec.add_argument("--key", metavar="K", help="only this key's (a rule's key: host, ...)")
+    dec.add_argument("--outcome", metavar="O",
+                     help="only this outcome (run_created, joined, suppressed, ...)")
+    dec.add_argument("--source", metavar="NAME", help="only events of this source")
+    dec.add_argument("--since", metavar="TIME", help="only since TIME (RFC 3339 or epoch)")
+    dec.add_argument("--before", type=int, metavar="SEQ",
+                     help="only older than the decision SEQ (the next page)")
+    dec.add_argument("--limit", type=int, default=50, metavar="N", help="at most N decisions")
+    for verb, past in (("approve", "approved"), ("reject", "rejected")):
+        decide = command(verb, f"{verb} a run that awaits approval", api)
+        decide.add_argument("run", metavar="RUN_ID")
+        decide.add_argument("--reason", help=f"why it is {past} (kept in the run's history)")
+    command("version", "print the version (as loopd --version does)")
     return parser
 
 
@@ -62,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(args)
     if args.command == "demo":
         return demo(args.config, args.listen, args.exit)
+    if args.command in TERMINAL:
+        from loopd.terminal import ask
+
+        return ask(args)
     return run(args.config, args.listen)
 
 
@@ -74,20 +153,35 @@ def _config(path: Path, listen: str | None = None) -> LoopdConfig | None:
 
 
 def demo(path: Path, listen: str | None, exit_when_done: bool) -> int:
+    import structlog
+
     from loopd import logs
     from loopd.demo import demo as run_demo
+    from loopd.demo import fresh_state
 
     config = _config(path, listen)
     if config is None:
         return EXIT_CONFIG
-    logs.configure(config.log.format, config.log.level)
-    try:
-        return _run_loop(run_demo(config, exit_when_done=exit_when_done))
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except (LoopdError, OSError) as exc:
-        print(f"loopd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config, state = fresh_state(config)
+    with state.log.open("a") as log:
+        logs.configure("json", config.log.level)
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(log))
+        try:
+            return _run_loop(run_demo(config, state, exit_when_done=exit_when_done))
+        except KeyboardInterrupt:  # before the daemon took over Ctrl-C: as loopd run does
+            print("\nloopd demo: stopped.", file=sys.stderr)
+            return EXIT_OK
+        except OSError as exc:
+            print(f"loopd demo: cannot start: {exc}", file=sys.stderr)
+            if exc.errno == errno.EADDRINUSE:
+                host, port = config.listen_host_port
+                print(f"  hint: something listens on {host}:{port} already (./scripts/run, "
+                      "another loopd?): stop it, or give the demo another port: "
+                      f"loopd demo --listen {host}:{port + 1}", file=sys.stderr)
+            return EXIT_CONFIG
+        except LoopdError as exc:
+            print(f"loopd demo: {exc} (log: {state.log})", file=sys.stderr)
+            return EXIT_CONFIG
 
 
 def run(path: Path, listen: str | None) -> int:
@@ -218,14 +312,21 @@ def simulate(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for error in report.data["rules"]["errors"]:
         print(f"loopd: warning: not simulated: {error}", file=sys.stderr)
-    print(report.render())
-    if args.report is not None:
+    late = report.data["events"]
+    if late["out_of_order"]:
+        first = late["out_of_order_first"][0]
+        print(f"loopd: warning: {late['out_of_order']} event(s) out of time order, each decided "
+              f"at the time of the latest event before it; first: {first['origin']}",
+              file=sys.stderr)
+    if args.report is not None:  # first: a reader that stops early (| head) loses nothing
         try:
             args.report.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
         except OSError as exc:
             print(f"loopd: cannot write report: {exc.strerror}", file=sys.stderr)
             return EXIT_CONFIG
-    return EXIT_OK
+    from loopd.terminal import print_to_pipe
+
+    return print_to_pipe(report.render())
 
 
 def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -134,10 +135,19 @@ def content_id(source: str, topic: str, key: str | None, when: float,
 
 
 def parse_time(value: JSON, *, origin: str) -> float:
-    """Accept epoch seconds (int/float) or an RFC 3339 string."""
+    """Epoch seconds (a number, or a string of digits; milliseconds past year 5138) or an
+    RFC 3339 / ISO 8601 string (UTC when it names no zone) -> epoch seconds.
+
+    A string of digits is epoch seconds like the number it spells, never an ISO 8601 basic
+    date: ``"20140307"`` is not taken for 2014-03-07 here and for 1970-08-22 elsewhere.
+    NaN and infinity are refused: they order before or after every time."""
     if isinstance(value, bool):
         raise DecodeError(f"time must be a number or RFC 3339 string, got {value!r}", origin=origin)
+    if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
+        value = float(value)
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise DecodeError(f"time {value!r} is not a finite number", origin=origin)
         # milliseconds since epoch are common on Kafka; anything past year 5138 is ms
         return float(value) / 1000.0 if value > 1e11 else float(value)
     if isinstance(value, str):

@@ -7,6 +7,13 @@
   ``telemetry/<host>/<metric>`` (metric ``value`` unless ``FILE:metric=NAME``), data
   ``{"value": float}``, key = host.
 
+Times (event time is the simulation's clock): epoch seconds, or milliseconds, as a
+number or a string of digits, or RFC 3339 / ISO 8601 (``2014-03-07T10:00:00Z``,
+``2014-03-07 10:00:00``; UTC when no zone is named). A time before ``EARLIEST`` (2000) is
+refused: it is a date written as digits (``20140307`` would be 1970-08-22 in epoch
+seconds) or a clock that was never set, and replayed it would pass every deadline at once.
+CSV values must be finite numbers (``nan`` and ``inf`` are refused).
+
 Each file is read lazily, line by line, counting the bytes read in a Meter (for the
 progress line); the first invalid line raises ``DecodeError`` naming ``FILE:LINE``.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +32,14 @@ import orjson
 
 from loopd.errors import DecodeError
 from loopd.events import Event, parse_time
-from loopd.simulate.report import Meter
+from loopd.simulate.report import Meter, iso
 from loopd.sources.webhook import alertmanager_events, generic_events
 
 CSV_SOURCE = "telemetry"
 WEBHOOK_SOURCE = "webhook"
 ALERTMANAGER_SOURCE = "alertmanager"
 _OPTIONS = ("host", "metric")
+EARLIEST = 946_684_800.0  # 2000-01-01T00:00:00Z
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +101,7 @@ def _json_line(line: bytes, where: str) -> list[Event]:
     for item in items:
         if isinstance(item, DecodeError):
             raise item
+        _check_time(item.time, where)
         events.append(item)
     if len(events) > 1:  # the alerts of one notification, in time order
         events.sort(key=event_time)
@@ -107,10 +117,13 @@ def read_jsonl(spec: EventFile, meter: Meter) -> Iterator[Event]:
                 yield from _json_line(line, f"{spec.path}:{lineno}")
 
 
-def _csv_time(text: str, where: str) -> float:
-    if text.replace(".", "", 1).isdigit():  # epoch seconds (or milliseconds)
-        return parse_time(float(text), origin=where)
-    return parse_time(text, origin=where)
+def _check_time(when: float, where: str) -> float:
+    if when < EARLIEST:
+        at = iso(when) if when >= 0 else "before 1970"
+        raise DecodeError(
+            f"time {when:.15g} is epoch seconds {at}, before {iso(EARLIEST)}: if it is a "
+            "date, write it as RFC 3339 (2014-03-07T00:00:00Z)", origin=where)
+    return when
 
 
 def read_csv(spec: EventFile, source: str, meter: Meter) -> Iterator[Event]:
@@ -146,9 +159,12 @@ def read_csv(spec: EventFile, source: str, meter: Meter) -> Iterator[Event]:
             except ValueError:
                 raise DecodeError(f"value {cells[vi].strip()!r} is not a number",
                                   origin=where) from None
+            if not math.isfinite(value):  # a rule's `event.value > 90` is never true for nan
+                raise DecodeError(f"value {cells[vi].strip()!r} is not a finite number",
+                                  origin=where)
+            when = _check_time(parse_time(stamp, origin=where), where)
             yield Event(id=f"{host}/{metric}@{stamp}", source=source, topic=topic,
-                        data={"value": value}, key=host, time=_csv_time(stamp, where),
-                        origin=where)
+                        data={"value": value}, key=host, time=when, origin=where)
 
 
 @contextlib.contextmanager

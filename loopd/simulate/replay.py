@@ -143,7 +143,7 @@ class Simulation:
                     await self._timers(before=when)
                 clock.advance(when, inclusive=False)  # timers due at `when` fire after it
             elif when < clock.now():
-                tally.out_of_order += 1
+                tally.late(event, clock.now())
             mark = hub.satisfied
             # runs to start or cancel, or evidence for a waiting run: let them act
             if engine.decide_now(event) or hub.satisfied != mark:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 OUTCOMES = tuple(o.value for o in states.Outcome)
 _ALL = 1 << 62  # "no limit" for the store's list queries
+LATE_SHOWN = 5   # events out of time order named in the report
 
 
 @dataclass(slots=True)
@@ -65,6 +66,8 @@ class Tally:
 
     first_n: int = 10
     out_of_order: int = 0
+    # where the first events out of time order are (FILE:LINE), their time, the clock's
+    late_first: list[dict[str, Any]] = field(default_factory=list)
     fed_back: int = 0
     ended_by_simulation: int = 0
     runs_created: int = 0
@@ -91,6 +94,14 @@ class Tally:
             self.first_time = when
         if when > self.last_time:
             self.last_time = when
+
+    def late(self, event: Event, clock: float) -> None:
+        """An event older than the clock: decided at the clock's time, counted, and the
+        first few named (FILE:LINE) so the file can be sorted or fixed."""
+        self.out_of_order += 1
+        if len(self.late_first) < LATE_SHOWN:
+            self.late_first.append({"origin": event.origin, "time": iso(event.time),
+                                    "clock": iso(clock)})
 
     def decisions(self, decisions: list[DecisionRecord]) -> None:
         for d in decisions:
@@ -152,7 +163,8 @@ class Tally:
         span = (self.first_time, self.last_time) if read else (None, None)
         data: dict[str, Any] = {
             "events": {"read": read, "rejected": 0, "duplicates": duplicates,
-                       "out_of_order": self.out_of_order, "fed_back": self.fed_back,
+                       "out_of_order": self.out_of_order,
+                       "out_of_order_first": self.late_first, "fed_back": self.fed_back,
                        "by_source": dict(sorted(self.sources.items()))},
             "time": {"first": span[0], "last": span[1],
                      "seconds": (span[1] - span[0]) if read else 0.0,  # type: ignore[operator]
@@ -225,6 +237,8 @@ class Report:
                f"{d['wall']['seconds']:g}s ({d['wall']['events_per_s'] or 0:,} events/s)",
                f"  rejected {ev['rejected']}, duplicates {ev['duplicates']}, out of time order "
                f"{ev['out_of_order']}, outcome events fed back {ev['fed_back']}",
+               *(f"  out of time order: {late['origin']} at {late['time']}, decided at "
+                 f"{late['clock']}" for late in ev["out_of_order_first"]),
                f"  by source: {_pairs(ev['by_source']) or 'none'}",
                f"time: {iso(span['first'])} .. {iso(span['last'])} ({duration(span['seconds'])})"
                f", simulated until {iso(span['simulated_until'])}",

@@ -2,33 +2,119 @@
 
 from __future__ import annotations
 
-import shutil
+import asyncio
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+LOOPD = Path(sys.executable).parent / "loopd"
+DEMO = ROOT / "config" / "demo.yaml"
 pytestmark = pytest.mark.e2e
 
 
-def test_demo_fixes_two_faults_and_escalates_the_stuck_one(tmp_path: Path) -> None:
-    """`loopd demo --exit` detects three faults, fixes and verifies two, escalates one, exits 0."""
-    config = tmp_path / "config"
-    shutil.copytree(ROOT / "config", config)
-    text = (config / "demo.yaml").read_text().replace("../packs", str(ROOT / "packs"))
-    (config / "demo.yaml").write_text(text.replace("../var/demo.db", str(tmp_path / "demo.db")))
-    loopd = Path(sys.executable).parent / "loopd"
-    done = subprocess.run(
-        [str(loopd), "demo", "--exit", "-c", str(config / "demo.yaml"),
-         "--listen", f"127.0.0.1:{free_port()}"],
-        capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout
-    assert "web-2/nginx      degraded" in out and "db-1/postgres    degraded (stuck)" in out
-    assert out.count("succeeded: fixed") == 2
-    assert "3 runs: 2 fixed and verified from telemetry, 1 escalated to a human." in out
-    assert "ESCALATED: postgres on db-1" in done.stderr
+def demo_env(tmp_path: Path) -> dict[str, str]:
+    """The demo's fresh state goes under ``tmp_path`` (TMPDIR), not the machine's /tmp."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LOOPD_")}
+    return {**base, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+
+
+def run_ids(out: str) -> list[str]:
+    return list(dict.fromkeys(re.findall(r"run (\S+) started", out)))
+
+
+def assert_told_in_order(out: str) -> None:
+    """Each run starts before the restart it makes; timeline times never go back."""
+    lines = [line for line in out.splitlines() if re.match(r"\s+\d+\.\ds  ", line)]
+    times = [float(line.split()[0].rstrip("s")) for line in lines]
+    assert times == sorted(times), out
+    for run_id in run_ids(out):
+        start = next(i for i, line in enumerate(lines) if f"run {run_id} started" in line)
+        who = lines[start].split()[1]
+        restarts = [i for i, line in enumerate(lines) if line.split()[1:3] == [who, "restarted"]]
+        assert restarts and restarts[0] > start, out
+
+
+def test_each_demo_starts_afresh_fixes_two_faults_and_escalates_the_stuck_one(
+        tmp_path: Path) -> None:
+    """Two `loopd demo --exit` in a row (within the rule's 10-minute throttle) each detect
+    three faults, fix and verify two, escalate one, and count only their own runs; the
+    timeline is in the order things happened, with full run ids and no log record in it."""
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [str(LOOPD), "demo", "--exit", "-c", str(DEMO),
+             "--listen", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=120, check=False, env=demo_env(tmp_path))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stderr == ""  # the daemon's log is in the state folder, not here
+        out = done.stdout
+        assert "web-2/nginx      degraded" in out and "db-1/postgres    degraded (stuck)" in out
+        assert out.count("succeeded: fixed") == 2, f"demo {attempt}:\n{out}"
+        assert "3 runs: 2 fixed and verified from telemetry, 1 escalated to a human." in out
+        assert len(run_ids(out)) == 3 and all(len(i) == 20 for i in run_ids(out)), out
+        assert_told_in_order(out)
+        assert "/v1/runs" not in out  # --exit: no API left to point at
+        (folder,) = re.findall(r"State and log of this demo: (\S+) ", out)
+        assert Path(folder).parent == tmp_path
+        assert "ESCALATED: postgres on db-1" in (Path(folder) / "loopd.log").read_text()
+    assert len(list(tmp_path.glob("loopd-demo-*"))) == 2  # one folder of state per demo
+
+
+async def test_the_printed_run_ids_resolve_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
+    """Without --exit the API stays up: each run id the demo printed is found at
+    /v1/runs/<id>; Ctrl-C then stops the demo with exit 0 and no traceback."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        str(LOOPD), "demo", "-c", str(DEMO), "--listen", f"127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=demo_env(tmp_path))
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        out = ""
+        async with asyncio.timeout(120):
+            while "Ctrl-C stops the demo" not in out:
+                line = await proc.stdout.readline()
+                assert line, f"the demo ended early:\n{out}"
+                out += line.decode()
+        assert f"loopd runs --url http://127.0.0.1:{port}" in out
+        async with aiohttp.ClientSession() as http:
+            for run_id in run_ids(out):
+                async with http.get(f"http://127.0.0.1:{port}/v1/runs/{run_id}") as resp:
+                    assert resp.status == 200, run_id
+                    assert (await resp.json())["id"] == run_id
+        proc.send_signal(signal.SIGINT)
+        rest, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert "loopd demo: stopped." in rest.decode()
+    assert "Traceback" not in err.decode() and "Traceback" not in rest.decode()
+
+
+def test_a_taken_port_fails_at_once_with_a_hint(tmp_path: Path) -> None:
+    """When the API's port is taken the demo exits 2 at once, naming the address and how to
+    give it another port, instead of waiting silently."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [str(LOOPD), "demo", "-c", str(DEMO), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60, check=False, env=demo_env(tmp_path))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    err = done.stderr.splitlines()
+    assert err[0].startswith("loopd demo: cannot start: ") and "address already in use" in err[0]
+    assert err[1] == (f"  hint: something listens on 127.0.0.1:{port} already (./scripts/run, "
+                      "another loopd?): stop it, or give the demo another port: loopd demo "
+                      f"--listen 127.0.0.1:{port + 1}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import shutil
 import subprocess
 import sys
@@ -168,3 +169,55 @@ def test_progress_is_drawn_on_a_terminal(tmp_path: Path) -> None:
     text = drawn.decode()
     assert text.startswith("\r[") and "100.0%" in text
     assert "events/s" in text and "ETA" in text and text.rstrip().endswith("ETA 0s")
+
+
+def test_a_reader_that_stops_early_ends_the_replay_quietly_with_the_report_written(
+    tmp_path: Path,
+) -> None:
+    """`loopd simulate ... | head -1`: the closed pipe is no error (exit 0, no traceback on
+    stderr) and --report is written all the same."""
+    config = setup(tmp_path)
+    out = tmp_path / "report.json"
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the report is printed
+    try:
+        done = subprocess.run(
+            [str(LOOPD), "simulate", "-c", str(config), "--events", f"{NAB}:host=web-1,metric=cpu",
+             "--report", str(out), "--no-progress"],
+            cwd=tmp_path, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+            check=False)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert orjson.loads(out.read_bytes())["events"]["read"] == 4032
+
+
+def readme_simulation() -> tuple[str, list[str]]:
+    """The README's simulate command (a ```bash block) and its sample output (the next
+    ``` block), as written there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Simulation"):readme.index("## Benchmarks")]
+    command = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    after = section.split("\n```\nloopd simulate:", 1)[1].split("```", 1)[0]
+    return command, ("loopd simulate:" + after).splitlines()
+
+
+def test_the_readmes_simulate_example_runs_as_written_and_prints_its_sample_output(
+        tmp_path: Path) -> None:
+    """From a copy of the shipped config, rules, packs and examples, the README's command
+    runs as written (`.venv/bin/loopd` is this venv's) and prints the README's sample
+    output, line for line but for the wall time of the first line."""
+    command, sample = readme_simulation()
+    assert command.startswith(".venv/bin/loopd simulate ")
+    for folder in ("config", "rules", "packs", "examples"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "loopd").symlink_to(LOOPD)
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert (done.returncode, done.stderr) == (0, "")
+    printed = done.stdout.rstrip("\n").splitlines()
+    wall = r" in [0-9.]+s \([0-9,]+ events/s\)$"
+    assert re.sub(wall, "", printed[0]) == re.sub(wall, "", sample[0])
+    assert printed[1:] == sample[1:]
+    assert orjson.loads((tmp_path / "report.json").read_bytes())["events"]["read"] == 293

@@ -373,7 +373,7 @@ async def test_an_invalid_line_stops_the_replay_naming_file_and_line(tmp_path: P
     """The first invalid line ends the replay with `FILE:LINE: what is wrong`."""
     config = write_config(tmp_path, TRIGGER_RULE, cool_down=COOL_DOWN)
     cases = {
-        "bad.jsonl": ("{\"topic\": \"a\", \"time\": 1, \"data\": {}}\n{not json\n",
+        "bad.jsonl": ("{\"topic\": \"a\", \"time\": 1700000000, \"data\": {}}\n{not json\n",
                       ":2: malformed JSON"),
         "notime.jsonl": ("{\"topic\": \"a\", \"data\": {}}\n", ":1: field 'time' is required"),
         "alert.jsonl": ("{\"alerts\": [{\"status\": \"firing\"}]}\n",
@@ -387,6 +387,58 @@ async def test_an_invalid_line_stops_the_replay_naming_file_and_line(tmp_path: P
         with pytest.raises(DecodeError) as caught:
             await run_simulation(config, [parse_event_file(str(tmp_path / name))])
         assert str(caught.value).startswith(f"{tmp_path / name}{message}"), str(caught.value)
+
+
+async def test_times_that_are_not_a_recordings_and_values_that_are_not_finite_are_refused(
+    tmp_path: Path,
+) -> None:
+    """A date written as digits (20140307, which epoch seconds would make 1970-08-22) and a
+    nan or inf value stop the replay naming FILE:LINE; the same date in RFC 3339, a
+    string of epoch digits and NAB's `2014-03-07 10:00:00` are read as the times they are."""
+    config = write_config(tmp_path, TRIGGER_RULE, cool_down=COOL_DOWN)
+    cases = {
+        "date.csv": ("timestamp,value\n20140307,1\n", ":2: time 20140307 is epoch seconds "
+                     "1970-08-22T02:31:47Z, before 2000-01-01T00:00:00Z: if it is a date, "
+                     "write it as RFC 3339"),
+        "date.jsonl": ('{"topic": "a", "time": "20140307", "data": {}}\n', ":1: time 20140307"),
+        "nan.csv": ("timestamp,value\n2014-03-07 10:00:00,1\n2014-03-07 10:05:00,nan\n",
+                    ":3: value 'nan' is not a finite number"),
+        "inf.csv": ("timestamp,value\n2014-03-07 10:00:00,-inf\n",
+                    ":2: value '-inf' is not a finite number"),
+        "huge.jsonl": ('{"topic": "a", "time": 1700000000, "data": {"value": 1e999}}\n',
+                       ":1: malformed JSON"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DecodeError) as caught:
+            await run_simulation(config, [parse_event_file(str(tmp_path / name))])
+        assert str(caught.value).startswith(f"{tmp_path / name}{message}"), str(caught.value)
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, {"topic": "a", "time": "2014-03-07T00:00:00Z", "data": {}},
+                {"topic": "a", "time": "1394186400", "data": {}})
+    csv = tmp_path / "nab.csv"
+    csv.write_text("timestamp,value\n2014-03-07 12:00:00,1.5\n")
+    times = [e.time for e in read_events([parse_event_file(str(good)),
+                                          parse_event_file(str(csv))])]
+    assert times == [1394150400.0, 1394186400.0, 1394193600.0]
+
+
+async def test_events_out_of_time_order_are_counted_and_named_by_file_and_line(
+    tmp_path: Path,
+) -> None:
+    """A row older than the one before it is decided at the clock's time, counted, and the
+    report names its FILE:LINE, its time and the clock's."""
+    config = write_config(tmp_path, TRIGGER_RULE, cool_down=COOL_DOWN)
+    csv = tmp_path / "cpu.csv"
+    csv.write_text("timestamp,value\n2014-03-07 10:00:00,1\n2014-03-07 10:10:00,1\n"
+                   "2014-03-07 10:05:00,1\n2014-03-07 10:15:00,1\n")
+    report = await run_simulation(config, [parse_event_file(str(csv))])
+    events = report.data["events"]
+    assert events["out_of_order"] == 1
+    assert events["out_of_order_first"] == [{
+        "origin": f"{csv}:4", "time": "2014-03-07T10:05:00Z", "clock": "2014-03-07T10:10:00Z"}]
+    assert (f"  out of time order: {csv}:4 at 2014-03-07T10:05:00Z, decided at "
+            "2014-03-07T10:10:00Z") in report.render().splitlines()
 
 
 def test_event_file_arguments_name_the_host_and_metric_of_csv_telemetry(tmp_path: Path) -> None:

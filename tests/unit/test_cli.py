@@ -161,3 +161,52 @@ rules:
     assert errors[1].startswith(
         f"error: {shell}:8 help-me run.input: linux.restart_service input service: "
         "'--help' does not match its pattern ")
+
+
+COMMANDS = ("run", "check", "demo", "simulate", "runs", "show", "decisions", "approve",
+            "reject", "version")
+
+
+def help_of(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_help_lists_every_command_on_one_line_without_markup(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``loopd --help`` lists each command with a one-line description, no RST markup
+    from a docstring, and the exit codes."""
+    text = help_of(capsys)
+    assert "``" not in text
+    listed = {line.split()[0]: line for line in text.splitlines()
+              if line.startswith("    ") and line.split()[0] in COMMANDS}
+    assert set(listed) == set(COMMANDS)
+    assert all(len(line.split()) > 1 for line in listed.values())  # its description, same line
+    assert "Exit codes: 0 success" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_commands_help_shows_its_options_and_their_defaults(
+    command: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``loopd COMMAND --help`` works for every command, without markup, and shows the
+    defaults of the options that have one."""
+    text = " ".join(help_of(capsys, command).split())
+    assert "``" not in text and f"usage: loopd {command}" in text
+    defaults = {"run": "(default: config/loopd.yaml)", "check": "(default: config/loopd.yaml)",
+                "demo": "(default: config/demo.yaml)", "simulate": "(default: telemetry)",
+                "runs": "(default: http://127.0.0.1:8080)", "show": "(default: http://",
+                "decisions": "(default: 50)", "approve": "LOOPD_TOKEN",
+                "reject": "--reason", "version": "--version"}
+    assert defaults[command] in text
+
+
+def test_version_is_also_an_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """``loopd --version`` prints what ``loopd version`` prints."""
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"loopd {__version__}"
