@@ -320,9 +320,10 @@ def simulate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.report is not None:  # first: a reader that stops early (| head) loses nothing
         try:
+            args.report.parent.mkdir(parents=True, exist_ok=True)
             args.report.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
         except OSError as exc:
-            print(f"loopd: cannot write report: {exc.strerror}", file=sys.stderr)
+            print(f"loopd: cannot write report {args.report}: {exc.strerror}", file=sys.stderr)
             return EXIT_CONFIG
     from loopd.terminal import print_to_pipe
 

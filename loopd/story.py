@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import orjson
 
 from loopd.client import epoch
-from loopd.simulate.report import guard_of
+from loopd.decisions import decision_guard
 
 SUB_DEPTH = 3  # sub-workflow runs shown nested at most this deep
 WIDE = 160  # a JSON value shown inline is cut here
@@ -110,9 +110,7 @@ def guard(row: dict[str, Any]) -> str | None:
     """The row's ``guard``, or (a daemon that sends none) the one its reason names."""
     if row.get("guard"):
         return str(row["guard"])
-    if row.get("outcome") == "suppressed":
-        return guard_of(row.get("reason"))
-    return None
+    return decision_guard(row.get("reason")) if row.get("outcome") == "suppressed" else None
 
 
 class Story:

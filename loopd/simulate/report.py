@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from prometheus_client import Counter as Metric
 
 from loopd import metrics
+from loopd.decisions import decision_guard
 from loopd.events import Event
 from loopd.runs import states
 from loopd.store.base import DecisionRecord, RunRecord
@@ -39,20 +40,6 @@ class Meter:
     """Bytes read so far from the event files (the readers add, the progress line reads)."""
 
     bytes: int = 0
-
-
-def guard_of(reason: str | None) -> str:
-    """The guard (or limit) a suppression's reason names: ``for: held 60s of 300s`` ->
-    ``for``; ``guard budget: 3 runs ...`` and ``guard: budget ...`` -> ``budget``."""
-    if not reason:
-        return "unknown"
-    head, sep, rest = reason.partition(":")
-    if head == "guard":
-        words = rest.split()
-        return words[0] if words else "guard"
-    if head.startswith("guard "):
-        return head[6:].strip()
-    return head.strip() if sep else reason[:40]
 
 
 def _samples(metric: Metric) -> dict[tuple[str, ...], float]:
@@ -107,7 +94,7 @@ class Tally:
         for d in decisions:
             self.outcomes[(d.rule, d.outcome)] += 1
             if d.outcome == "suppressed":
-                guard = guard_of(d.reason)
+                guard = decision_guard(d.reason) or "unknown"
                 self.suppressed[(d.rule, guard)] += 1
                 if guard not in self.examples and d.reason:
                     self.examples[guard] = d.reason

@@ -110,7 +110,7 @@ def test_simulate_prints_and_writes_the_report(tmp_path: Path) -> None:
     assert report["time"]["first"] == min(first, T0)
     cpu = report["rules"]["by_rule"]["cpu-busy"]
     assert cpu["matches"] > 0 and cpu["decisions"]["run_created"] > 0
-    assert set(cpu["suppressions"]) <= {"for", "throttled"}
+    assert set(cpu["suppressions"]) <= {"for", "throttle"}
     runs = report["runs"]
     assert runs["by_workflow"]["simtest.clean"] == {
         "fixed": 1, "not_fixed": 0, "inconclusive": 1, "failed": 0, "cancelled": 0, "done": 0}
@@ -220,4 +220,4 @@ def test_the_readmes_simulate_example_runs_as_written_and_prints_its_sample_outp
     wall = r" in [0-9.]+s \([0-9,]+ events/s\)$"
     assert re.sub(wall, "", printed[0]) == re.sub(wall, "", sample[0])
     assert printed[1:] == sample[1:]
-    assert orjson.loads((tmp_path / "report.json").read_bytes())["events"]["read"] == 293
+    assert orjson.loads((tmp_path / "var" / "report.json").read_bytes())["events"]["read"] == 293

@@ -19,7 +19,7 @@ from loopd.errors import DecodeError
 from loopd.runs import states
 from loopd.simulate.input import parse_event_file, read_events
 from loopd.simulate.replay import Simulation, run_simulation
-from loopd.simulate.report import Report, guard_of
+from loopd.simulate.report import Report
 from loopd.store.base import RunRecord, StepRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -462,10 +462,3 @@ def test_event_file_arguments_name_the_host_and_metric_of_csv_telemetry(tmp_path
         parse_event_file(f"{csv}:colour=red")
 
 
-def test_suppressions_are_grouped_by_the_guard_their_reason_names() -> None:
-    """The report groups suppressions by the first word of the decision's reason."""
-    assert guard_of("for: held 120s of 300s") == "for"
-    assert guard_of("throttled: once within 600s (10s left)") == "throttled"
-    assert guard_of("guard budget: 3 runs within 3600s") == "budget"
-    assert guard_of("guard: maintenance window freeze") == "maintenance"
-    assert guard_of(None) == "unknown"
