@@ -29,12 +29,13 @@ _PAGE_SIZE = 50
 _HISTORY = 1000  # incidents and runs the rules page counts fix rate and time to fix over
 _DECISION_FILTERS = ("rule", "key", "outcome", "source", "since")
 # what a browser may do with a page: scripts and styles from loopd only (event data in a
-# page can never run), no framing, no referrer leaking run ids elsewhere
+# page can never run), no framing, no referrer leaking run ids to other sites (same-origin: with no-referrer at
+# all, Chromium sends "Origin: null" on the sign-in form, which the gate rightly refuses)
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
                                "img-src 'self' data:; frame-ancestors 'none'; "
                                "form-action 'self'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
