@@ -29,8 +29,9 @@ _PAGE_SIZE = 50
 _HISTORY = 1000  # incidents and runs the rules page counts fix rate and time to fix over
 _DECISION_FILTERS = ("rule", "key", "outcome", "source", "since")
 # what a browser may do with a page: scripts and styles from loopd only (event data in a
-# page can never run), no framing, no referrer leaking run ids to other sites (same-origin: with no-referrer at
-# all, Chromium sends "Origin: null" on the sign-in form, which the gate rightly refuses)
+# page can never run), no framing, no referrer leaking run ids to other sites (same-origin:
+# with no-referrer, Chromium sends "Origin: null" on the sign-in form, and the gate
+# rightly refuses that)
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
                                "img-src 'self' data:; frame-ancestors 'none'; "

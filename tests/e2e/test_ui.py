@@ -9,12 +9,12 @@ Under ``CI=true`` a missing browser fails these tests (``servers.require``).
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.async_api import Browser, Page, async_playwright
 
 from tests.e2e.conftest import Factory
 from tests.e2e.daemon import Config, LoopdProcess
@@ -23,6 +23,7 @@ from tests.servers import require, wait_until
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = os.environ.get("LOOPD_TEST_CHROMIUM", "/usr/bin/chromium")
+HAVE_CHROMIUM = Path(CHROMIUM).exists()  # Debian's; never a browser downloaded by playwright
 VIEWER = "viewer-token-0123456789abcdef"
 OPERATOR = "operator-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
@@ -70,11 +71,9 @@ def _config(config: Config, *, auth: bool) -> dict[str, str]:
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    """A headless chromium page factory; closed at teardown."""
-    require(Path(CHROMIUM).exists() or shutil.which("chromium") is not None,
-            f"chromium at {CHROMIUM} (apt-get install chromium)")
-    from playwright.async_api import async_playwright
+async def browser() -> AsyncIterator[Browser]:
+    """A headless chromium (Debian's); closed at teardown."""
+    require(HAVE_CHROMIUM, f"chromium at {CHROMIUM} (apt-get install chromium)")
     async with async_playwright() as p:
         chromium = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -93,14 +92,14 @@ async def _faults(daemon: LoopdProcess, host: str = "web-1") -> str:
     return str(run["id"])
 
 
-async def _sign_in(page: Any, url: str, token: str) -> None:
+async def _sign_in(page: Page, url: str, token: str) -> None:
     await page.goto(url + "/")
     assert page.url.endswith("/signin"), "a page without a session goes to the sign-in page"
     await page.fill("#token", token)
     await page.click("form.signin button")
 
 
-async def _no_secret(page: Any) -> str:
+async def _no_secret(page: Page) -> str:
     html = str(await page.content())
     for secret in (SECRET, VIEWER, OPERATOR, ADMIN):
         assert secret not in html, f"a secret is in {page.url}"
@@ -108,7 +107,7 @@ async def _no_secret(page: Any) -> str:
 
 
 async def test_an_operator_signs_in_sees_every_page_and_approves_a_run_that_then_acts(
-        config: Config, loopd_factory: Factory, browser: Any) -> None:
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
     """An operator signs in with a token (a wrong one is refused with a message), every page
     shows the daemon's data with no secret in it, the suppressed cpu event's reason is
     found in the decisions explorer, and Approve on the approvals page makes the run act;
@@ -166,7 +165,7 @@ async def test_an_operator_signs_in_sees_every_page_and_approves_a_run_that_then
 
 
 async def test_a_viewer_sees_approvals_but_cannot_approve(
-        config: Config, loopd_factory: Factory, browser: Any) -> None:
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
     """A viewer's approvals page has no buttons; a POST made from the page anyway is 403
     (with and without the CSRF header), the refusal is audited and the run still waits."""
     env = _config(config, auth=True)
@@ -199,7 +198,7 @@ async def test_a_viewer_sees_approvals_but_cannot_approve(
 
 
 async def test_the_incident_list_updates_live_and_says_when_it_is_disconnected(
-        config: Config, loopd_factory: Factory, browser: Any) -> None:
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
     """With the incidents page open, a new incident appears without a reload while the page
     says "live"; when the daemon stops (cleanly, the stream open) it says "disconnected"."""
     env = _config(config, auth=False)
@@ -223,7 +222,7 @@ async def test_the_incident_list_updates_live_and_says_when_it_is_disconnected(
 
 
 async def test_a_run_page_of_no_run_is_404_and_bad_filters_are_named(
-        config: Config, loopd_factory: Factory, browser: Any) -> None:
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
     """An unknown run id is a 404 page saying so; a since= that is no time is a 400 page
     naming the parameter; the daemon keeps serving."""
     env = _config(config, auth=False)
