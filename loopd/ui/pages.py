@@ -22,7 +22,7 @@ from loopd.api.principal import Role, principal
 from loopd.api.runs import run_story
 from loopd.runs import states
 from loopd.store.base import DecisionQuery, IncidentRecord, RunRecord
-from loopd.ui.views import environment
+from loopd.ui.views import condense, environment
 from loopd.units import parse_time
 
 _PAGE_SIZE = 50
@@ -101,6 +101,7 @@ class Pages:
         rule = next((r for r in control.ruleset.rules if r.name == run.rule), None)
         return {
             "run": story, "rule": rule, "kind": run.kind, "target": run.target,
+            "decisions": condense(story.get("events") or []),
             "kinds": {name: ct.kind for name, ct in tasks.items()},
             "confirms": {name: ct.task.confirm.model_dump(by_alias=True, exclude_none=True)
                          for name, ct in tasks.items() if ct.task.confirm is not None},

@@ -45,8 +45,27 @@ def guard_of(reason: str | None) -> str | None:
         return None
     if reason.startswith("for:"):
         return "for"
+    if reason.startswith("throttled:"):  # the rule's own throttle (decide/incidents.py)
+        return "throttle"
     found = _GUARD.match(reason)
     return found.group(1) if found else None
+
+
+def condense(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's decisions with each stretch of consecutive ``joined`` ones as one row
+    (``count``, ``until``): a long incident joins an event every few seconds, and the
+    suppressions around it are what the reader looks for."""
+    rows: list[dict[str, Any]] = []
+    for d in decisions:
+        last = rows[-1] if rows else None
+        if d.get("outcome") == "joined" and last is not None and \
+                last.get("outcome") == "joined":
+            last["count"] += 1
+            last["until"] = d.get("time")
+            last["reason"] = f"{last['count']} events joined the open incident"
+            continue
+        rows.append({**d, "count": 1, "until": None})
+    return rows
 
 
 def epoch(value: Any) -> float | None:

@@ -1,0 +1,96 @@
+"""Screenshots of the web UI for the README: ``.venv/bin/python docs/screenshots/make.py``.
+
+Starts ``loopd run`` on a copy of ``config/demo.yaml`` (the simulated fleet: two faults
+fixed, one escalated) on a free port with a fresh store, waits until the three runs have
+ended, and saves ``incidents.png`` and ``trace.png`` (the top of the escalated run's trace) next to this
+file with Debian's chromium (``/usr/bin/chromium``, or ``LOOPD_TEST_CHROMIUM``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from playwright.async_api import async_playwright
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CHROMIUM = os.environ.get("LOOPD_TEST_CHROMIUM", "/usr/bin/chromium")
+FINAL = {"succeeded", "failed", "timed_out", "cancelled", "crashed", "rejected", "expired"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def runs(url: str) -> list[dict[str, object]]:
+    with urllib.request.urlopen(f"{url}/v1/runs", timeout=5) as answer:
+        return list(json.load(answer)["runs"])
+
+
+def wait_for_runs(url: str, count: int, timeout: float = 90.0) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = runs(url)
+        except OSError:
+            found = []
+        if len(found) >= count and all(r["status"] in FINAL for r in found):
+            return found
+        time.sleep(0.5)
+    raise SystemExit(f"the demo did not end {count} runs within {timeout:g}s")
+
+
+async def shoot(url: str, escalated: str) -> None:
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = await browser.new_page(viewport={"width": 1100, "height": 700},
+                                      device_scale_factor=1)
+        await page.goto(url + "/")
+        await page.locator(".live.on").wait_for(timeout=10_000)
+        await page.screenshot(path=str(HERE / "incidents.png"))
+        await page.goto(f"{url}/runs/{escalated}")
+        # from the trigger to the first failed confirmation and the retry: the whole
+        # page is twice as tall, and over the README's 300 KB per picture
+        await page.screenshot(path=str(HERE / "trace.png"), full_page=True,
+                              clip={"x": 0, "y": 0, "width": 1100, "height": 2000})
+        await browser.close()
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config"
+        shutil.copytree(ROOT / "config", config)
+        text = (config / "demo.yaml").read_text().replace("../packs", str(ROOT / "packs"))
+        (config / "demo.yaml").write_text(
+            text.replace("../var/demo.db", str(Path(tmp) / "demo.db")))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        loopd = Path(sys.executable).parent / "loopd"
+        daemon = subprocess.Popen([str(loopd), "run", "-c", str(config / "demo.yaml"),
+                                   "--listen", f"127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            ended = wait_for_runs(url, 3)
+            escalated = next(str(r["id"]) for r in ended if r["outcome"] != "fixed")
+            asyncio.run(shoot(url, escalated))
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=15)
+    for name in ("incidents.png", "trace.png"):
+        print(f"{HERE / name}: {(HERE / name).stat().st_size // 1024} KiB")
+
+
+if __name__ == "__main__":
+    main()
