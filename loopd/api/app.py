@@ -134,7 +134,6 @@ async def close_breaker(request: web.Request) -> web.Response:
 
 
 def build_app(ctx: ApiContext) -> web.Application:
-    from loopd import ui
     from loopd.api import audit, ingest, limits, runs
     from loopd.api.auth import Gate
     from loopd.config import LoopdConfig
@@ -159,5 +158,4 @@ def build_app(ctx: ApiContext) -> web.Application:
     ingest.add_routes(app)
     runs.add_routes(app)
     audit.add_routes(app)
-    ui.add_routes(app, gate)  # the web UI at / (loopd.ui), behind the same gate
     return app

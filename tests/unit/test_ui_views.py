@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from loopd.ui.live import sse
 from loopd.ui.views import ago, condense, environment, guard_of, human_duration, tone, when
 
@@ -64,11 +66,12 @@ def test_a_multiline_fragment_is_one_server_sent_event() -> None:
 def test_a_stretch_of_joined_events_is_one_row_and_suppressions_stay_apart() -> None:
     """Consecutive joined decisions become one row counting them; the others stay as they
     are, in order."""
-    decisions = [{"outcome": "suppressed", "time": 1, "reason": "for: held 0s of 1s"},
-                 {"outcome": "run_created", "time": 2, "reason": None},
-                 *({"outcome": "joined", "time": t, "reason": "incident already open"}
-                   for t in (3, 4, 5)),
-                 {"outcome": "suppressed", "time": 6, "reason": "throttled: once within 600s"}]
+    decisions: list[dict[str, Any]] = [
+        {"outcome": "suppressed", "time": 1, "reason": "for: held 0s of 1s"},
+        {"outcome": "run_created", "time": 2, "reason": None},
+        *({"outcome": "joined", "time": t, "reason": "incident already open"}
+          for t in (3, 4, 5)),
+        {"outcome": "suppressed", "time": 6, "reason": "throttled: once within 600s"}]
     rows = condense(decisions)
     assert [(r["outcome"], r["count"]) for r in rows] == [
         ("suppressed", 1), ("run_created", 1), ("joined", 3), ("suppressed", 1)]
