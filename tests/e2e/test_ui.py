@@ -120,6 +120,9 @@ async def test_an_operator_signs_in_sees_every_page_and_approves_a_run_that_then
 
     await _sign_in(page, daemon.url, "not-a-token-of-this-loopd")
     assert "not one of this loopd's API tokens" in await page.inner_text("main")
+    # counted like a wrong Authorization header: the same failure throttle and metric
+    assert await daemon.metric("loopd_api_refused_total", route="ui_signin_post",
+                               reason="unauthenticated") == 1
     await page.fill("#token", OPERATOR)
     await page.click("form.signin button")
     await page.wait_for_url(daemon.url + "/")
@@ -216,9 +219,47 @@ async def test_the_incident_list_updates_live_and_says_when_it_is_disconnected(
     await page.locator("#incidents tr", has_text="web-7").wait_for(timeout=UI_WAIT)
     assert await page.evaluate("window.loopdMarker") == 42, "the page was not reloaded"
 
+    # a running trace is live too: approved elsewhere (the API), it shows the run act
+    (run,) = await daemon.wait_runs(1, status="awaiting_approval")
+    await page.goto(f"{daemon.url}/runs/{run['id']}")
+    await page.locator(".live.on").wait_for(timeout=UI_WAIT)
+    await page.evaluate("window.loopdMarker = 43")
+    assert "awaiting_approval" in await page.inner_text("#trace")
+    await daemon.post(f"/v1/runs/{run['id']}/approve", expect=202)
+    await page.locator("#trace dl.facts", has_text="succeeded").wait_for(timeout=UI_WAIT)
+    assert await page.evaluate("window.loopdMarker") == 43, "the page was not reloaded"
+
+    await page.goto(daemon.url + "/")
+    await page.locator(".live.on").wait_for(timeout=UI_WAIT)
     await daemon.stop()  # asserts a clean exit 0 with the stream open
     await page.locator(".live.off").wait_for(timeout=UI_WAIT)
     assert await badge.inner_text() == "disconnected"
+
+
+async def test_every_page_reads_without_javascript(
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
+    """With JavaScript off, each page still shows its data, and the decisions filter (a
+    plain form) still finds the suppressed event."""
+    env = _config(config, auth=False)
+    daemon = loopd_factory(config, env)
+    await daemon.start()
+    run_id = await _faults(daemon)
+    context = await browser.new_context(java_script_enabled=False)
+    page = await context.new_page()
+    for path, text in (("/", "web-1"), (f"/runs/{run_id}", "restart-after-approval"),
+                       ("/approvals", run_id), ("/rules", "cpu-held"),
+                       ("/guards", "Budgets"), ("/sources", "webhook")):
+        answer = await page.goto(daemon.url + path)
+        assert answer is not None and answer.status == 200, path
+        assert text in await page.inner_text("main"), path
+        await _no_secret(page)
+    await page.goto(daemon.url + "/decisions")
+    await page.fill("input[name=key]", "web-1")
+    await page.select_option("select[name=rule]", "cpu-held")
+    await page.click("form.filters button")
+    assert "rule=cpu-held" in page.url and "key=web-1" in page.url
+    assert "for: held 0s of 3600s" in await page.inner_text("#decisions")
+    await context.close()
 
 
 async def test_a_run_page_of_no_run_is_404_and_bad_filters_are_named(

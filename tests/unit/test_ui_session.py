@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
-from loopd.api.auth import SESSION_TTL, Tokens, _Token
-from loopd.api.principal import Role
+from aiohttp import web
+
+from loopd import ui
+from loopd.api.auth import SESSION_TTL, Gate, Tokens, _Token
+from loopd.api.principal import PUBLIC_ROUTES, ROUTE_ROLES, Role, is_page
+from loopd.config import LoopdConfig
 
 OPS = _Token("ops", Role.OPERATOR, hashlib.sha256(b"operator-token-0123456789").digest())
 VIEW = _Token("alice", Role.VIEWER, hashlib.sha256(b"viewer-token-0123456789ab").digest())
@@ -41,3 +45,15 @@ def test_a_tampered_expired_or_rotated_session_is_refused() -> None:
     rotated = Tokens([_Token("alice", Role.VIEWER, new_value)])
     assert rotated.from_session(cookie, now=NOW) is None
     assert tokens.from_session(cookie, now=NOW + 10) == VIEW
+
+
+def test_every_ui_route_is_named_and_has_a_role() -> None:
+    """The gate refuses a route missing from ROUTE_ROLES: each page, the stream, sign-in
+    and the static files have an entry; only sign-in, sign-out and static are public."""
+    app = web.Application()
+    ui.add_routes(app, Gate(LoopdConfig()))
+    names = {r.name for r in app.router.routes()}
+    assert None not in names and names <= set(ROUTE_ROLES)
+    assert {"ui_signin", "ui_signin_post", "ui_signout", "ui_static"} == PUBLIC_ROUTES
+    assert is_page("ui_incidents") and is_page("ui_live") and not is_page("ui_signin")
+    assert not is_page("approve_run")
