@@ -9,7 +9,7 @@ post to the API's own routes, so they pass the same roles and the same audit tra
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from statistics import median
 from typing import Any
 
@@ -22,7 +22,7 @@ from loopd.api.principal import Role, principal
 from loopd.api.runs import run_story
 from loopd.runs import states
 from loopd.store.base import DecisionQuery, IncidentRecord, RunRecord
-from loopd.ui.views import condense, environment
+from loopd.ui.views import condense, environment, guard_of
 from loopd.units import parse_time
 
 _PAGE_SIZE = 50
@@ -165,25 +165,24 @@ class Pages:
     # -- rules --------------------------------------------------------------------------
 
     async def rules(self, request: web.Request) -> web.Response:
-        """Per rule: this daemon's counters (matches, would-run, suppressions per guard),
-        and from the store, over the last ``_HISTORY`` incidents and runs, the runs, the
-        fix rate and the median time to fix."""
+        """Per rule: matches since this daemon started; from the store, over the last
+        ``_HISTORY`` of each, shadow "would run" decisions, suppressions per guard (so a
+        throttle and a pending ``for:`` count too, on every replica), runs, the fix rate
+        and the median time to fix."""
         control = request.app[CTX].control
-        decided = _samples("loopd_decisions_total")
-        suppressed: dict[str, dict[str, float]] = defaultdict(dict)
-        for labels, value in _samples("loopd_guard_suppressions_total"):
-            suppressed[labels["rule"]][labels["guard"]] = value
         closed = await control.list_incidents(status="closed", limit=_HISTORY)
         runs = await control.list_runs(status=None, limit=_HISTORY)
         rows = []
         for r in control.ruleset.rules:
+            shadow = await control.decisions(DecisionQuery(rule=r.name, outcome="shadow",
+                                                           limit=_HISTORY))
+            held = await control.decisions(DecisionQuery(rule=r.name, outcome="suppressed",
+                                                         limit=_HISTORY))
             ended = [i for i in closed if i.rule == r.name]
             fixed = [i for i in ended if i.outcome == states.FIXED]
             rows.append({
-                "rule": r, "matches": control.matches(r.name),
-                "would_run": sum(v for labels, v in decided
-                                 if labels["rule"] == r.name and labels["outcome"] == "shadow"),
-                "suppressed": suppressed.get(r.name, {}),
+                "rule": r, "matches": control.matches(r.name), "would_run": len(shadow),
+                "suppressed": Counter(guard_of(d.reason) or "other" for d in held),
                 "runs": sum(run.rule == r.name for run in runs),
                 "ended": len(ended), "fixed": len(fixed),
                 "time_to_fix": _median_fix(fixed),

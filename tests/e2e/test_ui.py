@@ -152,6 +152,10 @@ async def test_an_operator_signs_in_sees_every_page_and_approves_a_run_that_then
         assert text in await page.inner_text("main"), f"{nav} page"
         await _no_secret(page)
 
+    await page.goto(daemon.url + "/rules")
+    held = await page.inner_text("#rule-cpu-held")
+    assert "for 1" in held, "suppressions per guard count the pending for:"
+    await page.goto(daemon.url + "/approvals")
     await page.click(f"tr[data-run='{run_id}'] button.approve")
     story = await daemon.wait_run(run_id, lambda r: r["status"] == "succeeded",
                                   what="the approved run succeeded")
