@@ -1,9 +1,10 @@
 """Screenshots of the web UI for the README: ``.venv/bin/python docs/screenshots/make.py``.
 
 Starts ``loopd run`` on a copy of ``config/demo.yaml`` (the simulated fleet: two faults
-fixed, one escalated) on a free port with a fresh store, waits until the three runs have
-ended, and saves ``incidents.png`` and ``trace.png`` (the top of the escalated run's trace) next to this
-file with Debian's chromium (``/usr/bin/chromium``, or ``LOOPD_TEST_CHROMIUM``).
+fixed, one escalated) on a free port with a fresh store, and saves ``incidents.png``
+(while the stuck fault is still being worked on) and ``trace.png`` (once it has been
+escalated: the top of that run's trace) next to this file, with Debian's chromium
+(``/usr/bin/chromium``, or ``LOOPD_TEST_CHROMIUM``).
 """
 
 from __future__ import annotations
@@ -39,27 +40,36 @@ def runs(url: str) -> list[dict[str, object]]:
         return list(json.load(answer)["runs"])
 
 
-def wait_for_runs(url: str, count: int, timeout: float = 90.0) -> list[dict[str, object]]:
+def wait_for_runs(url: str, ended: int, active: int, timeout: float = 90.0
+                  ) -> list[dict[str, object]]:
+    """Poll until at least ``ended`` runs have ended and exactly ``active`` have not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             found = runs(url)
         except OSError:
             found = []
-        if len(found) >= count and all(r["status"] in FINAL for r in found):
+        final = sum(r["status"] in FINAL for r in found)
+        if final >= ended and len(found) - final == active:
             return found
-        time.sleep(0.5)
-    raise SystemExit(f"the demo did not end {count} runs within {timeout:g}s")
+        time.sleep(0.2)
+    raise SystemExit(f"the demo did not reach {ended} ended and {active} active runs "
+                     f"within {timeout:g}s")
 
 
-async def shoot(url: str, escalated: str) -> None:
+async def shoot(url: str) -> None:
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = await browser.new_page(viewport={"width": 1100, "height": 700},
+        page = await browser.new_page(viewport={"width": 1100, "height": 560},
                                       device_scale_factor=1)
+        # the incidents page while the stuck fault is still being worked on
+        await asyncio.to_thread(wait_for_runs, url, 2, 1)
         await page.goto(url + "/")
         await page.locator(".live.on").wait_for(timeout=10_000)
         await page.screenshot(path=str(HERE / "incidents.png"))
+        ended = await asyncio.to_thread(wait_for_runs, url, 3, 0)
+        escalated = next(str(r["id"]) for r in ended if r["outcome"] != "fixed")
+        await page.set_viewport_size({"width": 1100, "height": 700})
         await page.goto(f"{url}/runs/{escalated}")
         # from the trigger to the first failed confirmation and the retry: the whole
         # page is twice as tall, and over the README's 300 KB per picture
@@ -82,9 +92,7 @@ def main() -> None:
                                    "--listen", f"127.0.0.1:{port}"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            ended = wait_for_runs(url, 3)
-            escalated = next(str(r["id"]) for r in ended if r["outcome"] != "fixed")
-            asyncio.run(shoot(url, escalated))
+            asyncio.run(shoot(url))
         finally:
             daemon.terminate()
             daemon.wait(timeout=15)
