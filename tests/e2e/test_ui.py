@@ -19,6 +19,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from tests.e2e.conftest import Factory
 from tests.e2e.daemon import Config, LoopdProcess
 from tests.servers import require, wait_until
+from tests.servers.ssh import PASSWORD, USER, SshServer
 
 pytestmark = pytest.mark.e2e
 
@@ -286,3 +287,43 @@ async def test_a_run_page_of_no_run_is_404_and_bad_filters_are_named(
         return status == 200
 
     await wait_until(healthy, what="daemon still serving")
+
+
+SSH_PACK = """
+name: box
+version: 1.0.0
+actions:
+  flaky:
+    runner: ssh
+    input: {host: {type: string, required: true}}
+    command: "exit 3"
+"""
+
+
+async def test_a_failed_ssh_step_shows_its_exit_status_and_output(
+        config: Config, loopd_factory: Factory, browser: Browser,
+        ssh_server: SshServer) -> None:
+    """A remediation over SSH that exits 3: its trace shows the failed step with the host,
+    the command, the exit status and the last line it printed; the SSH password is in no
+    page."""
+    config.sources = [{"name": "webhook", "type": "webhook"}]
+    config.entities = {"web-1": ssh_server.entity()}
+    config.credentials = {"ssh-ops": {"username": USER, "password": "env:UI_SSH_PASSWORD"}}
+    config.add_pack("box", {"pack.yaml": SSH_PACK})
+    config.rules = {"ssh.yaml": [{"name": "ssh-fix", "on": {"source": "webhook",
+                                                           "topic": "svc/{host}"},
+                                  "key": "{{ vars.host }}",
+                                  "run": {"action": "box.flaky",
+                                          "input": {"host": "{{ vars.host }}"}}}]}
+    config.write()
+    daemon = loopd_factory(config, {"UI_SSH_PASSWORD": PASSWORD})
+    await daemon.start()
+    await daemon.post("/v1/events", {"topic": "svc/web-1", "data": {"status": "down"}})
+    (run,) = await daemon.wait_runs(1, status="failed")
+    page = await browser.new_page()
+    await page.goto(f"{daemon.url}/runs/{run['id']}")
+    step = await page.inner_text("#trace li.step")
+    assert "box.flaky" in step and "failed" in step
+    error = await page.inner_text("#trace li.step pre.error")
+    assert "ssh web-1: `exit 3` exited 3: exit 3 requested" in error
+    assert PASSWORD not in await page.content()
