@@ -95,13 +95,18 @@ class Pages:
         if run is None:
             return None
         story = await run_story(control, run)
+        # the decisions read here, not from the story, so the page keeps one row shape
+        incident = await control.get_incident(run.incident_id) if run.incident_id else None
+        around = await control.decisions_around(incident) if incident is not None else []
         registry = control.registry()
         workflow = registry.workflows.get(run.target) if run.kind == "workflow" else None
         tasks = workflow.tasks if workflow is not None else {}
         rule = next((r for r in control.ruleset.rules if r.name == run.rule), None)
         return {
             "run": story, "rule": rule, "kind": run.kind, "target": run.target,
-            "decisions": condense(story.get("events") or []),
+            "decisions": condense([{"time": d.time, "outcome": d.outcome,
+                                    "reason": d.reason, "source": d.source,
+                                    "id": d.event_id} for d in around]),
             "kinds": {name: ct.kind for name, ct in tasks.items()},
             "confirms": {name: ct.task.confirm.model_dump(by_alias=True, exclude_none=True)
                          for name, ct in tasks.items() if ct.task.confirm is not None},
