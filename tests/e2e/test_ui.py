@@ -289,6 +289,36 @@ async def test_a_run_page_of_no_run_is_404_and_bad_filters_are_named(
     await wait_until(healthy, what="daemon still serving")
 
 
+async def test_a_session_from_one_replica_is_good_on_another(
+        tmp_path: Path, loopd_factory: Factory, browser: Browser) -> None:
+    """Two daemons with the same tokens and nothing else shared (behind one load balancer):
+    a browser signed in on one is signed in on the other, and its CSRF value is accepted
+    there; signing out ends it."""
+    daemons = []
+    for name in ("a", "b"):
+        config = Config(root=tmp_path / name)
+        daemons.append(loopd_factory(config, _config(config, auth=True), token=ADMIN))
+    a, b = daemons
+    await a.start()
+    await b.start()
+    page = await browser.new_page()
+    await _sign_in(page, a.url, OPERATOR)
+    await page.wait_for_url(a.url + "/")
+    # cookies are per host, not per port: the browser sends a's cookie to b
+    answer = await page.goto(b.url + "/guards")
+    assert answer is not None and answer.status == 200 and page.url == b.url + "/guards"
+    assert "ops" in await page.inner_text("header")
+    hx = await page.get_attribute("body", "hx-headers")
+    assert hx is not None
+    status = await page.evaluate("""async (csrf) => (await fetch("/v1/guards/breakers/x/close",
+        {method: "POST", headers: {"X-CSRF-Token": csrf}})).status""", hx.split('"')[3])
+    assert status == 404  # past the gate and the role: there is no breaker x
+    await page.click("form.who button")
+    await page.wait_for_url(b.url + "/signin")
+    await page.goto(a.url + "/")
+    assert page.url == a.url + "/signin"
+
+
 SSH_PACK = """
 name: box
 version: 1.0.0
