@@ -319,6 +319,50 @@ async def test_a_session_from_one_replica_is_good_on_another(
     assert page.url == a.url + "/signin"
 
 
+TREE_CHILD = """
+input: {host: {type: string, required: true}}
+tasks:
+  look: {action: core.noop, input: {value: "looked at {{ ctx.host }}"}, next: done}
+  done: {succeed: done}
+"""
+TREE_PARENT = """
+input: {host: {type: string, required: true}}
+tasks:
+  check:
+    workflow: tree.child
+    input: {host: "{{ ctx.host }}"}
+"""
+
+
+async def test_a_sub_workflow_run_is_linked_both_ways(
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
+    """A parent run's trace links the child run of its workflow task; the child's trace
+    shows its own steps and links back to the parent."""
+    config.sources = [{"name": "webhook", "type": "webhook"}]
+    config.add_pack("tree", {"pack.yaml": "name: tree\nversion: 1.0.0\n",
+                             "workflows/child.yaml": TREE_CHILD,
+                             "workflows/parent.yaml": TREE_PARENT})
+    config.rules = {"tree.yaml": [{"name": "tree", "on": {"source": "webhook",
+                                                          "topic": "svc/{host}"},
+                                   "key": "{{ vars.host }}",
+                                   "run": {"workflow": "tree.parent",
+                                           "input": {"host": "{{ vars.host }}"}}}]}
+    config.write()
+    daemon = loopd_factory(config)
+    await daemon.start()
+    await daemon.post("/v1/events", {"topic": "svc/web-1", "data": {"status": "down"}})
+    runs = await daemon.wait_runs(2, status="succeeded")
+    (run,) = [r for r in runs if "/" not in r["id"]]
+    page = await browser.new_page()
+    await page.goto(f"{daemon.url}/runs/{run['id']}")
+    await page.click(f"a[href='/runs/{run['id']}/check']")
+    await page.wait_for_url(f"{daemon.url}/runs/{run['id']}/check")
+    child = await page.inner_text("#trace")
+    assert "tree.child" in child and "looked at web-1" in child
+    await page.click(f"dl.facts a[href='/runs/{run['id']}']")
+    await page.wait_for_url(f"{daemon.url}/runs/{run['id']}")
+
+
 SSH_PACK = """
 name: box
 version: 1.0.0
