@@ -319,6 +319,48 @@ async def test_a_session_from_one_replica_is_good_on_another(
     assert page.url == a.url + "/signin"
 
 
+async def test_an_open_breaker_is_explained_and_closed_from_the_guards_page(
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
+    """Two failed runs open a rule's breaker: the guards page shows it with its reason, the
+    next event's suppression names the breaker in the decisions explorer, and Close on the
+    guards page closes it (audited as close_breaker)."""
+    config.sources = [{"name": "webhook", "type": "webhook"}]
+    config.rules = {"broken.yaml": [{
+        "name": "broken-fix", "on": {"source": "webhook", "topic": "svc/{host}"},
+        "key": "{{ vars.host }}",
+        "guards": {"breaker": {"failures": 2, "within": "1h", "cool_off": "1h"},
+                   "escalate": {"action": "core.log",
+                                "input": {"message": "{{ rule }}: {{ reason }}"}}},
+        "run": {"action": "core.fail", "input": {"reason": "still down"}}}]}
+    config.write()
+    daemon = loopd_factory(config)
+    await daemon.start()
+    for host in ("web-1", "web-2"):
+        await daemon.post("/v1/events", {"topic": f"svc/{host}", "data": {}})
+    await daemon.wait_runs(2, status="failed")
+
+    async def breaker_open() -> bool:
+        return bool((await daemon.get("/v1/guards"))["breakers"])
+
+    await wait_until(breaker_open, what="the breaker opened")
+    await daemon.post("/v1/events", {"topic": "svc/web-3", "data": {}})
+    page = await browser.new_page()
+    await page.goto(daemon.url + "/decisions?outcome=suppressed")
+    row = page.locator("tr.decision.suppressed", has_text="web-3")
+    await row.wait_for(timeout=UI_WAIT)
+    assert await row.locator("td.guard").inner_text() == "breaker"
+
+    await page.goto(daemon.url + "/guards")
+    breakers = await page.inner_text("#breakers")
+    assert "broken-fix" in breakers and "open" in breakers
+    await page.click("#breakers button")
+    await page.locator("p.empty", has_text="No breaker is open").wait_for(timeout=UI_WAIT)
+    assert (await daemon.get("/v1/guards"))["breakers"] == []
+    trail = await daemon.get("/v1/audit?action=close_breaker")
+    assert [(r["target"], r["status"]) for r in trail["audit"]] == [
+        ("broken-fix", 200), ("broken-fix", None)]  # newest first: its result, its request
+
+
 TREE_CHILD = """
 input: {host: {type: string, required: true}}
 tasks:
