@@ -167,6 +167,7 @@ async def test_an_operator_signs_in_sees_every_page_and_approves_a_run_that_then
     trace = await page.inner_text("#trace")
     assert "restart web-1" in trace and "succeeded" in trace
     assert "approve by ops (operator)" in trace
+    assert "approved by\nops" in await page.inner_text("#trace dl.facts")  # the run's own
     assert "down" in trace  # the trigger event's data
     html = await _no_secret(page)
     assert "***" in html or "MASK" in html or "redacted" in html.lower()
