@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from loopd import metrics
+from loopd import metrics, ui
 from loopd.api.app import ApiContext, build_app
 from loopd.api.auth import Gate, check_exposure, warn_if_open
 from loopd.api.limits import CappedSite
@@ -303,7 +303,9 @@ class Daemon:
         # keepalive_timeout closes a connection with no complete request head for that
         # long (idle, or headers sent slowly); lingering_time bounds how long the rest of
         # a refused body is read and discarded before the connection closes
-        self.runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=2.0,
+        app = build_app(ctx)
+        ui.add_routes(app, self.gate)  # the web UI at / (loopd.ui), behind the API's gate
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0,
                                     keepalive_timeout=limits.idle_timeout,
                                     lingering_time=2.0)
         await self.runner.setup()

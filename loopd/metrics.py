@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections.abc import Iterator
 
 import structlog
@@ -113,6 +114,8 @@ class Metrics:
         self.lease_lost = Counter(
             "loopd_lease_lost_total", "Runs this replica stopped because another took them "
             "over (it was silent for longer than the lease: paused, partitioned)", registry=r)
+        # source -> (when, "Type: message") of its last failure, for the web UI's sources page
+        self.source_errors: dict[str, tuple[float, str]] = {}
         self.commands_forwarded = Counter(
             "loopd_run_commands_total", "Run commands (approve, reject, cancel) handed to "
             "another replica through the store, or carried out here for another",
@@ -224,6 +227,8 @@ def source_up(source: str, up: bool) -> None:
 
 
 def source_failed(source: str, error: BaseException, retry_in: float) -> None:
+    _CURRENT.get(_PROCESS).source_errors[source] = (time.time(),
+                                                    f"{type(error).__name__}: {error}")
     log.warning("source disconnected", source=source, error=f"{type(error).__name__}: {error}",
                 retry_in_s=round(retry_in, 2))
 

@@ -21,6 +21,12 @@ request, in this order, before any handler:
    refused authentications within ``auth.failure_window`` from one client address, that
    address gets ``429`` with ``Retry-After`` until the window has passed (behind a proxy
    in ``api.trusted_proxies``, the client it forwards counts, not the proxy).
+   A browser signs in instead (``loopd.ui``): ``POST /signin`` with a token sets the
+   session cookie ``Tokens.session`` makes, and the gate accepts that cookie in place
+   of the header, with two more conditions: a mutating request carries an
+   ``X-CSRF-Token`` header equal to ``Tokens.csrf`` of the cookie (403 otherwise), and a
+   web UI page without a session is redirected to ``/signin`` (303, not counted as a
+   failure: it is a browser arriving, not a guess).
 5. The role: ``ROUTE_ROLES`` (``loopd.api.principal``) gives the least role of each
    route; a weaker token gets ``403``; a route missing from the table is refused.
 
@@ -52,11 +58,14 @@ from aiohttp import web
 
 from loopd import metrics
 from loopd.api.principal import (
+    FORM_ROUTES,
+    PUBLIC_ROUTES,
     ROUTE_ROLES,
     UNAUTHENTICATED,
     Principal,
     Role,
     forwarded_client,
+    is_page,
     set_principal,
 )
 from loopd.catalog.backends import SecretResolver
@@ -72,6 +81,9 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _OPEN_PRINCIPAL = Principal("anonymous", Role.VIEWER, authenticated=False)
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="loopd"'}
+SESSION_COOKIE = "loopd_session"
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_TTL = 12 * 3600.0  # s: a browser signs in again after a working day
 
 
 def is_loopback(host: str) -> bool:
@@ -133,6 +145,49 @@ class Tokens:
             if hmac.compare_digest(digest, token.digest):
                 found = token
         return found
+
+    # -- browser sessions ------------------------------------------------------------------
+    #
+    # Stateless, so that any replica behind a load balancer accepts a session another one
+    # issued, with no shared session table: the cookie is "issued.name.mac", the mac an
+    # HMAC keyed by the token's digest. Only a holder of the token can make one; rotating
+    # the token (and reloading) ends its sessions everywhere. The token itself is never in
+    # the cookie, and the CSRF value is one more HMAC of the cookie under the same key.
+
+    def session(self, token: _Token, now: float | None = None) -> str:
+        """The session cookie's value for a browser that presented ``token``."""
+        issued = str(int(time.time() if now is None else now))
+        name = base64.urlsafe_b64encode(token.name.encode()).decode().rstrip("=")
+        return f"{issued}.{name}.{self._mac(token, f'{issued}.{name}')}"
+
+    def from_session(self, cookie: str, now: float | None = None) -> _Token | None:
+        """The token a session cookie was issued for, while it is genuine and fresh."""
+        issued, _, rest = cookie.partition(".")
+        name, _, mac = rest.partition(".")
+        if not issued.isdigit() or not mac:
+            return None
+        age = (time.time() if now is None else now) - int(issued)
+        if not -60 <= age <= SESSION_TTL:  # a minute of clock skew between replicas
+            return None
+        try:
+            token_name = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        token = next((t for t in self._tokens if t.name == token_name), None)
+        if token is None or not hmac.compare_digest(mac, self._mac(token, f"{issued}.{name}")):
+            return None
+        return token
+
+    def csrf(self, cookie: str) -> str | None:
+        """The X-CSRF-Token a page of this session sends with each change; None for a
+        cookie that is not a live session."""
+        token = self.from_session(cookie)
+        return None if token is None else self._mac(token, f"csrf|{cookie}")[:32]
+
+    @staticmethod
+    def _mac(token: _Token, message: str) -> str:
+        key = hmac.new(token.digest, b"loopd browser session", hashlib.sha256).digest()
+        return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
 
 
 def _credentials(header: str) -> tuple[str | None, str] | None:
@@ -256,7 +311,8 @@ class Gate:
             reason, response = refused
             return self._refused(response, reason, "anonymous", route, client)
         who: Principal = UNAUTHENTICATED
-        if self.tokens is not None and route not in self.open_routes:
+        if self.tokens is not None and route not in self.open_routes \
+                and route not in PUBLIC_ROUTES:
             wait = self.throttle.retry_after(client)
             if wait is not None:
                 # logged once, when the address became blocked; counted each time
@@ -264,7 +320,22 @@ class Gate:
                 return _refuse(429, "too many failed authentications from this address; "
                                     f"retry in {math.ceil(wait)}s",
                                {"Retry-After": str(math.ceil(wait))})
-            found = self._authenticate(request.headers.get("Authorization"))
+            header = request.headers.get("Authorization")
+            cookie = request.cookies.get(SESSION_COOKIE)
+            if header is None and cookie is not None:
+                found = self.tokens.from_session(cookie)
+                if found is not None and request.method in _MUTATING and not \
+                        hmac.compare_digest(request.headers.get(CSRF_HEADER, ""),
+                                            self.tokens.csrf(cookie) or "-"):
+                    return self._refused(
+                        _refuse(403, f"{request.method} {request.path} from a signed-in "
+                                     f"browser needs the page's {CSRF_HEADER} header"),
+                        "csrf", found.name, route, client)
+            else:
+                found = self._authenticate(header)
+            if found is None and header is None and is_page(route) \
+                    and request.method in ("GET", "HEAD"):
+                raise web.HTTPSeeOther("/signin")
             if found is None:
                 blocked = self.throttle.failed(client)
                 return self._refused(
@@ -289,6 +360,31 @@ class Gate:
                                  f"{request.method} {request.path} needs {needed.label}"),
                     "forbidden", who.name, route, client)
         return await handler(request)
+
+    def sign_in(self, request: web.Request, presented: str) -> tuple[_Token | None, str]:
+        """A browser's sign-in with a pasted token: the token, or None and why not. A
+        wrong token counts against the address like a refused header (the same throttle),
+        and is logged without what was presented."""
+        route = request.match_info.route.name
+        client = forwarded_client(request.remote, request.headers.get("X-Forwarded-For"),
+                                  self.proxies) or "?"
+        if self.tokens is None:
+            return None, "this loopd has no API tokens: nothing to sign in to"
+        wait = self.throttle.retry_after(client)
+        if wait is not None:
+            metrics.api_refused(route or "-", "throttled")
+            return None, ("too many failed sign-ins from this address; retry in "
+                          f"{math.ceil(wait)}s")
+        found = self.tokens.match(presented.strip()) if presented.strip() else None
+        if found is None:
+            blocked = self.throttle.failed(client)
+            metrics.api_refused(route or "-", "unauthenticated")
+            log.warning("API request refused", reason="unauthenticated", status=401,
+                        token="anonymous", route=route or "-", client=client,
+                        **({"blocked": True} if blocked else {}))
+            return None, "that token is not one of this loopd's API tokens"
+        log.info("browser signed in", token=found.name, client=client)
+        return found, ""
 
     def _authenticate(self, header: str | None) -> _Token | None:
         assert self.tokens is not None
@@ -317,7 +413,9 @@ class Gate:
                                               "api.allowed_origins)")
         # an empty body is fine whatever its Content-Type (clients label none
         # application/octet-stream); a browser's empty cross-site POST carries an Origin
-        if request.method in _MUTATING and request.body_exists and \
+        form = request.match_info.route.name in FORM_ROUTES and \
+            request.content_type == "application/x-www-form-urlencoded"
+        if request.method in _MUTATING and request.body_exists and not form and \
                 request.content_type != "application/json":
             given = request.headers.get("Content-Type")
             return "media_type", _refuse(

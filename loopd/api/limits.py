@@ -31,8 +31,8 @@ from loopd.api.app import CTX, error
 log = structlog.get_logger("loopd.api")
 
 INGEST_ROUTES = frozenset({"events", "events_source", "alertmanager", "alertmanager_source"})
-# routes that read a body besides ingest (none yet: e.g. a UI form would be one)
-BODY_ROUTES: frozenset[str] = frozenset()
+# routes that read a body besides ingest: the web UI's sign-in form (loopd.ui)
+BODY_ROUTES: frozenset[str] = frozenset({"ui_signin_post"})
 _CHUNK = 64 * 1024
 
 

@@ -78,7 +78,34 @@ ROUTE_ROLES: dict[str, Role] = {
     "close_breaker": Role.OPERATOR,
     "reload": Role.ADMIN,
     "audit": Role.ADMIN,
+    # the web UI (loopd.ui): reading needs a viewer; its buttons post to the API routes
+    "ui_incidents": Role.VIEWER,
+    "ui_run": Role.VIEWER,
+    "ui_decisions": Role.VIEWER,
+    "ui_approvals": Role.VIEWER,
+    "ui_rules": Role.VIEWER,
+    "ui_guards": Role.VIEWER,
+    "ui_sources": Role.VIEWER,
+    "ui_live": Role.VIEWER,
+    # signing in and out, and the UI's static files, need no token
+    "ui_signin": Role.VIEWER,
+    "ui_signin_post": Role.VIEWER,
+    "ui_signout": Role.VIEWER,
+    "ui_static": Role.VIEWER,
 }
+
+# routes anyone may reach even with auth on: the sign-in page needs no session, and the
+# CSS and htmx it loads are public files
+PUBLIC_ROUTES = frozenset({"ui_signin", "ui_signin_post", "ui_signout", "ui_static"})
+# the one route that takes a form body (the sign-in form works without JavaScript); the
+# Origin check still refuses a cross-site form
+FORM_ROUTES = frozenset({"ui_signin_post"})
+
+
+def is_page(route: str | None) -> bool:
+    """A web UI page: a browser without a session is sent to the sign-in page instead of
+    being answered 401."""
+    return route is not None and route.startswith("ui_") and route not in PUBLIC_ROUTES
 
 
 def set_principal(request: web.Request, who: Principal) -> None:

@@ -25,6 +25,7 @@ from loopd.api.app import CTX, error, json_response
 from loopd.api.decisions import decision_view
 from loopd.api.principal import principal
 from loopd.catalog.secrets import Secrets, redact_keys, secret_key
+from loopd.control import Control
 from loopd.packs.registry import PackRegistry
 from loopd.runs import states
 from loopd.store.base import AuditQuery, AuditRecord, IncidentRecord, RunRecord, StepRecord
@@ -87,6 +88,13 @@ async def get_run(request: web.Request) -> web.Response:
     run = await control.get_run(run_id)
     if run is None:
         return error(404, f"no run {run_id!r}")
+    return json_response(await run_story(control, run))
+
+
+async def run_story(control: Control, run: RunRecord) -> dict[str, Any]:
+    """The whole story of ``run``, secrets masked (by key and by value): what
+    ``GET /v1/runs/{id}`` answers and the web UI's trace page shows."""
+    run_id = run.id
     steps = await control.steps(run_id)
     incident = await control.get_incident(run.incident_id) if run.incident_id else None
     decisions = await control.decisions_around(incident) if incident is not None else []
@@ -105,7 +113,8 @@ async def get_run(request: web.Request) -> web.Response:
     # trigger, the context, an output or an error: mask it there by value
     known = Secrets([*_values(run.input, hidden), *(
         v for s in steps for v in _values(s.input, secret_inputs(registry, s.action)))])
-    return json_response(known.tree(story))
+    story_masked: dict[str, Any] = known.tree(story)
+    return story_masked
 
 
 def trigger_view(event: Any) -> Any:
