@@ -27,6 +27,8 @@ names the problem and its place.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LoopdError(Exception):
     """Base of every error loopd raises on purpose."""
@@ -118,7 +120,13 @@ class IllegalTransition(LoopdError):
 
 
 class ActionError(LoopdError):
-    """An action failed; the run records the reason."""
+    """An action failed; the run records the reason, and ``output`` as the step's output
+    when the action has one to show (a command's exit status, stdout and stderr)."""
+
+    def __init__(self, message: str, *, origin: str | None = None,
+                 output: dict[str, Any] | None = None) -> None:
+        super().__init__(message, origin=origin)
+        self.output = output
 
 
 class ActionTimeout(ActionError):

@@ -243,7 +243,8 @@ class Executor:
             metrics.action_finished(name, "succeeded", seconds)
             return ActionResult(True, hidden.tree(output), None, seconds)
         except ActionError as exc:
-            masked = type(exc)(hidden.text(str(exc))) if hidden else exc
+            masked = type(exc)(hidden.text(str(exc)), output=hidden.tree(exc.output)) \
+                if hidden else exc
             return self._failed(name, ctx, masked, time.monotonic() - began)
         except Exception as exc:  # task boundary: a buggy action fails its task, not loopd
             seconds = time.monotonic() - began
@@ -265,7 +266,8 @@ class Executor:
         metrics.action_finished(name, status, seconds)
         log.warning("action failed", action=name, run=ctx.run_id, task=ctx.task,
                     error=str(exc))
-        return ActionResult(False, {"timed_out": isinstance(exc, ActionTimeout)},
+        return ActionResult(False, {**(exc.output or {}),
+                                    "timed_out": isinstance(exc, ActionTimeout)},
                             f"{name}: {exc}", seconds)
 
     async def close(self) -> None:

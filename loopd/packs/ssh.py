@@ -62,8 +62,10 @@ Result: ``{host, command, exit_status, stdout, stderr, truncated}``. stdout
 keeps its first ``max_output`` bytes, stderr its last (errors come last);
 ``truncated`` says whether either was cut. An exit status outside the action's
 ``ok_exit_status`` raises ``ActionError`` with the host, the command and the
-last line of stderr. When the Executor's timeout cancels a command, its
-channel is sent ``TERM`` and closed, even if it was still being opened.
+last line of stderr, carrying the same result as its ``output``: the failed step keeps
+the exit status, stdout and stderr for the trace (and ``retry.when``). When the
+Executor's timeout cancels a command, its channel is sent ``TERM`` and closed, even if
+it was still being opened.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class SshRunner:
         try:
             result = self._result(spec, target, shown, process, out, err)
         except ActionError as exc:
-            raise ActionError(hidden.text(str(exc))) from None
+            raise ActionError(hidden.text(str(exc)), output=hidden.tree(exc.output)) from None
         masked: dict[str, Any] = hidden.tree(result)
         return masked
 
@@ -398,18 +400,20 @@ class SshRunner:
         stdout = out[0].decode("utf-8", "replace")
         stderr = err[0].decode("utf-8", "replace")
         status = process.exit_status
+        result = {"host": target.name, "command": shown, "exit_status": status,
+                  "stdout": stdout, "stderr": stderr, "truncated": out[1] or err[1]}
         if process.exit_signal is not None:
             signal = process.exit_signal[0]
             raise ActionError(f"ssh {target.name}: `{shown}` was killed by signal {signal}"
-                              + _last_line(stderr, stdout))
+                              + _last_line(stderr, stdout), output=result)
         if status is None:
-            raise ActionError(f"ssh {target.name}: `{shown}` ended without an exit status")
+            raise ActionError(f"ssh {target.name}: `{shown}` ended without an exit status",
+                              output=result)
         if status not in spec.ok_exit_status:
+            # the step keeps what the command printed: the trace shows why it failed
             raise ActionError(f"ssh {target.name}: `{shown}` exited {status}"
-                              + _last_line(stderr, stdout))
-        return {"host": target.name, "command": shown, "exit_status": status,
-                "stdout": stdout, "stderr": stderr, "truncated": out[1] or err[1]}
-
+                              + _last_line(stderr, stdout), output=result)
+        return result
 
 def _quote(name: str, value: Any) -> Any:
     """Shell-quote what a command template interpolates (see the module docstring)."""

@@ -20,9 +20,10 @@ from loopd.api.app import CTX
 from loopd.api.auth import CSRF_HEADER, SESSION_COOKIE, SESSION_TTL, Gate
 from loopd.api.principal import Role, principal
 from loopd.api.runs import run_story
+from loopd.decisions import decision_guard
 from loopd.runs import states
 from loopd.store.base import DecisionQuery, IncidentRecord, RunRecord
-from loopd.ui.views import condense, environment, guard_of
+from loopd.ui.views import condense, environment
 from loopd.units import parse_time
 
 _PAGE_SIZE = 50
@@ -187,7 +188,7 @@ class Pages:
             fixed = [i for i in ended if i.outcome == states.FIXED]
             rows.append({
                 "rule": r, "matches": control.matches(r.name), "would_run": len(shadow),
-                "suppressed": Counter(guard_of(d.reason) or "other" for d in held),
+                "suppressed": Counter(decision_guard(d.reason) or "other" for d in held),
                 "runs": sum(run.rule == r.name for run in runs),
                 "ended": len(ended), "fixed": len(fixed),
                 "time_to_fix": _median_fix(fixed),

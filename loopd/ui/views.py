@@ -12,7 +12,6 @@ Times come from the store as epoch floats, or, from the API's story of a run, as
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -20,10 +19,8 @@ import jinja2
 import orjson
 from markupsafe import Markup
 
+from loopd.decisions import decision_guard
 from loopd.units import parse_time, rfc3339
-
-# a suppressed decision's reason names its guard: "guard throttle: ...", "for: held ..."
-_GUARD = re.compile(r"^guard ([a-z_]+):")
 
 # status (of a run or a step) or outcome -> the colour class of its badge
 _TONE = {
@@ -35,20 +32,6 @@ _TONE = {
     "awaiting_approval": "wait", "pending": "active", "queued": "active",
     "running": "active", "waiting": "active", "open": "active",
 }
-
-
-def guard_of(reason: str | None) -> str | None:
-    """The guard that suppressed a decision, from its reason: ``throttle``, ``silence``,
-    ``breaker``, ... or ``for`` for a pending ``for:``; None when the reason names none.
-    (The API derives the same; the lead unifies the two.)"""
-    if not reason:
-        return None
-    if reason.startswith("for:"):
-        return "for"
-    if reason.startswith("throttled:"):  # the rule's own throttle (decide/incidents.py)
-        return "throttle"
-    found = _GUARD.match(reason)
-    return found.group(1) if found else None
 
 
 def condense(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,5 +116,5 @@ def environment() -> jinja2.Environment:
         autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update(when=when, duration=human_duration, pretty=pretty, tone=tone,
-                       guard=guard_of)
+                       guard=decision_guard)
     return env

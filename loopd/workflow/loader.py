@@ -59,6 +59,7 @@ class Evidence:
     match: tuple[tuple[DataPath, frozenset[Any]], ...]
     condition: Compiled | None
     literal_topic: str | None = None  # the topic when the pattern has no wildcard
+    pattern: str | None = None  # the rendered topic pattern, as the run's trace shows it
 
 
 def render_evidence(ev: CompiledEvidence, scope: dict[str, Any]) -> Evidence:
@@ -71,7 +72,7 @@ def render_evidence(ev: CompiledEvidence, scope: dict[str, Any]) -> Evidence:
     for path, value in ev.match:
         rendered = value(scope)
         match.append((path, frozenset(rendered if isinstance(rendered, list) else [rendered])))
-    return Evidence(ev.source, topic, tuple(match), ev.condition, literal)
+    return Evidence(ev.source, topic, tuple(match), ev.condition, literal, pattern)
 
 
 @dataclass(slots=True)

@@ -443,4 +443,6 @@ async def test_a_failed_ssh_step_shows_its_exit_status_and_output(
     assert "box.flaky" in step and "failed" in step
     error = await page.inner_text("#trace li.step pre.error")
     assert "ssh web-1: `exit 3` exited 3: exit 3 requested" in error
+    output = await page.inner_text("#trace li.step .io")
+    assert '"exit_status": 3' in output and "exit 3 requested" in output
     assert PASSWORD not in await page.content()

@@ -100,10 +100,14 @@ async def test_command_returns_stdout_and_exit_status(
 
 async def test_nonzero_exit_fails_naming_host_command_and_stderr(
         ssh_server: SshServer, registry: PackRegistry, runner: SshRunner) -> None:
-    """An exit status outside ok_exit_status fails with the host, command and last stderr line."""
+    """An exit status outside ok_exit_status fails with the host, command and last stderr
+    line, and its output is the command's result (exit status, stdout, stderr)."""
     result = await execute(registry, runner, inventory(ssh_server), "run", command="exit 3")
     assert not result.ok
     assert result.error == "t.run: ssh web-1: `exit 3` exited 3: exit 3 requested"
+    # the failed step keeps what the command said, for the trace and retry.when
+    assert (result.output["exit_status"], result.output["command"], result.output["host"],
+            result.output["stderr"]) == (3, "exit 3", "web-1", "warming up\nexit 3 requested\n")
     missing = await execute(registry, runner, inventory(ssh_server), "run", command="nosuch x")
     assert missing.error == "t.run: ssh web-1: `nosuch x` exited 127: sh: 1: nosuch: not found"
 

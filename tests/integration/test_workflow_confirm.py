@@ -69,6 +69,11 @@ async def test_matching_event_confirms_the_fix(harness: Harness) -> None:
     assert done.ctx["verify"]["event"]["topic"] == "telemetry/web-1/cpu"
     assert done.ctx["verify"]["event"]["data"] == {"kind": "user", "value": 20}
     assert len(harness.kinds.hub) == 0
+    # the step shows what it waited for, rendered for this run (the trace shows it)
+    (step,) = done.steps
+    assert step.input == {"within": 5.0, "interval": 15.0, "event": {
+        "source": "mqtt", "topic": "telemetry/web-1/cpu", "match": {"kind": "user"},
+        "if": "event.value < 50"}}
 
 
 async def test_counter_evidence_means_not_fixed(harness: Harness) -> None:

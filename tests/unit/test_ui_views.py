@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from loopd.decisions import decision_guard
 from loopd.ui.live import sse
-from loopd.ui.views import ago, condense, environment, guard_of, human_duration, tone, when
+from loopd.ui.views import ago, condense, environment, human_duration, tone, when
 
 NOW = 1_796_000_000.0
-
-
-def test_a_suppressions_guard_is_read_from_its_reason() -> None:
-    """Each guard's reason names it; a pending for: is "for"; other reasons name none."""
-    assert guard_of("guard throttle: once within 600s (last run 12s ago)") == "throttle"
-    assert guard_of("guard silence: silenced by alertmanager 7f3a") == "silence"
-    assert guard_of("guard breaker: open until ...") == "breaker"
-    assert guard_of("for: held 14s of 30s") == "for"
-    assert guard_of("joined incident abc") is None
-    assert guard_of(None) is None
 
 
 def test_durations_read_as_people_say_them() -> None:
@@ -77,4 +68,4 @@ def test_a_stretch_of_joined_events_is_one_row_and_suppressions_stay_apart() -> 
         ("suppressed", 1), ("run_created", 1), ("joined", 3), ("suppressed", 1)]
     assert rows[2]["time"] == 3 and rows[2]["until"] == 5
     assert rows[2]["reason"] == "3 events joined the open incident"
-    assert guard_of(rows[3]["reason"]) == "throttle"
+    assert decision_guard(rows[3]["reason"]) == "throttle"
