@@ -15,11 +15,15 @@ import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loopd import __version__
 from loopd.config import LoopdConfig, load_config
 from loopd.errors import ConfigError, EventError, LoopdError, StoreError
+
+if TYPE_CHECKING:
+    from loopd.packs.registry import PackRegistry
+    from loopd.rules.loader import RuleSet
 
 EXIT_OK, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2
 TERMINAL = ("runs", "show", "decisions", "approve", "reject")  # loopd.terminal: ask the API
@@ -241,6 +245,8 @@ def check(path: Path) -> int:
     problems += [str(e) for e in ruleset.errors]
     for line in problems:
         print(f"error: {line}")
+    for line in _never_polled(config, registry, ruleset):
+        print(f"warning: {line}")
     actions = len(registry.actions)
     workflows = len(registry.workflows)
     summary = (f"{path}: {len(config.sources)} sources, {len(registry.packs)} packs "
@@ -251,6 +257,28 @@ def check(path: Path) -> int:
         return EXIT_INVALID
     print(f"{summary}: OK")
     return EXIT_OK
+
+
+def _never_polled(config: LoopdConfig, registry: PackRegistry, ruleset: RuleSet
+                  ) -> list[str]:
+    """Confirm queries that ``run`` would never poll, in the workflows a rule runs (and
+    their sub-workflows): there is no ``prometheus:`` to ask (their event evidence, if any,
+    still counts; ``simulate`` never polls either)."""
+    if config.prometheus is not None:
+        return []
+    wanted = [r.target for r in ruleset.rules if r.kind == "workflow"]
+    used: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        workflow = registry.workflows.get(name)
+        if name in used or workflow is None:
+            continue
+        used.add(name)
+        wanted += [ct.task.workflow for ct in workflow.tasks.values() if ct.task.workflow]
+    return [f"{ct.origin}: workflow {name} task {ct.name}: confirm query is never polled: "
+            "loopd.yaml has no prometheus: section"
+            for name in sorted(used) for ct in registry.workflows[name].tasks.values()
+            if ct.task.confirm is not None and ct.task.confirm.promql is not None]
 
 
 def _api_problems(config: LoopdConfig) -> list[str]:

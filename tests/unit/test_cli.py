@@ -210,3 +210,41 @@ def test_version_is_also_an_option(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"loopd {__version__}"
+
+
+def test_check_warns_of_a_confirm_query_with_no_prometheus_to_ask(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A workflow a rule runs whose confirm has a PromQL query, in a config without a
+    ``prometheus:`` section: ``loopd check`` warns (file:line, workflow, task) and still
+    passes; with ``prometheus:`` there is no warning, nor for workflows no rule runs."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text("""\
+rules:
+  - name: nginx-down
+    on: {source: alertmanager, match: {status: firing}}
+    key: "{{ event.labels.instance }}"
+    run: {workflow: linux.restart_and_verify,
+          input: {host: "{{ key }}", service: nginx}}
+""")
+    base = f"""\
+listen: 127.0.0.1:0
+sources: [{{name: alertmanager, type: alertmanager}}]
+rules: [rules]
+packs: [{REPO / "packs"}]
+store: {{path: var/loopd.db}}
+"""
+    config = tmp_path / "loopd.yaml"
+    config.write_text(base)
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    workflow = REPO / "packs" / "linux" / "workflows" / "restart_and_verify.yaml"
+    assert [line for line in out if line.startswith("warning: ")] == [
+        f"warning: {workflow}:{line}: workflow linux.restart_and_verify task {task}: "
+        "confirm query is never polled: loopd.yaml has no prometheus: section"
+        for line, task in ((18, "verify"), (36, "reverify"))]
+    assert out[-1].endswith(": OK")
+    config.write_text(base + "prometheus: {url: 'http://127.0.0.1:9090'}\n")
+    assert main(["check", "-c", str(config)]) == EXIT_OK
+    assert "warning:" not in capsys.readouterr().out
