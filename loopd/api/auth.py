@@ -164,17 +164,17 @@ class Tokens:
         """The token a session cookie was issued for, while it is genuine and fresh."""
         issued, _, rest = cookie.partition(".")
         name, _, mac = rest.partition(".")
-        if not issued.isdigit() or not mac:
+        if not (issued.isascii() and issued.isdigit()) or not mac:
             return None
         age = (time.time() if now is None else now) - int(issued)
         if not -60 <= age <= SESSION_TTL:  # a minute of clock skew between replicas
             return None
         try:
             token_name = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, a non-ASCII name
             return None
         token = next((t for t in self._tokens if t.name == token_name), None)
-        if token is None or not hmac.compare_digest(mac, self._mac(token, f"{issued}.{name}")):
+        if token is None or not _same(mac, self._mac(token, f"{issued}.{name}")):
             return None
         return token
 
@@ -188,6 +188,15 @@ class Tokens:
     def _mac(token: _Token, message: str) -> str:
         key = hmac.new(token.digest, b"loopd browser session", hashlib.sha256).digest()
         return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def _same(presented: str, expected: str | None) -> bool:
+    """A presented value equal to the expected one, in constant time; any text (not only
+    ASCII) is simply unequal, never an error."""
+    if expected is None:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                               expected.encode())
 
 
 def _credentials(header: str) -> tuple[str | None, str] | None:
@@ -320,29 +329,10 @@ class Gate:
                 return _refuse(429, "too many failed authentications from this address; "
                                     f"retry in {math.ceil(wait)}s",
                                {"Retry-After": str(math.ceil(wait))})
-            header = request.headers.get("Authorization")
-            cookie = request.cookies.get(SESSION_COOKIE)
-            if header is None and cookie is not None:
-                found = self.tokens.from_session(cookie)
-                if found is not None and request.method in _MUTATING and not \
-                        hmac.compare_digest(request.headers.get(CSRF_HEADER, ""),
-                                            self.tokens.csrf(cookie) or "-"):
-                    return self._refused(
-                        _refuse(403, f"{request.method} {request.path} from a signed-in "
-                                     f"browser needs the page's {CSRF_HEADER} header"),
-                        "csrf", found.name, route, client)
-            else:
-                found = self._authenticate(header)
-            if found is None and header is None and is_page(route) \
-                    and request.method in ("GET", "HEAD"):
-                raise web.HTTPSeeOther("/signin")
-            if found is None:
-                blocked = self.throttle.failed(client)
-                return self._refused(
-                    _refuse(401, "authentication required: send Authorization: Bearer "
-                                 "<token> (or basic auth with the token's name and the token)",
-                            _CHALLENGE),
-                    "unauthenticated", "anonymous", route, client, blocked=blocked)
+            found, refusal = self._identify(request, route, client)
+            if refusal is not None:
+                return refusal
+            assert found is not None
             who = Principal(found.name, found.role)
         elif self.tokens is not None:
             who = _OPEN_PRINCIPAL
@@ -360,6 +350,36 @@ class Gate:
                                  f"{request.method} {request.path} needs {needed.label}"),
                     "forbidden", who.name, route, client)
         return await handler(request)
+
+    def _identify(self, request: web.Request, route: str | None, client: str
+                  ) -> tuple[_Token | None, web.Response | None]:
+        """The token of the request's Authorization header or session cookie, or the
+        refusal. Read here, not in the middleware: a traceback of the handler's error shows
+        the middleware's frame, and the credentials must not be in it."""
+        assert self.tokens is not None
+        header = request.headers.get("Authorization")
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if header is None and cookie is not None:
+            found = self.tokens.from_session(cookie)
+            if found is not None and request.method in _MUTATING and not \
+                    _same(request.headers.get(CSRF_HEADER, ""), self.tokens.csrf(cookie)):
+                return None, self._refused(
+                    _refuse(403, f"{request.method} {request.path} from a signed-in "
+                                 f"browser needs the page's {CSRF_HEADER} header"),
+                    "csrf", found.name, route, client)
+        else:
+            found = self._authenticate(header)
+        if found is None and header is None and is_page(route) \
+                and request.method in ("GET", "HEAD"):
+            raise web.HTTPSeeOther("/signin")
+        if found is None:
+            blocked = self.throttle.failed(client)
+            return None, self._refused(
+                _refuse(401, "authentication required: send Authorization: Bearer "
+                             "<token> (or basic auth with the token's name and the token)",
+                        _CHALLENGE),
+                "unauthenticated", "anonymous", route, client, blocked=blocked)
+        return found, None
 
     def sign_in(self, request: web.Request, presented: str) -> tuple[_Token | None, str]:
         """A browser's sign-in with a pasted token: the token, or None and why not. A

@@ -41,6 +41,11 @@ def test_a_tampered_expired_or_rotated_session_is_refused() -> None:
     assert tokens.from_session(f"{issued}.{name}.{'0' * len(mac)}", now=NOW) is None
     assert tokens.from_session(cookie, now=NOW + SESSION_TTL + 1) is None
     assert tokens.from_session("garbage", now=NOW) is None
+    # text a browser (or anyone) can send: no session, never an error
+    for odd in ("\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2.b3Ax.aa",
+                f"{issued}.\u00e9\u00e9.{mac}", f"{issued}.{name}.\u00e9", f"{issued}..", "..",
+                f"{issued}.{name}.{mac}\udcff"):
+        assert tokens.from_session(odd, now=NOW) is None, odd
     new_value = hashlib.sha256(b"new-value-0123456789").digest()
     rotated = Tokens([_Token("alice", Role.VIEWER, new_value)])
     assert rotated.from_session(cookie, now=NOW) is None

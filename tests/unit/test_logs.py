@@ -1,0 +1,38 @@
+"""The log setup: an error's traceback never shows the values of local variables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from loopd.api.auth import _same
+
+SCRIPT = """
+import structlog
+from loopd import logs
+logs.configure("{fmt}", "info")
+def handler(header):
+    token = header.partition(" ")[2]
+    raise RuntimeError("boom")
+try:
+    handler("Bearer operator-token-0123456789")
+except RuntimeError:
+    structlog.get_logger("t").exception("request failed")
+"""
+
+
+def test_a_traceback_in_either_format_shows_no_local_variable() -> None:
+    """A handler that fails with a token in its locals: the console and the JSON log both
+    show the traceback (file, line, the exception) and never the token."""
+    for fmt in ("console", "json"):
+        done = subprocess.run([sys.executable, "-c", SCRIPT.format(fmt=fmt)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        assert "RuntimeError: boom" in done.stderr and "handler" in done.stderr, fmt
+        assert "operator-token" not in done.stderr, done.stderr
+
+
+def test_presented_values_compare_unequal_whatever_their_text() -> None:
+    """A CSRF header or a cookie's mac in any text is unequal, never an error."""
+    assert _same("abc", "abc") and not _same("abd", "abc")
+    assert not _same("\u00e9", "abc") and not _same("\udcff", "abc")
+    assert not _same("abc", None)
