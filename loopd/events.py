@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from loopd.errors import DecodeError, PayloadTooLarge
+from loopd.units import LATEST
 
 JSON = Any
 Ack = Callable[[], None]
@@ -149,7 +150,11 @@ def parse_time(value: JSON, *, origin: str) -> float:
         if not math.isfinite(value):
             raise DecodeError(f"time {value!r} is not a finite number", origin=origin)
         # milliseconds since epoch are common on Kafka; anything past year 5138 is ms
-        return float(value) / 1000.0 if value > 1e11 else float(value)
+        seconds = float(value) / 1000.0 if value > 1e11 else float(value)
+        if not 0 <= seconds <= LATEST:
+            raise DecodeError(f"time {value!r} is out of range (epoch seconds or "
+                              "milliseconds from 1970 to 9999)", origin=origin)
+        return seconds
     if isinstance(value, str):
         try:  # Python 3.11 reads RFC 3339 including "Z" and fractional seconds
             parsed = datetime.fromisoformat(value)
@@ -157,6 +162,8 @@ def parse_time(value: JSON, *, origin: str) -> float:
             raise DecodeError(f"time {value!r} is not RFC 3339", origin=origin) from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
+        if parsed.timestamp() < 0:
+            raise DecodeError(f"time {value!r} is before 1970", origin=origin)
         return parsed.timestamp()
     raise DecodeError(
         f"time must be a number or RFC 3339 string, got {type(value).__name__}", origin=origin

@@ -45,12 +45,19 @@ def parse_duration(value: int | float | str) -> float:
     return total
 
 
+EARLIEST = 946_684_800.0  # 2000-01-01T00:00:00Z: a smaller epoch is a date written as digits
+LATEST = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last second a calendar date holds
+
+
 def rfc3339(when: float | None) -> str | None:
     """Epoch seconds -> ``2026-12-01T16:39:41.123Z`` (UTC, milliseconds): how the API, the
     UI and the terminal show a time."""
     if when is None:
         return None
-    stamp = datetime.fromtimestamp(when, UTC)
+    try:
+        stamp = datetime.fromtimestamp(when, UTC)
+    except (OverflowError, OSError, ValueError):  # a stored time no calendar holds
+        return str(when)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
@@ -64,6 +71,10 @@ def parse_time(text: str) -> float:
     else:
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"bad time {text!r}")
+        if 0 < value < EARLIEST or value > LATEST:
+            # since=20261201 is a date written as digits, not a time in 1970
+            raise ValueError(f"bad time {text!r}: epoch seconds between 2000 and 9999, or "
+                             "RFC 3339 (2026-05-01T10:00:00Z)")
         return value
     try:
         parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))

@@ -51,6 +51,6 @@ def int_param(query: Mapping[str, str], name: str) -> int | None:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
+    if not 1 <= value <= 2**63 - 1:  # a store's integers are 64-bit
         raise web.HTTPBadRequest(text=f"{name} must be a positive integer, got {text!r}")
     return value

@@ -34,12 +34,12 @@ from loopd.errors import DecodeError
 from loopd.events import Event, parse_time
 from loopd.simulate.report import Meter, iso
 from loopd.sources.webhook import alertmanager_events, generic_events
+from loopd.units import EARLIEST
 
 CSV_SOURCE = "telemetry"
 WEBHOOK_SOURCE = "webhook"
 ALERTMANAGER_SOURCE = "alertmanager"
 _OPTIONS = ("host", "metric")
-EARLIEST = 946_684_800.0  # 2000-01-01T00:00:00Z
 
 
 @dataclass(frozen=True, slots=True)

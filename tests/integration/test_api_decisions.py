@@ -226,6 +226,8 @@ async def test_bad_decision_parameters_are_400s_naming_them(site: Site) -> None:
                              ("until=soon", "until: bad time 'soon'"),
                              ("before=0", "before must be a positive integer"),
                              ("before=last", "before must be a positive integer"),
+                             ("before=99999999999999999999", "before must be a positive"),
+                             ("since=20261201", "since: bad time '20261201'"),
                              ("limit=all", "limit must be an integer"),
                              ("guard=throttle", "unknown parameter 'guard'")):
             status, body = await api.get(f"/v1/decisions?{query}")

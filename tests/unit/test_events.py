@@ -1,4 +1,4 @@
-"""Building events from decoded JSON: nesting depth bounded, deterministic ids."""
+"""Building events from decoded JSON: nesting depth bounded, deterministic ids, times."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import orjson
 import pytest
 
 from loopd.errors import DecodeError
-from loopd.events import MAX_DEPTH, decode_object, event_from_object
+from loopd.events import MAX_DEPTH, decode_object, event_from_object, parse_time
+from loopd.units import parse_time as units_parse_time
+from loopd.units import rfc3339
 
 
 def nested(levels: int) -> dict[str, Any]:
@@ -60,3 +62,37 @@ def test_an_event_without_id_gets_a_deterministic_id_from_its_content() -> None:
                    {"data": {"used": 0.96}}):
         assert first != ident({**body, **change}), change
     assert ident({**body, "id": "given"}) == "given"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (1_796_000_000, 1_796_000_000.0), ("1796000000.5", 1_796_000_000.5),
+    (1_796_000_000_123, 1_796_000_000.123), ("2026-12-01T00:00:00Z", 1_796_083_200.0),
+    (0, 0.0),
+])
+def test_event_times_are_epoch_seconds_milliseconds_or_rfc_3339(value: Any, expected: float
+                                                                 ) -> None:
+    assert parse_time(value, origin="t") == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", [1e17, -99999999999, -1, "1969-12-31T23:59:59Z",
+                                   float("nan"), float("inf"), True, "yesterday"])
+def test_event_times_no_calendar_holds_are_refused_naming_the_origin(value: Any) -> None:
+    """A time before 1970 or past 9999 would make every view of its run fail: refused."""
+    with pytest.raises(DecodeError, match=r"^t: time"):
+        parse_time(value, origin="t")
+
+
+def test_times_are_shown_in_rfc_3339_and_never_fail() -> None:
+    """The API's one time format; a stored time no calendar holds shows as its number."""
+    assert rfc3339(1_796_083_200.1234) == "2026-12-01T00:00:00.123Z"
+    assert rfc3339(None) is None
+    assert rfc3339(1e17) == "1e+17"
+
+
+@pytest.mark.parametrize("text", ["2026", "20261201", "1e17", "nan", "soon"])
+def test_a_query_time_that_is_a_date_in_digits_or_not_a_time_is_refused(text: str) -> None:
+    """since=20261201 is not 1970: the API asks for RFC 3339 or epoch seconds after 2000."""
+    with pytest.raises(ValueError, match="bad time"):
+        units_parse_time(text)
+    assert units_parse_time("0") == 0.0
+    assert units_parse_time("2026-12-01T00:00:00") == 1_796_083_200.0
