@@ -91,6 +91,15 @@ def shown_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The API never redirects: a redirect is refused, not followed, since urllib would
+    send the Authorization header on to wherever it points."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> None:
+        return None
+
+
 class Client:
     """GET and POST against one daemon's API (``url`` like ``http://127.0.0.1:8080``)."""
 
@@ -104,7 +113,11 @@ class Client:
                               "token comes from LOOPD_TOKEN or --token-file")
         self.url = url.rstrip("/")
         self.token = token
-        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
+        context = ssl.create_default_context(cafile=cafile) if cafile else None
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def get(self, path: str, **query: str | int | None) -> Any:
         return self._call("GET", path, query)
@@ -121,11 +134,15 @@ class Client:
             request.add_header("Authorization", f"Bearer {self.token}")
         where = shown_url(self.url)
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT,
-                                        context=self.context) as answer:
+            with self._opener.open(request, timeout=TIMEOUT) as answer:
                 body = answer.read()
         except urllib.error.HTTPError as exc:
             with exc:
+                if 300 <= exc.code < 400:
+                    raise ClientError(
+                        f"{where}{path} answered {exc.code}, a redirect: not followed (the "
+                        "token is sent to --url only); give the address it names as "
+                        "--url") from None
                 raise ApiError(exc.code, _message(exc.code, exc.read())) from None
         except urllib.error.URLError as exc:
             raise Unreachable(f"cannot reach the loopd API at {where}: {exc.reason}") from None

@@ -210,11 +210,16 @@ class Story:
             out.append(line)
             out += [f"             {detail}" for detail in self._step_details(s)]
             sub = (s.get("output") or {}).get("run") if isinstance(s.get("output"), dict) else None
+            guessed = False
+            if sub is None and not s.get("action") and s.get("finished") is None:
+                # a step still going may be a sub-workflow whose run has not ended (one
+                # waiting for approval, say): its run id is parent/task, if it exists
+                sub, guessed = f"{run.get('id')}/{s.get('task')}", True
             if isinstance(sub, str) and "/" in sub and depth < SUB_DEPTH:
                 child = self.fetch(sub)
-                if child is None:
+                if child is None and not guessed:
                     out.append(f"             sub-workflow run {sub} (not readable)")
-                else:
+                elif child is not None:
                     out += [f"             | {line}" for line in self.lines(child, depth + 1)]
         return out
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 import orjson
@@ -105,6 +106,13 @@ def pretty(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode()
 
 
+def segment(value: str) -> str:
+    """One path segment of a URL: a sub-workflow run's id (``parent/task``) or a breaker's
+    scope (``rule|key``, a key with ``/``) with every reserved character escaped (Jinja's
+    ``urlencode`` keeps ``/``, which would make ``/v1/runs/a/b/approve`` a 404)."""
+    return quote(value, safe="")
+
+
 def tone(status: str | None) -> str:
     return _TONE.get(status or "", "quiet")
 
@@ -116,5 +124,5 @@ def environment() -> jinja2.Environment:
         autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update(when=when, duration=human_duration, pretty=pretty, tone=tone,
-                       guard=decision_guard)
+                       guard=decision_guard, segment=segment)
     return env

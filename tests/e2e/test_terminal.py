@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.e2e.conftest import Factory
 from tests.e2e.daemon import LOOPD, Config, LoopdProcess
@@ -136,8 +137,10 @@ async def test_runs_and_show_tell_each_runs_story_with_times(
     assert rows[broken["id"]][1:6] == ["failed", "failed", "read-only", "db-1", "term.broken"]
     code, out, _ = await loopd("runs", "--rule", "read-only", url=daemon.url, token=OPERATOR)
     assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == [broken["id"]]
+    # by status, sub-workflow runs are listed too (one waiting for approval must be found)
     code, out, _ = await loopd("runs", "--status", "succeeded", url=daemon.url, token=OPERATOR)
-    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:]] == [run["id"]]
+    assert code == 0 and sorted(line.split()[0] for line in out.splitlines()[1:]) == [
+        run["id"], f"{run['id']}/inner"]
 
     code, out, err = await loopd("show", run["id"], url=daemon.url, token=OPERATOR)
     assert (code, err) == (0, "")
@@ -278,3 +281,35 @@ async def test_decisions_lists_why_runs_started_or_not_newest_first(
     assert table[1][6].startswith("throttled: once within 600s")
     page = await rows("--rule", "disk-full", "--outcome", "suppressed", "--limit", "1")
     assert len(page) == 3 and page[-1][0] == "(older:"
+
+
+async def test_a_redirect_is_refused_and_the_token_never_follows_it() -> None:
+    """An address that redirects elsewhere (a misconfigured proxy, a hostile one): the CLI
+    does not follow, says why, and the other server never sees the token."""
+    seen: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"runs": []})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://localhost:{other_port}/v1/runs")
+
+    other_port = free_port()
+    runners = []
+    for handler, port in ((elsewhere, other_port), (redirect, free_port())):
+        app = web.Application()
+        app.router.add_get("/v1/runs", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append((runner, port))
+    try:
+        url = f"http://127.0.0.1:{runners[1][1]}"
+        code, out, err = await loopd("runs", url=url, token=OPERATOR)
+        assert (code, out) == (2, "")
+        assert "answered 302, a redirect: not followed" in err and OPERATOR not in err
+        assert seen == []
+    finally:
+        for runner, _ in runners:
+            await runner.cleanup()

@@ -365,6 +365,7 @@ async def test_an_open_breaker_is_explained_and_closed_from_the_guards_page(
 TREE_CHILD = """
 input: {host: {type: string, required: true}}
 tasks:
+  ask: {approval: {within: 5m, message: "look at {{ ctx.host }}?"}, next: look}
   look: {action: core.noop, input: {value: "looked at {{ ctx.host }}"}, next: done}
   done: {succeed: done}
 """
@@ -379,8 +380,9 @@ tasks:
 
 async def test_a_sub_workflow_run_is_linked_both_ways(
         config: Config, loopd_factory: Factory, browser: Browser) -> None:
-    """A parent run's trace links the child run of its workflow task; the child's trace
-    shows its own steps and links back to the parent."""
+    """A sub-workflow's approval (run id ``parent/task``) is answered from the approvals
+    page; the parent run's trace links the child run of its workflow task; the child's
+    trace shows its own steps and links back to the parent."""
     config.sources = [{"name": "webhook", "type": "webhook"}]
     config.add_pack("tree", {"pack.yaml": "name: tree\nversion: 1.0.0\n",
                              "workflows/child.yaml": TREE_CHILD,
@@ -394,9 +396,13 @@ async def test_a_sub_workflow_run_is_linked_both_ways(
     daemon = loopd_factory(config)
     await daemon.start()
     await daemon.post("/v1/events", {"topic": "svc/web-1", "data": {"status": "down"}})
+    (asking,) = await daemon.wait_runs(1, status="awaiting_approval")
+    assert asking["id"].endswith("/check")
+    page = await browser.new_page()
+    await page.goto(daemon.url + "/approvals")
+    await page.click(f"tr[data-run='{asking['id']}'] button.approve")
     runs = await daemon.wait_runs(2, status="succeeded")
     (run,) = [r for r in runs if "/" not in r["id"]]
-    page = await browser.new_page()
     await page.goto(f"{daemon.url}/runs/{run['id']}")
     await page.click(f"a[href='/runs/{run['id']}/check']")
     await page.wait_for_url(f"{daemon.url}/runs/{run['id']}/check")
