@@ -62,6 +62,8 @@ def generic_events(body: JSON, *, source: str, origin: str) -> list[Event | Deco
             continue
         try:
             topic = _require(item, "topic", str, where, "a string")
+            if not topic.strip():
+                raise DecodeError("field 'topic' must not be empty", origin=where)
             _require(item, "data", dict, where, "an object")
             out.append(event_from_object(item, source=source, topic=topic, origin=where))
         except DecodeError as exc:

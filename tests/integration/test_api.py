@@ -360,13 +360,18 @@ async def test_generic_events_are_decided_one_by_one(api: Api) -> None:
         {"id": "d3", "topic": "disk", "key": 42, "data": {"used": 0.99}},
         "not an event",
         {"topic": 7, "used": 1},
+        {"topic": " ", "data": {"used": 1}},
+        {"topic": "disk", "time": 1e17, "data": {"used": 1}},
     ])
     assert status == 400
-    assert (body["accepted"], body["rejected"]) == (2, 3)
+    assert (body["accepted"], body["rejected"]) == (2, 5)
     assert body["errors"] == [
         "webhook 127.0.0.1 /v1/events[2]: field 'key' has wrong type int",
         "webhook 127.0.0.1 /v1/events[3]: expected a JSON object, got str",
         "webhook 127.0.0.1 /v1/events[4]: field 'topic' must be a string, got int",
+        "webhook 127.0.0.1 /v1/events[5]: field 'topic' must not be empty",
+        "webhook 127.0.0.1 /v1/events[6]: time 1e+17 is out of range (epoch seconds or "
+        "milliseconds from 1970 to 9999)",
     ]
     status, body = await api.post("/v1/events", {"id": "d4", "topic": "disk", "key": "db-3",
                                                  "data": {"used": 0.97}})

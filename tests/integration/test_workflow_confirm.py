@@ -16,6 +16,7 @@ from loopd.events import Event
 from loopd.messages import CancelRun, StartRun
 from loopd.runs import states
 from loopd.store.base import RunRecord
+from loopd.units import parse_time
 from tests.servers import wait_until
 from tests.workflow_harness import Harness, open_harness
 
@@ -206,6 +207,8 @@ async def test_approved_run_continues(harness: Harness) -> None:
     assert harness.calls.of("notify") == [{"message": "go web-1"}]
     (ask,) = done.of("ask")
     assert ask.input["message"] == "restart nginx on web-1?"
+    # when it expires, in the one time format (5 s after the step started)
+    assert parse_time(ask.input["expires"]) == pytest.approx(ask.started + 5, abs=0.01)
     assert ask.output == {"approved": True, "reason": "ok by me"}
 
 

@@ -6,6 +6,7 @@ from loopd.runs import states
 from loopd.runs.progress import TaskState
 from loopd.runs.tasks.base import TaskBase, TaskResult
 from loopd.store.base import RunRecord
+from loopd.units import rfc3339
 from loopd.workflow.loader import CompiledTask
 
 
@@ -16,7 +17,7 @@ class ApprovalTasks(TaskBase):
         deadline = self._begin_waiting(ts, approval.within)
         message = self._message(run, ct)
         step = await self._waiting_step(run, ct, ts, states.AWAITING_APPROVAL,
-                                        {"message": message, "expires": deadline})
+                                        {"message": message, "expires": rfc3339(deadline)})
         try:
             decided = await self.approvals.wait(run.id, deadline, self.clock)
             await self.slots.take(run.id)
