@@ -28,6 +28,8 @@ from loopd.units import parse_time
 
 _PAGE_SIZE = 50
 _HISTORY = 1000  # incidents and runs the rules page counts fix rate and time to fix over
+_WINDOW = 86400.0  # s: how far back the rules page counts shadow runs and suppressions
+_DECISIONS = 20_000  # the most decisions of each of those two kinds it reads
 _DECISION_FILTERS = ("rule", "key", "outcome", "source", "since")
 # what a browser may do with a page: scripts and styles from loopd only (event data in a
 # page can never run), no framing, no referrer leaking run ids to other sites (same-origin:
@@ -139,15 +141,19 @@ class Pages:
             try:
                 before = int(request.query["before"])
             except ValueError:
+                before = 0
+            if not 1 <= before <= 2**63 - 1:
                 problem = f"before={request.query['before']!r}: must be a decision's seq"
+                before = None
         found = []
         if problem is None:
             found = await request.app[CTX].control.decisions(DecisionQuery(
                 rule=filters["rule"] or None, key=filters["key"] or None,
                 outcome=filters["outcome"] or None, source=filters["source"] or None,
-                since=since, before=before, limit=_PAGE_SIZE))
+                since=since, before=before, limit=_PAGE_SIZE + 1))
         older = None
-        if len(found) == _PAGE_SIZE:
+        if len(found) > _PAGE_SIZE:  # one more than a page: there is an older page
+            found = found[:_PAGE_SIZE]
             older = {**{k: v for k, v in filters.items() if v}, "before": found[-1].seq}
         return self.render(request, "decisions.html", status=400 if problem else 200,
                            decisions=found, filters=filters, problem=problem, older=older,
@@ -171,30 +177,36 @@ class Pages:
     # -- rules --------------------------------------------------------------------------
 
     async def rules(self, request: web.Request) -> web.Response:
-        """Per rule: matches since this daemon started; from the store, over the last
-        ``_HISTORY`` of each, shadow "would run" decisions, suppressions per guard (so a
-        throttle and a pending ``for:`` count too, on every replica), runs, the fix rate
-        and the median time to fix."""
+        """Per rule: matches since this daemon started; from the store (every replica's):
+        shadow "would run" decisions and suppressions per guard of the last ``_WINDOW``
+        (so a throttle and a pending ``for:`` count too), and runs, fix rate and median
+        time to fix over the newest ``_HISTORY`` runs and closed incidents. A handful of
+        reads whatever the number of rules (a thousand rules is one page, not 2000 reads)."""
         control = request.app[CTX].control
+        since = time.time() - _WINDOW
         closed = await control.list_incidents(status="closed", limit=_HISTORY)
         runs = await control.list_runs(status=None, limit=_HISTORY)
+        shadow = Counter(d.rule for d in await control.decisions(
+            DecisionQuery(outcome="shadow", since=since, limit=_DECISIONS)))
+        held: dict[str, Counter[str]] = defaultdict(Counter)
+        for d in await control.decisions(DecisionQuery(outcome="suppressed", since=since,
+                                                       limit=_DECISIONS)):
+            held[d.rule][decision_guard(d.reason) or "other"] += 1
+        runs_of = Counter(run.rule for run in runs)
+        ended: dict[str, list[IncidentRecord]] = defaultdict(list)
+        for incident in closed:
+            ended[incident.rule].append(incident)
         rows = []
         for r in control.ruleset.rules:
-            shadow = await control.decisions(DecisionQuery(rule=r.name, outcome="shadow",
-                                                           limit=_HISTORY))
-            held = await control.decisions(DecisionQuery(rule=r.name, outcome="suppressed",
-                                                         limit=_HISTORY))
-            ended = [i for i in closed if i.rule == r.name]
-            fixed = [i for i in ended if i.outcome == states.FIXED]
+            fixed = [i for i in ended[r.name] if i.outcome == states.FIXED]
             rows.append({
-                "rule": r, "matches": control.matches(r.name), "would_run": len(shadow),
-                "suppressed": Counter(decision_guard(d.reason) or "other" for d in held),
-                "runs": sum(run.rule == r.name for run in runs),
-                "ended": len(ended), "fixed": len(fixed),
+                "rule": r, "matches": control.matches(r.name), "would_run": shadow[r.name],
+                "suppressed": held[r.name], "runs": runs_of[r.name],
+                "ended": len(ended[r.name]), "fixed": len(fixed),
                 "time_to_fix": _median_fix(fixed),
             })
         return self.render(request, "rules.html", rows=rows, errors=control.ruleset.errors,
-                           history=_HISTORY)
+                           history=_HISTORY, window=_WINDOW, decisions=_DECISIONS)
 
     # -- guards, sources ------------------------------------------------------------------
 

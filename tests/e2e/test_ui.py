@@ -270,8 +270,8 @@ async def test_every_page_reads_without_javascript(
 
 async def test_a_run_page_of_no_run_is_404_and_bad_filters_are_named(
         config: Config, loopd_factory: Factory, browser: Browser) -> None:
-    """An unknown run id is a 404 page saying so; a since= that is no time is a 400 page
-    naming the parameter; the daemon keeps serving."""
+    """An unknown run id is a 404 page saying so; a since= that is no time or a before=
+    that is no seq is a 400 page naming the parameter; the daemon keeps serving."""
     env = _config(config, auth=False)
     daemon = loopd_factory(config, env)
     await daemon.start()
@@ -282,6 +282,10 @@ async def test_a_run_page_of_no_run_is_404_and_bad_filters_are_named(
     answer = await page.goto(daemon.url + "/decisions?since=yesterday-ish")
     assert answer is not None and answer.status == 400
     assert "since:" in await page.inner_text("[role=alert]")
+    for before in ("99999999999999999999", "0", "last"):  # past 64 bits was a 500
+        answer = await page.goto(daemon.url + f"/decisions?before={before}")
+        assert answer is not None and answer.status == 400, before
+        assert "must be a decision's seq" in await page.inner_text("[role=alert]")
 
     async def healthy() -> bool:
         status, _ = await daemon.request("GET", "/healthz")
