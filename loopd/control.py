@@ -180,8 +180,9 @@ class Control:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def list_runs(self, *, status: str | None, limit: int) -> list[RunRecord]:
-        return await self._store.list_runs(status=status, limit=limit)
+    async def list_runs(self, *, status: str | None, limit: int, rule: str | None = None
+                        ) -> list[RunRecord]:
+        return await self._store.list_runs(status=status, rule=rule, limit=limit)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await self._store.get_run(run_id)

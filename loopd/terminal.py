@@ -97,13 +97,11 @@ def _show_json(answer: Any) -> int:
 
 
 def _runs(client: Client, args: argparse.Namespace) -> int:
-    # asked for more when filtering by rule here too (a daemon may not filter by rule)
-    limit = 1000 if args.rule else args.limit
-    answer = client.get("/v1/runs", status=args.status, rule=args.rule, limit=limit)
+    answer = client.get("/v1/runs", status=args.status, rule=args.rule, limit=args.limit)
     # a sub-workflow's run ("parent/task") is told in its parent's story (loopd show),
     # unless asked for by status: a sub-workflow waiting for approval must be found
-    runs = [r for r in answer.get("runs", []) if args.rule in (None, r.get("rule"))
-            and (args.status is not None or "/" not in str(r.get("id")))]
+    runs = [r for r in answer.get("runs", [])
+            if args.status is not None or "/" not in str(r.get("id"))]
     runs = runs[: args.limit]
     if args.json:
         return _show_json({**answer, "runs": runs})

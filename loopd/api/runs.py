@@ -78,7 +78,9 @@ async def list_runs(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in (*states.ACTIVE, *states.FINAL, states.QUEUED):
         return error(400, f"unknown status {status!r}")
-    runs = await control.list_runs(status=status, limit=params.limit(request.query))
+    params.refuse_unknown(request.query, ("status", "rule", "limit"))
+    runs = await control.list_runs(status=status, rule=request.query.get("rule") or None,
+                                   limit=params.limit(request.query))
     return json_response({"runs": [run_summary(r) for r in runs]})
 
 

@@ -458,7 +458,9 @@ class Store(Protocol):
 
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
-    async def list_runs(self, *, status: str | None = None, limit: int = 100) -> list[RunRecord]:
+    async def list_runs(self, *, status: str | None = None, rule: str | None = None,
+                        limit: int = 100) -> list[RunRecord]:
+        """Runs newest first (by creation), of one status and/or one rule when given."""
         ...
 
     async def runs_in_status(self, statuses: tuple[str, ...]) -> list[RunRecord]: ...

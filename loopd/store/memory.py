@@ -385,8 +385,10 @@ class MemoryStore:
         run = self._d.runs.get(run_id)
         return _stored(run) if run is not None else None
 
-    async def list_runs(self, *, status: str | None = None, limit: int = 100) -> list[RunRecord]:
-        runs = [r for r in self._d.runs.values() if status is None or r.status == status]
+    async def list_runs(self, *, status: str | None = None, rule: str | None = None,
+                        limit: int = 100) -> list[RunRecord]:
+        runs = [r for r in self._d.runs.values() if status in (None, r.status)
+                and rule in (None, r.rule)]
         runs.sort(key=lambda r: r.created, reverse=True)
         return [_stored(r) for r in runs[:limit]]
 

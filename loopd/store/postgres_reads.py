@@ -218,10 +218,12 @@ class PostgresReads:
         rows = await self._all(f"{SELECT_RUN} WHERE id=%s", (run_id,))
         return self._run(rows[0]) if rows else None
 
-    async def list_runs(self, *, status: str | None = None, limit: int = 100) -> list[RunRecord]:
-        where, params = ("WHERE status=%s", [status]) if status else ("", [])
+    async def list_runs(self, *, status: str | None = None, rule: str | None = None,
+                        limit: int = 100) -> list[RunRecord]:
+        terms = [(c, v) for c, v in (("status", status), ("rule", rule)) if v]
+        where = ("WHERE " + " AND ".join(f"{c}=%s" for c, _ in terms)) if terms else ""
         rows = await self._all(f"{SELECT_RUN} {where} ORDER BY created DESC LIMIT %s",
-                               [*params, limit])
+                               [*(v for _, v in terms), limit])
         return [self._run(r) for r in rows]
 
     async def runs_in_status(self, statuses: tuple[str, ...]) -> list[RunRecord]:

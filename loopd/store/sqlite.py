@@ -709,10 +709,12 @@ class SqliteStore:
         rows = await self._all("SELECT * FROM runs WHERE id=?", (run_id,))
         return self._run(rows[0]) if rows else None
 
-    async def list_runs(self, *, status: str | None = None, limit: int = 100) -> list[RunRecord]:
-        where, params = ("WHERE status=?", [status]) if status else ("", [])
-        rows = await self._all(
-            f"SELECT * FROM runs {where} ORDER BY created DESC LIMIT ?", [*params, limit])
+    async def list_runs(self, *, status: str | None = None, rule: str | None = None,
+                        limit: int = 100) -> list[RunRecord]:
+        terms = [(c, v) for c, v in (("status", status), ("rule", rule)) if v]
+        where = ("WHERE " + " AND ".join(f"{c}=?" for c, _ in terms)) if terms else ""
+        rows = await self._all(f"SELECT * FROM runs {where} ORDER BY created DESC LIMIT ?",
+                               [*(v for _, v in terms), limit])
         return [self._run(r) for r in rows]
 
     async def runs_in_status(self, statuses: tuple[str, ...]) -> list[RunRecord]:

@@ -201,6 +201,24 @@ async def test_runs_and_steps_are_saved_as_they_change(impl: Opener) -> None:
     assert await reopened.get_run("nope") is None
 
 
+async def test_runs_are_listed_newest_first_by_status_and_rule(impl: Opener) -> None:
+    """``list_runs`` narrows by status, by rule, or both, newest first, up to the limit."""
+    store = await impl()
+    now = time.time()
+    await store.commit(Batch(runs=[
+        _run("a", rule="disk", created=now - 3, status="succeeded"),
+        _run("b", rule="cpu", created=now - 2, status="succeeded"),
+        _run("c", rule="disk", created=now - 1)]))
+    async def ids(**q: Any) -> list[str]:
+        return [r.id for r in await store.list_runs(**q)]
+    assert await ids() == ["c", "b", "a"]
+    assert await ids(rule="disk") == ["c", "a"]
+    assert await ids(status="succeeded") == ["b", "a"]
+    assert await ids(status="succeeded", rule="disk") == ["a"]
+    assert await ids(rule="disk", limit=1) == ["c"]
+    assert await ids(rule="nope") == []
+
+
 async def test_a_run_is_created_once(impl: Opener) -> None:
     """Committing a run that already exists never overwrites its later state."""
     store = await impl()
