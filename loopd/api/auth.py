@@ -351,6 +351,17 @@ class Gate:
                     "forbidden", who.name, route, client)
         return await handler(request)
 
+    def still_valid(self, request: web.Request) -> bool:
+        """Whether the credentials a long request (a live stream) was let in with are still
+        good: a token rotated away, or a session expired, ends it."""
+        if self.tokens is None or request.match_info.route.name in self.open_routes:
+            return True
+        header = request.headers.get("Authorization")
+        if header is not None:
+            return self._authenticate(header) is not None
+        cookie = request.cookies.get(SESSION_COOKIE)
+        return cookie is not None and self.tokens.from_session(cookie) is not None
+
     def _identify(self, request: web.Request, route: str | None, client: str
                   ) -> tuple[_Token | None, web.Response | None]:
         """The token of the request's Authorization header or session cookie, or the

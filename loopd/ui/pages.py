@@ -20,6 +20,7 @@ from loopd.api.app import CTX
 from loopd.api.auth import CSRF_HEADER, SESSION_COOKIE, SESSION_TTL, Gate
 from loopd.api.principal import Role, principal
 from loopd.api.runs import run_story
+from loopd.control import Control
 from loopd.decisions import decision_guard
 from loopd.runs import states
 from loopd.store.base import DecisionQuery, IncidentRecord, RunRecord
@@ -73,10 +74,9 @@ class Pages:
 
     # -- incidents ----------------------------------------------------------------------
 
-    async def incidents_data(self, request: web.Request) -> dict[str, Any]:
+    async def incidents_data(self, control: Control) -> dict[str, Any]:
         """Open incidents, then the recent closed ones, each with its runs (newest
         first); runs started by no incident are listed apart."""
-        control = request.app[CTX].control
         open_ = await control.list_incidents(status="open", limit=200)
         closed = await control.list_incidents(status="closed", limit=_PAGE_SIZE)
         runs = await control.list_runs(status=None, limit=500)
@@ -88,12 +88,12 @@ class Pages:
                 "waiting": sum(r.status == states.AWAITING_APPROVAL for r in runs)}
 
     async def incidents(self, request: web.Request) -> web.Response:
-        return self.render(request, "incidents.html", **await self.incidents_data(request))
+        return self.render(request, "incidents.html", **await self.incidents_data(
+            request.app[CTX].control))
 
     # -- one run ------------------------------------------------------------------------
 
-    async def trace_data(self, request: web.Request, run_id: str) -> dict[str, Any] | None:
-        control = request.app[CTX].control
+    async def trace_data(self, control: Control, run_id: str) -> dict[str, Any] | None:
         run = await control.get_run(run_id)
         if run is None:
             return None
@@ -119,7 +119,7 @@ class Pages:
 
     async def run(self, request: web.Request) -> web.Response:
         run_id = request.match_info["id"]
-        data = await self.trace_data(request, run_id)
+        data = await self.trace_data(request.app[CTX].control, run_id)
         if data is None:
             return self.render(request, "missing.html", status=404,
                                what=f"There is no run {run_id!r}.")
