@@ -66,6 +66,7 @@ from loopd.api.principal import (
     Role,
     forwarded_client,
     is_page,
+    is_proxy,
     set_principal,
 )
 from loopd.catalog.backends import SecretResolver
@@ -350,6 +351,16 @@ class Gate:
                                  f"{request.method} {request.path} needs {needed.label}"),
                     "forbidden", who.name, route, client)
         return await handler(request)
+
+    def over_tls(self, request: web.Request) -> bool:
+        """Whether the browser's connection is HTTPS: this one is, or a proxy in
+        ``api.trusted_proxies`` says it terminated TLS (``X-Forwarded-Proto: https``), so
+        a session cookie behind an ingress is still ``Secure``."""
+        if request.secure:
+            return True
+        proto = request.headers.get("X-Forwarded-Proto", "")
+        return proto.split(",")[0].strip().lower() == "https" and \
+            is_proxy(request.remote, self.proxies)
 
     def still_valid(self, request: web.Request) -> bool:
         """Whether the credentials a long request (a live stream) was let in with are still

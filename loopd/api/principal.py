@@ -131,6 +131,11 @@ def forwarded_client(peer: str | None, forwarded: str | None, proxies: list[Any]
     return peer
 
 
+def is_proxy(peer: str | None, proxies: list[Any]) -> bool:
+    """Whether the connection comes from one of ``proxies`` (what it forwards is trusted)."""
+    return bool(proxies) and _within(peer, proxies)
+
+
 def _within(address: str | None, networks: list[Any]) -> bool:
     try:
         ip = ipaddress.ip_address(address or "")

@@ -241,7 +241,7 @@ class Pages:
             return self.render(request, "signin.html", status=status, problem=problem)
         response = web.HTTPSeeOther("/")
         response.set_cookie(SESSION_COOKIE, self.gate.tokens.session(token), path="/",
-                            httponly=True, samesite="Strict", secure=request.secure,
+                            httponly=True, samesite="Strict", secure=self.gate.over_tls(request),
                             max_age=int(SESSION_TTL))
         return response
 

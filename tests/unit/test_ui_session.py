@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from loopd import ui
 from loopd.api.auth import SESSION_TTL, Gate, Tokens, _Token
@@ -62,3 +63,28 @@ def test_every_ui_route_is_named_and_has_a_role() -> None:
     assert {"ui_signin", "ui_signin_post", "ui_signout", "ui_static"} == PUBLIC_ROUTES
     assert is_page("ui_incidents") and is_page("ui_live") and not is_page("ui_signin")
     assert not is_page("approve_run")
+
+
+def test_the_session_cookie_is_secure_over_tls_and_behind_a_trusted_tls_proxy() -> None:
+    """``X-Forwarded-Proto: https`` counts only from a proxy in api.trusted_proxies."""
+    gate = Gate(LoopdConfig.model_validate({"api": {"trusted_proxies": ["10.0.0.0/8"]}}))
+
+    def over_tls(peer: str, proto: str | None) -> bool:
+        headers = {"X-Forwarded-Proto": proto} if proto else {}
+        request = make_mocked_request("POST", "/signin", headers=headers,
+                                      transport=_Transport(peer))
+        return gate.over_tls(request)
+
+    assert over_tls("10.1.2.3", "https") and over_tls("10.1.2.3", "HTTPS, http")
+    assert not over_tls("10.1.2.3", "http") and not over_tls("10.1.2.3", None)
+    assert not over_tls("192.0.2.7", "https")  # anyone can send the header
+
+
+class _Transport:
+    """The peer address a request arrived from (what aiohttp reads as request.remote)."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (self.peer, 40000) if name == "peername" else default
