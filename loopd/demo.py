@@ -16,6 +16,7 @@ own runs only. The log goes to a file there, not to the terminal, so no log reco
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -163,8 +164,9 @@ async def demo(config: LoopdConfig, state: State, *, exit_when_done: bool,
                   file=out, flush=True)
             return 0
         url = f"http://127.0.0.1:{daemon.port}"
-        print(f"Inspect them: loopd runs --url {url}, then loopd show --url {url} <run id>\n"
-              f"  (or the API: {url}/v1/runs, {url}/v1/runs/<run id>)\n"
+        cli = _command()
+        print(f"Inspect them: {cli} runs --url {url}, then {cli} show --url {url} <run id>\n"
+              f"  (or in a browser: {url}/, or the API: {url}/v1/runs)\n"
               "The API stays up; Ctrl-C stops the demo.", file=out, flush=True)
         await runner
         print("\nloopd demo: stopped.", file=out, flush=True)
@@ -193,3 +195,14 @@ async def _narrate(narrator: Narrator, runner: asyncio.Task[None]) -> bool:
             calm_since = None
         await asyncio.sleep(0.2)
     return False
+
+
+def _command() -> str:
+    """How to run loopd again from here: ``loopd`` when that is the one on PATH, else the
+    path this one was started by (``.venv/bin/loopd`` after ./scripts/run)."""
+    started = Path(sys.argv[0])
+    found = shutil.which("loopd")
+    if found is not None and started.name == "loopd" and Path(found).resolve() == \
+            started.resolve():
+        return "loopd"
+    return str(started) if started.name == "loopd" else "loopd"
