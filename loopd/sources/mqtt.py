@@ -16,15 +16,37 @@ is what rules see. A broker may still queue a share of the messages for a member
 disconnected but whose session lives (mosquitto does): that replica gets them when it
 comes back under the same id, which a stable replica name (a StatefulSet pod) gives.
 
-Delivery semantics, and their limit: paho-mqtt (under aiomqtt) sends the PUBACK
-of a QoS 1 message as soon as it is received, before the engine has decided
-anything, so ``Delivery.ack`` is a no-op here. That makes MQTT at-least-once
-*up to loopd*: a message received but not yet decided when loopd crashes is
-lost, unlike Kafka. For the same reason MQTT has no backpressure towards the
-broker: while ``emit`` blocks, aiomqtt keeps received messages in its own
-(unbounded) in-memory queue. Retained messages are delivered again on every
-(re)subscribe, each time with a fresh event id unless the payload is an
-envelope carrying one.
+Delivery semantics: at-least-once into the engine, as for Kafka. A QoS 1 message is
+acknowledged (PUBACK) only when the engine calls ``Delivery.ack``, after its decision is
+durable; a rejected message right after it is counted and logged. A message received but
+not yet decided when loopd dies stays unacknowledged in the broker's session and comes
+again after the reconnect, where the store recognises one already decided by its event id
+(an id, or a ``time``, in the payload makes that id the same on redelivery; without
+either the id is a hash that includes the time of receipt, so such a redelivery is
+decided again). This needs the persistent session above and a QoS of 1 or more on both
+the publish and the subscription; a QoS 0 message has nothing to acknowledge and is lost
+if loopd dies before deciding it.
+
+How: aiomqtt 2.5 has no manual-acknowledgement option, but the paho-mqtt 2 client it
+wraps has (``manual_ack_set(True)``, then ``ack(mid, qos)``). loopd switches it on in
+aiomqtt's paho client (its ``_client``: a private attribute, read in one place,
+``_session``) rather than driving paho directly, which would repeat aiomqtt's whole
+asyncio socket integration for one flag. Acknowledgements go out in the order the
+messages came (``_Acks``): MQTT 3.1.1 and 5 (section 4.6) require PUBACKs in order, and
+the engine or a rejection may finish a later message first. An ack for a connection
+that is gone is dropped: the broker redelivers that message on the next one.
+
+``qos: 2`` subscribes at QoS 1: paho sends the PUBREC of a QoS 2 message on receipt and
+keeps it only in memory until PUBREL, so after a crash the broker would consider it
+delivered; at QoS 1 the broker resends it until loopd acks, and the store's
+de-duplication by event id does what QoS 2's handshake would have.
+
+Backpressure: the broker sends at most its in-flight window of unacknowledged messages
+(mosquitto's ``max_inflight_messages``, 20 by default; MQTT 5 "receive maximum"), so
+aiomqtt's own in-memory queue stays small while the engine is busy, and that window
+bounds the ingest rate to about one window per commit. Retained messages are delivered
+again on every (re)subscribe, each time with a fresh event id unless the payload is an
+envelope carrying one (or a ``time``).
 
 Payloads are JSON objects (an event envelope or the data itself), or a bare JSON number
 ``N``, taken as ``{"value": N}``: telemetry streams often publish plain numbers, which a
@@ -35,22 +57,56 @@ rejected, counted and logged with its topic.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
+from collections import deque
 from collections.abc import Sequence
 
 import aiomqtt
 import orjson
+import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
 from loopd import metrics
 from loopd.catalog.credentials import resolve_secret
 from loopd.config import MqttSourceConfig, mqtt_client_id
 from loopd.errors import ConfigError, DecodeError, EventError, SourceError
-from loopd.events import JSON, Delivery, decode_object, event_from_object
+from loopd.events import JSON, Ack, Delivery, decode_object, event_from_object
 from loopd.sources.base import Emit, OnAssigned, replica_name
 
 
+class _Acks:
+    """The acknowledgements of one connection: each message's is sent once it is acked and
+    every message that came before it on this connection has been (MQTT's order)."""
+
+    def __init__(self, client: paho.Client) -> None:
+        self._client = client
+        self._seq = itertools.count()
+        self._pending: deque[tuple[int, int, int]] = deque()  # (seq, mid, qos), arrival order
+        self._acked: set[int] = set()  # seqs acked out of order, waiting for those before
+        self.open = True
+
+    def track(self, mid: int, qos: int) -> Ack:
+        """The ack of a QoS >= 1 message just received."""
+        seq = next(self._seq)
+        self._pending.append((seq, mid, qos))
+        return functools.partial(self._ack, seq)
+
+    def _ack(self, seq: int) -> None:
+        pending = self._pending
+        # A seq before the oldest pending one was sent already: a second call does nothing.
+        if not self.open or not pending or seq < pending[0][0]:
+            return
+        self._acked.add(seq)
+        while pending and pending[0][0] in self._acked:
+            done, mid, qos = pending.popleft()
+            self._acked.discard(done)
+            self._client.ack(mid, qos)  # queued for the socket, written by aiomqtt's loop
+
+
 class MqttSource:
-    """One MQTT connection subscribed to ``config.topics`` at ``config.qos``."""
+    """One MQTT connection subscribed to ``config.topics`` at ``config.qos`` (2 as 1), whose
+    messages are acknowledged to the broker only once the engine acks them."""
 
     def __init__(self, config: MqttSourceConfig, *, replica: str | None = None,
                  timeout: float = 10.0) -> None:
@@ -111,20 +167,27 @@ class MqttSource:
             password=password, clean_session=False, keepalive=cfg.keepalive,
             timeout=self._timeout,
         )
+        # Before the connect: a redelivery of an unacked message follows the CONNACK at once.
+        inner: paho.Client = client._client
+        inner.manual_ack_set(True)
+        acks = _Acks(inner)
         try:
             # connect: paho's socket connect is bounded (5 s), CONNACK by timeout
             async with client:
-                filters: list[tuple[str, int]] = [(f, cfg.qos) for f in self.filters]
+                qos = min(cfg.qos, 1)  # 2 as 1: see the module docstring
+                filters: list[tuple[str, int]] = [(f, qos) for f in self.filters]
                 granted = await client.subscribe(filters)
                 self._check_granted(granted)
                 self._connected = True
                 metrics.source_up(self.name, True)
                 try:
-                    await self._pump(client, emit)
+                    await self._pump(client, acks, emit)
                 finally:
                     self._connected = False
         except aiomqtt.MqttError as exc:
             raise SourceError(f"{exc}", origin=self._where) from exc
+        finally:
+            acks.open = False  # what is still undecided comes again on the next connection
 
     def _check_granted(self, granted: Sequence[int | ReasonCode]) -> None:
         # a broker without shared subscriptions refuses "$share/..." here (0x80, or 0x9E
@@ -133,25 +196,29 @@ class MqttSource:
             if code >= 0x80 if isinstance(code, int) else code.is_failure:
                 raise SourceError(f"broker refused subscription to {topic!r}", origin=self._where)
 
-    async def _pump(self, client: aiomqtt.Client, emit: Emit) -> None:
+    async def _pump(self, client: aiomqtt.Client, acks: _Acks, emit: Emit) -> None:
         # Raises MqttError when the connection is lost; the Supervisor reconnects.
         max_payload = self.config.max_payload
         async for message in client.messages:
             topic = message.topic.value
             origin = f"mqtt {topic}"
             payload = message.payload
+            # QoS 0 has no acknowledgement; the rest is acked in arrival order
+            ack = acks.track(message.mid, message.qos) if message.qos else None
             try:
                 if not isinstance(payload, bytes | bytearray):  # paho always gives bytes
                     payload = str(payload).encode()
                 data = decode_payload(bytes(payload), max_payload=max_payload, origin=origin)
                 event = event_from_object(data, source=self.name, topic=topic, origin=origin)
             except EventError as exc:
-                # counted and logged, never emitted; nothing to ack (see module docstring)
+                # counted and logged, never emitted; then acked, or it would come back forever
                 metrics.event_rejected(self.name, exc.reason, exc, topic=topic)
+                if ack is not None:
+                    ack()
                 continue
-            # blocks while the engine queue is full (aiomqtt keeps buffering meanwhile)
+            # blocks while the engine queue is full; the broker stops at its in-flight window
             metrics.event_received(self.name)
-            await emit(Delivery(event))
+            await emit(Delivery(event) if ack is None else Delivery(event, ack))
 
 
 
