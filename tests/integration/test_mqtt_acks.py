@@ -7,15 +7,21 @@ acknowledged to it. Needs a broker that redelivers unacknowledged messages (mosq
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import cast
+
 import aiomqtt
 import orjson
 import pytest
 
 from loopd.events import Delivery, Event
+from loopd.rules.loader import load_rules
+from loopd.sources.base import Emit
 from loopd.sources.mqtt import MqttSource
 from tests.integration.test_mqtt_source import config, sample, supervised
 from tests.servers import require, wait_until
 from tests.servers.mqtt import MqttBroker
+from tests.unit.test_engine import GatedStore, decisions, running
 
 pytestmark = pytest.mark.mqtt
 
@@ -23,14 +29,18 @@ pytestmark = pytest.mark.mqtt
 class Held:
     """An emit function that keeps every delivery and acks only those ``ack_now`` picks."""
 
-    def __init__(self, ack_now: frozenset[int] = frozenset()) -> None:
+    def __init__(self, ack_now: frozenset[int] = frozenset(), forward: Emit | None = None
+                 ) -> None:
         self.deliveries: list[Delivery] = []
         self._ack_now = ack_now
+        self._forward = forward  # hand each delivery on (to an engine, which acks it)
 
     async def __call__(self, delivery: Delivery) -> None:
         self.deliveries.append(delivery)
         if number(delivery.event) in self._ack_now:
             delivery.ack()
+        if self._forward is not None:
+            await self._forward(delivery)
 
     @property
     def events(self) -> list[Event]:
@@ -147,3 +157,39 @@ async def test_qos_2_is_received_at_qos_1_and_qos_0_is_never_redelivered(
     second = Held()  # the live message 2 comes after a redelivered 1
     await receive(broker, name, second, 2 if redelivered else 1, live=[2], qos=qos)
     assert second.numbers() == ([1, 2] if redelivered else [2])
+
+
+async def test_a_message_is_acked_only_after_the_engine_committed_its_decision(
+        broker: MqttBroker, tmp_path: Path) -> None:
+    """While the engine's commit is held, the message it decided is not acknowledged: a new
+    connection gets it again. Once decisions commit, the redelivery is recorded as a
+    duplicate and acknowledged, and nothing comes again after that."""
+    name = "mq-engine"
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(
+        f"rules:\n  - {{name: seen, on: {{source: {name}}}, run: {{action: core.noop}}}}\n")
+    db = tmp_path / "loopd.db"
+    async with running(db, load_rules([tmp_path / "rules"], None), gated=True) as r:
+        gated = cast(GatedStore, r.store)
+        gated.gate.clear()
+        await receive(broker, name, Held(), 0)
+        await publish(broker, [1])
+        source = MqttSource(config(broker, name, ["acks/#"]), replica="r1")
+        async with supervised(source, r.engine.emit):
+            await wait_until(lambda: gated.waiting == 1, what="the decision's commit")
+        assert decisions(db) == []
+
+        again = Held()
+        await receive(broker, name, again, 1)  # never acknowledged: here it is again
+        gated.gate.set()
+        await r.engine.drain(timeout=10)
+        assert [e for e, _, _ in decisions(db)] == ["m-1"]
+
+        duplicate = Held(forward=r.engine.emit)  # the redelivery: a duplicate, acked
+        await receive(broker, name, duplicate, 1)
+        await r.engine.drain(timeout=10)
+        assert duplicate.deliveries[0].duplicate
+    after = Held(ack_now=frozenset({2}))
+    await receive(broker, name, after, 1, live=[2])
+    assert (again.numbers(), after.numbers()) == ([1], [2])
+    assert [e for e, _, _ in decisions(db)] == ["m-1"]
