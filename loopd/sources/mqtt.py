@@ -18,14 +18,14 @@ comes back under the same id, which a stable replica name (a StatefulSet pod) gi
 
 Delivery semantics: at-least-once into the engine, as for Kafka. A QoS 1 message is
 acknowledged (PUBACK) only when the engine calls ``Delivery.ack``, after its decision is
-durable; a rejected message right after it is counted and logged. A message received but
-not yet decided when loopd dies stays unacknowledged in the broker's session and comes
-again after the reconnect, where the store recognises one already decided by its event id
-(an id, or a ``time``, in the payload makes that id the same on redelivery; without
-either the id is a hash that includes the time of receipt, so such a redelivery is
-decided again). This needs the persistent session above and a QoS of 1 or more on both
-the publish and the subscription; a QoS 0 message has nothing to acknowledge and is lost
-if loopd dies before deciding it.
+durable; a rejected message once it is counted and logged (else it would come back
+forever). A message received but not yet decided when loopd dies stays unacknowledged
+in the broker's session and comes again after the reconnect, where the store recognises
+one already decided by its event id (an id, or a ``time``, in the payload makes that id
+the same on redelivery; without either the id is a hash that includes the time of
+receipt, so such a redelivery is decided again). This needs the persistent session above
+and a QoS of 1 or more on both the publish and the subscription; a QoS 0 message has
+nothing to acknowledge and is lost if loopd dies before deciding it.
 
 How: aiomqtt 2.5 has no manual-acknowledgement option, but the paho-mqtt 2 client it
 wraps has (``manual_ack_set(True)``, then ``ack(mid, qos)``). loopd switches it on in
@@ -43,8 +43,9 @@ de-duplication by event id does what QoS 2's handshake would have.
 
 Backpressure: the broker sends at most its in-flight window of unacknowledged messages
 (mosquitto's ``max_inflight_messages``, 20 by default; MQTT 5 "receive maximum"), so
-aiomqtt's own in-memory queue stays small while the engine is busy, and that window
-bounds the ingest rate to about one window per commit. Retained messages are delivered
+aiomqtt's own in-memory queue stays small while the engine is busy; the rest waits in
+the session at the broker, up to its per-client queue limit. The window, with the commit
+latency, bounds the ingest rate (README, "MQTT specifics"). Retained messages are delivered
 again on every (re)subscribe, each time with a fresh event id unless the payload is an
 envelope carrying one (or a ``time``).
 
