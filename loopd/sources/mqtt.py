@@ -21,11 +21,15 @@ acknowledged (PUBACK) only when the engine calls ``Delivery.ack``, after its dec
 durable; a rejected message once it is counted and logged (else it would come back
 forever). A message received but not yet decided when loopd dies stays unacknowledged
 in the broker's session and comes again after the reconnect, where the store recognises
-one already decided by its event id (an id, or a ``time``, in the payload makes that id
+one already decided by its event id. An id, or a ``time``, in the payload makes that id
 the same on redelivery; without either the id is a hash that includes the time of
-receipt, so such a redelivery is decided again). This needs the persistent session above
-and a QoS of 1 or more on both the publish and the subscription; a QoS 0 message has
-nothing to acknowledge and is lost if loopd dies before deciding it.
+receipt, so the source remembers the ids of what it has not acknowledged when a
+connection ends and gives them back to the resends on the next one (``_same_id``); only
+after a restart of loopd itself is such a message, decided but not yet acknowledged when
+loopd died (the moments between a commit and its PUBACKs), decided again. This needs the
+persistent session above and a QoS of 1 or more on both the publish and the
+subscription; a QoS 0 message has nothing to acknowledge and is lost if loopd dies
+before deciding it.
 
 How: aiomqtt 2.5 has no manual-acknowledgement option, but the paho-mqtt 2 client it
 wraps has (``manual_ack_set(True)``, then ``ack(mid, qos)``). loopd switches it on in
@@ -72,8 +76,10 @@ from loopd import metrics
 from loopd.catalog.credentials import resolve_secret
 from loopd.config import MqttSourceConfig, mqtt_client_id
 from loopd.errors import ConfigError, DecodeError, EventError, SourceError
-from loopd.events import JSON, Ack, Delivery, decode_object, event_from_object
+from loopd.events import JSON, Ack, Delivery, Event, decode_object, event_from_object
 from loopd.sources.base import Emit, OnAssigned, replica_name
+
+_Sent = tuple[str, bytes, str]  # a message's topic, payload and the id its event got
 
 
 class _Acks:
@@ -83,15 +89,20 @@ class _Acks:
     def __init__(self, client: paho.Client) -> None:
         self._client = client
         self._seq = itertools.count()
-        self._pending: deque[tuple[int, int, int]] = deque()  # (seq, mid, qos), arrival order
+        # (seq, mid, qos, what came: topic, payload, event id), in arrival order
+        self._pending: deque[tuple[int, int, int, _Sent | None]] = deque()
         self._acked: set[int] = set()  # seqs acked out of order, waiting for those before
         self.open = True
 
-    def track(self, mid: int, qos: int) -> Ack:
-        """The ack of a QoS >= 1 message just received."""
+    def track(self, mid: int, qos: int, sent: _Sent | None) -> Ack:
+        """The ack of a QoS >= 1 message just received (``sent``: None when rejected)."""
         seq = next(self._seq)
-        self._pending.append((seq, mid, qos))
+        self._pending.append((seq, mid, qos, sent))
         return functools.partial(self._ack, seq)
+
+    def unacked(self) -> dict[int, _Sent]:
+        """What the broker will send again on the next connection, by packet id."""
+        return {mid: sent for _, mid, _, sent in self._pending if sent is not None}
 
     def _ack(self, seq: int) -> None:
         pending = self._pending
@@ -100,7 +111,7 @@ class _Acks:
             return
         self._acked.add(seq)
         while pending and pending[0][0] in self._acked:
-            done, mid, qos = pending.popleft()
+            done, mid, qos, _ = pending.popleft()
             self._acked.discard(done)
             self._client.ack(mid, qos)  # queued for the socket, written by aiomqtt's loop
 
@@ -132,6 +143,10 @@ class MqttSource:
         self._where = f"mqtt {config.host}:{config.port}"
         self._connected = False
         self._closed = asyncio.Event()
+        # The messages unacknowledged when the last connection ended. The broker resends
+        # them on the next one under the same packet ids, and each gets the id its event
+        # had, so a message without an id or time of its own is still recognised as decided.
+        self._resent: dict[int, _Sent] = {}
 
     @property
     def connected(self) -> bool:
@@ -189,6 +204,7 @@ class MqttSource:
             raise SourceError(f"{exc}", origin=self._where) from exc
         finally:
             acks.open = False  # what is still undecided comes again on the next connection
+            self._resent = acks.unacked()
 
     def _check_granted(self, granted: Sequence[int | ReasonCode]) -> None:
         # a broker without shared subscriptions refuses "$share/..." here (0x80, or 0x9E
@@ -203,23 +219,37 @@ class MqttSource:
         async for message in client.messages:
             topic = message.topic.value
             origin = f"mqtt {topic}"
-            payload = message.payload
-            # QoS 0 has no acknowledgement; the rest is acked in arrival order
-            ack = acks.track(message.mid, message.qos) if message.qos else None
+            raw = message.payload
+            payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw).encode()
             try:
-                if not isinstance(payload, bytes | bytearray):  # paho always gives bytes
-                    payload = str(payload).encode()
-                data = decode_payload(bytes(payload), max_payload=max_payload, origin=origin)
+                data = decode_payload(payload, max_payload=max_payload, origin=origin)
                 event = event_from_object(data, source=self.name, topic=topic, origin=origin)
             except EventError as exc:
                 # counted and logged, never emitted; then acked, or it would come back forever
                 metrics.event_rejected(self.name, exc.reason, exc, topic=topic)
-                if ack is not None:
-                    ack()
+                if message.qos:
+                    acks.track(message.mid, message.qos, None)()
                 continue
-            # blocks while the engine queue is full; the broker stops at its in-flight window
             metrics.event_received(self.name)
-            await emit(Delivery(event) if ack is None else Delivery(event, ack))
+            if not message.qos:  # QoS 0: nothing to acknowledge
+                await emit(Delivery(event))
+                continue
+            if self._resent:
+                self._same_id(message.mid, topic, payload, event)
+            ack = acks.track(message.mid, message.qos, (topic, payload, event.id))
+            # blocks while the engine queue is full; the broker stops at its in-flight window
+            await emit(Delivery(event, ack))
+
+    def _same_id(self, mid: int, topic: str, payload: bytes, event: Event) -> None:
+        """Give a resent message the id its event had on the last connection. The broker
+        resends first, before anything new: the first message that is not one of them
+        (another packet id, or the same one on another topic or payload: a broker that
+        lost the session reuses ids) ends the resends."""
+        sent = self._resent.pop(mid, None)
+        if sent is None or sent[:2] != (topic, payload):
+            self._resent.clear()
+        else:
+            event.id = sent[2]
 
 
 

@@ -193,3 +193,24 @@ async def test_a_message_is_acked_only_after_the_engine_committed_its_decision(
     await receive(broker, name, after, 1, live=[2])
     assert (again.numbers(), after.numbers()) == ([1], [2])
     assert [e for e, _, _ in decisions(db)] == ["m-1"]
+
+
+async def test_a_message_resent_after_a_reconnect_keeps_its_event_id(
+        broker: MqttBroker) -> None:
+    """A message without an id or time of its own that was not acknowledged when the
+    connection dropped (here: a broker restart) comes again with the event id it had, so
+    the store recognises it; a new message with the same payload afterwards is new."""
+    emit = Held()
+    source = MqttSource(config(broker, "mq-resent", ["acks/#"]), replica="r1")
+    async with supervised(source, emit):
+        await wait_until(lambda: source.connected, what="source connected")
+        await publish(broker, [b'{"n": 1}', b'{"n": 2}'])
+        await wait_until(lambda: len(emit.deliveries) >= 2, what="two messages")
+        broker.stop()
+        broker.start()
+        await wait_until(lambda: len(emit.deliveries) >= 4, timeout=30, what="the resends")
+        await publish(broker, [b'{"n": 1}'])
+        await wait_until(lambda: len(emit.deliveries) >= 5, what="a new message")
+    ids = [e.id for e in emit.events]
+    assert emit.numbers() == [1, 2, 1, 2, 1]
+    assert ids[2:4] == ids[:2] and ids[4] not in ids[:4]
