@@ -120,7 +120,7 @@ class MqttSourceConfig(_SourceBase):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     topics: list[str] = Field(min_length=1)
-    qos: Literal[0, 1, 2] = 1
+    qos: Literal[0, 1, 2] = 1  # 2 subscribes at 1 (acks wait for the decision: sources/mqtt.py)
     client_id: ReplicaTemplate = None
     shared: Annotated[str | None, AfterValidator(_share_group)] = None
     username: str | None = None

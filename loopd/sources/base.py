@@ -19,9 +19,9 @@ run under the ``Supervisor`` below):
   - webhook, alertmanager: the HTTP request is answered 2xx only once every
     accepted event in it is acked (else 503 after the decision timeout; a
     retry is de-duplicated by event id);
-  - mqtt: ``ack`` is a no-op, a present limit: paho sends the PUBACK of a
-    QoS 1 message on receipt, so a message received but never acked is not
-    redelivered (see ``sources/mqtt.py``);
+  - mqtt: the PUBACK of a QoS 1 message is sent then (in arrival order), so an
+    unacked message is redelivered when the persistent session reconnects; QoS 0
+    has nothing to ack (see ``sources/mqtt.py``);
   - sim: a no-op; the fleet makes fresh telemetry every interval.
 * It returns or raises when the connection is lost; the supervisor then
   reconnects with exponential backoff. It never retries on its own.

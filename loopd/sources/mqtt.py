@@ -16,15 +16,42 @@ is what rules see. A broker may still queue a share of the messages for a member
 disconnected but whose session lives (mosquitto does): that replica gets them when it
 comes back under the same id, which a stable replica name (a StatefulSet pod) gives.
 
-Delivery semantics, and their limit: paho-mqtt (under aiomqtt) sends the PUBACK
-of a QoS 1 message as soon as it is received, before the engine has decided
-anything, so ``Delivery.ack`` is a no-op here. That makes MQTT at-least-once
-*up to loopd*: a message received but not yet decided when loopd crashes is
-lost, unlike Kafka. For the same reason MQTT has no backpressure towards the
-broker: while ``emit`` blocks, aiomqtt keeps received messages in its own
-(unbounded) in-memory queue. Retained messages are delivered again on every
-(re)subscribe, each time with a fresh event id unless the payload is an
-envelope carrying one.
+Delivery semantics: at-least-once into the engine, as for Kafka. A QoS 1 message is
+acknowledged (PUBACK) only when the engine calls ``Delivery.ack``, after its decision is
+durable; a rejected message once it is counted and logged (else it would come back
+forever). A message received but not yet decided when loopd dies stays unacknowledged
+in the broker's session and comes again after the reconnect, where the store recognises
+one already decided by its event id. An id, or a ``time``, in the payload makes that id
+the same on redelivery; without either the id is a hash that includes the time of
+receipt, so the source remembers the ids of what it has not acknowledged when a
+connection ends and gives them back to the resends on the next one (``_same_id``); only
+after a restart of loopd itself is such a message, decided but not yet acknowledged when
+loopd died (the moments between a commit and its PUBACKs), decided again. This needs the
+persistent session above and a QoS of 1 or more on both the publish and the
+subscription; a QoS 0 message has nothing to acknowledge and is lost if loopd dies
+before deciding it.
+
+How: aiomqtt 2.5 has no manual-acknowledgement option, but the paho-mqtt 2 client it
+wraps has (``manual_ack_set(True)``, then ``ack(mid, qos)``). loopd switches it on in
+aiomqtt's paho client (its ``_client``: a private attribute, read in one place,
+``_session``) rather than driving paho directly, which would repeat aiomqtt's whole
+asyncio socket integration for one flag. Acknowledgements go out in the order the
+messages came (``_Acks``): MQTT 3.1.1 and 5 (section 4.6) require PUBACKs in order, and
+the engine or a rejection may finish a later message first. An ack for a connection
+that is gone is dropped: the broker redelivers that message on the next one.
+
+``qos: 2`` subscribes at QoS 1: paho sends the PUBREC of a QoS 2 message on receipt and
+keeps it only in memory until PUBREL, so after a crash the broker would consider it
+delivered; at QoS 1 the broker resends it until loopd acks, and the store's
+de-duplication by event id does what QoS 2's handshake would have.
+
+Backpressure: the broker sends at most its in-flight window of unacknowledged messages
+(mosquitto's ``max_inflight_messages``, 20 by default; MQTT 5 "receive maximum"), so
+aiomqtt's own in-memory queue stays small while the engine is busy; the rest waits in
+the session at the broker, up to its per-client queue limit. The window, with the commit
+latency, bounds the ingest rate (README, "MQTT specifics"). Retained messages are delivered
+again on every (re)subscribe, each time with a fresh event id unless the payload is an
+envelope carrying one (or a ``time``).
 
 Payloads are JSON objects (an event envelope or the data itself), or a bare JSON number
 ``N``, taken as ``{"value": N}``: telemetry streams often publish plain numbers, which a
@@ -35,22 +62,63 @@ rejected, counted and logged with its topic.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
+from collections import deque
 from collections.abc import Sequence
 
 import aiomqtt
 import orjson
+import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
 from loopd import metrics
 from loopd.catalog.credentials import resolve_secret
 from loopd.config import MqttSourceConfig, mqtt_client_id
 from loopd.errors import ConfigError, DecodeError, EventError, SourceError
-from loopd.events import JSON, Delivery, decode_object, event_from_object
+from loopd.events import JSON, Ack, Delivery, Event, decode_object, event_from_object
 from loopd.sources.base import Emit, OnAssigned, replica_name
+
+_Sent = tuple[str, bytes, str]  # a message's topic, payload and the id its event got
+
+
+class _Acks:
+    """The acknowledgements of one connection: each message's is sent once it is acked and
+    every message that came before it on this connection has been (MQTT's order)."""
+
+    def __init__(self, client: paho.Client) -> None:
+        self._client = client
+        self._seq = itertools.count()
+        # (seq, mid, qos, what came: topic, payload, event id), in arrival order
+        self._pending: deque[tuple[int, int, int, _Sent | None]] = deque()
+        self._acked: set[int] = set()  # seqs acked out of order, waiting for those before
+        self.open = True
+
+    def track(self, mid: int, qos: int, sent: _Sent | None) -> Ack:
+        """The ack of a QoS >= 1 message just received (``sent``: None when rejected)."""
+        seq = next(self._seq)
+        self._pending.append((seq, mid, qos, sent))
+        return functools.partial(self._ack, seq)
+
+    def unacked(self) -> dict[int, _Sent]:
+        """What the broker will send again on the next connection, by packet id."""
+        return {mid: sent for _, mid, _, sent in self._pending if sent is not None}
+
+    def _ack(self, seq: int) -> None:
+        pending = self._pending
+        # A seq before the oldest pending one was sent already: a second call does nothing.
+        if not self.open or not pending or seq < pending[0][0]:
+            return
+        self._acked.add(seq)
+        while pending and pending[0][0] in self._acked:
+            done, mid, qos, _ = pending.popleft()
+            self._acked.discard(done)
+            self._client.ack(mid, qos)  # queued for the socket, written by aiomqtt's loop
 
 
 class MqttSource:
-    """One MQTT connection subscribed to ``config.topics`` at ``config.qos``."""
+    """One MQTT connection subscribed to ``config.topics`` at ``config.qos`` (2 as 1), whose
+    messages are acknowledged to the broker only once the engine acks them."""
 
     def __init__(self, config: MqttSourceConfig, *, replica: str | None = None,
                  timeout: float = 10.0) -> None:
@@ -75,6 +143,10 @@ class MqttSource:
         self._where = f"mqtt {config.host}:{config.port}"
         self._connected = False
         self._closed = asyncio.Event()
+        # The messages unacknowledged when the last connection ended. The broker resends
+        # them on the next one under the same packet ids, and each gets the id its event
+        # had, so a message without an id or time of its own is still recognised as decided.
+        self._resent: dict[int, _Sent] = {}
 
     @property
     def connected(self) -> bool:
@@ -111,20 +183,28 @@ class MqttSource:
             password=password, clean_session=False, keepalive=cfg.keepalive,
             timeout=self._timeout,
         )
+        # Before the connect: a redelivery of an unacked message follows the CONNACK at once.
+        inner: paho.Client = client._client
+        inner.manual_ack_set(True)
+        acks = _Acks(inner)
         try:
             # connect: paho's socket connect is bounded (5 s), CONNACK by timeout
             async with client:
-                filters: list[tuple[str, int]] = [(f, cfg.qos) for f in self.filters]
+                qos = min(cfg.qos, 1)  # 2 as 1: see the module docstring
+                filters: list[tuple[str, int]] = [(f, qos) for f in self.filters]
                 granted = await client.subscribe(filters)
                 self._check_granted(granted)
                 self._connected = True
                 metrics.source_up(self.name, True)
                 try:
-                    await self._pump(client, emit)
+                    await self._pump(client, acks, emit)
                 finally:
                     self._connected = False
         except aiomqtt.MqttError as exc:
             raise SourceError(f"{exc}", origin=self._where) from exc
+        finally:
+            acks.open = False  # what is still undecided comes again on the next connection
+            self._resent = acks.unacked()
 
     def _check_granted(self, granted: Sequence[int | ReasonCode]) -> None:
         # a broker without shared subscriptions refuses "$share/..." here (0x80, or 0x9E
@@ -133,25 +213,43 @@ class MqttSource:
             if code >= 0x80 if isinstance(code, int) else code.is_failure:
                 raise SourceError(f"broker refused subscription to {topic!r}", origin=self._where)
 
-    async def _pump(self, client: aiomqtt.Client, emit: Emit) -> None:
+    async def _pump(self, client: aiomqtt.Client, acks: _Acks, emit: Emit) -> None:
         # Raises MqttError when the connection is lost; the Supervisor reconnects.
         max_payload = self.config.max_payload
         async for message in client.messages:
             topic = message.topic.value
             origin = f"mqtt {topic}"
-            payload = message.payload
+            raw = message.payload
+            payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw).encode()
             try:
-                if not isinstance(payload, bytes | bytearray):  # paho always gives bytes
-                    payload = str(payload).encode()
-                data = decode_payload(bytes(payload), max_payload=max_payload, origin=origin)
+                data = decode_payload(payload, max_payload=max_payload, origin=origin)
                 event = event_from_object(data, source=self.name, topic=topic, origin=origin)
             except EventError as exc:
-                # counted and logged, never emitted; nothing to ack (see module docstring)
+                # counted and logged, never emitted; then acked, or it would come back forever
                 metrics.event_rejected(self.name, exc.reason, exc, topic=topic)
+                if message.qos:
+                    acks.track(message.mid, message.qos, None)()
                 continue
-            # blocks while the engine queue is full (aiomqtt keeps buffering meanwhile)
             metrics.event_received(self.name)
-            await emit(Delivery(event))
+            if not message.qos:  # QoS 0: nothing to acknowledge
+                await emit(Delivery(event))
+                continue
+            if self._resent:
+                self._same_id(message.mid, topic, payload, event)
+            ack = acks.track(message.mid, message.qos, (topic, payload, event.id))
+            # blocks while the engine queue is full; the broker stops at its in-flight window
+            await emit(Delivery(event, ack))
+
+    def _same_id(self, mid: int, topic: str, payload: bytes, event: Event) -> None:
+        """Give a resent message the id its event had on the last connection. The broker
+        resends first, before anything new: the first message that is not one of them
+        (another packet id, or the same one on another topic or payload: a broker that
+        lost the session reuses ids) ends the resends."""
+        sent = self._resent.pop(mid, None)
+        if sent is None or sent[:2] != (topic, payload):
+            self._resent.clear()
+        else:
+            event.id = sent[2]
 
 
 

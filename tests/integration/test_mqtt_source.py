@@ -16,7 +16,7 @@ from loopd import metrics
 from loopd.config import MqttSourceConfig
 from loopd.errors import ConfigError, SourceError
 from loopd.events import Delivery, Event
-from loopd.sources.base import Supervisor
+from loopd.sources.base import Emit, Supervisor
 from loopd.sources.mqtt import MqttSource
 from tests.servers import require, wait_until
 from tests.servers.mqtt import MqttBroker
@@ -63,7 +63,7 @@ def source_up(name: str) -> float | None:
 
 
 @contextlib.asynccontextmanager
-async def supervised(source: MqttSource, emit: Collector) -> AsyncIterator[Supervisor]:
+async def supervised(source: MqttSource, emit: Emit) -> AsyncIterator[Supervisor]:
     """Run ``source`` under a Supervisor (fast backoff) until the block ends."""
     supervisor = Supervisor(source, emit, min_backoff=0.05, max_backoff=0.2)
     task = asyncio.create_task(supervisor.run())
