@@ -207,7 +207,8 @@ def _prometheus_url(v: str) -> str:
     except ValueError as exc:
         raise ValueError(f"is not a URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. "
+                         "http://prometheus:9090")
     if parts.username is not None or parts.password is not None:
         raise ValueError("must not carry credentials: use username + password_ref or "
                          "bearer_token_ref")
@@ -230,15 +231,30 @@ class PromQLQuery(Strict):
     """One query of a ``type: promql`` source: each series of its result is an event on
     topic ``promql/<name>``, keyed by the series' ``key_label`` label."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]+$")  # one topic level
+    name: str
     expr: str
-    key_label: str = Field(default="instance", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    key_label: str = "instance"
+
+    @field_validator("name")
+    @classmethod
+    def _topic_level(cls, v: str) -> str:
+        if not v or not all(c.isascii() and (c.isalnum() or c in "_.:-") for c in v):
+            raise ValueError(f"must be one topic level (letters, digits, _ . : -), got {v!r}")
+        return v
 
     @field_validator("expr")
     @classmethod
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("key_label")
+    @classmethod
+    def _label_name(cls, v: str) -> str:
+        if not v or v[0].isdigit() or not all(c.isascii() and (c.isalnum() or c == "_")
+                                              for c in v):
+            raise ValueError(f"must be a Prometheus label name, got {v!r}")
         return v
 
 
@@ -263,12 +279,17 @@ class PromQLSourceConfig(_SourceBase):
     def query_timeout(self) -> float:
         return self.timeout if self.timeout is not None else min(10.0, self.interval)
 
+    @field_validator("queries")
+    @classmethod
+    def _distinct_names(cls, v: list[PromQLQuery]) -> list[PromQLQuery]:
+        names = [q.name for q in v]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:  # one topic, one firing set: two queries cannot share a name
+            raise ValueError(f"duplicate query name(s): {', '.join(duplicates)}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> PromQLSourceConfig:
-        names = [q.name for q in self.queries]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate query name(s): {', '.join(duplicates)}")
         if self.timeout is not None and self.timeout > self.interval:
             raise ValueError(f"timeout {self.timeout:g}s is longer than the interval "
                              f"{self.interval:g}s")
