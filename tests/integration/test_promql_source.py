@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,13 @@ LOAD = "loopd_test_load"
 HIGH = f"{LOAD} > 0.9"
 
 
-def config(url: str, *queries: dict[str, Any], **extra: Any) -> PromQLSourceConfig:
+def config(url: str, *queries: dict[str, Any], expr: str = HIGH, **extra: Any
+           ) -> PromQLSourceConfig:
+    """A source named prom polling ``url`` every 200 ms: ``queries``, else one named
+    high_load asking ``expr``."""
     return PromQLSourceConfig.model_validate({
         "type": "promql", "name": "prom", "url": url, "interval": 0.2,
-        "queries": list(queries) or [{"name": "high_load", "expr": HIGH}], **extra})
+        "queries": list(queries) or [{"name": "high_load", "expr": expr}], **extra})
 
 
 def sample(name: str, **labels: str) -> float:
@@ -56,10 +61,44 @@ def own_metrics() -> Iterator[metrics.Metrics]:
         yield m
 
 
-@pytest.fixture
-async def prometheus(tmp_path: Path) -> AsyncIterator[Prometheus]:
-    async with running_prometheus(tmp_path / "prometheus") as prom:
+@dataclass
+class Scene:
+    """The module's Prometheus and target, with a metric of this test's own."""
+
+    prometheus: Prometheus
+    load: str
+
+    @property
+    def target(self) -> MetricsTarget:
+        return self.prometheus.target
+
+    @property
+    def url(self) -> str:
+        return self.prometheus.url
+
+    @property
+    def high(self) -> str:
+        return f"{self.load} > 0.9"
+
+    async def wait_for(self, expr: str, present: bool = True) -> None:
+        await self.prometheus.wait_for(expr, present)
+
+
+@pytest.fixture(scope="module")
+def shared_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """One Prometheus for the module: each new one takes ~5 s to scrape for the first time."""
+    with running_prometheus(tmp_path_factory.mktemp("prometheus")) as prom:
         yield prom
+
+
+_METRICS = itertools.count(1)
+
+
+@pytest.fixture
+def prometheus(shared_prometheus: Prometheus) -> Iterator[Scene]:
+    scene = Scene(shared_prometheus, f"loopd_test_load_{next(_METRICS)}")
+    yield scene
+    shared_prometheus.target.forget(scene.load)  # the next tests' scrapes stay small
 
 
 @contextlib.asynccontextmanager
@@ -81,17 +120,17 @@ def of(collector: Collector, status: str, key: str | None = None) -> list[Event]
 # -- the source alone, on the real Prometheus ------------------------------------------------
 
 async def test_series_fire_each_round_and_a_series_that_leaves_resolves_once(
-    prometheus: Prometheus, own_metrics: metrics.Metrics,
+    prometheus: Scene, own_metrics: metrics.Metrics,
 ) -> None:
     """Each series over the threshold is a firing event per round on ``promql/<query>``
     keyed by its instance; one that goes back under it gives exactly one resolved event."""
     target = prometheus.target
-    target.set(LOAD, 2.5, instance="web-1")
-    target.set(LOAD, 0.1, instance="web-2")
-    await prometheus.wait_for(HIGH)
+    target.set(prometheus.load, 2.5, instance="web-1")
+    target.set(prometheus.load, 0.1, instance="web-2")
+    await prometheus.wait_for(prometheus.high)
     collector = Collector()
     # a second query that always has one series: one event per round, to count rounds
-    source = PromQLSource(config(prometheus.url, {"name": "high_load", "expr": HIGH},
+    source = PromQLSource(config(prometheus.url, {"name": "high_load", "expr": prometheus.high},
                                  {"name": "rounds", "expr": "up", "key_label": "job"}))
 
     def firing() -> list[Event]:
@@ -105,14 +144,14 @@ async def test_series_fire_each_round_and_a_series_that_leaves_resolves_once(
                          what="three rounds of firing events")
         first = firing()[0]
         assert (first.topic, first.key, first.source) == ("promql/high_load", "web-1", "prom")
-        labels = {"__name__": LOAD, "instance": "web-1", "job": "target"}
+        labels = {"__name__": prometheus.load, "instance": "web-1", "job": "target"}
         assert first.data == {"value": 2.5, "labels": labels, "status": "firing",
                               "fingerprint": fingerprint("prom", "high_load", labels)}
         assert {e.key for e in firing()} == {"web-1"}
         assert len({e.id for e in firing()}) == len(firing())  # one event per round
         assert sup.source.connected and sample("loopd_source_up", source="prom") == 1
 
-        target.set(LOAD, 0.2, instance="web-1")
+        target.set(prometheus.load, 0.2, instance="web-1")
         await wait_until(lambda: len(of(collector, "resolved")) == 1, timeout=20,
                          what="the resolved event")
         (resolved,) = of(collector, "resolved")
@@ -127,15 +166,15 @@ async def test_series_fire_each_round_and_a_series_that_leaves_resolves_once(
 
 
 async def test_two_replicas_make_the_same_events_with_the_same_ids(
-    prometheus: Prometheus, own_metrics: metrics.Metrics,
+    prometheus: Scene, own_metrics: metrics.Metrics,
 ) -> None:
     """Rounds are aligned to the clock, so two sources on one Prometheus (two replicas)
     make identical event ids for a round: the store decides each once."""
-    prometheus.target.set(LOAD, 3.0, instance="db-1")
-    await prometheus.wait_for(HIGH)
+    prometheus.target.set(prometheus.load, 3.0, instance="db-1")
+    await prometheus.wait_for(prometheus.high)
     one, two = Collector(), Collector()
-    async with supervised(PromQLSource(config(prometheus.url)), one), \
-            supervised(PromQLSource(config(prometheus.url)), two):
+    async with supervised(PromQLSource(config(prometheus.url, expr=prometheus.high)), one), \
+            supervised(PromQLSource(config(prometheus.url, expr=prometheus.high)), two):
         await wait_until(lambda: len(one.events) >= 4 and len(two.events) >= 4, timeout=20,
                          what="rounds on both replicas")
     shared = {e.id for e in one.events} & {e.id for e in two.events}
@@ -143,16 +182,16 @@ async def test_two_replicas_make_the_same_events_with_the_same_ids(
 
 
 async def test_a_bad_query_is_counted_and_logged_while_the_others_go_on(
-    prometheus: Prometheus, own_metrics: metrics.Metrics,
+    prometheus: Scene, own_metrics: metrics.Metrics,
 ) -> None:
     """Bad PromQL: ``loopd_promql_errors_total{reason="bad_query"}`` and a log line with
     the query and Prometheus's own message; the good query's events keep coming and the
     source reports itself down (its last round was not all answered)."""
-    prometheus.target.set(LOAD, 5.0, instance="web-1")
-    await prometheus.wait_for(HIGH)
+    prometheus.target.set(prometheus.load, 5.0, instance="web-1")
+    await prometheus.wait_for(prometheus.high)
     collector = Collector()
-    source = PromQLSource(config(prometheus.url, {"name": "high_load", "expr": HIGH},
-                                 {"name": "typo", "expr": f"{LOAD} >> 1"}))
+    source = PromQLSource(config(prometheus.url, {"name": "high_load", "expr": prometheus.high},
+                                 {"name": "typo", "expr": f"{prometheus.load} >> 1"}))
     with capture_logs() as logs:
         async with supervised(source, collector) as sup:
             await wait_until(lambda: sample("loopd_promql_errors_total", source="prom",
@@ -169,7 +208,7 @@ async def test_a_bad_query_is_counted_and_logged_while_the_others_go_on(
 
 
 async def test_results_that_are_not_instant_vectors_are_refused_by_name(
-    prometheus: Prometheus, own_metrics: metrics.Metrics,
+    prometheus: Scene, own_metrics: metrics.Metrics,
 ) -> None:
     """A scalar, a string and a range vector are each a ``result_type`` error whose
     message names what came back; none becomes an event."""
@@ -190,17 +229,17 @@ async def test_results_that_are_not_instant_vectors_are_refused_by_name(
 
 
 async def test_series_without_the_key_label_are_rejected_not_events(
-    prometheus: Prometheus, own_metrics: metrics.Metrics,
+    prometheus: Scene, own_metrics: metrics.Metrics,
 ) -> None:
     """``sum(...)`` keeps no ``instance``: each series is counted in
     ``loopd_events_rejected_total{reason="no_key_label"}``, logged once a round, and
     never an event, while a query keyed by a label it keeps makes events."""
-    prometheus.target.set(LOAD, 2.0, instance="web-1")
-    await prometheus.wait_for(HIGH)
+    prometheus.target.set(prometheus.load, 2.0, instance="web-1")
+    await prometheus.wait_for(prometheus.high)
     collector = Collector()
     source = PromQLSource(config(
-        prometheus.url, {"name": "total", "expr": f"sum({LOAD})"},
-        {"name": "by_job", "expr": f"sum by (job) ({LOAD})", "key_label": "job"}))
+        prometheus.url, {"name": "total", "expr": f"sum({prometheus.load})"},
+        {"name": "by_job", "expr": f"sum by (job) ({prometheus.load})", "key_label": "job"}))
     with capture_logs() as logs:
         async with supervised(source, collector):
             await wait_until(lambda: sample("loopd_events_rejected_total", source="prom",
@@ -219,7 +258,7 @@ async def test_an_unreachable_prometheus_is_counted_and_the_source_recovers(
     (the supervisor never restarts it); once Prometheus answers, events come."""
     require(BINARY is not None, "prometheus (Debian package prometheus)")
     target = MetricsTarget()
-    await target.start()
+    target.start()
     target.set(LOAD, 4.0, instance="web-9")
     prometheus = Prometheus(tmp_path / "prometheus", target, port=free_port())
     collector = Collector()
@@ -230,14 +269,14 @@ async def test_an_unreachable_prometheus_is_counted_and_the_source_recovers(
                              timeout=20, what="unreachable rounds")
             assert not sup.source.connected and not sup.failed
             assert sample("loopd_source_up", source="prom") == 0
-            await prometheus.start()
+            await asyncio.to_thread(prometheus.start)
             await wait_until(lambda: bool(collector.events), timeout=30,
                              what="events once Prometheus answers")
             await wait_until(lambda: sample("loopd_source_up", source="prom") == 1, timeout=5)
             assert sup.source.connected
     finally:
-        await prometheus.stop()
-        await target.stop()
+        await asyncio.to_thread(prometheus.stop)
+        target.stop()
     assert collector.events[0].key == "web-9"
 
 
@@ -384,8 +423,9 @@ rules:
 
 
 @contextlib.asynccontextmanager
-async def daemon(root: Path, url: str) -> AsyncIterator[Api]:
-    """A daemon with one promql source on ``url`` and the approval rule above."""
+async def daemon(root: Path, prometheus: Scene) -> AsyncIterator[Api]:
+    """A daemon with one promql source on ``prometheus`` (its ``high`` query) and the
+    approval rule above."""
     (root / "rules").mkdir(parents=True, exist_ok=True)
     (root / "rules" / "rules.yaml").write_text(RULES)
     if not (root / "packs" / "core").exists():
@@ -395,9 +435,9 @@ listen: 127.0.0.1:0
 sources:
   - name: prom
     type: promql
-    url: {url}
+    url: {prometheus.url}
     interval: 500ms
-    queries: [{{name: high_load, expr: '{HIGH}', key_label: instance}}]
+    queries: [{{name: high_load, expr: '{prometheus.high}', key_label: instance}}]
 rules: [rules]
 packs: [packs]
 store: {{path: var/loopd.db}}
@@ -420,22 +460,22 @@ async def decisions(api: Api, run_id: str) -> list[str]:
 
 
 async def test_a_rule_on_a_query_runs_when_the_metric_crosses_and_its_resolution_cancels(
-    prometheus: Prometheus, tmp_path: Path,
+    prometheus: Scene, tmp_path: Path,
 ) -> None:
     """The target's metric over the threshold starts a run of the rule on
     ``promql/high_load`` for that instance; back under it, the resolved event cancels the
     run, which had not acted yet (awaiting approval), as a resolved alert would."""
     target = prometheus.target
-    target.set(LOAD, 0.3, instance="web-1")
-    async with daemon(tmp_path / "site", prometheus.url) as api:
+    target.set(prometheus.load, 0.3, instance="web-1")
+    async with daemon(tmp_path / "site", prometheus) as api:
         await wait_until(lambda: sample("loopd_source_up", source="prom") == 1, timeout=20)
         assert await api.runs("shed-load") == []
-        target.set(LOAD, 1.7, instance="web-1")
+        target.set(prometheus.load, 1.7, instance="web-1")
         (run,) = await api.wait_runs("shed-load", 1)
         assert (run["key"], run["status"]) == ("web-1", "awaiting_approval")
         await wait_until(lambda: _joined(api, run["id"]), timeout=20,
                          what="later rounds to join the incident")
-        target.set(LOAD, 0.3, instance="web-1")
+        target.set(prometheus.load, 0.3, instance="web-1")
         story = await api.wait_status(run["id"], "cancelled")
         assert story["reason"].startswith("alert resolved (") and \
             story["reason"].endswith(":resolved) before the run acted"), story["reason"]
@@ -450,25 +490,25 @@ async def _joined(api: Api, run_id: str) -> bool:
 
 
 async def test_after_a_restart_firing_joins_the_incident_and_resolved_while_down_cancels(
-    prometheus: Prometheus, tmp_path: Path,
+    prometheus: Scene, tmp_path: Path,
 ) -> None:
     """Restarted while the series still fires: its events join the open incident (no
     second run). Restarted after it went back under the threshold while loopd was down:
     the first round resolves it from the stored firing set and cancels the waiting run."""
     target = prometheus.target
-    target.set(LOAD, 1.7, instance="web-1")
+    target.set(prometheus.load, 1.7, instance="web-1")
     site = tmp_path / "site"
-    async with daemon(site, prometheus.url) as api:
+    async with daemon(site, prometheus) as api:
         (run,) = await api.wait_runs("shed-load", 1)
-    async with daemon(site, prometheus.url) as api:
+    async with daemon(site, prometheus) as api:
         before = (await decisions(api, run["id"])).count("joined")
         await wait_until(lambda: _more_joined(api, run["id"], before), timeout=20,
                          what="rounds after the restart to join the incident")
         assert len(await api.runs("shed-load")) == 1
         assert (await api.run(run["id"]))["status"] == "awaiting_approval"
-    target.set(LOAD, 0.2, instance="web-1")
-    await prometheus.wait_for(HIGH, present=False)
-    async with daemon(site, prometheus.url) as api:
+    target.set(prometheus.load, 0.2, instance="web-1")
+    await prometheus.wait_for(prometheus.high, present=False)
+    async with daemon(site, prometheus) as api:
         story = await api.wait_status(run["id"], "cancelled")
         assert story["reason"].endswith(":resolved) before the run acted")
         assert len(await api.runs("shed-load")) == 1

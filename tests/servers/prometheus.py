@@ -1,8 +1,10 @@
 """Debian's real ``prometheus`` on loopback, scraping a target the test controls.
 
-``running_prometheus(root)`` starts a ``MetricsTarget`` (an aiohttp ``/metrics`` in the
-Prometheus text format, whose samples the test sets and removes) and a ``prometheus``
+``running_prometheus(root)`` starts a ``MetricsTarget`` (a ``/metrics`` in the
+Prometheus text format, whose samples the tests set and remove) and a ``prometheus``
 process on a free port with its data in ``root``, scraping that target every second.
+Both are synchronous, so one pair can serve a whole test module (Prometheus takes about
+5 s to scrape a new target for the first time): tests then keep apart by metric name.
 ``./scripts/test`` installs Debian's ``prometheus`` when it is missing and it runs as
 root; without the binary the tests that need it skip, and fail under ``CI=true``
 (``servers.require``).
@@ -10,16 +12,19 @@ root; without the binary the tests that need it skip, and fail under ``CI=true``
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
 import yaml
-from aiohttp import web
 
 from tests.servers import free_port, require, wait_until
 
@@ -36,45 +41,75 @@ def _labels(labels: dict[str, str]) -> str:
 
 
 class MetricsTarget:
-    """``/metrics`` on 127.0.0.1:<free port>: gauges the test sets (``set``) and takes
-    away (``remove``); Prometheus marks a removed series stale at its next scrape."""
+    """``/metrics`` on 127.0.0.1:<free port>, served from a thread (so that one target
+    outlives a test's event loop): gauges the test sets (``set``) and takes away
+    (``remove``); Prometheus marks a removed series stale at its next scrape."""
 
     def __init__(self) -> None:
         self.samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.scrapes = 0
-        self.address = ""
-        self._runner: web.AppRunner | None = None
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.server_address[1]}"
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        self.samples[(name, tuple(sorted(labels.items())))] = value
+        with self._lock:
+            self.samples[(name, tuple(sorted(labels.items())))] = value
 
     def remove(self, name: str, **labels: str) -> None:
-        self.samples.pop((name, tuple(sorted(labels.items()))), None)
+        with self._lock:
+            self.samples.pop((name, tuple(sorted(labels.items()))), None)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        self.scrapes += 1
-        names = sorted({name for name, _ in self.samples})
+    def forget(self, name: str) -> None:
+        """Remove every series of ``name``."""
+        with self._lock:
+            for key in [k for k in self.samples if k[0] == name]:
+                del self.samples[key]
+
+    def exposition(self) -> bytes:
+        with self._lock:
+            self.scrapes += 1
+            samples = sorted(self.samples.items())
         lines = []
-        for name in names:
+        for name in sorted({name for (name, _), _ in samples}):
             lines.append(f"# TYPE {name} gauge")
             lines += [f"{name}{_labels(dict(labels))} {value!r}"
-                      for (n, labels), value in sorted(self.samples.items()) if n == name]
-        return web.Response(text="\n".join(lines) + "\n",
-                            content_type="text/plain", charset="utf-8")
+                      for (n, labels), value in samples if n == name]
+        return ("\n".join(lines) + "\n").encode()
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.address = f"127.0.0.1:{self._runner.addresses[0][1]}"
+    def start(self) -> None:
+        target = self
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = target.exposition()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # quiet: Prometheus scrapes every second
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="metrics-target", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
 
 
 class Prometheus:
@@ -86,9 +121,11 @@ class Prometheus:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "prometheus.log"
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> None:
+    def start(self, timeout: float = 30.0) -> None:
+        """Start and wait until Prometheus is ready (its first scrape comes about 5 s
+        later: the scrape manager applies new targets every 5 s)."""
         assert BINARY is not None
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "prometheus.yml"
@@ -101,21 +138,22 @@ class Prometheus:
                                 "static_configs": [{"targets": [self.target.address]}]}],
         }))
         with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                BINARY, f"--config.file={config}", f"--storage.tsdb.path={self.root / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            async def ready() -> bool:
-                assert self.proc is not None
-                assert self.proc.returncode is None, self.log.read_text()[-2000:]
-                try:
-                    async with http.get(f"{self.url}/-/ready") as resp:
-                        return resp.status == 200
-                except (aiohttp.ClientError, TimeoutError):
-                    return False
-
-            await wait_until(ready, timeout=30, interval=0.1, what="Prometheus to be ready")
+            self.proc = subprocess.Popen(
+                [BINARY, f"--config.file={config}", f"--storage.tsdb.path={self.root / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"Prometheus on port {self.port} not ready after {timeout}s")
 
     async def query(self, expr: str) -> list[dict[str, object]]:
         """The instant vector ``expr`` gives now (a test's own view of Prometheus)."""
@@ -133,29 +171,28 @@ class Prometheus:
         await wait_until(seen, timeout=timeout, interval=0.1,
                          what=f"{expr} to {'have' if present else 'lose'} series")
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None or proc.poll() is not None:
             return
         proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            await proc.wait()
+            proc.wait()
 
 
-@contextlib.asynccontextmanager
-async def running_prometheus(root: Path, port: int | None = None
-                             ) -> AsyncIterator[Prometheus]:
+@contextlib.contextmanager
+def running_prometheus(root: Path, port: int | None = None) -> Iterator[Prometheus]:
     """A started target and Prometheus scraping it; both stopped on the way out."""
     require(BINARY is not None, "prometheus (Debian package prometheus)")
     target = MetricsTarget()
-    await target.start()
+    target.start()
     prometheus = Prometheus(root, target, port)
     try:
-        await prometheus.start()
+        prometheus.start()
         yield prometheus
     finally:
-        await prometheus.stop()
-        await target.stop()
+        prometheus.stop()
+        target.stop()
