@@ -77,9 +77,10 @@ def fingerprint(source: str, query: str, labels: dict[str, str]) -> str:
     return hashlib.blake2b(canon, digest_size=8).hexdigest()
 
 
-def round_start(now: float, interval: float) -> float:
-    """The evaluation time of the round ``now`` falls in (a multiple of ``interval``)."""
-    return math.floor(now / interval) * interval
+def round_number(now: float, interval: float) -> int:
+    """The round ``now`` falls in; round n is evaluated at ``n * interval`` (computed alike
+    on every replica: same times, same event ids)."""
+    return math.floor(now / interval)
 
 
 class PromQLSource:
@@ -136,12 +137,12 @@ class PromQLSource:
         if not self._loaded:
             await self._load()
             self._loaded = True
-        at = round_start(time.time(), interval)  # the current round, at once
+        n = round_number(time.time(), interval)  # the current round, at once
         while True:
-            await self._round(at, emit)
+            await self._round(n * interval, emit)
             # a round that took longer than the interval skips the rounds it overran
-            at = max(at + interval, round_start(time.time(), interval))
-            await asyncio.sleep(max(0.0, at - time.time()))
+            n = max(n + 1, round_number(time.time(), interval))
+            await asyncio.sleep(max(0.0, n * interval - time.time()))
 
     async def _round(self, at: float, emit: Emit) -> None:
         queries = self.config.queries
@@ -158,11 +159,9 @@ class PromQLSource:
         deliveries: list[Delivery] = []
         answered = True
         for query, answer in zip(queries, answers, strict=True):
-            if isinstance(answer, BaseException) and not isinstance(answer, QueryError):
-                raise answer
             try:
-                if isinstance(answer, QueryError):
-                    raise answer
+                if isinstance(answer, BaseException):
+                    raise answer  # a QueryError is handled below; anything else is a bug
                 deliveries += self._evaluate(query, *answer, at)
             except QueryError as exc:
                 metrics.promql_failed(self.name, query.name, exc.reason, exc.message)

@@ -11,7 +11,7 @@ import pytest
 from loopd.cli import EXIT_INVALID, EXIT_OK, main
 from loopd.config import PromQLSourceConfig, load_config
 from loopd.errors import ConfigError
-from loopd.sources.promql import fingerprint, round_start
+from loopd.sources.promql import fingerprint, round_number
 
 RULES = """\
 rules:
@@ -149,6 +149,6 @@ def test_fingerprints_are_stable_and_distinct_per_source_query_and_labels() -> N
 def test_rounds_start_at_multiples_of_the_interval() -> None:
     """Every replica evaluates round ``t`` at the same instant: the multiple of the
     interval the wall clock is in."""
-    assert round_start(1000.7, 0.5) == 1000.5
-    assert round_start(1029.9, 30.0) == 1020.0
-    assert round_start(1020.0, 30.0) == 1020.0
+    assert round_number(1000.7, 0.5) * 0.5 == 1000.5
+    assert round_number(1029.9, 30.0) * 30.0 == 1020.0
+    assert round_number(1020.0, 30.0) == round_number(1049.99, 30.0) == 34
