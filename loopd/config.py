@@ -196,6 +196,7 @@ class MqttSinkConfig(Strict):
 
 SinkConfig = Annotated[KafkaSinkConfig | MqttSinkConfig, Field(discriminator="type")]
 
+
 def _prometheus_url(v: str) -> str:
     """An ``http(s)://host[:port][/path]`` URL without credentials (they would end up in
     logs: use the source's references), query or fragment; never echoed back."""

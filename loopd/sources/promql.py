@@ -35,6 +35,7 @@ resolved event with the same id instead of losing it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import math
@@ -43,7 +44,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 
@@ -252,7 +252,8 @@ class PromQLSource:
             return {"Authorization": f"Bearer {token}"}
         if cfg.username is not None and cfg.password_ref is not None:
             password = await asyncio.to_thread(resolve_secret, cfg.password_ref)
-            return {"Authorization": aiohttp.BasicAuth(cfg.username, password).encode()}
+            pair = base64.b64encode(f"{cfg.username}:{password}".encode()).decode()
+            return {"Authorization": f"Basic {pair}"}
         return None
 
     async def _load(self) -> None:

@@ -11,6 +11,7 @@ the incident) runs in a real ``Daemon`` on loopback with a SQLite store in tmp_p
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import shutil
@@ -341,6 +342,27 @@ async def test_a_bearer_token_is_sent_and_never_logged(
     assert sample("loopd_promql_errors_total", source="prom", query="high_load",
                   reason="bad_response") == 1
     assert token not in repr(logs)
+
+
+async def test_basic_auth_reads_its_password_from_a_file(
+    prometheus_api: PrometheusApi, own_metrics: metrics.Metrics, tmp_path: Path,
+) -> None:
+    """``username`` + ``password_ref: file:...`` sends HTTP basic auth, the file read
+    each round (a rotated password is picked up without a restart)."""
+    secret = tmp_path / "prom-password"
+    secret.write_text("first-pass\n")
+    prometheus_api.set_vector(HIGH, ({"instance": "web-1"}, 1.5))
+    collector = Collector()
+    source = PromQLSource(config(prometheus_api.url, username="loopd",
+                                 password_ref=f"file:{secret}"))
+    async with supervised(source, collector):
+        await wait_until(lambda: bool(collector.events), timeout=20)
+        secret.write_text("second-pass\n")
+        seen = len(prometheus_api.requests)
+        await wait_until(lambda: len(prometheus_api.requests) > seen + 1, timeout=20)
+    sent = {r.headers["Authorization"] for r in prometheus_api.requests}
+    assert f"Basic {base64.b64encode(b'loopd:first-pass').decode()}" in sent
+    assert f"Basic {base64.b64encode(b'loopd:second-pass').decode()}" in sent
 
 
 async def test_close_returns_promptly_while_emit_is_blocked(
