@@ -6,8 +6,8 @@ process on a free port with its data in ``root``, scraping that target every sec
 Both are synchronous, so one pair can serve a whole test module (Prometheus takes about
 5 s to scrape a new target for the first time): tests then keep apart by metric name.
 ``./scripts/test`` installs Debian's ``prometheus`` when it is missing and it runs as
-root (``LOOPD_TEST_PROMETHEUS`` names another binary); without the binary the tests that need it skip, and fail under ``CI=true``
-(``servers.require``).
+root (``LOOPD_TEST_PROMETHEUS`` names another binary); without the binary the tests
+that need it skip, and fail under ``CI=true`` (``servers.require``).
 """
 
 from __future__ import annotations
