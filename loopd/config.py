@@ -196,9 +196,114 @@ class MqttSinkConfig(Strict):
 
 SinkConfig = Annotated[KafkaSinkConfig | MqttSinkConfig, Field(discriminator="type")]
 
+
+def _prometheus_url(v: str) -> str:
+    """An ``http(s)://host[:port][/path]`` URL without credentials (they would end up in
+    logs: use the source's references), query or fragment; never echoed back."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018  # raises ValueError on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. "
+                         "http://prometheus:9090")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials: use username + password_ref or "
+                         "bearer_token_ref")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query string or fragment")
+    return v
+
+
+def _env_or_file(v: str | None) -> str | None:
+    """A secret reference the source can resolve itself (``env:`` or ``file:``)."""
+    if v is not None and v.partition(":")[0] not in ("env", "file"):
+        raise ValueError("must be a reference: env:VAR or file:/path (the value is not shown)")
+    return v
+
+
+SecretRef = Annotated[str | None, AfterValidator(_env_or_file)]
+
+
+class PromQLQuery(Strict):
+    """One query of a ``type: promql`` source: each series of its result is an event on
+    topic ``promql/<name>``, keyed by the series' ``key_label`` label."""
+
+    name: str
+    expr: str
+    key_label: str = "instance"
+
+    @field_validator("name")
+    @classmethod
+    def _topic_level(cls, v: str) -> str:
+        if not v or not all(c.isascii() and (c.isalnum() or c in "_.:-") for c in v):
+            raise ValueError(f"must be one topic level (letters, digits, _ . : -), got {v!r}")
+        return v
+
+    @field_validator("expr")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("key_label")
+    @classmethod
+    def _label_name(cls, v: str) -> str:
+        if not v or v[0].isdigit() or not all(c.isascii() and (c.isalnum() or c == "_")
+                                              for c in v):
+            raise ValueError(f"must be a Prometheus label name, got {v!r}")
+        return v
+
+
+class PromQLSourceConfig(_SourceBase):
+    """Queries a Prometheus evaluates every ``interval`` (loopd/sources/promql.py): alerts
+    without Alertmanager. ``timeout`` (default: 10s, at most the interval) bounds each
+    query; ``max_payload`` each answer. Behind auth: ``bearer_token_ref``, or ``username``
+    with ``password_ref`` (env: or file: references)."""
+
+    type: Literal["promql"]
+    url: Annotated[str, AfterValidator(_prometheus_url)]
+    interval: Duration = Field(default=30.0, gt=0)
+    timeout: Duration | None = Field(default=None, gt=0)
+    queries: list[PromQLQuery] = Field(min_length=1)
+    bearer_token_ref: SecretRef = None
+    username: str | None = None
+    password_ref: SecretRef = None
+    max_payload: int = 16 * 1024 * 1024  # a result of ~100,000 series
+    telemetry: bool = False  # every query's value and labels would overwrite the others'
+
+    @property
+    def query_timeout(self) -> float:
+        return self.timeout if self.timeout is not None else min(10.0, self.interval)
+
+    @field_validator("queries")
+    @classmethod
+    def _distinct_names(cls, v: list[PromQLQuery]) -> list[PromQLQuery]:
+        names = [q.name for q in v]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:  # one topic, one firing set: two queries cannot share a name
+            raise ValueError(f"duplicate query name(s): {', '.join(duplicates)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PromQLSourceConfig:
+        if self.timeout is not None and self.timeout > self.interval:
+            raise ValueError(f"timeout {self.timeout:g}s is longer than the interval "
+                             f"{self.interval:g}s")
+        if (self.username is None) != (self.password_ref is None):
+            raise ValueError("basic auth needs both username and password_ref")
+        if self.bearer_token_ref is not None and self.username is not None:
+            raise ValueError("give bearer_token_ref or username + password_ref, not both")
+        return self
+
+
 SourceConfig = Annotated[
     WebhookSourceConfig | AlertmanagerSourceConfig | MqttSourceConfig | KafkaSourceConfig
-    | SimSourceConfig,
+    | SimSourceConfig | PromQLSourceConfig,
     Field(discriminator="type"),
 ]
 

@@ -120,6 +120,10 @@ class Metrics:
             "loopd_run_commands_total", "Run commands (approve, reject, cancel) handed to "
             "another replica through the store, or carried out here for another",
             ["kind", "direction"], registry=r)
+        self.promql_errors = Counter(
+            "loopd_promql_errors_total", "PromQL source queries that gave no result, by "
+            "reason (unreachable, timeout, bad_query, query_failed, result_type, "
+            "bad_response, too_large, credentials)", ["source", "query", "reason"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -326,3 +330,22 @@ def audit_write_failed(action: str, phase: str, error: object, **where: object) 
 def api_refused(route: str, reason: str) -> None:
     """An API request refused by the gate (the gate logs who and from where)."""
     _CURRENT.get(_PROCESS).api_refused.labels(route, reason).inc()
+
+
+def promql_failed(source: str, query: str, reason: str, error: object) -> None:
+    """A query of a promql source gave no result this round: nothing changes for its
+    series (no event, none resolved) until a later round answers."""
+    m = _CURRENT.get(_PROCESS)
+    m.promql_errors.labels(source, query, reason).inc()
+    m.source_errors[source] = (time.time(), f"query {query}: {reason}: {error}")
+    log.warning("promql query failed", source=source, query=query, reason=reason,
+                error=str(error))
+
+
+def promql_unkeyed(source: str, query: str, key_label: str, count: int,
+                   example: dict[str, str]) -> None:
+    """``count`` series of a query's result lack its ``key_label``: rejected (no event,
+    ``loopd_events_rejected_total{reason="no_key_label"}``), logged once per round."""
+    _CURRENT.get(_PROCESS).events_rejected.labels(source, "no_key_label").inc(count)
+    log.warning("promql series without the key label rejected", source=source, query=query,
+                key_label=key_label, series=count, example=example)

@@ -15,15 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-import structlog
-
+# the client confirm tasks poll (in catalog/, so that promql sources share it)
+from loopd.catalog.prometheus import PromQL as PromQL
 from loopd.errors import ConditionError
 from loopd.events import Event
 from loopd.rules.compile import lookup
 from loopd.workflow.loader import Evidence
-
-log = structlog.get_logger("loopd.confirm")
 
 _MISSING = object()
 
@@ -152,52 +149,3 @@ class ConfirmHub:
                     waiter.offer(event)
                     if waiter.found.done():
                         self.satisfied += 1
-
-
-class PromQL:
-    """Instant queries against a Prometheus HTTP API (``/api/v1/query``).
-
-    Like an alerting rule: a non-empty vector is true (``up == 1`` keeps the
-    series that are up), a scalar is true when non-zero.
-    """
-
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    async def holds(self, query: str) -> bool | None:
-        """True/False from a vector result; None when Prometheus could not answer."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout))
-        try:
-            async with self._session.get(f"{self.url}/api/v1/query",
-                                         params={"query": query}) as resp:
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("prometheus query failed", query=query, error=str(exc))
-            return None
-        if not isinstance(body, dict) or body.get("status") != "success":
-            log.warning("prometheus query error", query=query,
-                        error=body.get("error") if isinstance(body, dict) else body)
-            return None
-        data = body.get("data") or {}
-        result = data.get("result")
-        if data.get("resultType") == "scalar" and isinstance(result, list):
-            return _truthy(result[1])
-        if isinstance(result, list):  # alerting semantics: any series left means true
-            return len(result) > 0
-        return None
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-def _truthy(value: Any) -> bool:
-    try:
-        return float(value) != 0.0
-    except (TypeError, ValueError):
-        return False
