@@ -120,6 +120,14 @@ class Metrics:
             "loopd_run_commands_total", "Run commands (approve, reject, cancel) handed to "
             "another replica through the store, or carried out here for another",
             ["kind", "direction"], registry=r)
+        # scrape sources: the target label is bounded by the config (its targets and the
+        # inventory's entities with a metrics_url), never by what a target exposes
+        self.scrape_failures = Counter(
+            "loopd_scrape_failures_total", "Scrapes that gave no samples (reason: timeout, "
+            "connection, http, too_large, parse)", ["source", "target", "reason"], registry=r)
+        self.scrape_dropped = Counter(
+            "loopd_scrape_series_dropped_total", "Series of a scrape dropped past the "
+            "source's max_series", ["source", "target"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -326,3 +334,20 @@ def audit_write_failed(action: str, phase: str, error: object, **where: object) 
 def api_refused(route: str, reason: str) -> None:
     """An API request refused by the gate (the gate logs who and from where)."""
     _CURRENT.get(_PROCESS).api_refused.labels(route, reason).inc()
+
+
+def scraped(source: str, samples: int) -> None:
+    """A scrape round of one target handed ``samples`` events over (its ``up`` included):
+    counted at once, not per event, so a round of 100,000 samples costs one update."""
+    _CURRENT.get(_PROCESS).events_received.labels(source).inc(samples)
+
+
+def scrape_failed(source: str, target: str, reason: str, error: str) -> None:
+    _CURRENT.get(_PROCESS).scrape_failures.labels(source, target, reason).inc()
+    log.warning("scrape failed", source=source, target=target, reason=reason, error=error)
+
+
+def scrape_dropped(source: str, target: str, dropped: int, max_series: int) -> None:
+    _CURRENT.get(_PROCESS).scrape_dropped.labels(source, target).inc(dropped)
+    log.warning("scrape exceeds max_series; the rest of its series are dropped",
+                source=source, target=target, max_series=max_series, dropped=dropped)

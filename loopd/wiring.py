@@ -35,6 +35,7 @@ from loopd.config import (
     AlertmanagerSourceConfig,
     KafkaSourceConfig,
     LoopdConfig,
+    ScrapeSourceConfig,
     SimSourceConfig,
     SourceConfig,
     WebhookSourceConfig,
@@ -64,8 +65,8 @@ from loopd.workflow.loader import load_workflows
 log = structlog.get_logger("loopd")
 
 
-def build_source(config: SourceConfig, fleets: dict[str, Fleet], replica: str | None = None
-                 ) -> Source:
+def build_source(config: SourceConfig, fleets: dict[str, Fleet], replica: str | None = None,
+                 inventory: Inventory | None = None) -> Source:
     """type -> Source class; a plain mapping, nothing registers itself on import.
     ``replica`` (the store's) goes into MQTT client ids and Kafka group instance ids."""
     if isinstance(config, WebhookSourceConfig | AlertmanagerSourceConfig):
@@ -76,6 +77,10 @@ def build_source(config: SourceConfig, fleets: dict[str, Fleet], replica: str | 
         from loopd.sources.kafka import KafkaSource
 
         return KafkaSource(config, replica=replica)
+    if isinstance(config, ScrapeSourceConfig):  # targets: its own and the inventory's
+        from loopd.sources.scrape import ScrapeSource
+
+        return ScrapeSource(config, inventory)
     from loopd.sources.mqtt import MqttSource
 
     return MqttSource(config, replica=replica)
@@ -285,7 +290,7 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
                       max_starting=1 << 30 if simulated else 256,
                       announcer=BusOutcomes(bus, config.outcomes.topic)
                       if bus is not None else None)
-    sources = {} if simulated else {c.name: build_source(c, fleets, store.replica)
+    sources = {} if simulated else {c.name: build_source(c, fleets, store.replica, inventory)
                                     for c in config.sources}
     loopd = Loopd(config, store, inventory, registry, ruleset, buses, executor, silences,
                   guards, engine, runs, fleets, sources)

@@ -1,0 +1,165 @@
+"""Scrape benchmark: CPU per round of 100 targets x 1,000 series, into the real engine.
+
+    python benchmarks/scrape.py [--targets 100] [--series 1000] [--interval 15] [--rounds 3]
+
+A child process serves the targets locally (one aiohttp server on a port per target, text
+format, node-exporter-shaped lines with two labels, values that change every request),
+so its CPU is not counted. This process runs a ``type: scrape`` source feeding the real
+engine (SQLite store, a ``for:`` rule on one of the metrics, telemetry on): what loopd
+itself pays. After one warm-up round (the first scrape of a target parses every series),
+it measures ``--rounds`` whole intervals: CPU seconds (user + system, every thread) per
+round, samples per second of that CPU, and RSS. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import emit, machine, rss_mb
+from loopd import logs
+from loopd.config import ScrapeSourceConfig
+from loopd.decide.engine import Engine
+from loopd.events import Delivery
+from loopd.rules.loader import load_rules
+from loopd.sources.scrape import ScrapeSource
+from loopd.store.sqlite import SqliteStore
+from tests.servers import free_port, wait_port
+
+RULES = """\
+rules:
+  - name: cpu-busy
+    on: {source: node, topic: "metrics/{host}/bench_cpu_seconds_total"}
+    if: "event.value > 1e12"
+    key: "{{ vars.host }}"
+    for: 1m
+    run: {action: core.noop, input: {host: "{{ key }}"}}
+"""
+
+
+def body(series: int, generation: int) -> str:
+    """``series`` sample lines (a HELP and TYPE every 100), values moving with
+    ``generation``."""
+    lines = []
+    for i in range(series):
+        metric = f"bench_cpu_seconds_total{i // 100}" if i >= 100 else "bench_cpu_seconds_total"
+        if i % 100 == 0:
+            lines += [f"# HELP {metric} Seconds the CPUs spent in each mode.",
+                      f"# TYPE {metric} counter"]
+        lines.append(f'{metric}{{cpu="{i % 100 // 8}",mode="m{i % 8}"}} '
+                     f"{1000 + i * 3.25 + generation * 1.5:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def serve(ports: list[int], series: int) -> None:
+    """The child process: one port per target (a target's instance is its host:port),
+    each answering one of two bodies, alternating."""
+    from aiohttp import web
+
+    bodies = [body(series, g).encode() for g in range(2)]
+    served: dict[int, int] = dict.fromkeys(ports, 0)
+
+    async def answer(request: web.Request) -> web.Response:
+        port = request.url.port or 0
+        served[port] += 1
+        return web.Response(body=bodies[served[port] % 2],
+                            content_type="text/plain", charset="utf-8")
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        for port in ports:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure(ports: list[int], series: int, interval: float, rounds: int,
+                  folder: Path) -> dict[str, object]:
+    (folder / "rules").mkdir()
+    (folder / "rules" / "bench.yaml").write_text(RULES)
+    store = SqliteStore(folder / "state.db")
+    await store.open()
+    engine = Engine(store, load_rules([folder / "rules"]), queue_size=20_000,
+                    telemetry_sources=frozenset({"node"}))
+    await engine.load()
+    config = ScrapeSourceConfig.model_validate({
+        "type": "scrape", "name": "node", "interval": interval, "max_series": series,
+        "targets": [f"127.0.0.1:{port}" for port in ports]})
+    source = ScrapeSource(config)
+    samples = 0
+
+    async def count(delivery: Delivery) -> None:
+        nonlocal samples
+        samples += 1
+        await engine.emit(delivery)
+
+    decider = asyncio.create_task(engine.run())
+    scraping = asyncio.create_task(source.run(count))
+    try:
+        await asyncio.sleep(interval)  # the warm-up round: every target scraped once
+        await engine.drain(timeout=600)
+        warm_samples, began, began_cpu = samples, time.monotonic(), cpu()
+        await asyncio.sleep(interval * rounds)
+        await engine.drain(timeout=600)
+        spent, elapsed = cpu() - began_cpu, time.monotonic() - began
+        measured = samples - warm_samples
+    finally:
+        await source.close()
+        await scraping
+        decider.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await decider
+        await store.close()
+    return {"rounds": rounds, "samples": measured, "elapsed_s": round(elapsed, 1),
+            "cpu_s_per_round": round(spent / rounds, 3),
+            "samples_per_cpu_s": round(measured / spent) if spent else None,
+            "telemetry_fields": sum(len(v) for v in engine.telemetry.values()),
+            "peak_rss_mb": round(rss_mb(), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=int, default=100)
+    parser.add_argument("--series", type=int, default=1000)
+    parser.add_argument("--interval", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logs.configure("json", "warning")
+    ports = [free_port() for _ in range(args.targets)]
+    server = multiprocessing.get_context("spawn").Process(
+        target=serve, args=(ports, args.series), daemon=True)
+    server.start()
+    try:
+        for port in ports:
+            wait_port(port)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = asyncio.run(measure(ports, args.series, args.interval, args.rounds,
+                                         Path(tmp)))
+    finally:
+        server.terminate()
+        server.join(10)
+    emit({"name": "scrape", "targets": args.targets, "series_per_target": args.series,
+          "interval_s": args.interval, **result, "machine": machine(),
+})
+
+
+if __name__ == "__main__":
+    main()
