@@ -124,7 +124,7 @@ class Metrics:
         # inventory's entities with a metrics_url), never by what a target exposes
         self.scrape_failures = Counter(
             "loopd_scrape_failures_total", "Scrapes that gave no samples (reason: timeout, "
-            "connection, http, too_large, parse)", ["source", "target", "reason"], registry=r)
+            "dns, connection, http, too_large, parse)", ["source", "target", "reason"], registry=r)
         self.scrape_dropped = Counter(
             "loopd_scrape_series_dropped_total", "Series of a scrape dropped past the "
             "source's max_series", ["source", "target"], registry=r)

@@ -20,7 +20,7 @@ Telemetry: a scraped event feeds ``telemetry[key][field]`` with its value (the e
 with labels of its own). A series absent from two consecutive scrapes (a failed scrape
 included) is stale: the ``up`` event's ``stale`` header lists it and telemetry forgets it.
 
-A failed scrape (timeout, connection refused or DNS, HTTP status, a body over
+A failed scrape (timeout, DNS, connection refused, HTTP status, a body over
 ``max_payload``, text the parser refuses) is counted in
 ``loopd_scrape_failures_total{source,target,reason}`` and logged with the target and the
 reason; it never touches the other targets. Series past ``max_series`` are counted in
@@ -36,6 +36,7 @@ import asyncio
 import math
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -111,13 +112,17 @@ def target_urls(config: ScrapeSourceConfig, inventory: Inventory) -> dict[str, s
     return urls
 
 
-def target_problems(config: ScrapeSourceConfig, inventory: Inventory) -> list[str]:
-    """What ``loopd check`` says about a scrape source's targets (none: it is fine)."""
-    try:
-        target_urls(config, inventory)
-    except ConfigError as exc:
-        return [str(exc)]
-    return []
+def target_problems(sources: Iterable[object], inventory: Inventory) -> list[str]:
+    """What ``loopd check`` says about the targets of the scrape sources among ``sources``
+    (a source that has none, a bad ``metrics_url``); empty when all is well."""
+    problems = []
+    for config in sources:
+        if isinstance(config, ScrapeSourceConfig):
+            try:
+                target_urls(config, inventory)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 class ScrapeSource:
@@ -218,6 +223,8 @@ class ScrapeSource:
                                ) from None
         except aiohttp.ClientResponseError as exc:
             raise ScrapeFailed("http", f"{type(exc).__name__}: {exc.message}") from None
+        except aiohttp.ClientConnectorDNSError as exc:
+            raise ScrapeFailed("dns", f"{type(exc).__name__}: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise ScrapeFailed("connection", f"{type(exc).__name__}: {exc}") from None
         if len(body) > limit:

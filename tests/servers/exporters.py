@@ -6,7 +6,7 @@
 * ``MetricsTarget`` — an aiohttp ``/metrics`` whose answer a test controls: ``body``
   (text), ``status``, ``delay`` (seconds before answering: a slow target), ``gzip``, and
   ``content_type`` (OpenMetrics or text). ``requests`` counts what it answered.
-  ``MetricsTarget.many(n)`` serves ``n`` targets from one server (``/metrics/<i>``).
+  ``MetricsTarget.many(n)`` serves ``n`` targets from one server, a port each.
 """
 
 from __future__ import annotations
@@ -125,17 +125,21 @@ class MetricsTarget:
     @classmethod
     @contextlib.asynccontextmanager
     async def many(cls, n: int, **options: object) -> AsyncIterator[list[MetricsTarget]]:
-        """``n`` targets served by one aiohttp server, at ``/metrics/<i>``."""
-        port = free_port()
-        targets = [cls(port=port, path=f"/metrics/{i}" if n > 1 else "/metrics",
-                       **options)  # type: ignore[arg-type]
-                   for i in range(n)]
+        """``n`` targets served by one aiohttp server, each on a port of its own (a
+        target's ``instance`` is its host:port)."""
+        targets = [cls(port=free_port(), **options)  # type: ignore[arg-type]
+                   for _ in range(n)]
+        by_port = {t.port: t for t in targets}
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            return await by_port[request.url.port or 0].answer(request)
+
         app = web.Application()
-        for t in targets:
-            app.router.add_get(t.path, t.answer)
+        app.router.add_get("/metrics", answer)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        for t in targets:
+            await web.TCPSite(runner, "127.0.0.1", t.port).start()
         try:
             yield targets
         finally:
