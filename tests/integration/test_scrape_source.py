@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from loopd.config import ScrapeSourceConfig
 from loopd.events import Delivery, Event
 from loopd.sources.base import Supervisor
 from loopd.sources.scrape import ScrapeSource
+from tests.e2e.daemon import Config, LoopdProcess
 from tests.servers import free_port, wait_until
 from tests.servers.exporters import OPENMETRICS, MetricsTarget, node_exporter
 
@@ -212,3 +214,66 @@ async def test_honor_labels_decides_whose_instance_and_job_win() -> None:
     (event,) = honored.on("metrics/web-9/pushed")
     assert event.data["labels"] == {"instance": "web-9", "job": "batch"}
     assert event.key == target.target  # the target's telemetry, and its staleness
+
+
+VERIFY = """\
+description: wait for the scraped load to come down
+input:
+  host: {type: string, required: true}
+tasks:
+  verify:
+    confirm:
+      event:
+        source: node
+        topic: "metrics/{{ ctx.host }}/load"
+        if: "event.value < 1 and telemetry[event.key].load < 1"
+      within: 60s
+    next:
+      - {when: succeeded, do: fixed}
+  fixed: {succeed: fixed}
+"""
+
+
+async def test_daemon_fires_a_for_rule_on_scraped_telemetry_and_confirms_it(
+        tmp_path: Path) -> None:
+    """The real daemon scrapes the node exporter and a target whose load a test raises: a
+    ``for: 1s`` rule reading ``event.value`` and the ``telemetry`` scope starts one run,
+    whose confirm task waits until a later scrape shows the load down; the node exporter's
+    node_load1 reaches a rule of its own meanwhile."""
+    async with node_exporter() as exporter, MetricsTarget.serve() as target:
+        target.set(load=9)
+        cfg = Config(root=tmp_path)
+        cfg.sources = [{"name": "node", "type": "scrape", "interval": "500ms",
+                        "targets": [target.target, exporter.target],
+                        "metrics": ["load", "node_load1"]}]
+        cfg.rules = {"load.yaml": [
+            {"name": "load-high", "on": {"source": "node", "topic": "metrics/{host}/load"},
+             "if": "event.value > 5 and telemetry[event.key].load > 5",
+             "key": "{{ vars.host }}", "for": "1s", "throttle": {"once_within": "10m"},
+             "run": {"workflow": "scrape.verify", "input": {"host": "{{ vars.host }}"}}},
+            {"name": "node-seen", "on": {"source": "node", "topic": "metrics/{host}/node_load1"},
+             "if": "event.value >= 0", "key": "{{ vars.host }}",
+             "throttle": {"once_within": "10m"},
+             "run": {"action": "core.log", "input": {"message": "load {{ event.value }}"}}},
+        ]}
+        cfg.add_pack("scrape", {"pack.yaml": "name: scrape\nversion: 0.0.1\n"
+                                             "description: the scrape test's workflow\n",
+                                "workflows/verify.yaml": VERIFY})
+        daemon = LoopdProcess(cfg)
+        try:
+            await daemon.start()
+            runs = await daemon.wait_runs(2, timeout=30)
+            by_rule = {r["rule"]: r for r in runs}
+            assert set(by_rule) == {"load-high", "node-seen"}
+            assert by_rule["node-seen"]["key"] == exporter.target
+            run_id = str(by_rule["load-high"]["id"])
+            await daemon.wait_run(run_id, lambda s: s["status"] == "waiting", timeout=30,
+                                  what="the run to wait for evidence")
+            target.set(load=0.2)
+            story = await daemon.wait_run(run_id, lambda s: s["status"] == "succeeded",
+                                          timeout=30, what="the scrape to confirm the fix")
+            assert story["outcome"] == "fixed"
+            assert len([r for r in await daemon.runs() if r["rule"] == "load-high"]) == 1
+            assert await daemon.metric("loopd_source_up", source="node") == 1
+        finally:
+            await daemon.close()
