@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import multiprocessing
 import resource
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,7 +35,6 @@ from loopd.events import Delivery
 from loopd.rules.loader import load_rules
 from loopd.sources.scrape import ScrapeSource
 from loopd.store.sqlite import SqliteStore
-from tests.servers import free_port, wait_port
 
 RULES = """\
 rules:
@@ -60,17 +61,17 @@ def body(series: int, generation: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve(ports: list[int], series: int) -> None:
+def serve(targets: int, series: int, ports: Any) -> None:
     """The child process: one port per target (a target's instance is its host:port),
-    each answering one of two bodies, alternating."""
+    each answering one of two bodies, alternating; the ports go back through ``ports``."""
     from aiohttp import web
 
     bodies = [body(series, g).encode() for g in range(2)]
-    served: dict[int, int] = dict.fromkeys(ports, 0)
+    served: dict[int, int] = {}
 
     async def answer(request: web.Request) -> web.Response:
         port = request.url.port or 0
-        served[port] += 1
+        served[port] = served.get(port, 0) + 1
         return web.Response(body=bodies[served[port] % 2],
                             content_type="text/plain", charset="utf-8")
 
@@ -79,8 +80,13 @@ def serve(ports: list[int], series: int) -> None:
         app.router.add_get("/metrics", answer)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        for port in ports:
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+        bound = []
+        for _ in range(targets):  # bound here, on ports the kernel picks: no race
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            bound.append(sock.getsockname()[1])
+            await web.SockSite(runner, sock).start()
+        ports.put(bound)
         await asyncio.Event().wait()
 
     asyncio.run(run())
@@ -143,13 +149,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logs.configure("json", "warning")
-    ports = [free_port() for _ in range(args.targets)]
-    server = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(ports, args.series), daemon=True)
+    spawn = multiprocessing.get_context("spawn")
+    bound = spawn.Queue()
+    server = spawn.Process(target=serve, args=(args.targets, args.series, bound), daemon=True)
     server.start()
     try:
-        for port in ports:
-            wait_port(port)
+        ports = bound.get(timeout=60)
         with tempfile.TemporaryDirectory() as tmp:
             result = asyncio.run(measure(ports, args.series, args.interval, args.rounds,
                                          Path(tmp)))

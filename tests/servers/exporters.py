@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gzip as gz
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -127,8 +128,13 @@ class MetricsTarget:
     async def many(cls, n: int, **options: object) -> AsyncIterator[list[MetricsTarget]]:
         """``n`` targets served by one aiohttp server, each on a port of its own (a
         target's ``instance`` is its host:port)."""
-        targets = [cls(port=free_port(), **options)  # type: ignore[arg-type]
-                   for _ in range(n)]
+        socks = []
+        for _ in range(n):  # bound now, on ports the kernel picks: no race for them
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        targets = [cls(port=sock.getsockname()[1], **options)  # type: ignore[arg-type]
+                   for sock in socks]
         by_port = {t.port: t for t in targets}
 
         async def answer(request: web.Request) -> web.StreamResponse:
@@ -138,8 +144,8 @@ class MetricsTarget:
         app.router.add_get("/metrics", answer)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        for t in targets:
-            await web.TCPSite(runner, "127.0.0.1", t.port).start()
+        for sock in socks:
+            await web.SockSite(runner, sock).start()
         try:
             yield targets
         finally:
