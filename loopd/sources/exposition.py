@@ -52,24 +52,19 @@ def name_filter(allow: list[str], deny: list[str]) -> Callable[[str], bool]:
     return keep
 
 
-@dataclass(slots=True)
-class Series:
-    """One kept series of a target as loopd hands it on, built once when first seen.
-
-    ``field`` names it in ``telemetry[key]``: the metric name when the series has no
-    labels besides the target's, else ``name{label="value",...}`` (labels sorted, values
-    escaped as in the text format, so a field never holds a newline). ``labels`` and
-    ``headers`` are shared by every event of the series and must not be changed. ``last``
-    is the previous (value, time) of a rated counter.
-    """
-
-    name: str
-    field: str
-    topic: str
-    labels: dict[str, str]
-    headers: dict[str, str]
-    rate: bool
-    last: tuple[float, float] | None = None
+# One kept series of a target as loopd hands it on, built once when first seen:
+# (field, topic, labels, headers, rated).
+#
+# ``field`` names it in ``telemetry[key]``: the metric name when the series has no labels
+# besides the target's, else ``name{label="value",...}`` (labels sorted, values escaped as
+# in the text format, so a field never holds a newline). ``labels`` and ``headers`` are
+# shared by every event of the series and must not be changed; ``rated``: sent as a rate.
+#
+# A plain tuple of strings, string dicts and a bool, on purpose: the garbage collector
+# stops tracking such a tuple once it has seen it (not a NamedTuple's or a class's
+# instances), and a scrape source keeps one per series of every target (100,000 in
+# benchmarks/scrape.py) that each full collection would otherwise walk.
+Series = tuple[str, str, dict[str, str], dict[str, str], bool]
 
 
 # One kept sample line of a scrape, in body order: its series, its value, and its
@@ -114,8 +109,8 @@ class Labeler:
         own = sorted((k, v) for k, v in labels.items() if k not in TARGET_LABELS)
         fld = name if not own else name + "{" + ",".join(
             f'{k}="{_escape(v)}"' for k, v in own) + "}"
-        return Series(name, fld, f"metrics/{labels['instance']}/{name}", labels,
-                      {"series": fld}, self.rate(name))
+        return (fld, f"metrics/{labels['instance']}/{name}", labels, {"series": fld},
+                self.rate(name))
 
 
 def _escape(value: str) -> str:
@@ -220,12 +215,15 @@ def _samples(families: Iterable[object]) -> Iterable[Sample]:
         raise ExpositionError(f"invalid exposition text: {str(exc)[:200]}") from None
 
 
-def rate(series: Series, value: float, now: float) -> float | None:
-    """The per-second rate of a counter since its previous sample, None for the first.
-    A value below the previous one is a counter reset: the counter restarted from zero,
-    so the increase is the value itself (as Prometheus's ``rate``)."""
-    last, series.last = series.last, (value, now)
-    if last is None or now <= last[1]:
+def rate(last: dict[str, tuple[float, float]], field: str, value: float, now: float
+         ) -> float | None:
+    """The per-second rate of the counter ``field`` since its previous sample in ``last``
+    (updated), None for the first. A value below the previous one is a counter reset: the
+    counter restarted from zero, so the increase is the value itself (as Prometheus's
+    ``rate``)."""
+    before = last.get(field)
+    last[field] = (value, now)
+    if before is None or now <= before[1]:
         return None
-    increase = value - last[0] if value >= last[0] else value
-    return increase / (now - last[1])
+    increase = value - before[0] if value >= before[0] else value
+    return increase / (now - before[1])

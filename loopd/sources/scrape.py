@@ -56,6 +56,9 @@ log = structlog.get_logger("loopd.scrape")
 # text first: its series are parsed once and remembered (see exposition.py)
 ACCEPT = "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5"
 STALE_SCRAPES = 2  # a series missing from this many scrapes in a row is stale
+# bodies up to this size (a node exporter's is 100-300 kB) are parsed on the event loop,
+# larger ones in a thread: a thread per scrape would cost more than the parse
+_INLINE_BODY = 1024 * 1024
 STALE_SEP = "\n"  # between the fields of the ``stale`` header (a field has no newline)
 
 
@@ -77,6 +80,7 @@ class Target:
     origin: str = ""
     known: dict[str, Series] = field(default_factory=dict)  # series text -> Series
     present: dict[str, int] = field(default_factory=dict)   # field -> last scrape number
+    last: dict[str, tuple[float, float]] = field(default_factory=dict)  # rated: value, time
     scrapes: int = 0
 
 
@@ -194,7 +198,10 @@ class ScrapeSource:
         events: list[Event] = []
         try:
             body, openmetrics = await self._fetch(target, http)
-            events = await asyncio.to_thread(self._events, target, body, openmetrics, now)
+            if len(body) > _INLINE_BODY:  # a large body would hold the event loop up
+                events = await asyncio.to_thread(self._events, target, body, openmetrics, now)
+            else:
+                events = self._events(target, body, openmetrics, now)
             up = True
         except ScrapeFailed as exc:
             metrics.scrape_failed(self.name, target.instance, exc.reason, str(exc))
@@ -252,19 +259,18 @@ class ScrapeSource:
         prefix = f"{key}@{round(now * 1000)}/"
         isfinite = math.isfinite
         events = []
-        for series, value, stamp in parsed.rows:
+        for (fld, topic, labels, headers, rated), value, stamp in parsed.rows:
             when = now if stamp is None else stamp
-            present[series.field] = scrape
-            if series.rate:
-                per_second = rate(series, value, when)
+            present[fld] = scrape
+            if rated:
+                per_second = rate(target.last, fld, value, when)
                 if per_second is None:
                     continue
                 value = per_second
             if not isfinite(value):
                 continue
-            events.append(Event(prefix + series.field, source, series.topic,
-                                {"value": value, "labels": series.labels}, key, when,
-                                series.headers, {}, origin))
+            events.append(Event(prefix + fld, source, topic, {"value": value, "labels": labels},
+                                key, when, headers, {}, origin))
         return events
 
     def _up(self, target: Target, now: float, *, up: bool) -> Event:
@@ -275,6 +281,7 @@ class ScrapeSource:
         if stale:
             for f in stale:
                 del target.present[f]
+                target.last.pop(f, None)
             headers["stale"] = STALE_SEP.join(stale)
         return Event(f"{target.instance}@{round(now * 1000)}/up", self.name,
                      f"metrics/{target.instance}/up", {"value": 1 if up else 0, "labels": labels},

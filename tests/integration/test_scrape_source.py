@@ -277,3 +277,18 @@ async def test_daemon_fires_a_for_rule_on_scraped_telemetry_and_confirms_it(
             assert await daemon.metric("loopd_source_up", source="node") == 1
         finally:
             await daemon.close()
+
+
+async def test_close_ends_run_promptly_even_while_a_scrape_hangs() -> None:
+    """The Source contract's lifecycle: ``connected`` while ``run`` runs, ``close()`` makes
+    it return within seconds though a target holds its answer, and ``run`` on a closed
+    source returns at once."""
+    async with MetricsTarget.serve(delay=60.0, body="load 1\n") as target:
+        source = ScrapeSource(config([target.target], interval="1s"))
+        task = asyncio.create_task(source.run(Collector()))
+        await wait_until(lambda: source.connected and target.requests >= 1, timeout=10,
+                         what="a scrape in flight")
+        await source.close()
+        await asyncio.wait_for(task, 5)
+        assert not source.connected
+        await asyncio.wait_for(source.run(Collector()), 1)

@@ -72,7 +72,7 @@ def test_filters_drop_names_before_parsing_and_remember_series() -> None:
                       {"instance": "h:1", "job": "node"}, False)
     body = 'node_load1 0.5\nnode_boot_time NOT-A-NUMBER\nother{a="b"} 1\nnode_up{x="1"} 1 1000\n'
     first = parse(body, openmetrics=False, known={}, labeler=labeler, limit=10)
-    assert [(s.field, v, t) for s, v, t in first.rows] == [
+    assert [(s[0], v, t) for s, v, t in first.rows] == [
         ("node_load1", 0.5, None), ('node_up{x="1"}', 1.0, 1.0)]
     again = parse(body.replace("0.5", "0.7"), openmetrics=False, known=first.seen,
                   labeler=labeler, limit=1)
