@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit, machine, rss_mb
 from loopd import logs
-from loopd.config import ScrapeSourceConfig
+from loopd.config import EngineConfig, ScrapeSourceConfig
 from loopd.decide.engine import Engine
 from loopd.events import Delivery
 from loopd.rules.loader import load_rules
@@ -104,8 +104,8 @@ async def measure(ports: list[int], series: int, interval: float, rounds: int,
     (folder / "rules" / "bench.yaml").write_text(RULES)
     store = SqliteStore(folder / "state.db")
     await store.open()
-    engine = Engine(store, load_rules([folder / "rules"]), queue_size=20_000,
-                    telemetry_sources=frozenset({"node"}))
+    engine = Engine(store, load_rules([folder / "rules"]),
+                    queue_size=EngineConfig().queue_size, telemetry_sources=frozenset({"node"}))
     await engine.load()
     config = ScrapeSourceConfig.model_validate({
         "type": "scrape", "name": "node", "interval": interval, "max_series": series,
@@ -166,9 +166,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.join(10)
-    emit({"name": "scrape", "engine": not args.no_engine, "targets": args.targets, "series_per_target": args.series,
-          "interval_s": args.interval, **result, "machine": machine(),
-})
+    emit({"name": "scrape", "engine": not args.no_engine, "targets": args.targets,
+          "series_per_target": args.series, "interval_s": args.interval, **result,
+          "machine": machine()})
 
 
 if __name__ == "__main__":
