@@ -258,6 +258,10 @@ def scrape_url(target: str, path: str) -> str:
         port = parts.port
     except ValueError:
         raise ValueError(f"target {target!r} is neither host:port nor an http(s) URL") from None
+    if parts.username is not None or parts.password is not None:
+        # the URL names the target in labels, logs and errors: it must hold no secret
+        raise ValueError("a target URL must not carry credentials (user:password@); "
+                         "the value is not shown")
     if parts.scheme not in ("http", "https") or not parts.hostname or (
             "://" not in target and port is None):
         raise ValueError(f"target {target!r} is neither host:port nor an http(s) URL")

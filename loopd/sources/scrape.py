@@ -56,10 +56,10 @@ log = structlog.get_logger("loopd.scrape")
 # text first: its series are parsed once and remembered (see exposition.py)
 ACCEPT = "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5"
 STALE_SCRAPES = 2  # a series missing from this many scrapes in a row is stale
+STALE_SEP = "\n"  # between the fields of the ``stale`` header (a field has no newline)
 # bodies up to this size (a node exporter's is 100-300 kB) are parsed on the event loop,
 # larger ones in a thread: a thread per scrape would cost more than the parse
 _INLINE_BODY = 1024 * 1024
-STALE_SEP = "\n"  # between the fields of the ``stale`` header (a field has no newline)
 
 
 class ScrapeFailed(Exception):
@@ -244,7 +244,7 @@ class ScrapeSource:
 
     def _events(self, target: Target, body: str, openmetrics: bool, now: float
                 ) -> list[Event]:
-        """The events of one scrape (run in a thread: a large body takes a while)."""
+        """The events of one scrape's body (in a thread when it is large)."""
         try:
             parsed = parse(body, openmetrics=openmetrics, known=target.known,
                            labeler=target.labeler, limit=self.config.max_series)

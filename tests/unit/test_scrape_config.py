@@ -42,14 +42,18 @@ def check(tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: str,
     ("    targets: ['127.0.0.1:9100', 'http://127.0.0.1:9100/metrics']",
      "have the same instance 127.0.0.1:9100"),
     ("    targets: []", "source node: no targets, and no inventory entity has a metrics_url"),
+    ("    targets: ['http://scraper:s3cret@10.0.0.5:9100/metrics']",
+     "a target URL must not carry credentials"),
 ])
 def test_check_names_what_is_wrong_with_a_scrape_source(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: str, says: str) -> None:
     """A bad glob, an interval <= 0, a timeout not below the interval, a malformed or
-    duplicate target, and a source with nothing to scrape each fail ``loopd check``."""
+    duplicate target, a source with nothing to scrape, and a URL with a password (never
+    shown) each fail ``loopd check``."""
     code, out = check(tmp_path, capsys, fields)
     assert code == EXIT_INVALID
     assert says in out, out
+    assert "s3cret" not in out
 
 
 def test_check_accepts_targets_from_the_inventory(
