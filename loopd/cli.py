@@ -229,6 +229,7 @@ def check(path: Path) -> int:
     """Validate everything ``run`` would load (config, inventory, packs, rules, and the
     API's exposure, tokens and certificate) and print each problem."""
     from loopd.catalog.inventory import Inventory
+    from loopd.sources.scrape import target_problems
     from loopd.wiring import load_packs_and_rules
 
     config = _config(path)
@@ -236,7 +237,9 @@ def check(path: Path) -> int:
         return EXIT_INVALID
     problems: list[str] = []
     try:
-        problems += [str(e) for e in Inventory.read(config.inventory)[1]]
+        inventory, inventory_problems = Inventory.read(config.inventory)
+        problems += [str(e) for e in inventory_problems]
+        problems += target_problems(config.sources, inventory)  # scrape: who is scraped
     except ConfigError as exc:
         problems.append(str(exc))
     problems += _api_problems(config)

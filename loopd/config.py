@@ -301,9 +301,82 @@ class PromQLSourceConfig(_SourceBase):
         return self
 
 
+
+class ScrapeSourceConfig(_SourceBase):
+    """Prometheus ``/metrics`` endpoints loopd scrapes itself every ``interval``: each of
+    ``targets`` (``host:port``, or a URL) and, with ``inventory``, every inventory entity
+    that has a ``metrics_url`` (loopd/sources/scrape.py)."""
+
+    type: Literal["scrape"]
+    interval: Duration = Field(default=15.0, gt=0)
+    timeout: Duration | None = Field(default=None, gt=0)  # default: see scrape_timeout
+    targets: list[str] = Field(default_factory=list)
+    inventory: bool = True  # also scrape the inventory's entities with a metrics_url
+    metrics_path: str = "/metrics"  # for targets given as host:port
+    metrics: list[str] = Field(default_factory=list)  # allow list of globs; empty: all
+    drop: list[str] = Field(default_factory=list)     # deny list of globs
+    rate: list[str] = Field(default_factory=list)     # counters (globs) sent as rates
+    max_series: int = Field(default=5000, ge=1)       # per target and scrape
+    honor_labels: bool = False
+    job: str | None = None  # the ``job`` label; default: the source's name
+    max_payload: int = 64 * 1024 * 1024  # a scrape's body, decompressed
+
+    @field_validator("metrics", "drop", "rate")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        import re  # only here: the one pattern of loopd.yaml checked with a regex
+
+        for glob in v:
+            if not re.fullmatch(r"(?:[A-Za-z0-9_:*?]|\[!?[A-Za-z0-9_:-]+\])+", glob):
+                raise ValueError(f"{glob!r} is not a glob of metric names (letters, digits, "
+                                 "_ and :, with * ? and [...] as wildcards)")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        for target in v:
+            scrape_url(target, "/metrics")  # raises ValueError naming the target
+        return v
+
+    @model_validator(mode="after")
+    def _timeout_below_interval(self) -> ScrapeSourceConfig:
+        if self.timeout is not None and self.timeout >= self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) must be below the interval "
+                             f"({self.interval:g}s)")
+        return self
+
+    @property
+    def scrape_timeout(self) -> float:
+        """``timeout``, else 80% of the interval and at most 10 s (Prometheus's default),
+        so a round is over before the next one starts."""
+        return self.timeout if self.timeout is not None else min(10.0, 0.8 * self.interval)
+
+
+def scrape_url(target: str, path: str) -> str:
+    """The URL to scrape for ``target``: ``host:port`` becomes ``http://host:port<path>``,
+    a URL stays as it is; anything else is a ValueError naming it."""
+    from urllib.parse import urlsplit
+
+    url = target if "://" in target else f"http://{target}{path}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"target {target!r} is neither host:port nor an http(s) URL") from None
+    if parts.username is not None or parts.password is not None:
+        # the URL names the target in labels, logs and errors: it must hold no secret
+        raise ValueError("a target URL must not carry credentials (user:password@); "
+                         "the value is not shown")
+    if parts.scheme not in ("http", "https") or not parts.hostname or (
+            "://" not in target and port is None):
+        raise ValueError(f"target {target!r} is neither host:port nor an http(s) URL")
+    return url
+
+
 SourceConfig = Annotated[
     WebhookSourceConfig | AlertmanagerSourceConfig | MqttSourceConfig | KafkaSourceConfig
-    | SimSourceConfig | PromQLSourceConfig,
+    | SimSourceConfig | PromQLSourceConfig | ScrapeSourceConfig,
     Field(discriminator="type"),
 ]
 

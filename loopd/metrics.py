@@ -125,6 +125,16 @@ class Metrics:
             "reason (unreachable, timeout, bad_query, query_failed, result_type, "
             "bad_response, too_large, credentials)", ["source", "query", "reason"], registry=r)
 
+
+        # scrape sources: the target label is bounded by the config (its targets and the
+        # inventory's entities with a metrics_url), never by what a target exposes
+        self.scrape_failures = Counter(
+            "loopd_scrape_failures_total", "Scrapes that gave no samples (reason: timeout, "
+            "dns, connection, http, too_large, parse)", ["source", "target", "reason"], registry=r)
+        self.scrape_dropped = Counter(
+            "loopd_scrape_series_dropped_total", "Series of a scrape dropped past the "
+            "source's max_series", ["source", "target"], registry=r)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -349,3 +359,20 @@ def promql_unkeyed(source: str, query: str, key_label: str, count: int,
     _CURRENT.get(_PROCESS).events_rejected.labels(source, "no_key_label").inc(count)
     log.warning("promql series without the key label rejected", source=source, query=query,
                 key_label=key_label, series=count, example=example)
+
+
+def scraped(source: str, samples: int) -> None:
+    """A scrape round of one target handed ``samples`` events over (its ``up`` included):
+    counted at once, not per event, so a round of 100,000 samples costs one update."""
+    _CURRENT.get(_PROCESS).events_received.labels(source).inc(samples)
+
+
+def scrape_failed(source: str, target: str, reason: str, error: str) -> None:
+    _CURRENT.get(_PROCESS).scrape_failures.labels(source, target, reason).inc()
+    log.warning("scrape failed", source=source, target=target, reason=reason, error=error)
+
+
+def scrape_dropped(source: str, target: str, dropped: int, max_series: int) -> None:
+    _CURRENT.get(_PROCESS).scrape_dropped.labels(source, target).inc(dropped)
+    log.warning("scrape exceeds max_series; the rest of its series are dropped",
+                source=source, target=target, max_series=max_series, dropped=dropped)

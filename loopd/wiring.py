@@ -36,6 +36,7 @@ from loopd.config import (
     KafkaSourceConfig,
     LoopdConfig,
     PromQLSourceConfig,
+    ScrapeSourceConfig,
     SimSourceConfig,
     SourceConfig,
     WebhookSourceConfig,
@@ -66,10 +67,11 @@ log = structlog.get_logger("loopd")
 
 
 def build_source(config: SourceConfig, fleets: dict[str, Fleet], replica: str | None = None,
-                 store: Store | None = None) -> Source:
+                 store: Store | None = None, inventory: Inventory | None = None) -> Source:
     """type -> Source class; a plain mapping, nothing registers itself on import.
     ``replica`` (the store's) goes into MQTT client ids and Kafka group instance ids;
-    ``store`` keeps what promql sources have firing across restarts."""
+    ``store`` keeps what promql sources have firing across restarts; ``inventory`` gives
+    scrape sources the entities with a ``metrics_url``."""
     if isinstance(config, WebhookSourceConfig | AlertmanagerSourceConfig):
         return PushSource(config)
     if isinstance(config, SimSourceConfig):
@@ -82,6 +84,10 @@ def build_source(config: SourceConfig, fleets: dict[str, Fleet], replica: str | 
         from loopd.sources.promql import PromQLSource
 
         return PromQLSource(config, store)
+    if isinstance(config, ScrapeSourceConfig):  # targets: its own and the inventory's
+        from loopd.sources.scrape import ScrapeSource
+
+        return ScrapeSource(config, inventory)
     from loopd.sources.mqtt import MqttSource
 
     return MqttSource(config, replica=replica)
@@ -291,8 +297,9 @@ def build(config: LoopdConfig, *, store: Store | None = None, clock: Clock | Non
                       max_starting=1 << 30 if simulated else 256,
                       announcer=BusOutcomes(bus, config.outcomes.topic)
                       if bus is not None else None)
-    sources = {} if simulated else {c.name: build_source(c, fleets, store.replica, store)
-                                    for c in config.sources}
+    sources = {} if simulated else {
+        c.name: build_source(c, fleets, store.replica, store, inventory)
+        for c in config.sources}
     loopd = Loopd(config, store, inventory, registry, ruleset, buses, executor, silences,
                   guards, engine, runs, fleets, sources)
     return loopd

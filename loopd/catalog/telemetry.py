@@ -16,7 +16,9 @@ class Telemetry(OrderedDict[str, dict[str, Any]]):
     """entity key -> the latest value of every field its events carried.
 
     Fed by every event that has a ``key`` (Kafka record key, envelope ``key``);
-    ``seen_at`` is the time of the latest event. A dict underneath (an OrderedDict,
+    ``seen_at`` is the time of the latest event. A scraped sample (its ``series`` header
+    set) feeds the one field it names instead, and the ``stale`` header of a target's
+    ``up`` sample names the fields to forget. A dict underneath (an OrderedDict,
     least recently seen first), so the compiled conditions read it at dict speed.
 
     Bounded: a key not seen for ``ttl`` seconds (event time) is forgotten, and past
@@ -42,7 +44,21 @@ class Telemetry(OrderedDict[str, dict[str, Any]]):
                 self._full()
         else:
             self.move_to_end(key)
-        latest.update(event.data)
+        headers = event.headers
+        series = headers.get("series")
+        if series is None:
+            latest.update(event.data)
+        else:  # a scraped sample (loopd/sources/scrape.py): one field per series
+            latest[series] = event.data.get("value")
+            if series != "up":
+                # a scrape adds a key with its first sample at most and ends with the
+                # target's ``up``, which catches up with the expired keys for it
+                latest["seen_at"] = event.time
+                return
+            stale = headers.get("stale")
+            if stale:  # series gone from the target's last two scrapes
+                for gone in stale.split("\n"):
+                    latest.pop(gone, None)
         latest["seen_at"] = now = event.time
         self._expire(now)
 

@@ -98,13 +98,14 @@ sources:
                  id="unknown-field"),
     pytest.param("sources:\n  - {name: w, type: webhook}\n  - name: x\n    type: carrier-pigeon\n",
                  4, "sources[1].type: unknown source type 'carrier-pigeon' (expected one of "
-                 "webhook, alertmanager, mqtt, kafka, sim, promql)", id="unknown-source-type"),
+                 "webhook, alertmanager, mqtt, kafka, sim, promql, scrape)",
+                 id="unknown-source-type"),
     pytest.param("sinks:\n  - {name: s, type: redis}\n", 2,
                  "sinks[0].type: unknown sink type 'redis' (expected one of kafka, mqtt)",
                  id="unknown-sink-type"),
     pytest.param("sources:\n  - {name: x}\n", 2,
                  "sources[0].type: is required (one of webhook, alertmanager, mqtt, kafka, sim, "
-                 "promql)",
+                 "promql, scrape)",
                  id="missing-type"),
     pytest.param("sources:\n  - name: k\n    type: kafka\n", 2,
                  "sources[0].topics: is required", id="missing-required-field"),
