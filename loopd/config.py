@@ -274,6 +274,7 @@ class PromQLSourceConfig(_SourceBase):
     username: str | None = None
     password_ref: SecretRef = None
     max_payload: int = 16 * 1024 * 1024  # a result of ~100,000 series
+    max_series: int = Field(default=10_000, ge=1)  # per query and round; the rest dropped
     telemetry: bool = False  # every query's value and labels would overwrite the others'
 
     @property

@@ -352,6 +352,14 @@ def promql_failed(source: str, query: str, reason: str, error: object) -> None:
                 error=str(error))
 
 
+def promql_too_many(source: str, query: str, dropped: int, limit: int) -> None:
+    """A query's result has more series than the source's ``max_series``: the rest are
+    rejected (``loopd_events_rejected_total{reason="max_series"}``), logged once a round."""
+    _CURRENT.get(_PROCESS).events_rejected.labels(source, "max_series").inc(dropped)
+    log.warning("promql result exceeds max_series; the rest of its series are dropped",
+                source=source, query=query, max_series=limit, dropped=dropped)
+
+
 def promql_unkeyed(source: str, query: str, key_label: str, count: int,
                    example: dict[str, str]) -> None:
     """``count`` series of a query's result lack its ``key_label``: rejected (no event,

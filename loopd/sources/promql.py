@@ -83,6 +83,9 @@ def round_number(now: float, interval: float) -> int:
     return math.floor(now / interval)
 
 
+UNREACHED = ("unreachable", "timeout", "credentials", "bad_response")  # no answer from Prometheus
+
+
 class PromQLSource:
     """The queries of ``config``, evaluated every ``config.interval`` against its URL."""
 
@@ -157,21 +160,23 @@ class PromQLSource:
             *(self._client.query(q.expr, at=at, headers=headers) for q in queries),
             return_exceptions=True)
         deliveries: list[Delivery] = []
-        answered = True
+        answered, reached = True, False
         for query, answer in zip(queries, answers, strict=True):
             try:
                 if isinstance(answer, BaseException):
                     raise answer  # a QueryError is handled below; anything else is a bug
                 deliveries += self._evaluate(query, *answer, at)
+                reached = True
             except QueryError as exc:
                 metrics.promql_failed(self.name, query.name, exc.reason, exc.message)
                 answered = False
+                reached = reached or exc.reason not in UNREACHED
         if self._dirty:
             await self._save()  # resolving series are listed before their events go out
         for delivery in deliveries:
             metrics.event_received(self.name)
             await emit(delivery)  # blocks while the engine queue is full: backpressure
-        self._report(answered)
+        self._report(answered, reached)
 
     def _evaluate(self, query: PromQLQuery, kind: str, result: Any, at: float
                   ) -> list[Delivery]:
@@ -193,6 +198,13 @@ class PromQLSource:
                 unkeyed.append(labels)
                 continue
             seen[fingerprint(self.name, query.name, labels)] = (key, labels, value)
+        limit = self.config.max_series
+        if len(seen) > limit:
+            # the same series are kept each round (by fingerprint), so none flaps between
+            # firing and resolved because another one took its place
+            kept = sorted(seen)[:limit]
+            metrics.promql_too_many(self.name, query.name, len(seen) - limit, limit)
+            seen = {fp: seen[fp] for fp in kept}
         if unkeyed:
             metrics.promql_unkeyed(self.name, query.name, query.key_label, len(unkeyed),
                                    unkeyed[0])
@@ -238,8 +250,11 @@ class PromQLSource:
             data={"value": value, "labels": labels, "status": status, "fingerprint": fp},
             origin=f"promql {self.name} query {query.name}")
 
-    def _report(self, up: bool) -> None:
-        self._connected = up
+    def _report(self, up: bool, reached: bool | None = None) -> None:
+        """``loopd_source_up``: every query of the round answered; ``connected`` (what
+        /readyz reads): Prometheus answered at all. A typo in one query is a metric and a
+        log line, not a daemon taken out of its Service."""
+        self._connected = up if reached is None else reached
         if up != self._reported:
             self._reported = up
             metrics.source_up(self.name, up)

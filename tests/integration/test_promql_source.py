@@ -186,8 +186,9 @@ async def test_a_bad_query_is_counted_and_logged_while_the_others_go_on(
     prometheus: Scene, own_metrics: metrics.Metrics,
 ) -> None:
     """Bad PromQL: ``loopd_promql_errors_total{reason="bad_query"}`` and a log line with
-    the query and Prometheus's own message; the good query's events keep coming and the
-    source reports itself down (its last round was not all answered)."""
+    the query and Prometheus's own message; the good query's events keep coming;
+    ``loopd_source_up`` says the last round was not all answered, but the source stays
+    connected (Prometheus answers): one typo does not take the daemon out of /readyz."""
     prometheus.target.set(prometheus.load, 5.0, instance="web-1")
     await prometheus.wait_for(prometheus.high)
     collector = Collector()
@@ -199,7 +200,7 @@ async def test_a_bad_query_is_counted_and_logged_while_the_others_go_on(
                                             query="typo", reason="bad_query") >= 2,
                              timeout=20, what="the bad query to be counted")
             await wait_until(lambda: len(collector.events) >= 2, timeout=20)
-            assert not sup.failed and not source.connected
+            assert not sup.failed and source.connected
             assert sample("loopd_source_up", source="prom") == 0
     assert {e.topic for e in collector.events} == {"promql/high_load"}
     failed = [e for e in logs if e["event"] == "promql query failed"]
@@ -318,7 +319,9 @@ async def test_an_error_page_and_an_error_answer_change_nothing_for_the_series(
         await wait_until(lambda: sample("loopd_promql_errors_total", source="prom",
                                         query="high_load", reason="query_failed") >= 1,
                          timeout=20)
-        assert of(collector, "resolved") == [] and not sup.source.connected
+        # Prometheus answered (with an error): connected, but the round was not all answered
+        assert of(collector, "resolved") == [] and sup.source.connected
+        assert sample("loopd_source_up", source="prom") == 0
         prometheus_api.error = None
         await wait_until(lambda: len(of(collector, "resolved")) == 1, timeout=20)
 
@@ -538,3 +541,23 @@ async def test_after_a_restart_firing_joins_the_incident_and_resolved_while_down
 
 async def _more_joined(api: Api, run_id: str, before: int) -> bool:
     return (await decisions(api, run_id)).count("joined") > before
+
+
+async def test_a_result_past_max_series_keeps_the_same_series_each_round(
+    prometheus_api: PrometheusApi, own_metrics: metrics.Metrics,
+) -> None:
+    """A query answering 50 series with ``max_series: 10``: 10 series fire, the same 10
+    every round (none flaps to resolved), the other 40 are counted as rejected
+    (``reason="max_series"``) and logged."""
+    prometheus_api.set_vector(HIGH, *(({"instance": f"web-{i}"}, 1.0) for i in range(50)))
+    collector = Collector()
+    with capture_logs() as logs:
+        async with supervised(PromQLSource(config(prometheus_api.url, max_series=10)),
+                              collector):
+            await wait_until(lambda: sample("loopd_events_rejected_total", source="prom",
+                                            reason="max_series") >= 120,
+                             timeout=20, what="three rounds past max_series")
+    firing = {e.key for e in of(collector, "firing")}
+    assert len(firing) == 10 and of(collector, "resolved") == []
+    assert any(e["event"].startswith("promql result exceeds max_series") and
+               e["dropped"] == 40 for e in logs)
