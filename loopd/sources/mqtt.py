@@ -47,7 +47,9 @@ that is gone is dropped: the broker redelivers that message on the next one.
 ``qos: 2`` subscribes at QoS 1: paho sends the PUBREC of a QoS 2 message on receipt and
 keeps it only in memory until PUBREL, so after a crash the broker would consider it
 delivered; at QoS 1 the broker resends it until loopd acks, and the store's
-de-duplication by event id does what QoS 2's handshake would have.
+de-duplication by event id does what QoS 2's handshake would have. A message the broker
+queued at QoS 2 for an earlier subscription (the session outlives it) still arrives at
+QoS 2, with that weakness: the source logs a warning, once.
 
 Backpressure: the broker sends at most its in-flight window of unacknowledged messages
 (mosquitto's ``max_inflight_messages``, 20 by default; MQTT 5 "receive maximum"), so
@@ -75,6 +77,7 @@ from typing import Any, cast
 import aiomqtt
 import orjson
 import paho.mqtt.client as paho
+import structlog
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -94,6 +97,8 @@ _Sent = tuple[str, bytes, str]  # a message's topic, payload and the id its even
 # broker that reuses a freed packet id at once, resending a message loopd never got under
 # the id of one remembered here with the same topic and payload, has it taken for that one.
 _RECENT = 1000
+
+log = structlog.get_logger("loopd.mqtt")
 
 
 class _Acks:
@@ -228,6 +233,7 @@ class MqttSource:
         # gets the id its event had, so a message without an id or time of its own is still
         # recognised as decided. A connection that never came up leaves it as it is.
         self._resent: dict[int, _Sent] = {}
+        self._warned_qos2 = False
 
     @property
     def connected(self) -> bool:
@@ -318,11 +324,21 @@ class MqttSource:
             if not message.qos:  # QoS 0: nothing to acknowledge
                 await emit(Delivery(event))
                 continue
+            if message.qos == 2 and not self._warned_qos2:
+                self._warn_qos2(topic)
             if resend:
                 acks.same_id(message.mid, topic, payload, event)
             ack = acks.track(message.mid, message.qos, (topic, payload, event.id))
             # blocks while the engine queue is full; the broker stops at its in-flight window
             await emit(Delivery(event, ack))
+
+    def _warn_qos2(self, topic: str) -> None:
+        # The session still holds messages queued for a QoS 2 subscription (loopd asks for
+        # QoS 1 since): paho sent their PUBREC on receipt, so a crash before the decision
+        # loses them. Once per source: the queue drains, new messages come at QoS 1.
+        self._warned_qos2 = True
+        log.warning("message received at QoS 2: it is lost if loopd dies before deciding it",
+                    source=self.name, topic=topic)
 
 
 _KINDS = {str: "a string", list: "an array", bool: "a boolean", type(None): "null"}

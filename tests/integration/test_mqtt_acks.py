@@ -13,6 +13,7 @@ from typing import cast
 import aiomqtt
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from loopd.events import Delivery, Event
 from loopd.rules.loader import load_rules
@@ -270,3 +271,19 @@ async def test_a_puback_lost_with_the_connection_keeps_the_event_ids_for_the_res
     assert emit.numbers() == [1, 2, 3, 1, 2, 3, 1]
     assert ids[3:6] == ids[:3] and ids[6] not in ids[:6]
 
+
+async def test_a_message_queued_at_qos_2_arrives_with_one_warning(broker: MqttBroker) -> None:
+    """Messages a session queued for an earlier QoS 2 subscription still arrive at QoS 2
+    (paho acknowledges their receipt at once): they are delivered, and the source warns
+    once, not per message."""
+    name = "mq-queued-qos2"
+    async with aiomqtt.Client(broker.host, broker.port, identifier=f"loopd-r1-{name}",
+                              username=broker.username, clean_session=False) as earlier:
+        await earlier.subscribe("acks/#", qos=2)
+    await publish(broker, [1, 2], qos=2)
+    emit = Held(ack_now=frozenset({1, 2}))
+    with capture_logs() as logs:
+        await receive(broker, name, emit, 2, qos=2)
+    assert emit.numbers() == [1, 2]
+    warned = [e for e in logs if "QoS 2" in str(e["event"])]
+    assert [(e["log_level"], e["source"]) for e in warned] == [("warning", name)]
