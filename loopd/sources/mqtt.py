@@ -24,9 +24,11 @@ in the broker's session and comes again after the reconnect, where the store rec
 one already decided by its event id. An id, or a ``time``, in the payload makes that id
 the same on redelivery; without either the id is a hash that includes the time of
 receipt, so the source remembers the ids of what it has not acknowledged when a
-connection ends and gives them back to the resends on the next one (``_same_id``); only
-after a restart of loopd itself is such a message, decided but not yet acknowledged when
-loopd died (the moments between a commit and its PUBACKs), decided again. This needs the
+connection ends, and of what it acknowledged last (a PUBACK written just before the
+connection died may never have reached the broker), and gives them back to the resends
+on the next one (``_Acks.same_id``); only after a restart of loopd itself is such a
+message, decided but not yet acknowledged when loopd died (the moments between a commit
+and its PUBACKs), decided again. This needs the
 persistent session above and a QoS of 1 or more on both the publish and the
 subscription; a QoS 0 message has nothing to acknowledge and is lost if loopd dies
 before deciding it.
@@ -35,7 +37,9 @@ How: aiomqtt 2.5 has no manual-acknowledgement option, but the paho-mqtt 2 clien
 wraps has (``manual_ack_set(True)``, then ``ack(mid, qos)``). loopd switches it on in
 aiomqtt's paho client (its ``_client``: a private attribute, read in one place,
 ``_session``) rather than driving paho directly, which would repeat aiomqtt's whole
-asyncio socket integration for one flag. Acknowledgements go out in the order the
+asyncio socket integration for one flag. Two flags aiomqtt drops, the CONNACK's
+session-present and a message's DUP, are read by wrapping the paho callbacks aiomqtt
+installed on that client (``_watch``). Acknowledgements go out in the order the
 messages came (``_Acks``): MQTT 3.1.1 and 5 (section 4.6) require PUBACKs in order, and
 the engine or a rejection may finish a later message first. An ack for a connection
 that is gone is dropped: the broker redelivers that message on the next one.
@@ -43,7 +47,9 @@ that is gone is dropped: the broker redelivers that message on the next one.
 ``qos: 2`` subscribes at QoS 1: paho sends the PUBREC of a QoS 2 message on receipt and
 keeps it only in memory until PUBREL, so after a crash the broker would consider it
 delivered; at QoS 1 the broker resends it until loopd acks, and the store's
-de-duplication by event id does what QoS 2's handshake would have.
+de-duplication by event id does what QoS 2's handshake would have. A message the broker
+queued at QoS 2 for an earlier subscription (the session outlives it) still arrives at
+QoS 2, with that weakness: the source logs a warning, once.
 
 Backpressure: the broker sends at most its in-flight window of unacknowledged messages
 (mosquitto's ``max_inflight_messages``, 20 by default; MQTT 5 "receive maximum"), so
@@ -66,10 +72,13 @@ import functools
 import itertools
 from collections import deque
 from collections.abc import Sequence
+from typing import Any, cast
 
 import aiomqtt
 import orjson
 import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from loopd import metrics
@@ -81,18 +90,46 @@ from loopd.sources.base import Emit, OnAssigned, replica_name
 
 _Sent = tuple[str, bytes, str]  # a message's topic, payload and the id its event got
 
+# Acked messages a connection remembers for the next one. Their PUBACKs were handed to
+# paho, but those written just before the connection died may never have reached the
+# broker, which then resends them; it can resend no more than its in-flight window
+# (mosquitto 20, MQTT 5 "receive maximum" at most 65,535, usually tens). The cost: a
+# broker that reuses a freed packet id at once, resending a message loopd never got under
+# the id of one remembered here with the same topic and payload, has it taken for that one.
+_RECENT = 1000
+
+log = structlog.get_logger("loopd.mqtt")
+
 
 class _Acks:
-    """The acknowledgements of one connection: each message's is sent once it is acked and
-    every message that came before it on this connection has been (MQTT's order)."""
+    """The acknowledgements of one connection, and the event ids it hands to the next.
 
-    def __init__(self, client: paho.Client) -> None:
+    Each message's ack is sent once it is acked and every message that came before it on
+    this connection has been (MQTT's order). A message the broker resends (DUP flag) gets
+    the event id it had on an earlier connection (``same_id``), looked up by packet id."""
+
+    def __init__(self, client: paho.Client, resent: dict[int, _Sent]) -> None:
+        """``resent``: what the last connection that came up handed on (``handover``)."""
         self._client = client
         self._seq = itertools.count()
         # (seq, mid, qos, what came: topic, payload, event id), in arrival order
         self._pending: deque[tuple[int, int, int, _Sent | None]] = deque()
         self._acked: set[int] = set()  # seqs acked out of order, waiting for those before
+        self._done: deque[tuple[int, _Sent]] = deque(maxlen=_RECENT)  # acked, oldest first
+        self._resent = resent
+        # The broker resends first, before anything new: the first message without the
+        # DUP flag ends the resends (a miss does not: a resend can be one loopd never got).
+        self._resending = True
+        self.session_present: bool | None = None  # from the CONNACK; None: never came up
+        self.dups: set[int] = set()  # packet ids that came with the DUP flag, not yet pumped
         self.open = True
+
+    def connected(self, session_present: bool) -> None:
+        """The CONNACK: without a session the broker resends nothing, so forget it all."""
+        self.session_present = session_present
+        if not session_present:
+            self._resent = {}
+            self._resending = False
 
     def track(self, mid: int, qos: int, sent: _Sent | None) -> Ack:
         """The ack of a QoS >= 1 message just received (``sent``: None when rejected)."""
@@ -100,9 +137,33 @@ class _Acks:
         self._pending.append((seq, mid, qos, sent))
         return functools.partial(self._ack, seq)
 
-    def unacked(self) -> dict[int, _Sent]:
-        """What the broker will send again on the next connection, by packet id."""
-        return {mid: sent for _, mid, _, sent in self._pending if sent is not None}
+    def is_resend(self, mid: int) -> bool:
+        """Whether the QoS >= 1 message ``mid`` just pumped is a resend (DUP flag)."""
+        if mid in self.dups:
+            self.dups.discard(mid)
+            return True
+        self._resending = False
+        self._resent = {}
+        return False
+
+    def same_id(self, mid: int, topic: str, payload: bytes, event: Event) -> None:
+        """Give a resent message the id its event had on an earlier connection: the one
+        remembered under its packet id, if topic and payload are the same too (a broker
+        may reuse a packet id once the message that had it is acknowledged)."""
+        sent = self._resent.pop(mid, None) if self._resending else None
+        if sent is not None and sent[:2] == (topic, payload):
+            event.id = sent[2]
+
+    def handover(self) -> dict[int, _Sent]:
+        """What the next connection may get resent, by packet id: the remembered ids no
+        resend has claimed yet (while the resends had not ended), then what this connection
+        acked last, then what it did not ack; a later message with a packet id wins."""
+        ids = dict(self._resent) if self._resending else {}
+        ids.update(self._done)
+        ids.update((mid, sent) for _, mid, _, sent in self._pending if sent is not None)
+        if len(ids) > 2 * _RECENT:  # connections that never ended their resends: bounded
+            ids = dict(list(ids.items())[-2 * _RECENT:])
+        return ids
 
     def _ack(self, seq: int) -> None:
         pending = self._pending
@@ -111,9 +172,33 @@ class _Acks:
             return
         self._acked.add(seq)
         while pending and pending[0][0] in self._acked:
-            done, mid, qos, _ = pending.popleft()
+            done, mid, qos, sent = pending.popleft()
             self._acked.discard(done)
             self._client.ack(mid, qos)  # queued for the socket, written by aiomqtt's loop
+            if sent is not None:
+                self._done.append((mid, sent))
+
+
+def _watch(inner: paho.Client, acks: _Acks) -> None:
+    """Tell ``acks`` what aiomqtt does not pass on: the CONNACK's session-present flag and
+    each message's DUP flag, by wrapping the paho callbacks aiomqtt installed."""
+    on_connect = cast(paho.CallbackOnConnect_v2, inner.on_connect)
+    on_message = cast(paho.CallbackOnMessage, inner.on_message)
+
+    def connected(client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
+                  reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        if not reason_code.is_failure:
+            acks.connected(flags.session_present)
+        on_connect(client, userdata, flags, reason_code, properties)
+
+    def received(client: paho.Client, userdata: Any, message: paho.MQTTMessage
+                 ) -> None:
+        if message.dup and message.qos:
+            acks.dups.add(message.mid)
+        on_message(client, userdata, message)
+
+    inner.on_connect = connected
+    inner.on_message = received
 
 
 class MqttSource:
@@ -143,10 +228,12 @@ class MqttSource:
         self._where = f"mqtt {config.host}:{config.port}"
         self._connected = False
         self._closed = asyncio.Event()
-        # The messages unacknowledged when the last connection ended. The broker resends
-        # them on the next one under the same packet ids, and each gets the id its event
-        # had, so a message without an id or time of its own is still recognised as decided.
+        # The messages unacknowledged (or acked last) when the last connection that came up
+        # ended. The broker resends them on the next one under the same packet ids, and each
+        # gets the id its event had, so a message without an id or time of its own is still
+        # recognised as decided. A connection that never came up leaves it as it is.
         self._resent: dict[int, _Sent] = {}
+        self._warned_qos2 = False
 
     @property
     def connected(self) -> bool:
@@ -186,7 +273,8 @@ class MqttSource:
         # Before the connect: a redelivery of an unacked message follows the CONNACK at once.
         inner: paho.Client = client._client
         inner.manual_ack_set(True)
-        acks = _Acks(inner)
+        acks = _Acks(inner, dict(self._resent))  # a copy: kept as is if this one fails
+        _watch(inner, acks)
         try:
             # connect: paho's socket connect is bounded (5 s), CONNACK by timeout
             async with client:
@@ -204,7 +292,8 @@ class MqttSource:
             raise SourceError(f"{exc}", origin=self._where) from exc
         finally:
             acks.open = False  # what is still undecided comes again on the next connection
-            self._resent = acks.unacked()
+            if acks.session_present is not None:  # it came up: what it got supersedes
+                self._resent = acks.handover()
 
     def _check_granted(self, granted: Sequence[int | ReasonCode]) -> None:
         # a broker without shared subscriptions refuses "$share/..." here (0x80, or 0x9E
@@ -221,6 +310,7 @@ class MqttSource:
             origin = f"mqtt {topic}"
             raw = message.payload
             payload = bytes(raw) if isinstance(raw, bytes | bytearray) else str(raw).encode()
+            resend = acks.is_resend(message.mid) if message.qos else False
             try:
                 data = decode_payload(payload, max_payload=max_payload, origin=origin)
                 event = event_from_object(data, source=self.name, topic=topic, origin=origin)
@@ -234,23 +324,21 @@ class MqttSource:
             if not message.qos:  # QoS 0: nothing to acknowledge
                 await emit(Delivery(event))
                 continue
-            if self._resent:
-                self._same_id(message.mid, topic, payload, event)
+            if message.qos == 2 and not self._warned_qos2:
+                self._warn_qos2(topic)
+            if resend:
+                acks.same_id(message.mid, topic, payload, event)
             ack = acks.track(message.mid, message.qos, (topic, payload, event.id))
             # blocks while the engine queue is full; the broker stops at its in-flight window
             await emit(Delivery(event, ack))
 
-    def _same_id(self, mid: int, topic: str, payload: bytes, event: Event) -> None:
-        """Give a resent message the id its event had on the last connection. The broker
-        resends first, before anything new: the first message that is not one of them
-        (another packet id, or the same one on another topic or payload: a broker that
-        lost the session reuses ids) ends the resends."""
-        sent = self._resent.pop(mid, None)
-        if sent is None or sent[:2] != (topic, payload):
-            self._resent.clear()
-        else:
-            event.id = sent[2]
-
+    def _warn_qos2(self, topic: str) -> None:
+        # The session still holds messages queued for a QoS 2 subscription (loopd asks for
+        # QoS 1 since): paho sent their PUBREC on receipt, so a crash before the decision
+        # loses them. Once per source: the queue drains, new messages come at QoS 1.
+        self._warned_qos2 = True
+        log.warning("message received at QoS 2: it is lost if loopd dies before deciding it",
+                    source=self.name, topic=topic)
 
 
 _KINDS = {str: "a string", list: "an array", bool: "a boolean", type(None): "null"}

@@ -13,6 +13,7 @@ from typing import cast
 import aiomqtt
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from loopd.events import Delivery, Event
 from loopd.rules.loader import load_rules
@@ -20,7 +21,7 @@ from loopd.sources.base import Emit
 from loopd.sources.mqtt import MqttSource
 from tests.integration.test_mqtt_source import config, sample, supervised
 from tests.servers import require, wait_until
-from tests.servers.mqtt import MqttBroker
+from tests.servers.mqtt import MqttBroker, link_proxy
 from tests.unit.test_engine import GatedStore, decisions, running
 
 pytestmark = pytest.mark.mqtt
@@ -214,3 +215,75 @@ async def test_a_message_resent_after_a_reconnect_keeps_its_event_id(
     ids = [e.id for e in emit.events]
     assert emit.numbers() == [1, 2, 1, 2, 1]
     assert ids[2:4] == ids[:2] and ids[4] not in ids[:4]
+
+
+async def test_a_failed_reconnect_keeps_the_event_ids_for_the_resends(
+        broker: MqttBroker) -> None:
+    """Reconnect attempts that never reach the broker (an outage after a blip) do not make
+    the source forget the event ids of the unacknowledged messages: once the link is back,
+    the resends of messages without an id or time of their own still get them."""
+    emit = Held()
+    async with link_proxy(broker) as proxy:
+        # timeout: a refused attempt (closed before CONNACK) waits for it this long
+        source = MqttSource(config(broker, "mq-refused", ["acks/#"], port=proxy.port),
+                            replica="r1", timeout=1.0)
+        async with supervised(source, emit):
+            await wait_until(lambda: source.connected, what="source connected")
+            await publish(broker, [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}'])
+            await wait_until(lambda: len(emit.deliveries) >= 3, what="three messages")
+            proxy.refuse = True
+            proxy.cut()
+            await wait_until(lambda: proxy.refused >= 2, what="two failed reconnects")
+            proxy.refuse = False
+            await wait_until(lambda: len(emit.deliveries) >= 6, timeout=30, what="the resends")
+    ids = [e.id for e in emit.events]
+    assert emit.numbers() == [1, 2, 3, 1, 2, 3]
+    assert ids[3:] == ids[:3]
+
+
+@pytest.mark.parametrize("fail_once", [False, True])
+async def test_a_puback_lost_with_the_connection_keeps_the_event_ids_for_the_resends(
+        broker: MqttBroker, fail_once: bool) -> None:
+    """A message acked just before the connection died, whose PUBACK never reached the
+    broker, is resent first (before the unacked ones): it and every resend after it get
+    the event ids they had, also after a failed reconnect, and a new message with the same
+    payload afterwards is new."""
+    emit = Held()
+    async with link_proxy(broker) as proxy:
+        # timeout: a refused attempt (closed before CONNACK) waits for it this long
+        source = MqttSource(config(broker, "mq-lost-ack", ["acks/#"], port=proxy.port),
+                            replica="r1", timeout=1.0)
+        async with supervised(source, emit):
+            await wait_until(lambda: source.connected, what="source connected")
+            await publish(broker, [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}'])
+            await wait_until(lambda: len(emit.deliveries) >= 3, what="three messages")
+            proxy.swallow = True
+            emit.deliveries[0].ack()
+            await wait_until(lambda: proxy.swallowed > 0, what="the PUBACK, swallowed")
+            proxy.refuse = fail_once
+            proxy.cut()
+            await wait_until(lambda: proxy.refused >= int(fail_once), what="a failed reconnect")
+            proxy.swallow = proxy.refuse = False
+            await wait_until(lambda: len(emit.deliveries) >= 6, timeout=30, what="the resends")
+            await publish(broker, [b'{"n": 1}'])
+            await wait_until(lambda: len(emit.deliveries) >= 7, what="a new message")
+    ids = [e.id for e in emit.events]
+    assert emit.numbers() == [1, 2, 3, 1, 2, 3, 1]
+    assert ids[3:6] == ids[:3] and ids[6] not in ids[:6]
+
+
+async def test_a_message_queued_at_qos_2_arrives_with_one_warning(broker: MqttBroker) -> None:
+    """Messages a session queued for an earlier QoS 2 subscription still arrive at QoS 2
+    (paho acknowledges their receipt at once): they are delivered, and the source warns
+    once, not per message."""
+    name = "mq-queued-qos2"
+    async with aiomqtt.Client(broker.host, broker.port, identifier=f"loopd-r1-{name}",
+                              username=broker.username, clean_session=False) as earlier:
+        await earlier.subscribe("acks/#", qos=2)
+    await publish(broker, [1, 2], qos=2)
+    emit = Held(ack_now=frozenset({1, 2}))
+    with capture_logs() as logs:
+        await receive(broker, name, emit, 2, qos=2)
+    assert emit.numbers() == [1, 2]
+    warned = [e for e in logs if "QoS 2" in str(e["event"])]
+    assert [(e["log_level"], e["source"]) for e in warned] == [("warning", name)]

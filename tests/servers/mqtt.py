@@ -12,13 +12,15 @@ installed. The system mosquitto on 1883 is never used.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,86 @@ class MqttBroker:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no broker log)"
+
+
+class LinkProxy:
+    """A TCP proxy on loopback in front of a broker, to break the link the way a network
+    does: ``cut()`` aborts every connection (a blip), ``refuse`` closes each new one before
+    it reaches the broker (an outage that fails reconnect attempts), and ``swallow`` drops
+    what the client sends (so acknowledgements written just before a cut are lost)."""
+
+    def __init__(self, broker: MqttBroker) -> None:
+        self.host = broker.host
+        self.port = 0
+        self.refuse = False
+        self.swallow = False
+        self.refused = 0  # connections closed by ``refuse``
+        self.swallowed = 0  # bytes dropped by ``swallow``
+        self._broker = broker
+        self._server: asyncio.Server | None = None
+        self._links: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._link, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def cut(self) -> None:
+        for writer in self._links:
+            writer.transport.abort()
+        self._links.clear()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+                    ) -> None:
+        if self.refuse:
+            self.refused += 1
+            client_w.transport.abort()
+            return
+        broker_r, broker_w = await asyncio.open_connection(self._broker.host, self._broker.port)
+        self._links += [client_w, broker_w]
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await asyncio.gather(self._pipe(client_r, broker_w, up=True),
+                                 self._pipe(broker_r, client_w, up=False))
+        finally:
+            self._tasks.discard(task)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                    up: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if up and self.swallow:
+                    self.swallowed += len(data)
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass  # cut
+        finally:
+            writer.transport.abort()
+
+
+@contextlib.asynccontextmanager
+async def link_proxy(broker: MqttBroker) -> AsyncIterator[LinkProxy]:
+    """A LinkProxy to ``broker``, listening on a free loopback port until the block ends."""
+    proxy = LinkProxy(broker)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
 
 
 @pytest.fixture
