@@ -1,16 +1,19 @@
 """A scraped ``/metrics`` body as samples: prometheus-client parses, loopd remembers.
 
-Every series is parsed by prometheus-client (``prometheus_client.parser`` for the text
-format, ``prometheus_client.openmetrics.parser`` for OpenMetrics): loopd has no parser of
-its own. What it adds is memory, because a target exposes the same series every scrape
-and only their values change: a text-format line whose series part (everything before the
-value: ``name{labels}``) was parsed in the previous scrape of that target is not parsed
-again; its value (and timestamp) are read with ``float``/``int``, and anything unusual
-about them (an ``_``, a third field, an exemplar) sends the line to the parser after all.
-This is what keeps the parse of a round of 100,000 samples cheap (benchmarks/scrape.py).
-OpenMetrics bodies (rarer, ending with ``# EOF``) go to their parser every time, but only
-their kept lines: the same name filters and ``limit`` decide first, so a body of junk
-costs what the text format's costs.
+Every series is parsed by prometheus-client's text-format parser
+(``prometheus_client.parser``; OpenMetrics lines too, reduced to that format as below):
+loopd has no parser of its own. What it adds is memory, because a target exposes the same
+series every scrape and only their values change: a text-format line whose series part
+(everything before the value: ``name{labels}``) was parsed in the previous scrape of that
+target is not parsed again; its value (and timestamp) are read with ``float``/``int``, and
+anything unusual about them (an ``_``, a third field, an exemplar) sends the line to the
+parser after all. This is what keeps the parse of a round of 100,000 samples cheap
+(benchmarks/scrape.py). OpenMetrics bodies (rarer, ending with ``# EOF``) go through the
+same name filters and ``limit`` first, so a body of junk costs what the text format's
+costs; their kept sample lines, without exemplar and timestamp (read here, in seconds),
+then go to the text-format parser every time: OpenMetrics' own parser refuses what
+filtering leaves of a valid body (a histogram without its ``+Inf`` bucket, a family split
+by a dropped line).
 
 A body is read a segment at a time (``_SEGMENT``), not split whole: a 16 MiB body of short
 lines would be millions of strings at once. Once ``limit`` series are kept, the rest of
@@ -34,9 +37,6 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.openmetrics.parser import (
-    text_string_to_metric_families as openmetrics_families,
-)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -162,8 +162,9 @@ def parse(body: str, *, openmetrics: bool, known: dict[str, Series], labeler: La
     seen: dict[str, Series] = {}
     rows: list[Row | tuple[str, str]] = []  # (series text, line): left to the parser
     unknown: list[str] = []
+    stamps: list[float | None] = []  # OpenMetrics: the timestamp of each unknown line
+    stamp: float | None = None
     kept = quoted = beyond = 0
-    om_type = ""  # OpenMetrics: the latest ``# TYPE`` line, given to the parser if needed
     for end, lines in _segments(body):
         for index, line in enumerate(lines):
             if line[:1] in (" ", "\t", "\r"):
@@ -171,9 +172,9 @@ def parse(body: str, *, openmetrics: bool, known: dict[str, Series], labeler: La
             if not line:
                 continue
             if line[0] == "#":
-                if openmetrics and line.startswith("# TYPE "):
-                    om_type = line
                 continue
+            if openmetrics:
+                line, stamp = _openmetrics_line(line)
             brace = line.rfind("}")
             if brace >= 0:
                 text, rest = line[:brace + 1], line[brace + 1:]
@@ -191,8 +192,8 @@ def parse(body: str, *, openmetrics: bool, known: dict[str, Series], labeler: La
                 if kept >= limit:
                     # the limit is reached: the rest is counted, not read
                     beyond = 1 + _rest(lines, index + 1) + _rest_of(body, end)
-                    return _finish(rows, unknown, beyond, seen, known, labeler, limit,
-                                   openmetrics)
+                    return _finish(rows, unknown, stamps if openmetrics else None, beyond,
+                                   seen, known, labeler, limit)
                 kept += 1
             else:
                 if quoted >= limit:
@@ -212,16 +213,35 @@ def parse(body: str, *, openmetrics: bool, known: dict[str, Series], labeler: La
                         seen[text] = series
                         rows.append((series, value, stamp))
                         continue
-            if om_type:
-                family = om_type.split(" ", 3)[2:3]
-                if family and (name or text).startswith(family[0]):
-                    unknown.append(om_type)
-                om_type = ""
             rows.append((text, line))
             unknown.append(line)
+            if openmetrics:
+                stamps.append(stamp)
     if openmetrics and not body.rstrip().endswith("# EOF"):
         raise ExpositionError("invalid exposition text: OpenMetrics body without # EOF")
-    return _finish(rows, unknown, beyond, seen, known, labeler, limit, openmetrics)
+    return _finish(rows, unknown, stamps if openmetrics else None, beyond, seen, known,
+                   labeler, limit)
+
+
+def _openmetrics_line(line: str) -> tuple[str, float | None]:
+    """An OpenMetrics sample line as a text-format one (``name{labels} value``) and its
+    timestamp in seconds; its exemplar (`` # {...} v``) is dropped: loopd reads values."""
+    cut = line.rfind(" # {")
+    if cut >= 0:
+        line = line[:cut]
+    brace = line.rfind("}")
+    if brace >= 0:
+        head, tail = line[:brace + 1], line[brace + 1:]
+    else:
+        head, _, tail = line.partition(" ")
+    parts = tail.split()
+    if len(parts) != 2:
+        return line, None  # no timestamp (or a malformed line: the parser says so)
+    try:
+        return f"{head} {parts[0]}", float(parts[1])
+    except ValueError:
+        raise ExpositionError(f"invalid exposition text: bad timestamp in {line[:200]!r}"
+                              ) from None
 
 
 def _segments(body: str) -> Iterator[tuple[int, list[str]]]:
@@ -252,23 +272,22 @@ def _rest_of(body: str, end: int) -> int:
     return lines - body.count("\n#", end)
 
 
-def _finish(rows: list[Row | tuple[str, str]], unknown: list[str], beyond: int,
-            seen: dict[str, Series], known: dict[str, Series], labeler: Labeler, limit: int,
-            openmetrics: bool) -> Parsed:
-    """``Parsed`` of the first pass's ``rows``, the ``unknown`` lines given to the parser."""
+def _finish(rows: list[Row | tuple[str, str]], unknown: list[str],
+            stamps: list[float | None] | None, beyond: int, seen: dict[str, Series],
+            known: dict[str, Series], labeler: Labeler, limit: int) -> Parsed:
+    """``Parsed`` of the first pass's ``rows``, the ``unknown`` lines given to the parser;
+    ``stamps``: their OpenMetrics timestamps (None for the text format)."""
     if not unknown:
         return Parsed(rows, beyond, seen)  # type: ignore[arg-type]  # every row is a Row
-    if openmetrics:
-        families = openmetrics_families("\n".join(unknown) + "\n# EOF\n")  # type: ignore[no-untyped-call]
-    else:
-        families = text_string_to_metric_families("\n".join(unknown) + "\n")
-    samples = iter(_samples(families))
+    samples = iter(_samples(text_string_to_metric_families("\n".join(unknown) + "\n")))
     out: list[Row] = []
     unsafe = 0
+    index = -1
     for row in rows:
         if len(row) == 3:
             out.append(row)  # a Row
             continue
+        index += 1
         sample = next(samples, None)
         if sample is None:  # the parser took a line for no sample at all
             raise ExpositionError(f"invalid exposition text: no sample in {str(row[1])[:200]!r}")
@@ -285,9 +304,11 @@ def _finish(rows: list[Row | tuple[str, str]], unknown: list[str], beyond: int,
         if len(out) >= limit:
             beyond += 1
             continue
-        if not openmetrics:
+        if stamps is None:
             seen[text] = series
-        when = sample.timestamp  # seconds: a float (text), a Timestamp (OpenMetrics)
+            when = sample.timestamp  # seconds, a float
+        else:  # an OpenMetrics series is parsed every time: its timestamps are not ms
+            when = stamps[index]
         out.append((series, float(sample.value), None if when is None else float(when)))
     return Parsed(out, beyond, seen, unsafe)
 

@@ -115,10 +115,10 @@ def test_a_filter_remembers_a_bounded_number_of_names() -> None:
     assert keep("node_load1") and not keep("junk_0")
 
 
-def test_openmetrics_keeps_only_the_filtered_lines_with_their_type() -> None:
-    """An OpenMetrics body is filtered by name and ``limit`` before its parser, yet a kept
-    counter keeps its TYPE (its exemplar is valid) and its seconds timestamp; a body
-    without ``# EOF`` is refused."""
+def test_openmetrics_is_filtered_by_name_and_limit_before_it_is_parsed() -> None:
+    """An OpenMetrics body is filtered by name and ``limit`` before it is parsed, and what
+    is left parses: a counter with an exemplar, its seconds timestamp, a histogram's
+    ``_count`` without its buckets; a body without ``# EOF`` is refused."""
     labeler = Labeler(name_filter(["req_*"], []), name_filter([], []),
                       {"instance": "h:1", "job": "node"}, False)
     body = ('# TYPE junk gauge\njunk 1\n# TYPE req counter\n# HELP req Requests.\n'
@@ -131,3 +131,11 @@ def test_openmetrics_keeps_only_the_filtered_lines_with_their_type() -> None:
     with pytest.raises(ExpositionError, match="EOF"):
         parse(body.replace("# EOF\n", ""), openmetrics=True, known={}, labeler=labeler,
               limit=10)
+    histogram = ('# TYPE lat histogram\nlat_bucket{a="1",le="+Inf"} 2 # {t="x"} 1\n'
+                 'lat_count{a="1"} 2\nlat_bucket{a="2",le="+Inf"} 3\nlat_count{a="2"} 3\n'
+                 '# EOF\n')
+    counts = Labeler(name_filter(["lat_count"], []), name_filter([], []),
+                     {"instance": "h:1", "job": "node"}, False)
+    parsed = parse(histogram, openmetrics=True, known={}, labeler=counts, limit=10)
+    assert [(s[0], v) for s, v, _ in parsed.rows] == [
+        ('lat_count{a="1"}', 2.0), ('lat_count{a="2"}', 3.0)]
