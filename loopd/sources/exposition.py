@@ -174,6 +174,9 @@ def parse(body: str, *, openmetrics: bool, known: dict[str, Series], labeler: La
             if line[0] == "#":
                 continue
             if openmetrics:
+                name = line.partition("{")[0].partition(" ")[0]
+                if name and not keep(name):  # before the rewrite: most lines stop here
+                    continue
                 line, stamp = _openmetrics_line(line)
             brace = line.rfind("}")
             if brace >= 0:
