@@ -312,7 +312,9 @@ class ScrapeSourceConfig(_SourceBase):
     interval: Duration = Field(default=15.0, gt=0)
     timeout: Duration | None = Field(default=None, gt=0)  # default: see scrape_timeout
     targets: list[str] = Field(default_factory=list)
-    inventory: bool = True  # also scrape the inventory's entities with a metrics_url
+    # also scrape the inventory's entities with a metrics_url: off unless asked, since
+    # every scrape source (and every replica) would scrape each of them
+    inventory: bool = False
     metrics_path: str = "/metrics"  # for targets given as host:port
     metrics: list[str] = Field(default_factory=list)  # allow list of globs; empty: all
     drop: list[str] = Field(default_factory=list)     # deny list of globs
@@ -320,7 +322,9 @@ class ScrapeSourceConfig(_SourceBase):
     max_series: int = Field(default=5000, ge=1)       # per target and scrape
     honor_labels: bool = False
     job: str | None = None  # the ``job`` label; default: the source's name
-    max_payload: int = 64 * 1024 * 1024  # a scrape's body, decompressed
+    # a scrape's body, decompressed: a node exporter's is 100-300 kB, and a body's parse
+    # costs memory and CPU in proportion (what a hostile target could send)
+    max_payload: int = 16 * 1024 * 1024
 
     @field_validator("metrics", "drop", "rate")
     @classmethod
@@ -360,15 +364,20 @@ def scrape_url(target: str, path: str) -> str:
     from urllib.parse import urlsplit
 
     url = target if "://" in target else f"http://{target}{path}"
+    # credentials first, before anything that could quote the target: the URL names the
+    # target in labels, logs and errors, so it must hold no secret (nor may a message
+    # about its other faults show one)
+    authority = url.partition("://")[2]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    if "@" in authority:
+        raise ValueError("a target URL must not carry credentials (user:password@); "
+                         "the value is not shown")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise ValueError(f"target {target!r} is neither host:port nor an http(s) URL") from None
-    if parts.username is not None or parts.password is not None:
-        # the URL names the target in labels, logs and errors: it must hold no secret
-        raise ValueError("a target URL must not carry credentials (user:password@); "
-                         "the value is not shown")
     if parts.scheme not in ("http", "https") or not parts.hostname or (
             "://" not in target and port is None):
         raise ValueError(f"target {target!r} is neither host:port nor an http(s) URL")

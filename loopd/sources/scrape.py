@@ -6,14 +6,17 @@ the URL's ``host:port``) and, with ``inventory: true``, every inventory entity w
 target has its own loop, started at an offset within the interval derived from its URL
 (as Prometheus spreads its targets), so a hundred targets do not all parse at once.
 
-Every kept sample becomes an event: topic ``metrics/<instance>/<metric name>``, key the
-instance, data ``{"value": V, "labels": {...}}`` (target labels ``instance`` and ``job``
-included), time the scrape's start (or the sample's own timestamp), id
-``<instance>@<scrape ms>/<series>``: the same scrape of the same series always has the
-same id, so a duplicate is recognised by the store. A metric named in ``rate`` is sent
-as its per-second rate since the previous scrape (a counter reset counts from zero; the
-first scrape of a series sends nothing). NaN and infinite samples are skipped: an event's
-data is JSON. After the samples, a synthesized ``up`` (1 when the scrape worked, else 0).
+Every kept sample becomes an event: topic ``metrics/<instance>/<metric name>`` (always the
+target's instance, whatever the body says; a name that cannot be a topic level is dropped,
+see exposition.py), key the instance, data ``{"value": V, "labels": {...}}`` (target
+labels ``instance`` and ``job`` included), time the scrape's start (or the sample's own
+timestamp), id ``<instance>@<scrape ms>/<series>``: the same scrape of the same series
+always has the same id, so a duplicate is recognised by the store. A metric named in
+``rate`` is sent as its per-second rate since the previous scrape (a counter reset counts
+from zero; the first scrape of a series sends nothing). NaN and infinite samples are
+skipped (an event's data is JSON) and count as absent: a series that turns NaN goes stale,
+and a rate never starts from a NaN. After the samples, a synthesized ``up`` (1 when the
+scrape worked, else 0); a target's own ``up`` arrives as ``exported_up``.
 
 Telemetry: a scraped event feeds ``telemetry[key][field]`` with its value (the event's
 ``series`` header names the field: the metric name, or ``name{labels}`` for a series
@@ -24,7 +27,12 @@ A failed scrape (timeout, DNS, connection refused, HTTP status, a body over
 ``max_payload``, text the parser refuses) is counted in
 ``loopd_scrape_failures_total{source,target,reason}`` and logged with the target and the
 reason; it never touches the other targets. Series past ``max_series`` are counted in
-``loopd_scrape_series_dropped_total`` and logged once per scrape.
+``loopd_scrape_series_dropped_total`` and logged once per scrape; series with a name unfit
+for a topic are logged with their count.
+
+A scrape's cost is bounded: the body is read into one buffer up to ``max_payload``
+(decompressed), split a segment at a time, and not read past ``max_series``; a body over
+``_INLINE_BODY`` is parsed in a thread, one at a time per source.
 
 Delivery: ``ack`` is a no-op. There is nothing to redeliver: a sample lost in a crash is
 superseded by the next scrape, which reads the target's current state anyway.
@@ -60,6 +68,7 @@ STALE_SEP = "\n"  # between the fields of the ``stale`` header (a field has no n
 # bodies up to this size (a node exporter's is 100-300 kB) are parsed on the event loop,
 # larger ones in a thread: a thread per scrape would cost more than the parse
 _INLINE_BODY = 1024 * 1024
+_READ = 256 * 1024  # bytes asked of the response at a time
 
 
 class ScrapeFailed(Exception):
@@ -146,6 +155,9 @@ class ScrapeSource:
             for instance, url in target_urls(config, inventory or Inventory()).items()]
         self._connected = False
         self._closed = asyncio.Event()
+        # large bodies are parsed one at a time: a hundred 16 MiB bodies at once would be
+        # a hundred parses' memory at once
+        self._parsing = asyncio.Semaphore(1)
 
     @property
     def connected(self) -> bool:
@@ -199,7 +211,9 @@ class ScrapeSource:
         try:
             body, openmetrics = await self._fetch(target, http)
             if len(body) > _INLINE_BODY:  # a large body would hold the event loop up
-                events = await asyncio.to_thread(self._events, target, body, openmetrics, now)
+                async with self._parsing:
+                    events = await asyncio.to_thread(self._events, target, body, openmetrics,
+                                                     now)
             else:
                 events = self._events(target, body, openmetrics, now)
             up = True
@@ -220,10 +234,11 @@ class ScrapeSource:
                     target.url, headers={"Accept": ACCEPT}, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ScrapeFailed("http", f"HTTP {resp.status} {resp.reason or ''}".strip())
-                # aiohttp un-gzips as it reads, so the limit is on the decompressed body
-                body = await resp.content.read(limit + 1)
+                # aiohttp un-gzips as it reads, so the limit is on the decompressed body;
+                # one buffer that grows, not bytes concatenated (quadratic)
+                body = bytearray()
                 while len(body) <= limit and not resp.content.at_eof():
-                    body += await resp.content.read(limit + 1 - len(body))
+                    body += await resp.content.read(min(_READ, limit + 1 - len(body)))
                 kind = resp.headers.get("Content-Type", "")
         except TimeoutError:
             raise ScrapeFailed("timeout", f"no complete answer within {self.timeout:g}s"
@@ -238,6 +253,7 @@ class ScrapeSource:
             raise ScrapeFailed("too_large", f"body exceeds max_payload ({limit} bytes)")
         try:
             text = body.decode()
+            del body  # the text is all that is kept of it
         except UnicodeDecodeError as exc:
             raise ScrapeFailed("parse", f"body is not UTF-8: {exc.reason}") from None
         return text, kind.startswith("application/openmetrics-text")
@@ -254,12 +270,18 @@ class ScrapeSource:
         if parsed.beyond:
             metrics.scrape_dropped(self.name, target.instance, parsed.beyond,
                                    self.config.max_series)
+        if parsed.unsafe:
+            log.warning("scrape drops series whose name cannot be a topic level (/ + # or a "
+                        "control character)", source=self.name, target=target.instance,
+                        dropped=parsed.unsafe)
         source, origin, key, scrape = self.name, target.origin, target.instance, target.scrapes
         present = target.present
         prefix = f"{key}@{round(now * 1000)}/"
         isfinite = math.isfinite
         events = []
         for (fld, topic, labels, headers, rated), value, stamp in parsed.rows:
+            if not isfinite(value):  # absent: it goes stale, and is never a rate's base
+                continue
             when = now if stamp is None else stamp
             present[fld] = scrape
             if rated:
@@ -267,8 +289,6 @@ class ScrapeSource:
                 if per_second is None:
                     continue
                 value = per_second
-            if not isfinite(value):
-                continue
             events.append(Event(prefix + fld, source, topic, {"value": value, "labels": labels},
                                 key, when, headers, {}, origin))
         return events

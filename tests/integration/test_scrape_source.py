@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -202,18 +203,124 @@ async def test_a_series_that_disappears_leaves_telemetry_after_two_scrapes() -> 
 
 async def test_honor_labels_decides_whose_instance_and_job_win() -> None:
     """Exposed ``instance``/``job`` labels become ``exported_*`` and the target's win;
-    with ``honor_labels`` the exposed ones are kept (and name the topic and key's series)."""
+    with ``honor_labels`` the exposed ones are kept in the labels, but the topic always
+    names the target (a target cannot speak for another host, nor put a wildcard in a
+    topic) and two series differing only in their exposed instance stay two series."""
     async with MetricsTarget.serve() as target:
-        target.body = 'pushed{instance="web-9",job="batch"} 1\n'
+        target.body = ('pushed{instance="web-9",job="batch"} 1\n'
+                       'load{instance="web-1"} 1\nload{instance="x/+/#"} 2\n')
         default, honored = Collector(), Collector()
         await scrape(ScrapeSource(config([target.target])), default)
         await scrape(ScrapeSource(config([target.target], honor_labels=True)), honored)
     (event,) = default.on(f"metrics/{target.target}/pushed")
     assert event.data["labels"] == {"instance": target.target, "job": "node",
                                     "exported_instance": "web-9", "exported_job": "batch"}
-    (event,) = honored.on("metrics/web-9/pushed")
+    assert {e.topic for e in honored.events} == {
+        f"metrics/{target.target}/{name}" for name in ("pushed", "load", "up")}
+    (event,) = honored.on(f"metrics/{target.target}/pushed")
     assert event.data["labels"] == {"instance": "web-9", "job": "batch"}
     assert event.key == target.target  # the target's telemetry, and its staleness
+    assert event.headers["series"] == 'pushed{instance="web-9",job="batch"}'
+    loads = honored.on(f"metrics/{target.target}/load")
+    assert [e.data["value"] for e in loads] == [1, 2]
+    assert len({e.id for e in loads}) == 2  # not one event id, one dropped as a duplicate
+
+
+async def test_names_unfit_for_a_topic_are_dropped_and_max_series_counts_kept_ones(
+        ) -> None:
+    """A series whose (UTF-8 quoted) name holds ``/``, ``+``, ``#`` or a control character
+    is dropped and logged with its count, never a topic level; ``max_series`` counts the
+    series the name filters keep, so quoted names they drop never crowd the kept ones
+    out (at most ``max_series`` of those are parsed, the rest counted as dropped)."""
+    async with MetricsTarget.serve() as target:
+        junk = "".join(f'{{"junk_{i}"}} 1\n' for i in range(50))
+        target.body = ('{"node/load1+#"} 3\n{"node_load\u00011"} 4\nnode_load1 5\n'
+                       f'{junk}node_load5 6\nnode_load15 7\n')
+        emit = Collector()
+        with capture_logs() as logs:
+            await scrape(ScrapeSource(config([target.target], metrics=["node_*"],
+                                             max_series=3)), emit)
+    assert [e.topic.rsplit("/", 1)[1] for e in emit.events] == [
+        "node_load1", "node_load5", "node_load15", "up"]
+    assert all(e.topic.count("/") == 2 for e in emit.events)
+    (line,) = [ln for ln in logs if ln["event"].startswith("scrape drops series whose name")]
+    assert line["dropped"] == 2
+
+
+async def test_a_huge_body_is_bounded_in_cpu_and_read_only_up_to_max_series() -> None:
+    """A 335 kB gzip inflating to 60 MiB fails as too large by default (``max_payload``
+    16 MiB); with a larger limit it is read up to ``max_series`` and the rest counted, in
+    well under a second of CPU (it took 5 s when every line was read)."""
+    lines = 12 * 1024 * 1024  # "ab 1\n" each: 60 MiB
+    async with MetricsTarget.serve(gzip=True, body="ab 1\n" * lines) as target:
+        emit = Collector()
+        await scrape(ScrapeSource(config([target.target])), emit)
+        assert sample("loopd_scrape_failures_total", source="node", target=target.target,
+                      reason="too_large") == 1
+        source = ScrapeSource(config([target.target], max_payload=64 * 1024 * 1024,
+                                     max_series=1000))
+        emit = Collector()
+        before = time.process_time()
+        await scrape(source, emit)
+        cpu = time.process_time() - before
+    assert len(emit.on(f"metrics/{target.target}/ab")) == 1000
+    assert sample("loopd_scrape_series_dropped_total", source="node",
+                  target=target.target) == lines - 1000
+    assert cpu < 1.5, cpu
+
+
+async def test_a_nan_sample_is_absent_for_rates_and_staleness() -> None:
+    """A NaN sample sends nothing and counts as absent: a counter's rate skips it (no
+    false reset from comparing with NaN), and a series that stays NaN goes stale."""
+    async with MetricsTarget.serve() as target:
+        source = ScrapeSource(config([target.target], rate=["requests_*"]))
+        emit = Collector()
+        for value in ("100", "NaN", "160"):
+            target.body = f"requests_total {value}\ngauge 1\n"
+            await scrape(source, emit)
+        for _ in range(2):
+            target.body = "requests_total 170\ngauge NaN\n"
+            await scrape(source, emit)
+    ups = emit.on(f"metrics/{target.target}/up")
+    (first, *rest) = emit.on(f"metrics/{target.target}/requests_total")
+    assert first.data["value"] == pytest.approx(60 / (ups[2].time - ups[0].time))
+    assert rest[0].data["value"] == pytest.approx(10 / (ups[3].time - ups[2].time))
+    assert [e.headers.get("stale") for e in ups] == [None, None, None, None, "gauge"]
+
+
+async def test_a_targets_own_up_is_kept_apart_from_the_synthesized_one() -> None:
+    """A target that exposes ``up`` itself has it arrive as ``exported_up``: the
+    synthesized ``up`` (1: the scrape worked) keeps its topic, field and id."""
+    async with MetricsTarget.serve(body="up 0\n") as target:
+        emit = Collector()
+        await scrape(ScrapeSource(config([target.target])), emit)
+    (up,) = emit.on(f"metrics/{target.target}/up")
+    (exported,) = emit.on(f"metrics/{target.target}/exported_up")
+    assert up.data["value"] == 1 and exported.data["value"] == 0
+    assert up.id != exported.id and exported.headers["series"] == "exported_up"
+
+
+async def test_openmetrics_is_filtered_before_its_parser_and_tabs_separate() -> None:
+    """An OpenMetrics body goes through the name filters and ``max_series`` before its
+    parser (100,000 dropped lines cost no parse), its kept counters keep their TYPE and
+    exemplars; in the text format a tab separates a value as a space does."""
+    junk = "".join(f'junk{{a="{i}"}} {i}\n' for i in range(100_000))
+    om_body = ("# TYPE junk gauge\n" + junk + "# TYPE req counter\n# HELP req Requests.\n"
+               'req_total{code="200"} 5 # {trace="t1"} 1\n# EOF\n')
+    async with MetricsTarget.serve(content_type=OPENMETRICS, body=om_body) as om, \
+            MetricsTarget.serve(body="node_load1\t3\nnode_load5\t4 1700000000000\n") as tab:
+        source = ScrapeSource(config([om.target, tab.target],
+                                     metrics=["req_*", "node_load*"]))
+        emit = Collector()
+        before = time.process_time()
+        await scrape(source, emit)
+        cpu = time.process_time() - before
+    (req,) = emit.on(f"metrics/{om.target}/req_total")
+    assert req.data == {"value": 5, "labels": {"code": "200", "instance": om.target,
+                                               "job": "node"}}
+    assert cpu < 0.5, cpu  # the whole body through the parser: about a second
+    assert [e.data["value"] for e in emit.events if e.key == tab.target] == [3, 4, 1]
+    assert emit.on(f"metrics/{tab.target}/node_load5")[0].time == 1700000000
 
 
 VERIFY = """\
