@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import emit, machine, rss_mb
 from loopd import logs
 from loopd.config import EngineConfig, ScrapeSourceConfig
+from loopd.daemon import tune_gc
 from loopd.decide.engine import Engine
 from loopd.events import Delivery
 from loopd.rules.loader import load_rules
@@ -127,6 +128,7 @@ async def measure(ports: list[int], series: int, interval: float, rounds: int,
     engine = Engine(store, load_rules([folder / "rules"]),
                     queue_size=EngineConfig().queue_size, telemetry_sources=frozenset({"node"}))
     await engine.load()
+    tune_gc()  # as `loopd run` does once it is ready
     config = ScrapeSourceConfig.model_validate({
         "type": "scrape", "name": "node", "interval": interval, "max_series": series,
         "targets": [f"127.0.0.1:{port}" for port in ports]})

@@ -190,7 +190,7 @@ def demo(path: Path, listen: str | None, exit_when_done: bool) -> int:
 
 def run(path: Path, listen: str | None) -> int:
     from loopd import logs
-    from loopd.daemon import Daemon
+    from loopd.daemon import Daemon, tune_gc
 
     config = _config(path, listen)
     if config is None:
@@ -203,7 +203,9 @@ def run(path: Path, listen: str | None) -> int:
         return EXIT_CONFIG
     try:
         daemon.exit_hard_after_shutdown_budget()
-        _run_loop(daemon.run())
+        # this process is the daemon alone: once it is up, what start-up built lives for
+        # good and the collector stops rescanning it (not for a daemon in a test process)
+        _run_loop(daemon.run(on_ready=lambda _: tune_gc()))
     except (StoreError, ConfigError) as exc:  # ConfigError: e.g. an API token's reference
         print(f"loopd: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,4 +1,4 @@
-"""The log setup: an error's traceback never shows the values of local variables."""
+"""The process setup: log tracebacks show no local variables; the collector tuned once ready."""
 
 from __future__ import annotations
 
@@ -36,3 +36,13 @@ def test_presented_values_compare_unequal_whatever_their_text() -> None:
     assert _same("abc", "abc") and not _same("abd", "abc")
     assert not _same("\u00e9", "abc") and not _same("\udcff", "abc")
     assert not _same("abc", None)
+
+
+def test_tune_gc_freezes_what_start_up_made_and_raises_the_young_threshold() -> None:
+    """What ``loopd run`` does once ready (in a process of its own: never in the tests')."""
+    script = ("import gc; from loopd.daemon import tune_gc, GC_THRESHOLD; keep = [[1]] * 10; "
+              "tune_gc(); assert gc.get_freeze_count() > 0, gc.get_freeze_count(); "
+              "assert gc.get_threshold() == GC_THRESHOLD; print('ok')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "ok"
