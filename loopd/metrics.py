@@ -380,6 +380,14 @@ def scrape_failed(source: str, target: str, reason: str, error: str) -> None:
     log.warning("scrape failed", source=source, target=target, reason=reason, error=error)
 
 
+def scrape_unsafe(source: str, target: str, dropped: int) -> None:
+    """Series whose name cannot be one topic level (``/``, ``+``, ``#``, a control
+    character): dropped, counted (``loopd_events_rejected_total{reason="unsafe_name"}``)."""
+    _CURRENT.get(_PROCESS).events_rejected.labels(source, "unsafe_name").inc(dropped)
+    log.warning("scrape drops series whose name cannot be a topic level (/ + # or a "
+                "control character)", source=source, target=target, dropped=dropped)
+
+
 def scrape_dropped(source: str, target: str, dropped: int, max_series: int) -> None:
     _CURRENT.get(_PROCESS).scrape_dropped.labels(source, target).inc(dropped)
     log.warning("scrape exceeds max_series; the rest of its series are dropped",

@@ -271,9 +271,7 @@ class ScrapeSource:
             metrics.scrape_dropped(self.name, target.instance, parsed.beyond,
                                    self.config.max_series)
         if parsed.unsafe:
-            log.warning("scrape drops series whose name cannot be a topic level (/ + # or a "
-                        "control character)", source=self.name, target=target.instance,
-                        dropped=parsed.unsafe)
+            metrics.scrape_unsafe(self.name, target.instance, parsed.unsafe)
         source, origin, key, scrape = self.name, target.origin, target.instance, target.scrapes
         present = target.present
         prefix = f"{key}@{round(now * 1000)}/"

@@ -245,6 +245,7 @@ async def test_names_unfit_for_a_topic_are_dropped_and_max_series_counts_kept_on
     assert all(e.topic.count("/") == 2 for e in emit.events)
     (line,) = [ln for ln in logs if ln["event"].startswith("scrape drops series whose name")]
     assert line["dropped"] == 2
+    assert sample("loopd_events_rejected_total", source="node", reason="unsafe_name") == 2
 
 
 async def test_a_huge_body_is_bounded_in_cpu_and_read_only_up_to_max_series() -> None:
