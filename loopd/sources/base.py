@@ -52,8 +52,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 import structlog
 
@@ -165,6 +165,23 @@ class Supervisor:
     async def stop(self) -> None:
         self._stopping.set()
         await self.source.close()
+
+
+async def until_closed(work: Coroutine[Any, Any, None], closed: asyncio.Event,
+                       name: str) -> None:
+    """Run ``work`` in a task of its own until it ends (its error raised) or ``closed`` is
+    set (it is cancelled, and this returns): so ``close()`` ends a source's work at any
+    await, a connect to a dead broker or an emit blocked on a full engine queue included."""
+    task = asyncio.create_task(work, name=f"loopd source {name}")
+    stop = asyncio.create_task(closed.wait(), name=f"loopd close {name}")
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        task.cancel()
+        await asyncio.gather(task, stop, return_exceptions=True)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error
 
 
 def replica_name(replica: str | None) -> str:

@@ -86,7 +86,7 @@ from loopd.catalog.credentials import resolve_secret
 from loopd.config import MqttSourceConfig, mqtt_client_id
 from loopd.errors import ConfigError, DecodeError, EventError, SourceError
 from loopd.events import JSON, Ack, Delivery, Event, decode_object, event_from_object
-from loopd.sources.base import Emit, OnAssigned, replica_name
+from loopd.sources.base import Emit, OnAssigned, replica_name, until_closed
 
 _Sent = tuple[str, bytes, str]  # a message's topic, payload and the id its event got
 
@@ -243,19 +243,8 @@ class MqttSource:
         """Connect, subscribe, emit until the connection is lost (raise) or close() (return)."""
         if self._closed.is_set():
             return
-        # The session runs in its own task so close() can end it at any await,
-        # including a connect to an unresponsive broker.
-        session = asyncio.create_task(self._session(emit), name=f"loopd source {self.name}")
-        closed = asyncio.create_task(self._closed.wait(), name=f"loopd close {self.name}")
-        try:
-            await asyncio.wait((session, closed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            session.cancel()
-            # bounded: the session's own exit waits at most self._timeout to disconnect
-            await asyncio.gather(session, closed, return_exceptions=True)
-        if not session.cancelled() and (error := session.exception()) is not None:
-            raise error
+        # bounded: the session's own exit waits at most self._timeout to disconnect
+        await until_closed(self._session(emit), self._closed, self.name)
 
     async def close(self) -> None:
         self._closed.set()

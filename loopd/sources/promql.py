@@ -53,7 +53,7 @@ from loopd.catalog.prometheus import PromQL, QueryError
 from loopd.config import PromQLQuery, PromQLSourceConfig
 from loopd.errors import ConfigError
 from loopd.events import Delivery, Event
-from loopd.sources.base import Emit, OnAssigned
+from loopd.sources.base import Emit, OnAssigned, until_closed
 from loopd.store.base import Store
 
 log = structlog.get_logger("loopd.sources")
@@ -109,28 +109,20 @@ class PromQLSource:
 
     @property
     def connected(self) -> bool:
-        """True while the last round had every query answered."""
+        """True while Prometheus answered the last round (``loopd_source_up``: every
+        query of it answered)."""
         return self._connected
 
     async def run(self, emit: Emit) -> None:
         """Evaluate round after round until close(); raises only if the store fails."""
         if self._closed.is_set():
             return
-        # the rounds run in a task of their own so that close() ends them at any await,
-        # an emit blocked on a full engine queue included
-        rounds = asyncio.create_task(self._rounds(emit), name=f"loopd source {self.name}")
-        closed = asyncio.create_task(self._closed.wait(), name=f"loopd close {self.name}")
         try:
-            await asyncio.wait((rounds, closed), return_when=asyncio.FIRST_COMPLETED)
+            await until_closed(self._rounds(emit), self._closed, self.name)
         finally:
-            closed.cancel()
-            rounds.cancel()
-            await asyncio.gather(rounds, closed, return_exceptions=True)
             self._connected = False
             self._reported = None  # the supervisor reports the source down
             await self._client.close()
-        if not rounds.cancelled() and (error := rounds.exception()) is not None:
-            raise error
 
     async def close(self) -> None:
         self._closed.set()
