@@ -108,6 +108,9 @@ async def test_changed_metric_gzip_and_openmetrics_are_read() -> None:
         om.body = "# TYPE temp gauge\ntemp{room=\"a\"} 21.5 1700000000.25\n# EOF\n"
         await scrape(source, emit)
         plain.set(load=7)
+        # a scrape's id holds its time in milliseconds: two scrapes a timer apart never
+        # share one, two in a row on a fast machine could
+        await asyncio.sleep(0.01)
         await scrape(source, emit)
     assert [e.data["value"] for e in emit.on(f"metrics/{plain.target}/load")] == [1.5, 7.0]
     temp = emit.on(f"metrics/{om.target}/temp")
