@@ -40,6 +40,7 @@ from loopd.store.base import (
 
 WRITE_TIMEOUT = 10.0
 RELOAD_KV = ("cluster", "reload")  # the last POST /v1/reload, on any replica
+MEMBERS_KV = "members"  # namespace: group incident id -> its members (decide.correlation)
 
 
 AROUND = 900.0  # s: how far from an incident its rule and key's suppressions still belong to it
@@ -205,6 +206,12 @@ class Control:
             since=incident.opened - AROUND, until=until, limit=200))
         merged = {d.seq: d for d in (*own, *near)}
         return [merged[seq] for seq in sorted(merged)]
+
+    async def members(self, incident_id: str) -> dict[str, Any] | None:
+        """A group incident's members and the matches it inhibited (loopd.decide.correlation
+        writes them with the decisions that change them), None for other incidents."""
+        value = await self._store.kv_get(MEMBERS_KV, incident_id)
+        return value if isinstance(value, dict) else None
 
     async def decisions(self, query: DecisionQuery) -> list[DecisionRecord]:
         """Decisions newest first (``GET /v1/decisions``, the UI's explorer)."""

@@ -320,7 +320,7 @@ class Batch:
     timers_set: list[tuple[str, str, float]] = field(default_factory=list)
     timers_cleared: list[tuple[str, str]] = field(default_factory=list)
     # (namespace, key) -> value, as kv_put writes it: the guards' memory changes in the
-    # transaction of the decision (or run end) that changed it
+    # transaction of the decision (or run end) that changed it; None deletes the key
     kv: dict[tuple[str, str], JSON] = field(default_factory=dict)
     # run id -> the guards the store checks across replicas before creating the run
     limits: dict[str, list[Limit]] = field(default_factory=dict)
@@ -489,6 +489,11 @@ class Store(Protocol):
         ...
 
     async def kv_put(self, namespace: str, key: str, value: JSON) -> None: ...
+
+    async def kv_scan(self, namespace: str) -> list[tuple[str, JSON]]:
+        """Every (key, value) of ``namespace``, ordered by key (the engine's correlation
+        state at start and after a rebalance)."""
+        ...
 
     async def append_audit(self, record: AuditRecord) -> None:
         """Append ``record`` to the audit trail, durable when this returns. There is no

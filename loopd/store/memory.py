@@ -342,7 +342,10 @@ class MemoryStore:
         for rule, key in batch.timers_cleared:
             d.timers.pop((rule, key), None)
         for slot, value in batch.kv.items():
-            d.kv[slot] = dump(value)
+            if value is None:
+                d.kv.pop(slot, None)
+            else:
+                d.kv[slot] = dump(value)
         return result
 
     async def load_state(self, *, since: float, recent: int) -> EngineState:
@@ -436,6 +439,9 @@ class MemoryStore:
 
     async def kv_put(self, namespace: str, key: str, value: Any) -> None:
         self._d.kv[(namespace, key)] = dump(value)
+
+    async def kv_scan(self, namespace: str) -> list[tuple[str, Any]]:
+        return sorted((k, load(v)) for (n, k), v in self._d.kv.items() if n == namespace)
 
     async def append_audit(self, record: AuditRecord) -> None:
         trail = self._d.audit

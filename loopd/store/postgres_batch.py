@@ -48,6 +48,7 @@ from loopd.store.postgres_schema import (
     INCIDENT_COLUMNS,
     INCIDENTS_INSERT,
     INCIDENTS_UPDATE,
+    KV_DELETE,
     KV_PUT,
     LOCK_SPACE,
     RUNS_INSERT,
@@ -278,9 +279,13 @@ class Group:
                 [(r, k, s) for (r, k), s in starts.items()], 3))
         if batch.timers_cleared:
             await conn.execute(TIMERS_CLEAR, columns(list(batch.timers_cleared), 2))
-        if batch.kv:
-            ns, keys, values = columns([(n, k, text(v)) for (n, k), v in batch.kv.items()], 3)
+        put = [(n, k, text(v)) for (n, k), v in batch.kv.items() if v is not None]
+        if put:
+            ns, keys, values = columns(put, 3)
             await conn.execute(KV_PUT, (time.time(), ns, keys, values))
+        gone = [slot for slot, v in batch.kv.items() if v is None]
+        if gone:
+            await conn.execute(KV_DELETE, columns(gone, 2))
         return result
 
     async def _decisions(self, conn: Conn, decisions: list[DecisionRecord],

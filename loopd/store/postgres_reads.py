@@ -280,6 +280,11 @@ class PostgresReads:
                                (namespace, key))
         return rows[0][0] if rows else None
 
+    async def kv_scan(self, namespace: str) -> list[tuple[str, Any]]:
+        rows = await self._all("SELECT key, value FROM kv WHERE namespace=%s ORDER BY key",
+                               (namespace,))
+        return [(str(k), v) for k, v in rows]
+
 
     async def get_event(self, source: str, event_id: str) -> EventRecord | None:
         rows = await self._all("SELECT source, id, topic, key, time, data FROM events "

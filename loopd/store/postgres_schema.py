@@ -182,6 +182,9 @@ TIMERS_SET = (
 TIMERS_CLEAR = (
     "DELETE FROM timers USING unnest(%b::text[], %b::text[]) AS c(rule, key) "
     "WHERE timers.rule = c.rule AND timers.key = c.key")
+KV_DELETE = (
+    "DELETE FROM kv USING unnest(%b::text[], %b::text[]) AS c(namespace, key) "
+    "WHERE kv.namespace = c.namespace AND kv.key = c.key")
 KV_PUT = (
     "INSERT INTO kv (namespace, key, value, updated) SELECT n, k, v::jsonb, %s FROM "
     "unnest(%b::text[], %b::text[], %b::text[]) AS p(n, k, v) "

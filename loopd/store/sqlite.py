@@ -493,8 +493,11 @@ class SqliteStore:
                                  batch.timers_cleared)
         if batch.kv:
             now = time.time()
-            await db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
-                                 [(ns, k, _dump(v), now) for (ns, k), v in batch.kv.items()])
+            await db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)", [
+                (ns, k, _dump(v), now) for (ns, k), v in batch.kv.items() if v is not None])
+            gone = [slot for slot, v in batch.kv.items() if v is None]
+            if gone:
+                await db.executemany("DELETE FROM kv WHERE namespace=? AND key=?", gone)
         return result
 
     async def _shared(self) -> bool:
@@ -771,6 +774,11 @@ class SqliteStore:
     async def kv_put(self, namespace: str, key: str, value: Any) -> None:
         await self._write("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
                           (namespace, key, _dump(value), time.time()))
+
+    async def kv_scan(self, namespace: str) -> list[tuple[str, Any]]:
+        rows = await self._all("SELECT key, value FROM kv WHERE namespace=? ORDER BY key",
+                               (namespace,))
+        return [(str(k), _load(v)) for k, v in rows]
 
     async def get_event(self, source: str, event_id: str) -> EventRecord | None:
         rows = await self._all("SELECT * FROM events WHERE source=? AND id=?", (source, event_id))

@@ -270,6 +270,21 @@ async def test_kv_values_persist(impl: Opener) -> None:
     assert await reopened.kv_get("other", "sw-1") is None
 
 
+async def test_a_batch_writes_and_deletes_kv_values_that_a_scan_lists(impl: Opener) -> None:
+    """A batch's kv entry stores its value, None deletes it, in the batch's transaction;
+    kv_scan lists one namespace's (key, value) pairs ordered by key, after a reopen too."""
+    store = await impl()
+    await store.commit(Batch(kv={("corr", "b"): {"n": 2}, ("corr", "a"): [1],
+                                 ("corr", "c"): "x", ("other", "a"): 0}))
+    await store.commit(Batch(kv={("corr", "c"): None, ("corr", "a"): [1, 2],
+                                 ("corr", "zz"): None}))
+    reopened = await impl()
+    assert await reopened.kv_scan("corr") == [("a", [1, 2]), ("b", {"n": 2})]
+    assert await reopened.kv_scan("other") == [("a", 0)]
+    assert await reopened.kv_scan("none") == []
+    assert await reopened.kv_get("corr", "c") is None
+
+
 async def test_the_schema_version_is_recorded(tmp_path: Path) -> None:
     """A new SQLite store records the schema version it created in ``user_version``."""
     path = tmp_path / "loopd.db"
