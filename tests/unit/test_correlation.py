@@ -3,6 +3,7 @@ their state across a restart (a new Engine on the same file, loaded as the daemo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from loopd.decide.correlation import MEMBERS
 from loopd.events import Event
 from loopd.rules.loader import RuleSet
 from tests.unit.conftest import RulesFrom
-from tests.unit.test_engine import Running, decisions, event_time, reasons, running
+from tests.unit.test_engine import decisions, event_time, reasons, running
 
 
 def alert(ident: str, host: str, *, at: float, name: str = "HostDown",
@@ -182,8 +183,7 @@ async def test_an_absence_armed_before_a_restart_fires_after_it_once(
 
 
 async def _tick() -> None:
-    import asyncio
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the engine's own timer fires the absence; poll its result
 
 
 ALL = """
