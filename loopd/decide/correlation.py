@@ -119,6 +119,7 @@ class Correlation:
         self._seq = itertools.count()
         self._fingerprints: dict[str, list[Inhibited]] = {}
         self._warned = False
+        self._told = (0, 0, 0)  # the sizes loopd_correlation_state shows
 
     # -- rules ------------------------------------------------------------------------
 
@@ -391,6 +392,10 @@ class Correlation:
 
     def sweep(self, now: float) -> None:
         """Forget groups and partial matches whose window passed (their rows too)."""
+        size = (len(self.groups), len(self.absences), len(self.partials))
+        if size != self._told:
+            self._told = size
+            metrics.correlation_state(*size)
         heap = self._expiry
         while heap and heap[0][0] < now:
             _, _, kind, slot = heapq.heappop(heap)
