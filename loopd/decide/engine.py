@@ -540,6 +540,8 @@ class Engine:
     def _mark_duplicates(pending: _Pending, result: CommitResult) -> None:
         """A delivery whose every decision the store already had is a duplicate (another
         replica, or this one before a restart, decided it first)."""
+        if not pending.deliveries:  # the inbox's or a timer's decisions alone (no one to tell)
+            return
         decisions = pending.batch.decisions
         ends = [m[1] for m in pending.marks[1:]] + [len(decisions)]
         for delivery, start, end in zip(pending.deliveries, pending.marks, ends, strict=True):
