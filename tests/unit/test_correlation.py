@@ -314,3 +314,30 @@ async def test_an_absence_rearmed_on_another_replica_fires_once(
                             db, "heartbeat-missing"), a, b)
     assert outcome(db, "heartbeat-missing") == [("b2~absent", "run_created")]
     assert [run.key for run in (*a.runs, *b.runs)] == ["h1"]
+
+
+async def test_members_decided_on_two_replicas_open_the_group_and_inhibit_on_both(
+        db: Path, group_rules: RuleSet) -> None:
+    """Webhooks reach any replica: members split between a and b count together (a reads
+    the group's rows back once its batch is written) and the group opens once; after b
+    reads the store, its host rule's matches for the members are inhibited too."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True  # what loopd.cluster sets
+        await a.feed(alert("a1", "w1", at=t))
+        await b.feed(alert("a2", "w2", at=t))
+        await a.feed(alert("a3", "w3", at=t))
+        await b.engine.follow_timers()
+        await b.feed(alert("a4", "w2", at=t))
+    # a4 at b: b's memory has the three members (read at follow), opens, and the store
+    # makes it join a's incident
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("a2", "suppressed"),
+                                     ("a3", "suppressed"), ("a3~group", "run_created"),
+                                     ("a4", "joined")]
+    (run,) = [run for run in a.runs if run.rule == "outage"]
+    assert sorted(m["key"] for m in run.input["value"]) == ["w1", "w2", "w3"]
+    assert ("a4", "suppressed") in outcome(db, "restart-host")
+    assert any(x and x.startswith("guard inhibited: w2 is a member of group front")
+               for x in reasons(db))
