@@ -118,6 +118,7 @@ class Correlation:
         self.peak = 0  # the most slots held at once (benchmarks: memory bounded by windows)
         self._rules: dict[str, CompiledRule] = {}
         self._writes: dict[tuple[str, str], JSON] = {}  # kv rows for the next batch
+        self._dirty: dict[str, Group] = {}  # group incident id -> its members row to write
         # (when, seq, slot): absence timers, and when a group's or partial's window passes
         self._due: list[tuple[float, int, Slot]] = []
         self._expiry: list[tuple[float, int, str, Slot]] = []
@@ -230,7 +231,7 @@ class Correlation:
             group.incident = incident.id
         self._touch(group, member, event, now)
         if new:
-            self._inhibit_members(group)
+            self._inhibit_members(group, [member])
             self._write_members(group)
         incident.events += 1
         batch.incidents[incident.id] = incident
@@ -261,11 +262,15 @@ class Correlation:
                  "entity": entities.get(m.key)} for m in group.members.values()]
 
     def _write_members(self, group: Group) -> None:
-        if group.incident is None:
-            return
+        """The group incident's members row is written by the next flush (once per batch,
+        however many members joined or matches it held back)."""
+        if group.incident is not None:
+            self._dirty[group.incident] = group
+
+    def _members_row(self, group: Group) -> JSON:
         members = list(group.members.values())[:MAX_LISTED]
         inhibited = list(group.inhibited.values())[:MAX_LISTED]
-        self._writes[(MEMBERS, group.incident)] = {
+        return {
             "rule": group.rule, "key": group.key, "members": [
                 {"key": m.key, "time": m.first, "last": m.last, "event": m.event}
                 for m in members],
@@ -276,13 +281,15 @@ class Correlation:
 
     # -- inhibits ---------------------------------------------------------------------
 
-    def _inhibit_members(self, group: Group) -> None:
+    def _inhibit_members(self, group: Group, members: Iterable[str] | None = None) -> None:
+        """``members`` (all of the group's by default) are held back by ``group`` for the
+        rules it inhibits."""
         rule = self._rules.get(group.rule)
         if rule is None:
             return
         for name in rule.rule.inhibits:
             held = self.inhibitors.setdefault(name, {})
-            for member in group.members:
+            for member in group.members if members is None else members:
                 held[member] = group
 
     def inhibitor(self, rule: str, key: str) -> Group | None:
@@ -447,6 +454,10 @@ class Correlation:
 
     def flush(self, batch: Batch) -> None:
         """The rows changed since the last flush go into ``batch`` (the decision's)."""
+        if self._dirty:
+            for incident, group in self._dirty.items():
+                self._writes[(MEMBERS, incident)] = self._members_row(group)
+            self._dirty = {}
         if self._writes:
             batch.kv.update(self._writes)
             self._writes = {}
