@@ -361,7 +361,8 @@ async def test_all_across_an_http_source_and_an_mqtt_source_fires_only_within_th
     await eventually(lambda: outcome("io-both") is not None, "the IO event of 'both' decided")
     one_of_two = ("suppressed", "guard all: 1 of 2 conditions within 2s")
     assert outcome("disk-far") == outcome("disk-alone") == outcome("disk-both") == one_of_two
-    assert outcome("io-both") is not None and outcome("io-both")[0] == "run_created"
+    both = outcome("io-both")
+    assert both is not None and both[0] == "run_created"
 
     await eventually(lambda: time.time() - far_at > 2.5, "the window of 'far' to pass")
     await io("far")

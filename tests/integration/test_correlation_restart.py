@@ -1,0 +1,185 @@
+"""Correlation state survives ``kill -9``: the real daemon (tests/e2e/daemon.py) is killed in
+the middle of a group window, an absence timer and a partial ``all``, and started again on
+the same SQLite file; nothing is lost and nothing fires twice."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.daemon import Config, LoopdProcess, eventually
+
+pytestmark = pytest.mark.e2e
+
+Daemons = Callable[[Config], LoopdProcess]
+
+
+@pytest.fixture
+async def daemon_of() -> AsyncIterator[Daemons]:
+    """``daemon_of(config)``: a LoopdProcess, killed at teardown if still running."""
+    made: list[LoopdProcess] = []
+
+    def make(config: Config) -> LoopdProcess:
+        made.append(LoopdProcess(config))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for daemon in made:
+            await daemon.close()
+
+
+def decided(daemon: LoopdProcess, rule: str) -> list[tuple[str, str, str]]:
+    """(event id, outcome, reason) of a rule's decisions, in order."""
+    return [(str(e), str(o), str(r)) for e, o, r in daemon.store_query(
+        "SELECT event_id, outcome, reason FROM decisions WHERE rule=? ORDER BY seq", (rule,))]
+
+
+def executed(daemon: LoopdProcess, prefix: str) -> Counter[str]:
+    """How often each run's action logged a message starting with ``prefix``, over every
+    start of the daemon."""
+    found: Counter[str] = Counter()
+    for line in daemon.log_lines():
+        if str(line.get("event", "")).startswith(prefix) and "run" in line:
+            found[str(line["run"])] += 1
+    return found
+
+
+async def restart(daemon: LoopdProcess) -> None:
+    await daemon.kill()
+    await daemon.start()
+
+
+def hostdown(host: str) -> dict[str, Any]:
+    return {"version": "4", "status": "firing", "receiver": "loopd", "alerts": [{
+        "status": "firing", "labels": {"alertname": "HostDown", "instance": host},
+        "startsAt": "2026-12-01T20:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+        "fingerprint": f"hostdown-{host}"}]}
+
+
+async def test_a_group_window_survives_kill_9_and_opens_exactly_once(
+        tmp_path: Path, daemon_of: Daemons) -> None:
+    """Two of three members before a kill -9 still count after the restart: the third
+    opens the group incident with all three members, once, and the same alerts sent again
+    after another kill -9 are duplicates that open nothing."""
+    config = Config(root=tmp_path)
+    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
+    config.entities = {h: {"group": "edge"} for h in ("edge-1", "edge-2", "edge-3")}
+    config.rules = {"group.yaml": [{
+        "name": "edge-outage",
+        "on": {"source": "alertmanager",
+               "match": {"status": "firing", "labels.alertname": "HostDown"}},
+        "key": "{{ event.labels.instance }}",
+        "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "5m"},
+        "run": {"action": "core.log", "input": {"message": "outage of {{ key }}"}},
+    }]}
+    daemon = daemon_of(config)
+    await daemon.start()
+    for host in ("edge-1", "edge-2"):
+        await daemon.post("/v1/alertmanager", hostdown(host))
+    await restart(daemon)
+    await daemon.post("/v1/alertmanager", hostdown("edge-3"))
+    rows = decided(daemon, "edge-outage")
+    assert [(o, r) for _, o, r in rows[:2]] == [
+        ("suppressed", "guard group: 1 of 3 members within 5m (group edge)"),
+        ("suppressed", "guard group: 2 of 3 members within 5m (group edge)")]
+    assert [o for _, o, _ in rows] == ["suppressed", "suppressed", "run_created"]
+    (run,) = await daemon.wait_runs(1, status="succeeded")
+    story = await daemon.run(run["id"])
+    assert run["key"] == "edge"
+    assert [m["key"] for m in story["input"]["members"]] == ["edge-1", "edge-2", "edge-3"]
+
+    await restart(daemon)
+    for host in ("edge-1", "edge-2", "edge-3"):  # Alertmanager repeating itself
+        answer = await daemon.post("/v1/alertmanager", hostdown(host))
+        assert answer["duplicates"] == 1
+    assert len(decided(daemon, "edge-outage")) == 3
+    incidents = (await daemon.get("/v1/incidents?limit=100"))["incidents"]
+    assert [(i["rule"], i["key"]) for i in incidents] == [("edge-outage", "edge")]
+    assert executed(daemon, "outage of ") == Counter({run["id"]: 1})
+    await daemon.stop()
+
+
+def heartbeat_config(tmp_path: Path) -> Config:
+    config = Config(root=tmp_path)
+    config.sources = [{"name": "node", "type": "webhook"}]
+    config.rules = {"beat.yaml": [
+        {"name": name, "on": {"source": "node", "topic": "heartbeat/{host}"},
+         "key": "{{ vars.host }}", "absent": after,
+         "run": {"action": "core.log", "input": {"message": f"{name}: {{{{ key }}}}"}}}
+        for name, after in (("beat-short", "1s"), ("beat-long", "6s"))]}
+    return config
+
+
+async def test_absence_timers_armed_before_kill_9_fire_once_after_the_restart(
+        tmp_path: Path, daemon_of: Daemons) -> None:
+    """Absence timers armed before a kill -9 fire after the restart, each once: the one
+    whose due time passed while the daemon was down fires at start, the one due later fires
+    at its time, and neither fires again after another kill -9."""
+    daemon = daemon_of(heartbeat_config(tmp_path))
+    await daemon.start()
+    await daemon.post("/v1/events/node", {"id": "beat-h1", "topic": "heartbeat/h1",
+                                          "data": {"up": 1}})
+    beat_at = time.time()
+    await daemon.kill()
+    assert decided(daemon, "beat-short") == []  # arming records no decision
+    await eventually(lambda: time.time() - beat_at > 1.5, "beat-short's due time to pass")
+    await daemon.start()
+    await eventually(lambda: len(decided(daemon, "beat-long")) >= 1, "beat-long to fire")
+    for rule in ("beat-short", "beat-long"):
+        assert [(e, o) for e, o, _ in decided(daemon, rule)] == [
+            ("beat-h1~absent", "run_created")]
+    long_at = float(daemon.store_query(
+        "SELECT time FROM decisions WHERE rule='beat-long'")[0][0])
+    assert long_at >= beat_at + 6 - 0.5  # at its time, not at the restart
+
+    await restart(daemon)
+    # a timer of h2 armed and fired after this restart: any due timer of h1 had its turn
+    await daemon.post("/v1/events/node", {"id": "beat-h2", "topic": "heartbeat/h2",
+                                          "data": {"up": 1}})
+    await eventually(lambda: any(e == "beat-h2~absent" for e, _, _ in
+                                 decided(daemon, "beat-short")), "h2's beat-short to fire")
+    assert [e for e, _, _ in decided(daemon, "beat-short")] == ["beat-h1~absent",
+                                                               "beat-h2~absent"]
+    assert [e for e, _, _ in decided(daemon, "beat-long")] == ["beat-h1~absent"]
+    await daemon.wait_runs(3, status="succeeded")
+    assert sorted(executed(daemon, "beat-").values()) == [1, 1, 1]
+    await daemon.stop()
+
+
+async def test_a_partial_all_survives_kill_9_and_completes_after_the_restart(
+        tmp_path: Path, daemon_of: Daemons) -> None:
+    """The first condition of an ``all`` matched before a kill -9 completes with the second
+    one after the restart: one run."""
+    config = Config(root=tmp_path)
+    config.sources = [{"name": "node", "type": "webhook"}]
+    config.rules = {"all.yaml": [{
+        "name": "disk-and-io",
+        "all": [{"on": {"source": "node", "topic": "metrics/{host}/disk_free"},
+                 "if": "event.value < 0.1"},
+                {"on": {"source": "node", "topic": "metrics/{host}/io_wait"},
+                 "if": "event.value > 0.3"}],
+        "key": "{{ vars.host }}", "within": "5m",
+        "run": {"action": "core.log", "input": {"message": "disk and io: {{ key }}"}},
+    }]}
+    daemon = daemon_of(config)
+    await daemon.start()
+    await daemon.post("/v1/events/node", {"id": "disk-1", "topic": "metrics/h1/disk_free",
+                                          "data": {"value": 0.02}})
+    assert decided(daemon, "disk-and-io") == [
+        ("disk-1", "suppressed", "guard all: 1 of 2 conditions within 5m")]
+    await restart(daemon)
+    await daemon.post("/v1/events/node", {"id": "io-1", "topic": "metrics/h1/io_wait",
+                                          "data": {"value": 0.9}})
+    assert [(e, o) for e, o, _ in decided(daemon, "disk-and-io")] == [
+        ("disk-1", "suppressed"), ("io-1", "run_created")]
+    (run,) = await daemon.wait_runs(1, status="succeeded")
+    assert run["key"] == "h1"
+    assert executed(daemon, "disk and io: ") == Counter({run["id"]: 1})
+    await daemon.stop()
