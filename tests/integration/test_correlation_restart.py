@@ -124,12 +124,13 @@ async def test_absence_timers_armed_before_kill_9_fire_once_after_the_restart(
     at its time, and neither fires again after another kill -9."""
     daemon = daemon_of(heartbeat_config(tmp_path))
     await daemon.start()
+    sent_at = time.time()  # the timers are armed after this, at the event's arrival
     await daemon.post("/v1/events/node", {"id": "beat-h1", "topic": "heartbeat/h1",
                                           "data": {"up": 1}})
-    beat_at = time.time()
+    armed_by = time.time()
     await daemon.kill()
-    assert decided(daemon, "beat-short") == []  # arming records no decision
-    await eventually(lambda: time.time() - beat_at > 1.5, "beat-short's due time to pass")
+    assert decided(daemon, "beat-long") == []  # arming records no decision
+    await eventually(lambda: time.time() - armed_by > 1.5, "beat-short's due time to pass")
     await daemon.start()
     await eventually(lambda: len(decided(daemon, "beat-long")) >= 1, "beat-long to fire")
     for rule in ("beat-short", "beat-long"):
@@ -137,7 +138,7 @@ async def test_absence_timers_armed_before_kill_9_fire_once_after_the_restart(
             ("beat-h1~absent", "run_created")]
     long_at = float(daemon.store_query(
         "SELECT time FROM decisions WHERE rule='beat-long'")[0][0])
-    assert long_at >= beat_at + 6 - 0.5  # at its time, not at the restart
+    assert long_at >= sent_at + 6  # at its time, not at the restart
 
     await restart(daemon)
     # a timer of h2 armed and fired after this restart: any due timer of h1 had its turn
@@ -148,8 +149,11 @@ async def test_absence_timers_armed_before_kill_9_fire_once_after_the_restart(
     assert [e for e, _, _ in decided(daemon, "beat-short")] == ["beat-h1~absent",
                                                                "beat-h2~absent"]
     assert [e for e, _, _ in decided(daemon, "beat-long")] == ["beat-h1~absent"]
-    await daemon.wait_runs(3, status="succeeded")
-    assert sorted(executed(daemon, "beat-").values()) == [1, 1, 1]
+    fired = {str(r) for (r,) in daemon.store_query(
+        "SELECT run_id FROM decisions WHERE event_id LIKE '%~absent'")}
+    await daemon.wait_runs(len(fired), status="succeeded")
+    acted = executed(daemon, "beat-")
+    assert len(fired) >= 3 and fired <= set(acted) and set(acted.values()) == {1}
     await daemon.stop()
 
 
