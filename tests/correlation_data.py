@@ -139,6 +139,18 @@ class Expected:
     def inhibited_by_host(self) -> Counter[str]:
         return Counter(a.host for a in self.inhibited)
 
+    def after_close(self) -> dict[str, str]:
+        """When the group incidents close (none of the storm's alerts resolves): the host
+        rule's event decided again per inhibited member (its last inhibited alert), host ->
+        event id of the ``~after-`` decision without the incident id."""
+        last = {a.host: a for a in self.inhibited}
+        return {host: f"{a.event_id}~after-" for host, a in last.items()}
+
+    def after_runs(self) -> set[str]:
+        """The hosts the re-decision remediates: those the host rule never ran for (the
+        others are throttled, their one run being within ``once_within``)."""
+        return set(self.after_close()) - self.remediated
+
 
 def host_rule_matches(alert: Alert) -> bool:
     return alert.severity == "critical"

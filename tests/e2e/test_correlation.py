@@ -159,7 +159,7 @@ async def check_group_decisions(daemon: LoopdProcess, want: Expected,
             group, by_group[group])
     below = [d for d in decided if d["outcome"] == "suppressed"]
     assert {d["guard"] for d in below} == {"group"}
-    assert all(f"of {COUNT} members within 2m (group " in d["reason"] for d in below)
+    assert all(f"of {COUNT} members within {WITHIN:g}s (group " in d["reason"] for d in below)
 
 
 async def check_host_decisions(daemon: LoopdProcess, data: Storm, want: Expected,
@@ -360,15 +360,19 @@ async def test_all_across_an_http_source_and_an_mqtt_source_fires_only_within_th
     await disk("both")
     await io("both")
     await eventually(lambda: outcome("io-both") is not None, "the IO event of 'both' decided")
-    one_of_two = ("suppressed", "guard all: 1 of 2 conditions within 2s")
-    assert outcome("disk-far") == outcome("disk-alone") == outcome("disk-both") == one_of_two
+    def one_of_two(event_id: str) -> bool:
+        found = outcome(event_id)
+        return found is not None and found[0] == "suppressed" and found[1].startswith(
+            "guard all: 1 of 2 conditions within 2s")
+
+    assert one_of_two("disk-far") and one_of_two("disk-alone") and one_of_two("disk-both")
     both = outcome("io-both")
     assert both is not None and both[0] == "run_created"
 
     await eventually(lambda: time.time() - far_at > 2.5, "the window of 'far' to pass")
     await io("far")
     await eventually(lambda: outcome("io-far") is not None, "the IO event of 'far' decided")
-    assert outcome("io-far") == one_of_two
+    assert one_of_two("io-far")
     decided = await all_decisions(daemon, rule="disk-and-io", outcome="suppressed")
     assert {d["guard"] for d in decided} == {"all"} and len(decided) == 4
     (run,) = await daemon.wait_runs(1, status="succeeded")

@@ -116,9 +116,9 @@ async def test_a_member_older_than_the_window_no_longer_counts_and_the_run_sees_
     got = await replay(tmp_path, config, *(alert(GROUP_ALERT, h, T0 + dt) for h, dt in
                                            (("a", 0), ("b", 50), ("c", 70), ("d", 80))))
     assert [(o, r) for _, o, r in got.of("rack-outage")] == [
-        ("suppressed", "guard group: 1 of 3 members within 1m (group rack-1)"),
-        ("suppressed", "guard group: 2 of 3 members within 1m (group rack-1)"),
-        ("suppressed", "guard group: 2 of 3 members within 1m (group rack-1)"),  # a expired
+        ("suppressed", "guard group: 1 of 3 members within 60s (group rack-1)"),
+        ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1)"),
+        ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1)"),  # a expired
         ("run_created", None)]
     (run,) = [r for r in got.runs if r.rule == "rack-outage"]
     assert run.key == "rack-1"
@@ -129,7 +129,7 @@ async def test_a_member_older_than_the_window_no_longer_counts_and_the_run_sees_
     assert [m["event"]["id"] for m in members] == [
         alert_id(GROUP_ALERT, h, T0 + dt) for h, dt in (("b", 50), ("c", 70), ("d", 80))]
     assert {m["event"]["source"] for m in members} == {"alertmanager"}
-    assert [m["entity"] for m in members] == [RACK["b"], RACK["c"], RACK["d"]]
+    assert [m["entity"] for m in members] == [{"name": h, **RACK[h]} for h in "bcd"]
     assert [m["key"] for m in got.members[str(run.incident_id)]["members"]] == ["b", "c", "d"]
 
 
@@ -167,17 +167,38 @@ async def test_inhibition_ends_when_the_group_closes_and_still_firing_members_ar
         (f"{alert_id(hung, 'a', T0 + 30)}~after-{group}", "run_created", None),
         (alert_id(hung, "a", T0 + 120), "run_created", None),  # no longer inhibited
     ]
-    after = next(d for d in got.decisions if d.event_id.endswith(f"~after-{group}"))
-    assert T0 + 63 <= after.time < T0 + 100
     # afresh: a's new HostDown is the first member of a new window
     assert got.of("rack-outage")[-1] == (
         alert_id(GROUP_ALERT, "a", T0 + 110), "suppressed",
-        "guard group: 1 of 3 members within 1m (group rack-1)")
+        "guard group: 1 of 3 members within 60s (group rack-1)")
     record = got.members[group]
     assert (record["rule"], record["key"]) == ("rack-outage", "rack-1")
     assert {i["key"]: (i["count"], i["firing"]) for i in record["inhibited"]} == {
         "a": (2, True), "b": (1, False)}
     assert sorted(r.key or "" for r in got.runs if r.rule == "host-hung") == ["a", "a", "a", "e"]
+
+
+async def test_a_member_decided_again_after_the_close_is_decided_at_the_close(
+        tmp_path: Path) -> None:
+    """In event time, the ``~after-`` decision of a member still firing is made, and
+    judged (throttle), at the time the group incident closed, not at the time of the
+    inhibited event it repeats (which would put it, and its run, before the close)."""
+    config = write_config(tmp_path, GROUP_RULES.replace(
+        'run: {action: core.log, input: {message: "restart {{ key }}"}}',
+        'throttle: {once_within: 50s}\n'
+        '    run: {action: core.log, input: {message: "restart {{ key }}"}}'), RACK)
+    got = await replay(
+        tmp_path, config,
+        alert("HostHung", "a", T0),                    # remediated: throttled until T0 + 50
+        *(alert(GROUP_ALERT, h, T0 + n) for n, h in enumerate("abc", 1)),
+        alert("HostHung", "a", T0 + 10),               # inhibited; the group closes at T0 + 63
+        alert("Watchdog", "z", T0 + 100))
+    group = next(d.incident_id for d in got.decisions if d.rule == "rack-outage"
+                 and d.outcome == "run_created")
+    closed = next(r.finished for r in got.runs if r.rule == "rack-outage")
+    assert closed == T0 + 63
+    (after,) = [d for d in got.decisions if d.event_id.endswith(f"~after-{group}")]
+    assert (after.time, after.outcome) == (closed, "run_created")  # once_within has passed
 
 
 async def test_a_resolved_event_disarms_an_absence_and_a_silence_fires_once(
@@ -265,5 +286,11 @@ async def test_the_storm_replayed_in_event_time_groups_and_inhibits_as_computed(
     assert sorted(d.event_id for d in inhibited) == sorted(a.event_id for a in want.inhibited)
     assert Counter(i["key"] for v in groups.values() for i in v["inhibited"]
                    for _ in range(int(i["count"]))) == want.inhibited_by_host()
-    assert sorted(r.key or "" for r in got.runs if r.rule == "restart-hung-host") == sorted(
-        want.remediated)
+    # the holds end when the replay does: the groups close, and each inhibited member's
+    # last match is decided again (remediated unless its one run was within once_within)
+    after = {d.key: d for d in got.decisions if "~after-" in d.event_id}
+    assert {k: d.event_id.rpartition("~after-")[0] + "~after-" for k, d in after.items()
+            if k is not None} == want.after_close()
+    assert {k for k, d in after.items() if d.outcome == "run_created"} == want.after_runs()
+    assert Counter(r.key or "" for r in got.runs if r.rule == "restart-hung-host") == Counter(
+        [*want.remediated, *want.after_runs()])

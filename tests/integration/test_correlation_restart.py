@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.e2e.daemon import Config, LoopdProcess, eventually
@@ -87,13 +88,14 @@ async def test_a_group_window_survives_kill_9_and_opens_exactly_once(
     await daemon.post("/v1/alertmanager", hostdown("edge-3"))
     rows = decided(daemon, "edge-outage")
     assert [(o, r) for _, o, r in rows[:2]] == [
-        ("suppressed", "guard group: 1 of 3 members within 5m (group edge)"),
-        ("suppressed", "guard group: 2 of 3 members within 5m (group edge)")]
+        ("suppressed", "guard group: 1 of 3 members within 300s (group edge)"),
+        ("suppressed", "guard group: 2 of 3 members within 300s (group edge)")]
     assert [o for _, o, _ in rows] == ["suppressed", "suppressed", "run_created"]
     (run,) = await daemon.wait_runs(1, status="succeeded")
-    story = await daemon.run(run["id"])
     assert run["key"] == "edge"
-    assert [m["key"] for m in story["input"]["members"]] == ["edge-1", "edge-2", "edge-3"]
+    ((record,),) = daemon.store_query("SELECT value FROM kv WHERE namespace='members' AND "
+                                      "key=?", (run["incident"],))
+    assert [m["key"] for m in orjson.loads(record)["members"]] == ["edge-1", "edge-2", "edge-3"]
 
     await restart(daemon)
     for host in ("edge-1", "edge-2", "edge-3"):  # Alertmanager repeating itself
@@ -176,8 +178,9 @@ async def test_a_partial_all_survives_kill_9_and_completes_after_the_restart(
     await daemon.start()
     await daemon.post("/v1/events/node", {"id": "disk-1", "topic": "metrics/h1/disk_free",
                                           "data": {"value": 0.02}})
-    assert decided(daemon, "disk-and-io") == [
-        ("disk-1", "suppressed", "guard all: 1 of 2 conditions within 5m")]
+    ((event_id, outcome, reason),) = decided(daemon, "disk-and-io")
+    assert (event_id, outcome) == ("disk-1", "suppressed")
+    assert reason.startswith("guard all: 1 of 2 conditions within 300s")
     await restart(daemon)
     await daemon.post("/v1/events/node", {"id": "io-1", "topic": "metrics/h1/io_wait",
                                           "data": {"value": 0.9}})
