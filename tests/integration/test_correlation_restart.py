@@ -190,3 +190,81 @@ async def test_a_partial_all_survives_kill_9_and_completes_after_the_restart(
     assert run["key"] == "h1"
     assert executed(daemon, "disk and io: ") == Counter({run["id"]: 1})
     await daemon.stop()
+
+
+HOLD_UNTIL_SWITCH_UP = """\
+input: [group, members]
+tasks:
+  wait:
+    confirm:
+      event: {source: alertmanager, match: {status: resolved, labels.alertname: SwitchDown}}
+      within: 10m
+"""
+
+
+def alert(name: str, host: str, status: str = "firing") -> dict[str, Any]:
+    return {"version": "4", "status": status, "receiver": "loopd", "alerts": [{
+        "status": status, "labels": {"alertname": name, "instance": host},
+        "startsAt": "2026-12-01T20:00:00Z",
+        "endsAt": "2026-12-01T20:05:00Z" if status == "resolved" else "0001-01-01T00:00:00Z",
+        "fingerprint": f"{name}-{host}"}]}
+
+
+async def test_an_open_group_keeps_inhibiting_after_kill_9_and_releases_its_members_once(
+        tmp_path: Path, daemon_of: Daemons) -> None:
+    """A group incident open before a kill -9 still inhibits its members' host alerts after
+    the restart, under the same incident, and when it closes each member still firing is
+    decided again once (``~after-<incident>``) and remediated; the one whose alert resolved
+    meanwhile is not."""
+    config = Config(root=tmp_path)
+    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
+    config.entities = {h: {"group": "edge"} for h in ("edge-1", "edge-2", "edge-3")}
+    config.add_pack("corr", {"pack.yaml": "name: corr\nactions: {}\n",
+                             "workflows/hold.yaml": HOLD_UNTIL_SWITCH_UP})
+    config.rules = {"group.yaml": [
+        {"name": "edge-outage",
+         "on": {"source": "alertmanager",
+                "match": {"status": "firing", "labels.alertname": "HostDown"}},
+         "key": "{{ event.labels.instance }}",
+         "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "5m"},
+         "inhibits": ["edge-host"],
+         "run": {"workflow": "corr.hold", "input": {"group": "{{ key }}",
+                                                    "members": "{{ members }}"}}},
+        {"name": "edge-host",
+         "on": {"source": "alertmanager",
+                "match": {"status": "firing", "labels.alertname": "HostHung"}},
+         "key": "{{ event.labels.instance }}",
+         "run": {"action": "core.log", "input": {"message": "restart {{ key }}"}}},
+    ]}
+    daemon = daemon_of(config)
+    await daemon.start()
+    for host in ("edge-1", "edge-2", "edge-3"):
+        await daemon.post("/v1/alertmanager", alert("HostDown", host))
+    ((incident,),) = daemon.store_query(
+        "SELECT id FROM incidents WHERE rule='edge-outage' AND status='open'")
+    await daemon.post("/v1/alertmanager", alert("HostHung", "edge-1"))
+    await restart(daemon)
+    await daemon.post("/v1/alertmanager", alert("HostHung", "edge-2"))
+    await daemon.post("/v1/alertmanager", alert("HostHung", "edge-3"))
+    await daemon.post("/v1/alertmanager", alert("HostHung", "edge-3", "resolved"))
+    held = [(e, o, r) for e, o, r in decided(daemon, "edge-host")]
+    assert [(e.split(":")[0], o) for e, o, _ in held] == [
+        ("HostHung-edge-1", "suppressed"), ("HostHung-edge-2", "suppressed"),
+        ("HostHung-edge-3", "suppressed")]
+    assert {r for _, _, r in held} == {
+        f"guard inhibited: edge-{n} is a member of group edge of edge-outage "
+        f"(incident {incident})" for n in (1, 2, 3)}
+
+    await restart(daemon)  # the group run is resumed, waiting for the switch
+    await daemon.post("/v1/alertmanager", alert("SwitchDown", "core-1", "resolved"))
+    await eventually(lambda: len(decided(daemon, "edge-host")) >= 5,
+                     "the members still firing decided again")
+    again = decided(daemon, "edge-host")[3:]
+    assert sorted((e.split("~")[0].split(":")[0], e.rpartition("~")[2], o)
+                  for e, o, _ in again) == [
+        ("HostHung-edge-1", f"after-{incident}", "run_created"),
+        ("HostHung-edge-2", f"after-{incident}", "run_created")]
+    runs = await daemon.wait_runs(2, rule="edge-host", status="succeeded")
+    assert sorted(r["key"] for r in runs) == ["edge-1", "edge-2"]
+    assert sorted(executed(daemon, "restart ").values()) == [1, 1]
+    await daemon.stop()
