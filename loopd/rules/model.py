@@ -192,6 +192,9 @@ class Rule(_Strict):
             out.append(("group.within", f"group.within ({self.group.within:g}s) is shorter "
                                         f"than for: ({self.for_:g}s): a member counts only "
                                         "after for:, so make within at least as long"))
+        if self.group is not None and self.run_mode != "single":
+            out.append(("run_mode", "a group incident's later members join it: run_mode "
+                                    f"{self.run_mode} does not apply to a group rule"))
         if self.all is not None and self.for_ is not None:
             out.append(("for", "for: cannot be combined with all"))
         return out
