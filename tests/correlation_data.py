@@ -133,7 +133,8 @@ class Expected:
     inhibited: list[Alert] = field(default_factory=list)  # host-rule matches suppressed
     remediated: set[str] = field(default_factory=set)  # hosts the host rule runs for once
     host_matches: int = 0
-    group_suppressed: int = 0  # group-rule matches before their group opened
+    # group-rule matches before their group opened: event id -> (group, member, members so far)
+    below_count: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     group_joined: int = 0
 
     def inhibited_by_host(self) -> Counter[str]:
@@ -182,7 +183,7 @@ def expect(alerts: list[Alert], groups: dict[str, str], *, count: int, within: f
                     out.opened_by[group] = alert
                     del pending[group]
                 else:
-                    out.group_suppressed += 1
+                    out.below_count[alert.event_id] = (group, alert.host, len(seen))
         if host_rule_matches(alert):  # decided after the group rule of the same event
             out.host_matches += 1
             if alert.host in out.members.get(group, ()):

@@ -150,16 +150,18 @@ async def check_group_decisions(daemon: LoopdProcess, want: Expected,
                                 by_group: dict[str, str]) -> None:
     decided = await all_decisions(daemon, rule=GROUP_RULE)
     outcomes = Counter(d["outcome"] for d in decided)
-    assert outcomes == Counter(run_created=len(want.members), suppressed=want.group_suppressed,
-                               joined=want.group_joined)
+    assert outcomes == Counter(run_created=len(want.members),
+                               suppressed=len(want.below_count), joined=want.group_joined)
     opened = {d["event"]: d for d in decided if d["outcome"] == "run_created"}
     assert set(opened) == {a.event_id for a in want.opened_by.values()}
     for group, alert in want.opened_by.items():
         assert (opened[alert.event_id]["key"], opened[alert.event_id]["incident"]) == (
             group, by_group[group])
-    below = [d for d in decided if d["outcome"] == "suppressed"]
-    assert {d["guard"] for d in below} == {"group"}
-    assert all(f"of {COUNT} members within {WITHIN:g}s (group " in d["reason"] for d in below)
+    below = {d["event"]: d for d in decided if d["outcome"] == "suppressed"}
+    assert {d["guard"] for d in below.values()} == {"group"}
+    assert {e: (d["key"], d["reason"]) for e, d in below.items()} == {
+        e: (g, f"guard group: {n} of {COUNT} members within {WITHIN:g}s (group {g}, member "
+               f"{m})") for e, (g, m, n) in want.below_count.items()}
 
 
 async def check_host_decisions(daemon: LoopdProcess, data: Storm, want: Expected,

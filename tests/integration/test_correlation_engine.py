@@ -116,10 +116,11 @@ async def test_a_member_older_than_the_window_no_longer_counts_and_the_run_sees_
     got = await replay(tmp_path, config, *(alert(GROUP_ALERT, h, T0 + dt) for h, dt in
                                            (("a", 0), ("b", 50), ("c", 70), ("d", 80))))
     assert [(o, r) for _, o, r in got.of("rack-outage")] == [
-        ("suppressed", "guard group: 1 of 3 members within 60s (group rack-1)"),
-        ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1)"),
-        ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1)"),  # a expired
-        ("run_created", None)]
+        ("suppressed", "guard group: 1 of 3 members within 60s (group rack-1, member a)"),
+        ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1, member b)"),
+        ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1, member c)"),
+        ("run_created", None)]  # a had expired when c came; d opens it
+    assert {d.key for d in got.decisions} == {"rack-1"}  # the group's decisions
     (run,) = [r for r in got.runs if r.rule == "rack-outage"]
     assert run.key == "rack-1"
     assert isinstance(run.input, dict)
@@ -170,7 +171,7 @@ async def test_inhibition_ends_when_the_group_closes_and_still_firing_members_ar
     # afresh: a's new HostDown is the first member of a new window
     assert got.of("rack-outage")[-1] == (
         alert_id(GROUP_ALERT, "a", T0 + 110), "suppressed",
-        "guard group: 1 of 3 members within 60s (group rack-1)")
+        "guard group: 1 of 3 members within 60s (group rack-1, member a)")
     record = got.members[group]
     assert (record["rule"], record["key"]) == ("rack-outage", "rack-1")
     assert {i["key"]: (i["count"], i["firing"]) for i in record["inhibited"]} == {

@@ -88,8 +88,8 @@ async def test_a_group_window_survives_kill_9_and_opens_exactly_once(
     await daemon.post("/v1/alertmanager", hostdown("edge-3"))
     rows = decided(daemon, "edge-outage")
     assert [(o, r) for _, o, r in rows[:2]] == [
-        ("suppressed", "guard group: 1 of 3 members within 300s (group edge)"),
-        ("suppressed", "guard group: 2 of 3 members within 300s (group edge)")]
+        ("suppressed", "guard group: 1 of 3 members within 300s (group edge, member edge-1)"),
+        ("suppressed", "guard group: 2 of 3 members within 300s (group edge, member edge-2)")]
     assert [o for _, o, _ in rows] == ["suppressed", "suppressed", "run_created"]
     (run,) = await daemon.wait_runs(1, status="succeeded")
     assert run["key"] == "edge"
