@@ -1,6 +1,7 @@
-"""Correlation state survives ``kill -9``: the real daemon (tests/e2e/daemon.py) is killed in
-the middle of a group window, an absence timer and a partial ``all``, and started again on
-the same SQLite file; nothing is lost and nothing fires twice."""
+"""Correlation state across the daemon's life: the real daemon (tests/e2e/daemon.py) is
+killed (``kill -9``) in the middle of a group window, an open group's inhibition, absence
+timers and a partial ``all``, and started again on the same SQLite file: nothing is lost
+and nothing fires twice. A reload that disables an absence rule disarms its timer."""
 
 from __future__ import annotations
 
@@ -267,4 +268,40 @@ async def test_an_open_group_keeps_inhibiting_after_kill_9_and_releases_its_memb
     runs = await daemon.wait_runs(2, rule="edge-host", status="succeeded")
     assert sorted(r["key"] for r in runs) == ["edge-1", "edge-2"]
     assert sorted(executed(daemon, "restart ").values()) == [1, 1]
+    await daemon.stop()
+
+
+async def test_disabling_an_absence_rule_by_reload_disarms_its_timer(
+        tmp_path: Path, daemon_of: Daemons) -> None:
+    """``enabled: false`` (``POST /v1/reload``) disarms an armed absence timer: it never
+    fires, while the same timer of a rule left enabled does; enabled again, the rule
+    re-arms on its next matching event and fires once."""
+    config = Config(root=tmp_path)
+    config.sources = [{"name": "node", "type": "webhook"}]
+
+    def rules(enabled: bool) -> list[dict[str, Any]]:
+        return [{"name": name, "on": {"source": "node", "topic": "heartbeat/{host}"},
+                 "key": "{{ vars.host }}", "absent": "3s", "enabled": on,
+                 "run": {"action": "core.log", "input": {"message": f"{name} {{{{ key }}}}"}}}
+                for name, on in (("beat-kept", True), ("beat-toggled", enabled))]
+
+    config.rules = {"beat.yaml": rules(True)}
+    daemon = daemon_of(config)
+    await daemon.start()
+    await daemon.post("/v1/events/node", {"id": "b-1", "topic": "heartbeat/h1",
+                                          "data": {"up": 1}})
+    config.write_rules("beat.yaml", rules(False))
+    await daemon.post("/v1/reload")
+    await eventually(lambda: len(decided(daemon, "beat-kept")) >= 1, "beat-kept to fire")
+    assert decided(daemon, "beat-toggled") == []
+
+    config.write_rules("beat.yaml", rules(True))
+    await daemon.post("/v1/reload")
+    await daemon.post("/v1/events/node", {"id": "b-2", "topic": "heartbeat/h1",
+                                          "data": {"up": 1}})
+    await eventually(lambda: len(decided(daemon, "beat-toggled")) >= 1, "beat-toggled to fire")
+    assert [e for e, _, _ in decided(daemon, "beat-toggled")] == ["b-2~absent"]
+    await eventually(lambda: len(decided(daemon, "beat-kept")) >= 2, "beat-kept to fire again")
+    assert [e for e, _, _ in decided(daemon, "beat-kept")] == ["b-1~absent", "b-2~absent"]
+    assert [e for e, _, _ in decided(daemon, "beat-toggled")] == ["b-2~absent"]
     await daemon.stop()
