@@ -135,7 +135,7 @@ class Expected:
     host_matches: int = 0
     # group-rule matches before their group opened: event id -> (group, member, members so far)
     below_count: dict[str, tuple[str, str, int]] = field(default_factory=dict)
-    group_joined: int = 0
+    joined: dict[str, str] = field(default_factory=dict)  # event id -> the join's reason
 
     def inhibited_by_host(self) -> Counter[str]:
         return Counter(a.host for a in self.inhibited)
@@ -166,9 +166,12 @@ def expect(alerts: list[Alert], groups: dict[str, str], *, count: int, within: f
         group = groups[alert.host]
         if alert.name == GROUP_ALERT:
             if group in out.members:
-                out.group_joined += 1
-                if alert.host not in out.members[group]:
+                if alert.host in out.members[group]:
+                    out.joined[alert.event_id] = "incident already open"
+                else:
                     out.members[group].append(alert.host)
+                    out.joined[alert.event_id] = (f"member {alert.host} joined group {group} "
+                                                  f"({len(out.members[group])} members)")
             else:
                 seen = pending.setdefault(group, {})
                 first = seen[alert.host][0] if alert.host in seen else alert.at

@@ -151,7 +151,8 @@ async def check_group_decisions(daemon: LoopdProcess, want: Expected,
     decided = await all_decisions(daemon, rule=GROUP_RULE)
     outcomes = Counter(d["outcome"] for d in decided)
     assert outcomes == Counter(run_created=len(want.members),
-                               suppressed=len(want.below_count), joined=want.group_joined)
+                               suppressed=len(want.below_count), joined=len(want.joined))
+    assert {d["event"]: d["reason"] for d in decided if d["outcome"] == "joined"} == want.joined
     opened = {d["event"]: d for d in decided if d["outcome"] == "run_created"}
     assert set(opened) == {a.event_id for a in want.opened_by.values()}
     for group, alert in want.opened_by.items():
@@ -312,10 +313,13 @@ async def test_absence_fires_once_per_silence_on_a_real_mqtt_stream(
         # checked while h2 still beats (once it stops, its own silence would fire)
         runs = await daemon.wait_runs(2, status="succeeded")
         assert [r["key"] for r in runs] == ["h1", "h1"]
-        for run in runs:
-            story = await daemon.run(run["id"])
-            assert story["steps"][0]["output"] == {"message": "no heartbeat from h1"}
-            assert story["trigger"]["topic"] == "heartbeat/h1"
+        stories = [await daemon.run(r["id"]) for r in runs]
+        assert [s["steps"][0]["output"] for s in stories] == [
+            {"message": "no heartbeat from h1"}] * 2
+        # the last heartbeat before each silence is the run's event
+        assert sorted((s["trigger"]["id"], s["trigger"]["topic"], s["trigger"]["data"])
+                      for s in stories) == sorted(
+            (f"{ident}~absent", "heartbeat/h1", {"up": 1}) for ident in (last, again))
         assert all(k != "h2" for k, *_ in rows(daemon, "heartbeat-missing"))
     await daemon.stop()
 

@@ -295,3 +295,43 @@ async def test_the_storm_replayed_in_event_time_groups_and_inhibits_as_computed(
     assert {k for k, d in after.items() if d.outcome == "run_created"} == want.after_runs()
     assert Counter(r.key or "" for r in got.runs if r.rule == "restart-hung-host") == Counter(
         [*want.remediated, *want.after_runs()])
+
+
+ALL_RULE = """\
+rules:
+  - name: disk-and-io
+    all:
+      - {on: {source: webhook, topic: "m/{host}"}, if: "event.kind == 'disk'"}
+      - {on: {source: webhook, topic: "m/{host}"}}
+    key: "{{ vars.host }}"
+    within: 10s
+    run: {action: core.log, input: {message: "disk and io on {{ key }}"}}
+"""
+
+
+def metric(ident: str, host: str, at: float, kind: str) -> dict[str, Any]:
+    return {"id": ident, "topic": f"m/{host}", "time": at, "data": {"kind": kind}}
+
+
+async def test_all_needs_each_condition_within_the_window_and_an_event_counts_once(
+        tmp_path: Path) -> None:
+    """An ``all`` rule fires when each condition's latest match is within ``within`` of
+    event time (a match that fell out of the window must come again), with the completing
+    event; an event that matches several conditions counts for the first one only."""
+    config = write_config(tmp_path, ALL_RULE)
+    got = await replay(
+        tmp_path, config,
+        metric("a-disk", "a", T0, "disk"), metric("a-io", "a", T0 + 11, "io"),  # too late
+        metric("a-disk-2", "a", T0 + 12, "disk"),  # a-io (1 s ago) still counts: fires
+        metric("b-disk", "b", T0, "disk"), metric("b-disk-2", "b", T0 + 1, "disk"),
+        metric("c-io", "c", T0 + 2, "io"), metric("c-disk", "c", T0 + 9, "disk"))
+    outcomes = {e: o for e, o, _ in got.of("disk-and-io")}
+    assert outcomes == {"a-disk": "suppressed", "a-io": "suppressed", "a-disk-2": "run_created",
+                        "b-disk": "suppressed", "b-disk-2": "suppressed",  # both the first
+                        "c-io": "suppressed", "c-disk": "run_created"}
+    assert all((r or "").startswith("guard all: 1 of 2 conditions within 10s")
+               for _, o, r in got.of("disk-and-io") if o == "suppressed")
+    runs = {r.key: r for r in got.runs}
+    assert sorted(runs) == ["a", "c"]
+    assert (runs["a"].created, runs["c"].created) == (T0 + 12, T0 + 9)
+    assert isinstance(runs["a"].event, dict) and runs["a"].event["id"] == "a-disk-2"
