@@ -331,7 +331,7 @@ async def test_all_needs_each_condition_within_the_window_and_an_event_counts_on
                         "c-io": "suppressed", "c-disk": "run_created"}
     assert all((r or "").startswith("guard all: 1 of 2 conditions within 10s")
                for _, o, r in got.of("disk-and-io") if o == "suppressed")
-    runs = {r.key: r for r in got.runs}
+    runs = {r.key or "": r for r in got.runs}
     assert sorted(runs) == ["a", "c"]
     assert (runs["a"].created, runs["c"].created) == (T0 + 12, T0 + 9)
     assert isinstance(runs["a"].event, dict) and runs["a"].event["id"] == "a-disk-2"
