@@ -335,3 +335,27 @@ async def test_all_needs_each_condition_within_the_window_and_an_event_counts_on
     assert sorted(runs) == ["a", "c"]
     assert (runs["a"].created, runs["c"].created) == (T0 + 12, T0 + 9)
     assert isinstance(runs["a"].event, dict) and runs["a"].event["id"] == "a-disk-2"
+
+
+async def test_for_applies_per_member_before_the_member_counts(tmp_path: Path) -> None:
+    """``for:`` combined with ``group`` holds each member key back until its condition held
+    for the duration; only then does it count towards the group."""
+    config = write_config(tmp_path, """\
+        rules:
+          - name: rack-outage
+            on: {source: alertmanager, match: {status: firing, labels.alertname: HostDown}}
+            key: "{{ event.labels.instance }}"
+            for: 30s
+            group: {by: "{{ inventory[key].group }}", count: 2, within: 1m}
+            run: {workflow: simtest.hold, input: {group: "{{ key }}", members: "{{ members }}"}}
+        """, RACK)
+    got = await replay(tmp_path, config, *(alert(GROUP_ALERT, h, T0 + dt) for h, dt in
+                                           (("a", 0), ("b", 5), ("a", 40), ("b", 45))))
+    decided = got.of("rack-outage")
+    assert [o for _, o, _ in decided] == ["suppressed", "suppressed", "suppressed",
+                                          "run_created"]
+    assert [(r or "").split(":")[0] for _, _, r in decided[:2]] == ["for", "for"]
+    assert decided[2][2] == "guard group: 1 of 2 members within 60s (group rack-1, member a)"
+    (run,) = got.runs
+    assert isinstance(run.input, dict)
+    assert [m["key"] for m in run.input["members"]] == ["a", "b"]
