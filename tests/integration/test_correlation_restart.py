@@ -305,3 +305,33 @@ async def test_disabling_an_absence_rule_by_reload_disarms_its_timer(
     assert [e for e, _, _ in decided(daemon, "beat-kept")] == ["b-1~absent", "b-2~absent"]
     assert [e for e, _, _ in decided(daemon, "beat-toggled")] == ["b-2~absent"]
     await daemon.stop()
+
+
+async def test_group_members_whose_window_passed_while_down_no_longer_count(
+        tmp_path: Path, daemon_of: Daemons) -> None:
+    """Members rebuilt from the store after a kill -9 still expire with their window: two
+    members whose 2 s window passed while the daemon was down leave the third alone."""
+    config = Config(root=tmp_path)
+    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
+    config.entities = {h: {"group": "edge"} for h in ("edge-1", "edge-2", "edge-3")}
+    config.rules = {"group.yaml": [{
+        "name": "edge-outage",
+        "on": {"source": "alertmanager",
+               "match": {"status": "firing", "labels.alertname": "HostDown"}},
+        "key": "{{ event.labels.instance }}",
+        "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "2s"},
+        "run": {"action": "core.log", "input": {"message": "outage of {{ key }}"}},
+    }]}
+    daemon = daemon_of(config)
+    await daemon.start()
+    for host in ("edge-1", "edge-2"):
+        await daemon.post("/v1/alertmanager", hostdown(host))
+    posted = time.time()
+    await daemon.kill()
+    await eventually(lambda: time.time() - posted > 2.5, "the window to pass")
+    await daemon.start()
+    await daemon.post("/v1/alertmanager", hostdown("edge-3"))
+    assert [(o, r) for _, o, r in decided(daemon, "edge-outage")][2:] == [
+        ("suppressed", "guard group: 1 of 3 members within 2s (group edge, member edge-3)")]
+    assert await daemon.runs() == []
+    await daemon.stop()
