@@ -298,7 +298,7 @@ async def test_absence_fires_once_per_silence_on_a_real_mqtt_stream(
         assert rows(daemon, "heartbeat-missing") == [
             ("h1", f"{last}~absent", "telemetry", "run_created")]
         # silent for another absence period and more: no second firing
-        await eventually(lambda: time.monotonic() - fired_at > 3.0, "3 s of silence")
+        await eventually(lambda: time.monotonic() - fired_at > 2.5, "2.5 s more of silence")
         assert len(rows(daemon, "heartbeat-missing")) == 1
 
         beats.beating.add("h1")

@@ -116,7 +116,7 @@ def heartbeat_config(tmp_path: Path) -> Config:
         {"name": name, "on": {"source": "node", "topic": "heartbeat/{host}"},
          "key": "{{ vars.host }}", "absent": after,
          "run": {"action": "core.log", "input": {"message": f"{name}: {{{{ key }}}}"}}}
-        for name, after in (("beat-short", "1s"), ("beat-long", "6s"))]}
+        for name, after in (("beat-short", "1s"), ("beat-long", "5s"))]}
     return config
 
 
@@ -141,7 +141,7 @@ async def test_absence_timers_armed_before_kill_9_fire_once_after_the_restart(
             ("beat-h1~absent", "run_created")]
     long_at = float(daemon.store_query(
         "SELECT time FROM decisions WHERE rule='beat-long'")[0][0])
-    assert long_at >= sent_at + 6  # at its time, not at the restart
+    assert long_at >= sent_at + 5  # at its time, not at the restart
 
     await restart(daemon)
     # a timer of h2 armed and fired after this restart: any due timer of h1 had its turn
@@ -281,7 +281,7 @@ async def test_disabling_an_absence_rule_by_reload_disarms_its_timer(
 
     def rules(enabled: bool) -> list[dict[str, Any]]:
         return [{"name": name, "on": {"source": "node", "topic": "heartbeat/{host}"},
-                 "key": "{{ vars.host }}", "absent": "3s", "enabled": on,
+                 "key": "{{ vars.host }}", "absent": "2s", "enabled": on,
                  "run": {"action": "core.log", "input": {"message": f"{name} {{{{ key }}}}"}}}
                 for name, on in (("beat-kept", True), ("beat-toggled", enabled))]
 
@@ -310,7 +310,7 @@ async def test_disabling_an_absence_rule_by_reload_disarms_its_timer(
 async def test_group_members_whose_window_passed_while_down_no_longer_count(
         tmp_path: Path, daemon_of: Daemons) -> None:
     """Members rebuilt from the store after a kill -9 still expire with their window: two
-    members whose 2 s window passed while the daemon was down leave the third alone."""
+    members whose 1 s window passed while the daemon was down leave the third alone."""
     config = Config(root=tmp_path)
     config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
     config.entities = {h: {"group": "edge"} for h in ("edge-1", "edge-2", "edge-3")}
@@ -319,7 +319,7 @@ async def test_group_members_whose_window_passed_while_down_no_longer_count(
         "on": {"source": "alertmanager",
                "match": {"status": "firing", "labels.alertname": "HostDown"}},
         "key": "{{ event.labels.instance }}",
-        "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "2s"},
+        "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "1s"},
         "run": {"action": "core.log", "input": {"message": "outage of {{ key }}"}},
     }]}
     daemon = daemon_of(config)
@@ -328,10 +328,10 @@ async def test_group_members_whose_window_passed_while_down_no_longer_count(
         await daemon.post("/v1/alertmanager", hostdown(host))
     posted = time.time()
     await daemon.kill()
-    await eventually(lambda: time.time() - posted > 2.5, "the window to pass")
+    await eventually(lambda: time.time() - posted > 1.5, "the window to pass")
     await daemon.start()
     await daemon.post("/v1/alertmanager", hostdown("edge-3"))
     assert [(o, r) for _, o, r in decided(daemon, "edge-outage")][2:] == [
-        ("suppressed", "guard group: 1 of 3 members within 2s (group edge, member edge-3)")]
+        ("suppressed", "guard group: 1 of 3 members within 1s (group edge, member edge-3)")]
     assert await daemon.runs() == []
     await daemon.stop()
