@@ -114,12 +114,15 @@ async def test_a_member_older_than_the_window_no_longer_counts_and_the_run_sees_
     time, its event and its inventory entity."""
     config = write_config(tmp_path, GROUP_RULES, RACK)
     got = await replay(tmp_path, config, *(alert(GROUP_ALERT, h, T0 + dt) for h, dt in
-                                           (("a", 0), ("b", 50), ("c", 70), ("d", 80))))
+                                           (("a", 0), ("b", 50), ("c", 70), ("d", 80),
+                                            ("d", 85), ("e", 90))))
     assert [(o, r) for _, o, r in got.of("rack-outage")] == [
         ("suppressed", "guard group: 1 of 3 members within 60s (group rack-1, member a)"),
         ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1, member b)"),
         ("suppressed", "guard group: 2 of 3 members within 60s (group rack-1, member c)"),
-        ("run_created", None)]  # a had expired when c came; d opens it
+        ("run_created", None),  # a had expired when c came; d opens it
+        ("joined", "incident already open"),  # d again
+        ("joined", "member e joined group rack-1 (4 members)")]
     assert {d.key for d in got.decisions} == {"rack-1"}  # the group's decisions
     (run,) = [r for r in got.runs if r.rule == "rack-outage"]
     assert run.key == "rack-1"
@@ -131,7 +134,8 @@ async def test_a_member_older_than_the_window_no_longer_counts_and_the_run_sees_
         alert_id(GROUP_ALERT, h, T0 + dt) for h, dt in (("b", 50), ("c", 70), ("d", 80))]
     assert {m["event"]["source"] for m in members} == {"alertmanager"}
     assert [m["entity"] for m in members] == [{"name": h, **RACK[h]} for h in "bcd"]
-    assert [m["key"] for m in got.members[str(run.incident_id)]["members"]] == ["b", "c", "d"]
+    assert [m["key"] for m in got.members[str(run.incident_id)]["members"]] == [
+        "b", "c", "d", "e"]
 
 
 async def test_inhibition_ends_when_the_group_closes_and_still_firing_members_are_redecided(
@@ -205,7 +209,8 @@ async def test_a_member_decided_again_after_the_close_is_decided_at_the_close(
 async def test_a_resolved_event_disarms_an_absence_and_a_silence_fires_once(
         tmp_path: Path) -> None:
     """``absent: 30s`` fires once per silence with the last event in scope (30 s of event
-    time after it), and a matching event with ``status: resolved`` disarms the timer."""
+    time after it), a matching event with ``status: resolved`` disarms the timer, and a
+    timer due after the last event's time does not fire (the recording ends there)."""
     config = write_config(tmp_path, """\
         rules:
           - name: beat-missing
@@ -223,6 +228,7 @@ async def test_a_resolved_event_disarms_an_absence_and_a_silence_fires_once(
                        beat("h1-1", "h1", T0), beat("h2-1", "h2", T0), beat("h3-1", "h3", T0),
                        beat("h1-2", "h1", T0 + 10, status="resolved"),
                        beat("h3-2", "h3", T0 + 20),
+                       beat("h4-1", "h4", T0 + 190),  # due after the recording ends
                        {"id": "end", "topic": "other", "time": T0 + 200, "data": {}})
     fired = [d for d in got.decisions if d.rule == "beat-missing"]
     assert [(d.key, d.event_id, d.outcome, d.source) for d in fired] == [
@@ -317,18 +323,21 @@ async def test_all_needs_each_condition_within_the_window_and_an_event_counts_on
         tmp_path: Path) -> None:
     """An ``all`` rule fires when each condition's latest match is within ``within`` of
     event time (a match that fell out of the window must come again), with the completing
-    event; an event that matches several conditions counts for the first one only."""
+    event, and starts afresh; an event that matches several conditions counts for the
+    first one only."""
     config = write_config(tmp_path, ALL_RULE)
     got = await replay(
         tmp_path, config,
         metric("a-disk", "a", T0, "disk"), metric("a-io", "a", T0 + 11, "io"),  # too late
         metric("a-disk-2", "a", T0 + 12, "disk"),  # a-io (1 s ago) still counts: fires
         metric("b-disk", "b", T0, "disk"), metric("b-disk-2", "b", T0 + 1, "disk"),
-        metric("c-io", "c", T0 + 2, "io"), metric("c-disk", "c", T0 + 9, "disk"))
+        metric("c-io", "c", T0 + 2, "io"), metric("c-disk", "c", T0 + 9, "disk"),
+        metric("c-io-2", "c", T0 + 10, "io"))  # the fire cleared c's partial matches
     outcomes = {e: o for e, o, _ in got.of("disk-and-io")}
     assert outcomes == {"a-disk": "suppressed", "a-io": "suppressed", "a-disk-2": "run_created",
                         "b-disk": "suppressed", "b-disk-2": "suppressed",  # both the first
-                        "c-io": "suppressed", "c-disk": "run_created"}
+                        "c-io": "suppressed", "c-disk": "run_created",
+                        "c-io-2": "suppressed"}
     assert all((r or "").startswith("guard all: 1 of 2 conditions within 10s")
                for _, o, r in got.of("disk-and-io") if o == "suppressed")
     runs = {r.key or "": r for r in got.runs}

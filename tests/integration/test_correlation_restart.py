@@ -245,6 +245,8 @@ async def test_an_open_group_keeps_inhibiting_after_kill_9_and_releases_its_memb
         "SELECT id FROM incidents WHERE rule='edge-outage' AND status='open'")
     await daemon.post("/v1/alertmanager", alert("HostHung", "edge-1"))
     await restart(daemon)
+    repeat = await daemon.post("/v1/alertmanager", alert("HostHung", "edge-1"))
+    assert repeat["duplicates"] == 1  # Alertmanager repeating itself: not counted again
     await daemon.post("/v1/alertmanager", alert("HostHung", "edge-2"))
     await daemon.post("/v1/alertmanager", alert("HostHung", "edge-3"))
     await daemon.post("/v1/alertmanager", alert("HostHung", "edge-3", "resolved"))
@@ -255,6 +257,13 @@ async def test_an_open_group_keeps_inhibiting_after_kill_9_and_releases_its_memb
     assert {r for _, _, r in held} == {
         f"guard inhibited: edge-{n} is a member of group edge of edge-outage "
         f"(incident {incident})" for n in (1, 2, 3)}
+
+    ((stored,),) = daemon.store_query(
+        "SELECT value FROM kv WHERE namespace='members' AND key=?", (incident,))
+    assert {(i["rule"], i["key"], i["count"], i["firing"])
+            for i in orjson.loads(stored)["inhibited"]} == {
+        ("edge-host", "edge-1", 1, True), ("edge-host", "edge-2", 1, True),
+        ("edge-host", "edge-3", 1, False)}
 
     await restart(daemon)  # the group run is resumed, waiting for the switch
     await daemon.post("/v1/alertmanager", alert("SwitchDown", "core-1", "resolved"))
