@@ -368,3 +368,32 @@ async def test_for_applies_per_member_before_the_member_counts(tmp_path: Path) -
     (run,) = got.runs
     assert isinstance(run.input, dict)
     assert [m["key"] for m in run.input["members"]] == ["a", "b"]
+
+
+async def test_the_event_that_opens_a_group_is_inhibited_whatever_the_rule_order(
+        tmp_path: Path) -> None:
+    """Within one event the group rule is decided before the rule it inhibits, even when
+    that rule comes first in the file: the member that opens the group is inhibited."""
+    config = write_config(tmp_path, """\
+        rules:
+          - name: host-down
+            on: {source: alertmanager, match: {status: firing}}
+            key: "{{ event.labels.instance }}"
+            run: {action: core.log, input: {message: "restart {{ key }}"}}
+          - name: rack-outage
+            on: {source: alertmanager, match: {status: firing, labels.alertname: HostDown}}
+            key: "{{ event.labels.instance }}"
+            group: {by: "{{ inventory[key].group }}", count: 3, within: 1m}
+            inhibits: [host-down]
+            run: {workflow: simtest.hold, input: {group: "{{ key }}", members: "{{ members }}"}}
+        """, RACK)
+    got = await replay(tmp_path, config,
+                       *(alert(GROUP_ALERT, h, T0 + n) for n, h in enumerate("abc")))
+    assert [o for _, o, _ in got.of("rack-outage")] == ["suppressed", "suppressed",
+                                                        "run_created"]
+    host = got.of("host-down")
+    assert [(e, o) for e, o, _ in host[:3]] == [
+        (alert_id(GROUP_ALERT, "a", T0), "run_created"),
+        (alert_id(GROUP_ALERT, "b", T0 + 1), "run_created"),
+        (alert_id(GROUP_ALERT, "c", T0 + 2), "suppressed")]
+    assert (host[2][2] or "").startswith("guard inhibited: c is a member of group rack-1")
