@@ -239,11 +239,12 @@ class Heartbeats:
     async def run(self) -> None:
         while True:
             for host in sorted(self.beating):
+                if host not in self.beating:  # stopped while the one before was sent
+                    continue
                 self.sent += 1
-                ident = f"hb-{host}-{self.sent}"
+                ident = self.last[host] = f"hb-{host}-{self.sent}"  # before it goes out
                 await self.client.publish(f"heartbeat/{host}",
                                           orjson.dumps({"id": ident, "data": {"up": 1}}), qos=1)
-                self.last[host] = ident
             await asyncio.sleep(0.2)  # the heartbeat period, not a wait for loopd
 
     def stop(self, host: str) -> str:
@@ -350,17 +351,23 @@ async def test_all_across_an_http_source_and_an_mqtt_source_fires_only_within_th
     }]}
     daemon = loopd_factory(config)
     await daemon.start()
+    # connected once, so that an IO message goes out as soon as its disk event is decided
+    client = aiomqtt.Client(mqtt_broker.host, mqtt_broker.port, identifier=None,
+                            username=mqtt_broker.username, timeout=10)
+    async with client:
+        await all_cases(daemon, client)
+    await daemon.stop()
 
+
+async def all_cases(daemon: LoopdProcess, client: aiomqtt.Client) -> None:
     async def disk(host: str) -> None:
         await daemon.post("/v1/events/node", {"id": f"disk-{host}", "topic":
                                               f"metrics/{host}/disk_free",
                                               "data": {"value": 0.05}})
 
     async def io(host: str) -> None:
-        async with aiomqtt.Client(mqtt_broker.host, mqtt_broker.port, identifier=None,
-                                  username=mqtt_broker.username, timeout=10) as client:
-            await client.publish(f"metrics/{host}/io_wait", orjson.dumps(
-                {"id": f"io-{host}", "data": {"value": 0.5}}), qos=1)
+        await client.publish(f"metrics/{host}/io_wait", orjson.dumps(
+            {"id": f"io-{host}", "data": {"value": 0.5}}), qos=1)
 
     def outcome(event_id: str) -> tuple[str, str] | None:
         found = daemon.store_query("SELECT outcome, reason FROM decisions WHERE event_id=?",
@@ -397,4 +404,3 @@ async def test_all_across_an_http_source_and_an_mqtt_source_fires_only_within_th
     # the window passed, the one left is far's IO (the completed one was cleared at once)
     assert [tuple(orjson.loads(k)) for (k,) in daemon.store_query(
         "SELECT key FROM kv WHERE namespace='correlation'")] == [("p", "disk-and-io", "far")]
-    await daemon.stop()

@@ -290,7 +290,7 @@ async def test_disabling_an_absence_rule_by_reload_disarms_its_timer(
 
     def rules(enabled: bool) -> list[dict[str, Any]]:
         return [{"name": name, "on": {"source": "node", "topic": "heartbeat/{host}"},
-                 "key": "{{ vars.host }}", "absent": "2s", "enabled": on,
+                 "key": "{{ vars.host }}", "absent": "3s", "enabled": on,
                  "run": {"action": "core.log", "input": {"message": f"{name} {{{{ key }}}}"}}}
                 for name, on in (("beat-kept", True), ("beat-toggled", enabled))]
 
