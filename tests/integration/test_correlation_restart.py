@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.e2e.daemon import Config, LoopdProcess, eventually
+from tests.e2e.daemon import Config, LoopdProcess, eventually, store_query
 
 pytestmark = pytest.mark.e2e
 
@@ -344,3 +344,95 @@ async def test_group_members_whose_window_passed_while_down_no_longer_count(
         ("suppressed", "guard group: 1 of 3 members within 1s (group edge, member edge-3)")]
     assert await daemon.runs() == []
     await daemon.stop()
+
+
+
+def replicas(tmp_path: Path, rules: dict[str, list[dict[str, Any]]]
+             ) -> tuple[LoopdProcess, LoopdProcess, Path]:
+    """Two daemons (replicas ``one`` and ``two``, each its own folder and logs) on one
+    SQLite store; the store's path."""
+    shared = tmp_path / "shared.db"
+    made = []
+    for name in ("one", "two"):
+        config = Config(root=tmp_path / name, extra={"store": {"path": str(shared)}})
+        config.sources = [{"name": "node", "type": "webhook"},
+                          {"name": "alertmanager", "type": "alertmanager"}]
+        config.entities = {f"{g}-{n}": {"group": g} for g in ("edge", "core") for n in (1, 2, 3)}
+        config.rules = rules
+        made.append(LoopdProcess(config, {"LOOPD_REPLICA": name}))
+    return made[0], made[1], shared
+
+
+def decided_in(store: Path, rule: str) -> list[tuple[str, str]]:
+    return [(str(e), str(o)) for e, o in store_query(
+        store, "SELECT event_id, outcome FROM decisions WHERE rule=? ORDER BY seq", (rule,))]
+
+
+GROUP_RULE = {
+    "name": "outage",
+    "on": {"source": "alertmanager",
+           "match": {"status": "firing", "labels.alertname": "HostDown"}},
+    "key": "{{ event.labels.instance }}",
+    "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "5m"},
+    "run": {"action": "core.log", "input": {"message": "outage of {{ key }}"}},
+}
+
+
+async def test_group_members_posted_to_two_replicas_open_one_group_with_all_of_them(
+        tmp_path: Path) -> None:
+    """Two daemons on one store, members posted to either: the third member opens one
+    group incident with all three, whether the replicas polled each other's state in
+    between (store.poll) or the members came back to back (the store, not a replica's
+    memory, knows the members)."""
+    one, two, store = replicas(tmp_path, {"group.yaml": [GROUP_RULE]})
+    try:
+        await one.start()
+        await two.start()
+        await one.post("/v1/alertmanager", hostdown("edge-1"))
+        await two.post("/v1/alertmanager", hostdown("edge-2"))
+        posted = time.time()  # two polls of the replicas (store.poll: 1 s)
+        await eventually(lambda: time.time() - posted > 2.5, "the replicas to poll")
+        await one.post("/v1/alertmanager", hostdown("edge-3"))
+        assert [o for _, o in decided_in(store, "outage")] == [
+            "suppressed", "suppressed", "run_created"]
+        ((incident,),) = store_query(store, "SELECT id FROM incidents")
+        ((stored,),) = store_query(
+            store, "SELECT value FROM kv WHERE namespace='members' AND key=?", (incident,))
+        assert [m["key"] for m in orjson.loads(stored)["members"]] == [
+            "edge-1", "edge-2", "edge-3"]
+
+        for daemon, host in ((one, "core-1"), (two, "core-2"), (one, "core-3")):
+            await daemon.post("/v1/alertmanager", hostdown(host))
+        assert [o for _, o in decided_in(store, "outage")][3:] == [
+            "suppressed", "suppressed", "run_created"], "back to back: the group never opened"
+        await one.stop()
+        await two.stop()
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_an_absence_rearmed_on_the_other_replica_fires_once_and_both_keep_running(
+        tmp_path: Path) -> None:
+    """A key's heartbeats posted to one replica, then to the other: its absence fires once,
+    for the last heartbeat, and both daemons keep running (the replica whose firing the
+    store finds already decided takes it as a duplicate) and stop cleanly."""
+    one, two, store = replicas(tmp_path, heartbeat_config(tmp_path).rules)
+    try:
+        await one.start()
+        await two.start()
+        await one.post("/v1/events/node", {"id": "hb-1", "topic": "heartbeat/h1",
+                                           "data": {"up": 1}})
+        await two.post("/v1/events/node", {"id": "hb-2", "topic": "heartbeat/h1",
+                                           "data": {"up": 1}})
+        await eventually(lambda: len(decided_in(store, "beat-long")) >= 1, "beat-long to fire")
+        await eventually(lambda: time.time() - float(store_query(
+            store, "SELECT MAX(time) FROM decisions")[0][0]) > 1.5, "the other to try too")
+        assert decided_in(store, "beat-short") == [("hb-2~absent", "run_created")]
+        assert decided_in(store, "beat-long") == [("hb-2~absent", "run_created")]
+        assert one.running and two.running, "a replica died:\n" + one.tail(30) + two.tail(30)
+        await one.stop()
+        await two.stop()
+    finally:
+        await one.close()
+        await two.close()
