@@ -75,6 +75,7 @@ class Group:
     members: dict[str, Member] = field(default_factory=dict)  # in order of arrival
     incident: str | None = None  # the open incident's id
     inhibited: dict[Slot, Inhibited] = field(default_factory=dict)
+    foreign: bool = False  # another replica's open incident (read from the store)
 
 
 @dataclass(slots=True)
@@ -95,6 +96,11 @@ class Partial:
 def row(*parts: str) -> str:
     """The kv key of one piece of state: unambiguous whatever the rule and key hold."""
     return json.dumps(parts, separators=(",", ":"))
+
+
+def member_rows(rule: str, key: str) -> str:
+    """The prefix of the kv keys of one group's members."""
+    return row("g", rule, key)[:-1] + ","
 
 
 class Correlation:
@@ -119,7 +125,11 @@ class Correlation:
         self._seq = itertools.count()
         self._fingerprints: dict[str, list[Inhibited]] = {}
         self._warned = False
-        self._told = (0, 0, 0)  # the sizes loopd_correlation_state shows
+        self._told = (0, 0, 0)
+        # several replicas: groups held below their count in this batch (the store may
+        # know more members, decided elsewhere), and other replicas' open group incidents
+        self.held: set[Slot] = set()
+        self.foreign: dict[str, dict[str, Group]] = {}  # the sizes loopd_correlation_state shows
 
     # -- rules ------------------------------------------------------------------------
 
@@ -165,6 +175,7 @@ class Correlation:
         self._touch(group, member, event, now)
         have = len(group.members)
         if have < spec.count:
+            self.held.add(slot)
             self._expire_at(min(m.last for m in group.members.values()) + spec.within, "g",
                             slot)
             # recorded for the group, the incident's key: its story tells how it formed
@@ -172,14 +183,45 @@ class Correlation:
                            f"guard group: {have} of {spec.count} members within "
                            f"{spec.within:g}s (group {key}, member {member})")
             return
-        scope["key"] = key
+        self.open(rule, group, event, scope, now, batch, commands)
+
+    def open(self, rule: CompiledRule, group: Group, event: Event, scope: dict[str, Any],
+             now: float, batch: Batch, commands: list[RunCommand]) -> None:
+        """``group`` has its count: open its incident with ``event`` (unless a guard or
+        the throttle says no: then it stays as it is, and the next member tries again)."""
+        scope["key"] = group.key
         scope["members"] = self._view(group)
-        self.incidents.decide(rule, event, key, scope, now, batch, commands)
-        opened = self.incidents.open.get(slot)
-        if opened is not None:  # not when a guard or the throttle said no
+        self.incidents.decide(rule, event, group.key, scope, now, batch, commands)
+        opened = self.incidents.open.get((group.rule, group.key))
+        if opened is not None:
             group.incident = opened.id
             self._inhibit_members(group)
             self._write_members(group)
+
+    def complete(self, slot: Slot, rows: list[tuple[str, JSON]], now: float
+                 ) -> tuple[CompiledRule, Group, Event] | None:
+        """A group held below its count, with the store's member rows (several replicas
+        decide members of one group): the rule, the group and a trigger event when the
+        union has the count now. The trigger is the newest member's event under the id
+        ``<id>~group``, the same on every replica that reads the same rows."""
+        rule = self._rules.get(slot[0])
+        spec = rule.rule.group if rule is not None else None
+        if rule is None or spec is None or slot in self.incidents.open:
+            return None
+        group = self.groups.setdefault(slot, Group(*slot))
+        for name, value in rows:
+            member = json.loads(name)[3]
+            if member not in group.members:
+                group.members[member] = Member(member, value["first"], value["last"],
+                                               value["event"])
+            else:
+                known = group.members[member]
+                known.last = max(known.last, value["last"])
+        self._expire(group, now, spec.within)
+        if len(group.members) < spec.count:
+            return None
+        newest = max(group.members.values(), key=lambda m: (m.last, m.key))
+        return rule, group, event_from(newest.event, f"{newest.event['id']}~group")
 
     def _join(self, group: Group, incident: IncidentRecord, event: Event, member: str,
               now: float, batch: Batch) -> None:
@@ -248,7 +290,8 @@ class Correlation:
         held = self.inhibitors.get(rule)
         group = held.get(key) if held else None
         if group is None:
-            return None
+            elsewhere = self.foreign.get(rule)
+            return elsewhere.get(key) if elsewhere else None
         incident = self.incidents.open.get((group.rule, group.key))
         if incident is None or incident.id != group.incident:  # closed, or never created
             del held[key]  # type: ignore[union-attr]
@@ -258,6 +301,11 @@ class Correlation:
     def inhibit(self, group: Group, rule: str, key: str, event: Event, now: float,
                 batch: Batch) -> None:
         """Record ``rule``'s match for member ``key`` as held back by ``group``."""
+        reason = (f"guard inhibited: {key} is a member of group {group.key} of "
+                  f"{group.rule} (incident {group.incident})")
+        if group.foreign:  # its members row is the other replica's to write
+            self._suppress(batch, rule, key, event, now, "inhibited", reason)
+            return
         slot = (rule, key)
         seen = group.inhibited.get(slot)
         data = event.to_json()
@@ -271,9 +319,21 @@ class Correlation:
             seen.fingerprint = fingerprint
             self._fingerprints.setdefault(fingerprint, []).append(seen)
         self._write_members(group)
-        self._suppress(batch, rule, key, event, now, "inhibited",
-                       f"guard inhibited: {key} is a member of group {group.key} of "
-                       f"{group.rule} (incident {group.incident})")
+        self._suppress(batch, rule, key, event, now, "inhibited", reason)
+
+    def follow_foreign(self, incidents: list[tuple[IncidentRecord, JSON]]) -> None:
+        """Other replicas' open group incidents with their members rows: their members'
+        matches of the rules they inhibit are held back here too (until the next read)."""
+        foreign: dict[str, dict[str, Group]] = {}
+        for incident, stored in incidents:
+            rule = self._rules.get(incident.rule)
+            if rule is None or (incident.rule, incident.key) in self.incidents.open:
+                continue
+            group = Group(incident.rule, incident.key, incident=incident.id, foreign=True)
+            for member in (stored or {}).get("members", ()):
+                for name in rule.rule.inhibits:
+                    foreign.setdefault(name, {})[member["key"]] = group
+        self.foreign = foreign
 
     def resolved(self, fingerprint: str) -> None:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""
