@@ -375,10 +375,10 @@ def decided_in(store: Path, rule: str) -> list[tuple[str, str]]:
 
 async def test_group_members_posted_to_two_replicas_open_one_group_with_all_of_them(
         tmp_path: Path) -> None:
-    """Two daemons on one store, members posted to either: the third member opens one
-    group incident with all three, whether the replicas polled each other's state in
-    between (store.poll) or the members came back to back (the store, not a replica's
-    memory, knows the members)."""
+    """Two daemons on one store, members posted to either: three members open one group
+    incident with all three, once, whether the replicas polled each other's state in
+    between (store.poll: the third member's event opens it) or the members came back to
+    back (the store, not a replica's memory, knows the members: ``<id>~group`` opens it)."""
     one, two, store = replicas(tmp_path, {"group.yaml": [group_rule()]})
     try:
         await one.start()
@@ -398,8 +398,26 @@ async def test_group_members_posted_to_two_replicas_open_one_group_with_all_of_t
 
         for daemon, host in ((one, "core-1"), (two, "core-2"), (one, "core-3")):
             await daemon.post("/v1/alertmanager", hostdown(host))
-        assert [o for _, o in decided_in(store, "edge-outage")][3:] == [
-            "suppressed", "suppressed", "run_created"], "back to back: the group never opened"
+        # back to back, neither replica knew all three: the one that wrote the third reads
+        # the group back and opens it, for the newest member's event
+        await eventually(lambda: len(decided_in(store, "edge-outage")) >= 7,
+                         "the core group to open")
+        core_3 = "HostDown-core-3:2026-12-01T20:00:00Z:firing"
+        assert decided_in(store, "edge-outage")[3:] == [
+            (f"HostDown-core-{n}:2026-12-01T20:00:00Z:firing", "suppressed") for n in (1, 2, 3)
+        ] + [(f"{core_3}~group", "run_created")]
+        incidents = dict(store_query(store, "SELECT key, id FROM incidents"))
+        assert sorted(incidents) == ["core", "edge"]
+        ((stored,),) = store_query(store, "SELECT value FROM kv WHERE namespace='members' "
+                                   "AND key=?", (incidents["core"],))
+        members = orjson.loads(stored)["members"]
+        assert [m["time"] for m in members] == sorted(m["time"] for m in members), \
+            f"members not in order of arrival: {[(m['key'], m['time']) for m in members]}"
+        assert [m["key"] for m in members] == ["core-1", "core-2", "core-3"]
+        await eventually(lambda: store_query(
+            store, "SELECT COUNT(*) FROM runs WHERE status='succeeded'") == [(2,)], "2 runs")
+        acted = executed(one, "outage of ") + executed(two, "outage of ")
+        assert sorted(acted.values()) == [1, 1]
         await one.stop()
         await two.stop()
     finally:
