@@ -79,7 +79,8 @@ class Correlation:
         # several replicas: groups held below their count in this batch (the store may
         # know more members, decided elsewhere), and other replicas' open group incidents
         self.held: set[Slot] = set()
-        self.foreign: dict[str, dict[str, Group]] = {}  # the sizes loopd_correlation_state shows
+        self.foreign: dict[str, dict[str, Group]] = {}  # rule inhibited -> member -> group
+        self.foreign_groups: dict[Slot, Group] = {}  # the sizes loopd_correlation_state shows
 
     # -- rules ------------------------------------------------------------------------
 
@@ -119,6 +120,15 @@ class Correlation:
         incident = self.incidents.open.get(slot)
         if incident is not None:
             self._join(group, incident, event, member, now, batch)
+            return
+        elsewhere = self.foreign_groups.get(slot)
+        if elsewhere is not None:  # another replica holds the open incident: join it there
+            self._touch(group, member, event, now)  # its owner merges the member's row
+            self._foreign_member(elsewhere, member)
+            batch.decisions.append(DecisionRecord(
+                event.source, event.id, rule.name, key, "joined",
+                f"member {member} of group {key} (its incident is another replica's)", now,
+                elsewhere.incident))
             return
         group.incident = None
         self._expire(group, now, spec.within)
@@ -182,7 +192,7 @@ class Correlation:
         self._touch(group, member, event, now)
         if new:
             self._inhibit_members(group, [member])
-            self._write_members(group)
+        self._write_members(group)  # a repeat moves the member's last time too
         incident.events += 1
         batch.incidents[incident.id] = incident
         reason = (f"member {member} joined group {group.key} ({len(group.members)} members)"
@@ -234,14 +244,13 @@ class Correlation:
         """The open group incident holding back ``rule``'s matches for ``key``, if any."""
         held = self.inhibitors.get(rule)
         group = held.get(key) if held else None
-        if group is None:
-            elsewhere = self.foreign.get(rule)
-            return elsewhere.get(key) if elsewhere else None
-        incident = self.incidents.open.get((group.rule, group.key))
-        if incident is None or incident.id != group.incident:  # closed, or never created
-            del held[key]  # type: ignore[union-attr]
-            return None
-        return group
+        if group is not None:
+            incident = self.incidents.open.get((group.rule, group.key))
+            if incident is not None and incident.id == group.incident:
+                return group
+            del held[key]  # type: ignore[union-attr]  # closed, or never created
+        elsewhere = self.foreign.get(rule)  # another replica's open group incident
+        return elsewhere.get(key) if elsewhere else None
 
     def inhibit(self, group: Group, rule: str, key: str, event: Event, now: float,
                 batch: Batch) -> None:
@@ -267,18 +276,45 @@ class Correlation:
         self._suppress(batch, rule, key, event, now, "inhibited", reason)
 
     def follow_foreign(self, incidents: list[tuple[IncidentRecord, JSON]]) -> None:
-        """Other replicas' open group incidents with their members rows: their members'
-        matches of the rules they inhibit are held back here too (until the next read)."""
-        foreign: dict[str, dict[str, Group]] = {}
+        """Other replicas' open group incidents with their members rows: their members
+        (and the members decided here) join them, and their matches of the rules they
+        inhibit are held back here too (until the next read)."""
+        self.foreign, self.foreign_groups = {}, {}
         for incident, stored in incidents:
-            rule = self._rules.get(incident.rule)
-            if rule is None or (incident.rule, incident.key) in self.incidents.open:
+            slot = (incident.rule, incident.key)
+            if slot in self.incidents.open or slot[0] not in self._rules:
                 continue
-            group = Group(incident.rule, incident.key, incident=incident.id, foreign=True)
-            for member in (stored or {}).get("members", ()):
-                for name in rule.rule.inhibits:
-                    foreign.setdefault(name, {})[member["key"]] = group
-        self.foreign = foreign
+            members = [m["key"] for m in (stored or {}).get("members", ())]
+            local = self.groups.get(slot)
+            self._foreign_group(slot, incident.id, [*members, *(local.members if local else ())])
+
+    def conflicted(self, opened: str, held: IncidentRecord) -> None:
+        """The store did not create group incident ``opened``: another replica holds
+        ``held`` open for the group. The group's members join that one (they are
+        inhibited by it here), and the members row written for ``opened`` goes."""
+        group = self.groups.get((held.rule, held.key))
+        if group is None or group.incident != opened:
+            return
+        group.incident = None
+        self._dirty.pop(opened, None)
+        self._writes[(MEMBERS, opened)] = None
+        self._foreign_group((held.rule, held.key), held.id, list(group.members))
+
+    def _foreign_group(self, slot: Slot, incident: str, members: Iterable[str]) -> None:
+        group = Group(*slot, incident=incident, foreign=True)
+        self.foreign_groups[slot] = group
+        for member in members:
+            self._foreign_member(group, member)
+
+    def _foreign_member(self, group: Group, member: str) -> None:
+        group.members.setdefault(member, Member(member, 0.0, 0.0, None))
+        rule = self._rules.get(group.rule)
+        for name in rule.rule.inhibits if rule is not None else ():
+            self.foreign.setdefault(name, {})[member] = group
+
+    def pending(self) -> bool:
+        """Rows changed that no batch has taken yet."""
+        return bool(self._writes or self._dirty)
 
     def resolved(self, fingerprint: str) -> None:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""
@@ -478,8 +514,10 @@ class Correlation:
                     mine = partial.matched.get(int(part))
                     if mine is None or mine[0] < t:
                         partial.matched[int(part)] = (t, data)
-        for group in grown.values():
+        for slot, group in grown.items():
             _in_arrival_order(group)
+            if slot in self.incidents.open and group.incident is not None:
+                self._write_members(group)  # members another replica decided join it
         self._reindex()
 
     def _load_row(self, name: str, value: JSON) -> None:

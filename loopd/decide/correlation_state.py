@@ -97,6 +97,7 @@ def members_row(group: Group) -> JSON:
     inhibited = list(group.inhibited.values())[:MAX_LISTED]
     return {
         "rule": group.rule, "key": group.key,
+        "member_count": len(group.members), "inhibited_count": len(group.inhibited),
         "members": [{"key": m.key, "time": m.first, "last": m.last, "event": m.event}
                     for m in members],
         "inhibited": [
