@@ -64,21 +64,21 @@ async def guarded(read: Callable[[DecisionQuery], Awaitable[list[DecisionRecord]
                   query: DecisionQuery, guard: str, scan: int = GUARD_SCAN
                   ) -> tuple[list[DecisionRecord], int | None]:
     """Up to ``query.limit`` suppressions naming ``guard`` that ``query`` selects, read
-    with ``read`` (``Control.decisions``, a store's ``decisions``), newest first, and the ``before`` of the next page (None when there is none): the seq of the
-    last row shown, or of the last suppression read when ``scan`` of them were read
-    before the page was full."""
+    with ``read`` (``Control.decisions``, a store's ``decisions``), newest first, and the
+    ``before`` of the next page (None when there is none): the seq of the last row shown,
+    or of the last suppression read when ``scan`` of them were read before the page was
+    full."""
     found: list[DecisionRecord] = []
-    before, read = query.before, 0
-    while read < scan:
-        size = min(_CHUNK, scan - read)
-        chunk = await read(replace(query, outcome="suppressed", before=before,
-                                                limit=size))
+    before, seen = query.before, 0
+    while seen < scan:
+        size = min(_CHUNK, scan - seen)
+        chunk = await read(replace(query, outcome="suppressed", before=before, limit=size))
         for d in chunk:
             if decision_guard(d.reason) == guard:
                 if len(found) == query.limit:  # one more than the page: there is a next
                     return found, found[-1].seq
                 found.append(d)
-        read += len(chunk)
+        seen += len(chunk)
         if len(chunk) < size:
             return found, None  # no older suppression
         before = chunk[-1].seq
