@@ -2,15 +2,16 @@
 
 The answer to "why did nothing run?": every event a rule matched left a decision, and a
 suppressed one names its guard and reason. Filters ``rule``, ``key``, ``outcome``,
-``source``, ``guard`` (the suppressions of one guard: ``throttle``, ``for``, ``group``,
-``inhibited``, ``all``...), ``since``/``until`` (RFC 3339 or epoch seconds) and ``limit``
-(at most 1000); pages go back with ``before`` (a row's ``seq``), and ``next`` is the link
-to the next page (None on the last one).
+``source``, ``since``/``until`` (RFC 3339 or epoch seconds) and ``limit`` (at most 1000);
+pages go back with ``before`` (a row's ``seq``), and ``next`` is the link to the next
+page (None on the last one).
 
-The guard is not a column of the store: it is the word a suppression's reason names
-(``decision_guard``), so ``guarded`` reads the suppressions page by page and keeps the
-guard's, reading at most ``GUARD_SCAN`` of them for one answer; when that is reached
-before the page is full, ``next`` still goes on from where it stopped.
+The web UI's explorer also filters by guard (``throttle``, ``for``, ``group``,
+``inhibited``, ``all``...). The guard is not a column of the store: it is the word a
+suppression's reason names (``decision_guard``), so ``guarded`` reads the suppressions
+page by page and keeps the guard's, reading at most ``GUARD_SCAN`` of them for one page;
+when that is reached before the page is full, the next page goes on from where it
+stopped.
 
 Every view of a decision (this route, a run's and an incident's story) has the one row
 shape of ``decision_view``.
@@ -30,8 +31,7 @@ from loopd.decisions import OUTCOMES, decision_guard
 from loopd.store.base import DecisionQuery, DecisionRecord
 from loopd.units import rfc3339
 
-_FILTERS = ("rule", "key", "outcome", "source", "guard", "since", "until", "before",
-            "limit")
+_FILTERS = ("rule", "key", "outcome", "source", "since", "until", "before", "limit")
 GUARD_SCAN = 20_000  # suppressions read at most for one page of one guard's
 _CHUNK = 1000
 
@@ -51,9 +51,6 @@ def decision_query(request: web.Request) -> DecisionQuery:
     if outcome is not None and outcome not in OUTCOMES:
         raise web.HTTPBadRequest(text=f"unknown outcome {outcome!r} (use "
                                       f"{', '.join(OUTCOMES)})")
-    if q.get("guard") and outcome not in (None, "suppressed"):
-        raise web.HTTPBadRequest(text="guard names the guard of a suppressed decision: "
-                                      f"it cannot go with outcome {outcome!r}")
     return DecisionQuery(
         rule=q.get("rule"), key=q.get("key"), outcome=outcome, source=q.get("source"),
         since=params.time_param(q, "since"), until=params.time_param(q, "until"),
@@ -87,19 +84,14 @@ async def guarded(read: Callable[[DecisionQuery], Awaitable[list[DecisionRecord]
 
 async def list_decisions(request: web.Request) -> web.Response:
     query = decision_query(request)
-    control = request.app[CTX].control
     wanted = query.limit
-    guard = request.query.get("guard")
-    if guard:
-        page, after = await guarded(control.decisions, query, guard)
-    else:
-        # one more than asked: whether there is a next page at all
-        found = await control.decisions(replace(query, limit=wanted + 1))
-        page = found[:wanted]
-        after = page[-1].seq if len(found) > wanted and page else None
+    # one more than asked: whether there is a next page at all
+    found = await request.app[CTX].control.decisions(replace(query, limit=wanted + 1))
+    page = found[:wanted]
+    more = len(found) > wanted and page
     return json_response({
         "decisions": [decision_view(d) for d in page],
-        "next": str(request.rel_url.update_query(before=after)) if after else None,
+        "next": str(request.rel_url.update_query(before=page[-1].seq)) if more else None,
     })
 
 

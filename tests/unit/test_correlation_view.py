@@ -1,0 +1,159 @@
+"""How correlation is shown: a group incident's stored members as the API's rows, the
+suppressions of one guard read page by page from a real store, a rule's correlation
+fields, and the group part of ``loopd show``'s story."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from loopd.api.correlation import correlation_of, group_view
+from loopd.api.decisions import guarded
+from loopd.rules.model import Rule
+from loopd.store.base import Batch, DecisionQuery, DecisionRecord
+from loopd.store.memory import MemoryStore
+from loopd.story import Paint, Story
+from loopd.units import parse_time
+
+T0 = 1_796_000_000.0  # 2026-11-30T...Z, any fixed instant
+
+STORED = {  # the kv value the decision side writes under the incident's id (spec.md)
+    "rule": "frontend-outage", "key": "frontend",
+    "members": [
+        {"key": "web-1", "time": T0, "last": T0 + 30.5,
+         "event": {"id": "a1", "source": "alertmanager", "topic": "HostDown",
+                   "key": "web-1", "time": T0, "data": {"status": "firing"}}},
+        {"key": "web-2", "time": T0 + 1, "last": T0 + 1,
+         "event": {"id": "a2", "source": "alertmanager", "topic": "HostDown",
+                   "key": "web-2", "time": T0 + 1, "data": {}}},
+    ],
+    "inhibited": [{"rule": "restart-hung-host", "key": "web-2", "count": 3,
+                   "first": T0 + 1, "last": T0 + 20.25, "event_id": "a7",
+                   "source": "alertmanager", "firing": True}],
+}
+
+
+def test_a_stored_group_becomes_member_and_inhibited_rows_with_rfc3339_times() -> None:
+    """The stored members value becomes the API's rows: members in order of arrival with
+    first and last match as RFC 3339 and their first event's id and source, and the
+    inhibited (rule, member) with its count and last time."""
+    view = group_view(STORED)
+    assert view["member_count"] == 2
+    assert [(m["key"], m["event_id"], m["source"]) for m in view["members"]] == [
+        ("web-1", "a1", "alertmanager"), ("web-2", "a2", "alertmanager")]
+    first = view["members"][0]
+    assert first["time"].endswith("Z") and parse_time(first["time"]) == pytest.approx(T0)
+    assert parse_time(first["last"]) == pytest.approx(T0 + 30.5)
+    (held,) = view["inhibited"]
+    assert (held["rule"], held["key"], held["count"]) == ("restart-hung-host", "web-2", 3)
+    assert parse_time(held["last"]) == pytest.approx(T0 + 20.25)
+    assert set(held) == {"rule", "key", "count", "last"}  # the API's fields, no event data
+
+
+def test_an_incident_without_members_has_empty_lists() -> None:
+    """An incident with no stored members (an ordinary rule's) shows no members and no
+    inhibited matches rather than failing."""
+    assert group_view(None) == {"members": [], "member_count": 0, "inhibited": []}
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def _decision(n: int, outcome: str, reason: str | None) -> DecisionRecord:
+    return DecisionRecord("alertmanager", f"e{n}", "restart-hung-host", f"web-{n % 7}",
+                          outcome, reason, T0 + n)
+
+
+async def test_the_guard_filter_pages_through_one_guards_suppressions(
+        store: MemoryStore) -> None:
+    """Reading the suppressions of one guard returns only those (newest first), a page at
+    a time, each page's ``before`` leading to the next until the last one says none."""
+    reasons = {0: "guard inhibited: web-0 is a member of group frontend",
+               1: "guard group: 1 of 3 members within 2m (group frontend)",
+               2: "throttled: once within 600s (12s left)"}
+    rows = [_decision(n, "joined" if n % 5 == 4 else "suppressed",
+                      None if n % 5 == 4 else reasons[n % 3]) for n in range(300)]
+    await store.commit(Batch(decisions=rows))
+    expected = [f"e{n}" for n in reversed(range(300)) if n % 5 != 4 and n % 3 == 0]
+    got: list[str] = []
+    before: int | None = None
+    pages = 0
+    while True:
+        page, before = await guarded(store.decisions,
+                                     DecisionQuery(limit=25, before=before), "inhibited",
+                                     scan=120)
+        got += [d.event_id for d in page]
+        assert all(d.outcome == "suppressed" for d in page)
+        pages += 1
+        if before is None:
+            break
+        assert pages < 100, "the pages never end"
+    assert got == expected
+
+
+async def test_the_guard_filter_keeps_the_other_filters(store: MemoryStore) -> None:
+    """The guard filter narrows the query's other filters (here a key), it does not
+    replace them."""
+    await store.commit(Batch(decisions=[
+        _decision(n, "suppressed", "guard group: 2 of 3 members within 2m (group fe)")
+        for n in range(30)]))
+    page, after = await guarded(store.decisions, DecisionQuery(key="web-3", limit=100),
+                                "group")
+    assert [d.event_id for d in page] == [f"e{n}" for n in reversed(range(30)) if n % 7 == 3]
+    assert after is None
+
+
+def test_a_rules_correlation_lists_group_inhibits_absent_all_and_any() -> None:
+    """Each correlation field of a rule is shown with durations in seconds; an ordinary
+    rule has none."""
+    group = Rule.model_validate({
+        "name": "frontend-outage", "on": {"source": "alertmanager"},
+        "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "2m"},
+        "inhibits": ["restart-hung-host"], "run": {"action": "core.noop"}})
+    assert correlation_of(group) == {
+        "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": 120.0},
+        "inhibits": ["restart-hung-host"]}
+    absent = Rule.model_validate({"name": "hb", "on": {"source": "telemetry"},
+                                  "absent": "5m", "run": {"action": "core.noop"}})
+    assert correlation_of(absent) == {"absent": 300.0}
+    both = Rule.model_validate({
+        "name": "disk-and-io", "within": "10m", "run": {"action": "core.noop"},
+        "all": [{"on": {"source": "node", "topic": "metrics/{host}/disk_free"},
+                 "if": "event.value < 0.1"},
+                {"on": {"source": "node", "topic": "metrics/{host}/io_wait"}}]})
+    assert correlation_of(both) == {"within": 600.0, "all": [
+        {"source": "node", "topic": "metrics/{host}/disk_free", "match": {},
+         "if": "event.value < 0.1"},
+        {"source": "node", "topic": "metrics/{host}/io_wait", "match": {}, "if": None}]}
+    either = Rule.model_validate({"name": "either", "run": {"action": "core.noop"},
+                                  "any": [{"on": {"source": "a"}}]})
+    assert correlation_of(either) == {"any": [
+        {"source": "a", "topic": None, "match": {}, "if": None}]}
+    plain = Rule.model_validate({"name": "plain", "run": {"action": "core.noop"}})
+    assert correlation_of(plain) is None
+
+
+def test_loopd_show_lists_the_members_and_the_matches_held_back() -> None:
+    """The story of a group incident's run names the group and its member count, each
+    member with when it first matched and its first event, and each inhibited
+    (rule, member) with its count."""
+    run = {"id": "r1", "status": "succeeded", "workflow": "netdev.check_uplink",
+           "rule": "frontend-outage", "key": "frontend", "created": T0 + 2,
+           "group": {"rule": "frontend-outage", "key": "frontend", **group_view(STORED)}}
+    lines = Story(Paint(False), lambda _: None).lines(run)
+    text = "\n".join(lines)
+    assert "group    frontend: 2 members" in lines
+    member_lines = [line for line in lines if "first event" in line]
+    assert len(member_lines) == 2
+    assert "web-1" in member_lines[0] and "alertmanager/a1" in member_lines[0]
+    assert "(last " in member_lines[0] and "(last " not in member_lines[1]
+    assert "web-2" in member_lines[1] and "alertmanager/a2" in member_lines[1]
+    assert "restart-hung-host  web-2  x3" in text
