@@ -11,6 +11,7 @@ then on.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -292,3 +293,59 @@ async def test_loopd_simulate_reports_the_same_group_as_the_daemon(
     text = report.render()
     assert f"{GROUP_RULE}  frontend: {len(group['members'])} member(s)" in text
     assert "held back: " in text
+
+
+# -- the README's example ------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+README_INVENTORY = """\
+entities:
+  web-1: {group: frontend, uplink: sw-3, address: 127.0.0.1}
+  web-2: {group: frontend, uplink: sw-3, address: 127.0.0.1}
+  web-3: {group: frontend, uplink: sw-3, address: 127.0.0.1}
+  sw-3: {address: 127.0.0.1}
+"""
+
+
+def readme_rules() -> str:
+    """The first YAML block of the README's Correlation section, as written there."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Correlation"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    return section[start:section.index("```\n", start)]
+
+
+async def test_the_readme_correlation_rules_run_with_the_shipped_packs(
+        tmp_path: Path) -> None:
+    """The README's correlation rules load with the shipped packs, and three hosts of
+    one group down together start one ``netdev.check_uplink`` run whose ticket names
+    the group's members in order of arrival, the third host's restart held back."""
+    shutil.copytree(REPO / "packs", tmp_path / "packs")
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "correlation.yaml").write_text(readme_rules())
+    (tmp_path / "inventory.yaml").write_text(README_INVENTORY)
+    (tmp_path / "loopd.yaml").write_text(
+        "sources: [{name: alertmanager, type: alertmanager}, {name: telemetry, type: webhook},"
+        " {name: node, type: webhook}]\nrules: [rules]\npacks: [packs]\n"
+        "inventory: inventory.yaml\n"
+        "pack_config: {servicenow: {instance: 'https://example.service-now.com'}}\n")
+    t0 = time.time() - 3600
+    hosts = ["web-1", "web-2", "web-3"]
+    recording = tmp_path / "alerts.jsonl"
+    recording.write_bytes(b"".join(orjson.dumps(notification(am_alert(h, starts=t0 + i)))
+                                   + b"\n" for i, h in enumerate(hosts)))
+    async with Simulation(load_config(tmp_path / "loopd.yaml")) as sim:
+        assert [str(e) for e in (*sim.registry.errors, *sim.ruleset.errors)] == []
+        report = await sim.replay(read_events([parse_event_file(str(recording))]))
+        runs = await sim.store.list_runs(limit=100)
+        (uplink,) = [r for r in runs if r.target == "netdev.check_uplink"]
+        steps = {s.task: s for s in await sim.store.steps(uplink.id)}
+    assert (uplink.rule, uplink.key, uplink.input["device"]) == (
+        "frontend-outage", "frontend", "sw-3")
+    assert [m["key"] for m in uplink.input["members"]] == hosts
+    ticket = steps["ticket"]
+    assert ticket.input["short_description"].startswith("3 hosts of frontend down together")
+    assert ticket.input["work_notes"].endswith(": " + ", ".join(hosts))
+    by_rule = report.data["rules"]["by_rule"]
+    assert by_rule["restart-hung-host"]["suppressions"] == {"inhibited": 1}
+    assert by_rule["frontend-outage"]["suppressions"] == {"group": 2}

@@ -1,0 +1,112 @@
+"""Correlation in the web UI, in a real headless browser (Playwright with Debian's
+chromium) against a real ``loopd run`` subprocess: a group incident appears live on the
+incidents page as "frontend: N members" with its members and the matches it held back,
+its inhibited matches are found through the decisions explorer's guard filter, and the
+rules page shows what each rule correlates.
+
+Under ``CI=true`` a missing browser fails these tests (``servers.require``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page
+
+from tests.e2e.conftest import Factory
+from tests.e2e.daemon import Config, LoopdProcess
+from tests.e2e.test_ui import UI_WAIT, browser
+from tests.integration.test_guards_daemon import am_alert, notification
+
+pytestmark = pytest.mark.e2e
+__all__ = ["browser"]  # the fixture, shared with test_ui
+
+GROUP, HOST = "frontend-outage", "restart-hung-host"
+RULES: list[dict[str, Any]] = [
+    {"name": GROUP, "description": "Hosts of one group down together: one incident",
+     "on": {"source": "alertmanager",
+            "match": {"status": "firing", "labels.alertname": "HostDown"}},
+     "key": "{{ event.labels.instance }}",
+     "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": "2m"},
+     "inhibits": [HOST], "mode": "approval",  # the run waits: the incident stays open
+     "run": {"action": "core.log", "input": {"message": "{{ key }} down"}}},
+    {"name": HOST, "on": {"source": "alertmanager",
+                          "match": {"status": "firing", "labels.alertname": "HostDown"}},
+     "key": "{{ event.labels.instance }}", "run": {"action": "core.noop"}},
+]
+HOSTS = ["web-1", "web-2", "web-3", "web-4"]
+COUNT = 3
+
+
+async def _alert(daemon: LoopdProcess, host: str, at: float) -> None:
+    body = await daemon.post("/v1/alertmanager", notification(am_alert(host, starts=at)))
+    assert body["accepted"] == 1, body
+
+
+async def _members(page: Page) -> list[str]:
+    rows = page.locator("tr.group-detail tr.member")
+    return [str(await rows.nth(i).get_attribute("data-member"))
+            for i in range(await rows.count())]
+
+
+async def test_a_group_incident_shows_live_with_its_members_and_what_it_held_back(
+        config: Config, loopd_factory: Factory, browser: Browser) -> None:
+    """The incidents page, open while the alerts arrive, shows the group incident once
+    the third host alerts and then its fourth member, each member in order of arrival
+    and each held-back host match; the explorer's guard filter finds those held back
+    and the group's own waits; the rules page shows the group and its inhibitions."""
+    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
+    config.rules = {"correlation.yaml": RULES}
+    config.entities = {h: {"group": "frontend", "address": "127.0.0.1"} for h in HOSTS}
+    config.write()
+    daemon = loopd_factory(config)
+    await daemon.start()
+    page = await browser.new_page()
+    await page.goto(daemon.url + "/")
+    await page.locator(".live.on").wait_for(timeout=UI_WAIT)
+
+    t0 = time.time()
+    for i, host in enumerate(HOSTS[:COUNT]):
+        await _alert(daemon, host, t0 + i)
+    title = page.locator("span.group")
+    await title.filter(has_text=f"frontend: {COUNT} members").wait_for(timeout=UI_WAIT)
+    assert await _members(page) == HOSTS[:COUNT]
+    await _alert(daemon, HOSTS[COUNT], t0 + COUNT)  # a later member joins
+    await title.filter(has_text=f"frontend: {len(HOSTS)} members").wait_for(timeout=UI_WAIT)
+    assert await _members(page) == HOSTS
+    # held back: the host that opened the group and the one after it
+    held = page.locator("tr.inhibited-match")
+    assert [await held.nth(i).get_attribute("data-member")
+            for i in range(await held.count())] == HOSTS[COUNT - 1:]
+    assert await held.first.locator("td.num").inner_text() == "1"
+
+    # the held-back match's rule links to its decisions, filtered by guard and member
+    await held.first.locator("a").click()
+    await page.wait_for_url("**/decisions?**guard=inhibited**")
+    row = page.locator("tr.decision.suppressed")
+    await row.first.wait_for(timeout=UI_WAIT)
+    assert await row.count() == 1
+    assert await row.locator("td.guard").inner_text() == "inhibited"
+    reason = await row.locator("td.reason").inner_text()
+    assert f"{HOSTS[COUNT - 1]} is a member of group frontend of {GROUP}" in reason
+
+    # the explorer's guard filter, chosen in the form: the group rule's waits
+    await page.goto(daemon.url + "/decisions")
+    await page.select_option("select[name=guard]", "group")
+    await page.click("form.filters button")
+    await page.wait_for_url("**guard=group**")
+    waits = page.locator("tr.decision")
+    await waits.first.wait_for(timeout=UI_WAIT)
+    assert await waits.count() == COUNT - 1  # the members before the count
+    assert {await waits.nth(i).locator("td.guard").inner_text()
+            for i in range(COUNT - 1)} == {"group"}
+    assert [await waits.nth(i).locator("td.key").inner_text()
+            for i in range(COUNT - 1)] == list(reversed(HOSTS[:COUNT - 1]))  # newest first
+
+    await page.goto(daemon.url + "/rules")
+    rule = await page.inner_text(f"#rule-{GROUP} td.correlation")
+    assert "group by {{ inventory[key].group }}: 3 members within 2 min" in rule
+    assert f"inhibits {HOST}" in rule
+    assert (await page.inner_text(f"#rule-{HOST} td.correlation")).strip() == "-"
