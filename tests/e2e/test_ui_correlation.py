@@ -2,7 +2,8 @@
 chromium) against a real ``loopd run`` subprocess: a group incident appears live on the
 incidents page as "frontend: N members" with its members and the matches it held back,
 its inhibited matches are found through the decisions explorer's guard filter, and the
-rules page shows what each rule correlates.
+rules page shows what each rule correlates; and ``loopd show`` of the group's run lists
+its members.
 
 Under ``CI=true`` a missing browser fails these tests (``servers.require``).
 """
@@ -17,6 +18,7 @@ from playwright.async_api import Browser, Page
 
 from tests.e2e.conftest import Factory
 from tests.e2e.daemon import Config, LoopdProcess
+from tests.e2e.test_terminal import loopd
 from tests.e2e.test_ui import UI_WAIT, browser
 from tests.integration.test_guards_daemon import am_alert, notification
 
@@ -40,6 +42,13 @@ HOSTS = ["web-1", "web-2", "web-3", "web-4"]
 COUNT = 3
 
 
+def _config(config: Config) -> None:
+    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
+    config.rules = {"correlation.yaml": RULES}
+    config.entities = {h: {"group": "frontend", "address": "127.0.0.1"} for h in HOSTS}
+    config.write()
+
+
 async def _alert(daemon: LoopdProcess, host: str, at: float) -> None:
     body = await daemon.post("/v1/alertmanager", notification(am_alert(host, starts=at)))
     assert body["accepted"] == 1, body
@@ -57,10 +66,7 @@ async def test_a_group_incident_shows_live_with_its_members_and_what_it_held_bac
     the third host alerts and then its fourth member, each member in order of arrival
     and each held-back host match; the explorer's guard filter finds those held back
     and the group's own waits; the rules page shows the group and its inhibitions."""
-    config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
-    config.rules = {"correlation.yaml": RULES}
-    config.entities = {h: {"group": "frontend", "address": "127.0.0.1"} for h in HOSTS}
-    config.write()
+    _config(config)
     daemon = loopd_factory(config)
     await daemon.start()
     page = await browser.new_page()
@@ -110,3 +116,30 @@ async def test_a_group_incident_shows_live_with_its_members_and_what_it_held_bac
     assert "group by {{ inventory[key].group }}: 3 members within 2 min" in rule
     assert f"inhibits {HOST}" in rule
     assert (await page.inner_text(f"#rule-{HOST} td.correlation")).strip() == "-"
+
+
+async def test_loopd_show_lists_the_members_of_the_runs_group_incident(
+        config: Config, loopd_factory: Factory) -> None:
+    """``loopd show`` of the group incident's run (the real CLI against the daemon) names
+    the group and its member count, each member in order of arrival with its first
+    event, and each host match held back."""
+    _config(config)
+    daemon = loopd_factory(config)
+    await daemon.start()
+    t0 = time.time()
+    for i, host in enumerate(HOSTS):
+        await _alert(daemon, host, t0 + i)
+    (run,) = await daemon.wait_runs(1, status="awaiting_approval")
+    story = await daemon.run(run["id"])
+    assert [m["key"] for m in story["group"]["members"]] == HOSTS
+
+    code, out, err = await loopd("show", run["id"], url=daemon.url)
+    assert (code, err) == (0, ""), out
+    lines = out.splitlines()
+    assert f"group    frontend: {len(HOSTS)} members" in lines
+    listed = [line.split()[1] for line in lines if "  first event alertmanager/" in line]
+    assert listed == HOSTS
+    for member in story["group"]["members"]:
+        assert f"first event alertmanager/{member['event_id']}" in out
+    held = [line.split()[:2] for line in lines if line.startswith(f"  {HOST}  ")]
+    assert held == [[HOST, h] for h in HOSTS[COUNT - 1:]]
