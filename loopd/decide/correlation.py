@@ -167,9 +167,10 @@ class Correlation:
         if have < spec.count:
             self._expire_at(min(m.last for m in group.members.values()) + spec.within, "g",
                             slot)
-            self._suppress(batch, rule.name, member, event, now, "group",
+            # recorded for the group, the incident's key: its story tells how it formed
+            self._suppress(batch, rule.name, key, event, now, "group",
                            f"guard group: {have} of {spec.count} members within "
-                           f"{spec.within:g}s (group {key})")
+                           f"{spec.within:g}s (group {key}, member {member})")
             return
         scope["key"] = key
         scope["members"] = self._view(group)
@@ -403,8 +404,9 @@ class Correlation:
             rule = self._rules.get(slot[0])
             if kind == "g" and (group := self.groups.get(slot)) is not None:
                 spec = rule.rule.group if rule is not None else None
-                if spec is None or group.incident is not None or slot in self.incidents.open:
+                if spec is None or slot in self.incidents.open:
                     continue  # an open incident's members stay until it closes
+                group.incident = None  # closed, or the store never created it
                 self._expire(group, now, spec.within)
                 if group.members:
                     self._expire_at(min(m.last for m in group.members.values()) + spec.within,

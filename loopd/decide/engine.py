@@ -606,12 +606,16 @@ class Engine:
             return False
 
     def _decide_event(self, event: Event, pending: _Pending, only: str | None) -> bool:
-        if self._telemetry_sources is None or event.source in self._telemetry_sources:
+        # an event decided again for one rule (an inhibited match) was seen already: it is
+        # no new telemetry, and no evidence
+        fresh = only is None
+        if fresh and (self._telemetry_sources is None
+                      or event.source in self._telemetry_sources):
             self.telemetry.observe(event)
-        if self._evidence is not None:
+        if fresh and self._evidence is not None:
             self._evidence(event)
         keep = self.keep_evidence
-        kept = keep is not None and (
+        kept = fresh and keep is not None and (
             event.data.get("status") == "resolved" or any(
                 event.topic.startswith(prefix)
                 for prefix in (*keep.get(event.source, ()), *keep.get(ANY_SOURCE, ()))))

@@ -78,7 +78,7 @@ async def test_a_group_opens_at_its_count_and_inhibits_its_members(
     assert group_run.key == "front"
     assert [m["key"] for m in group_run.input["value"]] == ["w1", "w2", "w3"]
     assert group_run.input["value"][0]["event"]["id"] == "a1"
-    assert "guard group: 2 of 3 members within 120s (group front)" in reasons(db)
+    assert "guard group: 2 of 3 members within 120s (group front, member w2)" in reasons(db)
     assert any(x and x.startswith("guard inhibited: w3 is a member of group front of outage")
                for x in reasons(db))
     assert [m["key"] for m in members["members"]] == ["w1", "w2", "w3", "w4"]
