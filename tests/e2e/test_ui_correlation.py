@@ -108,8 +108,13 @@ async def test_a_group_incident_shows_live_with_its_members_and_what_it_held_bac
     assert await waits.count() == COUNT - 1  # the members before the count
     assert {await waits.nth(i).locator("td.guard").inner_text()
             for i in range(COUNT - 1)} == {"group"}
+    # each is the group's (its key), counting the members so far, newest first
     assert [await waits.nth(i).locator("td.key").inner_text()
-            for i in range(COUNT - 1)] == list(reversed(HOSTS[:COUNT - 1]))  # newest first
+            for i in range(COUNT - 1)] == ["frontend"] * (COUNT - 1)
+    assert [await waits.nth(i).locator("td.reason").inner_text()
+            for i in range(COUNT - 1)] == [
+        f"guard group: {n} of {COUNT} members within 120s (group frontend, member "
+        f"{HOSTS[n - 1]})" for n in reversed(range(1, COUNT))]
 
     await page.goto(daemon.url + "/rules")
     rule = await page.inner_text(f"#rule-{GROUP} td.correlation")
