@@ -185,7 +185,7 @@ async def test_the_run_story_and_the_web_pages_show_the_group(site: Site) -> Non
     """The group run's story has the group's members and inhibited matches; the incidents
     page shows "frontend: N members" with a row per member and per inhibited match, the
     decisions explorer's guard filter keeps only that guard's suppressions, and the rules
-    page shows the rule's group and inhibitions."""
+    page shows the rule's group and inhibitions; the run's trace lists the members."""
     alerts = arrivals(time.time())
     groups, held, _ = expected(alerts)
     async with site.daemon() as api:
@@ -209,6 +209,12 @@ async def test_the_run_story_and_the_web_pages_show_the_group(site: Site) -> Non
         assert grouped.count('class="decision suppressed"') == COUNT - 1 + 1  # + db-1
         refused = await html(api, "/decisions?guard=group&outcome=joined", status=400)
         assert "a guard names a suppressed decision" in refused
+
+        trace = await html(api, f"/runs/{incident['run']}")
+        group_part = trace.split('id="group"')[1].split("</li>")[0]
+        assert f"{len(groups['frontend'])} members" in group_part
+        rows = group_part.split('tr class="member" data-member="')[1:]
+        assert [row.split('"')[0] for row in rows] == groups["frontend"]
 
         rules = await html(api, "/rules")
         row = rules.split(f'id="rule-{GROUP_RULE}"')[1].split("</tr>")[0]
