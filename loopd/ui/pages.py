@@ -31,6 +31,7 @@ from loopd.ui.views import condense, environment
 from loopd.units import parse_time
 
 _PAGE_SIZE = 50
+_MEMBERS_SHOWN = 50  # a group incident's members (and held-back matches) listed on a page
 _HISTORY = 1000  # incidents and runs the rules page counts fix rate and time to fix over
 _WINDOW = 86400.0  # s: how far back the rules page counts shadow runs and suppressions
 _DECISIONS = 20_000  # the most decisions of each of those two kinds it reads
@@ -93,7 +94,7 @@ class Pages:
                 by_incident[run.incident_id].append(run)
         incidents = [*open_, *closed]
         return {"incidents": incidents, "runs_of": dict(by_incident),
-                "groups": await groups_of(control, incidents),
+                "groups": await groups_of(control, incidents), "shown": _MEMBERS_SHOWN,
                 "waiting": sum(r.status == states.AWAITING_APPROVAL for r in runs)}
 
     async def incidents(self, request: web.Request) -> web.Response:

@@ -11,9 +11,10 @@ import pytest
 from loopd.api.correlation import correlation_of, group_view
 from loopd.api.decisions import guarded
 from loopd.rules.model import Rule
-from loopd.store.base import Batch, DecisionQuery, DecisionRecord
+from loopd.store.base import Batch, DecisionQuery, DecisionRecord, IncidentRecord
 from loopd.store.memory import MemoryStore
 from loopd.story import Paint, Story
+from loopd.ui.views import environment
 from loopd.units import parse_time
 
 T0 = 1_796_000_000.0  # 2026-11-30T...Z, any fixed instant
@@ -157,3 +158,19 @@ def test_loopd_show_lists_the_members_and_the_matches_held_back() -> None:
     assert "(last " in member_lines[0] and "(last " not in member_lines[1]
     assert "web-2" in member_lines[1] and "alertmanager/a2" in member_lines[1]
     assert "restart-hung-host  web-2  x3" in text
+
+
+def test_the_incident_list_names_a_large_groups_first_members_and_how_many_more() -> None:
+    """A group of 60 members shows as "frontend: 60 members" with the first 50 members
+    in order of arrival and a line saying 10 more are listed by the API."""
+    members = [{"key": f"web-{i}", "time": T0 + i, "last": T0 + i,
+                "event": {"id": f"a{i}", "source": "alertmanager"}} for i in range(60)]
+    incident = IncidentRecord("i1", "frontend-outage", "frontend", "open", T0 + 2)
+    html = environment().get_template("_incidents.html").render(
+        incidents=[incident], runs_of={}, waiting=0, now=T0 + 100, shown=50,
+        groups={"i1": group_view({"rule": "frontend-outage", "key": "frontend",
+                                  "members": members, "inhibited": []})})
+    assert "frontend: 60 members" in html
+    shown = [part.split('"')[0] for part in html.split('tr class="member" data-member="')[1:]]
+    assert shown == [f"web-{i}" for i in range(50)]
+    assert "and 10 more members" in html and "/v1/incidents/i1" in html
