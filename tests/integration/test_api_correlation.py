@@ -378,3 +378,24 @@ async def test_a_members_repeated_match_moves_its_last_time(tmp_path: Path) -> N
     assert after["web-1"]["time"] == before["web-1"]["time"]
     assert parse_time(after["web-1"]["last"]) >= sent - 0.01
     assert after["web-2"] == before["web-2"]
+
+
+async def test_after_a_restart_the_group_lists_its_members_and_still_inhibits(
+        site: Site) -> None:
+    """After a restart of the daemon, the open group incident still lists the members it
+    had, a member that alerts then joins the list, and its host match is held back."""
+    t0 = time.time()
+    alerts = arrivals(t0)
+    first, later = alerts[:4], alerts[4:5]  # web-1, web-2, db-1, web-3 | web-4
+    groups, held, _ = expected(first + later)
+    async with site.daemon() as api:
+        await post_alerts(api, first)
+        before = await group_incident(api)
+    async with site.daemon() as api:
+        assert (await group_incident(api))["members"] == before["members"]
+        await post_alerts(api, later)
+        after = await group_incident(api)
+    assert after["id"] == before["id"]
+    assert [m["key"] for m in after["members"]] == groups["frontend"]
+    assert {(i["rule"], i["key"]): i["count"] for i in after["inhibited"]} == {
+        (HOST_RULE, k): n for k, n in held.items()}
