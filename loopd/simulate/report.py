@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ _ALL = 1 << 62  # "no limit" for the store's list queries
 LATE_SHOWN = 5   # events out of time order named in the report
 MEMBERS_KV = "members"  # group incident id -> its members (loopd.decide.correlation)
 MEMBERS_SHOWN = 20  # members (and inhibited matches) named per group in the text report
+WIDTH = 100  # the text report's lines of members wrap here
 
 
 @dataclass(slots=True)
@@ -317,15 +319,29 @@ def _render_groups(groups: list[dict[str, Any]]) -> list[str]:
                    f"{iso(g['opened'])}, {state}{ran}")
         shown = g["members"][:MEMBERS_SHOWN]
         more = len(g["members"]) - len(shown)
-        names = ", ".join(f"{m['key']} ({iso(m['time'])})" for m in shown)
-        out.append(f"    members: {names}{f', and {more} more' if more else ''}")
-        if g["inhibited"]:
-            held = g["inhibited"][:MEMBERS_SHOWN]
-            rest = len(g["inhibited"]) - len(held)
-            out.append(f"    held back: {g['inhibited_matches']:,} match(es): " + ", ".join(
-                f"{i['rule']} {i['key']} x{i['count']}" for i in held)
-                + (f", and {rest} more" if rest else ""))
+        names = ", ".join(f"{m['key']}\xa0({iso(m['time'])})" for m in shown)
+        out += _wrap(f"members: {names}{f', and {more} more' if more else ''}")
+        by_rule: dict[str, list[dict[str, Any]]] = {}
+        for i in g["inhibited"]:
+            by_rule.setdefault(str(i["rule"]), []).append(i)
+        for rule, rows in by_rule.items():
+            shown_rows = rows[:MEMBERS_SHOWN]
+            rest = len(rows) - len(shown_rows)
+            matches = sum(int(i["count"] or 0) for i in rows)
+            out += _wrap(f"held back {rule}: {matches:,} match(es) of {len(rows)} member(s): "
+                         + ", ".join(f"{i['key']}" + (f" x{i['count']}" if i["count"] != 1
+                                                      else "") for i in shown_rows)
+                         + (f", and {rest} more" if rest else ""))
     return out
+
+
+def _wrap(text: str) -> list[str]:
+    """A long line of a group's members as lines of at most ``WIDTH``, indented."""
+    # a no-break space keeps a member and its time on one line (textwrap breaks only at
+    # ASCII whitespace)
+    return [line.replace("\xa0", " ") for line in textwrap.wrap(
+        text, WIDTH, initial_indent="    ", subsequent_indent="      ",
+        break_on_hyphens=False)]
 
 
 def _pairs(counts: dict[str, int]) -> str:

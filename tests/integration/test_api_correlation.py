@@ -298,7 +298,7 @@ async def test_loopd_simulate_reports_the_same_group_as_the_daemon(
         (i["rule"], i["key"]): i["count"] for i in incident["inhibited"]}
     text = report.render()
     assert f"{GROUP_RULE}  frontend: {len(group['members'])} member(s)" in text
-    assert "held back: " in text
+    assert f"held back {HOST_RULE}: " in text
 
 
 # -- the README's example ------------------------------------------------------------------
@@ -399,3 +399,34 @@ async def test_after_a_restart_the_group_lists_its_members_and_still_inhibits(
     assert [m["key"] for m in after["members"]] == groups["frontend"]
     assert {(i["rule"], i["key"]): i["count"] for i in after["inhibited"]} == {
         (HOST_RULE, k): n for k, n in held.items()}
+
+
+
+async def test_the_example_storm_gives_one_group_that_holds_the_restarts_back() -> None:
+    """``examples/storm.jsonl`` replayed with ``examples/correlation`` (the README's rules)
+    gives one frontend group of every frontend host in order of alerting, the host
+    restarts held back from the third on, and a check_uplink run that ends 2 minutes
+    after the first member's alert resolved; db-1, alone in its group, is restarted."""
+    example = REPO / "examples" / "correlation"
+    rules = (example / "rules" / "correlation.yaml").read_text()
+    assert readme_rules() in rules, "the example's rules are the README's"
+    payloads = [orjson.loads(line) for line in
+                (REPO / "examples" / "storm.jsonl").read_text().splitlines()]
+    alerts = [a for p in payloads for a in p["alerts"]]
+    firing = sorted((parse_time(a["startsAt"]), a["labels"]["instance"]) for a in alerts
+                    if a["status"] == "firing")
+    web = [host for _, host in firing if host.startswith("web-")]
+    back = min(parse_time(a["endsAt"]) for a in alerts
+               if a["status"] == "resolved" and a["labels"]["instance"] == web[0])
+    async with Simulation(load_config(example / "loopd.yaml")) as sim:
+        report = await sim.replay(read_events([parse_event_file(
+            str(REPO / "examples" / "storm.jsonl"))]))
+        runs = await sim.store.list_runs(limit=100)
+    (group,) = report.data["groups"]
+    assert [m["key"] for m in group["members"]] == web
+    assert [(i["key"], i["count"]) for i in group["inhibited"]] == [(h, 1) for h in web[2:]]
+    (uplink,) = [r for r in runs if r.target == "netdev.check_uplink"]
+    assert uplink.outcome == "done" and uplink.finished is not None
+    assert uplink.finished == pytest.approx(back + 120)  # settle: 2m after the first is back
+    restarted = sorted(r.key or "" for r in runs if r.rule == "restart-hung-host")
+    assert restarted == sorted(["db-1", *web[:2]])
