@@ -44,6 +44,18 @@ rules:
   - name: disk-cleanup
     on: {source: webhook, topic: disk}
     run: {action: core.noop}
+  - name: disk-and-io
+    all:
+      - {on: {source: webhook, topic: "metrics/{host}/disk_free"}, if: "event.value < 0.1"}
+      - {on: {source: webhook, topic: "metrics/{host}/io_wait"}, if: "event.value > 0.3"}
+    key: "{{ vars.host }}"
+    within: 10m
+    run: {action: core.noop}
+  - name: heartbeat-missing
+    on: {source: webhook, topic: "heartbeat/{host}"}
+    key: "{{ vars.host }}"
+    absent: 5m
+    run: {action: core.noop}
 """
 INVENTORY = {"web-1": "frontend", "web-2": "frontend", "web-3": "frontend",
              "web-4": "frontend", "db-1": "backend"}
@@ -430,3 +442,37 @@ async def test_the_example_storm_gives_one_group_that_holds_the_restarts_back() 
     assert uplink.finished == pytest.approx(back + 120)  # settle: 2m after the first is back
     restarted = sorted(r.key or "" for r in runs if r.rule == "restart-hung-host")
     assert restarted == sorted(["db-1", *web[:2]])
+
+
+
+async def test_the_rules_api_and_page_show_all_and_absent_and_the_explorer_finds_all(
+        site: Site) -> None:
+    """``GET /v1/rules`` gives each rule's correlation (null for an ordinary one), the
+    rules page shows an ``all`` rule's conditions and window and an ``absent`` rule's
+    silence, and a partial ``all`` match is found by the explorer's guard filter."""
+    async with site.daemon() as api:
+        status, body = await api.get("/v1/rules")
+        assert status == 200
+        shown = {r["name"]: r["correlation"] for r in body["rules"]}
+        assert shown["disk-cleanup"] is None
+        assert shown["heartbeat-missing"] == {"absent": 300.0}
+        assert shown[GROUP_RULE] == {
+            "group": {"by": "{{ inventory[key].group }}", "count": 3, "within": 120.0},
+            "inhibits": [HOST_RULE]}
+        assert shown["disk-and-io"]["within"] == 600.0
+        assert [(c["topic"], c["if"]) for c in shown["disk-and-io"]["all"]] == [
+            ("metrics/{host}/disk_free", "event.value < 0.1"),
+            ("metrics/{host}/io_wait", "event.value > 0.3")]
+
+        rules = await html(api, "/rules")
+        row = rules.split('id="rule-disk-and-io"')[1].split("</tr>")[0]
+        assert "all of 2 within 10 min" in row
+        assert "metrics/{host}/disk_free if event.value &lt; 0.1" in row
+        assert "absent for 5 min" in rules.split('id="rule-heartbeat-missing"')[1]
+
+        status, _ = await api.post("/v1/events", {"id": "df1", "topic": "metrics/db-1/disk_free",
+                                                  "data": {"value": 0.05}})
+        assert status == 200
+        page = await html(api, "/decisions?guard=all")
+        assert page.count('class="decision suppressed"') == 1
+        assert "guard all: 1 of 2 conditions within 600s" in page
