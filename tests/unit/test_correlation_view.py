@@ -4,18 +4,26 @@ fields, and the group part of ``loopd show``'s story."""
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import orjson
 import pytest
 
 from loopd.api.correlation import correlation_of, group_view
 from loopd.api.decisions import guarded
+from loopd.config import load_config
 from loopd.rules.model import Rule
+from loopd.simulate.input import parse_event_file, read_events
+from loopd.simulate.replay import Simulation
 from loopd.store.base import Batch, DecisionQuery, DecisionRecord, IncidentRecord
 from loopd.store.memory import MemoryStore
 from loopd.story import Paint, Story
 from loopd.ui.views import environment
 from loopd.units import parse_time
+from tests.integration.test_guards_daemon import am_alert, notification
 
 T0 = 1_796_000_000.0  # 2026-11-30T...Z, any fixed instant
 
@@ -174,3 +182,89 @@ def test_the_incident_list_names_a_large_groups_first_members_and_how_many_more(
     shown = [part.split('"')[0] for part in html.split('tr class="member" data-member="')[1:]]
     assert shown == [f"web-{i}" for i in range(50)]
     assert "and 10 more members" in html and "/v1/incidents/i1" in html
+
+
+# -- the README's example ------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+README_INVENTORY = """\
+entities:
+  web-1: {group: frontend, uplink: sw-3, address: 127.0.0.1}
+  web-2: {group: frontend, uplink: sw-3, address: 127.0.0.1}
+  web-3: {group: frontend, uplink: sw-3, address: 127.0.0.1}
+  sw-3: {address: 127.0.0.1}
+"""
+
+
+def readme_rules() -> str:
+    """The first YAML block of the README's Correlation section, as written there."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Correlation"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    return section[start:section.index("```\n", start)]
+
+
+async def test_the_readme_correlation_rules_run_with_the_shipped_packs(
+        tmp_path: Path) -> None:
+    """The README's correlation rules load with the shipped packs, and three hosts of
+    one group down together start one ``netdev.check_uplink`` run whose ticket names
+    the group's members in order of arrival, the third host's restart held back."""
+    shutil.copytree(REPO / "packs", tmp_path / "packs")
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "correlation.yaml").write_text(readme_rules())
+    (tmp_path / "inventory.yaml").write_text(README_INVENTORY)
+    (tmp_path / "loopd.yaml").write_text(
+        "sources: [{name: alertmanager, type: alertmanager}, {name: telemetry, type: webhook},"
+        " {name: node, type: webhook}]\nrules: [rules]\npacks: [packs]\n"
+        "inventory: inventory.yaml\n"
+        "pack_config: {servicenow: {instance: 'https://example.service-now.com'}}\n")
+    t0 = time.time() - 3600
+    hosts = ["web-1", "web-2", "web-3"]
+    recording = tmp_path / "alerts.jsonl"
+    recording.write_bytes(b"".join(orjson.dumps(notification(am_alert(h, starts=t0 + i)))
+                                   + b"\n" for i, h in enumerate(hosts)))
+    async with Simulation(load_config(tmp_path / "loopd.yaml")) as sim:
+        assert [str(e) for e in (*sim.registry.errors, *sim.ruleset.errors)] == []
+        report = await sim.replay(read_events([parse_event_file(str(recording))]))
+        runs = await sim.store.list_runs(limit=100)
+        (uplink,) = [r for r in runs if r.target == "netdev.check_uplink"]
+        steps = {s.task: s for s in await sim.store.steps(uplink.id)}
+    assert (uplink.rule, uplink.key, uplink.input["device"]) == (
+        "frontend-outage", "frontend", "sw-3")
+    assert [m["key"] for m in uplink.input["members"]] == hosts
+    ticket = steps["ticket"]
+    assert ticket.input["short_description"].startswith("3 hosts of frontend down together")
+    assert ticket.input["work_notes"].endswith(": " + ", ".join(hosts))
+    by_rule = report.data["rules"]["by_rule"]
+    assert by_rule["restart-hung-host"]["suppressions"] == {"inhibited": 1}
+    assert by_rule["frontend-outage"]["suppressions"] == {"group": 2}
+
+
+async def test_the_example_storm_gives_one_group_that_holds_the_restarts_back() -> None:
+    """``examples/storm.jsonl`` replayed with ``examples/correlation`` (the README's rules)
+    gives one frontend group of every frontend host in order of alerting, the host
+    restarts held back from the third on, and a check_uplink run that ends 2 minutes
+    after the first member's alert resolved; db-1, alone in its group, is restarted."""
+    example = REPO / "examples" / "correlation"
+    rules = (example / "rules" / "correlation.yaml").read_text()
+    assert readme_rules() in rules, "the example's rules are the README's"
+    payloads = [orjson.loads(line) for line in
+                (REPO / "examples" / "storm.jsonl").read_text().splitlines()]
+    alerts = [a for p in payloads for a in p["alerts"]]
+    firing = sorted((parse_time(a["startsAt"]), a["labels"]["instance"]) for a in alerts
+                    if a["status"] == "firing")
+    web = [host for _, host in firing if host.startswith("web-")]
+    back = min(parse_time(a["endsAt"]) for a in alerts
+               if a["status"] == "resolved" and a["labels"]["instance"] == web[0])
+    async with Simulation(load_config(example / "loopd.yaml")) as sim:
+        report = await sim.replay(read_events([parse_event_file(
+            str(REPO / "examples" / "storm.jsonl"))]))
+        runs = await sim.store.list_runs(limit=100)
+    (group,) = report.data["groups"]
+    assert [m["key"] for m in group["members"]] == web
+    assert [(i["key"], i["count"]) for i in group["inhibited"]] == [(h, 1) for h in web[2:]]
+    (uplink,) = [r for r in runs if r.target == "netdev.check_uplink"]
+    assert uplink.outcome == "done" and uplink.finished is not None
+    assert uplink.finished == pytest.approx(back + 120)  # settle: 2m after the first is back
+    restarted = sorted(r.key or "" for r in runs if r.rule == "restart-hung-host")
+    assert restarted == sorted(["db-1", *web[:2]])
