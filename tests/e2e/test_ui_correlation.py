@@ -2,8 +2,9 @@
 chromium) against a real ``loopd run`` subprocess: a group incident appears live on the
 incidents page as "frontend: N members" with its members and the matches it held back,
 its inhibited matches are found through the decisions explorer's guard filter, and the
-rules page shows what each rule correlates; and ``loopd show`` of the group's run lists
-its members.
+rules page shows what each rule correlates; ``loopd show`` of the group's run lists its
+members; and two replicas on one PostgreSQL store, each sent some of the alerts, show
+the same group.
 
 Under ``CI=true`` a missing browser fails these tests (``servers.require``).
 """
@@ -11,13 +12,14 @@ Under ``CI=true`` a missing browser fails these tests (``servers.require``).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page
 
 from tests.e2e.conftest import Factory
-from tests.e2e.daemon import Config, LoopdProcess
+from tests.e2e.daemon import Config, LoopdProcess, SharedStore, eventually
 from tests.e2e.test_terminal import loopd
 from tests.e2e.test_ui import UI_WAIT, browser
 from tests.integration.test_guards_daemon import am_alert, notification
@@ -42,10 +44,12 @@ HOSTS = ["web-1", "web-2", "web-3", "web-4"]
 COUNT = 3
 
 
-def _config(config: Config) -> None:
+def _config(config: Config, store: SharedStore | None = None) -> None:
     config.sources = [{"name": "alertmanager", "type": "alertmanager"}]
     config.rules = {"correlation.yaml": RULES}
     config.entities = {h: {"group": "frontend", "address": "127.0.0.1"} for h in HOSTS}
+    if store is not None:
+        config.extra["store"] = store.config()
     config.write()
 
 
@@ -148,3 +152,57 @@ async def test_loopd_show_lists_the_members_of_the_runs_group_incident(
         assert f"first event alertmanager/{member['event_id']}" in out
     held = [line.split()[:2] for line in lines if line.startswith(f"  {HOST}  ")]
     assert held == [[HOST, h] for h in HOSTS[COUNT - 1:]]
+
+
+@pytest.mark.xfail(reason=(
+    "core bug: with two replicas, a member decided on the replica that did not open the "
+    "group incident can be missing from the incident's stored members (seen: web-3 or "
+    "web-4 missing), its inhibited match recorded under an incident id the store never "
+    "created, and the members merged from another replica not in order of first match "
+    "(seen: web-2, web-1, web-3, web-4)"))
+async def test_two_replicas_show_one_group_of_the_members_each_was_sent(
+        tmp_path: Path, loopd_factory: Factory, postgres_dsn: str) -> None:
+    """Two replicas on one PostgreSQL store, sent the alerts in turn (a, b, a, b), open one
+    group incident, and both replicas' API and incidents page show the same four members
+    in order of arrival and the same held-back host matches."""
+    store = SharedStore(dsn=postgres_dsn)
+    try:
+        replicas = []
+        for name in ("a", "b"):
+            config = Config(root=tmp_path / name)
+            _config(config, store)
+            replicas.append(loopd_factory(config, env={"LOOPD_REPLICA": name, **store.env}))
+        for daemon in replicas:
+            await daemon.start()
+        t0 = time.time()
+        for i, host in enumerate(HOSTS):
+            await _alert(replicas[i % 2], host, t0 + i)
+
+        async def grouped() -> bool:
+            views = [await _group(d) for d in replicas]
+            return all(v is not None and v["member_count"] == len(HOSTS) for v in views)
+
+        await eventually(grouped, what="both replicas to show the group's four members",
+                         timeout=10)
+        a, b = [await _group(d) for d in replicas]
+        for daemon in replicas:
+            assert f"frontend: {len(HOSTS)} members" in await daemon.get("/")
+    finally:
+        await store.close()
+    assert a == b and a is not None
+    assert [m["key"] for m in a["members"]] == HOSTS
+    # which matches were held back depends on when the union of both replicas' members
+    # reached the count; each is a host rule's match of a member, on the incident
+    assert a["inhibited"] and {i["rule"] for i in a["inhibited"]} == {HOST}
+    assert {i["key"] for i in a["inhibited"]} <= set(HOSTS)
+
+
+async def _group(daemon: LoopdProcess) -> dict[str, Any] | None:
+    """The daemon's answer for its one open group incident (None before there is one)."""
+    listed = await daemon.get("/v1/incidents?status=open")
+    found = [i for i in listed["incidents"] if i["rule"] == GROUP]
+    if not found:
+        return None
+    (incident,) = found
+    detail: dict[str, Any] = await daemon.get(f"/v1/incidents/{incident['id']}")
+    return {k: detail[k] for k in ("id", "key", "members", "member_count", "inhibited")}
