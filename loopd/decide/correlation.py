@@ -167,6 +167,7 @@ class Correlation:
             else:
                 known = group.members[member]
                 known.last = max(known.last, value["last"])
+        _in_arrival_order(group)
         self._expire(group, now, spec.within)
         if len(group.members) < spec.count:
             return None
@@ -287,7 +288,7 @@ class Correlation:
             if group is not None:
                 self._write_members(group)
 
-    def closed(self, incident: IncidentRecord) -> list[tuple[str, Event]]:
+    def closed(self, incident: IncidentRecord, now: float) -> list[tuple[str, Event]]:
         """A group incident closed: the group starts afresh, its inhibitions end; returns
         the last inhibited events still firing with their rule, to be decided again."""
         group = self.groups.get((incident.rule, incident.key))
@@ -299,7 +300,8 @@ class Correlation:
         for seen in group.inhibited.values():
             if seen.firing:
                 data = seen.event
-                again.append((seen.rule, event_from(data, f"{data['id']}~after-{incident.id}")))
+                again.append((seen.rule, event_from(
+                    data, f"{data['id']}~after-{incident.id}", at=now)))
         return again
 
     # -- absent -----------------------------------------------------------------------
@@ -323,6 +325,10 @@ class Correlation:
     def next_due(self) -> float | None:
         """When the earliest absence timer is due (None: none armed)."""
         return self._timers.next_due(self.absences)
+
+    def next_expiry(self) -> float | None:
+        """When the earliest window may pass (the sweep then forgets what expired)."""
+        return self._timers.next_expiry()
 
     def due(self, now: float) -> list[Absence]:
         """The absences due at ``now`` (still in memory: ``fired`` forgets each)."""
@@ -432,6 +438,7 @@ class Correlation:
         for name, value in rows:
             self._load_row(name, value)
         for (rule, key), group in self.groups.items():
+            _in_arrival_order(group)  # rows come in key order
             incident = self.incidents.open.get((rule, key))
             if incident is not None:
                 group.incident = incident.id
@@ -450,6 +457,7 @@ class Correlation:
     def merge(self, rows: list[tuple[str, JSON]]) -> None:
         """Other replicas' rows (several replicas deciding one group, webhooks reaching
         any): members and matches this engine lacks, absences re-armed later there."""
+        grown: dict[Slot, Group] = {}
         for name, value in rows:
             kind, rule, key, *rest = json.loads(name)
             slot = (rule, key)
@@ -458,6 +466,7 @@ class Correlation:
                 if rest[0] not in group.members:
                     group.members[rest[0]] = Member(rest[0], value["first"], value["last"],
                                                     value["event"])
+                    grown[slot] = group
             elif kind == "a":
                 absence = self.absences.get(slot)
                 if absence is not None and value["due"] > absence.due:
@@ -469,6 +478,8 @@ class Correlation:
                     mine = partial.matched.get(int(part))
                     if mine is None or mine[0] < t:
                         partial.matched[int(part)] = (t, data)
+        for group in grown.values():
+            _in_arrival_order(group)
         self._reindex()
 
     def _load_row(self, name: str, value: JSON) -> None:
@@ -558,6 +569,12 @@ class Correlation:
         self.suppressions.suppressed(rule, key, event.source, event.id, guard, reason)
         batch.decisions.append(DecisionRecord(
             event.source, event.id, rule, key, "suppressed", reason, now))
+
+
+def _in_arrival_order(group: Group) -> None:
+    """Members read from the store (in key order, or merged from other replicas) in the
+    order they first matched."""
+    group.members = dict(sorted(group.members.items(), key=lambda m: (m[1].first, m[0])))
 
 
 def _describe(topic: str | None, index: int) -> str:

@@ -82,12 +82,12 @@ def member_rows(rule: str, key: str) -> str:
     return row("g", rule, key)[:-1] + ","
 
 
-def event_from(data: JSON, ident: str) -> Event:
+def event_from(data: JSON, ident: str, at: float | None = None) -> Event:
     """An event again from its ``to_json`` under a new id (a fired absence, an inhibited
-    match decided again)."""
+    match decided again at ``at``: in event time, the instant it is decided)."""
     return Event(id=ident, source=data["source"], topic=data["topic"], data=data["data"],
-                 key=data.get("key"), time=data["time"], headers=data.get("headers") or {},
-                 vars=data.get("vars") or {})
+                 key=data.get("key"), time=data["time"] if at is None else at,
+                 headers=data.get("headers") or {}, vars=data.get("vars") or {})
 
 
 def members_row(group: Group) -> JSON:
@@ -134,6 +134,10 @@ class Timers:
                 return when
             heapq.heappop(heap)  # re-armed or disarmed since
         return None
+
+    def next_expiry(self) -> float | None:
+        """When the earliest window entry passes (it may be stale: the sweep says)."""
+        return self._expiry[0][0] if self._expiry else None
 
     def expired(self, now: float) -> Iterator[tuple[str, Slot]]:
         """(kind, slot) of every window entry that passed before ``now``."""
