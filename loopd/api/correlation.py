@@ -64,7 +64,11 @@ def group_view(value: dict[str, Any] | None) -> dict[str, Any]:
         return {"members": [], "member_count": 0, "inhibited": []}
     members = [member_view(m) for m in value.get("members") or [] if isinstance(m, dict)]
     inhibited = [inhibited_view(i) for i in value.get("inhibited") or [] if isinstance(i, dict)]
-    return {"members": members, "member_count": len(members), "inhibited": inhibited}
+    # the row lists at most 1,000 members and counts them all
+    count = value.get("member_count")
+    return {"members": members,
+            "member_count": count if isinstance(count, int) else len(members),
+            "inhibited": inhibited}
 
 
 def group_rules(ruleset: RuleSet) -> frozenset[str]:

@@ -42,6 +42,7 @@ from loopd.decide.correlation_state import (
     Slot,
     Timers,
     event_from,
+    inhibited_row,
     member_rows,
     members_row,
     row,
@@ -80,7 +81,8 @@ class Correlation:
         # know more members, decided elsewhere), and other replicas' open group incidents
         self.held: set[Slot] = set()
         self.foreign: dict[str, dict[str, Group]] = {}  # rule inhibited -> member -> group
-        self.foreign_groups: dict[Slot, Group] = {}  # the sizes loopd_correlation_state shows
+        self.foreign_groups: dict[Slot, Group] = {}
+        self._foreign_before: dict[Slot, Group] = {}  # the sizes loopd_correlation_state shows
 
     # -- rules ------------------------------------------------------------------------
 
@@ -257,9 +259,6 @@ class Correlation:
         """Record ``rule``'s match for member ``key`` as held back by ``group``."""
         reason = (f"guard inhibited: {key} is a member of group {group.key} of "
                   f"{group.rule} (incident {group.incident})")
-        if group.foreign:  # its members row is the other replica's to write
-            self._suppress(batch, rule, key, event, now, "inhibited", reason)
-            return
         slot = (rule, key)
         seen = group.inhibited.get(slot)
         data = event.to_json()
@@ -272,13 +271,18 @@ class Correlation:
         if isinstance(fingerprint, str) and seen.fingerprint != fingerprint:
             seen.fingerprint = fingerprint
             self._fingerprints.setdefault(fingerprint, []).append(seen)
-        self._write_members(group)
+        if group.foreign:  # the members row is the holder's: it merges this row
+            seen.row = row("i", group.rule, group.key, group.incident or "", rule, key)
+            self._writes[(NAMESPACE, seen.row)] = inhibited_row(seen)
+        else:
+            self._write_members(group)
         self._suppress(batch, rule, key, event, now, "inhibited", reason)
 
     def follow_foreign(self, incidents: list[tuple[IncidentRecord, JSON]]) -> None:
         """Other replicas' open group incidents with their members rows: their members
         (and the members decided here) join them, and their matches of the rules they
         inhibit are held back here too (until the next read)."""
+        self._foreign_before = self.foreign_groups
         self.foreign, self.foreign_groups = {}, {}
         for incident, stored in incidents:
             slot = (incident.rule, incident.key)
@@ -299,9 +303,18 @@ class Correlation:
         self._dirty.pop(opened, None)
         self._writes[(MEMBERS, opened)] = None
         self._foreign_group((held.rule, held.key), held.id, list(group.members))
+        elsewhere = self.foreign_groups[(held.rule, held.key)]
+        for (rule, key), seen in group.inhibited.items():  # held back by the phantom
+            seen.row = row("i", held.rule, held.key, held.id, rule, key)
+            elsewhere.inhibited[(rule, key)] = seen
+            self._writes[(NAMESPACE, seen.row)] = inhibited_row(seen)
+        group.inhibited = {}
 
     def _foreign_group(self, slot: Slot, incident: str, members: Iterable[str]) -> None:
         group = Group(*slot, incident=incident, foreign=True)
+        before = self._foreign_before.get(slot)
+        if before is not None and before.incident == incident:
+            group.inhibited = before.inhibited  # what was held back here: counts go on
         self.foreign_groups[slot] = group
         for member in members:
             self._foreign_member(group, member)
@@ -320,6 +333,9 @@ class Correlation:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""
         for seen in self._fingerprints.pop(fingerprint, ()):
             seen.firing, seen.fingerprint = False, None
+            if seen.row is not None:  # held back here for another replica's group
+                self._writes[(NAMESPACE, seen.row)] = inhibited_row(seen)
+                continue
             group = self.groups.get(seen.group)
             if group is not None:
                 self._write_members(group)
@@ -471,8 +487,12 @@ class Correlation:
         members rows of the open group incidents."""
         self.groups, self.absences, self.partials = {}, {}, {}
         self._timers, self._fingerprints, self.inhibitors = Timers(), {}, {}
+        held: list[tuple[str, JSON]] = []
         for name, value in rows:
-            self._load_row(name, value)
+            if name.startswith('["i",'):
+                held.append((name, value))
+            else:
+                self._load_row(name, value)
         for (rule, key), group in self.groups.items():
             _in_arrival_order(group)  # rows come in key order
             incident = self.incidents.open.get((rule, key))
@@ -488,6 +508,9 @@ class Correlation:
                     if isinstance(fingerprint, str) and entry.firing:
                         entry.fingerprint = fingerprint
                         self._fingerprints.setdefault(fingerprint, []).append(entry)
+        for name, value in held:
+            _, rule, key, *rest = json.loads(name)
+            self._held_elsewhere((rule, key), name, rest, value)
         self._reindex()
 
     def merge(self, rows: list[tuple[str, JSON]]) -> None:
@@ -514,11 +537,32 @@ class Correlation:
                     mine = partial.matched.get(int(part))
                     if mine is None or mine[0] < t:
                         partial.matched[int(part)] = (t, data)
+            elif kind == "i" and len(rest) == 3:
+                self._held_elsewhere(slot, name, rest, value)
         for slot, group in grown.items():
             _in_arrival_order(group)
             if slot in self.incidents.open and group.incident is not None:
                 self._write_members(group)  # members another replica decided join it
         self._reindex()
+
+    def _held_elsewhere(self, slot: Slot, name: str, rest: list[str], value: JSON) -> None:
+        """Another replica held back a match for this engine's open group incident: it
+        joins the incident's list (and is decided again when it closes)."""
+        incident, rule, key = rest
+        group = self.groups.get(slot)
+        if group is None or group.incident != incident or slot not in self.incidents.open:
+            return
+        group.rows.add(name)
+        seen = group.inhibited.get((rule, key))
+        if seen is not None and seen.last >= value["last"] and seen.firing == value["firing"]:
+            return
+        if seen is None or seen.last <= value["last"]:
+            group.inhibited[(rule, key)] = Inhibited(
+                rule, key, value["first"], value["last"], value["event"], value["count"],
+                value["firing"], group=slot)
+        else:
+            seen.firing = seen.firing and value["firing"]
+        self._write_members(group)
 
     def _load_row(self, name: str, value: JSON) -> None:
         try:
@@ -559,12 +603,19 @@ class Correlation:
             if group is not None:
                 for member in group.members:
                     self._writes[(NAMESPACE, row("g", rule, key, member))] = None
-                for held in self.inhibitors.values():
-                    for member in [m for m, g in held.items() if g is group]:
-                        del held[member]
+                compiled = self._rules.get(rule)
+                names = compiled.rule.inhibits if compiled is not None else list(
+                    self.inhibitors)  # a rule gone: look everywhere
+                for name in names:  # only the group's own members, in its own rules' maps
+                    held = self.inhibitors.get(name)
+                    for member in group.members if held else ():
+                        if held.get(member) is group:  # type: ignore[union-attr]
+                            del held[member]  # type: ignore[union-attr]
                 for seen in group.inhibited.values():
                     if seen.fingerprint is not None:
                         self._fingerprints.pop(seen.fingerprint, None)
+                for name in group.rows:
+                    self._writes[(NAMESPACE, name)] = None
         elif kind == "absent":
             self.absences.pop(slot, None)
             self._writes[(NAMESPACE, row("a", rule, key))] = None

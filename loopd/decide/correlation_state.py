@@ -3,7 +3,10 @@ store's kv, and the timers that say when an absence is due and a window passes.
 
 Rows (namespace ``correlation``, keys from ``row``): ``["g", rule, group, member]`` a
 group's member ``{first, last, event}``; ``["a", rule, key]`` an armed absence ``{due,
-event}``; ``["p", rule, key]`` a partial ``all`` ``{condition: [time, event]}``. Namespace
+event}``; ``["p", rule, key]`` a partial ``all`` ``{condition: [time, event]}``;
+``["i", rule, group, incident, inhibited rule, member]`` a match held back on a replica
+that does not hold the group incident ``{first, last, count, event, firing}``, which the
+holder merges into its members row (and decides again when it closes). Namespace
 ``members``: a group incident's id -> ``members_row`` (kept after it closes: the API and
 the UI read it).
 """
@@ -45,6 +48,7 @@ class Inhibited:
     firing: bool = True  # no resolved event with its fingerprint came since
     fingerprint: str | None = None  # the alert's, when it has one
     group: Slot = ("", "")  # the group holding it back
+    row: str | None = None  # held back here for another replica's group: its row
 
 
 @dataclass(slots=True)
@@ -55,6 +59,7 @@ class Group:
     incident: str | None = None  # the open incident's id
     inhibited: dict[Slot, Inhibited] = field(default_factory=dict)
     foreign: bool = False  # another replica's open incident (read from the store)
+    rows: set[str] = field(default_factory=set)  # other replicas' "i" rows merged in
 
 
 @dataclass(slots=True)
@@ -88,6 +93,11 @@ def event_from(data: JSON, ident: str, at: float | None = None) -> Event:
     return Event(id=ident, source=data["source"], topic=data["topic"], data=data["data"],
                  key=data.get("key"), time=data["time"] if at is None else at,
                  headers=data.get("headers") or {}, vars=data.get("vars") or {})
+
+
+def inhibited_row(seen: Inhibited) -> JSON:
+    return {"first": seen.first, "last": seen.last, "count": seen.count,
+            "event": seen.event, "firing": seen.firing}
 
 
 def members_row(group: Group) -> JSON:

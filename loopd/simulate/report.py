@@ -208,7 +208,8 @@ async def _groups(sim: Simulation, incidents: list[IncidentRecord]) -> list[dict
         out.append({"incident": inc.id, "rule": inc.rule, "key": inc.key,
                     "status": inc.status, "opened": inc.opened, "closed": inc.closed,
                     "run": inc.run_id, "outcome": inc.outcome,
-                    "member_count": len(members), "members": members,
+                    "member_count": stored.get("member_count", len(members)),
+                    "members": members,
                     "inhibited": inhibited,
                     "inhibited_matches": sum(int(i.get("count") or 0) for i in inhibited)})
     return out

@@ -154,12 +154,6 @@ async def test_loopd_show_lists_the_members_of_the_runs_group_incident(
     assert held == [[HOST, h] for h in HOSTS[COUNT - 1:]]
 
 
-@pytest.mark.xfail(reason=(
-    "core bug: with two replicas, a member decided on the replica that did not open the "
-    "group incident can be missing from the incident's stored members (seen: web-3 or "
-    "web-4 missing, still at core 5b583db), its inhibited match recorded under an "
-    "incident id the store never created (before 5b583db the members merged from another "
-    "replica were also out of order)"))
 async def test_two_replicas_show_one_group_of_the_members_each_was_sent(
         tmp_path: Path, loopd_factory: Factory, postgres_dsn: str) -> None:
     """Two replicas on one PostgreSQL store, sent the alerts in turn (a, b, a, b), open one
@@ -193,7 +187,8 @@ async def test_two_replicas_show_one_group_of_the_members_each_was_sent(
     assert [m["key"] for m in a["members"]] == HOSTS
     # which matches were held back depends on when the union of both replicas' members
     # reached the count; each is a host rule's match of a member, on the incident
-    assert a["inhibited"] and {i["rule"] for i in a["inhibited"]} == {HOST}
+    # (none, when the union reached the count only after the last alert was decided)
+    assert {i["rule"] for i in a["inhibited"]} <= {HOST}
     assert {i["key"] for i in a["inhibited"]} <= set(HOSTS)
 
 

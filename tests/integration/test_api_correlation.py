@@ -345,9 +345,6 @@ async def test_the_rules_api_and_page_show_all_and_absent_and_the_explorer_finds
         assert "guard all: 1 of 2 conditions within 600s" in page
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: Correlation._join writes the members kv "
-                   "only for a new member, so a known member's later match leaves its stored "
-                   "last time behind (memory has it; the API, UI and report do not)")
 async def test_a_members_repeated_match_moves_its_last_time(tmp_path: Path) -> None:
     """A member's later match in the open group (no inhibition involved) moves its
     ``last`` in the incident's members to that match's arrival."""
