@@ -131,6 +131,9 @@ class Metrics:
         self.scrape_failures = Counter(
             "loopd_scrape_failures_total", "Scrapes that gave no samples (reason: timeout, "
             "dns, connection, http, too_large, parse)", ["source", "target", "reason"], registry=r)
+        self.correlation_state = Gauge(
+            "loopd_correlation_state", "Correlation state held (kind: group, absent, all): "
+            "partial groups, armed absence timers, partial all matches", ["kind"], registry=r)
         self.scrape_dropped = Counter(
             "loopd_scrape_series_dropped_total", "Series of a scrape dropped past the "
             "source's max_series", ["source", "target"], registry=r)
@@ -296,6 +299,13 @@ def outcome(workflow: str, rule: str | None, outcome: str, time_to_fix: float | 
     m.outcomes.labels(workflow, outcome).inc()
     if time_to_fix is not None and rule is not None:
         m.time_to_fix.labels(rule).observe(time_to_fix)
+
+
+def correlation_state(groups: int, absences: int, partials: int) -> None:
+    gauge = _CURRENT.get(_PROCESS).correlation_state
+    gauge.labels("group").set(groups)
+    gauge.labels("absent").set(absences)
+    gauge.labels("all").set(partials)
 
 
 def guard_suppressed(rule: str, guard: str) -> None:

@@ -26,6 +26,7 @@ its own time, and between events the clock says when things happen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -38,12 +39,13 @@ from loopd.catalog.telemetry import DEFAULT_TTL as TELEMETRY_TTL
 from loopd.catalog.telemetry import Telemetry
 from loopd.clock import Clock, VirtualClock, WallClock
 from loopd.decide.committer import Committer
+from loopd.decide.correlation import MEMBERS, NAMESPACE, Absence, Correlation, event_from, row
 from loopd.decide.guards import DEFAULT_MAX_KEYS as MEMORY_MAX_KEYS
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
 from loopd.decide.suppressions import SuppressionLog
 from loopd.decide.timers import ForTimers
-from loopd.errors import ConditionError
+from loopd.errors import ConditionError, StoreError
 from loopd.events import Delivery, Event
 from loopd.messages import Outbox, RunCommand, RunEnded, StartRun
 from loopd.policy import GlobalGuards, RuleGuards
@@ -157,6 +159,9 @@ class Engine:
         self.suppressions = SuppressionLog()  # the log lines of suppressed decisions
         self.incidents = Incidents(self.guards, self.inventory, self.suppressions)
         self._timers = ForTimers(memory_max_keys)  # guard memory is bounded by Guards itself
+        # group, inhibits, absent and all: their partial state (loopd.decide.correlation)
+        self.correlation = Correlation(self.incidents, self.suppressions, memory_max_keys)
+        self._absence_retry = 0.0  # monotonic: the store failed reading a due absence
         self._in_flight = 0
         # liveness: monotonic time of the last batch written (or of work arriving when idle)
         self.progress_at = time.monotonic()
@@ -172,6 +177,7 @@ class Engine:
         self.ruleset = rules
         self._index = RuleIndex(rules.rules)
         self.incidents.set_rules(rules.rules)
+        self.correlation.set_rules(rules.rules)
 
     @property
     def store(self) -> Store:
@@ -233,6 +239,7 @@ class Engine:
             await self.store.commit(Batch(breakers=opened))
         for rule, key, since in state.for_timers:
             self._timers.load(rule, key, since)
+        await self._load_correlation()
         for rule, key, created in state.run_starts:
             self.guards.run_started(rule, key, created)
         for ident in state.recent_events:
@@ -286,6 +293,7 @@ class Engine:
         """Atomically switch to a new rule set (reload); open incidents are kept."""
         self._index = RuleIndex(rules.rules)
         self.incidents.set_rules(rules.rules)
+        self.correlation.set_rules(rules.rules)  # state of rules gone or disabled is dropped
         self.ruleset = rules
 
     def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
@@ -323,6 +331,18 @@ class Engine:
         one that stopped holding there does not fire here."""
         state = await self.store.load_state(since=time.time(), recent=0)
         self._timers.replace(state.for_timers)
+        await self._load_correlation()
+
+    async def _load_correlation(self) -> None:
+        """Group members, absence timers and partial ``all`` matches as the store has
+        them (start, a rebalance), with the members rows of the open group incidents."""
+        rows = await self.store.kv_scan(NAMESPACE)
+        members = {}
+        for (rule, _), incident in list(self.incidents.open.items()):
+            compiled = self.correlation.rule(rule)
+            if compiled is not None and compiled.correlation == "group":
+                members[incident.id] = await self.store.kv_get(MEMBERS, incident.id)
+        self.correlation.rebuild(rows, members)
 
     async def follow_timers(self) -> None:
         """Other replicas decide the same keys (webhooks reach any): the ``for:`` timers
@@ -330,6 +350,10 @@ class Engine:
         (see ForTimers.follow)."""
         state = await self.store.load_state(since=time.time(), recent=0)
         self._timers.follow(state.for_timers)
+        if self.correlation.size() or self.correlation.inhibitable:
+            # group members and partial matches other replicas decided (a union: never
+            # undoes what this engine decided), absences they re-armed
+            self.correlation.merge(await self.store.kv_scan(NAMESPACE))
 
     def resolved_elsewhere(self, event: Event) -> None:
         """A resolved alert another replica received (read from the store): the runs of
@@ -415,9 +439,18 @@ class Engine:
         queue, inbox, wake = self.queue, self.inbox, self._wake
         while True:
             while not inbox and queue.empty():
+                due = self._absence_due()
+                if due is not None and due <= 0:
+                    break
                 wake.clear()
-                await wake.wait()
+                if due is None:
+                    await wake.wait()
+                else:  # an absence timer: woken by its time or by work, whichever first
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), due)
             pending = _Pending(Batch(), [])
+            # Absences due first: their store check is the decider's only await here.
+            await self._fire_absences(pending)
             # The inbox first: runs ending are never starved by a busy source.
             self._take_inbox(pending)
             # Take what is already queued; no waiting, so latency stays low at low rates.
@@ -450,7 +483,11 @@ class Engine:
         return ended
 
     def _seal(self, pending: _Pending) -> None:
-        """Last in every batch: guard memory that changed is written with it."""
+        """Last in every batch: guard memory and correlation state that changed are
+        written with it."""
+        correlation = self.correlation
+        correlation.sweep(self.now())
+        correlation.flush(pending.batch)
         if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
             self.guards.dirty = False
             pending.batch.kv[GUARDS_KV] = self.guards.state()
@@ -548,29 +585,37 @@ class Engine:
         the outcome event (closing the loop for loopd's own rules)."""
         run = message.run
         now = self.now()
-        self.incidents.run_finished(run, now, pending.batch, pending.commands)
+        closed = self.incidents.run_finished(run, now, pending.batch, pending.commands)
+        if closed is not None and self.correlation.groups:
+            # a group incident closed: members still firing are decided normally again
+            for rule, again in self.correlation.closed(closed):
+                self._decide(again, pending, only=rule)
         if self._outcomes_topic is not None:
             metrics.event_received("loopd")
             self._decide(message.outcome_event(self._outcomes_topic), pending)
 
     # -- the hot path ----------------------------------------------------------------
 
-    def _decide(self, event: Event, pending: _Pending) -> bool:
-        """Decide ``event`` into ``pending``; True when it was already decided (a
-        duplicate: nothing new is recorded)."""
+    def _decide(self, event: Event, pending: _Pending, only: str | None = None) -> bool:
+        """Decide ``event`` into ``pending`` (``only``: for that rule alone); True when it
+        was already decided (a duplicate: nothing new is recorded)."""
         try:
-            return self._decide_event(event, pending)
+            return self._decide_event(event, pending, only)
         except Exception:  # supervised boundary: a bug on one event must not stop the engine
             metrics.engine_error(event.source, event.origin or event.id)
             return False
 
-    def _decide_event(self, event: Event, pending: _Pending) -> bool:
-        if self._telemetry_sources is None or event.source in self._telemetry_sources:
+    def _decide_event(self, event: Event, pending: _Pending, only: str | None) -> bool:
+        # an event decided again for one rule (an inhibited match) was seen already: it is
+        # no new telemetry, and no evidence
+        fresh = only is None
+        if fresh and (self._telemetry_sources is None
+                      or event.source in self._telemetry_sources):
             self.telemetry.observe(event)
-        if self._evidence is not None:
+        if fresh and self._evidence is not None:
             self._evidence(event)
         keep = self.keep_evidence
-        kept = keep is not None and (
+        kept = fresh and keep is not None and (
             event.data.get("status") == "resolved" or any(
                 event.topic.startswith(prefix)
                 for prefix in (*keep.get(event.source, ()), *keep.get(ANY_SOURCE, ()))))
@@ -580,19 +625,39 @@ class Engine:
                             event.data))
         virtual = self._virtual
         now = event.time
+        correlation = self.correlation
         if virtual is not None:  # event time: decided at its own time; timers due exactly
             virtual.advance(now, inclusive=False)  # then fire after it (the replay's order)
+            if correlation.absences:  # absences due before it fire first, at their time
+                while (due := correlation.next_due()) is not None and due < now:
+                    for absence in correlation.due(due):
+                        self._fire(absence, pending, due)
         if event.data.get("status") == "resolved":
             self.incidents.resolved(event, pending.batch, pending.commands,
                                     now if virtual is not None else self.clock.now())
+            fingerprint = event.data.get("fingerprint")
+            if correlation.inhibitable and isinstance(fingerprint, str):
+                correlation.resolved(fingerprint)
         candidates = self._index.candidates(event)
         if not candidates:
             return False
+        if only is not None:
+            candidates = [r for r in candidates if r.name == only]
+        inhibitable = correlation.inhibitable
+        if inhibitable and len(candidates) > 1:
+            # group rules first: the member whose event opens a group is inhibited already
+            candidates.sort(key=lambda r: r.name in inhibitable)
         if virtual is None:
             now = self.clock.now()
         ident: tuple[str, str] | None = None
         decided = False  # some rule recorded a decision: remember the event
+        seen: set[str] | None = None  # rules of several conditions that took the event
         for rule in candidates:
+            if rule.parts or rule.part:  # all/any: an event counts for one condition
+                if seen is None:
+                    seen = set()
+                elif rule.name in seen:
+                    continue
             tvars = rule.accepts(event)
             if tvars is None:
                 continue
@@ -604,6 +669,7 @@ class Engine:
             scope = {"event": event, "vars": tvars, "inventory": self.inventory.entities,
                      "telemetry": self.telemetry, "now": now}
             part = "if"
+            group: str | None = None
             try:
                 holds = rule.condition is None or bool(rule.condition(scope))
                 if not holds and rule.for_s is None:
@@ -618,6 +684,14 @@ class Engine:
                     key = str(rendered)
                 elif event.key is not None:
                     key = event.key
+                if rule.group_by is not None and holds:
+                    part = "group.by"
+                    scope["key"] = key
+                    rendered = rule.group_by(scope)
+                    if rendered is None or rendered == "":
+                        by = rule.rule.group.by if rule.rule.group else ""
+                        raise ConditionError(f"rendered empty from {by!r} for member {key}")
+                    group = str(rendered)
             except ConditionError as exc:
                 # an error decision, not a silent skip: the event is acknowledged, so the
                 # record is the only trace of why this rule did nothing
@@ -628,11 +702,19 @@ class Engine:
                 if self._timers.reset(rule.name, key):
                     pending.batch.timers_cleared.append((rule.name, key))
                 continue
-            decided = True
+            if seen is not None:
+                seen.add(rule.name)
             self.matches[rule.name] += 1
             metrics.rule_matched(rule.name)
+            if inhibitable and rule.name in inhibitable:
+                holder = correlation.inhibitor(rule.name, key)
+                if holder is not None:  # a member of an open group incident that inhibits it
+                    correlation.inhibit(holder, rule.name, key, event, now, pending.batch)
+                    decided = True
+                    continue
             scope["key"] = key
-            self._decide_rule(rule, event, key, scope, now, pending)
+            decided = self._decide_rule(rule, event, key, group, scope, now, pending) \
+                or decided
         if decided and ident is not None:
             self._remember(ident)
             if not kept:
@@ -651,8 +733,9 @@ class Engine:
             event.source, event.id, rule.name, key, "error",
             f"{part}: {error} (origin {origin})"[:500], now))
 
-    def _decide_rule(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, object],
-                     now: float, pending: _Pending) -> None:
+    def _decide_rule(self, rule: CompiledRule, event: Event, key: str, group: str | None,
+                     scope: dict[str, object], now: float, pending: _Pending) -> bool:
+        """Decide one rule's match; False when nothing was recorded (an absence armed)."""
         batch, name = pending.batch, rule.name
         if rule.for_s is not None:
             since, started = self._timers.hold(name, key, now)
@@ -663,13 +746,77 @@ class Engine:
                 self.suppressions.suppressed(name, key, event.source, event.id, "for", reason)
                 batch.decisions.append(DecisionRecord(
                     event.source, event.id, name, key, "suppressed", reason, now))
-                return
+                return True
         before = len(pending.commands)
-        self.incidents.decide(rule, event, key, scope, now, batch, pending.commands)
+        kind = rule.correlation
+        if kind is None:
+            self.incidents.decide(rule, event, key, scope, now, batch, pending.commands)
+        elif kind == "group":
+            assert group is not None
+            self.correlation.group(rule, event, key, group, scope, now, batch,
+                                   pending.commands)
+        elif kind == "absent":
+            self.correlation.arm(rule, event, key, now)
+            return False
+        else:
+            self.correlation.all(rule, event, key, scope, now, batch, pending.commands)
         if rule.for_s is not None and len(pending.commands) > before and self._timers.reset(
                 name, key):
             # acted: the condition must hold for the whole duration again before the next run
             batch.timers_cleared.append((name, key))
+        return True
+
+    # -- absence timers (loopd.decide.correlation) ------------------------------------------
+
+    def _absence_due(self) -> float | None:
+        """Seconds until the earliest absence timer is due (None: none, or event time, where
+        events move the clock)."""
+        if self._virtual is not None or not self.correlation.absences:
+            return None
+        due = self.correlation.next_due()
+        if due is None:
+            return None
+        return max(due - self.clock.now(), self._absence_retry - time.monotonic())
+
+    async def _fire_absences(self, pending: _Pending) -> None:
+        """Fire the absences due, each checked against the store first: another replica
+        may have re-armed, fired or disarmed it (its events went there)."""
+        due = self._absence_due()
+        if due is None or due > 0:
+            return
+        correlation, now = self.correlation, self.clock.now()
+        for absence in correlation.due(now):
+            try:
+                stored = await self.store.kv_get(NAMESPACE, row("a", absence.rule, absence.key))
+            except StoreError as exc:  # try again in a second; nothing fires unchecked
+                self._absence_retry = time.monotonic() + 1.0
+                metrics.log.warning("cannot check a due absence timer; trying again",
+                                    rule=absence.rule, key=absence.key, error=str(exc))
+                return
+            if correlation.follow_absence(absence, stored):
+                self._fire(absence, pending, now)
+
+    def _fire(self, absence: Absence, pending: _Pending, now: float) -> None:
+        """No event for the key within ``absent``: the rule fires once with the last one."""
+        self.correlation.fired(absence)
+        rule = self.correlation.rule(absence.rule)
+        if rule is None or rule.correlation != "absent":
+            return
+        event = event_from(absence.event, f"{absence.event['id']}~absent")
+        try:
+            scope = {"event": event, "vars": rule.accepts(event) or {},
+                     "inventory": self.inventory.entities, "telemetry": self.telemetry,
+                     "now": now, "key": absence.key}
+            self.matches[rule.name] += 1
+            metrics.rule_matched(rule.name)
+            self.incidents.decide(rule, event, absence.key, scope, now, pending.batch,
+                                  pending.commands)
+        except Exception:  # supervised boundary, as _decide
+            metrics.engine_error(event.source, event.id)
+            return
+        self._remember((event.source, event.id))
+        pending.batch.events.append(EventRecord(event.source, event.id, event.topic,
+                                                event.key, event.time, event.data))
 
     def _remember(self, ident: tuple[str, str]) -> None:
         recent = self._recent

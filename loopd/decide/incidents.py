@@ -201,7 +201,8 @@ class Incidents:
             self.runs[incident.id] = _Runs()
             self.guards.incident_opened(key)
             fingerprint = event.data.get("fingerprint")
-            if isinstance(fingerprint, str):
+            # one member's alert resolving does not cancel its group's remediation
+            if isinstance(fingerprint, str) and rule.correlation != "group":
                 self.runs[incident.id].fingerprint = fingerprint
                 self.by_fingerprint.setdefault(fingerprint, set()).add(incident.id)
             outcome = "run_created"

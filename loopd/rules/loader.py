@@ -112,7 +112,26 @@ def load_rules(paths: Iterable[Path], check_target: TargetCheck | None = None, *
                 found.append(compiled)
         result.by_file[path] = found
         result.rules.extend(found)
+    _check_inhibits(result)
     return result
+
+
+def _check_inhibits(result: RuleSet) -> None:
+    """A rule whose ``inhibits`` names a rule that is not loaded is an error (and is not
+    loaded either: it would hold back nothing, or the wrong rule after a rename)."""
+    names = {r.name for r in result.rules}
+    bad = {}
+    for rule in result.rules:
+        unknown = [n for n in rule.rule.inhibits if n not in names]
+        if unknown:
+            bad[rule.name] = rule
+            result.errors.append(RuleError(
+                f"inhibits unknown rule(s) {', '.join(map(repr, unknown))} (or rules that "
+                "failed to load)", origin=rule.origin, rule=rule.name, field="inhibits"))
+    if bad:
+        result.rules = [r for r in result.rules if r.name not in bad]
+        for path, rules in result.by_file.items():
+            result.by_file[path] = [r for r in rules if r.name not in bad]
 
 
 def _load_one(origin: str, raw: dict[str, Any], lines: dict[str, str], checks: _Checks,
@@ -139,10 +158,13 @@ def _load_one(origin: str, raw: dict[str, Any], lines: dict[str, str], checks: _
     def fail(message: str, fld: str) -> None:
         problems.append(RuleError(message, rule=rule.name, field=fld))
 
-    source = rule.on.source
-    if checks.sources is not None and source is not None and source not in checks.sources:
-        known = ", ".join(sorted(checks.sources))
-        fail(f"unknown source {source!r} (configured: {known})", "on.source")
+    several = "all" if rule.all is not None else "any" if rule.any is not None else None
+    for i, condition in enumerate(rule.conditions):
+        source = condition.on.source
+        if checks.sources is not None and source is not None and source not in checks.sources:
+            known = ", ".join(sorted(checks.sources))
+            where = f"{several}[{i}].on.source" if several else "on.source"
+            fail(f"unknown source {source!r} (configured: {known})", where)
     unsafe = rule.unsafe_shell
     for fld, message in target_problems(rule.run.kind, rule.run.target, rule.run.input,
                                         checks.target, checks.input, unsafe):

@@ -53,7 +53,8 @@ class _SourceIndex:
 class RuleIndex:
     def __init__(self, rules: Iterable[CompiledRule]) -> None:
         self._sources: dict[str, _SourceIndex] = defaultdict(_SourceIndex)
-        enabled = [r for r in rules if r.rule.enabled]
+        # an all/any rule is indexed once per condition (its parts)
+        enabled = [part for r in rules if r.rule.enabled for part in (r, *r.parts)]
         popularity: Counter[tuple[Path, Scalar]] = Counter(
             (path, value) for r in enabled for path, values in r.matches for value in values)
         for rule in enabled:

@@ -56,6 +56,38 @@ class Throttle(_Strict):
         return self
 
 
+def _duration(v: Any) -> float | None:
+    return None if v is None else parse_duration(v)
+
+
+class Group(_Strict):
+    """``group``: one incident per rendered ``by`` once ``count`` distinct member keys
+    matched within ``within`` (loopd.decide.correlation)."""
+
+    by: str = Field(min_length=1)
+    count: int = Field(ge=2)
+    within: float
+
+    @field_validator("within", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> float | None:
+        return _duration(v)
+
+    @field_validator("within")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("within must be longer than 0s")
+        return v
+
+
+class Condition(_Strict):
+    """One condition of ``all``/``any``: which events (``on``) and a test (``if``)."""
+
+    on: On
+    if_: str | None = Field(default=None, alias="if")
+
+
 class Run(_Strict):
     """What to start: a pack workflow or a single pack action."""
 
@@ -93,15 +125,79 @@ class Rule(_Strict):
     max_parallel: int = Field(default=2, ge=1)
     max_queued: int = Field(default=10, ge=1)
     guards: RuleGuards = RuleGuards()
+    # correlation (loopd.decide.correlation): a group of keys, inhibitions, an absence,
+    # several conditions for one key
+    group: Group | None = None
+    inhibits: list[str] = Field(default_factory=list)
+    absent: float | None = None
+    all: list[Condition] | None = None
+    any: list[Condition] | None = None
+    within: float | None = None
     run: Run
     # inputs of run.input that may carry event data into a shell verbatim
     # (an action's raw.X): an explicit, logged opt-out of loopd/packs/taint.py's check
     unsafe_shell: list[str] = Field(default_factory=list)
 
-    @field_validator("for_", mode="before")
+    @field_validator("for_", "absent", "within", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float | None:
-        return None if v is None else parse_duration(v)
+        return _duration(v)
+
+    @field_validator("absent", "within")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be longer than 0s")
+        return v
+
+    @property
+    def conditions(self) -> list[Condition]:
+        """What the rule matches: its ``all``/``any`` conditions, or its ``on`` and ``if``."""
+        return self.all or self.any or [Condition(on=self.on, if_=self.if_)]
+
+    def correlation_problems(self) -> list[tuple[str, str]]:
+        """(field, problem) for correlation fields that do not go together."""
+        out: list[tuple[str, str]] = []
+        several = "all" if self.all is not None else "any" if self.any is not None else None
+        if self.all is not None and self.any is not None:
+            out.append(("any", "a rule has all or any, not both"))
+        if several is not None:
+            if "on" in self.model_fields_set or self.if_ is not None:
+                out.append((several, f"with {several}, each condition has its own on and if "
+                                     "(no top-level on/if)"))
+            least = 2 if several == "all" else 1
+            if len(self.conditions) < least:
+                out.append((several, f"{several} needs at least {least} conditions"))
+        if self.all is not None and self.within is None:
+            out.append(("all", "all needs within: how close in time the conditions must "
+                               "match"))
+        if self.within is not None and self.all is None:
+            out.append(("within", "within goes with all (a group has group.within)"))
+        if self.group is not None and several is not None:
+            out.append(("group", f"group cannot be combined with {several}"))
+        if self.inhibits and self.group is None:
+            out.append(("inhibits", "inhibits needs group: it holds back the listed rules "
+                                    "for the members of an open group incident"))
+        if self.name in self.inhibits:
+            out.append(("inhibits", "a rule cannot inhibit itself"))
+        if self.absent is not None:
+            if self.for_ is not None:
+                out.append(("absent", "absent cannot be combined with for: (absent is a "
+                                      "duration itself)"))
+            for other in ("group", "all", "any"):
+                if getattr(self, other) is not None:
+                    out.append(("absent", f"absent cannot be combined with {other}"))
+        if self.group is not None and self.for_ is not None \
+                and self.group.within < self.for_:
+            out.append(("group.within", f"group.within ({self.group.within:g}s) is shorter "
+                                        f"than for: ({self.for_:g}s): a member counts only "
+                                        "after for:, so make within at least as long"))
+        if self.group is not None and self.run_mode != "single":
+            out.append(("run_mode", "a group incident's later members join it: run_mode "
+                                    f"{self.run_mode} does not apply to a group rule"))
+        if self.all is not None and self.for_ is not None:
+            out.append(("for", "for: cannot be combined with all"))
+        return out
 
 
 class RuleFile(_Strict):

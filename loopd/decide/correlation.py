@@ -1,0 +1,582 @@
+"""Correlation: rules that see more than one event (``group``, ``inhibits``, ``absent``,
+``all``), with their partial state.
+
+* ``group: {by, count, within}``: the rule's key (or the event's) is a *member*; ``by``
+  renders the *group*, the incident's key. Until ``count`` distinct members matched within
+  ``within`` (each member's latest match counts), the event is ``suppressed`` (guard
+  ``group``); the event that completes the count opens the incident through
+  ``Incidents.decide`` with ``members`` in scope; later members join it. When it closes,
+  the group starts afresh.
+* ``inhibits``: while a group incident is open, the listed rules' matches for its members
+  are ``suppressed`` (guard ``inhibited``). When it closes, the last inhibited event of
+  each (rule, member) not resolved since is decided again (``<id>~after-<incident>``).
+* ``absent: D``: each matching event arms a timer per key at now + D; when it is due the
+  rule fires once with the last event (``<id>~absent``); a resolved event disarms it.
+* ``all`` + ``within``: per key, the latest match of each condition; when every
+  condition matched within the window the rule fires with the completing event.
+
+The engine is the only caller (decide/ is the one writer of this state). Every change is
+a row of the store's kv (namespace ``correlation``; a group incident's members and
+inhibited matches under ``members``), written by the batch of the decision that made it
+(``flush``), so a restart or a rebalance rebuilds exactly this state (``rebuild``) and an
+event redelivered after a crash is decided against what was durable. Expired state is
+deleted (``sweep``): memory and rows are bounded by the windows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopd import metrics
+from loopd.decide.incidents import Incidents
+from loopd.decide.suppressions import SuppressionLog
+from loopd.events import Event
+from loopd.messages import RunCommand
+from loopd.rules.compile import CompiledRule
+from loopd.store.base import Batch, DecisionRecord, IncidentRecord
+
+NAMESPACE = "correlation"
+MEMBERS = "members"  # group incident id -> {"rule", "key", "members", "inhibited"}
+MAX_LISTED = 1000    # members and inhibited matches kept per group incident
+JSON = Any
+Slot = tuple[str, str]  # (rule, key): a group's key, an absence's or an all's key
+
+
+@dataclass(slots=True)
+class Member:
+    key: str
+    first: float
+    last: float
+    event: JSON  # the member's first event
+
+
+@dataclass(slots=True)
+class Inhibited:
+    rule: str
+    key: str
+    first: float
+    last: float
+    event: JSON  # the last inhibited event, decided again when the group closes
+    count: int = 1
+    firing: bool = True  # no resolved event with its fingerprint came since
+    fingerprint: str | None = None  # the alert's, when it has one
+    group: Slot = ("", "")  # the group holding it back
+
+
+@dataclass(slots=True)
+class Group:
+    rule: str
+    key: str
+    members: dict[str, Member] = field(default_factory=dict)  # in order of arrival
+    incident: str | None = None  # the open incident's id
+    inhibited: dict[Slot, Inhibited] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Absence:
+    rule: str
+    key: str
+    due: float
+    event: JSON  # the last matching event
+
+
+@dataclass(slots=True)
+class Partial:
+    rule: str
+    key: str
+    matched: dict[int, tuple[float, JSON]] = field(default_factory=dict)  # condition -> match
+
+
+def row(*parts: str) -> str:
+    """The kv key of one piece of state: unambiguous whatever the rule and key hold."""
+    return json.dumps(parts, separators=(",", ":"))
+
+
+class Correlation:
+    def __init__(self, incidents: Incidents, suppressions: SuppressionLog,
+                 max_slots: int = 100_000) -> None:
+        self.incidents = incidents
+        self.suppressions = suppressions
+        self.max_slots = max_slots
+        self.groups: dict[Slot, Group] = {}
+        self.absences: dict[Slot, Absence] = {}
+        self.partials: dict[Slot, Partial] = {}
+        # rule inhibited -> member -> the open group holding it back
+        self.inhibitors: dict[str, dict[str, Group]] = {}
+        self.inhibitable: frozenset[str] = frozenset()  # rules some group rule inhibits
+        self.peak = 0  # the most slots held at once (benchmarks: memory bounded by windows)
+        self._rules: dict[str, CompiledRule] = {}
+        self._writes: dict[tuple[str, str], JSON] = {}  # kv rows for the next batch
+        # (when, seq, slot): absence timers, and when a group's or partial's window passes
+        self._due: list[tuple[float, int, Slot]] = []
+        self._expiry: list[tuple[float, int, str, Slot]] = []
+        self._expiring: set[tuple[str, Slot]] = set()  # one expiry entry per slot at most
+        self._seq = itertools.count()
+        self._fingerprints: dict[str, list[Inhibited]] = {}
+        self._warned = False
+        self._told = (0, 0, 0)  # the sizes loopd_correlation_state shows
+
+    # -- rules ------------------------------------------------------------------------
+
+    def set_rules(self, rules: Iterable[CompiledRule]) -> None:
+        """The rules in force: state of rules removed, disabled or no longer of its kind
+        is dropped (an absence of a disabled rule is disarmed)."""
+        self._rules = {r.name: r for r in rules if r.rule.enabled}
+        self.inhibitable = frozenset(
+            n for r in self._rules.values() if r.correlation == "group" for n in r.rule.inhibits)
+        for kind, states in (("group", self.groups), ("absent", self.absences),
+                             ("all", self.partials)):
+            for slot in [s for s in states if self._kind(s[0]) != kind]:
+                self._drop(kind, slot)
+        self._reindex()
+
+    def _kind(self, rule: str) -> str | None:
+        compiled = self._rules.get(rule)
+        return compiled.correlation if compiled is not None else None
+
+    def size(self) -> int:
+        """Slots held: groups, absence timers and partial all matches."""
+        return len(self.groups) + len(self.absences) + len(self.partials)
+
+    # -- group ------------------------------------------------------------------------
+
+    def group(self, rule: CompiledRule, event: Event, member: str, key: str,
+              scope: dict[str, Any], now: float, batch: Batch, commands: list[RunCommand]
+              ) -> None:
+        """Decide a group rule's match of ``member`` for the group ``key``."""
+        spec = rule.rule.group
+        assert spec is not None
+        slot = (rule.name, key)
+        group = self.groups.get(slot)
+        if group is None:
+            group = self.groups[slot] = Group(rule.name, key)
+            self._bound()
+        incident = self.incidents.open.get(slot)
+        if incident is not None:
+            self._join(group, incident, event, member, now, batch)
+            return
+        group.incident = None
+        self._expire(group, now, spec.within)
+        self._touch(group, member, event, now)
+        have = len(group.members)
+        if have < spec.count:
+            self._expire_at(min(m.last for m in group.members.values()) + spec.within, "g",
+                            slot)
+            # recorded for the group, the incident's key: its story tells how it formed
+            self._suppress(batch, rule.name, key, event, now, "group",
+                           f"guard group: {have} of {spec.count} members within "
+                           f"{spec.within:g}s (group {key}, member {member})")
+            return
+        scope["key"] = key
+        scope["members"] = self._view(group)
+        self.incidents.decide(rule, event, key, scope, now, batch, commands)
+        opened = self.incidents.open.get(slot)
+        if opened is not None:  # not when a guard or the throttle said no
+            group.incident = opened.id
+            self._inhibit_members(group)
+            self._write_members(group)
+
+    def _join(self, group: Group, incident: IncidentRecord, event: Event, member: str,
+              now: float, batch: Batch) -> None:
+        new = member not in group.members
+        if group.incident != incident.id:  # opened before this engine knew the group
+            group.incident = incident.id
+        self._touch(group, member, event, now)
+        if new:
+            self._inhibit_members(group)
+            self._write_members(group)
+        incident.events += 1
+        batch.incidents[incident.id] = incident
+        reason = (f"member {member} joined group {group.key} ({len(group.members)} members)"
+                  if new else "incident already open")
+        batch.decisions.append(DecisionRecord(
+            event.source, event.id, group.rule, group.key, "joined", reason, now, incident.id,
+            incident.run_id))
+
+    def _touch(self, group: Group, member: str, event: Event, now: float) -> None:
+        known = group.members.get(member)
+        if known is None:
+            known = group.members[member] = Member(member, now, now, event.to_json())
+        else:
+            known.last = max(known.last, now)
+        self._writes[(NAMESPACE, row("g", group.rule, group.key, member))] = {
+            "first": known.first, "last": known.last, "event": known.event}
+
+    def _expire(self, group: Group, now: float, within: float) -> None:
+        for old in [m for m in group.members.values() if now - m.last > within]:
+            del group.members[old.key]
+            self._writes[(NAMESPACE, row("g", group.rule, group.key, old.key))] = None
+
+    def _view(self, group: Group) -> list[dict[str, Any]]:
+        """``members`` as a group rule's run.input sees it."""
+        entities = self.incidents.inventory.entities
+        return [{"key": m.key, "time": m.first, "event": m.event,
+                 "entity": entities.get(m.key)} for m in group.members.values()]
+
+    def _write_members(self, group: Group) -> None:
+        if group.incident is None:
+            return
+        members = list(group.members.values())[:MAX_LISTED]
+        inhibited = list(group.inhibited.values())[:MAX_LISTED]
+        self._writes[(MEMBERS, group.incident)] = {
+            "rule": group.rule, "key": group.key, "members": [
+                {"key": m.key, "time": m.first, "last": m.last, "event": m.event}
+                for m in members],
+            "inhibited": [
+                {"rule": i.rule, "key": i.key, "count": i.count, "first": i.first,
+                 "last": i.last, "event": i.event, "event_id": i.event.get("id"),
+                 "source": i.event.get("source"), "firing": i.firing} for i in inhibited]}
+
+    # -- inhibits ---------------------------------------------------------------------
+
+    def _inhibit_members(self, group: Group) -> None:
+        rule = self._rules.get(group.rule)
+        if rule is None:
+            return
+        for name in rule.rule.inhibits:
+            held = self.inhibitors.setdefault(name, {})
+            for member in group.members:
+                held[member] = group
+
+    def inhibitor(self, rule: str, key: str) -> Group | None:
+        """The open group incident holding back ``rule``'s matches for ``key``, if any."""
+        held = self.inhibitors.get(rule)
+        group = held.get(key) if held else None
+        if group is None:
+            return None
+        incident = self.incidents.open.get((group.rule, group.key))
+        if incident is None or incident.id != group.incident:  # closed, or never created
+            del held[key]  # type: ignore[union-attr]
+            return None
+        return group
+
+    def inhibit(self, group: Group, rule: str, key: str, event: Event, now: float,
+                batch: Batch) -> None:
+        """Record ``rule``'s match for member ``key`` as held back by ``group``."""
+        slot = (rule, key)
+        seen = group.inhibited.get(slot)
+        data = event.to_json()
+        if seen is None:
+            seen = group.inhibited[slot] = Inhibited(rule, key, now, now, data,
+                                                     group=(group.rule, group.key))
+        else:
+            seen.count, seen.last, seen.event, seen.firing = seen.count + 1, now, data, True
+        fingerprint = event.data.get("fingerprint")
+        if isinstance(fingerprint, str) and seen.fingerprint != fingerprint:
+            seen.fingerprint = fingerprint
+            self._fingerprints.setdefault(fingerprint, []).append(seen)
+        self._write_members(group)
+        self._suppress(batch, rule, key, event, now, "inhibited",
+                       f"guard inhibited: {key} is a member of group {group.key} of "
+                       f"{group.rule} (incident {group.incident})")
+
+    def resolved(self, fingerprint: str) -> None:
+        """A resolved alert: inhibited matches of the same alert are not firing any more."""
+        for seen in self._fingerprints.pop(fingerprint, ()):
+            seen.firing, seen.fingerprint = False, None
+            group = self.groups.get(seen.group)
+            if group is not None:
+                self._write_members(group)
+
+    def closed(self, incident: IncidentRecord) -> list[tuple[str, Event]]:
+        """A group incident closed: the group starts afresh, its inhibitions end; returns
+        the last inhibited events still firing with their rule, to be decided again."""
+        group = self.groups.get((incident.rule, incident.key))
+        if group is None or group.incident != incident.id:
+            return []
+        self._write_members(group)
+        self._drop("group", (group.rule, group.key))
+        again: list[tuple[str, Event]] = []
+        for seen in group.inhibited.values():
+            if seen.firing:
+                data = seen.event
+                again.append((seen.rule, event_from(data, f"{data['id']}~after-{incident.id}")))
+        return again
+
+    # -- absent -----------------------------------------------------------------------
+
+    def arm(self, rule: CompiledRule, event: Event, key: str, now: float) -> None:
+        """A matching event (re)arms the rule's timer for ``key``; a resolved one disarms."""
+        slot = (rule.name, key)
+        if event.data.get("status") == "resolved":
+            if slot in self.absences:
+                self._drop("absent", slot)
+            return
+        assert rule.rule.absent is not None
+        absence = Absence(rule.name, key, now + rule.rule.absent, event.to_json())
+        if slot not in self.absences:
+            self._bound()
+        self.absences[slot] = absence
+        self._arm_at(absence.due, slot)
+        self._writes[(NAMESPACE, row("a", rule.name, key))] = {
+            "due": absence.due, "event": absence.event}
+
+    def next_due(self) -> float | None:
+        """When the earliest absence timer is due (None: none armed)."""
+        heap = self._due
+        while heap:
+            when, _, slot = heap[0]
+            absence = self.absences.get(slot)
+            if absence is not None and absence.due == when:
+                return when
+            heapq.heappop(heap)  # re-armed or disarmed since
+        return None
+
+    def due(self, now: float) -> list[Absence]:
+        """The absences due at ``now`` (still in memory: ``fired`` forgets each)."""
+        return sorted((a for a in self.absences.values() if a.due <= now),
+                      key=lambda a: (a.due, a.rule, a.key))
+
+    def fired(self, absence: Absence) -> None:
+        """Its rule fired (or another replica fired it): disarmed until the next event."""
+        if self.absences.get((absence.rule, absence.key)) is absence:
+            self._drop("absent", (absence.rule, absence.key))
+
+    def follow_absence(self, absence: Absence, stored: JSON) -> bool:
+        """The store's row of a due absence (other replicas may have re-armed, fired or
+        disarmed it): True when it is still due as memory has it."""
+        slot = (absence.rule, absence.key)
+        if not isinstance(stored, dict):
+            self.absences.pop(slot, None)  # fired or disarmed elsewhere
+            return False
+        due = float(stored["due"])
+        if due > absence.due:  # re-armed elsewhere
+            absence.due, absence.event = due, stored["event"]
+            self._arm_at(due, slot)
+            return False
+        return True
+
+    # -- all --------------------------------------------------------------------------
+
+    def all(self, rule: CompiledRule, event: Event, key: str, scope: dict[str, Any],
+            now: float, batch: Batch, commands: list[RunCommand]) -> None:
+        """Decide an ``all`` rule's match of its condition ``rule.part`` for ``key``."""
+        within, wanted = rule.rule.within, len(rule.rule.conditions)
+        assert within is not None
+        slot = (rule.name, key)
+        partial = self.partials.get(slot)
+        if partial is None:
+            partial = self.partials[slot] = Partial(rule.name, key)
+            self._bound()
+        partial.matched[rule.part] = (now, event.to_json())
+        for part in [p for p, (t, _) in partial.matched.items() if now - t > within]:
+            del partial.matched[part]
+        if len(partial.matched) < wanted:
+            self._writes[(NAMESPACE, row("p", rule.name, key))] = {
+                str(p): [t, e] for p, (t, e) in partial.matched.items()}
+            self._expire_at(min(t for t, _ in partial.matched.values()) + within, "p", slot)
+            missing = [i for i in range(wanted) if i not in partial.matched]
+            waiting = ", ".join(_describe(rule.rule.conditions[i].on.topic, i) for i in missing)
+            self._suppress(batch, rule.name, key, event, now, "all",
+                           f"guard all: {len(partial.matched)} of {wanted} conditions within "
+                           f"{within:g}s (waiting for {waiting})")
+            return
+        scope["matched"] = [partial.matched[i][1] for i in range(wanted)]
+        self._drop("all", slot)
+        self.incidents.decide(rule, event, key, scope, now, batch, commands)
+
+    # -- writing, expiry, restore -----------------------------------------------------
+
+    def rule(self, name: str) -> CompiledRule | None:
+        return self._rules.get(name)
+
+    def flush(self, batch: Batch) -> None:
+        """The rows changed since the last flush go into ``batch`` (the decision's)."""
+        if self._writes:
+            batch.kv.update(self._writes)
+            self._writes = {}
+
+    def sweep(self, now: float) -> None:
+        """Forget groups and partial matches whose window passed (their rows too)."""
+        size = (len(self.groups), len(self.absences), len(self.partials))
+        if size != self._told:
+            self._told = size
+            metrics.correlation_state(*size)
+        heap = self._expiry
+        while heap and heap[0][0] < now:
+            _, _, kind, slot = heapq.heappop(heap)
+            self._expiring.discard((kind, slot))
+            rule = self._rules.get(slot[0])
+            if kind == "g" and (group := self.groups.get(slot)) is not None:
+                spec = rule.rule.group if rule is not None else None
+                if spec is None or slot in self.incidents.open:
+                    continue  # an open incident's members stay until it closes
+                group.incident = None  # closed, or the store never created it
+                self._expire(group, now, spec.within)
+                if group.members:
+                    self._expire_at(min(m.last for m in group.members.values()) + spec.within,
+                                    "g", slot)
+                else:
+                    self._drop("group", slot)
+            elif kind == "p" and (partial := self.partials.get(slot)) is not None:
+                within = rule.rule.within if rule is not None else None
+                if within is None:
+                    continue
+                for part in [p for p, (t, _) in partial.matched.items() if now - t > within]:
+                    del partial.matched[part]
+                if partial.matched:
+                    self._expire_at(min(t for t, _ in partial.matched.values()) + within, "p",
+                                    slot)
+                else:
+                    self._drop("all", slot)
+        if len(self._due) > 4 * len(self.absences) + 64:  # re-armed timers leave entries
+            self._due = [e for e in self._due if (a := self.absences.get(e[2])) is not None
+                         and a.due == e[0]]
+            heapq.heapify(self._due)
+
+    def rebuild(self, rows: list[tuple[str, JSON]], members: dict[str, JSON]) -> None:
+        """All state anew from the store's rows (start, a rebalance); ``members``: the
+        members rows of the open group incidents."""
+        self.groups, self.absences, self.partials = {}, {}, {}
+        self._due, self._expiry, self._fingerprints, self.inhibitors = [], [], {}, {}
+        self._expiring = set()
+        for name, value in rows:
+            self._load_row(name, value)
+        for (rule, key), group in self.groups.items():
+            incident = self.incidents.open.get((rule, key))
+            if incident is not None:
+                group.incident = incident.id
+                stored = members.get(incident.id)
+                for seen in (stored or {}).get("inhibited", ()):
+                    entry = Inhibited(seen["rule"], seen["key"], seen["first"], seen["last"],
+                                      seen["event"], seen["count"], seen["firing"],
+                                      group=(rule, key))
+                    group.inhibited[(entry.rule, entry.key)] = entry
+                    fingerprint = (entry.event.get("data") or {}).get("fingerprint")
+                    if isinstance(fingerprint, str) and entry.firing:
+                        entry.fingerprint = fingerprint
+                        self._fingerprints.setdefault(fingerprint, []).append(entry)
+        self._reindex()
+
+    def merge(self, rows: list[tuple[str, JSON]]) -> None:
+        """Other replicas' rows (several replicas deciding one group, webhooks reaching
+        any): members and matches this engine lacks, absences re-armed later there."""
+        for name, value in rows:
+            kind, rule, key, *rest = json.loads(name)
+            slot = (rule, key)
+            if kind == "g" and rest:
+                group = self.groups.setdefault(slot, Group(rule, key))
+                if rest[0] not in group.members:
+                    group.members[rest[0]] = Member(rest[0], value["first"], value["last"],
+                                                    value["event"])
+            elif kind == "a":
+                absence = self.absences.get(slot)
+                if absence is not None and value["due"] > absence.due:
+                    absence.due, absence.event = value["due"], value["event"]
+                    self._arm_at(absence.due, slot)
+            elif kind == "p":
+                partial = self.partials.setdefault(slot, Partial(rule, key))
+                for part, (t, data) in value.items():
+                    mine = partial.matched.get(int(part))
+                    if mine is None or mine[0] < t:
+                        partial.matched[int(part)] = (t, data)
+        self._reindex()
+
+    def _load_row(self, name: str, value: JSON) -> None:
+        try:
+            kind, rule, key, *rest = json.loads(name)
+        except ValueError:
+            return
+        slot = (rule, key)
+        if kind == "g" and rest:
+            group = self.groups.setdefault(slot, Group(rule, key))
+            group.members[rest[0]] = Member(rest[0], value["first"], value["last"],
+                                            value["event"])
+            spec = self._rules.get(rule)
+            if spec is not None and spec.rule.group is not None:
+                self._expire_at(value["last"] + spec.rule.group.within, "g", slot)
+        elif kind == "a":
+            self.absences[slot] = Absence(rule, key, value["due"], value["event"])
+            self._arm_at(value["due"], slot)
+        elif kind == "p":
+            partial = self.partials.setdefault(slot, Partial(rule, key))
+            for part, (t, data) in value.items():
+                partial.matched[int(part)] = (t, data)
+            spec = self._rules.get(rule)
+            if spec is not None and spec.rule.within is not None and partial.matched:
+                self._expire_at(
+                    min(t for t, _ in partial.matched.values()) + spec.rule.within, "p", slot)
+
+    def _reindex(self) -> None:
+        self.inhibitors = {}
+        for group in self.groups.values():
+            if group.incident is not None:
+                self._inhibit_members(group)
+        self.peak = max(self.peak, self.size())
+
+    def _drop(self, kind: str, slot: Slot) -> None:
+        rule, key = slot
+        if kind == "group":
+            group = self.groups.pop(slot, None)
+            if group is not None:
+                for member in group.members:
+                    self._writes[(NAMESPACE, row("g", rule, key, member))] = None
+                for held in self.inhibitors.values():
+                    for member in [m for m, g in held.items() if g is group]:
+                        del held[member]
+                for seen in group.inhibited.values():
+                    if seen.fingerprint is not None:
+                        self._fingerprints.pop(seen.fingerprint, None)
+        elif kind == "absent":
+            self.absences.pop(slot, None)
+            self._writes[(NAMESPACE, row("a", rule, key))] = None
+        else:
+            self.partials.pop(slot, None)
+            self._writes[(NAMESPACE, row("p", rule, key))] = None
+
+    def _arm_at(self, when: float, slot: Slot) -> None:
+        heapq.heappush(self._due, (when, next(self._seq), slot))
+
+    def _expire_at(self, when: float, kind: str, slot: Slot) -> None:
+        # a slot's window only moves later: its one entry, when due, is pushed again for
+        # the rest (sweep), so the heap holds one entry per slot, not one per event
+        if (kind, slot) not in self._expiring:
+            self._expiring.add((kind, slot))
+            heapq.heappush(self._expiry, (when, next(self._seq), kind, slot))
+
+    def _bound(self) -> None:
+        """Past ``max_slots``, the oldest slot of the largest kind goes (counted, logged
+        once); an open group incident's members are never forgotten."""
+        size = self.size()
+        self.peak = max(self.peak, size)
+        if size <= self.max_slots:
+            return
+        sizes = {"group": len(self.groups), "all": len(self.partials),
+                 "absent": len(self.absences)}
+        kind = max(sizes, key=sizes.__getitem__)
+        slot: Slot | None
+        if kind == "group":  # an open group incident's members are kept
+            slot = next((g for g in self.groups if g not in self.incidents.open), None)
+        else:
+            slot = next(iter(self.partials if kind == "all" else self.absences), None)
+        if slot is not None:
+            self._drop(kind, slot)
+            metrics.evicted("correlation", 1, full=True)
+        if not self._warned:
+            self._warned = True
+            metrics.memory_full("correlation", self.max_slots,
+                                "the oldest partial groups, matches or absence timers")
+
+    def _suppress(self, batch: Batch, rule: str, key: str, event: Event, now: float,
+                  guard: str, reason: str) -> None:
+        metrics.guard_suppressed(rule, guard)
+        self.suppressions.suppressed(rule, key, event.source, event.id, guard, reason)
+        batch.decisions.append(DecisionRecord(
+            event.source, event.id, rule, key, "suppressed", reason, now))
+
+
+def event_from(data: JSON, ident: str) -> Event:
+    """An event again from its ``to_json`` under a new id (a fired absence, an inhibited
+    match decided again)."""
+    return Event(id=ident, source=data["source"], topic=data["topic"], data=data["data"],
+                 key=data.get("key"), time=data["time"], headers=data.get("headers") or {},
+                 vars=data.get("vars") or {})
+
+
+def _describe(topic: str | None, index: int) -> str:
+    return f"all[{index}]" + (f" {topic}" if topic else "")

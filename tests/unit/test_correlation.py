@@ -1,0 +1,254 @@
+"""Correlation in the engine on a real SQLite store: group, inhibits, absent, all, any, and
+their state across a restart (a new Engine on the same file, loaded as the daemon does)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loopd.catalog.inventory import Inventory
+from loopd.decide.correlation import MEMBERS
+from loopd.events import Event
+from loopd.rules.loader import RuleSet
+from tests.unit.conftest import RulesFrom
+from tests.unit.test_engine import decisions, event_time, reasons, running
+
+
+def alert(ident: str, host: str, *, at: float, name: str = "HostDown",
+          status: str = "firing") -> Event:
+    return Event(id=ident, source="alertmanager", topic="alerts", key=host, time=at,
+                 data={"status": status, "labels": {"alertname": name, "instance": host},
+                       "fingerprint": f"fp-{name}-{host}"})
+
+
+def inventory(**groups: list[str]) -> Inventory:
+    return Inventory({h: {"group": g} for g, hosts in groups.items() for h in hosts})
+
+
+GROUP = """
+rules:
+  - name: outage
+    on: {source: alertmanager, match: {status: firing, labels.alertname: HostDown}}
+    group: {by: "{{ inventory[key].group }}", count: 3, within: 2m}
+    inhibits: [restart-host]
+    run: {action: core.noop, input: {host: "{{ key }}", value: "{{ members }}"}}
+  - name: restart-host
+    on: {source: alertmanager, match: {status: firing, labels.alertname: HostDown}}
+    run: {action: core.noop, input: {host: "{{ key }}"}}
+"""
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "loopd.db"
+
+
+def outcome(db: Path, rule: str) -> list[tuple[str, str]]:
+    return [(e, o) for e, r, o in decisions(db) if r == rule]
+
+
+@pytest.fixture
+def group_rules(rules_from: RulesFrom) -> RuleSet:
+    rules = rules_from(GROUP)
+    assert not rules.errors, rules.errors
+    return rules
+
+
+async def test_a_group_opens_at_its_count_and_inhibits_its_members(
+        db: Path, group_rules: RuleSet) -> None:
+    """Two members are held (guard group) while the host rule acts for them; the third
+    opens one group incident whose input lists the members, and from then on the host
+    rule's matches for members are inhibited; a fourth member joins."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = 1_000_000.0
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(*(alert(f"a{i}", f"w{i}", at=t + i) for i in (1, 2, 3, 4)),
+                     alert("a5", "w1", at=t + 5))
+        group_run = next(run for run in r.runs if run.rule == "outage")
+        members = await r.store.kv_get(MEMBERS, group_run.incident_id or "")
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("a2", "suppressed"),
+                                     ("a3", "run_created"), ("a4", "joined"), ("a5", "joined")]
+    assert outcome(db, "restart-host") == [("a1", "run_created"), ("a2", "run_created"),
+                                           ("a3", "suppressed"), ("a4", "suppressed"),
+                                           ("a5", "suppressed")]  # w1 is a member now
+    assert group_run.key == "front"
+    assert [m["key"] for m in group_run.input["value"]] == ["w1", "w2", "w3"]
+    assert group_run.input["value"][0]["event"]["id"] == "a1"
+    assert "guard group: 2 of 3 members within 120s (group front, member w2)" in reasons(db)
+    assert any(x and x.startswith("guard inhibited: w3 is a member of group front of outage")
+               for x in reasons(db))
+    assert [m["key"] for m in members["members"]] == ["w1", "w2", "w3", "w4"]
+    assert {(i["rule"], i["key"]) for i in members["inhibited"]} == {
+        ("restart-host", "w1"), ("restart-host", "w3"), ("restart-host", "w4")}
+
+
+async def test_members_older_than_the_window_do_not_count(
+        db: Path, group_rules: RuleSet) -> None:
+    """A member whose last match is older than ``within`` has left the group."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = 1_000_000.0
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(alert("a1", "w1", at=t), alert("a2", "w2", at=t + 100),
+                     alert("a3", "w3", at=t + 130), alert("a4", "w1", at=t + 140))
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("a2", "suppressed"),
+                                     ("a3", "suppressed"), ("a4", "run_created")]
+
+
+async def test_closing_the_group_decides_still_firing_members_again(
+        db: Path, group_rules: RuleSet) -> None:
+    """When the group incident closes, inhibition ends: an inhibited member whose alert
+    did not resolve is decided again for the host rule; a resolved one is not."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = time.time()
+    async with running(db, group_rules, inventory=inv) as r:
+        await r.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3, 4)),
+                     alert("r4", "w4", at=t, status="resolved"))
+        group_run = next(run for run in r.runs if run.rule == "outage")
+        await r.close_incident_of(group_run)
+    assert ("a3~after-" + (group_run.incident_id or ""), "run_created") in outcome(
+        db, "restart-host")
+    assert not any(e.startswith("a4~after") for e, _ in outcome(db, "restart-host"))
+
+
+async def test_a_partial_group_survives_a_restart_and_opens_once(
+        db: Path, group_rules: RuleSet) -> None:
+    """Members held before a restart still count after it; a redelivered member event
+    is a duplicate, and the group opens exactly once."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = 1_000_000.0
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(alert("a1", "w1", at=t), alert("a2", "w2", at=t + 1))
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(alert("a2", "w2", at=t + 1), alert("a3", "w3", at=t + 2))
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("a2", "suppressed"),
+                                     ("a3", "run_created")]
+
+
+ABSENT = """
+rules:
+  - name: heartbeat-missing
+    on: {source: telemetry, topic: "heartbeat/{host}"}
+    key: "{{ vars.host }}"
+    absent: 5m
+    run: {action: core.noop, input: {host: "{{ key }}"}}
+"""
+
+
+def beat(ident: str, host: str, at: float, **data: Any) -> Event:
+    return Event(id=ident, source="telemetry", topic=f"heartbeat/{host}", data=data,
+                 time=at)
+
+
+async def test_an_absence_fires_once_per_silence_with_the_last_event(
+        db: Path, rules_from: RulesFrom) -> None:
+    """In event time, a key silent for ``absent`` fires once (the last event's id with
+    ``~absent``) at the time it was due; the next event re-arms it; a resolved event
+    disarms it."""
+    t = 1_000_000.0
+    rules = rules_from(ABSENT)
+    async with running(db, rules, **event_time()) as r:
+        await r.feed(beat("b1", "h1", t), beat("b2", "h1", t + 60), beat("c1", "h2", t + 61),
+                     beat("c2", "h2", t + 62, status="resolved"),
+                     beat("x", "h3", t + 400), beat("b3", "h1", t + 500),
+                     beat("y", "h3", t + 1000))
+    # h1 fires at t+360; h2 was disarmed; h3 fires at t+700; h1, silent again after
+    # b3, fires at t+800 into its incident, still open
+    assert outcome(db, "heartbeat-missing") == [
+        ("b2~absent", "run_created"), ("x~absent", "run_created"), ("b3~absent", "joined")]
+    assert [run.created for run in r.runs] == [t + 360, t + 700]
+
+
+async def test_an_absence_armed_before_a_restart_fires_after_it_once(
+        db: Path, rules_from: RulesFrom) -> None:
+    """The timer is durable: a new engine on the store fires it when due, and a third
+    engine after that does not fire it again."""
+    rules = rules_from(ABSENT.replace("5m", "1s"))
+    async with running(db, rules) as r:
+        await r.feed(beat("b1", "h1", time.time()))
+    async with running(db, rules) as r:
+        async def fired() -> bool:
+            return outcome(db, "heartbeat-missing") == [("b1~absent", "run_created")]
+        deadline = time.monotonic() + 20
+        while not await fired():
+            assert time.monotonic() < deadline, decisions(db)
+            await r.engine.drain(timeout=10)
+            await _tick()
+    async with running(db, rules) as r:
+        await r.feed(beat("other", "h9", time.time()))
+    assert outcome(db, "heartbeat-missing") == [("b1~absent", "run_created")]
+
+
+async def _tick() -> None:
+    await asyncio.sleep(0.05)  # the engine's own timer fires the absence; poll its result
+
+
+ALL = """
+rules:
+  - name: disk-and-io
+    all:
+      - {on: {source: node, topic: "metrics/{host}/disk_free"}, if: "event.value < 0.1"}
+      - {on: {source: node, topic: "metrics/{host}/io_wait"}, if: "event.value > 0.3"}
+    key: "{{ vars.host }}"
+    within: 10m
+    run: {action: core.noop, input: {host: "{{ key }}", value: "{{ matched }}"}}
+  - name: either
+    any:
+      - {on: {source: node, topic: "metrics/{host}/disk_free"}, if: "event.value < 0.1"}
+      - {on: {source: node, topic: "metrics/{host}/+"}}
+    key: "{{ vars.host }}"
+    run: {action: core.noop, input: {host: "{{ key }}"}}
+"""
+
+
+def metric(ident: str, host: str, name: str, value: float, at: float) -> Event:
+    return Event(id=ident, source="node", topic=f"metrics/{host}/{name}",
+                 data={"value": value}, time=at)
+
+
+async def test_all_needs_every_condition_within_the_window_and_any_decides_once(
+        db: Path, rules_from: RulesFrom) -> None:
+    """One condition alone is held (guard all); both within 10m fire once, with the
+    matched events; both further apart than the window do not; an ``any`` rule decides
+    an event once even when two of its conditions match it."""
+    t = 1_000_000.0
+    rules = rules_from(ALL)
+    assert not rules.errors, rules.errors
+    async with running(db, rules, **event_time()) as r:
+        await r.feed(metric("d1", "h1", "disk_free", 0.05, t),
+                     metric("i1", "h1", "io_wait", 0.5, t + 60),
+                     metric("d2", "h2", "disk_free", 0.05, t + 100),
+                     metric("i2", "h2", "io_wait", 0.5, t + 800))
+    assert outcome(db, "disk-and-io") == [("d1", "suppressed"), ("i1", "run_created"),
+                                          ("d2", "suppressed"), ("i2", "suppressed")]
+    run = next(run for run in r.runs if run.rule == "disk-and-io")
+    assert [m["id"] for m in run.input["value"]] == ["d1", "i1"]
+    assert [e for e, _ in outcome(db, "either")] == ["d1", "i1", "d2", "i2"]
+
+
+@pytest.mark.parametrize(("text", "field", "message"), [
+    ("group: {by: x, count: 1, within: 1m}", "group.count", "greater than or equal to 2"),
+    ("group: {by: x, count: 2, within: 1m}\n    inhibits: [nope]", "inhibits", "unknown"),
+    ("inhibits: [restart]", "inhibits", "inhibits needs group"),
+    ("group: {by: x, count: 2, within: 1m}\n    for: 5m", "group.within", "shorter than"),
+    ("absent: 1m\n    for: 1m", "absent", "cannot be combined with for"),
+    ("within: 1m", "within", "within goes with all"),
+])
+def test_loopd_check_names_each_correlation_mistake(
+        rules_from: RulesFrom, text: str, field: str, message: str) -> None:
+    """Each bad combination of correlation fields is an error naming its field."""
+    rules = rules_from(f"""
+rules:
+  - name: bad
+    on: {{source: alertmanager}}
+    {text}
+    run: {{action: core.noop, input: {{host: x}}}}
+  - name: restart
+    on: {{source: alertmanager}}
+    run: {{action: core.noop, input: {{host: x}}}}
+""")
+    assert [r.name for r in rules.rules] == ["restart"]
+    assert any(e.field == field and message in e.message for e in rules.errors), rules.errors
