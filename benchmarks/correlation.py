@@ -4,6 +4,10 @@ number of rules, every tenth rule a correlation rule instead of a plain one.
 Variants (``--correlation`` of benchmarks/ingest.py):
 
 * ``none``: the plain corpus (benchmarks.common.write_rules), 1,000 plain rules.
+* ``family``: the control for ``group``: its 100 rules matching what the group rules
+  match (each a family of ten alert names), as plain rules (throttled, as the corpus's
+  are). ``group`` against ``family`` is the cost of correlation itself; against ``none``
+  it also counts the twice as many matches a family rule brings.
 * ``group``: rule ``i`` with ``i % 10 == 9`` (100 of 1,000) is a group rule over the
   alert names of rules ``i-9 .. i`` (a family of ten names): key the alert's instance,
   ``group: {by: "{{ inventory[key].group }}", count: 3, within: 2m}``; every other one
@@ -31,7 +35,7 @@ import orjson
 from loopd.clock import WallClock
 from loopd.decide.engine import Engine
 
-VARIANTS = ("none", "group", "mix")
+VARIANTS = ("none", "family", "group", "mix")
 GROUPS = ("frontend", "backend", "storage", "edge")
 HOSTS = 200  # benchmarks.common.alerts' default
 # the longest window of any correlation rule: past it, no state may remain
@@ -43,8 +47,8 @@ def kind_of(i: int, variant: str) -> str | None:
     """The correlation kind of rule ``i`` in ``variant``, None for a plain rule."""
     if variant == "none" or i % 10 != 9:
         return None
-    if variant == "group":
-        return "group"
+    if variant in ("group", "family"):
+        return variant
     return ("group", "group", "group", "absent", "all")[(i // 10) % 5]
 
 
@@ -67,6 +71,10 @@ def correlated(variant: str) -> Callable[[int, list[str]], list[str] | None]:
         family = names[-10:]  # the names of rules i-9 .. i
         name = names[-1]
         key = "    key: \"{{ event.labels.instance }}\""
+        if kind == "family":
+            return [f"  - name: 'f{i}-{name}'", f"    on: {_on(family)}", f"    {CONDITION}",
+                    key, "    throttle: {once_within: 10m}",
+                    "    run: {action: core.noop, input: {host: \"{{ key }}\"}}"]
         if kind == "group":
             lines = [f"  - name: 'g{i}-{name}'", f"    on: {_on(family)}", f"    {CONDITION}",
                      key,
@@ -125,7 +133,8 @@ def state(engine: Engine) -> dict[str, int]:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians per variant over the rounds, and each variant's ratio to ``none``."""
+    """Medians per variant over the rounds, each variant's ratio to ``none`` and the
+    correlation variants' to ``family`` (the same matches without correlation)."""
     out: dict[str, Any] = {"name": "ingest-correlation", "rounds": 0}
     medians: dict[str, float] = {}
     for variant in VARIANTS:
@@ -148,6 +157,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for variant, median in medians.items():
         if variant != "none" and "none" in medians:
             out[f"ratio_{variant}"] = round(median / medians["none"], 3)
+        if variant in ("group", "mix") and "family" in medians:
+            out[f"ratio_{variant}_to_family"] = round(median / medians["family"], 3)
     return out
 
 
