@@ -153,6 +153,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["state_peak"] = [r["state_storm"]["peak"] for r in mine]
             entry["state_after_storm"] = [r["state_storm"]["total"] for r in mine]
             entry["state_after_windows"] = [r["state_after"]["total"] for r in mine]
+            entry["state_second_storm"] = [r["state_storm2"]["total"] for r in mine]
+            entry["state_peak_after_second_storm"] = [r["state_storm2"]["peak"] for r in mine]
+            entry["state_after_second_windows"] = [r["state_after2"]["total"] for r in mine]
         out[variant] = entry
     for variant, median in medians.items():
         if variant != "none" and "none" in medians:

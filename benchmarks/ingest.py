@@ -12,9 +12,11 @@ variant's rules are): ``--rounds`` rounds (default 3), each running ``none`` and
 variants, in an order that alternates between rounds, every run in a fresh process.
 Each row also has the correlation state's slots (``state_storm``: at the end of the
 burst, with the peak; ``state_after``: once the engine's clock moved past every window
-and a few unmatched events went through), the current RSS at both points and the
-decisions by outcome; a last line gives the medians and each variant's ratio to
-``none``.
+and a few unmatched events went through; ``state_storm2``/``state_after2``: the same
+for a second storm of one pool's worth, its peak the first one's when the state is
+bounded by the windows), the current RSS at those points and the decisions by outcome;
+a last line gives the medians and each variant's ratio to ``none`` (and to ``family``,
+the same matches without correlation).
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ async def inproc(rules: int, events: int, folder: Path,
             await engine.emit(d)
     await engine.drain(timeout=60)
     if variant is not None:
-        extra.update(await after_windows(daemon, clock, base + 3000))
+        extra.update(await after_windows(daemon, clock, base + 3000, templates))
     daemon.stop()
     await runner
     if variant is not None:
@@ -153,31 +155,46 @@ async def inproc(rules: int, events: int, folder: Path,
         "decode_us": round(decode_us, 2), **extra}
 
 
-async def after_windows(daemon: Daemon, clock: correlation.SkewedClock,
-                        base: int) -> dict[str, object]:
-    """Time moves on past every window (the engine's clock jumps), a trickle of alerts
-    no rule watches goes through, and the runs that due absences started end: the
-    correlation state must be back to what open incidents hold, which after their runs
-    ended is nothing. Waits (deadline 60 s) for the slots to reach 0, then reports them."""
+async def after_windows(daemon: Daemon, clock: correlation.SkewedClock, base: int,
+                        templates: list[Event]) -> dict[str, object]:
+    """Time moves on past every window (the engine's clock jumps) and the state must
+    empty (``state_after``); then the pool once more, a second storm (``state_storm2``:
+    its peak is the first storm's if state is bounded by the windows, not by history),
+    and past the windows again (``state_after2``)."""
     engine = daemon.engine
+    out: dict[str, object] = {}
     clock.skew += correlation.LONGEST_WINDOW_S + 1
+    out["state_after"], base = await until_empty(daemon, base)
+    out["rss_after_mb"] = current_rss_mb()
+    for i, t in enumerate(templates):
+        await engine.emit(Delivery(Event(str(base + i), t.source, t.topic, t.data, t.key,
+                                         t.time)))
+    await engine.drain(timeout=600)
+    out["state_storm2"] = correlation.state(engine)
+    clock.skew += correlation.LONGEST_WINDOW_S + 1
+    out["state_after2"], _ = await until_empty(daemon, base + len(templates))
+    out["rss_after2_mb"] = current_rss_mb()
+    return out
+
+
+async def until_empty(daemon: Daemon, base: int) -> tuple[dict[str, int], int]:
+    """Alerts no rule watches go through (the engine sweeps expired state with every
+    batch) and the runs due absences start end, until the correlation state is empty or
+    60 s passed; the state then, and the next free event id."""
+    engine = daemon.engine
     deadline = time.perf_counter() + 60
-    state = correlation.state(engine)
-    j = 0
     while True:
         for _ in range(100):  # an alert nobody watches: the engine decides nothing for it
-            tick = Event(f"{base + j}", "alertmanager", "", {
-                "status": "firing", "labels": {"alertname": "BenchTick", "instance": "x"}})
-            j += 1
-            await engine.emit(Delivery(tick))
+            await engine.emit(Delivery(Event(f"{base}", "alertmanager", "", {
+                "status": "firing", "labels": {"alertname": "BenchTick", "instance": "x"}})))
+            base += 1
         await engine.drain(timeout=60)
-        await daemon.dispatcher.drain(timeout=60)
+        await daemon.dispatcher.drain(timeout=60)  # the runs the fired absences started
         await engine.drain(timeout=60)
         state = correlation.state(engine)
         if state["total"] == 0 or time.perf_counter() > deadline:
-            break
+            return state, base
         await asyncio.sleep(0.05)  # a benchmark's poll: the runs' ends are the engine's
-    return {"state_after": state, "rss_after_mb": current_rss_mb(), "ticks": j}
 
 
 def startup(folder: Path) -> float:
