@@ -134,19 +134,25 @@ def state(engine: Engine) -> dict[str, int]:
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians per variant over the rounds, each variant's ratio to ``none`` and the
-    correlation variants' to ``family`` (the same matches without correlation)."""
+    correlation variants' to ``family`` (the same matches without correlation), by wall
+    clock (``ratio_*``) and by the process's CPU time (``ratio_cpu_*``)."""
     out: dict[str, Any] = {"name": "ingest-correlation", "rounds": 0}
     medians: dict[str, float] = {}
+    cpu_medians: dict[str, float] = {}
     for variant in VARIANTS:
         mine = [r for r in rows if r["correlation"] == variant]
         if not mine:
             continue
         out["rounds"] = max(out["rounds"], len(mine))
         rates = [float(r["events_per_s"]) for r in mine]
+        cpu_rates = [float(r["events_per_cpu_s"]) for r in mine]
         medians[variant] = statistics.median(rates)
+        cpu_medians[variant] = statistics.median(cpu_rates)
         entry: dict[str, Any] = {
             "events_per_s": [round(x) for x in rates], "median_events_per_s": round(
                 medians[variant]),
+            "events_per_cpu_s": [round(x) for x in cpu_rates],
+            "median_events_per_cpu_s": round(cpu_medians[variant]),
             "p99_ms": [r["p99_ms"] for r in mine],
             "rss_mb": [r["rss_mb"] for r in mine]}
         if variant != "none":
@@ -157,11 +163,12 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["state_peak_after_second_storm"] = [r["state_storm2"]["peak"] for r in mine]
             entry["state_after_second_windows"] = [r["state_after2"]["total"] for r in mine]
         out[variant] = entry
-    for variant, median in medians.items():
-        if variant != "none" and "none" in medians:
-            out[f"ratio_{variant}"] = round(median / medians["none"], 3)
-        if variant in ("group", "mix") and "family" in medians:
-            out[f"ratio_{variant}_to_family"] = round(median / medians["family"], 3)
+    for suffix, by in (("", medians), ("_cpu", cpu_medians)):
+        for variant, median in by.items():
+            if variant != "none" and "none" in by:
+                out[f"ratio{suffix}_{variant}"] = round(median / by["none"], 3)
+            if variant in ("group", "mix") and "family" in by:
+                out[f"ratio{suffix}_{variant}_to_family"] = round(median / by["family"], 3)
     return out
 
 
