@@ -173,8 +173,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def decisions(db: Path) -> dict[str, int]:
-    """Decisions recorded, by outcome (and ``inhibited`` / ``group`` for the guards of
-    correlation), read from the run's SQLite store after the daemon stopped."""
+    """Decisions recorded, by outcome (and by correlation guard, absences fired,
+    inhibited matches decided again once their group closed, group incidents), read from
+    the run's SQLite store after the daemon stopped."""
     import sqlite3
 
     with sqlite3.connect(db) as conn:
@@ -187,6 +188,9 @@ def decisions(db: Path) -> dict[str, int]:
         (n,) = conn.execute("SELECT count(*) FROM decisions WHERE event_id LIKE '%~absent'"
                             ).fetchone()
         out["absent_fired"] = int(n)
+        (n,) = conn.execute("SELECT count(*) FROM decisions WHERE event_id LIKE '%~after-%'"
+                            ).fetchone()
+        out["decided_again_after_close"] = int(n)
         (n,) = conn.execute("SELECT count(*) FROM incidents WHERE rule LIKE 'g%'").fetchone()
         out["group_incidents"] = int(n)
     return out
