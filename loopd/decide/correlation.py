@@ -75,6 +75,7 @@ class Group:
     members: dict[str, Member] = field(default_factory=dict)  # in order of arrival
     incident: str | None = None  # the open incident's id
     inhibited: dict[Slot, Inhibited] = field(default_factory=dict)
+    foreign: bool = False  # another replica's open incident (read from the store)
 
 
 @dataclass(slots=True)
@@ -97,6 +98,11 @@ def row(*parts: str) -> str:
     return json.dumps(parts, separators=(",", ":"))
 
 
+def member_rows(rule: str, key: str) -> str:
+    """The prefix of the kv keys of one group's members."""
+    return row("g", rule, key)[:-1] + ","
+
+
 class Correlation:
     def __init__(self, incidents: Incidents, suppressions: SuppressionLog,
                  max_slots: int = 100_000) -> None:
@@ -112,6 +118,7 @@ class Correlation:
         self.peak = 0  # the most slots held at once (benchmarks: memory bounded by windows)
         self._rules: dict[str, CompiledRule] = {}
         self._writes: dict[tuple[str, str], JSON] = {}  # kv rows for the next batch
+        self._dirty: dict[str, Group] = {}  # group incident id -> its members row to write
         # (when, seq, slot): absence timers, and when a group's or partial's window passes
         self._due: list[tuple[float, int, Slot]] = []
         self._expiry: list[tuple[float, int, str, Slot]] = []
@@ -119,7 +126,11 @@ class Correlation:
         self._seq = itertools.count()
         self._fingerprints: dict[str, list[Inhibited]] = {}
         self._warned = False
-        self._told = (0, 0, 0)  # the sizes loopd_correlation_state shows
+        self._told = (0, 0, 0)
+        # several replicas: groups held below their count in this batch (the store may
+        # know more members, decided elsewhere), and other replicas' open group incidents
+        self.held: set[Slot] = set()
+        self.foreign: dict[str, dict[str, Group]] = {}  # the sizes loopd_correlation_state shows
 
     # -- rules ------------------------------------------------------------------------
 
@@ -165,6 +176,7 @@ class Correlation:
         self._touch(group, member, event, now)
         have = len(group.members)
         if have < spec.count:
+            self.held.add(slot)
             self._expire_at(min(m.last for m in group.members.values()) + spec.within, "g",
                             slot)
             # recorded for the group, the incident's key: its story tells how it formed
@@ -172,14 +184,45 @@ class Correlation:
                            f"guard group: {have} of {spec.count} members within "
                            f"{spec.within:g}s (group {key}, member {member})")
             return
-        scope["key"] = key
+        self.open(rule, group, event, scope, now, batch, commands)
+
+    def open(self, rule: CompiledRule, group: Group, event: Event, scope: dict[str, Any],
+             now: float, batch: Batch, commands: list[RunCommand]) -> None:
+        """``group`` has its count: open its incident with ``event`` (unless a guard or
+        the throttle says no: then it stays as it is, and the next member tries again)."""
+        scope["key"] = group.key
         scope["members"] = self._view(group)
-        self.incidents.decide(rule, event, key, scope, now, batch, commands)
-        opened = self.incidents.open.get(slot)
-        if opened is not None:  # not when a guard or the throttle said no
+        self.incidents.decide(rule, event, group.key, scope, now, batch, commands)
+        opened = self.incidents.open.get((group.rule, group.key))
+        if opened is not None:
             group.incident = opened.id
             self._inhibit_members(group)
             self._write_members(group)
+
+    def complete(self, slot: Slot, rows: list[tuple[str, JSON]], now: float
+                 ) -> tuple[CompiledRule, Group, Event] | None:
+        """A group held below its count, with the store's member rows (several replicas
+        decide members of one group): the rule, the group and a trigger event when the
+        union has the count now. The trigger is the newest member's event under the id
+        ``<id>~group``, the same on every replica that reads the same rows."""
+        rule = self._rules.get(slot[0])
+        spec = rule.rule.group if rule is not None else None
+        if rule is None or spec is None or slot in self.incidents.open:
+            return None
+        group = self.groups.setdefault(slot, Group(*slot))
+        for name, value in rows:
+            member = json.loads(name)[3]
+            if member not in group.members:
+                group.members[member] = Member(member, value["first"], value["last"],
+                                               value["event"])
+            else:
+                known = group.members[member]
+                known.last = max(known.last, value["last"])
+        self._expire(group, now, spec.within)
+        if len(group.members) < spec.count:
+            return None
+        newest = max(group.members.values(), key=lambda m: (m.last, m.key))
+        return rule, group, event_from(newest.event, f"{newest.event['id']}~group")
 
     def _join(self, group: Group, incident: IncidentRecord, event: Event, member: str,
               now: float, batch: Batch) -> None:
@@ -188,7 +231,7 @@ class Correlation:
             group.incident = incident.id
         self._touch(group, member, event, now)
         if new:
-            self._inhibit_members(group)
+            self._inhibit_members(group, [member])
             self._write_members(group)
         incident.events += 1
         batch.incidents[incident.id] = incident
@@ -219,11 +262,15 @@ class Correlation:
                  "entity": entities.get(m.key)} for m in group.members.values()]
 
     def _write_members(self, group: Group) -> None:
-        if group.incident is None:
-            return
+        """The group incident's members row is written by the next flush (once per batch,
+        however many members joined or matches it held back)."""
+        if group.incident is not None:
+            self._dirty[group.incident] = group
+
+    def _members_row(self, group: Group) -> JSON:
         members = list(group.members.values())[:MAX_LISTED]
         inhibited = list(group.inhibited.values())[:MAX_LISTED]
-        self._writes[(MEMBERS, group.incident)] = {
+        return {
             "rule": group.rule, "key": group.key, "members": [
                 {"key": m.key, "time": m.first, "last": m.last, "event": m.event}
                 for m in members],
@@ -234,13 +281,15 @@ class Correlation:
 
     # -- inhibits ---------------------------------------------------------------------
 
-    def _inhibit_members(self, group: Group) -> None:
+    def _inhibit_members(self, group: Group, members: Iterable[str] | None = None) -> None:
+        """``members`` (all of the group's by default) are held back by ``group`` for the
+        rules it inhibits."""
         rule = self._rules.get(group.rule)
         if rule is None:
             return
         for name in rule.rule.inhibits:
             held = self.inhibitors.setdefault(name, {})
-            for member in group.members:
+            for member in group.members if members is None else members:
                 held[member] = group
 
     def inhibitor(self, rule: str, key: str) -> Group | None:
@@ -248,7 +297,8 @@ class Correlation:
         held = self.inhibitors.get(rule)
         group = held.get(key) if held else None
         if group is None:
-            return None
+            elsewhere = self.foreign.get(rule)
+            return elsewhere.get(key) if elsewhere else None
         incident = self.incidents.open.get((group.rule, group.key))
         if incident is None or incident.id != group.incident:  # closed, or never created
             del held[key]  # type: ignore[union-attr]
@@ -258,6 +308,11 @@ class Correlation:
     def inhibit(self, group: Group, rule: str, key: str, event: Event, now: float,
                 batch: Batch) -> None:
         """Record ``rule``'s match for member ``key`` as held back by ``group``."""
+        reason = (f"guard inhibited: {key} is a member of group {group.key} of "
+                  f"{group.rule} (incident {group.incident})")
+        if group.foreign:  # its members row is the other replica's to write
+            self._suppress(batch, rule, key, event, now, "inhibited", reason)
+            return
         slot = (rule, key)
         seen = group.inhibited.get(slot)
         data = event.to_json()
@@ -271,9 +326,21 @@ class Correlation:
             seen.fingerprint = fingerprint
             self._fingerprints.setdefault(fingerprint, []).append(seen)
         self._write_members(group)
-        self._suppress(batch, rule, key, event, now, "inhibited",
-                       f"guard inhibited: {key} is a member of group {group.key} of "
-                       f"{group.rule} (incident {group.incident})")
+        self._suppress(batch, rule, key, event, now, "inhibited", reason)
+
+    def follow_foreign(self, incidents: list[tuple[IncidentRecord, JSON]]) -> None:
+        """Other replicas' open group incidents with their members rows: their members'
+        matches of the rules they inhibit are held back here too (until the next read)."""
+        foreign: dict[str, dict[str, Group]] = {}
+        for incident, stored in incidents:
+            rule = self._rules.get(incident.rule)
+            if rule is None or (incident.rule, incident.key) in self.incidents.open:
+                continue
+            group = Group(incident.rule, incident.key, incident=incident.id, foreign=True)
+            for member in (stored or {}).get("members", ()):
+                for name in rule.rule.inhibits:
+                    foreign.setdefault(name, {})[member["key"]] = group
+        self.foreign = foreign
 
     def resolved(self, fingerprint: str) -> None:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""
@@ -387,6 +454,10 @@ class Correlation:
 
     def flush(self, batch: Batch) -> None:
         """The rows changed since the last flush go into ``batch`` (the decision's)."""
+        if self._dirty:
+            for incident, group in self._dirty.items():
+                self._writes[(MEMBERS, incident)] = self._members_row(group)
+            self._dirty = {}
         if self._writes:
             batch.kv.update(self._writes)
             self._writes = {}
