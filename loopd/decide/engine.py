@@ -464,13 +464,13 @@ class Engine:
         queue, inbox, wake = self.queue, self.inbox, self._wake
         while True:
             while not inbox and queue.empty():
-                due = self._absence_due()
+                due = self._timer_due()
                 if due is not None and due <= 0:
                     break
                 wake.clear()
                 if due is None:
                     await wake.wait()
-                else:  # an absence timer: woken by its time or by work, whichever first
+                else:  # an absence, a window passing: its time or work, whichever first
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), due)
             pending = _Pending(Batch(), [])
@@ -625,7 +625,7 @@ class Engine:
         closed = self.incidents.run_finished(run, now, pending.batch, pending.commands)
         if closed is not None and self.correlation.groups:
             # a group incident closed: members still firing are decided normally again
-            for rule, again in self.correlation.closed(closed):
+            for rule, again in self.correlation.closed(closed, now):
                 self._decide(again, pending, only=rule)
         if self._outcomes_topic is not None:
             metrics.event_received("loopd")
@@ -842,6 +842,17 @@ class Engine:
                                                 event.key, event.time, event.data))
 
     # -- absence timers (loopd.decide.correlation) ------------------------------------------
+
+    def _timer_due(self) -> float | None:
+        """Seconds until an absence is due or a window passes (whose state the next
+        batch's sweep then deletes, so an idle daemon keeps none either)."""
+        due = self._absence_due()
+        expiry = self.correlation.next_expiry() if self._virtual is None else None
+        if expiry is not None:
+            # a hundredth of a second late, so the sweep finds the window passed
+            left = expiry - self.clock.now() + 0.01
+            due = left if due is None else min(due, left)
+        return due
 
     def _absence_due(self) -> float | None:
         """Seconds until the earliest absence timer is due (None: none, or event time, where
