@@ -209,7 +209,9 @@ class Correlation:
             known = group.members[member] = Member(member, now, now, event.to_json())
         else:
             known.last = max(known.last, now)
-        self._writes[(NAMESPACE, row("g", group.rule, group.key, member))] = {
+        if not known.row:
+            known.row = row("g", group.rule, group.key, member)
+        self._writes[(NAMESPACE, known.row)] = {
             "first": known.first, "last": known.last, "event": known.event}
 
     def _expire(self, group: Group, now: float, within: float) -> None:

@@ -35,6 +35,7 @@ class Member:
     first: float
     last: float
     event: JSON  # the member's first event
+    row: str = ""  # its kv key, made once (a member matches again and again)
 
 
 @dataclass(slots=True)
