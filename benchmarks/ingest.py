@@ -2,7 +2,8 @@
 
     python benchmarks/ingest.py --rules 10 100 1000 --events 100000 [--mode inproc kafka]
 
-Prints one JSON object per line: name, mode, rules, events, events_per_s, p99_ms
+Prints one JSON object per line: name, mode, rules, events, events_per_s,
+cpu_us_per_event (the process's CPU, every thread, per event), runs (created), p99_ms
 (event -> durable decision at a paced 1,000 events/s), rss_mb, startup_s (the
 daemon process from exec to ready, with that many rules), matched.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import subprocess
@@ -78,11 +80,12 @@ async def inproc(rules: int, events: int, folder: Path) -> dict[str, object]:
     templates = [ev for i, body in enumerate(pool) for ev in events_from(i, body)]
     decode_us = (time.perf_counter() - began) / len(pool) * 1e6
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()  # every thread's CPU
     for i, t in zip(range(events), itertools.cycle(templates), strict=False):
         await engine.emit(Delivery(Event(str(i), t.source, t.topic, t.data, t.key, t.time), ack))
     await engine.drain(timeout=600)
     elapsed = time.perf_counter() - started
+    cpu_us = (time.process_time() - cpu) / events * 1e6
     matched = sum(engine.matches.values())
 
     # the runs the burst started finish first: latency is measured on a steady daemon
@@ -109,12 +112,22 @@ async def inproc(rules: int, events: int, folder: Path) -> dict[str, object]:
             d.event = ev
             await engine.emit(d)
     await engine.drain(timeout=60)
+    runs = runs_created(daemon.store.path)
     daemon.stop()
     await runner
-    return {"events_per_s": round(events / elapsed), "p99_ms": round(
+    return {"events_per_s": round(events / elapsed), "cpu_us_per_event": round(cpu_us, 1),
+            "runs": runs, "p99_ms": round(
         percentile(latencies, 0.99) * 1000, 3), "p50_ms": round(
         percentile(latencies, 0.5) * 1000, 3), "matched": matched, "acked": acked,
         "decode_us": round(decode_us, 2)}
+
+
+def runs_created(db: Path) -> int:
+    """Runs in the store file (starvation shows as few runs for many matches)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
 
 def startup(folder: Path) -> float:
