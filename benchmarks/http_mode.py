@@ -56,6 +56,20 @@ async def _post(http: aiohttp.ClientSession, url: str, body: bytes) -> None:
         await resp.read()
 
 
+async def _runs_settled(session: aiohttp.ClientSession, port: int) -> None:
+    """Until no run executes (``loopd_runs_active`` 0 twice in a row, 0.2 s apart)."""
+    deadline, quiet = time.monotonic() + 600, 0
+    while quiet < 2:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+        active = next((float(line.rpartition(" ")[2]) for line in text.splitlines()
+                       if line.startswith("loopd_runs_active ")), 0.0)
+        quiet = quiet + 1 if active == 0 else 0
+        if time.monotonic() > deadline:
+            raise TimeoutError("runs still active after 10 minutes")
+        await asyncio.sleep(0.2)
+
+
 async def http(rules: int, events: int, folder: Path) -> dict[str, object]:
     names = write_rules(folder / "rules", rules)
     port = _free_port()
@@ -98,6 +112,8 @@ async def http(rules: int, events: int, folder: Path) -> dict[str, object]:
             elapsed = time.perf_counter() - began
             cpu = _cpu_s(daemon.pid) - cpu
             sent = sum(len(orjson.loads(b)["alerts"]) for b in burst)
+            # the runs the burst started finish first: latency is measured on a steady daemon
+            await _runs_settled(session, port)
             # latency at a steady PACED alerts/s: POST -> answered (decisions durable)
             latencies: list[float] = []
 
