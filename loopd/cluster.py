@@ -98,6 +98,7 @@ class Cluster:
         self.others = [r.name for r in await store.replicas()
                        if r.name != store.replica and now - r.heartbeat < store.lease]
         self.engine.keep_evidence = self._evidence_sources() if self.others else None
+        self.engine.shared = bool(self.others)  # group members are read back from the store
         taken = await self.dispatcher.takeover()
         if taken:
             await self.engine.adopt(taken)
@@ -114,6 +115,8 @@ class Cluster:
         await self._reloaded_elsewhere()
         if self.others:  # keys may reach any replica (webhooks): for: timers are shared
             await self.engine.follow_timers()
+        else:  # alone: no other replica's group incident holds anything back
+            self.engine.correlation.follow_foreign([])
         await self._evidence()
 
     def _evidence_sources(self) -> dict[str, tuple[str, ...]]:

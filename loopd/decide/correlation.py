@@ -25,14 +25,27 @@ deleted (``sweep``): memory and rows are bounded by the windows.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from loopd import metrics
+from loopd.decide.correlation_state import (
+    JSON,
+    MEMBERS,
+    NAMESPACE,
+    Absence,
+    Group,
+    Inhibited,
+    Member,
+    Partial,
+    Slot,
+    Timers,
+    event_from,
+    member_rows,
+    members_row,
+    row,
+)
 from loopd.decide.incidents import Incidents
 from loopd.decide.suppressions import SuppressionLog
 from loopd.events import Event
@@ -40,62 +53,8 @@ from loopd.messages import RunCommand
 from loopd.rules.compile import CompiledRule
 from loopd.store.base import Batch, DecisionRecord, IncidentRecord
 
-NAMESPACE = "correlation"
-MEMBERS = "members"  # group incident id -> {"rule", "key", "members", "inhibited"}
-MAX_LISTED = 1000    # members and inhibited matches kept per group incident
-JSON = Any
-Slot = tuple[str, str]  # (rule, key): a group's key, an absence's or an all's key
-
-
-@dataclass(slots=True)
-class Member:
-    key: str
-    first: float
-    last: float
-    event: JSON  # the member's first event
-
-
-@dataclass(slots=True)
-class Inhibited:
-    rule: str
-    key: str
-    first: float
-    last: float
-    event: JSON  # the last inhibited event, decided again when the group closes
-    count: int = 1
-    firing: bool = True  # no resolved event with its fingerprint came since
-    fingerprint: str | None = None  # the alert's, when it has one
-    group: Slot = ("", "")  # the group holding it back
-
-
-@dataclass(slots=True)
-class Group:
-    rule: str
-    key: str
-    members: dict[str, Member] = field(default_factory=dict)  # in order of arrival
-    incident: str | None = None  # the open incident's id
-    inhibited: dict[Slot, Inhibited] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Absence:
-    rule: str
-    key: str
-    due: float
-    event: JSON  # the last matching event
-
-
-@dataclass(slots=True)
-class Partial:
-    rule: str
-    key: str
-    matched: dict[int, tuple[float, JSON]] = field(default_factory=dict)  # condition -> match
-
-
-def row(*parts: str) -> str:
-    """The kv key of one piece of state: unambiguous whatever the rule and key hold."""
-    return json.dumps(parts, separators=(",", ":"))
-
+__all__ = ["MEMBERS", "NAMESPACE", "Absence", "Correlation", "Slot", "event_from",
+           "member_rows", "row"]
 
 class Correlation:
     def __init__(self, incidents: Incidents, suppressions: SuppressionLog,
@@ -112,14 +71,15 @@ class Correlation:
         self.peak = 0  # the most slots held at once (benchmarks: memory bounded by windows)
         self._rules: dict[str, CompiledRule] = {}
         self._writes: dict[tuple[str, str], JSON] = {}  # kv rows for the next batch
-        # (when, seq, slot): absence timers, and when a group's or partial's window passes
-        self._due: list[tuple[float, int, Slot]] = []
-        self._expiry: list[tuple[float, int, str, Slot]] = []
-        self._expiring: set[tuple[str, Slot]] = set()  # one expiry entry per slot at most
-        self._seq = itertools.count()
+        self._dirty: dict[str, Group] = {}  # group incident id -> its members row to write
+        self._timers = Timers()  # absence timers, and when windows pass
         self._fingerprints: dict[str, list[Inhibited]] = {}
         self._warned = False
-        self._told = (0, 0, 0)  # the sizes loopd_correlation_state shows
+        self._told = (0, 0, 0)
+        # several replicas: groups held below their count in this batch (the store may
+        # know more members, decided elsewhere), and other replicas' open group incidents
+        self.held: set[Slot] = set()
+        self.foreign: dict[str, dict[str, Group]] = {}  # the sizes loopd_correlation_state shows
 
     # -- rules ------------------------------------------------------------------------
 
@@ -165,20 +125,54 @@ class Correlation:
         self._touch(group, member, event, now)
         have = len(group.members)
         if have < spec.count:
+            self.held.add(slot)
             self._expire_at(min(m.last for m in group.members.values()) + spec.within, "g",
                             slot)
-            self._suppress(batch, rule.name, member, event, now, "group",
+            # recorded for the group, the incident's key: its story tells how it formed
+            self._suppress(batch, rule.name, key, event, now, "group",
                            f"guard group: {have} of {spec.count} members within "
-                           f"{spec.within:g}s (group {key})")
+                           f"{spec.within:g}s (group {key}, member {member})")
             return
-        scope["key"] = key
+        self.open(rule, group, event, scope, now, batch, commands)
+
+    def open(self, rule: CompiledRule, group: Group, event: Event, scope: dict[str, Any],
+             now: float, batch: Batch, commands: list[RunCommand]) -> None:
+        """``group`` has its count: open its incident with ``event`` (unless a guard or
+        the throttle says no: then it stays as it is, and the next member tries again)."""
+        scope["key"] = group.key
         scope["members"] = self._view(group)
-        self.incidents.decide(rule, event, key, scope, now, batch, commands)
-        opened = self.incidents.open.get(slot)
-        if opened is not None:  # not when a guard or the throttle said no
+        self.incidents.decide(rule, event, group.key, scope, now, batch, commands)
+        opened = self.incidents.open.get((group.rule, group.key))
+        if opened is not None:
             group.incident = opened.id
             self._inhibit_members(group)
             self._write_members(group)
+
+    def complete(self, slot: Slot, rows: list[tuple[str, JSON]], now: float
+                 ) -> tuple[CompiledRule, Group, Event] | None:
+        """A group held below its count, with the store's member rows (several replicas
+        decide members of one group): the rule, the group and a trigger event when the
+        union has the count now. The trigger is the newest member's event under the id
+        ``<id>~group``, the same on every replica that reads the same rows."""
+        rule = self._rules.get(slot[0])
+        spec = rule.rule.group if rule is not None else None
+        if rule is None or spec is None or slot in self.incidents.open:
+            return None
+        group = self.groups.setdefault(slot, Group(*slot))
+        for name, value in rows:
+            member = json.loads(name)[3]
+            if member not in group.members:
+                group.members[member] = Member(member, value["first"], value["last"],
+                                               value["event"])
+            else:
+                known = group.members[member]
+                known.last = max(known.last, value["last"])
+        _in_arrival_order(group)
+        self._expire(group, now, spec.within)
+        if len(group.members) < spec.count:
+            return None
+        newest = max(group.members.values(), key=lambda m: (m.last, m.key))
+        return rule, group, event_from(newest.event, f"{newest.event['id']}~group")
 
     def _join(self, group: Group, incident: IncidentRecord, event: Event, member: str,
               now: float, batch: Batch) -> None:
@@ -187,7 +181,7 @@ class Correlation:
             group.incident = incident.id
         self._touch(group, member, event, now)
         if new:
-            self._inhibit_members(group)
+            self._inhibit_members(group, [member])
             self._write_members(group)
         incident.events += 1
         batch.incidents[incident.id] = incident
@@ -218,28 +212,22 @@ class Correlation:
                  "entity": entities.get(m.key)} for m in group.members.values()]
 
     def _write_members(self, group: Group) -> None:
-        if group.incident is None:
-            return
-        members = list(group.members.values())[:MAX_LISTED]
-        inhibited = list(group.inhibited.values())[:MAX_LISTED]
-        self._writes[(MEMBERS, group.incident)] = {
-            "rule": group.rule, "key": group.key, "members": [
-                {"key": m.key, "time": m.first, "last": m.last, "event": m.event}
-                for m in members],
-            "inhibited": [
-                {"rule": i.rule, "key": i.key, "count": i.count, "first": i.first,
-                 "last": i.last, "event": i.event, "event_id": i.event.get("id"),
-                 "source": i.event.get("source"), "firing": i.firing} for i in inhibited]}
+        """The group incident's members row is written by the next flush (once per batch,
+        however many members joined or matches it held back)."""
+        if group.incident is not None:
+            self._dirty[group.incident] = group
 
     # -- inhibits ---------------------------------------------------------------------
 
-    def _inhibit_members(self, group: Group) -> None:
+    def _inhibit_members(self, group: Group, members: Iterable[str] | None = None) -> None:
+        """``members`` (all of the group's by default) are held back by ``group`` for the
+        rules it inhibits."""
         rule = self._rules.get(group.rule)
         if rule is None:
             return
         for name in rule.rule.inhibits:
             held = self.inhibitors.setdefault(name, {})
-            for member in group.members:
+            for member in group.members if members is None else members:
                 held[member] = group
 
     def inhibitor(self, rule: str, key: str) -> Group | None:
@@ -247,7 +235,8 @@ class Correlation:
         held = self.inhibitors.get(rule)
         group = held.get(key) if held else None
         if group is None:
-            return None
+            elsewhere = self.foreign.get(rule)
+            return elsewhere.get(key) if elsewhere else None
         incident = self.incidents.open.get((group.rule, group.key))
         if incident is None or incident.id != group.incident:  # closed, or never created
             del held[key]  # type: ignore[union-attr]
@@ -257,6 +246,11 @@ class Correlation:
     def inhibit(self, group: Group, rule: str, key: str, event: Event, now: float,
                 batch: Batch) -> None:
         """Record ``rule``'s match for member ``key`` as held back by ``group``."""
+        reason = (f"guard inhibited: {key} is a member of group {group.key} of "
+                  f"{group.rule} (incident {group.incident})")
+        if group.foreign:  # its members row is the other replica's to write
+            self._suppress(batch, rule, key, event, now, "inhibited", reason)
+            return
         slot = (rule, key)
         seen = group.inhibited.get(slot)
         data = event.to_json()
@@ -270,9 +264,21 @@ class Correlation:
             seen.fingerprint = fingerprint
             self._fingerprints.setdefault(fingerprint, []).append(seen)
         self._write_members(group)
-        self._suppress(batch, rule, key, event, now, "inhibited",
-                       f"guard inhibited: {key} is a member of group {group.key} of "
-                       f"{group.rule} (incident {group.incident})")
+        self._suppress(batch, rule, key, event, now, "inhibited", reason)
+
+    def follow_foreign(self, incidents: list[tuple[IncidentRecord, JSON]]) -> None:
+        """Other replicas' open group incidents with their members rows: their members'
+        matches of the rules they inhibit are held back here too (until the next read)."""
+        foreign: dict[str, dict[str, Group]] = {}
+        for incident, stored in incidents:
+            rule = self._rules.get(incident.rule)
+            if rule is None or (incident.rule, incident.key) in self.incidents.open:
+                continue
+            group = Group(incident.rule, incident.key, incident=incident.id, foreign=True)
+            for member in (stored or {}).get("members", ()):
+                for name in rule.rule.inhibits:
+                    foreign.setdefault(name, {})[member["key"]] = group
+        self.foreign = foreign
 
     def resolved(self, fingerprint: str) -> None:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""
@@ -282,7 +288,7 @@ class Correlation:
             if group is not None:
                 self._write_members(group)
 
-    def closed(self, incident: IncidentRecord) -> list[tuple[str, Event]]:
+    def closed(self, incident: IncidentRecord, now: float) -> list[tuple[str, Event]]:
         """A group incident closed: the group starts afresh, its inhibitions end; returns
         the last inhibited events still firing with their rule, to be decided again."""
         group = self.groups.get((incident.rule, incident.key))
@@ -294,7 +300,8 @@ class Correlation:
         for seen in group.inhibited.values():
             if seen.firing:
                 data = seen.event
-                again.append((seen.rule, event_from(data, f"{data['id']}~after-{incident.id}")))
+                again.append((seen.rule, event_from(
+                    data, f"{data['id']}~after-{incident.id}", at=now)))
         return again
 
     # -- absent -----------------------------------------------------------------------
@@ -317,14 +324,11 @@ class Correlation:
 
     def next_due(self) -> float | None:
         """When the earliest absence timer is due (None: none armed)."""
-        heap = self._due
-        while heap:
-            when, _, slot = heap[0]
-            absence = self.absences.get(slot)
-            if absence is not None and absence.due == when:
-                return when
-            heapq.heappop(heap)  # re-armed or disarmed since
-        return None
+        return self._timers.next_due(self.absences)
+
+    def next_expiry(self) -> float | None:
+        """When the earliest window may pass (the sweep then forgets what expired)."""
+        return self._timers.next_expiry()
 
     def due(self, now: float) -> list[Absence]:
         """The absences due at ``now`` (still in memory: ``fired`` forgets each)."""
@@ -386,6 +390,10 @@ class Correlation:
 
     def flush(self, batch: Batch) -> None:
         """The rows changed since the last flush go into ``batch`` (the decision's)."""
+        if self._dirty:
+            for incident, group in self._dirty.items():
+                self._writes[(MEMBERS, incident)] = members_row(group)
+            self._dirty = {}
         if self._writes:
             batch.kv.update(self._writes)
             self._writes = {}
@@ -396,15 +404,13 @@ class Correlation:
         if size != self._told:
             self._told = size
             metrics.correlation_state(*size)
-        heap = self._expiry
-        while heap and heap[0][0] < now:
-            _, _, kind, slot = heapq.heappop(heap)
-            self._expiring.discard((kind, slot))
+        for kind, slot in self._timers.expired(now):
             rule = self._rules.get(slot[0])
             if kind == "g" and (group := self.groups.get(slot)) is not None:
                 spec = rule.rule.group if rule is not None else None
-                if spec is None or group.incident is not None or slot in self.incidents.open:
+                if spec is None or slot in self.incidents.open:
                     continue  # an open incident's members stay until it closes
+                group.incident = None  # closed, or the store never created it
                 self._expire(group, now, spec.within)
                 if group.members:
                     self._expire_at(min(m.last for m in group.members.values()) + spec.within,
@@ -422,20 +428,17 @@ class Correlation:
                                     slot)
                 else:
                     self._drop("all", slot)
-        if len(self._due) > 4 * len(self.absences) + 64:  # re-armed timers leave entries
-            self._due = [e for e in self._due if (a := self.absences.get(e[2])) is not None
-                         and a.due == e[0]]
-            heapq.heapify(self._due)
+        self._timers.compact(self.absences)
 
     def rebuild(self, rows: list[tuple[str, JSON]], members: dict[str, JSON]) -> None:
         """All state anew from the store's rows (start, a rebalance); ``members``: the
         members rows of the open group incidents."""
         self.groups, self.absences, self.partials = {}, {}, {}
-        self._due, self._expiry, self._fingerprints, self.inhibitors = [], [], {}, {}
-        self._expiring = set()
+        self._timers, self._fingerprints, self.inhibitors = Timers(), {}, {}
         for name, value in rows:
             self._load_row(name, value)
         for (rule, key), group in self.groups.items():
+            _in_arrival_order(group)  # rows come in key order
             incident = self.incidents.open.get((rule, key))
             if incident is not None:
                 group.incident = incident.id
@@ -454,6 +457,7 @@ class Correlation:
     def merge(self, rows: list[tuple[str, JSON]]) -> None:
         """Other replicas' rows (several replicas deciding one group, webhooks reaching
         any): members and matches this engine lacks, absences re-armed later there."""
+        grown: dict[Slot, Group] = {}
         for name, value in rows:
             kind, rule, key, *rest = json.loads(name)
             slot = (rule, key)
@@ -462,6 +466,7 @@ class Correlation:
                 if rest[0] not in group.members:
                     group.members[rest[0]] = Member(rest[0], value["first"], value["last"],
                                                     value["event"])
+                    grown[slot] = group
             elif kind == "a":
                 absence = self.absences.get(slot)
                 if absence is not None and value["due"] > absence.due:
@@ -473,6 +478,8 @@ class Correlation:
                     mine = partial.matched.get(int(part))
                     if mine is None or mine[0] < t:
                         partial.matched[int(part)] = (t, data)
+        for group in grown.values():
+            _in_arrival_order(group)
         self._reindex()
 
     def _load_row(self, name: str, value: JSON) -> None:
@@ -528,14 +535,10 @@ class Correlation:
             self._writes[(NAMESPACE, row("p", rule, key))] = None
 
     def _arm_at(self, when: float, slot: Slot) -> None:
-        heapq.heappush(self._due, (when, next(self._seq), slot))
+        self._timers.arm(when, slot)
 
     def _expire_at(self, when: float, kind: str, slot: Slot) -> None:
-        # a slot's window only moves later: its one entry, when due, is pushed again for
-        # the rest (sweep), so the heap holds one entry per slot, not one per event
-        if (kind, slot) not in self._expiring:
-            self._expiring.add((kind, slot))
-            heapq.heappush(self._expiry, (when, next(self._seq), kind, slot))
+        self._timers.expire(when, kind, slot)
 
     def _bound(self) -> None:
         """Past ``max_slots``, the oldest slot of the largest kind goes (counted, logged
@@ -568,12 +571,10 @@ class Correlation:
             event.source, event.id, rule, key, "suppressed", reason, now))
 
 
-def event_from(data: JSON, ident: str) -> Event:
-    """An event again from its ``to_json`` under a new id (a fired absence, an inhibited
-    match decided again)."""
-    return Event(id=ident, source=data["source"], topic=data["topic"], data=data["data"],
-                 key=data.get("key"), time=data["time"], headers=data.get("headers") or {},
-                 vars=data.get("vars") or {})
+def _in_arrival_order(group: Group) -> None:
+    """Members read from the store (in key order, or merged from other replicas) in the
+    order they first matched."""
+    group.members = dict(sorted(group.members.items(), key=lambda m: (m[1].first, m[0])))
 
 
 def _describe(topic: str | None, index: int) -> str:

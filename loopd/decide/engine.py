@@ -31,6 +31,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from loopd import metrics
 from loopd.catalog.inventory import Inventory
@@ -39,7 +40,16 @@ from loopd.catalog.telemetry import DEFAULT_TTL as TELEMETRY_TTL
 from loopd.catalog.telemetry import Telemetry
 from loopd.clock import Clock, VirtualClock, WallClock
 from loopd.decide.committer import Committer
-from loopd.decide.correlation import MEMBERS, NAMESPACE, Absence, Correlation, event_from, row
+from loopd.decide.correlation import (
+    MEMBERS,
+    NAMESPACE,
+    Absence,
+    Correlation,
+    Slot,
+    event_from,
+    member_rows,
+    row,
+)
 from loopd.decide.guards import DEFAULT_MAX_KEYS as MEMORY_MAX_KEYS
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
@@ -90,6 +100,9 @@ class _Pending:
     # a batch the store rejects can be split until the culprit is found
     marks: list[Mark] = field(default_factory=list)
     matched: Counter[str] = field(default_factory=Counter)  # counted once, when sealed
+    # several replicas: groups this batch held below their count, read from the store
+    # once it is written (their other members may be another replica's)
+    held: list[Slot] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +176,10 @@ class Engine:
         # group, inhibits, absent and all: their partial state (loopd.decide.correlation)
         self.correlation = Correlation(self.incidents, self.suppressions, memory_max_keys)
         self._absence_retry = 0.0  # monotonic: the store failed reading a due absence
+        # other replicas decide the same keys (set by loopd.cluster): group members are
+        # read back from the store, and their open group incidents inhibit here too
+        self.shared = False
+        self._completed: list[tuple[Slot, list[tuple[str, Any]]]] = []
         self._in_flight = 0
         # liveness: monotonic time of the last batch written (or of work arriving when idle)
         self.progress_at = time.monotonic()
@@ -351,10 +368,18 @@ class Engine:
         (see ForTimers.follow)."""
         state = await self.store.load_state(since=time.time(), recent=0)
         self._timers.follow(state.for_timers)
-        if self.correlation.size() or self.correlation.inhibitable:
+        correlation = self.correlation
+        if correlation.size() or correlation.inhibitable:
             # group members and partial matches other replicas decided (a union: never
             # undoes what this engine decided), absences they re-armed
-            self.correlation.merge(await self.store.kv_scan(NAMESPACE))
+            correlation.merge(await self.store.kv_scan(NAMESPACE))
+        if correlation.inhibitable:  # other replicas' open group incidents inhibit here
+            groups = [i for i in await self.store.list_incidents(status="open", limit=10_000)
+                      if (rule := correlation.rule(i.rule)) is not None
+                      and rule.correlation == "group"
+                      and (i.rule, i.key) not in self.incidents.open]
+            correlation.follow_foreign(
+                [(i, await self.store.kv_get(MEMBERS, i.id)) for i in groups])
 
     def resolved_elsewhere(self, event: Event) -> None:
         """A resolved alert another replica received (read from the store): the runs of
@@ -440,13 +465,13 @@ class Engine:
         queue, inbox, wake = self.queue, self.inbox, self._wake
         while True:
             while not inbox and queue.empty():
-                due = self._absence_due()
+                due = self._timer_due()
                 if due is not None and due <= 0:
                     break
                 wake.clear()
                 if due is None:
                     await wake.wait()
-                else:  # an absence timer: woken by its time or by work, whichever first
+                else:  # an absence, a window passing: its time or work, whichever first
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), due)
             pending = _Pending(Batch(), [])
@@ -481,6 +506,10 @@ class Engine:
             resolved, self._resolved = self._resolved, []
             for event in resolved:
                 self.incidents.resolved(event, pending.batch, pending.commands, self.now())
+        if self._completed:
+            completed, self._completed = self._completed, []
+            for slot, rows in completed:
+                self._complete_group(slot, rows, pending)
         return ended
 
     def _seal(self, pending: _Pending) -> None:
@@ -491,6 +520,10 @@ class Engine:
         correlation = self.correlation
         correlation.sweep(self.now())
         correlation.flush(pending.batch)
+        if correlation.held:
+            if self.shared:
+                pending.held.extend(correlation.held)
+            correlation.held.clear()
         if self.guards.dirty:  # e.g. a flapping escalation: never escalate twice
             self.guards.dirty = False
             pending.batch.kv[GUARDS_KV] = self.guards.state()
@@ -528,6 +561,8 @@ class Engine:
                 self._reconcile(pending, result)
             if pending.commands or pending.ended:
                 self._send(pending)
+            if pending.held:
+                await self._read_groups(pending.held)
             self._in_flight -= len(pending.deliveries) + pending.inbox
             if self._in_flight <= 0:
                 self._in_flight = 0
@@ -547,6 +582,8 @@ class Engine:
     def _mark_duplicates(pending: _Pending, result: CommitResult) -> None:
         """A delivery whose every decision the store already had is a duplicate (another
         replica, or this one before a restart, decided it first)."""
+        if not pending.deliveries:  # the inbox's or a timer's decisions alone (no one to tell)
+            return
         decisions = pending.batch.decisions
         ends = [m[1] for m in pending.marks[1:]] + [len(decisions)]
         for delivery, start, end in zip(pending.deliveries, pending.marks, ends, strict=True):
@@ -595,7 +632,7 @@ class Engine:
         closed = self.incidents.run_finished(run, now, pending.batch, pending.commands)
         if closed is not None and self.correlation.groups:
             # a group incident closed: members still firing are decided normally again
-            for rule, again in self.correlation.closed(closed):
+            for rule, again in self.correlation.closed(closed, now):
                 self._decide(again, pending, only=rule)
         if self._outcomes_topic is not None:
             metrics.event_received("loopd")
@@ -613,12 +650,16 @@ class Engine:
             return False
 
     def _decide_event(self, event: Event, pending: _Pending, only: str | None) -> bool:
-        if self._telemetry_sources is None or event.source in self._telemetry_sources:
+        # an event decided again for one rule (an inhibited match) was seen already: it is
+        # no new telemetry, and no evidence
+        fresh = only is None
+        if fresh and (self._telemetry_sources is None
+                      or event.source in self._telemetry_sources):
             self.telemetry.observe(event)
-        if self._evidence is not None:
+        if fresh and self._evidence is not None:
             self._evidence(event)
         keep = self.keep_evidence
-        kept = keep is not None and (
+        kept = fresh and keep is not None and (
             event.data.get("status") == "resolved" or any(
                 event.topic.startswith(prefix)
                 for prefix in (*keep.get(event.source, ()), *keep.get(ANY_SOURCE, ()))))
@@ -769,7 +810,56 @@ class Engine:
             batch.timers_cleared.append((name, key))
         return True
 
+    # -- several replicas deciding one group ---------------------------------------------
+
+    async def _read_groups(self, held: list[Slot]) -> None:
+        """The members rows of groups a batch held below their count, now written: with
+        other replicas' members the count may be there; the decider opens them."""
+        for slot in dict.fromkeys(held):
+            try:
+                rows = await self.store.kv_scan(NAMESPACE, member_rows(*slot))
+            except StoreError as exc:  # the group's next member reads them again
+                metrics.log.warning("cannot read a group's members from the store",
+                                    rule=slot[0], group=slot[1], error=str(exc))
+                continue
+            self._completed.append((slot, rows))
+            self.inbox.put_nowait(None)
+
+    def _complete_group(self, slot: Slot, rows: list[tuple[str, Any]],
+                        pending: _Pending) -> None:
+        now = self.now()
+        try:
+            found = self.correlation.complete(slot, rows, now)
+            if found is None:
+                return
+            rule, group, event = found
+            ident = (event.source, event.id)
+            if ident in self._recent:
+                return
+            scope = {"event": event, "vars": rule.accepts(event) or {},
+                     "inventory": self.inventory.entities, "telemetry": self.telemetry,
+                     "now": now}
+            self.correlation.open(rule, group, event, scope, now, pending.batch,
+                                  pending.commands)
+        except Exception:  # supervised boundary, as _decide
+            metrics.engine_error(slot[0], slot[1])
+            return
+        self._remember(ident)
+        pending.batch.events.append(EventRecord(event.source, event.id, event.topic,
+                                                event.key, event.time, event.data))
+
     # -- absence timers (loopd.decide.correlation) ------------------------------------------
+
+    def _timer_due(self) -> float | None:
+        """Seconds until an absence is due or a window passes (whose state the next
+        batch's sweep then deletes, so an idle daemon keeps none either)."""
+        due = self._absence_due()
+        expiry = self.correlation.next_expiry() if self._virtual is None else None
+        if expiry is not None:
+            # a hundredth of a second late, so the sweep finds the window passed
+            left = expiry - self.clock.now() + 0.01
+            due = left if due is None else min(due, left)
+        return due
 
     def _absence_due(self) -> float | None:
         """Seconds until the earliest absence timer is due (None: none, or event time, where

@@ -490,9 +490,9 @@ class Store(Protocol):
 
     async def kv_put(self, namespace: str, key: str, value: JSON) -> None: ...
 
-    async def kv_scan(self, namespace: str) -> list[tuple[str, JSON]]:
-        """Every (key, value) of ``namespace``, ordered by key (the engine's correlation
-        state at start and after a rebalance)."""
+    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, JSON]]:
+        """Every (key, value) of ``namespace`` whose key starts with ``prefix``, ordered by
+        key (the engine's correlation state at start, after a rebalance, one group's)."""
         ...
 
     async def append_audit(self, record: AuditRecord) -> None:

@@ -440,8 +440,9 @@ class MemoryStore:
     async def kv_put(self, namespace: str, key: str, value: Any) -> None:
         self._d.kv[(namespace, key)] = dump(value)
 
-    async def kv_scan(self, namespace: str) -> list[tuple[str, Any]]:
-        return sorted((k, load(v)) for (n, k), v in self._d.kv.items() if n == namespace)
+    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, Any]]:
+        return sorted((k, load(v)) for (n, k), v in self._d.kv.items()
+                      if n == namespace and k.startswith(prefix))
 
     async def append_audit(self, record: AuditRecord) -> None:
         trail = self._d.audit

@@ -280,9 +280,11 @@ class PostgresReads:
                                (namespace, key))
         return rows[0][0] if rows else None
 
-    async def kv_scan(self, namespace: str) -> list[tuple[str, Any]]:
-        rows = await self._all("SELECT key, value FROM kv WHERE namespace=%s ORDER BY key",
-                               (namespace,))
+    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, Any]]:
+        # left(), not LIKE: a key may hold % and _
+        rows = await self._all(
+            "SELECT key, value FROM kv WHERE namespace=%s AND left(key, %s)=%s "
+            "ORDER BY key COLLATE \"C\"", (namespace, len(prefix), prefix))
         return [(str(k), v) for k, v in rows]
 
 

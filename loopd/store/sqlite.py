@@ -804,9 +804,11 @@ class SqliteStore:
         await self._write("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)",
                           (namespace, key, _dump(value), time.time()))
 
-    async def kv_scan(self, namespace: str) -> list[tuple[str, Any]]:
-        rows = await self._all("SELECT key, value FROM kv WHERE namespace=? ORDER BY key",
-                               (namespace,))
+    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, Any]]:
+        # substr, not LIKE: a key may hold % and _
+        rows = await self._all(
+            "SELECT key, value FROM kv WHERE namespace=? AND substr(key, 1, ?)=? ORDER BY key",
+            (namespace, len(prefix), prefix))
         return [(str(k), _load(v)) for k, v in rows]
 
     async def get_event(self, source: str, event_id: str) -> EventRecord | None:

@@ -4,7 +4,9 @@ their state across a restart (a new Engine on the same file, loaded as the daemo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,12 @@ import pytest
 
 from loopd.catalog.inventory import Inventory
 from loopd.decide.correlation import MEMBERS
+from loopd.decide.engine import Engine
 from loopd.events import Event
 from loopd.rules.loader import RuleSet
-from tests.unit.conftest import RulesFrom
-from tests.unit.test_engine import decisions, event_time, reasons, running
+from loopd.store.sqlite import SqliteStore
+from tests.unit.conftest import RulesFrom, Sent
+from tests.unit.test_engine import Running, decisions, event_time, reasons, running
 
 
 def alert(ident: str, host: str, *, at: float, name: str = "HostDown",
@@ -78,7 +82,7 @@ async def test_a_group_opens_at_its_count_and_inhibits_its_members(
     assert group_run.key == "front"
     assert [m["key"] for m in group_run.input["value"]] == ["w1", "w2", "w3"]
     assert group_run.input["value"][0]["event"]["id"] == "a1"
-    assert "guard group: 2 of 3 members within 120s (group front)" in reasons(db)
+    assert "guard group: 2 of 3 members within 120s (group front, member w2)" in reasons(db)
     assert any(x and x.startswith("guard inhibited: w3 is a member of group front of outage")
                for x in reasons(db))
     assert [m["key"] for m in members["members"]] == ["w1", "w2", "w3", "w4"]
@@ -170,13 +174,8 @@ async def test_an_absence_armed_before_a_restart_fires_after_it_once(
     async with running(db, rules) as r:
         await r.feed(beat("b1", "h1", time.time()))
     async with running(db, rules) as r:
-        async def fired() -> bool:
-            return outcome(db, "heartbeat-missing") == [("b1~absent", "run_created")]
-        deadline = time.monotonic() + 20
-        while not await fired():
-            assert time.monotonic() < deadline, decisions(db)
-            await r.engine.drain(timeout=10)
-            await _tick()
+        await until("the absence fired after the restart", lambda: outcome(
+            db, "heartbeat-missing") == [("b1~absent", "run_created")], r)
     async with running(db, rules) as r:
         await r.feed(beat("other", "h9", time.time()))
     assert outcome(db, "heartbeat-missing") == [("b1~absent", "run_created")]
@@ -252,3 +251,93 @@ rules:
 """)
     assert [r.name for r in rules.rules] == ["restart"]
     assert any(e.field == field and message in e.message for e in rules.errors), rules.errors
+
+
+@contextlib.asynccontextmanager
+async def replica(db: Path, rules: RuleSet, name: str, **options: Any
+                  ) -> AsyncIterator[Running]:
+    """One replica's engine on the shared store file, loaded as the daemon loads it."""
+    store = SqliteStore(db, replica=name)
+    await store.open()
+    sent = Sent()
+    engine = Engine(store, rules, commands=sent, **options)
+    await engine.load()
+    task = asyncio.create_task(engine.run())
+    try:
+        yield Running(engine, store, sent.runs)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+
+
+async def until(what: str, check: Callable[[], bool], *engines: Running) -> None:
+    deadline = time.monotonic() + 20
+    while not check():
+        assert time.monotonic() < deadline, what
+        for r in engines:
+            await r.engine.drain(timeout=10)
+        await _tick()
+
+
+async def test_a_group_moved_to_another_replica_opens_there_once(
+        db: Path, group_rules: RuleSet) -> None:
+    """Members decided on replica a count on replica b after the partitions moved (b reads
+    them from the store), and the group opens once, at b."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a:
+        await a.feed(alert("a1", "w1", at=t), alert("a2", "w2", at=t))
+        async with replica(db, group_rules, "b", inventory=inv) as b:
+            await a.feed(alert("a1", "w1", at=t))  # redelivered at a: a duplicate
+            await b.engine.refresh_timers()  # the rebalance moved the partitions to b
+            await b.feed(alert("a2", "w2", at=t), alert("a3", "w3", at=t))
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("a2", "suppressed"),
+                                     ("a3", "run_created")]
+    assert [run.key for run in b.runs if run.rule == "outage"] == ["front"]
+
+
+async def test_an_absence_rearmed_on_another_replica_fires_once(
+        db: Path, rules_from: RulesFrom) -> None:
+    """a armed h1; after a rebalance b gets h1's next heartbeat: a, still holding its
+    older timer, checks the store when it is due and does not fire for the older event;
+    when the newer one is due, both hold it and the store lets one of them fire."""
+    rules = rules_from(ABSENT.replace("5m", "1s"))
+    async with replica(db, rules, "a") as a:
+        await a.feed(beat("b1", "h1", time.time()))
+        async with replica(db, rules, "b") as b:
+            await b.engine.refresh_timers()
+            await b.feed(beat("b2", "h1", time.time()))
+            await until("b fired h1's absence",
+                        lambda: ("b2~absent", "run_created") in outcome(
+                            db, "heartbeat-missing"), a, b)
+    assert outcome(db, "heartbeat-missing") == [("b2~absent", "run_created")]
+    assert [run.key for run in (*a.runs, *b.runs)] == ["h1"]
+
+
+async def test_members_decided_on_two_replicas_open_the_group_and_inhibit_on_both(
+        db: Path, group_rules: RuleSet) -> None:
+    """Webhooks reach any replica: members split between a and b count together (a reads
+    the group's rows back once its batch is written) and the group opens once; after b
+    reads the store, its host rule's matches for the members are inhibited too."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True  # what loopd.cluster sets
+        await a.feed(alert("a1", "w1", at=t))
+        await b.feed(alert("a2", "w2", at=t))
+        await a.feed(alert("a3", "w3", at=t))
+        await b.engine.follow_timers()
+        await b.feed(alert("a4", "w2", at=t))
+    # a4 at b: b's memory has the three members (read at follow), opens, and the store
+    # makes it join a's incident
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("a2", "suppressed"),
+                                     ("a3", "suppressed"), ("a3~group", "run_created"),
+                                     ("a4", "joined")]
+    (run,) = [run for run in a.runs if run.rule == "outage"]
+    assert sorted(m["key"] for m in run.input["value"]) == ["w1", "w2", "w3"]
+    assert ("a4", "suppressed") in outcome(db, "restart-host")
+    assert any(x and x.startswith("guard inhibited: w2 is a member of group front")
+               for x in reasons(db))

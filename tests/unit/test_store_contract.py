@@ -282,6 +282,9 @@ async def test_a_batch_writes_and_deletes_kv_values_that_a_scan_lists(impl: Open
     assert await reopened.kv_scan("corr") == [("a", [1, 2]), ("b", {"n": 2})]
     assert await reopened.kv_scan("other") == [("a", 0)]
     assert await reopened.kv_scan("none") == []
+    assert await reopened.kv_scan("corr", prefix="b") == [("b", {"n": 2})]
+    await store.commit(Batch(kv={("corr", "a%_"): 1, ("corr", "ab"): 2}))
+    assert await store.kv_scan("corr", prefix="a%") == [("a%_", 1)]
     assert await reopened.kv_get("corr", "c") is None
 
 
