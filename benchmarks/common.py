@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,25 @@ def alert_corpus() -> list[dict[str, Any]]:
     return list(json.loads(ALERTS.read_text()))
 
 
-def write_rules(folder: Path, count: int) -> list[str]:
+def write_rules(folder: Path, count: int,
+                instead: Callable[[int, list[str]], list[str] | None] | None = None
+                ) -> list[str]:
     """One rule per alert name (cycling with a suffix past 954), condition on severity
-    and a numeric value; returns the alert names the rules cover."""
+    and a numeric value; returns the alert names the rules cover. ``instead(i, names)``
+    (the names so far, this rule's last) may return other YAML lines for rule ``i``: the
+    alert names, and so the alerts, stay those of the plain corpus."""
     corpus = alert_corpus()
     lines = ["rules:"]
-    names = []
+    names: list[str] = []
     for i in range(count):
         alert = corpus[i % len(corpus)]
         name = alert["alert"] if i < len(corpus) else f"{alert['alert']}{i // len(corpus)}"
         names.append(name)
         severity = alert["severity"]
+        other = instead(i, names) if instead is not None else None
+        if other is not None:
+            lines += other
+            continue
         lines += [
             f"  - name: 'r{i}-{name}'",
             "    on: {source: alertmanager, match: {status: firing, "

@@ -2,6 +2,7 @@
 
     python benchmarks/ingest.py --rules 10 100 1000 --events 100000 [--mode inproc kafka http]
     python benchmarks/ingest.py --rules 1000 --long     # 1,000,000 events, rate per 100,000
+    python benchmarks/ingest.py --rules 1000 --events 100000 --correlation group mix
 
 Prints one JSON object per line: name, mode, rules, events, events_per_s,
 cpu_us_per_event (the process's CPU, every thread, per event), runs (created), p99_ms
@@ -10,6 +11,17 @@ daemon process from exec to ready, with that many rules), matched; per_100k (the
 of each 100,000 events, inproc runs of 200,000 or more). Mode ``http`` posts Alertmanager
 payloads of 10 alerts from 8 concurrent clients to ``loopd run`` (benchmarks/http_mode.py);
 its p99 is a POST's answer at 1,000 alerts/s.
+
+``--correlation VARIANT...`` (in-process; benchmarks/correlation.py says what each
+variant's rules are): ``--rounds`` rounds (default 3), each running ``none`` and the
+variants, in an order that alternates between rounds, every run in a fresh process.
+Each row also has the correlation state's slots (``state_storm``: at the end of the
+burst, with the peak; ``state_after``: once the engine's clock moved past every window
+and a few unmatched events went through; ``state_storm2``/``state_after2``: the same
+for a second storm of one pool's worth, its peak the first one's when the state is
+bounded by the windows), the current RSS at those points and the decisions by outcome;
+a last line gives the medians and each variant's ratio to ``none`` (and to ``family``,
+the same matches without correlation).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import correlation
 from benchmarks.common import ROOT, alerts, emit, machine, percentile, rss_mb, write_rules
 from loopd.config import load_config
 from loopd.daemon import Daemon
@@ -42,14 +55,14 @@ LONG = 1_000_000  # --long: the rate must stay steady as the store grows
 SEGMENT = 100_000  # ... measured per this many events
 
 
-def make_config(folder: Path, extra_sources: str = "") -> Path:
+def make_config(folder: Path, extra_sources: str = "", inventory: Path | None = None) -> Path:
     cfg = folder / "loopd.yaml"
     cfg.write_text(
         "listen: 127.0.0.1:0\n"
         "sources:\n  - {name: alertmanager, type: alertmanager}\n" + extra_sources +
         f"rules: [rules]\npacks: [{ROOT / 'packs'}]\n"
         "store: {path: state.db}\nlog: {format: json, level: warning}\n"
-        "engine: {queue_size: 20000}\n")
+        "engine: {queue_size: 20000}\n" + (f"inventory: {inventory}\n" if inventory else ""))
     return cfg
 
 
@@ -60,10 +73,27 @@ def payload_pool(rule_names: list[str]) -> list[bytes]:
     return [orjson.dumps({**group, "alerts": [a]}) for a in alerts(POOL, rule_names)]
 
 
-async def inproc(rules: int, events: int, folder: Path) -> dict[str, object]:
-    names = write_rules(folder / "rules", rules)
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+async def inproc(rules: int, events: int, folder: Path,
+                 variant: str | None = None) -> dict[str, object]:
+    """``variant`` None: the plain benchmark as it always was; a correlation variant
+    (``none`` too) loads the benchmark's inventory and runs the engine on a clock the
+    phase after the burst can move on."""
+    instead = correlation.correlated(variant) if variant is not None else None
+    names = write_rules(folder / "rules", rules, instead)
     pool = payload_pool(names)
-    daemon = Daemon(load_config(make_config(folder)))
+    inventory = correlation.write_inventory(folder / "inventory.json") \
+        if variant is not None else None
+    daemon = Daemon(load_config(make_config(folder, inventory=inventory)))
+    clock = correlation.SkewedClock()
+    if variant is not None:
+        # Daemon builds on a WallClock; the engine's own clock is the time correlation
+        # windows and absence timers run on (runs keep the wall clock: they only end)
+        daemon.engine.clock = clock
     ready = asyncio.Event()
     runner = asyncio.create_task(daemon.run(on_ready=lambda _: ready.set()))
     await ready.wait()
@@ -90,15 +120,22 @@ async def inproc(rules: int, events: int, folder: Path) -> dict[str, object]:
     templates = [ev for i, body in enumerate(pool) for ev in events_from(i, body)]
     decode_us = (time.perf_counter() - began) / len(pool) * 1e6
 
-    started, cpu = time.perf_counter(), time.process_time()  # every thread's CPU
+    started, cpu_started = time.perf_counter(), time.process_time()
     for i, t in zip(range(events), itertools.cycle(templates), strict=False):
         await engine.emit(Delivery(Event(str(i), t.source, t.topic, t.data, t.key, t.time), ack))
     await engine.drain(timeout=600)
     elapsed = time.perf_counter() - started
-    cpu_us = (time.process_time() - cpu) / events * 1e6
+    cpu_us = (time.process_time() - cpu_started) / events * 1e6  # every thread's CPU
     segments = [round(SEGMENT / (b - a)) for a, b in zip([started, *marks], marks,
                                                          strict=False)]
     matched = sum(engine.matches.values())
+    extra: dict[str, object] = {}
+    if variant is not None:
+        # CPU seconds of the process (every thread) for the burst: on a shared machine
+        # less at the mercy of the neighbours than the wall clock
+        extra["events_per_cpu_s"] = round(events / (time.process_time() - cpu_started))
+        extra["state_storm"] = correlation.state(engine)
+        extra["rss_storm_mb"] = current_rss_mb()
 
     # the runs the burst started finish first: latency is measured on a steady daemon
     await daemon.dispatcher.drain(timeout=600)
@@ -124,17 +161,63 @@ async def inproc(rules: int, events: int, folder: Path) -> dict[str, object]:
             d.event = ev
             await engine.emit(d)
     await engine.drain(timeout=60)
+    if variant is not None:
+        extra.update(await after_windows(daemon, clock, base + 3000, templates))
     store = daemon.store
     assert isinstance(store, SqliteStore)
     runs = runs_created(store.path)
     daemon.stop()
     await runner
+    if variant is not None:
+        extra["decisions"] = correlation.decisions(folder / "state.db")
     return {"events_per_s": round(events / elapsed), "cpu_us_per_event": round(cpu_us, 1),
             "runs": runs, **({"per_100k": segments} if len(segments) > 1 else {}),
             "p99_ms": round(
         percentile(latencies, 0.99) * 1000, 3), "p50_ms": round(
         percentile(latencies, 0.5) * 1000, 3), "matched": matched, "acked": acked,
-        "decode_us": round(decode_us, 2)}
+        "decode_us": round(decode_us, 2), **extra}
+
+
+async def after_windows(daemon: Daemon, clock: correlation.SkewedClock, base: int,
+                        templates: list[Event]) -> dict[str, object]:
+    """Time moves on past every window (the engine's clock jumps) and the state must
+    empty (``state_after``); then the pool once more, a second storm (``state_storm2``:
+    its peak is the first storm's if state is bounded by the windows, not by history),
+    and past the windows again (``state_after2``)."""
+    engine = daemon.engine
+    out: dict[str, object] = {}
+    clock.skew += correlation.LONGEST_WINDOW_S + 1
+    out["state_after"], base = await until_empty(daemon, base)
+    out["rss_after_mb"] = current_rss_mb()
+    for i, t in enumerate(templates):
+        await engine.emit(Delivery(Event(str(base + i), t.source, t.topic, t.data, t.key,
+                                         t.time)))
+    await engine.drain(timeout=600)
+    out["state_storm2"] = correlation.state(engine)
+    clock.skew += correlation.LONGEST_WINDOW_S + 1
+    out["state_after2"], _ = await until_empty(daemon, base + len(templates))
+    out["rss_after2_mb"] = current_rss_mb()
+    return out
+
+
+async def until_empty(daemon: Daemon, base: int) -> tuple[dict[str, int], int]:
+    """Alerts no rule watches go through (the engine sweeps expired state with every
+    batch) and the runs due absences start end, until the correlation state is empty or
+    60 s passed; the state then, and the next free event id."""
+    engine = daemon.engine
+    deadline = time.perf_counter() + 60
+    while True:
+        for _ in range(100):  # an alert nobody watches: the engine decides nothing for it
+            await engine.emit(Delivery(Event(f"{base}", "alertmanager", "", {
+                "status": "firing", "labels": {"alertname": "BenchTick", "instance": "x"}})))
+            base += 1
+        await engine.drain(timeout=60)
+        await daemon.dispatcher.drain(timeout=60)  # the runs the fired absences started
+        await engine.drain(timeout=60)
+        state = correlation.state(engine)
+        if state["total"] == 0 or time.perf_counter() > deadline:
+            return state, base
+        await asyncio.sleep(0.05)  # a benchmark's poll: the runs' ends are the engine's
 
 
 def runs_created(db: Path) -> int:
@@ -178,9 +261,15 @@ def main() -> None:
                         choices=["inproc", "kafka", "http"])
     parser.add_argument("--long", action="store_true",
                         help="1,000,000 events, with the rate of every 100,000 (inproc)")
+    parser.add_argument("--correlation", nargs="+", choices=correlation.VARIANTS[1:],
+                        help="compare these correlation variants with none (in-process)")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.long:
         args.events = LONG
+    if args.correlation:
+        compare(args.rules, args.events, args.correlation, args.rounds)
+        return
     for mode in args.mode:
         for rules in args.rules:
             # each measurement in a fresh process so RSS and startup are its own
@@ -188,14 +277,34 @@ def main() -> None:
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
 
 
-def one(mode: str, rules: int, events: int) -> None:
+def compare(rule_counts: list[int], events: int, variants: list[str], rounds: int) -> None:
+    """Each round runs ``none`` and ``variants``, forwards in even rounds and backwards in
+    odd ones, so a drift of the (shared) machine weighs on every variant alike."""
+    for rules in rule_counts:
+        rows: list[dict[str, object]] = []
+        order = ["none", *variants]
+        for round_ in range(rounds):
+            for variant in order if round_ % 2 == 0 else order[::-1]:
+                cmd = [sys.executable, __file__, "--one", "inproc", str(rules), str(events),
+                       variant]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONHASHSEED": "0"}).stdout
+                row = orjson.loads(out.strip().splitlines()[-1])
+                row["round"] = round_
+                emit(row)
+                rows.append(row)
+        emit({**correlation.summary(rows), "rules": rules, "events": events,
+              "machine": machine()})
+
+
+def one(mode: str, rules: int, events: int, variant: str | None = None) -> None:
     from loopd import logs
 
     logs.configure("json", "warning")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if mode == "inproc":
-            result = asyncio.run(inproc(rules, events, folder))
+            result = asyncio.run(inproc(rules, events, folder, variant))
         elif mode == "http":
             from benchmarks.http_mode import http
             result = asyncio.run(http(rules, events, folder))
@@ -203,14 +312,18 @@ def one(mode: str, rules: int, events: int) -> None:
             from benchmarks.kafka_mode import kafka
             result = asyncio.run(kafka(rules, events, folder))
         result["rss_mb"] = result.pop("daemon_rss_mb", None) or round(rss_mb(), 1)
-        make_config(folder)  # the same rules behind the webhook sources
+        inventory = folder / "inventory.json"
+        # the same rules (and inventory) behind the webhook sources
+        make_config(folder, inventory=inventory if inventory.exists() else None)
         result["startup_s"] = round(startup(folder), 3)
-    emit({"name": f"ingest-{mode}", "mode": mode, "rules": rules, "events": events, **result,
-          "machine": machine()})
+    named = {} if variant is None else {"correlation": variant}
+    emit({"name": f"ingest-{mode}", "mode": mode, "rules": rules, "events": events, **named,
+          **result, "machine": machine()})
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        one(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+            sys.argv[5] if len(sys.argv) > 5 else None)
     else:
         main()

@@ -1,7 +1,9 @@
 """``loopd show``: one run's story, from the API's ``GET /v1/runs/{id}``.
 
 A story reads top to bottom in the order things happened: the run (status, outcome and
-why, rule, key, times), the trigger event, the decisions about its rule and key (a run of
+why, rule, key, times), the trigger event, a group incident's members (when each first
+matched, its first event) and the matches it held back, the decisions about its rule and
+key (a run of
 alike decisions is one line with a count: 23 events joining the open incident), each step
 (when, attempt, status, duration, the transition taken; a failed step's error and its
 command's exit status, stdout and stderr; a confirmation's evidence), the people who
@@ -26,6 +28,7 @@ from loopd.decisions import decision_guard
 
 SUB_DEPTH = 3  # sub-workflow runs shown nested at most this deep
 WIDE = 160  # a JSON value shown inline is cut here
+GROUP_SHOWN = 50  # a group incident's members listed, the first ones to arrive
 _GOOD = {"fixed", "succeeded", "run_created", "approve"}
 _BAD = {"failed", "not_fixed", "timed_out", "crashed", "rejected", "expired", "interrupted",
         "reject", "cancel", "cancelled"}
@@ -143,6 +146,7 @@ class Story:
         out.append(times + p.dim("  (times UTC)"))
         if depth == 0:  # a sub-workflow's run has its parent's trigger and decisions
             out += self._trigger(run)
+            out += self._group(run.get("group"))
             out += self._decisions(run.get("decisions", run.get("events")) or [])
         out += self._steps(run, depth)
         out += self._interventions(run.get("interventions") or [])
@@ -165,6 +169,35 @@ class Story:
             out.append(f"  data {inline(event.get('data'))}")
         if run.get("input"):
             out.append(f"{self.paint.bold('input')}    {inline(run['input'])}")
+        return out
+
+    def _group(self, group: Any, shown: int = GROUP_SHOWN) -> list[str]:
+        """A group incident's members, in order of arrival (the first ``shown``), and
+        the matches of other rules it inhibited for them."""
+        if not isinstance(group, dict):
+            return []
+        members = [m for m in group.get("members") or [] if isinstance(m, dict)]
+        count = group.get("member_count", len(members))
+        p = self.paint
+        out = [f"{p.bold('group')}    {group.get('key')}: {count} member"
+               f"{'' if count == 1 else 's'}"]
+        width = max([len(str(m.get("key"))) for m in members[:shown]] + [1])
+        for m in members[:shown]:
+            line = f"  {clock(m.get('time'))}  {m.get('key')!s:<{width}}"
+            if m.get("event_id"):
+                line += f"  first event {m.get('source') or '-'}/{m['event_id']}"
+            if m.get("last") and m.get("last") != m.get("time"):
+                line += p.dim(f"  (last {clock(m.get('last'))})")
+            out.append(line.rstrip())
+        if len(members) > shown:
+            out.append(p.dim(f"  ... and {len(members) - shown} more (GET "
+                             "/v1/incidents/ID lists them all)"))
+        held = [i for i in group.get("inhibited") or [] if isinstance(i, dict)]
+        if held:
+            out.append(f"{p.bold('held back')} (inhibited while the group is open)")
+            for i in held:
+                out.append(f"  {i.get('rule')}  {i.get('key')}  x{i.get('count')}, last "
+                           f"{clock(i.get('last'))}")
         return out
 
     def _decisions(self, rows: list[dict[str, Any]]) -> list[str]:

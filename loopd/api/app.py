@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from loopd import metrics
+from loopd.api.correlation import correlation_of
 from loopd.config import ApiConfig
 from loopd.control import Control, ReloadResult
 from loopd.events import Delivery
@@ -103,6 +104,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def rules(request: web.Request) -> web.Response:
+    """Each rule with its match count and what it correlates (``correlation``: group,
+    inhibits, absent, all/any; null for an ordinary rule); the load errors."""
     control = request.app[CTX].control
     ruleset = control.ruleset
     return json_response({
@@ -110,6 +113,7 @@ async def rules(request: web.Request) -> web.Response:
             "name": r.name, "origin": r.origin, "enabled": r.rule.enabled,
             "source": r.source, "run": {r.kind: r.target}, "matches": control.matches(r.name),
             "for": seconds(r.for_s), "throttle": r.throttle.model_dump() if r.throttle else None,
+            "correlation": correlation_of(r.rule),
         } for r in ruleset.rules],
         "errors": [str(e) for e in ruleset.errors],
     })

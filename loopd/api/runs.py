@@ -6,6 +6,11 @@ A run's story lists the decisions of its incident (``decisions``, the rows of
 ``GET /v1/decisions``): the event that opened it, those that joined it, and the
 suppressions of its rule and key around it.
 
+A group incident (a rule with ``group:``) also has its ``members`` (key, first and last
+match, first event) and the matches it ``inhibited`` (loopd.api.correlation): in
+``GET /v1/incidents/{id}``, and as ``group`` in its run's story; ``GET /v1/incidents``
+gives each group incident's ``member_count``.
+
 The story includes the people who intervened: ``interventions`` lists, from the audit
 trail (loopd.api.audit), each approve, reject and cancel call on the run with who made
 it (name and role), when, its reason and its result. Approve, reject and cancel also
@@ -22,6 +27,7 @@ from aiohttp import web
 
 from loopd.api import query as params
 from loopd.api.app import CTX, error, json_response
+from loopd.api.correlation import group_view, groups_of
 from loopd.api.decisions import decision_view
 from loopd.api.principal import principal
 from loopd.catalog.secrets import Secrets, redact_keys, secret_key
@@ -111,6 +117,8 @@ async def run_story(control: Control, run: RunRecord) -> dict[str, Any]:
         interventions=[intervention(r) for r in reversed(trail)
                        if r.action in _INTERVENTIONS and r.status is not None],
     )
+    if incident is not None and (group := await control.members(incident.id)) is not None:
+        story["group"] = {"rule": incident.rule, "key": incident.key, **group_view(group)}
     # a secret input's value (declared, or under a secret-looking name) may also sit in the
     # trigger, the context, an output or an error: mask it there by value
     known = Secrets([*_values(run.input, hidden), *(
@@ -185,15 +193,19 @@ async def list_incidents(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status not in (None, "open", "closed"):
         return error(400, "status must be open or closed")
-    incidents = await request.app[CTX].control.list_incidents(
-        status=status, limit=params.limit(request.query))
-    return json_response({"incidents": [incident_view(i) for i in incidents]})
+    control = request.app[CTX].control
+    incidents = await control.list_incidents(status=status, limit=params.limit(request.query))
+    groups = await groups_of(control, incidents)
+    return json_response({"incidents": [
+        {**incident_view(i), "member_count": groups[i.id]["member_count"]}
+        if i.id in groups else incident_view(i) for i in incidents]})
 
 
 async def get_incident(request: web.Request) -> web.Response:
     """An incident, its runs (the one that opened it, the queued and restarted ones,
     oldest first) and its decisions (``Control.decisions_around``: those that opened and
-    joined it, and its rule and key's suppressions around it)."""
+    joined it, and its rule and key's suppressions around it); a group incident's
+    ``members`` and ``inhibited`` matches (empty lists for other incidents)."""
     control = request.app[CTX].control
     incident_id = request.match_info["id"]
     incident = await control.get_incident(incident_id)
@@ -206,6 +218,7 @@ async def get_incident(request: web.Request) -> web.Response:
     runs = [run for run_id in run_ids if (run := await control.get_run(run_id)) is not None]
     runs.sort(key=lambda r: r.created)
     return json_response({**incident_view(incident),
+                          **group_view(await control.members(incident.id)),
                           "runs": [run_summary(r) for r in runs],
                           "decisions": [decision_view(d) for d in decisions]})
 

@@ -42,6 +42,7 @@ from loopd.decide.correlation_state import (
     Slot,
     Timers,
     event_from,
+    inhibited_row,
     member_rows,
     members_row,
     row,
@@ -79,7 +80,9 @@ class Correlation:
         # several replicas: groups held below their count in this batch (the store may
         # know more members, decided elsewhere), and other replicas' open group incidents
         self.held: set[Slot] = set()
-        self.foreign: dict[str, dict[str, Group]] = {}  # the sizes loopd_correlation_state shows
+        self.foreign: dict[str, dict[str, Group]] = {}  # rule inhibited -> member -> group
+        self.foreign_groups: dict[Slot, Group] = {}
+        self._foreign_before: dict[Slot, Group] = {}  # the sizes loopd_correlation_state shows
 
     # -- rules ------------------------------------------------------------------------
 
@@ -119,6 +122,15 @@ class Correlation:
         incident = self.incidents.open.get(slot)
         if incident is not None:
             self._join(group, incident, event, member, now, batch)
+            return
+        elsewhere = self.foreign_groups.get(slot)
+        if elsewhere is not None:  # another replica holds the open incident: join it there
+            self._touch(group, member, event, now)  # its owner merges the member's row
+            self._foreign_member(elsewhere, member)
+            batch.decisions.append(DecisionRecord(
+                event.source, event.id, rule.name, key, "joined",
+                f"member {member} of group {key} (its incident is another replica's)", now,
+                elsewhere.incident))
             return
         group.incident = None
         self._expire(group, now, spec.within)
@@ -182,7 +194,7 @@ class Correlation:
         self._touch(group, member, event, now)
         if new:
             self._inhibit_members(group, [member])
-            self._write_members(group)
+        self._write_members(group)  # a repeat moves the member's last time too
         incident.events += 1
         batch.incidents[incident.id] = incident
         reason = (f"member {member} joined group {group.key} ({len(group.members)} members)"
@@ -197,7 +209,9 @@ class Correlation:
             known = group.members[member] = Member(member, now, now, event.to_json())
         else:
             known.last = max(known.last, now)
-        self._writes[(NAMESPACE, row("g", group.rule, group.key, member))] = {
+        if not known.row:
+            known.row = row("g", group.rule, group.key, member)
+        self._writes[(NAMESPACE, known.row)] = {
             "first": known.first, "last": known.last, "event": known.event}
 
     def _expire(self, group: Group, now: float, within: float) -> None:
@@ -234,23 +248,19 @@ class Correlation:
         """The open group incident holding back ``rule``'s matches for ``key``, if any."""
         held = self.inhibitors.get(rule)
         group = held.get(key) if held else None
-        if group is None:
-            elsewhere = self.foreign.get(rule)
-            return elsewhere.get(key) if elsewhere else None
-        incident = self.incidents.open.get((group.rule, group.key))
-        if incident is None or incident.id != group.incident:  # closed, or never created
-            del held[key]  # type: ignore[union-attr]
-            return None
-        return group
+        if group is not None:
+            incident = self.incidents.open.get((group.rule, group.key))
+            if incident is not None and incident.id == group.incident:
+                return group
+            del held[key]  # type: ignore[union-attr]  # closed, or never created
+        elsewhere = self.foreign.get(rule)  # another replica's open group incident
+        return elsewhere.get(key) if elsewhere else None
 
     def inhibit(self, group: Group, rule: str, key: str, event: Event, now: float,
                 batch: Batch) -> None:
         """Record ``rule``'s match for member ``key`` as held back by ``group``."""
         reason = (f"guard inhibited: {key} is a member of group {group.key} of "
                   f"{group.rule} (incident {group.incident})")
-        if group.foreign:  # its members row is the other replica's to write
-            self._suppress(batch, rule, key, event, now, "inhibited", reason)
-            return
         slot = (rule, key)
         seen = group.inhibited.get(slot)
         data = event.to_json()
@@ -263,27 +273,71 @@ class Correlation:
         if isinstance(fingerprint, str) and seen.fingerprint != fingerprint:
             seen.fingerprint = fingerprint
             self._fingerprints.setdefault(fingerprint, []).append(seen)
-        self._write_members(group)
+        if group.foreign:  # the members row is the holder's: it merges this row
+            seen.row = row("i", group.rule, group.key, group.incident or "", rule, key)
+            self._writes[(NAMESPACE, seen.row)] = inhibited_row(seen)
+        else:
+            self._write_members(group)
         self._suppress(batch, rule, key, event, now, "inhibited", reason)
 
     def follow_foreign(self, incidents: list[tuple[IncidentRecord, JSON]]) -> None:
-        """Other replicas' open group incidents with their members rows: their members'
-        matches of the rules they inhibit are held back here too (until the next read)."""
-        foreign: dict[str, dict[str, Group]] = {}
+        """Other replicas' open group incidents with their members rows: their members
+        (and the members decided here) join them, and their matches of the rules they
+        inhibit are held back here too (until the next read)."""
+        self._foreign_before = self.foreign_groups
+        self.foreign, self.foreign_groups = {}, {}
         for incident, stored in incidents:
-            rule = self._rules.get(incident.rule)
-            if rule is None or (incident.rule, incident.key) in self.incidents.open:
+            slot = (incident.rule, incident.key)
+            if slot in self.incidents.open or slot[0] not in self._rules:
                 continue
-            group = Group(incident.rule, incident.key, incident=incident.id, foreign=True)
-            for member in (stored or {}).get("members", ()):
-                for name in rule.rule.inhibits:
-                    foreign.setdefault(name, {})[member["key"]] = group
-        self.foreign = foreign
+            members = [m["key"] for m in (stored or {}).get("members", ())]
+            local = self.groups.get(slot)
+            self._foreign_group(slot, incident.id, [*members, *(local.members if local else ())])
+
+    def conflicted(self, opened: str, held: IncidentRecord) -> None:
+        """The store did not create group incident ``opened``: another replica holds
+        ``held`` open for the group. The group's members join that one (they are
+        inhibited by it here), and the members row written for ``opened`` goes."""
+        group = self.groups.get((held.rule, held.key))
+        if group is None or group.incident != opened:
+            return
+        group.incident = None
+        self._dirty.pop(opened, None)
+        self._writes[(MEMBERS, opened)] = None
+        self._foreign_group((held.rule, held.key), held.id, list(group.members))
+        elsewhere = self.foreign_groups[(held.rule, held.key)]
+        for (rule, key), seen in group.inhibited.items():  # held back by the phantom
+            seen.row = row("i", held.rule, held.key, held.id, rule, key)
+            elsewhere.inhibited[(rule, key)] = seen
+            self._writes[(NAMESPACE, seen.row)] = inhibited_row(seen)
+        group.inhibited = {}
+
+    def _foreign_group(self, slot: Slot, incident: str, members: Iterable[str]) -> None:
+        group = Group(*slot, incident=incident, foreign=True)
+        before = self._foreign_before.get(slot)
+        if before is not None and before.incident == incident:
+            group.inhibited = before.inhibited  # what was held back here: counts go on
+        self.foreign_groups[slot] = group
+        for member in members:
+            self._foreign_member(group, member)
+
+    def _foreign_member(self, group: Group, member: str) -> None:
+        group.members.setdefault(member, Member(member, 0.0, 0.0, None))
+        rule = self._rules.get(group.rule)
+        for name in rule.rule.inhibits if rule is not None else ():
+            self.foreign.setdefault(name, {})[member] = group
+
+    def pending(self) -> bool:
+        """Rows changed that no batch has taken yet."""
+        return bool(self._writes or self._dirty)
 
     def resolved(self, fingerprint: str) -> None:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""
         for seen in self._fingerprints.pop(fingerprint, ()):
             seen.firing, seen.fingerprint = False, None
+            if seen.row is not None:  # held back here for another replica's group
+                self._writes[(NAMESPACE, seen.row)] = inhibited_row(seen)
+                continue
             group = self.groups.get(seen.group)
             if group is not None:
                 self._write_members(group)
@@ -435,8 +489,12 @@ class Correlation:
         members rows of the open group incidents."""
         self.groups, self.absences, self.partials = {}, {}, {}
         self._timers, self._fingerprints, self.inhibitors = Timers(), {}, {}
+        held: list[tuple[str, JSON]] = []
         for name, value in rows:
-            self._load_row(name, value)
+            if name.startswith('["i",'):
+                held.append((name, value))
+            else:
+                self._load_row(name, value)
         for (rule, key), group in self.groups.items():
             _in_arrival_order(group)  # rows come in key order
             incident = self.incidents.open.get((rule, key))
@@ -452,6 +510,9 @@ class Correlation:
                     if isinstance(fingerprint, str) and entry.firing:
                         entry.fingerprint = fingerprint
                         self._fingerprints.setdefault(fingerprint, []).append(entry)
+        for name, value in held:
+            _, rule, key, *rest = json.loads(name)
+            self._held_elsewhere((rule, key), name, rest, value)
         self._reindex()
 
     def merge(self, rows: list[tuple[str, JSON]]) -> None:
@@ -478,9 +539,32 @@ class Correlation:
                     mine = partial.matched.get(int(part))
                     if mine is None or mine[0] < t:
                         partial.matched[int(part)] = (t, data)
-        for group in grown.values():
+            elif kind == "i" and len(rest) == 3:
+                self._held_elsewhere(slot, name, rest, value)
+        for slot, group in grown.items():
             _in_arrival_order(group)
+            if slot in self.incidents.open and group.incident is not None:
+                self._write_members(group)  # members another replica decided join it
         self._reindex()
+
+    def _held_elsewhere(self, slot: Slot, name: str, rest: list[str], value: JSON) -> None:
+        """Another replica held back a match for this engine's open group incident: it
+        joins the incident's list (and is decided again when it closes)."""
+        incident, rule, key = rest
+        group = self.groups.get(slot)
+        if group is None or group.incident != incident or slot not in self.incidents.open:
+            return
+        group.rows.add(name)
+        seen = group.inhibited.get((rule, key))
+        if seen is not None and seen.last >= value["last"] and seen.firing == value["firing"]:
+            return
+        if seen is None or seen.last <= value["last"]:
+            group.inhibited[(rule, key)] = Inhibited(
+                rule, key, value["first"], value["last"], value["event"], value["count"],
+                value["firing"], group=slot)
+        else:
+            seen.firing = seen.firing and value["firing"]
+        self._write_members(group)
 
     def _load_row(self, name: str, value: JSON) -> None:
         try:
@@ -521,12 +605,19 @@ class Correlation:
             if group is not None:
                 for member in group.members:
                     self._writes[(NAMESPACE, row("g", rule, key, member))] = None
-                for held in self.inhibitors.values():
-                    for member in [m for m, g in held.items() if g is group]:
-                        del held[member]
+                compiled = self._rules.get(rule)
+                names = compiled.rule.inhibits if compiled is not None else list(
+                    self.inhibitors)  # a rule gone: look everywhere
+                for name in names:  # only the group's own members, in its own rules' maps
+                    held = self.inhibitors.get(name)
+                    for member in group.members if held else ():
+                        if held.get(member) is group:  # type: ignore[union-attr]
+                            del held[member]  # type: ignore[union-attr]
                 for seen in group.inhibited.values():
                     if seen.fingerprint is not None:
                         self._fingerprints.pop(seen.fingerprint, None)
+                for name in group.rows:
+                    self._writes[(NAMESPACE, name)] = None
         elif kind == "absent":
             self.absences.pop(slot, None)
             self._writes[(NAMESPACE, row("a", rule, key))] = None

@@ -3,7 +3,10 @@ store's kv, and the timers that say when an absence is due and a window passes.
 
 Rows (namespace ``correlation``, keys from ``row``): ``["g", rule, group, member]`` a
 group's member ``{first, last, event}``; ``["a", rule, key]`` an armed absence ``{due,
-event}``; ``["p", rule, key]`` a partial ``all`` ``{condition: [time, event]}``. Namespace
+event}``; ``["p", rule, key]`` a partial ``all`` ``{condition: [time, event]}``;
+``["i", rule, group, incident, inhibited rule, member]`` a match held back on a replica
+that does not hold the group incident ``{first, last, count, event, firing}``, which the
+holder merges into its members row (and decides again when it closes). Namespace
 ``members``: a group incident's id -> ``members_row`` (kept after it closes: the API and
 the UI read it).
 """
@@ -32,6 +35,7 @@ class Member:
     first: float
     last: float
     event: JSON  # the member's first event
+    row: str = ""  # its kv key, made once (a member matches again and again)
 
 
 @dataclass(slots=True)
@@ -45,6 +49,7 @@ class Inhibited:
     firing: bool = True  # no resolved event with its fingerprint came since
     fingerprint: str | None = None  # the alert's, when it has one
     group: Slot = ("", "")  # the group holding it back
+    row: str | None = None  # held back here for another replica's group: its row
 
 
 @dataclass(slots=True)
@@ -55,6 +60,7 @@ class Group:
     incident: str | None = None  # the open incident's id
     inhibited: dict[Slot, Inhibited] = field(default_factory=dict)
     foreign: bool = False  # another replica's open incident (read from the store)
+    rows: set[str] = field(default_factory=set)  # other replicas' "i" rows merged in
 
 
 @dataclass(slots=True)
@@ -90,6 +96,11 @@ def event_from(data: JSON, ident: str, at: float | None = None) -> Event:
                  headers=data.get("headers") or {}, vars=data.get("vars") or {})
 
 
+def inhibited_row(seen: Inhibited) -> JSON:
+    return {"first": seen.first, "last": seen.last, "count": seen.count,
+            "event": seen.event, "firing": seen.firing}
+
+
 def members_row(group: Group) -> JSON:
     """What the store keeps of a group incident: its members and the matches it held
     back (at most ``MAX_LISTED`` of each)."""
@@ -97,6 +108,7 @@ def members_row(group: Group) -> JSON:
     inhibited = list(group.inhibited.values())[:MAX_LISTED]
     return {
         "rule": group.rule, "key": group.key,
+        "member_count": len(group.members), "inhibited_count": len(group.inhibited),
         "members": [{"key": m.key, "time": m.first, "last": m.last, "event": m.event}
                     for m in members],
         "inhibited": [

@@ -373,6 +373,8 @@ class Engine:
             # group members and partial matches other replicas decided (a union: never
             # undoes what this engine decided), absences they re-armed
             correlation.merge(await self.store.kv_scan(NAMESPACE))
+            if correlation.pending():  # a members row grew: written by the next batch
+                self.inbox.put_nowait(None)
         if correlation.inhibitable:  # other replicas' open group incidents inhibit here
             groups = [i for i in await self.store.list_incidents(status="open", limit=10_000)
                       if (rule := correlation.rule(i.rule)) is not None
@@ -599,9 +601,10 @@ class Engine:
         for d in pending.batch.decisions:
             if (d.source, d.event_id, d.rule) in result.duplicates:
                 metrics.event_duplicate(d.source, d.event_id)
-        for held in result.conflicts.values():
+        for opened, held in result.conflicts.items():
             metrics.log.info("incident already open in the store; the event joined it",
                              rule=held.rule, key=held.key, incident=held.id)
+            self.correlation.conflicted(opened, held)
         if result.refused:
             runs = {r.id: r for r in pending.batch.runs}
             for run_id, limit in result.refused.items():

@@ -7,12 +7,18 @@ suppressions per guard (the word a decision's ``reason`` starts with: ``for``,
 ``throttled``, ``guard <name>``), incidents, and runs with their simulated outcomes
 (``fixed``, ``not_fixed``, ``inconclusive``, ``failed``, ``cancelled``) per workflow, with
 the first runs (key, start, end) listed.
+
+Group incidents (rules with ``group:``) are listed with their members and the matches
+they inhibited, read from the simulation's store (kv ``members``, what the decision side
+wrote), so it is the same data a daemon's ``GET /v1/incidents/{id}`` shows; times are
+epoch seconds in the JSON, as everywhere in the report.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +31,7 @@ from loopd import metrics
 from loopd.decisions import decision_guard
 from loopd.events import Event
 from loopd.runs import states
-from loopd.store.base import DecisionRecord, RunRecord
+from loopd.store.base import DecisionRecord, IncidentRecord, RunRecord
 
 if TYPE_CHECKING:
     from loopd.simulate.replay import Simulation
@@ -33,6 +39,9 @@ if TYPE_CHECKING:
 OUTCOMES = tuple(o.value for o in states.Outcome)
 _ALL = 1 << 62  # "no limit" for the store's list queries
 LATE_SHOWN = 5   # events out of time order named in the report
+MEMBERS_KV = "members"  # group incident id -> its members (loopd.decide.correlation)
+MEMBERS_SHOWN = 20  # members (and inhibited matches) named per group in the text report
+WIDTH = 100  # the text report's lines of members wrap here
 
 
 @dataclass(slots=True)
@@ -147,6 +156,7 @@ class Tally:
         for (_, outcome), n in self.outcomes.items():
             decisions[outcome] += n
         first = sorted(self.first, key=_created)[: self.first_n]
+        groups = await _groups(sim, incidents)
         span = (self.first_time, self.last_time) if read else (None, None)
         data: dict[str, Any] = {
             "events": {"read": read, "rejected": 0, "duplicates": duplicates,
@@ -165,6 +175,7 @@ class Tally:
             "incidents": {"opened": len(incidents),
                           "open_at_end": sum(i.status == "open" for i in incidents),
                           "by_rule": dict(sorted(by_rule.items()))},
+            "groups": groups,
             "runs": {"created": self.runs_created, "finished": sum(self.finished.values()),
                      "ended_by_simulation": self.ended_by_simulation,
                      "by_outcome": {o: by_outcome.get(o, 0) for o in
@@ -178,6 +189,39 @@ class Tally:
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
         }
         return Report(data)
+
+
+async def _groups(sim: Simulation, incidents: list[IncidentRecord]) -> list[dict[str, Any]]:
+    """The group incidents, oldest first, each with its members (in order of arrival)
+    and the matches it inhibited, as the decision side stored them."""
+    grouping = {r.name for r in sim.ruleset.rules if r.rule.group is not None}
+    out = []
+    for inc in sorted(incidents, key=lambda i: (i.opened, i.id)):
+        if inc.rule not in grouping:
+            continue
+        value = await sim.store.kv_get(MEMBERS_KV, inc.id)
+        stored = value if isinstance(value, dict) else {}
+        members = [_member(m) for m in stored.get("members") or [] if isinstance(m, dict)]
+        inhibited = [{k: i.get(k) for k in ("rule", "key", "count", "first", "last",
+                                            "event_id", "source", "firing")}
+                     for i in stored.get("inhibited") or [] if isinstance(i, dict)]
+        out.append({"incident": inc.id, "rule": inc.rule, "key": inc.key,
+                    "status": inc.status, "opened": inc.opened, "closed": inc.closed,
+                    "run": inc.run_id, "outcome": inc.outcome,
+                    "member_count": stored.get("member_count", len(members)),
+                    "members": members,
+                    "inhibited": inhibited,
+                    "inhibited_matches": sum(int(i.get("count") or 0) for i in inhibited)})
+    return out
+
+
+def _member(m: dict[str, Any]) -> dict[str, Any]:
+    """A stored member without its first event's data: key, first and last match, the
+    event's id and source."""
+    event = m.get("event")
+    ref = event if isinstance(event, dict) else {"id": event}
+    return {"key": m.get("key"), "time": m.get("time"), "last": m.get("last"),
+            "event_id": ref.get("id"), "source": ref.get("source")}
 
 
 def _created(run: RunRecord) -> tuple[float, str]:
@@ -246,6 +290,7 @@ class Report:
                     for guard, n in sup["by_guard"].items()]
         inc = d["incidents"]
         out.append(f"incidents: {inc['opened']:,} opened, {inc['open_at_end']:,} open at the end")
+        out += _render_groups(d.get("groups") or [])
         out.append(f"runs: {runs['created']:,} created, {runs['finished']:,} finished: "
                    f"{_pairs(runs['by_outcome']) or 'none'}")
         if runs["ended_by_simulation"]:
@@ -262,6 +307,42 @@ class Report:
                 out.append(f"  {iso(r['start'])} .. {iso(r['end'])}  {r['rule']}  "
                            f"key={r['key']}  {r['workflow']}  {r['outcome']} ({r['status']})")
         return "\n".join(out)
+
+
+def _render_groups(groups: list[dict[str, Any]]) -> list[str]:
+    if not groups:
+        return []
+    out = [f"group incidents: {len(groups)}"]
+    for g in groups:
+        state = "open at the end" if g["status"] == "open" else f"closed {iso(g['closed'])}"
+        ran = f", run {g['run']} {g['outcome'] or ''}".rstrip() if g.get("run") else ""
+        out.append(f"  {g['rule']}  {g['key']}: {g['member_count']} member(s), opened "
+                   f"{iso(g['opened'])}, {state}{ran}")
+        shown = g["members"][:MEMBERS_SHOWN]
+        more = len(g["members"]) - len(shown)
+        names = ", ".join(f"{m['key']}\xa0({iso(m['time'])})" for m in shown)
+        out += _wrap(f"members: {names}{f', and {more} more' if more else ''}")
+        by_rule: dict[str, list[dict[str, Any]]] = {}
+        for i in g["inhibited"]:
+            by_rule.setdefault(str(i["rule"]), []).append(i)
+        for rule, rows in by_rule.items():
+            shown_rows = rows[:MEMBERS_SHOWN]
+            rest = len(rows) - len(shown_rows)
+            matches = sum(int(i["count"] or 0) for i in rows)
+            out += _wrap(f"held back {rule}: {matches:,} match(es) of {len(rows)} member(s): "
+                         + ", ".join(f"{i['key']}" + (f" x{i['count']}" if i["count"] != 1
+                                                      else "") for i in shown_rows)
+                         + (f", and {rest} more" if rest else ""))
+    return out
+
+
+def _wrap(text: str) -> list[str]:
+    """A long line of a group's members as lines of at most ``WIDTH``, indented."""
+    # a no-break space keeps a member and its time on one line (textwrap breaks only at
+    # ASCII whitespace)
+    return [line.replace("\xa0", " ") for line in textwrap.wrap(
+        text, WIDTH, initial_indent="    ", subsequent_indent="      ",
+        break_on_hyphens=False)]
 
 
 def _pairs(counts: dict[str, int]) -> str:

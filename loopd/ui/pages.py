@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from statistics import median
 from typing import Any
 
@@ -18,20 +19,26 @@ from aiohttp import web
 from loopd import metrics
 from loopd.api.app import CTX
 from loopd.api.auth import CSRF_HEADER, SESSION_COOKIE, SESSION_TTL, Gate
+from loopd.api.correlation import correlation_of, groups_of
+from loopd.api.decisions import guarded
 from loopd.api.principal import Role, principal
 from loopd.api.runs import run_story
 from loopd.control import Control
 from loopd.decisions import decision_guard
 from loopd.runs import states
-from loopd.store.base import DecisionQuery, IncidentRecord, RunRecord
+from loopd.store.base import DecisionQuery, DecisionRecord, IncidentRecord, RunRecord
 from loopd.ui.views import condense, environment
 from loopd.units import parse_time
 
 _PAGE_SIZE = 50
+_MEMBERS_SHOWN = 50  # a group incident's members (and held-back matches) listed on a page
 _HISTORY = 1000  # incidents and runs the rules page counts fix rate and time to fix over
 _WINDOW = 86400.0  # s: how far back the rules page counts shadow runs and suppressions
 _DECISIONS = 20_000  # the most decisions of each of those two kinds it reads
-_DECISION_FILTERS = ("rule", "key", "outcome", "source", "since")
+_DECISION_FILTERS = ("rule", "key", "outcome", "source", "guard", "since")
+# the guards a suppression can name, offered by the explorer's guard filter
+_GUARDS = ("all", "blast_radius", "breaker", "budget", "flapping", "for", "group", "inhibited",
+           "maintenance", "resolved", "silence", "throttle")
 # what a browser may do with a page: scripts and styles from loopd only (event data in a
 # page can never run), no framing, no referrer leaking run ids to other sites (same-origin:
 # with no-referrer, Chromium sends "Origin: null" on the sign-in form, and the gate
@@ -76,7 +83,8 @@ class Pages:
 
     async def incidents_data(self, control: Control) -> dict[str, Any]:
         """Open incidents, then the recent closed ones, each with its runs (newest
-        first); runs started by no incident are listed apart."""
+        first) and, for a group incident, its members and the matches it inhibited;
+        runs started by no incident are listed apart."""
         open_ = await control.list_incidents(status="open", limit=200)
         closed = await control.list_incidents(status="closed", limit=_PAGE_SIZE)
         runs = await control.list_runs(status=None, limit=500)
@@ -84,7 +92,9 @@ class Pages:
         for run in runs:
             if run.incident_id is not None:
                 by_incident[run.incident_id].append(run)
-        return {"incidents": [*open_, *closed], "runs_of": dict(by_incident),
+        incidents = [*open_, *closed]
+        return {"incidents": incidents, "runs_of": dict(by_incident),
+                "groups": await groups_of(control, incidents), "shown": _MEMBERS_SHOWN,
                 "waiting": sum(r.status == states.AWAITING_APPROVAL for r in runs)}
 
     async def incidents(self, request: web.Request) -> web.Response:
@@ -145,19 +155,29 @@ class Pages:
             if not 1 <= before <= 2**63 - 1:
                 problem = f"before={request.query['before']!r}: must be a decision's seq"
                 before = None
-        found = []
+        if filters["guard"] and filters["outcome"] not in ("", "suppressed"):
+            problem = (f"guard {filters['guard']}: a guard names a suppressed decision, "
+                       f"not one that is {filters['outcome']}")
+        found: list[DecisionRecord] = []
+        after = None
+        control = request.app[CTX].control
         if problem is None:
-            found = await request.app[CTX].control.decisions(DecisionQuery(
+            query = DecisionQuery(
                 rule=filters["rule"] or None, key=filters["key"] or None,
                 outcome=filters["outcome"] or None, source=filters["source"] or None,
-                since=since, before=before, limit=_PAGE_SIZE + 1))
-        older = None
-        if len(found) > _PAGE_SIZE:  # one more than a page: there is an older page
-            found = found[:_PAGE_SIZE]
-            older = {**{k: v for k, v in filters.items() if v}, "before": found[-1].seq}
+                since=since, before=before, limit=_PAGE_SIZE)
+            if filters["guard"]:  # the word a suppression's reason names, not a column
+                found, after = await guarded(control.decisions, query, filters["guard"])
+            else:
+                found = await control.decisions(replace(query, limit=_PAGE_SIZE + 1))
+                if len(found) > _PAGE_SIZE:  # one more than a page: there is an older page
+                    found = found[:_PAGE_SIZE]
+                    after = found[-1].seq
+        older = {**{k: v for k, v in filters.items() if v}, "before": after} if after else None
         return self.render(request, "decisions.html", status=400 if problem else 200,
                            decisions=found, filters=filters, problem=problem, older=older,
-                           rules=sorted(r.name for r in request.app[CTX].control.ruleset.rules),
+                           rules=sorted(r.name for r in control.ruleset.rules),
+                           guards=_GUARDS,
                            outcomes=("run_created", "joined", "suppressed", "shadow",
                                      "queued", "restarted", "error"))
 
@@ -204,6 +224,7 @@ class Pages:
                 "suppressed": held[r.name], "runs": runs_of[r.name],
                 "ended": len(ended[r.name]), "fixed": len(fixed),
                 "time_to_fix": _median_fix(fixed),
+                "correlation": correlation_of(r.rule),
             })
         return self.render(request, "rules.html", rows=rows, errors=control.ruleset.errors,
                            history=_HISTORY, window=_WINDOW, decisions=_DECISIONS)

@@ -341,3 +341,27 @@ async def test_members_decided_on_two_replicas_open_the_group_and_inhibit_on_bot
     assert ("a4", "suppressed") in outcome(db, "restart-host")
     assert any(x and x.startswith("guard inhibited: w2 is a member of group front")
                for x in reasons(db))
+
+
+async def test_a_match_held_back_on_another_replica_is_listed_and_decided_again(
+        db: Path, group_rules: RuleSet) -> None:
+    """b holds back a member's host match for a's open group incident: a merges it into
+    the incident's members row at its next poll, and decides it again when it closes."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True
+        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
+        await b.engine.follow_timers()
+        await b.feed(alert("b2", "w2", at=t))
+        await a.engine.follow_timers()
+        await a.engine.drain(timeout=10)
+        (run,) = [r for r in a.runs if r.rule == "outage"]
+        members = await a.store.kv_get(MEMBERS, run.incident_id or "")
+        held = {(i["rule"], i["key"], i["event_id"]) for i in members["inhibited"]}
+        assert ("restart-host", "w2", "b2") in held
+        await a.close_incident_of(run)
+    # decided again at a: it joins w2's host incident, which a2 opened and is still open
+    assert (f"b2~after-{run.incident_id}", "joined") in outcome(db, "restart-host")
+    assert ("b2", "suppressed") in outcome(db, "restart-host")
