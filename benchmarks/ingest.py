@@ -1,11 +1,16 @@
 """Ingest benchmark: events -> rules -> durable decisions.
 
-    python benchmarks/ingest.py --rules 10 100 1000 --events 100000 [--mode inproc kafka]
+    python benchmarks/ingest.py --rules 10 100 1000 --events 100000 [--mode inproc kafka http]
+    python benchmarks/ingest.py --rules 1000 --long     # 1,000,000 events, rate per 100,000
     python benchmarks/ingest.py --rules 1000 --events 100000 --correlation group mix
 
-Prints one JSON object per line: name, mode, rules, events, events_per_s, p99_ms
+Prints one JSON object per line: name, mode, rules, events, events_per_s,
+cpu_us_per_event (the process's CPU, every thread, per event), runs (created), p99_ms
 (event -> durable decision at a paced 1,000 events/s), rss_mb, startup_s (the
-daemon process from exec to ready, with that many rules), matched.
+daemon process from exec to ready, with that many rules), matched; per_100k (the rate
+of each 100,000 events, inproc runs of 200,000 or more). Mode ``http`` posts Alertmanager
+payloads of 10 alerts from 8 concurrent clients to ``loopd run`` (benchmarks/http_mode.py);
+its p99 is a POST's answer at 1,000 alerts/s.
 
 ``--correlation VARIANT...`` (in-process; benchmarks/correlation.py says what each
 variant's rules are): ``--rounds`` rounds (default 3), each running ``none`` and the
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import subprocess
@@ -42,8 +48,11 @@ from loopd.config import load_config
 from loopd.daemon import Daemon
 from loopd.events import Delivery, Event
 from loopd.sources.webhook import alertmanager_events
+from loopd.store.sqlite import SqliteStore
 
 POOL = 10_000
+LONG = 1_000_000  # --long: the rate must stay steady as the store grows
+SEGMENT = 100_000  # ... measured per this many events
 
 
 def make_config(folder: Path, extra_sources: str = "", inventory: Path | None = None) -> Path:
@@ -90,10 +99,13 @@ async def inproc(rules: int, events: int, folder: Path,
     await ready.wait()
     engine = daemon.engine
     acked = 0
+    marks: list[float] = []  # when each SEGMENT of events was acked (a long run's steadiness)
 
     def ack() -> None:
         nonlocal acked
         acked += 1
+        if acked % SEGMENT == 0:
+            marks.append(time.perf_counter())
 
     def events_from(i: int, body: bytes) -> list[Event]:
         out = []
@@ -113,6 +125,9 @@ async def inproc(rules: int, events: int, folder: Path,
         await engine.emit(Delivery(Event(str(i), t.source, t.topic, t.data, t.key, t.time), ack))
     await engine.drain(timeout=600)
     elapsed = time.perf_counter() - started
+    cpu_us = (time.process_time() - cpu_started) / events * 1e6  # every thread's CPU
+    segments = [round(SEGMENT / (b - a)) for a, b in zip([started, *marks], marks,
+                                                         strict=False)]
     matched = sum(engine.matches.values())
     extra: dict[str, object] = {}
     if variant is not None:
@@ -148,11 +163,16 @@ async def inproc(rules: int, events: int, folder: Path,
     await engine.drain(timeout=60)
     if variant is not None:
         extra.update(await after_windows(daemon, clock, base + 3000, templates))
+    store = daemon.store
+    assert isinstance(store, SqliteStore)
+    runs = runs_created(store.path)
     daemon.stop()
     await runner
     if variant is not None:
         extra["decisions"] = correlation.decisions(folder / "state.db")
-    return {"events_per_s": round(events / elapsed), "p99_ms": round(
+    return {"events_per_s": round(events / elapsed), "cpu_us_per_event": round(cpu_us, 1),
+            "runs": runs, **({"per_100k": segments} if len(segments) > 1 else {}),
+            "p99_ms": round(
         percentile(latencies, 0.99) * 1000, 3), "p50_ms": round(
         percentile(latencies, 0.5) * 1000, 3), "matched": matched, "acked": acked,
         "decode_us": round(decode_us, 2), **extra}
@@ -200,6 +220,14 @@ async def until_empty(daemon: Daemon, base: int) -> tuple[dict[str, int], int]:
         await asyncio.sleep(0.05)  # a benchmark's poll: the runs' ends are the engine's
 
 
+def runs_created(db: Path) -> int:
+    """Runs in the store file (starvation shows as few runs for many matches)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+
 def startup(folder: Path) -> float:
     """Seconds from exec of `loopd run` to /healthz answering, with the folder's rules."""
     cfg = folder / "startup.yaml"
@@ -229,11 +257,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--mode", nargs="+", default=["inproc"], choices=["inproc", "kafka"])
+    parser.add_argument("--mode", nargs="+", default=["inproc"],
+                        choices=["inproc", "kafka", "http"])
+    parser.add_argument("--long", action="store_true",
+                        help="1,000,000 events, with the rate of every 100,000 (inproc)")
     parser.add_argument("--correlation", nargs="+", choices=correlation.VARIANTS[1:],
                         help="compare these correlation variants with none (in-process)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.long:
+        args.events = LONG
     if args.correlation:
         compare(args.rules, args.events, args.correlation, args.rounds)
         return
@@ -272,6 +305,9 @@ def one(mode: str, rules: int, events: int, variant: str | None = None) -> None:
         folder = Path(tmp)
         if mode == "inproc":
             result = asyncio.run(inproc(rules, events, folder, variant))
+        elif mode == "http":
+            from benchmarks.http_mode import http
+            result = asyncio.run(http(rules, events, folder))
         else:
             from benchmarks.kafka_mode import kafka
             result = asyncio.run(kafka(rules, events, folder))

@@ -101,9 +101,11 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
             async with aiohttp.ClientSession() as http:
                 first = await _until(http, port, lambda m: m.get(RECEIVED, 0) > 0)
                 began = time.perf_counter() - 0.05  # the first poll is up to 100 ms late
+                cpu = _cpu_s(daemon.pid)
                 del first
                 done = await _until(http, port, lambda m: _decided(m) >= events)
                 elapsed = time.perf_counter() - began
+                cpu = _cpu_s(daemon.pid) - cpu
             matched = int(sum(v for k, v in done.items()
                               if k.startswith("loopd_rule_matches_total")))
             rss = _peak_rss_mb(daemon.pid)
@@ -113,7 +115,11 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
     finally:
         broker.terminate()
         await broker.wait()
+    from benchmarks.ingest import runs_created
+
     return {"events_per_s": round(events / elapsed), "matched": matched,
+            "cpu_us_per_event": round(cpu / events * 1e6, 1),
+            "runs": runs_created(folder / "kafka.db"),
             "partitions": PARTITIONS, "daemon_rss_mb": rss}
 
 
@@ -145,6 +151,12 @@ async def _until(http: aiohttp.ClientSession, port: int,
         if time.monotonic() > deadline:
             raise TimeoutError("the daemon did not decide every record in 10 minutes")
         await asyncio.sleep(0.1)  # /metrics with 1,000 rules is big: poll gently
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mb(pid: int) -> float:

@@ -7,7 +7,7 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +29,26 @@ def _no_ack() -> None:
     return None
 
 
+class _Empty(dict[str, str]):
+    """The one empty ``headers`` / ``vars`` every event without any shares (most have
+    none: a dict each was a measurable part of an event's cost). Read-only: whoever has
+    headers to give assigns a new dict."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]  # a shared constant, never changed
+        return 0
+
+    def _refuse(self, *args: object, **kwargs: object) -> Any:
+        raise TypeError("an event's empty headers/vars are shared: assign a new dict")
+
+    __setitem__ = __delitem__ = _refuse
+    update = setdefault = pop = popitem = clear = __ior__ = _refuse
+
+
+NONE: dict[str, str] = _Empty()
+
+
 @dataclass(slots=True)
 class Event:
     """One normalized message from any source.
@@ -45,8 +65,8 @@ class Event:
     data: dict[str, JSON]
     key: str | None = None
     time: float = field(default_factory=time.time)
-    headers: dict[str, str] = field(default_factory=dict)
-    vars: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = NONE  # shared and read-only while empty: assign, never mutate
+    vars: dict[str, str] = NONE
     origin: str = ""
 
     def to_json(self) -> dict[str, JSON]:
@@ -99,30 +119,37 @@ def decode_object(payload: bytes, *, max_payload: int, origin: str) -> dict[str,
     return data
 
 
-def nesting_depth(value: JSON) -> int:
+def nesting_depth(value: JSON, *, stop: int | None = None) -> int:
     """How many containers (objects and lists) deep ``value`` goes; iterative, so any
-    depth orjson accepts is measured without recursion."""
-    deepest = 0
-    stack: list[tuple[JSON, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children: Iterable[JSON]
-        if isinstance(node, dict):
-            children = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children
-                     if isinstance(child, dict | list))
-    return deepest
+    depth orjson accepts is measured without recursion. ``stop``: give up once that deep
+    (the answer is then ``stop``)."""
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    # level by level: one list per level, no tuple per child (the hot path of every
+    # event: a typical alert is two levels of a handful of values)
+    while level:
+        depth += 1
+        if stop is not None and depth >= stop:
+            return depth
+        below: list[JSON] = []
+        for node in level:
+            for child in (node.values() if isinstance(node, dict) else node):
+                if isinstance(child, dict | list):
+                    below.append(child)
+        level = below
+    return depth
+
+
+def shallow_bytes(payload: bytes, limit: int = MAX_DEPTH) -> bool:
+    """True when JSON ``payload`` cannot nest deeper than ``limit``: it has no more opening
+    brackets than that (a cheap test in C that spares walking the decoded value)."""
+    return payload.count(b"{") + payload.count(b"[") <= limit
 
 
 def check_depth(value: JSON, *, origin: str, limit: int = MAX_DEPTH) -> None:
     """Raise a DecodeError naming the depth and ``origin`` when ``value`` nests too deep."""
-    depth = nesting_depth(value)
-    if depth > limit:
+    if nesting_depth(value, stop=limit + 1) > limit:
+        depth = nesting_depth(value)
         raise DecodeError(f"nested {depth} levels deep (limit {limit})", origin=origin)
 
 
@@ -172,17 +199,19 @@ def parse_time(value: JSON, *, origin: str) -> float:
 
 def event_from_object(
     obj: dict[str, JSON], *, source: str, topic: str, origin: str, default_id: str | None = None,
-    default_key: str | None = None,
+    default_key: str | None = None, shallow: bool = False,
 ) -> Event:
     """Build an Event from a generic JSON envelope or a bare payload.
 
     An envelope has a ``data`` object and optionally ``id``, ``topic``, ``key``,
     ``time`` and ``headers``; anything else is taken as the data itself. Nesting
-    deeper than MAX_DEPTH is a DecodeError. Without an id (and ``default_id``), the id
+    deeper than MAX_DEPTH is a DecodeError (``shallow``: the caller knows it cannot be,
+    e.g. from ``shallow_bytes`` of the payload). Without an id (and ``default_id``), the id
     is ``content_id`` of source, topic, key, time and data; the time is the event's own,
     or the time of receipt when it has none (so such an event is never a duplicate).
     """
-    check_depth(obj, origin=origin)
+    if not shallow:
+        check_depth(obj, origin=origin)
     if isinstance(obj.get("data"), dict):
         data: dict[str, JSON] = obj["data"]
         ident = obj.get("id", default_id)
@@ -208,6 +237,6 @@ def event_from_object(
         data=data,
         key=key,
         time=at,
-        headers={str(k): str(v) for k, v in headers.items()},
+        headers={str(k): str(v) for k, v in headers.items()} if headers else NONE,
         origin=origin,
     )

@@ -14,10 +14,12 @@ code running outside any daemon (the engine's unit tests, ``loopd simulate``).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import structlog
 from prometheus_client import (
@@ -138,6 +140,19 @@ class Metrics:
             "loopd_scrape_series_dropped_total", "Series of a scrape dropped past the "
             "source's max_series", ["source", "target"], registry=r)
 
+        # labelled children kept once: ``labels()`` costs 1.7-2.1 us a call (a lock, a
+        # tuple, a dict lookup), an increment of a kept child 0.5 us (issue 15)
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter, *labels: str) -> Any:
+        """``metric.labels(*labels)``, made once per label values and kept. Only for
+        metrics whose series are never removed (none of loopd's are)."""
+        slot = (metric, labels)
+        kid = self._children.get(slot)
+        if kid is None:
+            kid = self._children[slot] = metric.labels(*labels)
+        return kid
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -174,8 +189,10 @@ def exposition() -> bytes:
     return _CURRENT.get(_PROCESS).exposition()
 
 
-def event_received(source: str) -> None:
-    _CURRENT.get(_PROCESS).events_received.labels(source).inc()
+def event_received(source: str, n: int = 1) -> None:
+    """``n`` events received from ``source`` (a source counts a batch at once)."""
+    m = _CURRENT.get(_PROCESS)
+    m.child(m.events_received, source).inc(n)
 
 
 def event_rejected(source: str, reason: str, error: object, **where: object) -> None:
@@ -188,8 +205,16 @@ def event_duplicate(source: str, event_id: str) -> None:
     log.debug("duplicate event ignored", source=source, event_id=event_id)
 
 
-def rule_matched(rule: str) -> None:
-    _CURRENT.get(_PROCESS).rule_matches.labels(rule).inc()
+def rule_matched(rule: str, n: int = 1) -> None:
+    m = _CURRENT.get(_PROCESS)
+    m.child(m.rule_matches, rule).inc(n)
+
+
+def rules_matched(counts: Mapping[str, int]) -> None:
+    """What a batch matched, per rule (the engine counts per batch, not per event)."""
+    m = _CURRENT.get(_PROCESS)
+    for rule, n in counts.items():
+        m.child(m.rule_matches, rule).inc(n)
 
 
 def rule_failed(rule: str, field: str, error: object, *, source: str, event_id: str,
@@ -222,8 +247,48 @@ def event_decided(seconds: float) -> None:
     _CURRENT.get(_PROCESS).decision_seconds.observe(seconds)
 
 
-def decision_recorded(rule: str, outcome: str) -> None:
-    _CURRENT.get(_PROCESS).decisions.labels(rule, outcome).inc()
+def events_decided(done: float, received: Iterable[float]) -> None:
+    """A batch's events are durable and acknowledged at ``done`` (monotonic), each
+    ``done - received`` after its receipt: observed into the histogram as one update
+    per bucket instead of one locked ``observe`` per event (the same counts and sum)."""
+    hist = _CURRENT.get(_PROCESS).decision_seconds
+    bounds = _bounds(hist)
+    counts = [0] * len(bounds)
+    total, n = 0.0, 0
+    for at in received:
+        seconds = done - at
+        counts[bisect.bisect_left(bounds, seconds)] += 1
+        total += seconds
+        n += 1
+    if not n:
+        return
+    # prometheus-client keeps one value per bucket (_buckets) and the sum (_sum); both are
+    # what observe() itself increments
+    buckets = hist._buckets
+    for i, c in enumerate(counts):
+        if c:
+            buckets[i].inc(c)
+    hist._sum.inc(total)
+
+
+def _bounds(hist: Histogram) -> list[float]:
+    bounds: list[float] | None = getattr(hist, "_loopd_bounds", None)
+    if bounds is None:
+        bounds = [float(b) for b in hist._upper_bounds]
+        hist._loopd_bounds = bounds  # type: ignore[attr-defined]
+    return bounds
+
+
+def decision_recorded(rule: str, outcome: str, n: int = 1) -> None:
+    m = _CURRENT.get(_PROCESS)
+    m.child(m.decisions, rule, outcome).inc(n)
+
+
+def decisions_recorded(counts: Mapping[tuple[str, str], int]) -> None:
+    """What a batch recorded, per (rule, outcome)."""
+    m = _CURRENT.get(_PROCESS)
+    for (rule, outcome), n in counts.items():
+        m.child(m.decisions, rule, outcome).inc(n)
 
 
 def engine_error(source: str, origin: str) -> None:

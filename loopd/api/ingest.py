@@ -29,6 +29,7 @@ that posted is counted in ``loopd_ingest_requests_total{source, principal}``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import orjson
@@ -98,8 +99,7 @@ async def _decide(request: web.Request, name: str, route: str, parser: Parser
         return refuse(413, route, "batch", f"{origin}: {len(items)} {_items(kind)} exceed "
                       f"api.max_batch {max_batch}; nothing was decided (send them in "
                       "smaller requests)", source=name)
-    loop = asyncio.get_running_loop()
-    waits: list[asyncio.Future[None]] = []
+    count = _Countdown(asyncio.get_running_loop().create_future())
     handed: list[Delivery] = []
     rejected = []
     valid = [item for item in items if not isinstance(item, EventError)]
@@ -114,29 +114,28 @@ async def _decide(request: web.Request, name: str, route: str, parser: Parser
         # Alertmanager's connection; what was queued stays queued and is decided
         async with asyncio.timeout(queue_timeout):
             for event in valid:
-                done: asyncio.Future[None] = loop.create_future()
                 metrics.event_received(name)
-                delivery = Delivery(event, _resolver(done))
+                delivery = _Posted(event, count)
+                count.left += 1
                 await ctx.emit(delivery)
                 handed.append(delivery)
-                waits.append(done)
     except TimeoutError:
         return refuse(503, route, "queue", f"the engine queue stayed full for "
-                      f"{queue_timeout:g}s (api.queue_timeout): {len(waits)} of {len(valid)} "
+                      f"{queue_timeout:g}s (api.queue_timeout): {len(handed)} of {len(valid)} "
                       "event(s) queued and being decided; retry later (queued events are "
                       "de-duplicated)", retry_after=queue_timeout, source=name)
     try:
         async with asyncio.timeout(ctx.decision_timeout):
-            await asyncio.gather(*waits)
+            await count.all_acked()
     except TimeoutError:
-        return refuse(503, route, "decision", f"{len(waits)} event(s) queued but not decided "
+        return refuse(503, route, "decision", f"{len(handed)} event(s) queued but not decided "
                       f"within {ctx.decision_timeout:g}s; retry is safe for events with an "
                       "id or a time (they are de-duplicated)", retry_after=queue_timeout,
                       source=name)
     # the engine marked the events it had decided before (the same source and id): they
     # are accepted, and nothing new was decided for them
     duplicates = sum(d.duplicate for d in handed)
-    body_out = {"accepted": len(waits), "duplicates": duplicates, "rejected": len(rejected),
+    body_out = {"accepted": len(handed), "duplicates": duplicates, "rejected": len(rejected),
                 "errors": rejected}
     return json_response(body_out, status=400 if rejected else 200)
 
@@ -145,11 +144,51 @@ def _items(kind: str) -> str:
     return "alerts" if kind == "alertmanager" else "events"
 
 
-def _resolver(future: asyncio.Future[None]) -> Callable[[], None]:
-    def ack() -> None:
-        if not future.done():
-            future.set_result(None)
-    return ack
+class _Countdown:
+    """The deliveries of one request not acknowledged yet; one future for all of them
+    (instead of a future, a closure and a ``gather`` entry per event)."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.left = 1  # the request's own count, given back once every event is handed over
+
+    def one(self) -> None:
+        self.left -= 1
+        if self.left <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+    async def all_acked(self) -> None:
+        """Once every event is handed over: until they are all acknowledged."""
+        self.one()
+        await self.done
+
+
+class _Posted(Delivery):
+    """An event of a request: ``ack()`` counts it down once (a repeated ack is ignored)."""
+
+    __slots__ = ("_acked", "_count")
+
+    def __init__(self, event: Event, count: _Countdown) -> None:
+        self.event = event
+        self.received = time.monotonic()
+        self.duplicate = False
+        self._count = count
+        self._acked = False
+
+    @property
+    def ack(self) -> Callable[[], None]:
+        return self._ack
+
+    @ack.setter
+    def ack(self, value: Callable[[], None]) -> None:
+        raise AttributeError("a posted event's delivery acks its own request")
+
+    def _ack(self) -> None:
+        if not self._acked:
+            self._acked = True
+            self._count.one()
 
 
 async def events(request: web.Request) -> web.Response:

@@ -99,6 +99,7 @@ class _Pending:
     # where each delivery's records start (what comes before the first: the inbox's), so
     # a batch the store rejects can be split until the culprit is found
     marks: list[Mark] = field(default_factory=list)
+    matched: Counter[str] = field(default_factory=Counter)  # counted once, when sealed
     # several replicas: groups this batch held below their count, read from the store
     # once it is written (their other members may be another replica's)
     held: list[Slot] = field(default_factory=list)
@@ -516,6 +517,8 @@ class Engine:
     def _seal(self, pending: _Pending) -> None:
         """Last in every batch: guard memory and correlation state that changed are
         written with it."""
+        if pending.matched:
+            metrics.rules_matched(pending.matched)
         correlation = self.correlation
         correlation.sweep(self.now())
         correlation.flush(pending.batch)
@@ -546,12 +549,16 @@ class Engine:
             if result.duplicates:
                 self._mark_duplicates(pending, result)
             done = self.progress_at = time.monotonic()
-            for delivery in pending.deliveries:
+            deliveries = pending.deliveries
+            for delivery in deliveries:
                 delivery.ack()
-                metrics.event_decided(done - delivery.received)
-            for d in pending.batch.decisions:
-                if (d.source, d.event_id, d.rule) not in result.duplicates:
-                    metrics.decision_recorded(d.rule, d.outcome)
+            metrics.events_decided(done, [d.received for d in deliveries])
+            duplicates = result.duplicates
+            recorded: Counter[tuple[str, str]] = Counter(
+                (d.rule, d.outcome) for d in pending.batch.decisions
+                if not duplicates or (d.source, d.event_id, d.rule) not in duplicates)
+            if recorded:
+                metrics.decisions_recorded(recorded)
             if result:
                 self._reconcile(pending, result)
             if pending.commands or pending.ended:
@@ -745,7 +752,7 @@ class Engine:
             if seen is not None:
                 seen.add(rule.name)
             self.matches[rule.name] += 1
-            metrics.rule_matched(rule.name)
+            pending.matched[rule.name] += 1
             if inhibitable and rule.name in inhibitable:
                 holder = correlation.inhibitor(rule.name, key)
                 if holder is not None:  # a member of an open group incident that inhibits it
@@ -897,7 +904,7 @@ class Engine:
                      "inventory": self.inventory.entities, "telemetry": self.telemetry,
                      "now": now, "key": absence.key}
             self.matches[rule.name] += 1
-            metrics.rule_matched(rule.name)
+            pending.matched[rule.name] += 1
             self.incidents.decide(rule, event, absence.key, scope, now, pending.batch,
                                   pending.commands)
         except Exception:  # supervised boundary, as _decide

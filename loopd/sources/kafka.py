@@ -1,6 +1,7 @@
 """KafkaSource: a consumer group whose offsets follow the engine's acknowledgements.
 
-Each record becomes one Delivery. Offsets are committed by loopd, never by
+Each record becomes one Delivery (one object: ``_Record``); the records of one fetch
+of a partition share one ``_Chunk`` of offsets. Offsets are committed by loopd, never by
 aiokafka: per partition, the commit point is the offset after the longest run
 of acknowledged records from the start of what this consumer was handed, so a
 slow decision on one record holds back the commit (not the stream) and a
@@ -29,7 +30,6 @@ of one (the group then rebalances every few seconds): leave it off there.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -49,7 +49,7 @@ from aiokafka.errors import (
 from loopd import metrics
 from loopd.config import KafkaSourceConfig, expand_replica
 from loopd.errors import EventError, SourceError
-from loopd.events import Delivery, Event, decode_object, event_from_object
+from loopd.events import Delivery, Event, decode_object, event_from_object, shallow_bytes
 from loopd.sources.base import Emit, OnAssigned, replica_name
 
 log = structlog.get_logger("loopd.kafka")
@@ -69,28 +69,88 @@ _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeE
 _ASSIGN_TIMEOUT = 120.0
 
 
-class _Partition:
-    """Offsets handed out on one partition, in order, and which of them are acked."""
+class _Chunk:
+    """The offsets of one fetch of one partition, in order, and how many of them from the
+    start are acked (``done``); those acked ahead of an unacked one wait in ``early``."""
 
-    __slots__ = ("acked", "commit_at", "committed", "pending")
+    __slots__ = ("done", "early", "offsets", "part")
+
+    def __init__(self, part: _Partition, offsets: list[int]) -> None:
+        self.part = part
+        self.offsets = offsets
+        self.done = 0
+        self.early: set[int] | None = None
+
+    def ack(self, offset: int) -> None:
+        offsets, done = self.offsets, self.done
+        if done < len(offsets) and offsets[done] == offset:  # the common case: in order
+            done += 1
+            early = self.early
+            while early and done < len(offsets) and offsets[done] in early:
+                early.discard(offsets[done])
+                done += 1
+            self.done = done
+            if self.part.pending[0] is self:
+                self.part.moved()
+        elif done < len(offsets) and offset > offsets[done]:
+            if self.early is None:
+                self.early = set()
+            self.early.add(offset)
+        # else: acked already (a duplicate ack)
+
+
+class _Partition:
+    """Chunks handed out on one partition, in order: the commit point is the offset after
+    the longest acked run from the start of the oldest chunk not fully acked."""
+
+    __slots__ = ("commit_at", "committed", "pending")
 
     def __init__(self) -> None:
-        self.pending: deque[int] = deque()
-        self.acked: set[int] = set()
+        self.pending: deque[_Chunk] = deque()
         self.commit_at: int | None = None
         self.committed: int | None = None
 
-    def delivered(self, offset: int) -> None:
-        self.pending.append(offset)
+    def chunk(self, offsets: list[int]) -> _Chunk:
+        chunk = _Chunk(self, offsets)
+        self.pending.append(chunk)
+        return chunk
 
-    def ack(self, offset: int) -> None:
-        if not self.pending or offset < self.pending[0]:
-            return  # already committed past it (a duplicate ack)
-        self.acked.add(offset)
-        while self.pending and self.pending[0] in self.acked:
-            done = self.pending.popleft()
-            self.acked.discard(done)
-            self.commit_at = done + 1  # offsets may have gaps (compaction, txn markers)
+    def moved(self) -> None:
+        pending = self.pending
+        while pending:
+            chunk = pending[0]
+            if not chunk.done:
+                return
+            # offsets may have gaps (compaction, txn markers): the one after the last acked
+            self.commit_at = chunk.offsets[chunk.done - 1] + 1
+            if chunk.done < len(chunk.offsets):
+                return
+            pending.popleft()
+
+
+class _Record(Delivery):
+    """A Kafka record's delivery: the one object made per record; ``ack()`` acks its
+    offset in its chunk (no closure or ``functools.partial`` per record)."""
+
+    __slots__ = ("_chunk", "_offset")
+
+    def __init__(self, event: Event, chunk: _Chunk, offset: int) -> None:
+        self.event = event
+        self.received = time.monotonic()
+        self.duplicate = False
+        self._chunk = chunk
+        self._offset = offset
+
+    @property
+    def ack(self) -> Callable[[], None]:
+        return self._ack
+
+    @ack.setter
+    def ack(self, value: Callable[[], None]) -> None:
+        raise AttributeError("a Kafka delivery acks its own offset")
+
+    def _ack(self) -> None:
+        self._chunk.ack(self._offset)
 
 
 class _Session:
@@ -116,12 +176,12 @@ class _Session:
         self.settled = asyncio.Event()
         self.failed: SourceError | None = None  # on_assigned raised: the session is over
 
-    def track(self, tp: TopicPartition, offset: int) -> _Partition:
+    def track(self, tp: TopicPartition, records: list[Any]) -> _Chunk:
+        """The chunk of ``records`` (one fetch of ``tp``, in offset order)."""
         part = self.partitions.get(tp)
         if part is None:
             part = self.partitions[tp] = _Partition()
-        part.delivered(offset)
-        return part
+        return part.chunk([r.offset for r in records])
 
     async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         """Commit every partition whose contiguous acked prefix moved; bounded in time."""
@@ -314,24 +374,36 @@ class KafkaSource:
     async def _consume(
         self, session: _Session, producer: AIOKafkaProducer | None, emit: Emit
     ) -> None:
+        name = self.name
         while True:
             # no timeout needed: getmany returns after timeout_ms with whatever it has
             batches = await session.consumer.getmany(timeout_ms=500, max_records=_MAX_RECORDS)
             generation = session.generation
             for tp, records in batches.items():
-                if not await self._ready(session, tp, generation):
+                if not records or not await self._ready(session, tp, generation):
                     continue  # fetched for an assignment that is gone: refetched if ours
+                chunk = session.track(tp, records)
+                events = []
                 for record in records:
+                    event = self._decode(record)
+                    if isinstance(event, Event):
+                        events.append((event, record.offset))
+                        continue
+                    metrics.event_rejected(name, event.reason, event, topic=record.topic,
+                                           partition=record.partition, offset=record.offset)
+                    if producer is not None:
+                        await self._dead_letter(producer, record, event)
+                    chunk.ack(record.offset)  # rejected (and dead-lettered): nothing to decide
+                for event, offset in events:
                     if session.generation != generation:
                         break  # a rebalance while we emitted: the owner refetches from the commit
-                    part = session.track(tp, record.offset)
-                    event = await self._decode(record, producer)
-                    if event is None:
-                        part.ack(record.offset)
-                        continue
-                    metrics.event_received(self.name)
+                    # counted as handed over (a blocked emit shows as nothing more received)
+                    metrics.event_received(name)
                     # blocks while the engine's queue is full: that is the backpressure
-                    await emit(Delivery(event, functools.partial(part.ack, record.offset)))
+                    await emit(_Record(event, chunk, offset))
+            # aiokafka hands out buffered records without suspending: yield once per fetch,
+            # so runs ending and the engine's writer never wait for a backlog to drain
+            await asyncio.sleep(0)
 
     @staticmethod
     async def _ready(session: _Session, tp: TopicPartition, generation: int) -> bool:
@@ -343,7 +415,9 @@ class KafkaSource:
             raise session.failed
         return session.generation == generation and tp in session.ready
 
-    async def _decode(self, record: Any, producer: AIOKafkaProducer | None) -> Event | None:
+    def _decode(self, record: Any) -> Event | EventError:
+        """The record's event, or why it cannot be one (synchronous: most records need
+        no await, and a coroutine per record was a measurable part of its cost)."""
         topic, partition, offset = record.topic, record.partition, record.offset
         origin = f"kafka {topic}[{partition}]@{offset}"
         payload: bytes = record.value or b""
@@ -353,13 +427,10 @@ class KafkaSource:
                 obj, source=self.name, topic=topic, origin=origin,
                 default_id=f"{topic}:{partition}:{offset}",
                 default_key=record.key.decode(errors="replace") if record.key is not None else None,
+                shallow=shallow_bytes(payload),
             )
         except EventError as exc:
-            metrics.event_rejected(self.name, exc.reason, exc, topic=topic, partition=partition,
-                                   offset=offset)
-            if producer is not None:
-                await self._dead_letter(producer, record, exc)
-            return None
+            return exc
         envelope_time = isinstance(obj.get("data"), dict) and obj.get("time") is not None
         if not envelope_time and record.timestamp is not None and record.timestamp >= 0:
             event.time = record.timestamp / 1000.0

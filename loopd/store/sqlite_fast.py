@@ -1,0 +1,97 @@
+"""The common engine batch written in one hop to SQLite's thread.
+
+aiosqlite runs every statement in its own thread and hands the answer back through the
+event loop: a batch of events, decisions and incidents took a dozen such round trips
+(BEGIN, each ``executemany``, the savepoints, COMMIT), each a wake-up of the thread and
+of the loop. The HTTP ingest path decides tens of events per batch, so those hops were
+most of its latency; a Kafka backlog paid them per 2,000 events. Here the batch runs as
+one function in that thread, on the same connection and transaction.
+
+Only a *plain* batch comes here: no cross-replica limits, breakers or updates of stored
+runs (those read the store and decide as they write; loopd.store.sqlite keeps them).
+When the plain write meets what needs deciding (a decision already stored, an incident
+another process opened), it rolls back to its savepoint and says so: the caller writes
+the batch again the regular way, which finds out which records and why.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+from loopd.store.base import Batch
+from loopd.store.codec import dump
+from loopd.store.sqlite_schema import INSERT_DECISION, RUN_MARKS, UPSERT_INCIDENT
+
+INSERT_EVENT = "INSERT INTO events VALUES (?,?,?,?,?,?) ON CONFLICT (source, id) DO NOTHING"
+INSERT_RUN = f"INSERT INTO runs VALUES ({RUN_MARKS}) ON CONFLICT (id) DO NOTHING"
+
+
+def plain(batch: Batch) -> bool:
+    """Whether ``batch`` can be written by ``write`` (see the module doc)."""
+    return not (batch.limits or batch.breakers or batch.breakers_closed or batch.run_updates)
+
+
+def write(conn: sqlite3.Connection, batch: Batch, runs: list[tuple[Any, ...]], *,
+          whole: bool) -> bool:
+    """Write ``batch`` (``runs``: its runs' rows, made on the loop's thread) in SQLite's
+    thread; ``whole``: in a transaction of its own (BEGIN ... COMMIT here too). False, with
+    nothing written, when a decision was already stored or an incident conflicts."""
+    if whole:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("SAVEPOINT plain")
+        if not _records(conn, batch, runs):
+            conn.execute("ROLLBACK TO plain")
+            conn.execute("RELEASE plain")
+            if whole:
+                conn.execute("ROLLBACK")
+            return False
+        conn.execute("RELEASE plain")
+        if whole:
+            conn.execute("COMMIT")
+        return True
+    except BaseException:
+        if whole and conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _records(conn: sqlite3.Connection, batch: Batch, runs: list[tuple[Any, ...]]) -> bool:
+    if batch.events:
+        conn.executemany(INSERT_EVENT, [(e.source, e.id, e.topic, e.key, e.time, dump(e.data))
+                                        for e in batch.events])
+    decisions = batch.decisions
+    if decisions:
+        cur = conn.executemany(INSERT_DECISION, [
+            (d.source, d.event_id, d.rule, d.key, d.outcome, d.reason, d.time, d.incident_id,
+             d.run_id) for d in decisions])
+        if cur.rowcount != len(decisions):
+            return False  # some were decided before: the regular path finds which
+    incidents = batch.incidents
+    if incidents:
+        try:
+            conn.executemany(UPSERT_INCIDENT, [
+                (i.id, i.rule, i.key, i.status, i.opened, i.closed, i.events, i.run_id,
+                 i.outcome) for i in incidents.values()])
+        except sqlite3.IntegrityError:
+            return False  # another process holds an open one for the same (rule, key)
+        closed = [(i.id,) for i in incidents.values() if i.status != "open"]
+        if closed:
+            conn.executemany("UPDATE admissions SET open=0 WHERE incident_id=?", closed)
+    if runs:
+        conn.executemany(INSERT_RUN, runs)
+    if batch.timers_set:
+        conn.executemany("INSERT INTO timers VALUES (?,?,?) ON CONFLICT (rule, key) "
+                         "DO UPDATE SET since=MIN(since, excluded.since)", batch.timers_set)
+    if batch.timers_cleared:
+        conn.executemany("DELETE FROM timers WHERE rule=? AND key=?", batch.timers_cleared)
+    if batch.kv:
+        now = time.time()
+        conn.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)", [
+            (ns, k, dump(v), now) for (ns, k), v in batch.kv.items() if v is not None])
+        gone = [slot for slot, v in batch.kv.items() if v is None]
+        if gone:
+            conn.executemany("DELETE FROM kv WHERE namespace=? AND key=?", gone)
+    return True
