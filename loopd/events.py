@@ -93,6 +93,29 @@ class Delivery:
     duplicate: bool = False
 
 
+class OwnAck(Delivery):
+    """A delivery that knows how to acknowledge itself (``_ack``): the one object a source
+    makes per message, with no closure per message; its ``ack`` cannot be replaced."""
+
+    __slots__ = ()
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.received = time.monotonic()
+        self.duplicate = False
+
+    @property
+    def ack(self) -> Ack:
+        return self._ack
+
+    @ack.setter
+    def ack(self, value: Ack) -> None:
+        raise AttributeError(f"a {type(self).__name__} acknowledges itself")
+
+    def _ack(self) -> None:
+        raise NotImplementedError
+
+
 _ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNTER = itertools.count(1)
 

@@ -29,7 +29,6 @@ that posted is counted in ``loopd_ingest_requests_total{source, principal}``.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import orjson
@@ -40,7 +39,7 @@ from loopd.api.app import CTX, error, json_response
 from loopd.api.limits import INGEST_GATE, IngestGate, closing, read_capped, refuse
 from loopd.api.principal import principal
 from loopd.errors import DecodeError, EventError
-from loopd.events import JSON, Delivery, Event
+from loopd.events import JSON, Delivery, Event, OwnAck
 from loopd.sources.webhook import alertmanager_events, generic_events
 
 Parser = Callable[..., list[Event | DecodeError]]
@@ -165,25 +164,15 @@ class _Countdown:
         await self.done
 
 
-class _Posted(Delivery):
+class _Posted(OwnAck):
     """An event of a request: ``ack()`` counts it down once (a repeated ack is ignored)."""
 
     __slots__ = ("_acked", "_count")
 
     def __init__(self, event: Event, count: _Countdown) -> None:
-        self.event = event
-        self.received = time.monotonic()
-        self.duplicate = False
+        super().__init__(event)
         self._count = count
         self._acked = False
-
-    @property
-    def ack(self) -> Callable[[], None]:
-        return self._ack
-
-    @ack.setter
-    def ack(self, value: Callable[[], None]) -> None:
-        raise AttributeError("a posted event's delivery acks its own request")
 
     def _ack(self) -> None:
         if not self._acked:

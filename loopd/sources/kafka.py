@@ -49,7 +49,13 @@ from aiokafka.errors import (
 from loopd import metrics
 from loopd.config import KafkaSourceConfig, expand_replica
 from loopd.errors import EventError, SourceError
-from loopd.events import Delivery, Event, decode_object, event_from_object, shallow_bytes
+from loopd.events import (
+    Event,
+    OwnAck,
+    decode_object,
+    event_from_object,
+    shallow_bytes,
+)
 from loopd.sources.base import Emit, OnAssigned, replica_name
 
 log = structlog.get_logger("loopd.kafka")
@@ -128,26 +134,16 @@ class _Partition:
             pending.popleft()
 
 
-class _Record(Delivery):
+class _Record(OwnAck):
     """A Kafka record's delivery: the one object made per record; ``ack()`` acks its
     offset in its chunk (no closure or ``functools.partial`` per record)."""
 
     __slots__ = ("_chunk", "_offset")
 
     def __init__(self, event: Event, chunk: _Chunk, offset: int) -> None:
-        self.event = event
-        self.received = time.monotonic()
-        self.duplicate = False
+        super().__init__(event)
         self._chunk = chunk
         self._offset = offset
-
-    @property
-    def ack(self) -> Callable[[], None]:
-        return self._ack
-
-    @ack.setter
-    def ack(self, value: Callable[[], None]) -> None:
-        raise AttributeError("a Kafka delivery acks its own offset")
 
     def _ack(self) -> None:
         self._chunk.ack(self._offset)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,9 @@ import pytest
 
 from loopd.catalog.inventory import Inventory
 from loopd.decide.correlation import MEMBERS
-from loopd.decide.engine import Engine
 from loopd.events import Event
 from loopd.rules.loader import RuleSet
-from loopd.store.sqlite import SqliteStore
-from tests.unit.conftest import RulesFrom, Sent
+from tests.unit.conftest import RulesFrom
 from tests.unit.test_engine import Running, decisions, event_time, reasons, running
 
 
@@ -253,23 +251,10 @@ rules:
     assert any(e.field == field and message in e.message for e in rules.errors), rules.errors
 
 
-@contextlib.asynccontextmanager
-async def replica(db: Path, rules: RuleSet, name: str, **options: Any
-                  ) -> AsyncIterator[Running]:
+def replica(db: Path, rules: RuleSet, name: str, **options: Any
+            ) -> contextlib.AbstractAsyncContextManager[Running]:
     """One replica's engine on the shared store file, loaded as the daemon loads it."""
-    store = SqliteStore(db, replica=name)
-    await store.open()
-    sent = Sent()
-    engine = Engine(store, rules, commands=sent, **options)
-    await engine.load()
-    task = asyncio.create_task(engine.run())
-    try:
-        yield Running(engine, store, sent.runs)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await store.close()
+    return running(db, rules, replica=name, **options)
 
 
 async def until(what: str, check: Callable[[], bool], *engines: Running) -> None:

@@ -82,9 +82,10 @@ class GatedStore:
 
 @contextlib.asynccontextmanager
 async def running(db: Path, rules: RuleSet, *, gated: bool = False,
-                  **options: Any) -> AsyncIterator[Running]:
-    """An engine on the store file ``db``, loaded and running until the block ends."""
-    inner = SqliteStore(db)
+                  replica: str | None = None, **options: Any) -> AsyncIterator[Running]:
+    """An engine on the store file ``db``, loaded and running until the block ends
+    (``replica``: the store's replica name, for several engines on one file)."""
+    inner = SqliteStore(db) if replica is None else SqliteStore(db, replica=replica)
     await inner.open()
     store: Store = cast(Store, GatedStore(inner)) if gated else inner
     sent = Sent()
