@@ -60,7 +60,8 @@ async def _runs_settled(session: aiohttp.ClientSession, port: int) -> None:
     """Until no run executes (``loopd_runs_active`` 0 twice in a row, 0.2 s apart)."""
     deadline, quiet = time.monotonic() + 600, 0
     while quiet < 2:
-        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        async with session.get(f"http://127.0.0.1:{port}/metrics",
+                               params={"name[]": "loopd_runs_active"}) as resp:
             text = await resp.text()
         active = next((float(line.rpartition(" ")[2]) for line in text.splitlines()
                        if line.startswith("loopd_runs_active ")), 0.0)

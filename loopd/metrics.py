@@ -153,7 +153,10 @@ class Metrics:
             kid = self._children[slot] = metric.labels(*labels)
         return kid
 
-    def exposition(self) -> bytes:
+    def exposition(self, names: list[str] | None = None) -> bytes:
+        """The text exposition; ``names``: only these samples (``name[]`` of a scrape)."""
+        if names:
+            return generate_latest(self.registry.restricted_registry(names))
         return generate_latest(self.registry)
 
     def value(self, name: str, **labels: str) -> float:
@@ -185,8 +188,8 @@ def using(m: Metrics) -> Iterator[Metrics]:
         _CURRENT.reset(token)
 
 
-def exposition() -> bytes:
-    return _CURRENT.get(_PROCESS).exposition()
+def exposition(names: list[str] | None = None) -> bytes:
+    return _CURRENT.get(_PROCESS).exposition(names)
 
 
 def event_received(source: str, n: int = 1) -> None:

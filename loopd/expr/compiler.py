@@ -346,6 +346,13 @@ def compile_template(text: Any, names: frozenset[str]) -> Compiled:
         return lambda scope: [f(scope) for f in items]
     if not isinstance(text, str) or ("{{" not in text and "{%" not in text):
         return lambda scope: text
+    return _compile_text(text, names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_text(text: str, names: frozenset[str]) -> Compiled:
+    """``compile_template`` of a string with a template in it. Cached: a thousand rules
+    repeat a handful of templates, and what this returns only reads its scope."""
     single = _EXPR.fullmatch(text.strip())
     if single and "{{" not in single.group(1):
         expression = compile_expression(single.group(1), names)

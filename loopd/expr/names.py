@@ -65,22 +65,47 @@ def _parse(text: str, expression: bool) -> nodes.Template | None:
         return None
 
 
-def _members(tree: nodes.Node, name: str) -> Iterator[str]:
-    """The constant members read from ``name``: ``name.x``, ``name['x']``, ``name.get('x')``."""
+@functools.lru_cache(maxsize=4096)
+def _reads(text: str, expression: bool) -> tuple[tuple[str, ...], frozenset[str]] | None:
+    """The names ``text`` loads (in order of first read) and those it binds itself
+    (``{% for x in ... %}``, ``{% set x = ... %}``); None when it does not parse. Cached
+    with the tree: a thousand rules ask this of the same few texts."""
+    tree = _parse(text, expression)
+    if tree is None:
+        return None
+    loads: dict[str, None] = {}
+    bound: set[str] = set()
+    for node in tree.find_all(nodes.Name):
+        if node.ctx == "load":
+            loads.setdefault(node.name)
+        else:  # store / param
+            bound.add(node.name)
+    return tuple(loads), frozenset(bound)
+
+
+@functools.lru_cache(maxsize=4096)
+def _members(text: str, expression: bool, name: str) -> tuple[str, ...]:
+    """The constant members ``text`` reads from ``name``, once each, in order:
+    ``name.x``, ``name['x']``, ``name.get('x')``."""
+    tree = _parse(text, expression)
+    if tree is None:
+        return ()
+    found: dict[str, None] = {}
     for attr in tree.find_all(nodes.Getattr):
         if isinstance(attr.node, nodes.Name) and attr.node.name == name and \
                 attr.attr not in _DICT_METHODS:
-            yield attr.attr
+            found.setdefault(attr.attr)
     for item in tree.find_all(nodes.Getitem):
         if isinstance(item.node, nodes.Name) and item.node.name == name and \
                 isinstance(item.arg, nodes.Const) and isinstance(item.arg.value, str):
-            yield item.arg.value
+            found.setdefault(item.arg.value)
     for call in tree.find_all(nodes.Call):
         fn = call.node
         if isinstance(fn, nodes.Getattr) and fn.attr == "get" and \
                 isinstance(fn.node, nodes.Name) and fn.node.name == name and call.args and \
                 isinstance(call.args[0], nodes.Const) and isinstance(call.args[0].value, str):
-            yield call.args[0].value
+            found.setdefault(call.args[0].value)
+    return tuple(found)
 
 
 def problems(text: str, names: Collection[str], *, expression: bool = False,
@@ -90,25 +115,18 @@ def problems(text: str, names: Collection[str], *, expression: bool = False,
     ``names``: the scope's names. ``members``: for some of them, the keys they will have
     (None: the name holds nothing at all, e.g. ``vars`` without a topic pattern).
     """
-    tree = _parse(text, expression)
-    if tree is None:
+    reads = _reads(text, expression)
+    if reads is None:
         return []
-    loads: dict[str, None] = {}
-    bound: set[str] = set()
-    for node in tree.find_all(nodes.Name):
-        if node.ctx == "load":
-            loads.setdefault(node.name)
-        else:  # store / param: {% for x in ... %}, {% set x = ... %}
-            bound.add(node.name)
+    loads, bound = reads
     out = []
-    known = ", ".join(sorted(names))
     for name in loads:
         if name not in names and name not in bound and name not in _GLOBALS:
-            out.append(f"undefined name {name!r} (known names: {known})")
+            out.append(f"undefined name {name!r} (known names: {', '.join(sorted(names))})")
     for name, keys in (members or {}).items():
         if name not in loads:
             continue
-        for member in dict.fromkeys(_members(tree, name)):
+        for member in _members(text, expression, name):
             if keys is None:
                 out.append(f"{name}.{member}: {_NOTHING.get(name, f'{name} is empty here')}")
             elif member not in keys:

@@ -406,6 +406,25 @@ async def test_health_readiness_and_metrics(api: Api) -> None:
     assert "web-1" not in text  # no unbounded labels: never a host or an event id
 
 
+async def test_metrics_name_filter_keeps_only_the_named_samples(api: Api) -> None:
+    """``/metrics?name[]=...`` (the Prometheus client libraries' filter) renders only the
+    samples named: a probe polling one counter does not render every rule's series."""
+    await api.post("/v1/alertmanager", ALERTMANAGER)
+    async with api.http.get("/metrics", params=[
+            ("name[]", "loopd_events_received_total"),
+            ("name[]", "loopd_event_decision_seconds_count")]) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples = [line.partition("{")[0].partition(" ")[0] for line in text.splitlines()
+               if line and not line.startswith("#")]
+    assert set(samples) == {"loopd_events_received_total",
+                            "loopd_event_decision_seconds_count"}
+    assert 'loopd_events_received_total{source="alertmanager"} ' in text
+    async with api.http.get("/metrics", params={"name[]": "no_such_metric"}) as resp:
+        assert resp.status == 200
+        assert await resp.text() == ""
+
+
 async def test_rules_endpoint_shows_match_counts_and_load_errors(api: Api) -> None:
     """GET /v1/rules lists each rule with its match count, and the load errors by place."""
     await api.post("/v1/alertmanager", ALERTMANAGER)
