@@ -154,7 +154,7 @@ async def _until(http: aiohttp.ClientSession, port: int,
             return sample
         if time.monotonic() > deadline:
             raise TimeoutError("the daemon did not decide every record in 10 minutes")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
 
 
 def _cpu_s(pid: int) -> float:

@@ -95,12 +95,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    # budgets free up as their window slides, with no event to say so: refresh the gauge
-    request.app[CTX].control.refresh_budgets()
-    # this daemon's registry: the request's task inherits the metrics its run() made current;
     # ``name[]`` (as Prometheus' client libraries take it) keeps those samples only, so a
-    # probe polling one counter does not render every rule's series
-    return web.Response(body=metrics.exposition(request.query.getall("name[]", [])),
+    # probe polling one counter does not render (or refresh) every rule's series
+    names = request.query.getall("name[]", [])
+    if not names or "loopd_budget_remaining" in names:
+        # budgets free up as their window slides, with no event to say so: refresh the gauge
+        request.app[CTX].control.refresh_budgets()
+    # this daemon's registry: the request's task inherits the metrics its run() made current
+    return web.Response(body=metrics.exposition(names),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
