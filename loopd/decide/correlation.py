@@ -497,6 +497,11 @@ class Correlation:
                 self._load_row(name, value)
         for (rule, key), group in self.groups.items():
             _in_arrival_order(group)  # rows come in key order
+            spec = self._rules.get(rule)
+            if spec is not None and spec.rule.group is not None and group.members:
+                # one expiry entry per slot: armed at the oldest member's, once all are read
+                self._expire_at(min(m.last for m in group.members.values())
+                                + spec.rule.group.within, "g", (rule, key))
             incident = self.incidents.open.get((rule, key))
             if incident is not None:
                 group.incident = incident.id
@@ -576,9 +581,6 @@ class Correlation:
             group = self.groups.setdefault(slot, Group(rule, key))
             group.members[rest[0]] = Member(rest[0], value["first"], value["last"],
                                             value["event"])
-            spec = self._rules.get(rule)
-            if spec is not None and spec.rule.group is not None:
-                self._expire_at(value["last"] + spec.rule.group.within, "g", slot)
         elif kind == "a":
             self.absences[slot] = Absence(rule, key, value["due"], value["event"])
             self._arm_at(value["due"], slot)

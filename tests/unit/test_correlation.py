@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from loopd.catalog.inventory import Inventory
-from loopd.decide.correlation import MEMBERS
+from loopd.decide.correlation import MEMBERS, NAMESPACE
 from loopd.events import Event
 from loopd.rules.loader import RuleSet
 from tests.unit.conftest import RulesFrom
@@ -350,3 +350,18 @@ async def test_a_match_held_back_on_another_replica_is_listed_and_decided_again(
     # decided again at a: it joins w2's host incident, which a2 opened and is still open
     assert (f"b2~after-{run.incident_id}", "joined") in outcome(db, "restart-host")
     assert ("b2", "suppressed") in outcome(db, "restart-host")
+
+
+async def test_after_a_restart_a_group_window_passes_at_its_oldest_member(
+        db: Path, group_rules: RuleSet) -> None:
+    """The rows come back in key order, but the group's window is armed at its oldest
+    member's last match: that member's row is forgotten when its window passes, not when
+    the first member in key order would leave."""
+    inv = inventory(front=["w1", "w2"])
+    t = 1_000_000.0
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(alert("a2", "w2", at=t), alert("a1", "w1", at=t + 50))
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(Event(id="tick", source="other", topic="tick", data={}, time=t + 130))
+        rows = [name for name, _ in await r.store.kv_scan(NAMESPACE)]
+    assert rows == ['["g","outage","front","w1"]']
