@@ -803,7 +803,11 @@ class Engine:
             self.correlation.group(rule, event, key, group, scope, now, batch,
                                    pending.commands)
         elif kind == "absent":
-            self.correlation.arm(rule, event, key, now)
+            # its absence fired already: this is the arming event delivered again (arming
+            # records nothing to recognise it by), and firing twice in one batch would make
+            # the store drop the first firing's run with the duplicate
+            if (event.source, f"{event.id}~absent") not in self._recent:
+                self.correlation.arm(rule, event, key, now)
             return False
         else:
             self.correlation.all(rule, event, key, scope, now, batch, pending.commands)

@@ -365,3 +365,34 @@ async def test_after_a_restart_a_group_window_passes_at_its_oldest_member(
         await r.feed(Event(id="tick", source="other", topic="tick", data={}, time=t + 130))
         rows = [name for name, _ in await r.store.kv_scan(NAMESPACE)]
     assert rows == ['["g","outage","front","w1"]']
+
+
+async def test_an_event_redelivered_after_its_absence_fired_is_no_second_decision(
+        db: Path, rules_from: RulesFrom) -> None:
+    """The event that armed an absence, delivered again after the absence fired (in the
+    same batch, its incident still open), fires nothing again: the one ``~absent``
+    decision keeps its run, and no second decision is made for it."""
+    t = 1_000_000.0
+    rules = rules_from(ABSENT)
+    async with running(db, rules, **event_time()) as r:
+        await r.feed(beat("b1", "h1", t), beat("x", "h3", t + 400), beat("b1", "h1", t),
+                     beat("y", "h3", t + 1000))
+    assert outcome(db, "heartbeat-missing") == [
+        ("b1~absent", "run_created"), ("x~absent", "run_created")]
+    assert [run.key for run in r.runs] == ["h1", "h3"]
+
+
+async def test_a_redelivered_event_that_armed_an_absence_fires_it_once(
+        db: Path, rules_from: RulesFrom) -> None:
+    """The event that armed an absence, delivered again after it fired (and after its
+    incident closed), is a duplicate: no second ``~absent`` decision and no second run."""
+    t = 1_000_000.0
+    rules = rules_from(ABSENT)
+    async with running(db, rules, **event_time()) as r:
+        await r.feed(beat("b1", "h1", t), beat("x", "h3", t + 400))
+        (run,) = r.runs
+        await r.close_incident_of(run)
+        await r.feed(beat("b1", "h1", t), beat("y", "h3", t + 1000))
+    assert outcome(db, "heartbeat-missing") == [
+        ("b1~absent", "run_created"), ("x~absent", "run_created")]
+    assert [run.key for run in r.runs] == ["h1", "h3"]
