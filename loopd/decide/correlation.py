@@ -293,6 +293,10 @@ class Correlation:
             members = [m["key"] for m in (stored or {}).get("members", ())]
             local = self.groups.get(slot)
             self._foreign_group(slot, incident.id, [*members, *(local.members if local else ())])
+        for slot, before in self._foreign_before.items():
+            after = self.foreign_groups.get(slot)
+            if after is None or after.inhibited is not before.inhibited:  # gone, or another
+                self._forget_fingerprints(before)
 
     def conflicted(self, opened: str, held: IncidentRecord) -> None:
         """The store did not create group incident ``opened``: another replica holds
@@ -320,6 +324,16 @@ class Correlation:
         self.foreign_groups[slot] = group
         for member in members:
             self._foreign_member(group, member)
+
+    def _forget_fingerprints(self, group: Group) -> None:
+        """The matches ``group`` held back no longer wait for a resolved alert."""
+        for seen in group.inhibited.values():
+            if seen.fingerprint is None or (
+                    held := self._fingerprints.get(seen.fingerprint)) is None:
+                continue
+            held[:] = [s for s in held if s is not seen]
+            if not held:
+                del self._fingerprints[seen.fingerprint]
 
     def _foreign_member(self, group: Group, member: str) -> None:
         group.members.setdefault(member, Member(member, 0.0, 0.0, None))

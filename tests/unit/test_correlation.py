@@ -396,3 +396,30 @@ async def test_a_redelivered_event_that_armed_an_absence_fires_it_once(
     assert outcome(db, "heartbeat-missing") == [
         ("b1~absent", "run_created"), ("x~absent", "run_created")]
     assert [run.key for run in r.runs] == ["h1", "h3"]
+
+
+def held_rows(rows: list[tuple[str, Any]]) -> list[str]:
+    """The kv keys of matches held back for another replica's group incident."""
+    return [name for name, _ in rows if name.startswith('["i",')]
+
+
+async def test_a_foreign_group_gone_leaves_no_fingerprints_behind(
+        db: Path, group_rules: RuleSet) -> None:
+    """The alert fingerprints of matches b held back for a's group incident are forgotten
+    at b once the incident is no longer open."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True
+        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
+        await b.engine.follow_timers()
+        await b.feed(alert("b2", "w2", at=t))
+        assert b.engine.correlation._fingerprints
+        (run,) = [r for r in a.runs if r.rule == "outage"]
+        await a.engine.follow_timers()
+        await a.engine.drain(timeout=10)
+        await a.close_incident_of(run)
+        await b.engine.follow_timers()
+        assert not b.engine.correlation.foreign_groups
+        assert not b.engine.correlation._fingerprints
