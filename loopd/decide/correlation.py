@@ -75,6 +75,7 @@ class Correlation:
         self._dirty: dict[str, Group] = {}  # group incident id -> its members row to write
         self._timers = Timers()  # absence timers, and when windows pass
         self._fingerprints: dict[str, list[Inhibited]] = {}
+        self._released: list[tuple[str, str, JSON]] = []  # (rule, incident, event): release
         self._warned = False
         self._told = (0, 0, 0)
         # several replicas: groups held below their count in this batch (the store may
@@ -340,6 +341,38 @@ class Correlation:
         rule = self._rules.get(group.rule)
         for name in rule.rule.inhibits if rule is not None else ():
             self.foreign.setdefault(name, {})[member] = group
+
+    def held_for(self, rows: list[tuple[str, JSON]], open_ids: set[str]
+                 ) -> list[tuple[str, str, JSON]]:
+        """The ``"i"`` rows (name, incident id, value) of group incidents that neither this
+        engine nor ``open_ids`` (the store's open incidents, read after ``rows``) holds
+        open: candidates to ``release``."""
+        mine = {i.id for i in self.incidents.open.values()}
+        found = []
+        for name, value in rows:
+            if name.startswith('["i",'):
+                _, _, _, incident, *_ = json.loads(name)
+                if incident not in open_ids and incident not in mine:
+                    found.append((name, incident, value))
+        return found
+
+    def release(self, name: str, incident: str, value: JSON) -> None:
+        """A match held back for a group incident that closed before its holder merged
+        it: its row goes, and, still firing, it is decided again (``take_released``) as
+        the close would have (``<id>~after-<incident>``)."""
+        if self._writes.get((NAMESPACE, name), 0) is None:
+            return  # released already; its row is deleted by the next batch
+        self._writes[(NAMESPACE, name)] = None
+        if value.get("firing"):
+            self._released.append((json.loads(name)[4], incident, value["event"]))
+
+    def take_released(self, now: float) -> list[tuple[str, Event]]:
+        """The released matches to decide again, with their rule."""
+        if not self._released:
+            return []
+        released, self._released = self._released, []
+        return [(rule, event_from(data, f"{data['id']}~after-{incident}", at=now))
+                for rule, incident, data in released]
 
     def pending(self) -> bool:
         """Rows changed that no batch has taken yet."""

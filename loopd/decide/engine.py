@@ -369,19 +369,41 @@ class Engine:
         state = await self.store.load_state(since=time.time(), recent=0)
         self._timers.follow(state.for_timers)
         correlation = self.correlation
+        rows: list[tuple[str, Any]] = []
         if correlation.size() or correlation.inhibitable:
             # group members and partial matches other replicas decided (a union: never
             # undoes what this engine decided), absences they re-armed
-            correlation.merge(await self.store.kv_scan(NAMESPACE))
+            rows = await self.store.kv_scan(NAMESPACE)
+            correlation.merge(rows)
             if correlation.pending():  # a members row grew: written by the next batch
                 self.inbox.put_nowait(None)
         if correlation.inhibitable:  # other replicas' open group incidents inhibit here
-            groups = [i for i in await self.store.list_incidents(status="open", limit=10_000)
+            opened = await self.store.list_incidents(status="open", limit=10_000)
+            groups = [i for i in opened
                       if (rule := correlation.rule(i.rule)) is not None
                       and rule.correlation == "group"
                       and (i.rule, i.key) not in self.incidents.open]
             correlation.follow_foreign(
                 [(i, await self.store.kv_get(MEMBERS, i.id)) for i in groups])
+            await self._release_held(rows, {i.id for i in opened})
+
+    async def _release_held(self, rows: list[tuple[str, Any]], opened: set[str]) -> None:
+        """Matches held back for a group incident that closed before its holder merged
+        them (read after ``rows``, so a row is never older than the incident it names):
+        any replica deletes their rows and decides them again (Correlation.release)."""
+        released = False
+        for name, incident_id, value in self.correlation.held_for(rows, opened):
+            try:
+                incident = await self.store.get_incident(incident_id)
+            except StoreError as exc:  # the next follow tries again
+                metrics.log.warning("cannot read a held-back match's incident",
+                                    incident=incident_id, error=str(exc))
+                break
+            if incident is None or incident.status != "open":
+                self.correlation.release(name, incident_id, value)
+                released = True
+        if released:
+            self.inbox.put_nowait(None)
 
     def resolved_elsewhere(self, event: Event) -> None:
         """A resolved alert another replica received (read from the store): the runs of
@@ -512,6 +534,8 @@ class Engine:
             completed, self._completed = self._completed, []
             for slot, rows in completed:
                 self._complete_group(slot, rows, pending)
+        for rule, again in self.correlation.take_released(self.now()):
+            self._decide(again, pending, only=rule)  # held back for a group closed since
         return ended
 
     def _seal(self, pending: _Pending) -> None:

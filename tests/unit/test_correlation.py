@@ -403,6 +403,32 @@ def held_rows(rows: list[tuple[str, Any]]) -> list[str]:
     return [name for name, _ in rows if name.startswith('["i",')]
 
 
+async def test_a_match_held_back_for_a_group_closed_before_its_holder_merged_it_is_released(
+        db: Path, group_rules: RuleSet) -> None:
+    """b holds back a member's host match for a's open group incident, and a closes the
+    incident before it merged b's row: the next replica to follow the store deletes the
+    row and decides the match again, as the close would have."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True
+        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
+        await b.engine.follow_timers()
+        await b.feed(alert("b2", "w2", at=t))
+        assert len(held_rows(await b.store.kv_scan(NAMESPACE))) == 1
+        (run,) = [r for r in a.runs if r.rule == "outage"]
+        await a.close_incident_of(run)  # a never merged b's row
+        await b.engine.follow_timers()
+        await b.engine.drain(timeout=10)
+        await a.engine.follow_timers()
+        await a.engine.drain(timeout=10)
+        left = held_rows(await a.store.kv_scan(NAMESPACE))
+    assert left == []
+    assert [e for e, _ in outcome(db, "restart-host")
+            if e.startswith("b2~after")] == [f"b2~after-{run.incident_id}"]
+
+
 async def test_a_foreign_group_gone_leaves_no_fingerprints_behind(
         db: Path, group_rules: RuleSet) -> None:
     """The alert fingerprints of matches b held back for a's group incident are forgotten
