@@ -89,15 +89,28 @@ class Correlation:
 
     def set_rules(self, rules: Iterable[CompiledRule]) -> None:
         """The rules in force: state of rules removed, disabled or no longer of its kind
-        is dropped (an absence of a disabled rule is disarmed)."""
+        is dropped (an absence of a disabled rule is disarmed). A group rule gone with its
+        incident open inhibits nothing any more: the matches it held back that are still
+        firing are decided again now (``take_released``), as its close would have."""
         self._rules = {r.name: r for r in rules if r.rule.enabled}
         self.inhibitable = frozenset(
             n for r in self._rules.values() if r.correlation == "group" for n in r.rule.inhibits)
         for kind, states in (("group", self.groups), ("absent", self.absences),
                              ("all", self.partials)):
             for slot in [s for s in states if self._kind(s[0]) != kind]:
+                if kind == "group":
+                    self._release_group(self.groups[slot])
                 self._drop(kind, slot)
         self._reindex()
+
+    def _release_group(self, group: Group) -> None:
+        incident = self.incidents.open.get((group.rule, group.key))
+        if incident is None or incident.id != group.incident:
+            return
+        self._write_members(group)  # the list as it was, for the API
+        for seen in group.inhibited.values():
+            if seen.firing:
+                self._released.append((seen.rule, incident.id, seen.event))
 
     def _kind(self, rule: str) -> str | None:
         compiled = self._rules.get(rule)
@@ -375,8 +388,8 @@ class Correlation:
                 for rule, incident, data in released]
 
     def pending(self) -> bool:
-        """Rows changed that no batch has taken yet."""
-        return bool(self._writes or self._dirty)
+        """Rows changed (or matches released) that no batch has taken yet."""
+        return bool(self._writes or self._dirty or self._released)
 
     def resolved(self, fingerprint: str) -> None:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""

@@ -313,6 +313,8 @@ class Engine:
         self.incidents.set_rules(rules.rules)
         self.correlation.set_rules(rules.rules)  # state of rules gone or disabled is dropped
         self.ruleset = rules
+        if self.correlation.pending():  # its rows deleted, held-back matches decided again
+            self.inbox.put_nowait(None)
 
     def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
         return self.incidents.open.get((rule, key))

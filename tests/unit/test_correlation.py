@@ -449,3 +449,26 @@ async def test_a_foreign_group_gone_leaves_no_fingerprints_behind(
         await b.engine.follow_timers()
         assert not b.engine.correlation.foreign_groups
         assert not b.engine.correlation._fingerprints
+
+
+@pytest.mark.parametrize("change", ["renamed", "disabled"])
+async def test_a_reload_that_takes_an_open_group_rule_away_decides_its_held_matches_again(
+        db: Path, rules_from: RulesFrom, change: str) -> None:
+    """A reload renames or disables a group rule whose incident is open: it inhibits
+    nothing any more, so its still-firing inhibited matches are decided again at the
+    reload, once (not again when the incident closes later)."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = time.time()
+    async with running(db, rules_from(GROUP), inventory=inv) as r:
+        await r.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3, 4)))
+        (run,) = [run for run in r.runs if run.rule == "outage"]
+        reloaded = (GROUP.replace("name: outage", "name: rack-outage") if change == "renamed"
+                    else GROUP.replace("    inhibits:", "    enabled: false\n    inhibits:"))
+        rules = rules_from(reloaded)
+        assert not rules.errors, rules.errors
+        r.engine.swap_rules(rules)
+        await r.engine.drain(timeout=10)
+        await r.close_incident_of(run)
+    again = [(e, o) for e, o in outcome(db, "restart-host") if "~after-" in e]
+    assert again == [(f"a3~after-{run.incident_id}", "run_created"),
+                     (f"a4~after-{run.incident_id}", "run_created")]
