@@ -24,6 +24,10 @@ class Committer:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.ok = True  # False while commits fail for a reason other than a bad record
+        # batches in which the store rejected some event: memory that ran ahead of what was
+        # committed (correlation state) is read again from the store (Engine._fire_absences)
+        self.rejections = 0
+        self._found = 0  # events rejected by the commit under way
 
     async def commit(self, batch: Batch, marks: list[Mark], events: list[Event | None]
                      ) -> CommitResult:
@@ -41,6 +45,9 @@ class Committer:
             result = CommitResult()
             await self._bisect(batch, marks, events, 0, len(events), result, exc,
                                failed=True)
+            if self._found:  # counted once everything is written: nothing awaits after it
+                self._found = 0
+                self.rejections += 1
             return result
 
     async def _part(self, batch: Batch) -> CommitResult:
@@ -87,6 +94,7 @@ class Committer:
         ``error`` decision per rule says why (when even that cannot be written, the log line
         and the counter do), and the event is acknowledged so it cannot wedge the stream."""
         result.skipped_runs |= {r.id for r in part.runs}
+        self._found += 1
         source = event.source if event is not None else "loopd"
         metrics.event_rejected(
             source, "store_rejected", error,

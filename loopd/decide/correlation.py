@@ -502,15 +502,24 @@ class Correlation:
     def rule(self, name: str) -> CompiledRule | None:
         return self._rules.get(name)
 
+    def segment(self, batch: Batch) -> None:
+        """The rows changed since the last call go into ``batch`` as the segment's being
+        decided (``Batch.put_kv``): a batch the store rejects is split by segment, and the
+        rows of a rejected event must go with it."""
+        if self._writes:
+            put = batch.put_kv
+            for key, value in self._writes.items():
+                put(key, value)
+            self._writes = {}
+
     def flush(self, batch: Batch) -> None:
-        """The rows changed since the last flush go into ``batch`` (the decision's)."""
+        """The rows changed since the last flush go into ``batch`` (the decision's); the
+        members rows of group incidents once per batch, with every part of it."""
+        self.segment(batch)
         if self._dirty:
             for incident, group in self._dirty.items():
-                self._writes[(MEMBERS, incident)] = members_row(group)
+                batch.kv[(MEMBERS, incident)] = members_row(group)
             self._dirty = {}
-        if self._writes:
-            batch.kv.update(self._writes)
-            self._writes = {}
 
     def sweep(self, now: float) -> None:
         """Forget groups and partial matches whose window passed (their rows too)."""

@@ -176,6 +176,7 @@ class Engine:
         # group, inhibits, absent and all: their partial state (loopd.decide.correlation)
         self.correlation = Correlation(self.incidents, self.suppressions, memory_max_keys)
         self._absence_retry = 0.0  # monotonic: the store failed reading a due absence
+        self._rejections = 0  # Committer.rejections when correlation was last read
         # other replicas decide the same keys (set by loopd.cluster): group members are
         # read back from the store, and their open group incidents inhibit here too
         self.shared = False
@@ -456,6 +457,7 @@ class Engine:
         """Decide ``event`` into the open batch at once, without the queue; returns how
         many run commands it produced. ``commit`` writes the open batch."""
         before = len(self._open.commands)
+        self.correlation.segment(self._open.batch)  # the rows of what came before
         self._open.marks.append(self._open.batch.mark())
         self._decide(event, self._open)
         return len(self._open.commands) - before
@@ -509,6 +511,7 @@ class Engine:
             while len(pending.deliveries) < self._batch_max and not queue.empty():
                 delivery = queue.get_nowait()
                 pending.deliveries.append(delivery)
+                self.correlation.segment(pending.batch)  # the rows of what came before
                 pending.marks.append(pending.batch.mark())
                 delivery.duplicate = self._decide(delivery.event, pending)
             self._seal(pending)
@@ -906,7 +909,16 @@ class Engine:
 
     async def _fire_absences(self, pending: _Pending) -> None:
         """Fire the absences due, each checked against the store first: another replica
-        may have re-armed, fired or disarmed it (its events went there)."""
+        may have re-armed, fired or disarmed it (its events went there). First, after a
+        batch the store partly rejected, correlation memory is read again from the store:
+        it had taken the rejected events in, whose rows were not written."""
+        if self.committer.rejections != self._rejections:
+            try:
+                await self._load_correlation()
+                self._rejections = self.committer.rejections
+            except StoreError as exc:  # the next batch tries again
+                metrics.log.warning("cannot read correlation state after a rejected batch",
+                                    error=str(exc))
         due = self._absence_due()
         if due is None or due > 0:
             return

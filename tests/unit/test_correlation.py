@@ -472,3 +472,23 @@ async def test_a_reload_that_takes_an_open_group_rule_away_decides_its_held_matc
     again = [(e, o) for e, o in outcome(db, "restart-host") if "~after-" in e]
     assert again == [(f"a3~after-{run.incident_id}", "run_created"),
                      (f"a4~after-{run.incident_id}", "run_created")]
+
+
+async def test_a_member_whose_records_the_store_rejects_counts_nowhere(
+        db: Path, group_rules: RuleSet) -> None:
+    """One event of a batch carries data the store refuses: only that event gets an error
+    decision, its correlation rows go with it while the other member of the batch counts,
+    and memory is what was committed: the group opens with the committed members only."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = time.time()
+    bad = alert("bad", "w2", at=float("nan"))  # its event row breaks NOT NULL
+    async with running(db, group_rules, inventory=inv) as r:
+        await r.feed(alert("a1", "w1", at=t), bad)
+        rows = [name for name, _ in await r.store.kv_scan(NAMESPACE)]
+        assert rows == ['["g","outage","front","w1"]']
+        await r.feed(alert("a3", "w3", at=t))
+        await r.feed(alert("a4", "w4", at=t))
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("bad", "error"),
+                                     ("a3", "suppressed"), ("a4", "run_created")]
+    (run,) = [run for run in r.runs if run.rule == "outage"]
+    assert [m["key"] for m in run.input["value"]] == ["w1", "w3", "w4"]
