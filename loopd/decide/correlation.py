@@ -428,6 +428,10 @@ class Correlation:
                 self._drop("absent", slot)
             return
         assert rule.rule.absent is not None
+        armed = self.absences.get(slot)
+        if armed is not None and armed.event["id"] == event.id \
+                and armed.event["source"] == event.source:
+            return  # the event that armed it, delivered again: no new event for the key
         absence = Absence(rule.name, key, now + rule.rule.absent, event.to_json())
         if slot not in self.absences:
             self._bound()

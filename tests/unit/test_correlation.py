@@ -492,3 +492,18 @@ async def test_a_member_whose_records_the_store_rejects_counts_nowhere(
                                      ("a3", "suppressed"), ("a4", "run_created")]
     (run,) = [run for run in r.runs if run.rule == "outage"]
     assert [m["key"] for m in run.input["value"]] == ["w1", "w3", "w4"]
+
+
+async def test_the_event_that_armed_an_absence_delivered_again_does_not_move_it(
+        db: Path, rules_from: RulesFrom) -> None:
+    """A redelivery of the event that armed an absence (not fired yet) is no new event:
+    the timer stays due when the first delivery armed it, in memory and in the store."""
+    rules = rules_from(ABSENT)
+    slot = ("heartbeat-missing", "h1")
+    async with running(db, rules) as r:
+        await r.feed(beat("b1", "h1", time.time()))
+        due = r.engine.correlation.absences[slot].due
+        await r.feed(beat("b1", "h1", time.time()))
+        assert r.engine.correlation.absences[slot].due == due
+        (stored,) = [v for _, v in await r.store.kv_scan(NAMESPACE)]
+    assert stored["due"] == due
