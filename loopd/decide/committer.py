@@ -28,6 +28,9 @@ class Committer:
         # committed (correlation state) is read again from the store (Engine._fire_absences)
         self.rejections = 0
         self._found = 0  # events rejected by the commit under way
+        self.commits = 0  # calls of commit that returned (the engine waits for its own)
+        self.waiting = False  # someone waits in caught_up
+        self._committed = asyncio.Event()
 
     async def commit(self, batch: Batch, marks: list[Mark], events: list[Event | None]
                      ) -> CommitResult:
@@ -37,7 +40,7 @@ class Committer:
         store rejects is split until the segments it refuses are found, and only their
         events are rejected."""
         try:
-            return await self._part(batch)
+            result = await self._part(batch)
         except StoreRejected as exc:
             if len(events) > 2:
                 metrics.log.warning("store rejected a batch; finding the culprit",
@@ -48,7 +51,23 @@ class Committer:
             if self._found:  # counted once everything is written: nothing awaits after it
                 self._found = 0
                 self.rejections += 1
-            return result
+        self.commits += 1
+        self._committed.set()
+        return result
+
+    async def caught_up(self, commits: int, timeout: float = 60.0) -> None:
+        """Wait until ``commits`` calls of ``commit`` returned (at most ``timeout``)."""
+        self.waiting = True
+        try:
+            async with asyncio.timeout(timeout):
+                while self.commits < commits:
+                    self._committed.clear()
+                    await self._committed.wait()
+        except TimeoutError:
+            metrics.log.warning("the batches in flight were not written in time",
+                                written=self.commits, wanted=commits)
+        finally:
+            self.waiting = False
 
     async def _part(self, batch: Batch) -> CommitResult:
         delay = 0.05

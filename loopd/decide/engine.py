@@ -177,6 +177,7 @@ class Engine:
         self.correlation = Correlation(self.incidents, self.suppressions, memory_max_keys)
         self._absence_retry = 0.0  # monotonic: the store failed reading a due absence
         self._rejections = 0  # Committer.rejections when correlation was last read
+        self._sealed = 0  # batches sealed with something to commit (Committer.commits)
         # other replicas decide the same keys (set by loopd.cluster): group members are
         # read back from the store, and their open group incidents inhibit here too
         self.shared = False
@@ -561,6 +562,8 @@ class Engine:
         if self._breakers_closed:
             pending.batch.breakers_closed.extend(self._breakers_closed)
             self._breakers_closed = []
+        if pending.batch:  # committed: after a rejection, correlation waits for it
+            self._sealed += 1
 
     def _send(self, pending: _Pending) -> None:
         send = self._commands.put_nowait
@@ -913,6 +916,9 @@ class Engine:
         batch the store partly rejected, correlation memory is read again from the store:
         it had taken the rejected events in, whose rows were not written."""
         if self.committer.rejections != self._rejections:
+            # the batches decided before (and their rows) are written first: read then,
+            # memory is the store's
+            await self.committer.caught_up(self._sealed)
             try:
                 await self._load_correlation()
                 self._rejections = self.committer.rejections

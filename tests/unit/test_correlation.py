@@ -8,14 +8,16 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from loopd.catalog.inventory import Inventory
 from loopd.decide.correlation import MEMBERS, NAMESPACE
-from loopd.events import Event
+from loopd.events import Delivery, Event
 from loopd.rules.loader import RuleSet
+from loopd.store.base import Batch, CommitResult, Store
+from tests.servers import wait_until
 from tests.unit.conftest import RulesFrom
 from tests.unit.test_engine import Running, decisions, event_time, reasons, running
 
@@ -507,3 +509,56 @@ async def test_the_event_that_armed_an_absence_delivered_again_does_not_move_it(
         assert r.engine.correlation.absences[slot].due == due
         (stored,) = [v for _, v in await r.store.kv_scan(NAMESPACE)]
     assert stored["due"] == due
+
+
+class HeldStore:
+    """A store whose commit of a batch deciding ``event`` waits until ``go`` is set."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.holds: dict[str, asyncio.Event] = {}
+        self.waiting: set[str] = set()
+
+    def hold(self, event: str) -> asyncio.Event:
+        self.holds[event] = asyncio.Event()
+        return self.holds[event]
+
+    async def commit(self, batch: Batch) -> CommitResult:
+        for event in {d.event_id for d in batch.decisions} & set(self.holds):
+            self.waiting.add(event)
+            await self.holds[event].wait()
+            self.waiting.discard(event)
+        return await self.inner.commit(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_memory_read_again_after_a_rejection_keeps_the_batches_written_after_it(
+        db: Path, group_rules: RuleSet) -> None:
+    """Correlation memory read again from the store after a rejected batch waits for the
+    batches decided before it to be written: a member decided while the rejected batch
+    was being committed still counts."""
+    inv = inventory(front=["w1", "w2"], back=["w9", "w10", "w11"])
+    t = time.time()
+    bad = alert("bad", "w2", at=float("nan"))  # its event row breaks NOT NULL
+    async with running(db, group_rules, inventory=inv) as r:
+        held = HeldStore(r.store)
+        r.engine.store = cast(Store, held)
+        go_bad, go_b9 = held.hold("bad"), held.hold("b9")
+        for event in (alert("a1", "w1", at=t), bad):
+            await r.engine.emit(Delivery(event))
+        await wait_until(lambda: "bad" in held.waiting, what="the batch with bad committing")
+        await r.engine.emit(Delivery(alert("b9", "w9", at=t)))  # decided meanwhile
+        await wait_until(lambda: r.engine.queue.empty(), what="b9 decided")
+        go_bad.set()  # rejected; then the batch of b9 is committed, slowly
+        await wait_until(lambda: "b9" in held.waiting, what="the batch with b9 committing")
+        await r.engine.emit(Delivery(alert("b10", "w10", at=t)))
+        await wait_until(lambda: r.engine.committer.waiting or r.engine.queue.empty(),
+                         what="b10 taken")
+        go_b9.set()
+        await r.engine.drain(timeout=10)
+        await r.feed(alert("b11", "w11", at=t))
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("bad", "error"),
+                                     ("b9", "suppressed"), ("b10", "suppressed"),
+                                     ("b11", "run_created")]
