@@ -24,6 +24,13 @@ class Committer:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.ok = True  # False while commits fail for a reason other than a bad record
+        # batches in which the store rejected some event: memory that ran ahead of what was
+        # committed (correlation state) is read again from the store (Engine._fire_absences)
+        self.rejections = 0
+        self._found = 0  # events rejected by the commit under way
+        self.commits = 0  # calls of commit that returned (the engine waits for its own)
+        self.waiting = False  # someone waits in caught_up
+        self._committed = asyncio.Event()
 
     async def commit(self, batch: Batch, marks: list[Mark], events: list[Event | None]
                      ) -> CommitResult:
@@ -33,7 +40,7 @@ class Committer:
         store rejects is split until the segments it refuses are found, and only their
         events are rejected."""
         try:
-            return await self._part(batch)
+            result = await self._part(batch)
         except StoreRejected as exc:
             if len(events) > 2:
                 metrics.log.warning("store rejected a batch; finding the culprit",
@@ -41,7 +48,26 @@ class Committer:
             result = CommitResult()
             await self._bisect(batch, marks, events, 0, len(events), result, exc,
                                failed=True)
-            return result
+            if self._found:  # counted once everything is written: nothing awaits after it
+                self._found = 0
+                self.rejections += 1
+        self.commits += 1
+        self._committed.set()
+        return result
+
+    async def caught_up(self, commits: int, timeout: float = 60.0) -> None:
+        """Wait until ``commits`` calls of ``commit`` returned (at most ``timeout``)."""
+        self.waiting = True
+        try:
+            async with asyncio.timeout(timeout):
+                while self.commits < commits:
+                    self._committed.clear()
+                    await self._committed.wait()
+        except TimeoutError:
+            metrics.log.warning("the batches in flight were not written in time",
+                                written=self.commits, wanted=commits)
+        finally:
+            self.waiting = False
 
     async def _part(self, batch: Batch) -> CommitResult:
         delay = 0.05
@@ -87,6 +113,7 @@ class Committer:
         ``error`` decision per rule says why (when even that cannot be written, the log line
         and the counter do), and the event is acknowledged so it cannot wedge the stream."""
         result.skipped_runs |= {r.id for r in part.runs}
+        self._found += 1
         source = event.source if event is not None else "loopd"
         metrics.event_rejected(
             source, "store_rejected", error,

@@ -75,6 +75,7 @@ class Correlation:
         self._dirty: dict[str, Group] = {}  # group incident id -> its members row to write
         self._timers = Timers()  # absence timers, and when windows pass
         self._fingerprints: dict[str, list[Inhibited]] = {}
+        self._released: list[tuple[str, str, JSON]] = []  # (rule, incident, event): release
         self._warned = False
         self._told = (0, 0, 0)
         # several replicas: groups held below their count in this batch (the store may
@@ -88,15 +89,28 @@ class Correlation:
 
     def set_rules(self, rules: Iterable[CompiledRule]) -> None:
         """The rules in force: state of rules removed, disabled or no longer of its kind
-        is dropped (an absence of a disabled rule is disarmed)."""
+        is dropped (an absence of a disabled rule is disarmed). A group rule gone with its
+        incident open inhibits nothing any more: the matches it held back that are still
+        firing are decided again now (``take_released``), as its close would have."""
         self._rules = {r.name: r for r in rules if r.rule.enabled}
         self.inhibitable = frozenset(
             n for r in self._rules.values() if r.correlation == "group" for n in r.rule.inhibits)
         for kind, states in (("group", self.groups), ("absent", self.absences),
                              ("all", self.partials)):
             for slot in [s for s in states if self._kind(s[0]) != kind]:
+                if kind == "group":
+                    self._release_group(self.groups[slot])
                 self._drop(kind, slot)
         self._reindex()
+
+    def _release_group(self, group: Group) -> None:
+        incident = self.incidents.open.get((group.rule, group.key))
+        if incident is None or incident.id != group.incident:
+            return
+        self._write_members(group)  # the list as it was, for the API
+        for seen in group.inhibited.values():
+            if seen.firing:
+                self._released.append((seen.rule, incident.id, seen.event))
 
     def _kind(self, rule: str) -> str | None:
         compiled = self._rules.get(rule)
@@ -293,6 +307,10 @@ class Correlation:
             members = [m["key"] for m in (stored or {}).get("members", ())]
             local = self.groups.get(slot)
             self._foreign_group(slot, incident.id, [*members, *(local.members if local else ())])
+        for slot, before in self._foreign_before.items():
+            after = self.foreign_groups.get(slot)
+            if after is None or after.inhibited is not before.inhibited:  # gone, or another
+                self._forget_fingerprints(before)
 
     def conflicted(self, opened: str, held: IncidentRecord) -> None:
         """The store did not create group incident ``opened``: another replica holds
@@ -321,15 +339,57 @@ class Correlation:
         for member in members:
             self._foreign_member(group, member)
 
+    def _forget_fingerprints(self, group: Group) -> None:
+        """The matches ``group`` held back no longer wait for a resolved alert."""
+        for seen in group.inhibited.values():
+            if seen.fingerprint is None or (
+                    held := self._fingerprints.get(seen.fingerprint)) is None:
+                continue
+            held[:] = [s for s in held if s is not seen]
+            if not held:
+                del self._fingerprints[seen.fingerprint]
+
     def _foreign_member(self, group: Group, member: str) -> None:
         group.members.setdefault(member, Member(member, 0.0, 0.0, None))
         rule = self._rules.get(group.rule)
         for name in rule.rule.inhibits if rule is not None else ():
             self.foreign.setdefault(name, {})[member] = group
 
+    def held_for(self, rows: list[tuple[str, JSON]], open_ids: set[str]
+                 ) -> list[tuple[str, str, JSON]]:
+        """The ``"i"`` rows (name, incident id, value) of group incidents that neither this
+        engine nor ``open_ids`` (the store's open incidents, read after ``rows``) holds
+        open: candidates to ``release``."""
+        mine = {i.id for i in self.incidents.open.values()}
+        found = []
+        for name, value in rows:
+            if name.startswith('["i",'):
+                _, _, _, incident, *_ = json.loads(name)
+                if incident not in open_ids and incident not in mine:
+                    found.append((name, incident, value))
+        return found
+
+    def release(self, name: str, incident: str, value: JSON) -> None:
+        """A match held back for a group incident that closed before its holder merged
+        it: its row goes, and, still firing, it is decided again (``take_released``) as
+        the close would have (``<id>~after-<incident>``)."""
+        if self._writes.get((NAMESPACE, name), 0) is None:
+            return  # released already; its row is deleted by the next batch
+        self._writes[(NAMESPACE, name)] = None
+        if value.get("firing"):
+            self._released.append((json.loads(name)[4], incident, value["event"]))
+
+    def take_released(self, now: float) -> list[tuple[str, Event]]:
+        """The released matches to decide again, with their rule."""
+        if not self._released:
+            return []
+        released, self._released = self._released, []
+        return [(rule, event_from(data, f"{data['id']}~after-{incident}", at=now))
+                for rule, incident, data in released]
+
     def pending(self) -> bool:
-        """Rows changed that no batch has taken yet."""
-        return bool(self._writes or self._dirty)
+        """Rows changed (or matches released) that no batch has taken yet."""
+        return bool(self._writes or self._dirty or self._released)
 
     def resolved(self, fingerprint: str) -> None:
         """A resolved alert: inhibited matches of the same alert are not firing any more."""
@@ -368,6 +428,10 @@ class Correlation:
                 self._drop("absent", slot)
             return
         assert rule.rule.absent is not None
+        armed = self.absences.get(slot)
+        if armed is not None and armed.event["id"] == event.id \
+                and armed.event["source"] == event.source:
+            return  # the event that armed it, delivered again: no new event for the key
         absence = Absence(rule.name, key, now + rule.rule.absent, event.to_json())
         if slot not in self.absences:
             self._bound()
@@ -442,15 +506,24 @@ class Correlation:
     def rule(self, name: str) -> CompiledRule | None:
         return self._rules.get(name)
 
+    def segment(self, batch: Batch) -> None:
+        """The rows changed since the last call go into ``batch`` as the segment's being
+        decided (``Batch.put_kv``): a batch the store rejects is split by segment, and the
+        rows of a rejected event must go with it."""
+        if self._writes:
+            put = batch.put_kv
+            for key, value in self._writes.items():
+                put(key, value)
+            self._writes = {}
+
     def flush(self, batch: Batch) -> None:
-        """The rows changed since the last flush go into ``batch`` (the decision's)."""
+        """The rows changed since the last flush go into ``batch`` (the decision's); the
+        members rows of group incidents once per batch, with every part of it."""
+        self.segment(batch)
         if self._dirty:
             for incident, group in self._dirty.items():
-                self._writes[(MEMBERS, incident)] = members_row(group)
+                batch.kv[(MEMBERS, incident)] = members_row(group)
             self._dirty = {}
-        if self._writes:
-            batch.kv.update(self._writes)
-            self._writes = {}
 
     def sweep(self, now: float) -> None:
         """Forget groups and partial matches whose window passed (their rows too)."""
@@ -497,6 +570,11 @@ class Correlation:
                 self._load_row(name, value)
         for (rule, key), group in self.groups.items():
             _in_arrival_order(group)  # rows come in key order
+            spec = self._rules.get(rule)
+            if spec is not None and spec.rule.group is not None and group.members:
+                # one expiry entry per slot: armed at the oldest member's, once all are read
+                self._expire_at(min(m.last for m in group.members.values())
+                                + spec.rule.group.within, "g", (rule, key))
             incident = self.incidents.open.get((rule, key))
             if incident is not None:
                 group.incident = incident.id
@@ -576,9 +654,6 @@ class Correlation:
             group = self.groups.setdefault(slot, Group(rule, key))
             group.members[rest[0]] = Member(rest[0], value["first"], value["last"],
                                             value["event"])
-            spec = self._rules.get(rule)
-            if spec is not None and spec.rule.group is not None:
-                self._expire_at(value["last"] + spec.rule.group.within, "g", slot)
         elif kind == "a":
             self.absences[slot] = Absence(rule, key, value["due"], value["event"])
             self._arm_at(value["due"], slot)

@@ -176,6 +176,8 @@ class Engine:
         # group, inhibits, absent and all: their partial state (loopd.decide.correlation)
         self.correlation = Correlation(self.incidents, self.suppressions, memory_max_keys)
         self._absence_retry = 0.0  # monotonic: the store failed reading a due absence
+        self._rejections = 0  # Committer.rejections when correlation was last read
+        self._sealed = 0  # batches sealed with something to commit (Committer.commits)
         # other replicas decide the same keys (set by loopd.cluster): group members are
         # read back from the store, and their open group incidents inhibit here too
         self.shared = False
@@ -313,6 +315,8 @@ class Engine:
         self.incidents.set_rules(rules.rules)
         self.correlation.set_rules(rules.rules)  # state of rules gone or disabled is dropped
         self.ruleset = rules
+        if self.correlation.pending():  # its rows deleted, held-back matches decided again
+            self.inbox.put_nowait(None)
 
     def open_incident(self, rule: str, key: str) -> IncidentRecord | None:
         return self.incidents.open.get((rule, key))
@@ -369,19 +373,41 @@ class Engine:
         state = await self.store.load_state(since=time.time(), recent=0)
         self._timers.follow(state.for_timers)
         correlation = self.correlation
+        rows: list[tuple[str, Any]] = []
         if correlation.size() or correlation.inhibitable:
             # group members and partial matches other replicas decided (a union: never
             # undoes what this engine decided), absences they re-armed
-            correlation.merge(await self.store.kv_scan(NAMESPACE))
+            rows = await self.store.kv_scan(NAMESPACE)
+            correlation.merge(rows)
             if correlation.pending():  # a members row grew: written by the next batch
                 self.inbox.put_nowait(None)
         if correlation.inhibitable:  # other replicas' open group incidents inhibit here
-            groups = [i for i in await self.store.list_incidents(status="open", limit=10_000)
+            opened = await self.store.list_incidents(status="open", limit=10_000)
+            groups = [i for i in opened
                       if (rule := correlation.rule(i.rule)) is not None
                       and rule.correlation == "group"
                       and (i.rule, i.key) not in self.incidents.open]
             correlation.follow_foreign(
                 [(i, await self.store.kv_get(MEMBERS, i.id)) for i in groups])
+            await self._release_held(rows, {i.id for i in opened})
+
+    async def _release_held(self, rows: list[tuple[str, Any]], opened: set[str]) -> None:
+        """Matches held back for a group incident that closed before its holder merged
+        them (read after ``rows``, so a row is never older than the incident it names):
+        any replica deletes their rows and decides them again (Correlation.release)."""
+        released = False
+        for name, incident_id, value in self.correlation.held_for(rows, opened):
+            try:
+                incident = await self.store.get_incident(incident_id)
+            except StoreError as exc:  # the next follow tries again
+                metrics.log.warning("cannot read a held-back match's incident",
+                                    incident=incident_id, error=str(exc))
+                break
+            if incident is None or incident.status != "open":
+                self.correlation.release(name, incident_id, value)
+                released = True
+        if released:
+            self.inbox.put_nowait(None)
 
     def resolved_elsewhere(self, event: Event) -> None:
         """A resolved alert another replica received (read from the store): the runs of
@@ -432,6 +458,7 @@ class Engine:
         """Decide ``event`` into the open batch at once, without the queue; returns how
         many run commands it produced. ``commit`` writes the open batch."""
         before = len(self._open.commands)
+        self.correlation.segment(self._open.batch)  # the rows of what came before
         self._open.marks.append(self._open.batch.mark())
         self._decide(event, self._open)
         return len(self._open.commands) - before
@@ -485,6 +512,7 @@ class Engine:
             while len(pending.deliveries) < self._batch_max and not queue.empty():
                 delivery = queue.get_nowait()
                 pending.deliveries.append(delivery)
+                self.correlation.segment(pending.batch)  # the rows of what came before
                 pending.marks.append(pending.batch.mark())
                 delivery.duplicate = self._decide(delivery.event, pending)
             self._seal(pending)
@@ -512,6 +540,8 @@ class Engine:
             completed, self._completed = self._completed, []
             for slot, rows in completed:
                 self._complete_group(slot, rows, pending)
+        for rule, again in self.correlation.take_released(self.now()):
+            self._decide(again, pending, only=rule)  # held back for a group closed since
         return ended
 
     def _seal(self, pending: _Pending) -> None:
@@ -532,6 +562,8 @@ class Engine:
         if self._breakers_closed:
             pending.batch.breakers_closed.extend(self._breakers_closed)
             self._breakers_closed = []
+        if pending.batch:  # committed: after a rejection, correlation waits for it
+            self._sealed += 1
 
     def _send(self, pending: _Pending) -> None:
         send = self._commands.put_nowait
@@ -803,7 +835,11 @@ class Engine:
             self.correlation.group(rule, event, key, group, scope, now, batch,
                                    pending.commands)
         elif kind == "absent":
-            self.correlation.arm(rule, event, key, now)
+            # its absence fired already: this is the arming event delivered again (arming
+            # records nothing to recognise it by), and firing twice in one batch would make
+            # the store drop the first firing's run with the duplicate
+            if (event.source, f"{event.id}~absent") not in self._recent:
+                self.correlation.arm(rule, event, key, now)
             return False
         else:
             self.correlation.all(rule, event, key, scope, now, batch, pending.commands)
@@ -876,7 +912,19 @@ class Engine:
 
     async def _fire_absences(self, pending: _Pending) -> None:
         """Fire the absences due, each checked against the store first: another replica
-        may have re-armed, fired or disarmed it (its events went there)."""
+        may have re-armed, fired or disarmed it (its events went there). First, after a
+        batch the store partly rejected, correlation memory is read again from the store:
+        it had taken the rejected events in, whose rows were not written."""
+        if self.committer.rejections != self._rejections:
+            # the batches decided before (and their rows) are written first: read then,
+            # memory is the store's
+            await self.committer.caught_up(self._sealed)
+            try:
+                await self._load_correlation()
+                self._rejections = self.committer.rejections
+            except StoreError as exc:  # the next batch tries again
+                metrics.log.warning("cannot read correlation state after a rejected batch",
+                                    error=str(exc))
         due = self._absence_due()
         if due is None or due > 0:
             return

@@ -305,7 +305,7 @@ LIVE_STATUSES = "(" + ",".join(f"'{s}'" for s in sorted(LIVE)) + ")"
 # Decisions whose run the batch creates (the others only join or suppress).
 RUN_OUTCOMES = frozenset({"run_created", "queued", "restarted"})
 
-Mark = tuple[int, int, int, int, int, int]
+Mark = tuple[int, int, int, int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -326,6 +326,9 @@ class Batch:
     limits: dict[str, list[Limit]] = field(default_factory=dict)
     breakers: list[BreakerRecord] = field(default_factory=list)  # breakers to open
     breakers_closed: list[str] = field(default_factory=list)  # scopes closed (the API)
+    # kv writes made for one event (``put_kv``: correlation rows), in ``kv`` too and listed
+    # here in order, so that a part carries its own segment's and no other's
+    kv_marked: list[tuple[tuple[str, str], JSON]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.events or self.decisions or self.incidents or self.runs
@@ -346,23 +349,35 @@ class Batch:
                 if (d.source, d.event_id, d.rule) not in result.duplicates}
         return {i: inc for i, inc in self.incidents.items() if i in live}
 
+    def put_kv(self, key: tuple[str, str], value: JSON) -> None:
+        """A kv write of the segment being decided (``part`` carries it with that one)."""
+        self.kv[key] = value
+        self.kv_marked.append((key, value))
+
     def mark(self) -> Mark:
         """Where the records of the next event start (see ``part``)."""
         return (len(self.events), len(self.decisions), len(self.runs), len(self.run_updates),
-                len(self.timers_set), len(self.timers_cleared))
+                len(self.timers_set), len(self.timers_cleared), len(self.kv_marked))
 
     def part(self, start: Mark, end: Mark) -> Batch:
         """The records written between two marks, e.g. those of one event, so that a
         batch the store rejects can be split until the culprit is found. Incidents go
-        with the decisions that touched them."""
+        with the decisions that touched them; kv writes made with ``put_kv`` with their
+        segment (the latest of the segment), the others (the latest guard memory) with
+        every part."""
         decisions = self.decisions[start[1]:end[1]]
         ids = {d.incident_id for d in decisions}
+        kv = dict(self.kv)
+        if self.kv_marked:
+            for key, _ in self.kv_marked:
+                kv.pop(key, None)
+            kv.update(self.kv_marked[start[6]:end[6]])
         return Batch(
             self.events[start[0]:end[0]], decisions,
             {i: inc for i, inc in self.incidents.items() if i in ids},
             self.runs[start[2]:end[2]], self.run_updates[start[3]:end[3]],
             self.timers_set[start[4]:end[4]], self.timers_cleared[start[5]:end[5]],
-            dict(self.kv),  # the latest guard memory goes with every part
+            kv,
             {r.id: self.limits[r.id] for r in self.runs[start[2]:end[2]]
              if r.id in self.limits},
             list(self.breakers) if start[0] == 0 and start[1] == 0 else [],

@@ -8,14 +8,16 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from loopd.catalog.inventory import Inventory
-from loopd.decide.correlation import MEMBERS
-from loopd.events import Event
+from loopd.decide.correlation import MEMBERS, NAMESPACE
+from loopd.events import Delivery, Event
 from loopd.rules.loader import RuleSet
+from loopd.store.base import Batch, CommitResult, Store
+from tests.servers import wait_until
 from tests.unit.conftest import RulesFrom
 from tests.unit.test_engine import Running, decisions, event_time, reasons, running
 
@@ -350,3 +352,213 @@ async def test_a_match_held_back_on_another_replica_is_listed_and_decided_again(
     # decided again at a: it joins w2's host incident, which a2 opened and is still open
     assert (f"b2~after-{run.incident_id}", "joined") in outcome(db, "restart-host")
     assert ("b2", "suppressed") in outcome(db, "restart-host")
+
+
+async def test_after_a_restart_a_group_window_passes_at_its_oldest_member(
+        db: Path, group_rules: RuleSet) -> None:
+    """The rows come back in key order, but the group's window is armed at its oldest
+    member's last match: that member's row is forgotten when its window passes, not when
+    the first member in key order would leave."""
+    inv = inventory(front=["w1", "w2"])
+    t = 1_000_000.0
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(alert("a2", "w2", at=t), alert("a1", "w1", at=t + 50))
+    async with running(db, group_rules, inventory=inv, **event_time()) as r:
+        await r.feed(Event(id="tick", source="other", topic="tick", data={}, time=t + 130))
+        rows = [name for name, _ in await r.store.kv_scan(NAMESPACE)]
+    assert rows == ['["g","outage","front","w1"]']
+
+
+async def test_an_event_redelivered_after_its_absence_fired_is_no_second_decision(
+        db: Path, rules_from: RulesFrom) -> None:
+    """The event that armed an absence, delivered again after the absence fired (in the
+    same batch, its incident still open), fires nothing again: the one ``~absent``
+    decision keeps its run, and no second decision is made for it."""
+    t = 1_000_000.0
+    rules = rules_from(ABSENT)
+    async with running(db, rules, **event_time()) as r:
+        await r.feed(beat("b1", "h1", t), beat("x", "h3", t + 400), beat("b1", "h1", t),
+                     beat("y", "h3", t + 1000))
+    assert outcome(db, "heartbeat-missing") == [
+        ("b1~absent", "run_created"), ("x~absent", "run_created")]
+    assert [run.key for run in r.runs] == ["h1", "h3"]
+
+
+async def test_a_redelivered_event_that_armed_an_absence_fires_it_once(
+        db: Path, rules_from: RulesFrom) -> None:
+    """The event that armed an absence, delivered again after it fired (and after its
+    incident closed), is a duplicate: no second ``~absent`` decision and no second run."""
+    t = 1_000_000.0
+    rules = rules_from(ABSENT)
+    async with running(db, rules, **event_time()) as r:
+        await r.feed(beat("b1", "h1", t), beat("x", "h3", t + 400))
+        (run,) = r.runs
+        await r.close_incident_of(run)
+        await r.feed(beat("b1", "h1", t), beat("y", "h3", t + 1000))
+    assert outcome(db, "heartbeat-missing") == [
+        ("b1~absent", "run_created"), ("x~absent", "run_created")]
+    assert [run.key for run in r.runs] == ["h1", "h3"]
+
+
+def held_rows(rows: list[tuple[str, Any]]) -> list[str]:
+    """The kv keys of matches held back for another replica's group incident."""
+    return [name for name, _ in rows if name.startswith('["i",')]
+
+
+async def test_a_match_held_back_for_a_group_closed_before_its_holder_merged_it_is_released(
+        db: Path, group_rules: RuleSet) -> None:
+    """b holds back a member's host match for a's open group incident, and a closes the
+    incident before it merged b's row: the next replica to follow the store deletes the
+    row and decides the match again, as the close would have."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True
+        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
+        await b.engine.follow_timers()
+        await b.feed(alert("b2", "w2", at=t))
+        assert len(held_rows(await b.store.kv_scan(NAMESPACE))) == 1
+        (run,) = [r for r in a.runs if r.rule == "outage"]
+        await a.close_incident_of(run)  # a never merged b's row
+        await b.engine.follow_timers()
+        await b.engine.drain(timeout=10)
+        await a.engine.follow_timers()
+        await a.engine.drain(timeout=10)
+        left = held_rows(await a.store.kv_scan(NAMESPACE))
+    assert left == []
+    assert [e for e, _ in outcome(db, "restart-host")
+            if e.startswith("b2~after")] == [f"b2~after-{run.incident_id}"]
+
+
+async def test_a_foreign_group_gone_leaves_no_fingerprints_behind(
+        db: Path, group_rules: RuleSet) -> None:
+    """The alert fingerprints of matches b held back for a's group incident are forgotten
+    at b once the incident is no longer open."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True
+        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
+        await b.engine.follow_timers()
+        await b.feed(alert("b2", "w2", at=t))
+        assert b.engine.correlation._fingerprints
+        (run,) = [r for r in a.runs if r.rule == "outage"]
+        await a.engine.follow_timers()
+        await a.engine.drain(timeout=10)
+        await a.close_incident_of(run)
+        await b.engine.follow_timers()
+        assert not b.engine.correlation.foreign_groups
+        assert not b.engine.correlation._fingerprints
+
+
+@pytest.mark.parametrize("change", ["renamed", "disabled"])
+async def test_a_reload_that_takes_an_open_group_rule_away_decides_its_held_matches_again(
+        db: Path, rules_from: RulesFrom, change: str) -> None:
+    """A reload renames or disables a group rule whose incident is open: it inhibits
+    nothing any more, so its still-firing inhibited matches are decided again at the
+    reload, once (not again when the incident closes later)."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = time.time()
+    async with running(db, rules_from(GROUP), inventory=inv) as r:
+        await r.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3, 4)))
+        (run,) = [run for run in r.runs if run.rule == "outage"]
+        reloaded = (GROUP.replace("name: outage", "name: rack-outage") if change == "renamed"
+                    else GROUP.replace("    inhibits:", "    enabled: false\n    inhibits:"))
+        rules = rules_from(reloaded)
+        assert not rules.errors, rules.errors
+        r.engine.swap_rules(rules)
+        await r.engine.drain(timeout=10)
+        await r.close_incident_of(run)
+    again = [(e, o) for e, o in outcome(db, "restart-host") if "~after-" in e]
+    assert again == [(f"a3~after-{run.incident_id}", "run_created"),
+                     (f"a4~after-{run.incident_id}", "run_created")]
+
+
+async def test_a_member_whose_records_the_store_rejects_counts_nowhere(
+        db: Path, group_rules: RuleSet) -> None:
+    """One event of a batch carries data the store refuses: only that event gets an error
+    decision, its correlation rows go with it while the other member of the batch counts,
+    and memory is what was committed: the group opens with the committed members only."""
+    inv = inventory(front=["w1", "w2", "w3", "w4"])
+    t = time.time()
+    bad = alert("bad", "w2", at=float("nan"))  # its event row breaks NOT NULL
+    async with running(db, group_rules, inventory=inv) as r:
+        await r.feed(alert("a1", "w1", at=t), bad)
+        rows = [name for name, _ in await r.store.kv_scan(NAMESPACE)]
+        assert rows == ['["g","outage","front","w1"]']
+        await r.feed(alert("a3", "w3", at=t))
+        await r.feed(alert("a4", "w4", at=t))
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("bad", "error"),
+                                     ("a3", "suppressed"), ("a4", "run_created")]
+    (run,) = [run for run in r.runs if run.rule == "outage"]
+    assert [m["key"] for m in run.input["value"]] == ["w1", "w3", "w4"]
+
+
+async def test_the_event_that_armed_an_absence_delivered_again_does_not_move_it(
+        db: Path, rules_from: RulesFrom) -> None:
+    """A redelivery of the event that armed an absence (not fired yet) is no new event:
+    the timer stays due when the first delivery armed it, in memory and in the store."""
+    rules = rules_from(ABSENT)
+    slot = ("heartbeat-missing", "h1")
+    async with running(db, rules) as r:
+        await r.feed(beat("b1", "h1", time.time()))
+        due = r.engine.correlation.absences[slot].due
+        await r.feed(beat("b1", "h1", time.time()))
+        assert r.engine.correlation.absences[slot].due == due
+        (stored,) = [v for _, v in await r.store.kv_scan(NAMESPACE)]
+    assert stored["due"] == due
+
+
+class HeldStore:
+    """A store whose commit of a batch deciding ``event`` waits until ``go`` is set."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.holds: dict[str, asyncio.Event] = {}
+        self.waiting: set[str] = set()
+
+    def hold(self, event: str) -> asyncio.Event:
+        self.holds[event] = asyncio.Event()
+        return self.holds[event]
+
+    async def commit(self, batch: Batch) -> CommitResult:
+        for event in {d.event_id for d in batch.decisions} & set(self.holds):
+            self.waiting.add(event)
+            await self.holds[event].wait()
+            self.waiting.discard(event)
+        return await self.inner.commit(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_memory_read_again_after_a_rejection_keeps_the_batches_written_after_it(
+        db: Path, group_rules: RuleSet) -> None:
+    """Correlation memory read again from the store after a rejected batch waits for the
+    batches decided before it to be written: a member decided while the rejected batch
+    was being committed still counts."""
+    inv = inventory(front=["w1", "w2"], back=["w9", "w10", "w11"])
+    t = time.time()
+    bad = alert("bad", "w2", at=float("nan"))  # its event row breaks NOT NULL
+    async with running(db, group_rules, inventory=inv) as r:
+        held = HeldStore(r.store)
+        r.engine.store = cast(Store, held)
+        go_bad, go_b9 = held.hold("bad"), held.hold("b9")
+        for event in (alert("a1", "w1", at=t), bad):
+            await r.engine.emit(Delivery(event))
+        await wait_until(lambda: "bad" in held.waiting, what="the batch with bad committing")
+        await r.engine.emit(Delivery(alert("b9", "w9", at=t)))  # decided meanwhile
+        await wait_until(lambda: r.engine.queue.empty(), what="b9 decided")
+        go_bad.set()  # rejected; then the batch of b9 is committed, slowly
+        await wait_until(lambda: "b9" in held.waiting, what="the batch with b9 committing")
+        await r.engine.emit(Delivery(alert("b10", "w10", at=t)))
+        await wait_until(lambda: r.engine.committer.waiting or r.engine.queue.empty(),
+                         what="b10 taken")
+        go_b9.set()
+        await r.engine.drain(timeout=10)
+        await r.feed(alert("b11", "w11", at=t))
+    assert outcome(db, "outage") == [("a1", "suppressed"), ("bad", "error"),
+                                     ("b9", "suppressed"), ("b10", "suppressed"),
+                                     ("b11", "run_created")]
