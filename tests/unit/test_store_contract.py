@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from loopd.errors import StoreError
+from loopd.store import codec
 from loopd.store.base import (
     AuditQuery,
     AuditRecord,
@@ -286,6 +287,26 @@ async def test_a_batch_writes_and_deletes_kv_values_that_a_scan_lists(impl: Open
     await store.commit(Batch(kv={("corr", "a%_"): 1, ("corr", "ab"): 2}))
     assert await store.kv_scan("corr", prefix="a%") == [("a%_", 1)]
     assert await reopened.kv_get("corr", "c") is None
+
+
+async def test_a_lone_surrogate_in_a_kv_value_reads_back(impl: Opener) -> None:
+    """Text no UTF-8 can hold (a lone surrogate, e.g. out of a template) is stored as
+    U+FFFD in its place, by every store alike, and reads back by kv_get and kv_scan after
+    a reopen: a value stored once must never make a read (the correlation load at a
+    restart) fail, nor the batch that carries it."""
+    store = await impl()
+    value = {"event": {"data": {"msg": "half \ud800 of a pair"}}, "n": 1}
+    await store.commit(Batch(kv={("corr", "g"): value}))
+    await store.kv_put("netdev", "sw-1", {"config": "\udfff"})
+    reopened = await impl()
+    assert await reopened.kv_scan("corr") == [
+        ("g", {"event": {"data": {"msg": "half \ufffd of a pair"}}, "n": 1})]
+    assert await reopened.kv_get("netdev", "sw-1") == {"config": "\ufffd"}
+
+
+def test_a_file_written_with_an_escaped_lone_surrogate_reads_back() -> None:
+    """What an earlier dump wrote (the escape orjson refuses) is read by the fallback."""
+    assert codec.load(b'{"x": "\\ud800"}') == {"x": "\ud800"}
 
 
 async def test_the_schema_version_is_recorded(tmp_path: Path) -> None:
