@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -50,6 +51,7 @@ from loopd import metrics
 from loopd.config import KafkaSourceConfig, expand_replica
 from loopd.errors import EventError, SourceError
 from loopd.events import (
+    NONE,
     Event,
     OwnAck,
     decode_object,
@@ -280,6 +282,7 @@ class KafkaSource:
         self._timeout = config.request_timeout
         # the dead-letter producer carries a record up to max_payload whole, with headers
         self._max_request = max(1024 * 1024, config.max_payload + _HEADER_ROOM)
+        self._max_payload = config.max_payload
 
     @property
     def connected(self) -> bool:
@@ -413,7 +416,33 @@ class KafkaSource:
 
     def _decode(self, record: Any) -> Event | EventError:
         """The record's event, or why it cannot be one (synchronous: most records need
-        no await, and a coroutine per record was a measurable part of its cost)."""
+        no await, and a coroutine per record was a measurable part of its cost).
+
+        The common record, a JSON object that is the event's data itself (no envelope),
+        small and shallow enough, is built here in one step: the same Event as
+        ``_decode_any`` makes of it, without its checks and calls (a quarter of the
+        consumer's time went to decoding). Anything else goes the general way."""
+        payload: bytes = record.value or b""
+        if len(payload) <= self._max_payload and shallow_bytes(payload):
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                return self._decode_any(record)  # which says why
+            if type(obj) is dict and type(obj.get("data")) is not dict:
+                topic, partition, offset = record.topic, record.partition, record.offset
+                key, stamp, headers = record.key, record.timestamp, record.headers
+                return Event(
+                    f"{topic}:{partition}:{offset}", self.name, topic, obj,
+                    key.decode(errors="replace") if key is not None else None,
+                    stamp / 1000.0 if stamp is not None and stamp >= 0 else time.time(),
+                    {k: v.decode(errors="replace") for k, v in headers if v is not None}
+                    if headers else NONE,
+                    NONE, f"kafka {topic}[{partition}]@{offset}")
+        return self._decode_any(record)
+
+    def _decode_any(self, record: Any) -> Event | EventError:
+        """``_decode`` of any record: an envelope, a payload too large or too deep, bytes
+        that are no JSON object."""
         topic, partition, offset = record.topic, record.partition, record.offset
         origin = f"kafka {topic}[{partition}]@{offset}"
         payload: bytes = record.value or b""
