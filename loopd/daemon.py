@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -39,6 +38,7 @@ from loopd.cluster import Cluster
 from loopd.config import LoopdConfig
 from loopd.control import Control, ReloadResult
 from loopd.errors import StoreError
+from loopd.events import Delivery
 from loopd.packs.registry import PackRegistry
 from loopd.rules.loader import RuleSet
 from loopd.runs import states
@@ -68,6 +68,26 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
 
+class _Emit:
+    """What the sources hand their deliveries to (loopd.sources.base: ``emit`` and its
+    ``offer``): the engine, until the daemon shuts down."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    async def __call__(self, delivery: Delivery) -> None:
+        daemon = self._daemon
+        if daemon._holding:
+            # Shutting down: the delivery stays unacknowledged (Kafka redelivers it) while
+            # the engine finishes what it has; the source's close() cancels this wait.
+            await asyncio.Event().wait()
+        await daemon.engine.emit(delivery)
+
+    def offer(self, deliveries: list[Delivery], start: int) -> int:
+        daemon = self._daemon
+        return 0 if daemon._holding else daemon.engine.offer(deliveries, start)
+
+
 class Daemon:
     """loopd as a process: what loopd.wiring built, started in order, stopped in reverse."""
 
@@ -95,7 +115,8 @@ class Daemon:
                                approvals=parts.runs.approvals, store=self.store,
                                registry=lambda: self.registry, reload=self.reload,
                                sources=self.sources, stall_after=config.engine.stall_after)
-        self.supervisors = [Supervisor(s, self._emit) for s in self.sources.values()]
+        emit = _Emit(self)
+        self.supervisors = [Supervisor(s, emit) for s in self.sources.values()]
         self.dispatcher.on_lost = self.engine.forget_run
         for source in self.sources.values():  # keys moved here: their for: timers too
             source.on_assigned = self.engine.refresh_timers
@@ -123,12 +144,6 @@ class Daemon:
     def registry(self, registry: PackRegistry) -> None:  # reload: workflows see it at once
         self.loopd.registry = registry
 
-    async def _emit(self, delivery: Any) -> None:
-        if self._holding:
-            # Shutting down: the delivery stays unacknowledged (Kafka redelivers it) while
-            # the engine finishes what it has; the source's close() cancels this wait.
-            await asyncio.Event().wait()
-        await self.engine.emit(delivery)
 
     def _report_load(self, ruleset: RuleSet) -> None:
         for err in [*self.registry.errors, *ruleset.errors]:

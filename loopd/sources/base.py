@@ -10,7 +10,9 @@ run under the ``Supervisor`` below):
   the message's ``topic`` and ``key`` (None when it has none), ``time`` in
   epoch seconds (float), ``data`` a dict, and ``origin`` naming where the
   message came from. ``emit`` blocks while the engine's queue is full: that
-  is the backpressure, a source must not buffer around it.
+  is the backpressure, a source must not buffer around it. A source that reads
+  messages in batches (kafka) may hand a batch over with ``offer_of(emit)`` first:
+  what fits is handed over at once, in order, and ``emit`` waits for the rest.
 * The engine calls ``ack()`` once the decision about the event is durable;
   a second call changes nothing. A message counts as consumed only then:
   - kafka: offsets are committed up to the first unacked record, so an
@@ -63,6 +65,17 @@ from loopd.events import Delivery
 log = structlog.get_logger("loopd.sources")
 
 Emit = Callable[[Delivery], Awaitable[None]]
+# ``emit.offer(deliveries, start)``, where the emit has it (the daemon's does): hand over
+# at once, without waiting, as many of ``deliveries[start:]`` as the engine's queue has
+# room for, in order; how many. A source holding a batch calls it first and ``emit``
+# for the next one when it returned short (that await is the backpressure).
+Offer = Callable[[list[Delivery], int], int]
+
+
+def offer_of(emit: Emit) -> Offer | None:
+    """The ``offer`` of ``emit``, None when it has none (a test's ``queue.put``)."""
+    offer: Offer | None = getattr(emit, "offer", None)
+    return offer
 # awaited when the broker gives this replica a share of the stream it did not have
 OnAssigned = Callable[[], Awaitable[None]]
 

@@ -52,13 +52,14 @@ from loopd.config import KafkaSourceConfig, expand_replica
 from loopd.errors import EventError, SourceError
 from loopd.events import (
     NONE,
+    Delivery,
     Event,
     OwnAck,
     decode_object,
     event_from_object,
     shallow_bytes,
 )
-from loopd.sources.base import Emit, OnAssigned, replica_name
+from loopd.sources.base import Emit, OnAssigned, offer_of, replica_name
 
 log = structlog.get_logger("loopd.kafka")
 
@@ -373,7 +374,7 @@ class KafkaSource:
     async def _consume(
         self, session: _Session, producer: AIOKafkaProducer | None, emit: Emit
     ) -> None:
-        name = self.name
+        name, offer = self.name, offer_of(emit)
         while True:
             # no timeout needed: getmany returns after timeout_ms with whatever it has
             batches = await session.consumer.getmany(timeout_ms=500, max_records=_MAX_RECORDS)
@@ -393,13 +394,24 @@ class KafkaSource:
                     if producer is not None:
                         await self._dead_letter(producer, record, event)
                     chunk.ack(record.offset)  # rejected (and dead-lettered): nothing to decide
-                for event, offset in events:
+                deliveries: list[Delivery] = [_Record(event, chunk, offset)
+                                              for event, offset in events]
+                handed = 0
+                while handed < len(deliveries):
                     if session.generation != generation:
                         break  # a rebalance while we emitted: the owner refetches from the commit
-                    # counted as handed over (a blocked emit shows as nothing more received)
+                    if offer is not None:  # what fits, at once
+                        n = offer(deliveries, handed)
+                        if n:
+                            # counted as handed over (a blocked emit shows as nothing more
+                            # received)
+                            metrics.event_received(name, n)
+                            handed += n
+                            continue
                     metrics.event_received(name)
                     # blocks while the engine's queue is full: that is the backpressure
-                    await emit(_Record(event, chunk, offset))
+                    await emit(deliveries[handed])
+                    handed += 1
             # aiokafka hands out buffered records without suspending: yield once per fetch,
             # so runs ending and the engine's writer never wait for a backlog to drain
             await asyncio.sleep(0)

@@ -180,6 +180,32 @@ async def test_duplicates_and_unmatched_events_are_still_acknowledged(
         assert await r.store.get_event("elsewhere", "x") is None  # nothing to remember
 
 
+async def test_offer_hands_over_what_fits_in_order_and_emit_waits_for_the_rest(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """``offer`` hands over at once (no await) as many deliveries as the queue has room
+    for, in order, from ``start``; none while it is full, where ``emit`` waits; each is
+    decided and acked once."""
+    acks: list[str] = []
+    deliveries = [Delivery(ev(f"e{i}", value=97), functools.partial(acks.append, f"e{i}"))
+                  for i in range(8)]
+    async with running(db, rules_from(SIMPLE), queue_size=3) as r:
+        engine = r.engine
+        assert engine.offer(deliveries, 0) == 3  # no await between: the decider took none
+        assert engine.offer(deliveries, 3) == 0  # full
+        await engine.emit(deliveries[3])  # waits for room
+        handed = 4
+        while handed < len(deliveries):
+            handed += engine.offer(deliveries, handed)
+            if handed < len(deliveries):
+                await engine.emit(deliveries[handed])
+                handed += 1
+        assert engine.offer(deliveries, len(deliveries)) == 0  # nothing left to hand over
+        await engine.drain(timeout=10)
+    assert acks == [f"e{i}" for i in range(8)]  # in the order handed over, once each
+    assert sorted(d[0] for d in decisions(db)) == [f"e{i}" for i in range(8)]
+
+
 FOR_RULE = """
 rules:
   - name: hot-cpu
