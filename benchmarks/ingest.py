@@ -44,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import correlation
 from benchmarks.common import ROOT, alerts, emit, machine, percentile, rss_mb, write_rules
+from loopd.cli import run_loop
 from loopd.config import load_config
-from loopd.daemon import Daemon
+from loopd.daemon import Daemon, tune_gc
 from loopd.events import Delivery, Event
 from loopd.sources.webhook import alertmanager_events
 from loopd.store.sqlite import SqliteStore
@@ -95,7 +96,12 @@ async def inproc(rules: int, events: int, folder: Path,
         # windows and absence timers run on (runs keep the wall clock: they only end)
         daemon.engine.clock = clock
     ready = asyncio.Event()
-    runner = asyncio.create_task(daemon.run(on_ready=lambda _: ready.set()))
+
+    def up(_: object) -> None:  # as `loopd run` does once it is ready
+        tune_gc()
+        ready.set()
+
+    runner = asyncio.create_task(daemon.run(on_ready=up))
     await ready.wait()
     engine = daemon.engine
     acked = 0
@@ -303,8 +309,8 @@ def one(mode: str, rules: int, events: int, variant: str | None = None) -> None:
     logs.configure("json", "warning")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        if mode == "inproc":
-            result = asyncio.run(inproc(rules, events, folder, variant))
+        if mode == "inproc":  # on the loop `loopd run` runs on (uvloop when installed)
+            result = run_loop(inproc(rules, events, folder, variant))
         elif mode == "http":
             from benchmarks.http_mode import http
             result = asyncio.run(http(rules, events, folder))

@@ -171,7 +171,7 @@ def demo(path: Path, listen: str | None, exit_when_done: bool) -> int:
         logs.configure("json", config.log.level)
         structlog.configure(logger_factory=structlog.PrintLoggerFactory(log))
         try:
-            return _run_loop(run_demo(config, state, exit_when_done=exit_when_done))
+            return run_loop(run_demo(config, state, exit_when_done=exit_when_done))
         except KeyboardInterrupt:  # before the daemon took over Ctrl-C: as loopd run does
             print("\nloopd demo: stopped.", file=sys.stderr)
             return EXIT_OK
@@ -205,7 +205,7 @@ def run(path: Path, listen: str | None) -> int:
         daemon.exit_hard_after_shutdown_budget()
         # this process is the daemon alone: once it is up, what start-up built lives for
         # good and the collector stops rescanning it (not for a daemon in a test process)
-        _run_loop(daemon.run(on_ready=lambda _: tune_gc()))
+        run_loop(daemon.run(on_ready=lambda _: tune_gc()))
     except (StoreError, ConfigError) as exc:  # ConfigError: e.g. an API token's reference
         print(f"loopd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -217,8 +217,9 @@ def run(path: Path, listen: str | None) -> int:
     return EXIT_OK
 
 
-def _run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run on uvloop when it is installed (the `fast` extra)."""
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop when it is installed (the `fast` extra): how loopd's
+    commands run (the in-process benchmark too)."""
     try:
         import uvloop
     except ImportError:
@@ -328,7 +329,7 @@ def simulate(args: argparse.Namespace) -> int:
         if not args.no_progress and sys.stderr.isatty():
             progress = Progress(meter, sum(f.path.stat().st_size for f in files))
         try:
-            report = _run_to_end(run_simulation(config, files, csv_source=args.csv_source,
+            report = run_loop(run_simulation(config, files, csv_source=args.csv_source,
                                                 first_runs=args.runs, meter=meter,
                                                 progress=progress))
         finally:
@@ -363,13 +364,6 @@ def simulate(args: argparse.Namespace) -> int:
     return print_to_pipe(report.render())
 
 
-def _run_to_end(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
 
 
 if __name__ == "__main__":
