@@ -103,9 +103,10 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
                 began = time.perf_counter() - 0.05  # the first poll is up to 100 ms late
                 cpu = _cpu_s(daemon.pid)
                 del first
-                done = await _until(http, port, lambda m: _decided(m) >= events)
+                await _until(http, port, lambda m: _decided(m) >= events)
                 elapsed = time.perf_counter() - began
                 cpu = _cpu_s(daemon.pid) - cpu
+                done = await _samples(http, port)  # every sample, once the run is over
             matched = int(sum(v for k, v in done.items()
                               if k.startswith("loopd_rule_matches_total")))
             rss = _peak_rss_mb(daemon.pid)
@@ -136,20 +137,28 @@ def _decided(metrics: dict[str, float]) -> float:
     return metrics.get("loopd_event_decision_seconds_count", 0)
 
 
+async def _samples(http: aiohttp.ClientSession, port: int,
+                   params: list[tuple[str, str]] | None = None) -> dict[str, float]:
+    """The samples of ``/metrics`` (``params``: only those named), empty while it cannot
+    be read."""
+    try:
+        async with http.get(f"http://127.0.0.1:{port}/metrics", params=params) as resp:
+            text = await resp.text()
+    except aiohttp.ClientError:
+        text = ""
+    sample = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            sample[name] = float(value)
+    return sample
+
+
 async def _until(http: aiohttp.ClientSession, port: int,
                  done: Callable[[dict[str, float]], bool]) -> dict[str, float]:
     deadline = time.monotonic() + 600
     while True:
-        try:
-            async with http.get(f"http://127.0.0.1:{port}/metrics", params=_PROBE) as resp:
-                text = await resp.text()
-        except aiohttp.ClientError:
-            text = ""
-        sample = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                sample[name] = float(value)
+        sample = await _samples(http, port, _PROBE)
         if done(sample):
             return sample
         if time.monotonic() > deadline:

@@ -28,8 +28,12 @@ class Committer:
         # committed (correlation state) is read again from the store (Engine._fire_absences)
         self.rejections = 0
         self._found = 0  # events rejected by the commit under way
+        # (source, id) of the events rejected, until the engine has taken them out of its
+        # memory (it removes them then)
+        self.rejected: set[tuple[str, str]] = set()
         self.commits = 0  # calls of commit that returned (the engine waits for its own)
         self.waiting = False  # someone waits in caught_up
+        self.catch_up_timeout = 60.0
         self._committed = asyncio.Event()
 
     async def commit(self, batch: Batch, marks: list[Mark], events: list[Event | None]
@@ -55,19 +59,27 @@ class Committer:
         self._committed.set()
         return result
 
-    async def caught_up(self, commits: int, timeout: float = 60.0) -> None:
-        """Wait until ``commits`` calls of ``commit`` returned (at most ``timeout``)."""
+    async def caught_up(self, commits: int) -> bool:
+        """Wait until ``commits`` calls of ``commit`` returned; False when they had not
+        after ``catch_up_timeout`` (the store is slow or down: the caller tries later)."""
         self.waiting = True
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self.catch_up_timeout):
                 while self.commits < commits:
                     self._committed.clear()
                     await self._committed.wait()
+            return True
         except TimeoutError:
             metrics.log.warning("the batches in flight were not written in time",
                                 written=self.commits, wanted=commits)
+            return False
         finally:
             self.waiting = False
+
+    async def write(self, batch: Batch) -> CommitResult:
+        """Commit ``batch`` whole, retried while the store is down (StoreRejected when
+        the store refuses it)."""
+        return await self._part(batch)
 
     async def _part(self, batch: Batch) -> CommitResult:
         delay = 0.05
@@ -114,6 +126,8 @@ class Committer:
         and the counter do), and the event is acknowledged so it cannot wedge the stream."""
         result.skipped_runs |= {r.id for r in part.runs}
         self._found += 1
+        if event is not None:
+            self.rejected.add((event.source, event.id))
         source = event.source if event is not None else "loopd"
         metrics.event_rejected(
             source, "store_rejected", error,

@@ -525,6 +525,30 @@ class Correlation:
                 batch.kv[(MEMBERS, incident)] = members_row(group)
             self._dirty = {}
 
+    def forget(self, events: set[tuple[str, str]]) -> Batch:
+        """The store rejected ``events`` (source, id): they count nowhere. Their rows were
+        not written, but the members rows of group incidents are written with every part
+        of a batch, and held the matches they made: the rows of the groups they touched,
+        without those, to write before memory is read again from the store (a held-back
+        match whose last event was rejected is dropped with it)."""
+
+        def rejected(event: JSON) -> bool:
+            return isinstance(event, dict) and (event.get("source"), event.get("id")) in events
+
+        batch = Batch()
+        for group in self.groups.values():
+            if group.incident is None or group.foreign:
+                continue
+            gone = [slot for slot, seen in group.inhibited.items() if rejected(seen.event)]
+            left = [key for key, member in group.members.items() if rejected(member.event)]
+            for slot in gone:
+                del group.inhibited[slot]
+            for key in left:
+                del group.members[key]
+            if gone or left:
+                batch.kv[(MEMBERS, group.incident)] = members_row(group)
+        return batch
+
     def sweep(self, now: float) -> None:
         """Forget groups and partial matches whose window passed (their rows too)."""
         size = (len(self.groups), len(self.absences), len(self.partials))

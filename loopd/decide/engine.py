@@ -55,7 +55,7 @@ from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
 from loopd.decide.suppressions import SuppressionLog
 from loopd.decide.timers import ForTimers
-from loopd.errors import ConditionError, StoreError
+from loopd.errors import ConditionError, StoreError, StoreRejected
 from loopd.events import Delivery, Event
 from loopd.messages import Outbox, RunCommand, RunEnded, StartRun
 from loopd.policy import GlobalGuards, RuleGuards
@@ -928,21 +928,36 @@ class Engine:
             return None
         return max(due - self.clock.now(), self._absence_retry - time.monotonic())
 
+    async def _read_correlation_again(self) -> None:
+        """After a rejection: the members rows without the rejected events' matches, then
+        all correlation memory from the store."""
+        committer = self.committer
+        rejections, rejected = committer.rejections, set(committer.rejected)
+        try:
+            rows = self.correlation.forget(rejected)
+            if rows:
+                try:
+                    await committer.write(rows)
+                except StoreRejected as exc:  # what is read back still has them
+                    metrics.log.warning("cannot write the members rows without the rejected "
+                                        "events", error=str(exc))
+            await self._load_correlation()
+            self._rejections = rejections
+            committer.rejected -= rejected
+        except StoreError as exc:  # the next batch tries again
+            metrics.log.warning("cannot read correlation state after a rejected batch",
+                                error=str(exc))
+
     async def _fire_absences(self, pending: _Pending) -> None:
         """Fire the absences due, each checked against the store first: another replica
         may have re-armed, fired or disarmed it (its events went there). First, after a
         batch the store partly rejected, correlation memory is read again from the store:
         it had taken the rejected events in, whose rows were not written."""
-        if self.committer.rejections != self._rejections:
-            # the batches decided before (and their rows) are written first: read then,
-            # memory is the store's
-            await self.committer.caught_up(self._sealed)
-            try:
-                await self._load_correlation()
-                self._rejections = self.committer.rejections
-            except StoreError as exc:  # the next batch tries again
-                metrics.log.warning("cannot read correlation state after a rejected batch",
-                                    error=str(exc))
+        # the batches decided before (and their rows) are written first: read then, memory
+        # is the store's (not yet written: the next batch tries again)
+        if self.committer.rejections != self._rejections \
+                and await self.committer.caught_up(self._sealed):
+            await self._read_correlation_again()
         due = self._absence_due()
         if due is None or due > 0:
             return

@@ -562,3 +562,57 @@ async def test_memory_read_again_after_a_rejection_keeps_the_batches_written_aft
     assert outcome(db, "outage") == [("a1", "suppressed"), ("bad", "error"),
                                      ("b9", "suppressed"), ("b10", "suppressed"),
                                      ("b11", "run_created")]
+
+
+async def test_a_rejected_event_held_back_by_a_group_is_not_decided_again_at_its_close(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """The members row of a group incident is written with every part of a batch: the
+    matches a rejected event made in it (held back, a member) are taken out before
+    memory is read again, so the rejected event counts nowhere, also not at the close."""
+    rules = rules_from(GROUP)
+    inv = inventory(front=["w1", "w2", "w3", "w4"], back=["w9"])
+    t = time.time()
+    async with running(db, rules, inventory=inv) as r:
+        await r.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
+        (run,) = [x for x in r.runs if x.rule == "outage"]
+        bad = alert("bad", "w4", at=float("nan"))  # its event row breaks NOT NULL
+        await r.feed(alert("g9", "w9", at=t), bad)  # one batch: a good part, a rejected one
+        assert ("bad", "error") in outcome(db, "restart-host")
+        await r.feed(alert("g10", "w9", at=t))  # the next batch reads memory again
+        row = await r.store.kv_get(MEMBERS, run.incident_id or "")
+        assert [i["event_id"] for i in row["inhibited"]] == ["a3"]
+        assert "w4" not in [m["key"] for m in row["members"]]
+        await r.close_incident_of(run)
+    again = [(e, o) for e, o in outcome(db, "restart-host") if "~after-" in e]
+    assert again == [(f"a3~after-{run.incident_id}", "run_created")]
+
+
+async def test_memory_is_not_read_again_while_the_batches_before_it_are_not_written(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """After a rejection, memory is read from the store once the batches decided before
+    are written; while one is not (the store stalls writes past the wait), the next batch
+    tries again, so what that batch wrote is never lost from memory."""
+    rules = rules_from(GROUP)
+    inv = inventory(front=["w1", "w2"], back=["w9", "w10", "w11"])
+    t = time.time()
+    bad = alert("bad", "w2", at=float("nan"))
+    async with running(db, rules, inventory=inv) as r:
+        r.engine.committer.catch_up_timeout = 0.3  # stands for the 60 s of a stalled store
+        held = HeldStore(r.store)
+        r.engine.store = cast(Store, held)
+        go_bad, go_b9 = held.hold("bad"), held.hold("b9")
+        for event in (alert("a1", "w1", at=t), bad):
+            await r.engine.emit(Delivery(event))
+        await wait_until(lambda: "bad" in held.waiting, what="bad committing")
+        await r.engine.emit(Delivery(alert("b9", "w9", at=t)))
+        await wait_until(lambda: r.engine.queue.empty(), what="b9 decided")
+        go_bad.set()
+        await wait_until(lambda: "b9" in held.waiting, what="b9 committing")
+        await r.engine.emit(Delivery(alert("b10", "w10", at=t)))
+        await asyncio.sleep(1.0)  # longer than the wait: b9 is not written yet
+        go_b9.set()
+        await r.engine.drain(timeout=10)
+        await r.feed(alert("b11", "w11", at=t))  # the third member of back: it opens
+    assert ("b11", "run_created") in outcome(db, "outage")
