@@ -68,6 +68,7 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
 
+
 class _Emit:
     """What the sources hand their deliveries to (loopd.sources.base: ``emit`` and its
     ``offer``): the engine, until the daemon shuts down."""
@@ -143,7 +144,6 @@ class Daemon:
     @registry.setter
     def registry(self, registry: PackRegistry) -> None:  # reload: workflows see it at once
         self.loopd.registry = registry
-
 
     def _report_load(self, ruleset: RuleSet) -> None:
         for err in [*self.registry.errors, *ruleset.errors]:

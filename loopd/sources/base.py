@@ -76,6 +76,8 @@ def offer_of(emit: Emit) -> Offer | None:
     """The ``offer`` of ``emit``, None when it has none (a test's ``queue.put``)."""
     offer: Offer | None = getattr(emit, "offer", None)
     return offer
+
+
 # awaited when the broker gives this replica a share of the stream it did not have
 OnAssigned = Callable[[], Awaitable[None]]
 

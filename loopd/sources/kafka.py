@@ -383,19 +383,17 @@ class KafkaSource:
                 if not records or not await self._ready(session, tp, generation):
                     continue  # fetched for an assignment that is gone: refetched if ours
                 chunk = session.track(tp, records)
-                events = []
+                deliveries: list[Delivery] = []
                 for record in records:
                     event = self._decode(record)
                     if isinstance(event, Event):
-                        events.append((event, record.offset))
+                        deliveries.append(_Record(event, chunk, record.offset))
                         continue
                     metrics.event_rejected(name, event.reason, event, topic=record.topic,
                                            partition=record.partition, offset=record.offset)
                     if producer is not None:
                         await self._dead_letter(producer, record, event)
                     chunk.ack(record.offset)  # rejected (and dead-lettered): nothing to decide
-                deliveries: list[Delivery] = [_Record(event, chunk, offset)
-                                              for event, offset in events]
                 handed = 0
                 while handed < len(deliveries):
                     if session.generation != generation:
