@@ -39,7 +39,7 @@ from loopd.api.app import CTX, error, json_response
 from loopd.api.limits import INGEST_GATE, IngestGate, closing, read_capped, refuse
 from loopd.api.principal import principal
 from loopd.errors import DecodeError, EventError
-from loopd.events import JSON, Delivery, Event, OwnAck
+from loopd.events import JSON, Delivery, Event, OwnAck, shallow_bytes
 from loopd.sources.webhook import alertmanager_events, generic_events
 
 Parser = Callable[..., list[Event | DecodeError]]
@@ -89,7 +89,8 @@ async def _decide(request: web.Request, name: str, route: str, parser: Parser
         metrics.event_rejected(name, "decode", exc, origin=origin)
         return error(400, f"{origin}: malformed JSON: {exc}")
     try:
-        items = parser(parsed, source=name, origin=origin)
+        # a body with few brackets cannot nest too deep: no value of it is walked to tell
+        items = parser(parsed, source=name, origin=origin, shallow=shallow_bytes(body))
     except EventError as exc:
         metrics.event_rejected(name, exc.reason, exc, origin=origin)
         return error(400, str(exc))

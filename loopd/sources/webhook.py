@@ -46,12 +46,14 @@ def _check_size(body: bytes, max_payload: int, origin: str) -> None:
             f"payload of {len(body)} bytes exceeds max_payload {max_payload}", origin=origin)
 
 
-def generic_events(body: JSON, *, source: str, origin: str) -> list[Event | DecodeError]:
+def generic_events(body: JSON, *, source: str, origin: str, shallow: bool = False
+                   ) -> list[Event | DecodeError]:
     """One event per object: a single object or a list of them (each checked alone).
 
     The one check of a generic event, for ``POST /v1/events`` and ``loopd simulate``
     alike: an object with a string ``topic`` and an object ``data`` (a bare payload is
-    refused here, unlike on a broker topic, where the topic comes from the broker)."""
+    refused here, unlike on a broker topic, where the topic comes from the broker).
+    ``shallow``: the body is known not to nest too deep (``events.shallow_bytes``)."""
     items = body if isinstance(body, list) else [body]
     out: list[Event | DecodeError] = []
     for index, item in enumerate(items):
@@ -65,7 +67,8 @@ def generic_events(body: JSON, *, source: str, origin: str) -> list[Event | Deco
             if not topic.strip():
                 raise DecodeError("field 'topic' must not be empty", origin=where)
             _require(item, "data", dict, where, "an object")
-            out.append(event_from_object(item, source=source, topic=topic, origin=where))
+            out.append(event_from_object(item, source=source, topic=topic, origin=where,
+                                         shallow=shallow))
         except DecodeError as exc:
             out.append(exc)
     return out
@@ -81,7 +84,7 @@ def _require(obj: dict[str, Any], name: str, kind: type, where: str,
     return value
 
 
-def alertmanager_events(body: JSON, *, source: str, origin: str
+def alertmanager_events(body: JSON, *, source: str, origin: str, shallow: bool = False
                         ) -> list[Event | DecodeError]:
     """One event per alert of an Alertmanager webhook payload (version 4).
 
@@ -89,7 +92,8 @@ def alertmanager_events(body: JSON, *, source: str, origin: str
     endsAt, generatorURL, fingerprint) plus the group fields (receiver,
     groupKey, groupLabels, commonLabels, commonAnnotations, externalURL). Its
     id is fingerprint + startsAt + status, so a repeated notification of the
-    same alert state is recognised as a duplicate.
+    same alert state is recognised as a duplicate. ``shallow``: the body is known not
+    to nest too deep (``events.shallow_bytes`` of its bytes), so no value is walked.
     """
     if not isinstance(body, dict):
         raise DecodeError(f"expected an Alertmanager payload object, got {type(body).__name__}",
@@ -100,21 +104,24 @@ def alertmanager_events(body: JSON, *, source: str, origin: str
                           origin=origin)
     alerts = _require(body, "alerts", list, origin)
     group = {k: body.get(k) for k in _GROUP_FIELDS if k in body}
-    check_depth(group, origin=origin)
+    if not shallow:
+        check_depth(group, origin=origin)
     out: list[Event | DecodeError] = []
     for index, alert in enumerate(alerts):
         where = f"{origin} alerts[{index}]"
         try:
-            out.append(_alert_event(alert, group, source, where))
+            out.append(_alert_event(alert, group, source, where, shallow))
         except DecodeError as exc:
             out.append(exc)
     return out
 
 
-def _alert_event(alert: Any, group: dict[str, Any], source: str, where: str) -> Event:
+def _alert_event(alert: Any, group: dict[str, Any], source: str, where: str,
+                 shallow: bool) -> Event:
     if not isinstance(alert, dict):
         raise DecodeError(f"an alert must be an object, got {type(alert).__name__}", origin=where)
-    check_depth(alert, origin=where)
+    if not shallow:
+        check_depth(alert, origin=where)
     status = _require(alert, "status", str, where)
     if status not in ("firing", "resolved"):
         raise DecodeError(f"status must be firing or resolved, got {status!r}", origin=where)

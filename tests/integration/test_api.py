@@ -328,6 +328,30 @@ async def test_alert_fields_of_the_wrong_type_are_named(
     assert body["errors"][0].endswith(f"alerts[0]: {message}")
 
 
+@pytest.mark.parametrize("where", ["alert", "group"])
+async def test_an_alertmanager_payload_nested_too_deep_names_where(
+    api: Api, where: str,
+) -> None:
+    """A payload with enough brackets to nest too deep is walked: an alert nested 100
+    levels deep is rejected with its index and the others decided; group fields nested
+    that deep refuse the whole payload (every alert carries them)."""
+    payload = copy.deepcopy(ALERTMANAGER)
+    deep: Any = 1
+    for _ in range(99):
+        deep = {"a": deep}
+    if where == "alert":
+        payload["alerts"][1]["annotations"]["deep"] = deep
+        status, body = await api.post("/v1/alertmanager", payload)
+        assert status == 400
+        assert body["accepted"] == 2
+        assert body["errors"][0].endswith("alerts[1]: nested 101 levels deep (limit 64)")
+    else:
+        payload["commonLabels"] = {"deep": deep}
+        status, body = await api.post("/v1/alertmanager", payload)
+        assert status == 400
+        assert body["error"].endswith("/v1/alertmanager: nested 101 levels deep (limit 64)")
+
+
 @pytest.mark.parametrize("path, limit", [("/v1/alertmanager", 16 * 1024),
                                          ("/v1/events", 4 * 1024)])
 async def test_a_payload_over_max_payload_is_refused_with_413(
