@@ -330,8 +330,8 @@ def simulate(args: argparse.Namespace) -> int:
             progress = Progress(meter, sum(f.path.stat().st_size for f in files))
         try:
             report = run_loop(run_simulation(config, files, csv_source=args.csv_source,
-                                                first_runs=args.runs, meter=meter,
-                                                progress=progress))
+                                             first_runs=args.runs, meter=meter,
+                                             progress=progress))
         finally:
             if progress is not None:
                 progress.close()

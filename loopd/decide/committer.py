@@ -25,7 +25,8 @@ class Committer:
         self.store = store
         self.ok = True  # False while commits fail for a reason other than a bad record
         # batches in which the store rejected some event: memory that ran ahead of what was
-        # committed (correlation state) is read again from the store (Engine._fire_absences)
+        # committed (correlation state) is read again from the store
+        # (Engine._caught_up_after_rejection)
         self.rejections = 0
         self._found = 0  # events rejected by the commit under way
         # (source, id) of the events rejected, until the engine has taken them out of its
@@ -44,7 +45,7 @@ class Committer:
         store rejects is split until the segments it refuses are found, and only their
         events are rejected."""
         try:
-            result = await self._part(batch)
+            result = await self.write(batch)
         except StoreRejected as exc:
             if len(events) > 2:
                 metrics.log.warning("store rejected a batch; finding the culprit",
@@ -79,9 +80,6 @@ class Committer:
     async def write(self, batch: Batch) -> CommitResult:
         """Commit ``batch`` whole, retried while the store is down (StoreRejected when
         the store refuses it)."""
-        return await self._part(batch)
-
-    async def _part(self, batch: Batch) -> CommitResult:
         delay = 0.05
         while True:
             try:
@@ -108,7 +106,7 @@ class Committer:
             return
         if not failed:
             try:
-                result.merge(await self._part(part))
+                result.merge(await self.write(part))
                 return
             except StoreRejected as exc:
                 error = exc
@@ -142,7 +140,7 @@ class Committer:
                            f"store rejected: {error}"[:500], now) for d in firsts.values()])
         if notes.decisions:
             try:
-                result.merge(await self._part(notes))
+                result.merge(await self.write(notes))
             except StoreRejected as exc:
                 metrics.log.error("the rejection could not be recorded either", error=str(exc),
                                   event_id=event.id if event is not None else None)

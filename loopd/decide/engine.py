@@ -522,7 +522,9 @@ class Engine:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wake.wait(), due)
             pending = _Pending(Batch(), [])
-            # Absences due first: their store check is the decider's only await here.
+            # After a batch the store partly rejected, memory is the store's again first.
+            await self._caught_up_after_rejection()
+            # Absences due first: their store check is the decider's other await here.
             await self._fire_absences(pending)
             # The inbox first: runs ending are never starved by a busy source.
             self._take_inbox(pending)
@@ -928,10 +930,15 @@ class Engine:
             return None
         return max(due - self.clock.now(), self._absence_retry - time.monotonic())
 
-    async def _read_correlation_again(self) -> None:
-        """After a rejection: the members rows without the rejected events' matches, then
-        all correlation memory from the store."""
+    async def _caught_up_after_rejection(self) -> None:
+        """After a batch the store partly rejected, correlation memory is read again from
+        the store: it had taken the rejected events in, whose rows were not written. The
+        batches decided before (and their rows) are written first; while they are not,
+        the next batch tries again."""
         committer = self.committer
+        if committer.rejections == self._rejections \
+                or not await committer.caught_up(self._sealed):
+            return
         rejections, rejected = committer.rejections, set(committer.rejected)
         try:
             rows = self.correlation.forget(rejected)
@@ -950,14 +957,7 @@ class Engine:
 
     async def _fire_absences(self, pending: _Pending) -> None:
         """Fire the absences due, each checked against the store first: another replica
-        may have re-armed, fired or disarmed it (its events went there). First, after a
-        batch the store partly rejected, correlation memory is read again from the store:
-        it had taken the rejected events in, whose rows were not written."""
-        # the batches decided before (and their rows) are written first: read then, memory
-        # is the store's (not yet written: the next batch tries again)
-        if self.committer.rejections != self._rejections \
-                and await self.committer.caught_up(self._sealed):
-            await self._read_correlation_again()
+        may have re-armed, fired or disarmed it (its events went there)."""
         due = self._absence_due()
         if due is None or due > 0:
             return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -259,6 +259,21 @@ def replica(db: Path, rules: RuleSet, name: str, **options: Any
     return running(db, rules, replica=name, **options)
 
 
+@contextlib.asynccontextmanager
+async def held_on_b(db: Path, group_rules: RuleSet) -> AsyncIterator[tuple[Running, Running]]:
+    """Replicas a and b sharing the store: a opens the group incident of front (w1-w3),
+    b reads it and holds back its host rule's match for w2 (event b2)."""
+    inv = inventory(front=["w1", "w2", "w3"])
+    t = time.time()
+    async with replica(db, group_rules, "a", inventory=inv) as a, \
+            replica(db, group_rules, "b", inventory=inv) as b:
+        a.engine.shared = b.engine.shared = True
+        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
+        await b.engine.follow_timers()
+        await b.feed(alert("b2", "w2", at=t))
+        yield a, b
+
+
 async def until(what: str, check: Callable[[], bool], *engines: Running) -> None:
     deadline = time.monotonic() + 20
     while not check():
@@ -334,14 +349,7 @@ async def test_a_match_held_back_on_another_replica_is_listed_and_decided_again(
         db: Path, group_rules: RuleSet) -> None:
     """b holds back a member's host match for a's open group incident: a merges it into
     the incident's members row at its next poll, and decides it again when it closes."""
-    inv = inventory(front=["w1", "w2", "w3"])
-    t = time.time()
-    async with replica(db, group_rules, "a", inventory=inv) as a, \
-            replica(db, group_rules, "b", inventory=inv) as b:
-        a.engine.shared = b.engine.shared = True
-        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
-        await b.engine.follow_timers()
-        await b.feed(alert("b2", "w2", at=t))
+    async with held_on_b(db, group_rules) as (a, _):
         await a.engine.follow_timers()
         await a.engine.drain(timeout=10)
         (run,) = [r for r in a.runs if r.rule == "outage"]
@@ -410,14 +418,7 @@ async def test_a_match_held_back_for_a_group_closed_before_its_holder_merged_it_
     """b holds back a member's host match for a's open group incident, and a closes the
     incident before it merged b's row: the next replica to follow the store deletes the
     row and decides the match again, as the close would have."""
-    inv = inventory(front=["w1", "w2", "w3"])
-    t = time.time()
-    async with replica(db, group_rules, "a", inventory=inv) as a, \
-            replica(db, group_rules, "b", inventory=inv) as b:
-        a.engine.shared = b.engine.shared = True
-        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
-        await b.engine.follow_timers()
-        await b.feed(alert("b2", "w2", at=t))
+    async with held_on_b(db, group_rules) as (a, b):
         assert len(held_rows(await b.store.kv_scan(NAMESPACE))) == 1
         (run,) = [r for r in a.runs if r.rule == "outage"]
         await a.close_incident_of(run)  # a never merged b's row
@@ -435,14 +436,7 @@ async def test_a_foreign_group_gone_leaves_no_fingerprints_behind(
         db: Path, group_rules: RuleSet) -> None:
     """The alert fingerprints of matches b held back for a's group incident are forgotten
     at b once the incident is no longer open."""
-    inv = inventory(front=["w1", "w2", "w3"])
-    t = time.time()
-    async with replica(db, group_rules, "a", inventory=inv) as a, \
-            replica(db, group_rules, "b", inventory=inv) as b:
-        a.engine.shared = b.engine.shared = True
-        await a.feed(*(alert(f"a{i}", f"w{i}", at=t) for i in (1, 2, 3)))
-        await b.engine.follow_timers()
-        await b.feed(alert("b2", "w2", at=t))
+    async with held_on_b(db, group_rules) as (a, b):
         assert b.engine.correlation._fingerprints
         (run,) = [r for r in a.runs if r.rule == "outage"]
         await a.engine.follow_timers()
