@@ -100,6 +100,39 @@ async def test_a_committed_batch_is_readable(impl: Opener) -> None:
     assert await store.get_incident("inc-nope") is None
 
 
+async def test_a_batch_reads_back_exactly_as_written(impl: Opener) -> None:
+    """Every field of a batch's events, decisions and incidents reads back as given (the
+    SQLite store writes them as one JSON array per table): full-precision times, text
+    that looks like a number, quotes, escapes and characters beyond the BMP, missing
+    values, event data with an integer beyond 64 bits; many rows keep their order."""
+    store = await impl()
+    odd = ['007', 'say "hi" \\ back', "ünï 🚒 \n\t", "1e3", "null"]
+    now = time.time() + 0.123456789
+    events = [EventRecord("kafka", f"k-{i}", "t/ü", odd[i % 5], now + i / 7,
+                          {"v": odd[i % 5], "n": i, "f": 0.1 + i}) for i in range(300)]
+    big = EventRecord("kafka", "big", "t", None, now, {"big": 2**70, "s": "🚒"})
+    decisions = [DecisionRecord("kafka", e.id, "r-ü", e.key, "joined", odd[i % 5], e.time,
+                                "inc-1", None) for i, e in enumerate(events)]
+    incident = IncidentRecord("inc-1", "r-ü", "web-1", "open", now, None, 300, None, None)
+    await store.commit(Batch(events=events, decisions=decisions,
+                             incidents={incident.id: incident}))
+    await store.commit(Batch(events=[big], decisions=[
+        DecisionRecord("kafka", "big", "r-ü", None, "suppressed", None, now)]))
+    for e in events[:7] + events[-3:]:
+        assert await store.get_event("kafka", e.id) == e
+    read_big = await store.get_event("kafka", "big")
+    assert read_big is not None and read_big.data["s"] == "🚒" and read_big.key is None
+    assert read_big.data["big"] == pytest.approx(2**70)
+    assert await store.get_incident("inc-1") == incident
+    read = await store.decisions(DecisionQuery(rule="r-ü", limit=1000))
+    assert [d.event_id for d in read] == ["big"] + [e.id for e in reversed(events)]
+    assert [(d.source, d.event_id, d.rule, d.key, d.outcome, d.reason, d.time,
+             d.incident_id, d.run_id) for d in reversed(read[1:])] == [
+        (d.source, d.event_id, d.rule, d.key, d.outcome, d.reason, d.time, d.incident_id,
+         d.run_id) for d in decisions]
+    assert (read[0].key, read[0].reason, read[0].time) == (None, None, now)
+
+
 async def test_commit_is_atomic(impl: Opener) -> None:
     """A batch that fails part-way raises StoreError and leaves nothing of itself behind."""
     store = await impl()
