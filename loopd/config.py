@@ -144,6 +144,15 @@ class KafkaSourceConfig(_SourceBase):
     # every broker call (connect, commit, probe, dead-letter send, stop) is bounded by this
     request_timeout: Duration = 10.0
     probe_interval: Duration = 3.0  # how often the broker is asked whether it still answers
+    # how much one fetch from the brokers may bring (a soft limit: a larger record still
+    # comes, alone); the fetched bytes and their records are held until handed over, so
+    # this bounds the memory a backlog takes: 1 MiB is about 2,800 alerts
+    fetch_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    @field_validator("fetch_max_bytes", mode="before")
+    @classmethod
+    def _fetch_size(cls, v: object) -> int:
+        return _size(v)
 
 
 class SimFault(Strict):

@@ -305,6 +305,10 @@ class KafkaSource:
             auto_offset_reset=cfg.auto_offset_reset, session_timeout_ms=self._session_timeout_ms,
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
             group_instance_id=self.group_instance_id,
+            # aiokafka's default, 50 MiB, let one response of a backlog (and the buffer it
+            # was read into, and its records) hold 15 MB of a 125 MB daemon
+            fetch_max_bytes=cfg.fetch_max_bytes,
+            max_partition_fetch_bytes=min(cfg.fetch_max_bytes, 1024 * 1024),
         )
         producer = (
             AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, max_request_size=self._max_request)

@@ -430,3 +430,23 @@ async def test_a_record_too_large_to_dead_letter_whole_sends_its_metadata(
     assert (headers["loopd-topic"], headers["loopd-partition"], headers["loopd-offset"]) == (
         kafka_topic, "0", "2")
     assert "exceeds max_payload" in headers["loopd-error"]
+
+
+async def test_a_small_fetch_limit_bounds_fetches_but_a_larger_record_still_comes(
+        kafka_broker: KafkaBroker, kafka_topic: str) -> None:
+    """``fetch_max_bytes`` bounds what one fetch brings (the memory a backlog takes), and
+    is a soft limit: a record larger than it still comes, alone, and the partition goes
+    on after it in order."""
+    await create_topic(kafka_broker.bootstrap, kafka_topic, partitions=1)
+    pad = "x" * 1000
+    records = [{"n": i, "pad": pad} for i in range(60)]
+    records.insert(30, {"n": "big", "pad": "y" * 20_000})
+    await produce(kafka_broker.bootstrap, kafka_topic, records)
+    cfg = config(kafka_broker, "kafka-fetch", kafka_topic, fetch_max_bytes="4KiB")
+    assert cfg.fetch_max_bytes == 4096
+    source, got = KafkaSource(cfg, session_timeout=SESSION), Collector()
+    async with running(source, got):
+        await wait_until(lambda: len(got.events) == 61, what="61 events")
+    assert got.numbers() == [r["n"] for r in records]
+    with pytest.raises(ValueError, match="fetch_max_bytes"):
+        config(kafka_broker, "kafka-fetch", kafka_topic, fetch_max_bytes=100)
