@@ -490,7 +490,7 @@ class LogConfig(Strict):
 
 
 class EngineConfig(Strict):
-    queue_size: int = Field(default=2000, ge=1)  # bounded: a full queue pauses the sources
+    queue_size: int = Field(default=1000, ge=1)  # bounded: a full queue pauses the sources
     max_concurrent_runs: int = Field(default=64, ge=1)
     dedup_window: int = Field(default=200_000, ge=1000)
     # bounded memory per entity key (loopd_memory_evictions_total counts what goes)
