@@ -1,0 +1,59 @@
+"""loopd.yamlfile: the documents ``compose`` builds are the ones PyYAML's constructor
+builds from the same node tree (its own walk is only faster), YAML 1.2 booleans."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from loopd import yamlfile
+
+DOCUMENTS = [
+    "rules:\n  - {name: a, on: {source: s}, if: 'x > 1'}\n  - name: b\n    key: '{{ k }}'\n",
+    "ints: [1, -2, 0x1F, 0o17, 1_000, +3]\nfloats: [1.5, -0.25, 1e3, .inf, -.inf]\n",
+    "nulls: [~, null, Null, '']\nempty:\nbools: [true, False, on, off, yes, no]\n",
+    "when: 2026-11-23\nat: 2026-11-23T03:00:00Z\nquoted: '2026-11-23'\nn: '007'\n",
+    "base: &b {a: 1, b: [x, y]}\nsame: *b\nlist: &l [1, 2]\nagain: [*l, *l]\n",
+    "base: &b {a: 1, b: 2}\nmerged: {<<: *b, b: 3, c: 4}\n",
+    "tagged: !!set {a, b}\nraw: !!binary aGVsbG8=\nstr: !!str 12\n",
+    "dup: 1\ndup: 2\n1: int key\n2.5: float key\nnull: null key\n",
+    "nested: [[1, [2, [3, {deep: [4]}]]]]\ntext: |\n  two\n  lines\n",
+    "- plain\n- 'single'\n- \"double \\u00e9 \\U0001F692\"\n",
+]
+
+
+@pytest.mark.parametrize("text", DOCUMENTS)
+def test_compose_builds_what_pyyaml_builds(text: str) -> None:
+    data, node = yamlfile.compose(text)
+    loader = yamlfile.Loader(text)
+    try:
+        expected = loader.get_single_data()
+    finally:
+        loader.dispose()
+    assert data == expected
+    assert type(data) is type(expected)
+    assert node is not None
+
+
+def test_an_alias_is_the_same_object_and_a_merge_key_merges() -> None:
+    data, _ = yamlfile.compose(DOCUMENTS[4])
+    assert data["same"] is data["base"] and data["again"][0] is data["again"][1]
+    merged, _ = yamlfile.compose(DOCUMENTS[5])
+    assert merged["merged"] == {"a": 1, "b": 3, "c": 4}
+
+
+def test_on_and_off_stay_strings() -> None:
+    data, _ = yamlfile.compose("on: {source: s}\nflags: [on, off, yes, no, true]\n")
+    assert data == {"on": {"source": "s"}, "flags": ["on", "off", "yes", "no", True]}
+
+
+def test_a_recursive_alias_is_built_as_pyyaml_builds_it() -> None:
+    data, _ = yamlfile.compose("a: &a\n  self: *a\n  n: 1\n")
+    assert data["a"]["self"] is data["a"] and data["a"]["n"] == 1
+
+
+def test_an_unhashable_key_is_pyyamls_error() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError, match="unhashable"):
+        yamlfile.compose("? [a, b]\n: value\n")
+    with pytest.raises(yaml.constructor.ConstructorError, match="unhashable"):
+        yamlfile.compose("? {a: 1}\n: value\n")
