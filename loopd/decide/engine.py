@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,7 @@ from loopd.decide.correlation import (
 from loopd.decide.guards import DEFAULT_MAX_KEYS as MEMORY_MAX_KEYS
 from loopd.decide.guards import Guards
 from loopd.decide.incidents import Incidents
+from loopd.decide.recent import RecentEvents
 from loopd.decide.suppressions import SuppressionLog
 from loopd.decide.timers import ForTimers
 from loopd.errors import ConditionError, StoreError, StoreRejected
@@ -168,7 +169,7 @@ class Engine:
         self._batch_max = batch_max
         self._dedup_window = dedup_window
         self._written: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=2)
-        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._recent = RecentEvents(dedup_window)
         self.guards = guards or Guards(GlobalGuards(), self.inventory)
         self.suppressions = SuppressionLog()  # the log lines of suppressed decisions
         self.incidents = Incidents(self.guards, self.inventory, self.suppressions)
@@ -262,8 +263,7 @@ class Engine:
         await self._load_correlation()
         for rule, key, created in state.run_starts:
             self.guards.run_started(rule, key, created)
-        for ident in state.recent_events:
-            self._recent[ident] = None
+        self._recent.extend(state.recent_events)
 
     async def run(self) -> None:
         """Decide and write until cancelled; both halves stop together."""
@@ -748,7 +748,7 @@ class Engine:
             candidates.sort(key=lambda r: r.name in inhibitable)
         if virtual is None:
             now = self.clock.now()
-        ident: tuple[str, str] | None = None
+        checked = False  # whether the event was decided lately (a redelivery) is known
         decided = False  # some rule recorded a decision: remember the event
         seen: set[str] | None = None  # rules of several conditions that took the event
         for rule in candidates:
@@ -760,9 +760,9 @@ class Engine:
             tvars = rule.accepts(event)
             if tvars is None:
                 continue
-            if ident is None:
-                ident = (event.source, event.id)
-                if ident in self._recent:
+            if not checked:
+                checked = True
+                if self._recent.seen(event.source, event.id):
                     metrics.event_duplicate(event.source, event.id)
                     return True
             scope = {"event": event, "vars": tvars, "inventory": self.inventory.entities,
@@ -814,8 +814,8 @@ class Engine:
             scope["key"] = key
             decided = self._decide_rule(rule, event, key, group, scope, now, pending) \
                 or decided
-        if decided and ident is not None:
-            self._remember(ident)
+        if decided:
+            self._recent.add(event.source, event.id)
             if not kept:
                 pending.batch.events.append(
                     EventRecord(event.source, event.id, event.topic, event.key, event.time,
@@ -858,7 +858,7 @@ class Engine:
             # its absence fired already: this is the arming event delivered again (arming
             # records nothing to recognise it by), and firing twice in one batch would make
             # the store drop the first firing's run with the duplicate
-            if (event.source, f"{event.id}~absent") not in self._recent:
+            if not self._recent.seen(event.source, f"{event.id}~absent"):
                 self.correlation.arm(rule, event, key, now)
             return False
         else:
@@ -892,8 +892,7 @@ class Engine:
             if found is None:
                 return
             rule, group, event = found
-            ident = (event.source, event.id)
-            if ident in self._recent:
+            if self._recent.seen(event.source, event.id):
                 return
             scope = {"event": event, "vars": rule.accepts(event) or {},
                      "inventory": self.inventory.entities, "telemetry": self.telemetry,
@@ -903,7 +902,7 @@ class Engine:
         except Exception:  # supervised boundary, as _decide
             metrics.engine_error(slot[0], slot[1])
             return
-        self._remember(ident)
+        self._recent.add(event.source, event.id)
         pending.batch.events.append(EventRecord(event.source, event.id, event.topic,
                                                 event.key, event.time, event.data))
 
@@ -991,12 +990,7 @@ class Engine:
         except Exception:  # supervised boundary, as _decide
             metrics.engine_error(event.source, event.id)
             return
-        self._remember((event.source, event.id))
+        self._recent.add(event.source, event.id)
         pending.batch.events.append(EventRecord(event.source, event.id, event.topic,
                                                 event.key, event.time, event.data))
 
-    def _remember(self, ident: tuple[str, str]) -> None:
-        recent = self._recent
-        recent[ident] = None
-        if len(recent) > self._dedup_window:
-            recent.popitem(last=False)
