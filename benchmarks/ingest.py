@@ -2,13 +2,15 @@
 
     python benchmarks/ingest.py --rules 10 100 1000 --events 100000 [--mode inproc kafka http]
     python benchmarks/ingest.py --rules 1000 --long     # 1,000,000 events, rate per 100,000
+    python benchmarks/ingest.py --rules 1000 --long --mode kafka   # ... through Kafka, RSS too
     python benchmarks/ingest.py --rules 1000 --events 100000 --correlation group mix
 
 Prints one JSON object per line: name, mode, rules, events, events_per_s,
 cpu_us_per_event (the process's CPU, every thread, per event), runs (created), p99_ms
 (event -> durable decision at a paced 1,000 events/s), rss_mb, startup_s (the
 daemon process from exec to ready, with that many rules), matched; per_100k (the rate
-of each 100,000 events, inproc runs of 200,000 or more). Mode ``http`` posts Alertmanager
+of each 100,000 events, inproc and kafka runs of 200,000 or more; kafka also
+rss_mb_per_100k, the daemon's RSS as each 100,000 was decided). Mode ``http`` posts Alertmanager
 payloads of 10 alerts from 8 concurrent clients to ``loopd run`` (benchmarks/http_mode.py);
 its p99 is a POST's answer at 1,000 alerts/s.
 
@@ -266,7 +268,7 @@ def main() -> None:
     parser.add_argument("--mode", nargs="+", default=["inproc"],
                         choices=["inproc", "kafka", "http"])
     parser.add_argument("--long", action="store_true",
-                        help="1,000,000 events, with the rate of every 100,000 (inproc)")
+                        help="1,000,000 events, with the rate of every 100,000 (inproc, kafka)")
     parser.add_argument("--correlation", nargs="+", choices=correlation.VARIANTS[1:],
                         help="compare these correlation variants with none (in-process)")
     parser.add_argument("--rounds", type=int, default=3)

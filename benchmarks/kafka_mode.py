@@ -19,6 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from benchmarks.common import ROOT, alerts, write_rules
 
+SEGMENT = 100_000  # a long run's rate and RSS are reported per this many records
+
 PARTITIONS = 4
 
 
@@ -103,7 +105,14 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
                 began = time.perf_counter() - 0.05  # the first poll is up to 100 ms late
                 cpu = _cpu_s(daemon.pid)
                 del first
-                await _until(http, port, lambda m: _decided(m) >= events)
+                marks: list[tuple[float, float]] = []  # (when, daemon RSS) per SEGMENT
+
+                def segment(m: dict[str, float]) -> bool:
+                    while _decided(m) >= SEGMENT * (len(marks) + 1):
+                        marks.append((time.perf_counter(), _rss_mb(daemon.pid)))
+                    return _decided(m) >= events
+
+                await _until(http, port, segment)
                 elapsed = time.perf_counter() - began
                 cpu = _cpu_s(daemon.pid) - cpu
                 done = await _samples(http, port)  # every sample, once the run is over
@@ -118,10 +127,14 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
         await broker.wait()
     from benchmarks.ingest import runs_created
 
+    long = {} if events <= SEGMENT else {  # a long run: is it steady, rate and memory?
+        "per_100k": [round(SEGMENT / (b - a)) for a, b in zip(
+            [began, *(t for t, _ in marks)], (t for t, _ in marks), strict=False)],
+        "rss_mb_per_100k": [r for _, r in marks]}
     return {"events_per_s": round(events / elapsed), "matched": matched,
             "cpu_us_per_event": round(cpu / events * 1e6, 1),
             "runs": runs_created(folder / "kafka.db"),
-            "partitions": PARTITIONS, "daemon_rss_mb": rss}
+            "partitions": PARTITIONS, "daemon_rss_mb": rss, **long}
 
 
 RECEIVED = 'loopd_events_received_total{source="alertmanager"}'
@@ -170,6 +183,14 @@ def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread) the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    """The process's resident memory now, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 def _peak_rss_mb(pid: int) -> float:
