@@ -105,12 +105,15 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
                 began = time.perf_counter() - 0.05  # the first poll is up to 100 ms late
                 cpu = _cpu_s(daemon.pid)
                 del first
-                marks: list[tuple[float, float]] = []  # (when, daemon RSS) per SEGMENT
+                # (when, decided, daemon RSS) at the first poll past each SEGMENT: a rate
+                # is decided over time between two of them, whatever the poll's lag
+                marks: list[tuple[float, float, float]] = [(began, 0, 0)]
 
                 def segment(m: dict[str, float]) -> bool:
-                    while _decided(m) >= SEGMENT * (len(marks) + 1):
-                        marks.append((time.perf_counter(), _rss_mb(daemon.pid)))
-                    return _decided(m) >= events
+                    decided = _decided(m)
+                    if decided >= SEGMENT * len(marks):
+                        marks.append((time.perf_counter(), decided, _rss_mb(daemon.pid)))
+                    return decided >= events
 
                 await _until(http, port, segment)
                 elapsed = time.perf_counter() - began
@@ -127,10 +130,10 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
         await broker.wait()
     from benchmarks.ingest import runs_created
 
-    long = {} if events <= SEGMENT else {  # a long run: is it steady, rate and memory?
-        "per_100k": [round(SEGMENT / (b - a)) for a, b in zip(
-            [began, *(t for t, _ in marks)], (t for t, _ in marks), strict=False)],
-        "rss_mb_per_100k": [r for _, r in marks]}
+    long = {} if len(marks) <= 2 else {  # a long run: is it steady, rate and memory?
+        "per_100k": [round((d1 - d0) / (t1 - t0)) for (t0, d0, _), (t1, d1, _)
+                     in itertools.pairwise(marks)],
+        "rss_mb_per_100k": [r for _, _, r in marks[1:]]}
     return {"events_per_s": round(events / elapsed), "matched": matched,
             "cpu_us_per_event": round(cpu / events * 1e6, 1),
             "runs": runs_created(folder / "kafka.db"),

@@ -146,8 +146,9 @@ class KafkaSourceConfig(_SourceBase):
     probe_interval: Duration = 3.0  # how often the broker is asked whether it still answers
     # how much one fetch from the brokers may bring (a soft limit: a larger record still
     # comes, alone); the fetched bytes and their records are held until handed over, so
-    # this bounds the memory a backlog takes: 1 MiB is about 2,800 alerts
-    fetch_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # this bounds the memory a backlog takes: 1 MiB is about 2,800 alerts (at most what
+    # the protocol's 32-bit field holds)
+    fetch_max_bytes: int = Field(default=1024 * 1024, ge=1024, le=2**31 - 1)
 
     @field_validator("fetch_max_bytes", mode="before")
     @classmethod

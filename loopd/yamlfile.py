@@ -48,6 +48,9 @@ def compose(text: str | bytes) -> tuple[Any, yaml.Node | None]:
 
 _MAP, _SEQ, _STR = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq",
                     "tag:yaml.org,2002:str")
+# the scalars whose value PyYAML's loader makes in one step (no collection, no generator)
+_SCALARS = frozenset(f"tag:yaml.org,2002:{t}"
+                     for t in ("null", "bool", "int", "float", "binary", "timestamp"))
 
 
 class _Unusual(Exception):
@@ -58,15 +61,21 @@ def _construct(loader: Any, root: yaml.Node) -> Any:
     """The document of ``root``, as ``loader.construct_document`` makes it, in one walk:
     PyYAML's constructor went through generators and checks for every node, half of the
     time a 1,000-rule file took to load. Plain mappings, sequences and strings are built
-    here (an alias is the same object, as there); any other scalar (numbers, booleans,
-    null, timestamps) is the loader's own; a merge key, another collection tag or an
-    unhashable key leaves the whole document to the loader, so what it makes and the
-    errors it raises stay PyYAML's."""
+    here (an alias is the same object, as there); numbers, booleans, null, binary and
+    timestamps are the loader's own; anything else (a merge key, a collection key, the
+    ``=`` value key, another tag, a collection tag on a scalar) leaves the whole document
+    to the loader, so what it makes and the errors it raises stay PyYAML's. (A document
+    with several scalars that cannot be read, ``!!int x``, names the first in document
+    order; PyYAML may name another.)"""
     made: dict[int, Any] = {}  # collection node -> its value (aliases, recursion)
 
     def walk(node: yaml.Node) -> Any:
         if isinstance(node, yaml.ScalarNode):
-            return node.value if node.tag == _STR else loader.construct_object(node)
+            if node.tag == _STR:
+                return node.value
+            if node.tag in _SCALARS:
+                return loader.construct_object(node)
+            raise _Unusual
         done = made.get(id(node))
         if done is not None:
             return done
@@ -87,7 +96,7 @@ def _construct(loader: Any, root: yaml.Node) -> Any:
 
     try:
         return walk(root)
-    except (_Unusual, TypeError):  # TypeError: e.g. a scalar key PyYAML makes unhashable
+    except _Unusual:
         return loader.construct_document(root)
 
 

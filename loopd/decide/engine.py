@@ -511,6 +511,8 @@ class Engine:
     async def _decider(self) -> None:
         queue, inbox, wake = self.queue, self.inbox, self._wake
         while True:
+            if not inbox and queue.empty():
+                metrics.queue_depth(0)
             while not inbox and queue.empty():
                 due = self._timer_due()
                 if due is not None and due <= 0:
@@ -528,6 +530,9 @@ class Engine:
             await self._fire_absences(pending)
             # The inbox first: runs ending are never starved by a busy source.
             self._take_inbox(pending)
+            # What waited (the sources are paused once it is the queue's size: a store
+            # slower than the stream shows here, not after the batch emptied the queue)
+            metrics.queue_depth(queue.qsize())
             # Take what is already queued; no waiting, so latency stays low at low rates.
             while len(pending.deliveries) < self._batch_max and not queue.empty():
                 delivery = queue.get_nowait()
@@ -536,7 +541,6 @@ class Engine:
                 pending.marks.append(pending.batch.mark())
                 delivery.duplicate = self._decide(delivery.event, pending)
             self._seal(pending)
-            metrics.queue_depth(queue.qsize())
             # Waits when two batches are already being written: backpressure to the queue.
             await self._written.put(pending)
 

@@ -437,16 +437,21 @@ async def test_a_small_fetch_limit_bounds_fetches_but_a_larger_record_still_come
     """``fetch_max_bytes`` bounds what one fetch brings (the memory a backlog takes), and
     is a soft limit: a record larger than it still comes, alone, and the partition goes
     on after it in order."""
-    await create_topic(kafka_broker.bootstrap, kafka_topic, partitions=1)
+    await create_topic(kafka_broker.bootstrap, kafka_topic, partitions=4)
     pad = "x" * 1000
-    records = [{"n": i, "pad": pad} for i in range(60)]
-    records.insert(30, {"n": "big", "pad": "y" * 20_000})
+    records = [Record({"n": i, "pad": pad}, partition=i % 4) for i in range(80)]
+    for partition in (1, 3):  # larger than a whole fetch, amid the others
+        records.insert(40, Record({"n": f"big-{partition}", "pad": "y" * 20_000},
+                                  partition=partition))
     await produce(kafka_broker.bootstrap, kafka_topic, records)
     cfg = config(kafka_broker, "kafka-fetch", kafka_topic, fetch_max_bytes="4KiB")
     assert cfg.fetch_max_bytes == 4096
     source, got = KafkaSource(cfg, session_timeout=SESSION), Collector()
     async with running(source, got):
-        await wait_until(lambda: len(got.events) == 61, what="61 events")
-    assert got.numbers() == [r["n"] for r in records]
-    with pytest.raises(ValueError, match="fetch_max_bytes"):
-        config(kafka_broker, "kafka-fetch", kafka_topic, fetch_max_bytes=100)
+        await wait_until(lambda: len(got.events) == 82, what="82 events")
+    for partition in range(4):  # each partition whole and in order
+        assert [e.data["n"] for e in got.events if f"[{partition}]@" in e.origin] == [
+            r.value["n"] for r in records if r.partition == partition]
+    for wrong in (100, "4GiB"):  # below a KiB; beyond the protocol's 32-bit field
+        with pytest.raises(ValueError, match="fetch_max_bytes"):
+            config(kafka_broker, "kafka-fetch", kafka_topic, fetch_max_bytes=wrong)

@@ -625,3 +625,28 @@ async def test_following_the_stores_timers_keeps_a_reset_not_written_yet(
         await r.engine.drain(timeout=10)
         await r.feed(ev("c", at=t0 + 61, value=97))  # held for 11s only
         assert r.runs == []
+
+
+async def test_the_queue_depth_shows_a_full_queue_while_the_store_holds_the_writes(
+    db: Path, rules_from: RulesFrom,
+) -> None:
+    """``loopd_queue_depth`` is what waited when the decider took a batch: with the store
+    slow and the sources paused on a full queue it reads the queue's size (its alert
+    can fire), and 0 once the queue is empty again."""
+    async with running(db, rules_from(SIMPLE), gated=True, queue_size=4, batch_max=4) as r:
+        gated = cast(GatedStore, r.store)
+        gated.gate.clear()
+        deliveries = [Delivery(ev(f"e{i}", key=f"web-{i}", value=97)) for i in range(24)]
+        feeding = asyncio.gather(*(r.engine.emit(d) for d in deliveries))
+        # one batch at the store, two waiting to be written, one being decided, the
+        # queue full behind them
+        await wait_until(lambda: r.engine.queue.full() and gated.waiting == 1,
+                         what="a full queue behind a held write")
+        gated.gate.set()
+        await feeding
+        await wait_until(lambda: sample("loopd_queue_depth") == 4 or r.engine.queue.empty(),
+                         what="a batch taken from the full queue")
+        peak = sample("loopd_queue_depth")
+        await r.engine.drain(timeout=10)
+        assert peak == 4
+        await wait_until(lambda: sample("loopd_queue_depth") == 0, what="an empty queue")

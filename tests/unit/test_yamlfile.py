@@ -19,6 +19,8 @@ DOCUMENTS = [
     "dup: 1\ndup: 2\n1: int key\n2.5: float key\nnull: null key\n",
     "nested: [[1, [2, [3, {deep: [4]}]]]]\ntext: |\n  two\n  lines\n",
     "- plain\n- 'single'\n- \"double \\u00e9 \\U0001F692\"\n",
+    "=: 1\na: {=: 1}\nb:\n  - =: x\n",
+    "big: 123456789012345678901234567890\nneg: -0.0\nhex: 0xff\nsexa: 1:30\n",
 ]
 
 
@@ -57,3 +59,19 @@ def test_an_unhashable_key_is_pyyamls_error() -> None:
         yamlfile.compose("? [a, b]\n: value\n")
     with pytest.raises(yaml.constructor.ConstructorError, match="unhashable"):
         yamlfile.compose("? {a: 1}\n: value\n")
+
+
+@pytest.mark.parametrize("text", [
+    "a: !!seq foo\n", "a: !!map foo\n", "a: !!set foo\n", "a: !!omap foo\n",
+    "a: !!pairs foo\n", "? !!map foo\n: 1\n", "rules: !!seq nope\n", "a: !unknown x\n",
+])
+def test_what_pyyaml_refuses_is_refused_with_its_error(text: str) -> None:
+    loader = yamlfile.Loader(text)
+    try:
+        with pytest.raises(yaml.YAMLError) as expected:
+            loader.get_single_data()
+    finally:
+        loader.dispose()
+    with pytest.raises(yaml.YAMLError) as got:
+        yamlfile.compose(text)
+    assert str(got.value) == str(expected.value)
