@@ -54,7 +54,7 @@ _SCALARS = frozenset(f"tag:yaml.org,2002:{t}"
 
 
 class _Unusual(Exception):
-    """A node the plain walk leaves to PyYAML: a merge key, another collection tag."""
+    """A node the plain walk leaves to PyYAML (see ``_construct``)."""
 
 
 def _construct(loader: Any, root: yaml.Node) -> Any:

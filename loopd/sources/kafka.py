@@ -306,7 +306,7 @@ class KafkaSource:
             heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
             group_instance_id=self.group_instance_id,
             # aiokafka's default, 50 MiB, let one response of a backlog (and the buffer it
-            # was read into, and its records) hold 15 MB of a 125 MB daemon
+            # was read into, and its records) hold 15 MB of a 140 MB daemon
             fetch_max_bytes=cfg.fetch_max_bytes,
             max_partition_fetch_bytes=min(cfg.fetch_max_bytes, 1024 * 1024),
         )
