@@ -280,6 +280,9 @@ class Gate:
         self._auth = api.auth if isinstance(api.auth, AuthConfig) else None
         # auth on: no token matches until load() has read them (every call is 401 meanwhile)
         self.tokens: Tokens | None = Tokens([]) if self._auth else None
+        # how many times the tokens were read: a long request checks its credentials again
+        # as soon as it changes (a token rotated away ends its live streams at once)
+        self.generation = 0
         self.open_routes = frozenset(self._auth.open if self._auth else ())
         self.throttle = FailureThrottle(
             self._auth.max_failures if self._auth else 10,
@@ -297,6 +300,7 @@ class Gate:
         token whose reference fails, never a value."""
         if self._auth is not None:
             self.tokens = await Tokens.resolve(self._auth, secrets)
+            self.generation += 1
 
     async def reload(self, secrets: SecretResolver) -> list[str]:
         """Read the token values again (rotated files); errors keep the tokens before."""

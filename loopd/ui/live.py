@@ -12,8 +12,9 @@ open tabs cost one poll a second, not twenty. Streams are capped (``MAX_STREAMS`
 ``MAX_PER_PRINCIPAL`` per token), so one viewer cannot take the connections ingest needs.
 
 A stream ends when the client goes away (noticed at the next poll, not the next write),
-when the credentials it was opened with stop being good (a rotated token, an expired
-session: checked every ``RECHECK`` polls), or at once when the daemon shuts down (the
+when the credentials it was opened with stop being good (checked at the next poll after
+the tokens were read again, so a token rotated away ends its streams at once, and every
+``RECHECK`` polls, for a session that expired), or at once when the daemon shuts down (the
 app's ``on_shutdown`` sets ``STOPPING``), so no handler is left for the runner to cancel.
 """
 
@@ -123,7 +124,8 @@ class Live:
         """Write the feed's changes until the stream should end; False when the client
         went away (nothing more can be written)."""
         stopping = request.app[STOPPING]
-        seen, polls = 0, 0
+        gate = self.pages.gate
+        seen, polls, checked = 0, 0, gate.generation
         try:
             await response.write(b"retry: 2000\n\n")
             while not stopping.is_set():
@@ -135,8 +137,10 @@ class Live:
                 polls += 1
                 if polls % KEEPALIVE == 0:
                     await response.write(b": still here\n\n")
-                if polls % RECHECK == 0 and not self.pages.gate.still_valid(request):
-                    break
+                if polls % RECHECK == 0 or gate.generation != checked:
+                    checked = gate.generation
+                    if not gate.still_valid(request):
+                        break
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL):
                         await stopping.wait()

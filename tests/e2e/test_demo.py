@@ -44,34 +44,39 @@ def assert_told_in_order(out: str) -> None:
         assert restarts and restarts[0] > start, out
 
 
-def test_each_demo_starts_afresh_fixes_two_faults_and_escalates_the_stuck_one(
+def assert_the_story(out: str, attempt: int) -> None:
+    """Three faults detected, two fixed and verified, one escalated; only this demo's own
+    runs counted, told in order with full run ids."""
+    assert "web-2/nginx      degraded" in out and "db-1/postgres    degraded (stuck)" in out
+    assert out.count("succeeded: fixed") == 2, f"demo {attempt}:\n{out}"
+    assert "3 runs: 2 fixed and verified from telemetry, 1 escalated to a human." in out
+    assert len(run_ids(out)) == 3 and all(len(i) == 20 for i in run_ids(out)), out
+    assert_told_in_order(out)
+
+
+def demo_logs(tmp_path: Path) -> dict[Path, str]:
+    """Each demo's state folder under ``tmp_path`` and the daemon log in it."""
+    return {f: (f / "loopd.log").read_text() for f in sorted(tmp_path.glob("loopd-demo-*"))}
+
+
+async def test_each_demo_starts_afresh_and_the_one_left_up_stops_on_ctrl_c(
         tmp_path: Path) -> None:
-    """Two `loopd demo --exit` in a row (within the rule's 10-minute throttle) each detect
-    three faults, fix and verify two, escalate one, and count only their own runs; the
-    timeline is in the order things happened, with full run ids and no log record in it."""
-    for attempt in (1, 2):
-        done = subprocess.run(
-            [str(LOOPD), "demo", "--exit", "-c", str(DEMO),
-             "--listen", f"127.0.0.1:{free_port()}"],
-            capture_output=True, text=True, timeout=120, check=False, env=demo_env(tmp_path))
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stderr == ""  # the daemon's log is in the state folder, not here
-        out = done.stdout
-        assert "web-2/nginx      degraded" in out and "db-1/postgres    degraded (stuck)" in out
-        assert out.count("succeeded: fixed") == 2, f"demo {attempt}:\n{out}"
-        assert "3 runs: 2 fixed and verified from telemetry, 1 escalated to a human." in out
-        assert len(run_ids(out)) == 3 and all(len(i) == 20 for i in run_ids(out)), out
-        assert_told_in_order(out)
-        assert "/v1/runs" not in out  # --exit: no API left to point at
-        (folder,) = re.findall(r"State and log of this demo: (\S+) ", out)
-        assert Path(folder).parent == tmp_path
-        assert "ESCALATED: postgres on db-1" in (Path(folder) / "loopd.log").read_text()
-    assert len(list(tmp_path.glob("loopd-demo-*"))) == 2  # one folder of state per demo
+    """A `loopd demo --exit`, then a `loopd demo` (within the rule's 10-minute throttle):
+    each detects three faults, fixes and verifies two, escalates one and counts only its
+    own runs, in a timeline in the order things happened, with no log record in it. The
+    first exits; the second keeps its API up, where each run id it printed is found at
+    /v1/runs/<id>, until Ctrl-C stops it with exit 0 and no traceback."""
+    done = await asyncio.create_subprocess_exec(
+        str(LOOPD), "demo", "--exit", "-c", str(DEMO), "--listen", f"127.0.0.1:{free_port()}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=demo_env(tmp_path))
+    out_b, err_b = await asyncio.wait_for(done.communicate(), 120)
+    assert done.returncode == 0, err_b.decode()[-2000:]
+    assert err_b == b""  # the daemon's log is in the state folder, not here
+    assert_the_story(out_b.decode(), 1)
+    assert "/v1/runs" not in out_b.decode()  # --exit: no API left to point at
+    (folder,) = re.findall(r"State and log of this demo: (\S+) ", out_b.decode())
+    assert list(demo_logs(tmp_path)) == [Path(folder)]
 
-
-async def test_the_printed_run_ids_resolve_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
-    """Without --exit the API stays up: each run id the demo printed is found at
-    /v1/runs/<id>; Ctrl-C then stops the demo with exit 0 and no traceback."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         str(LOOPD), "demo", "-c", str(DEMO), "--listen", f"127.0.0.1:{port}",
@@ -84,6 +89,7 @@ async def test_the_printed_run_ids_resolve_and_ctrl_c_stops_cleanly(tmp_path: Pa
                 line = await proc.stdout.readline()
                 assert line, f"the demo ended early:\n{out}"
                 out += line.decode()
+        assert_the_story(out, 2)
         assert f"loopd runs --url http://127.0.0.1:{port}" in out
         async with aiohttp.ClientSession() as http:
             for run_id in run_ids(out):
@@ -99,6 +105,9 @@ async def test_the_printed_run_ids_resolve_and_ctrl_c_stops_cleanly(tmp_path: Pa
     assert proc.returncode == 0
     assert "loopd demo: stopped." in rest.decode()
     assert "Traceback" not in err.decode() and "Traceback" not in rest.decode()
+    logs = demo_logs(tmp_path)  # one folder of state per demo, each its own escalation
+    assert len(logs) == 2 and Path(folder) in logs
+    assert all("ESCALATED: postgres on db-1" in log for log in logs.values())
 
 
 def test_a_taken_port_fails_at_once_with_a_hint(tmp_path: Path) -> None:

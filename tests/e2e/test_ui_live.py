@@ -5,11 +5,13 @@ token rotated away ends the streams opened with it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from loopd.ui import live
 from tests.e2e.conftest import Factory
 from tests.e2e.daemon import Config, LoopdProcess
 from tests.servers import wait_until
@@ -73,7 +75,8 @@ async def test_streams_are_capped_per_token_and_a_closed_one_frees_its_place(
 async def test_a_token_rotated_away_ends_the_streams_it_opened(
         config: Config, loopd_factory: Factory, tmp_path: Path) -> None:
     """The viewer token's file gets a new value and loopd reloads: the stream opened with
-    the old value ends (within its recheck), and the old value opens no new one."""
+    the old value ends at its next poll (not at its periodic recheck, 15 polls away), and
+    the old value opens no new one."""
     viewer_file = tmp_path / "viewer"
     _config(config, viewer_file)
     daemon = loopd_factory(config, {"LIVE_ADMIN": ADMIN}, token=ADMIN)
@@ -87,6 +90,9 @@ async def test_a_token_rotated_away_ends_the_streams_it_opened(
         async def ended() -> bytes:
             return await stream.content.read()  # to the end of the stream
 
+        began = time.monotonic()
         await asyncio.wait_for(ended(), 60)
+        # a second's poll, with room for a slow machine, and short of the recheck's 15 s
+        assert time.monotonic() - began < live.RECHECK * live.POLL * 2 / 3
         stream.release()
         assert (await _open(session, daemon, VIEWER)).status == 401
