@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 
 from benchmarks.common import ROOT, alerts, percentile, write_rules
-from benchmarks.kafka_mode import _cpu_s, _peak_rss_mb
+from benchmarks.kafka_mode import _cpu_s, _rss_mb
 
 PER_REQUEST = 10
 CLIENTS = 8
@@ -130,7 +130,7 @@ async def http(rules: int, events: int, folder: Path) -> dict[str, object]:
                     await asyncio.sleep(delay)
                 waits.append(asyncio.create_task(timed(body)))
             await asyncio.gather(*waits)
-        rss = _peak_rss_mb(daemon.pid)
+        rss = _rss_mb(daemon.pid, "VmHWM")
     finally:
         daemon.terminate()
         await daemon.wait()

@@ -121,7 +121,7 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
                 done = await _samples(http, port)  # every sample, once the run is over
             matched = int(sum(v for k, v in done.items()
                               if k.startswith("loopd_rule_matches_total")))
-            rss = _peak_rss_mb(daemon.pid)
+            rss = _rss_mb(daemon.pid, "VmHWM")
         finally:
             daemon.terminate()
             await daemon.wait()
@@ -188,16 +188,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_mb(pid: int) -> float:
-    """The process's resident memory now, in MiB."""
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory now (``VmHWM``: its peak so far), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0

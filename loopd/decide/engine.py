@@ -167,7 +167,6 @@ class Engine:
         self._outcomes_topic = outcomes_topic  # a run's end is an event on this topic
         self.matches: Counter[str] = Counter()
         self._batch_max = batch_max
-        self._dedup_window = dedup_window
         self._written: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=2)
         self._recent = RecentEvents(dedup_window)
         self.guards = guards or Guards(GlobalGuards(), self.inventory)
@@ -220,7 +219,7 @@ class Engine:
         """Restore what the store knows, before the first delivery. ``claimed``: the active
         runs this replica claimed (``Dispatcher.claim``); the others are another replica's."""
         state = await self.store.load_state(
-            since=time.time() - THROTTLE_MEMORY, recent=self._dedup_window)
+            since=time.time() - THROTTLE_MEMORY, recent=self._recent.size)
         if open_runs is None:
             open_runs = await self.store.runs_in_status((*states.ACTIVE, states.QUEUED))
         # Incidents whose runs another replica executes stay out of memory: that replica
@@ -511,9 +510,8 @@ class Engine:
     async def _decider(self) -> None:
         queue, inbox, wake = self.queue, self.inbox, self._wake
         while True:
-            if not inbox and queue.empty():
-                metrics.queue_depth(0)
             while not inbox and queue.empty():
+                metrics.queue_depth(0)
                 due = self._timer_due()
                 if due is not None and due <= 0:
                     break

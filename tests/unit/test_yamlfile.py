@@ -27,11 +27,7 @@ DOCUMENTS = [
 @pytest.mark.parametrize("text", DOCUMENTS)
 def test_compose_builds_what_pyyaml_builds(text: str) -> None:
     data, node = yamlfile.compose(text)
-    loader = yamlfile.Loader(text)
-    try:
-        expected = loader.get_single_data()
-    finally:
-        loader.dispose()
+    expected = yamlfile.load(text)  # PyYAML's constructor, with the same Loader
     assert data == expected
     assert type(data) is type(expected)
     assert node is not None
@@ -66,12 +62,8 @@ def test_an_unhashable_key_is_pyyamls_error() -> None:
     "a: !!pairs foo\n", "? !!map foo\n: 1\n", "rules: !!seq nope\n", "a: !unknown x\n",
 ])
 def test_what_pyyaml_refuses_is_refused_with_its_error(text: str) -> None:
-    loader = yamlfile.Loader(text)
-    try:
-        with pytest.raises(yaml.YAMLError) as expected:
-            loader.get_single_data()
-    finally:
-        loader.dispose()
+    with pytest.raises(yaml.YAMLError) as expected:
+        yamlfile.load(text)
     with pytest.raises(yaml.YAMLError) as got:
         yamlfile.compose(text)
     assert str(got.value) == str(expected.value)
