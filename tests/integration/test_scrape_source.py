@@ -256,15 +256,17 @@ async def test_names_unfit_for_a_topic_are_dropped_and_max_series_counts_kept_on
 async def test_a_huge_body_is_bounded_in_cpu_and_read_only_up_to_max_series() -> None:
     """A 335 kB gzip inflating to 60 MiB fails as too large by default (``max_payload``
     16 MiB); with a larger limit it is read up to ``max_series`` and the rest counted, in
-    well under a second of CPU (it took 5 s when every line was read)."""
+    well under a second of CPU (it took 5 s when every line was read). The timeouts are
+    long: what is bounded is CPU, and a busy machine must not turn too_large into timeout."""
     lines = 12 * 1024 * 1024  # "ab 1\n" each: 60 MiB
+    slow = {"interval": "60s", "timeout": "50s"}
     async with MetricsTarget.serve(gzip=True, body="ab 1\n" * lines) as target:
         emit = Collector()
-        await scrape(ScrapeSource(config([target.target])), emit)
+        await scrape(ScrapeSource(config([target.target], **slow)), emit)
         assert sample("loopd_scrape_failures_total", source="node", target=target.target,
                       reason="too_large") == 1
         source = ScrapeSource(config([target.target], max_payload=64 * 1024 * 1024,
-                                     max_series=1000))
+                                     max_series=1000, **slow))
         emit = Collector()
         before = time.process_time()
         await scrape(source, emit)
