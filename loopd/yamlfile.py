@@ -57,6 +57,41 @@ class _Unusual(Exception):
     """A node the plain walk leaves to PyYAML (see ``_construct``)."""
 
 
+# what PyYAML's scalar constructors raise for a value their tag cannot read (``!!int x``:
+# ValueError, ``!!bool maybe``: KeyError), bare, without the node's line
+_UNREADABLE = (ValueError, TypeError, KeyError, OverflowError)
+
+
+def _scalar(loader: Any, node: yaml.ScalarNode) -> Any:
+    try:
+        return loader.construct_object(node)
+    except _UNREADABLE:
+        tag = node.tag.rpartition(":")[2]
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value!r} is not a valid !!{tag}", node.start_mark) from None
+
+
+def _first_unreadable(loader: Any, root: yaml.Node) -> None:
+    """Raise the ConstructorError of the first scalar (document order) its tag cannot
+    read; nothing when every one reads."""
+    # the failed construct_document left the nodes it was in the middle of as recursive
+    loader.constructed_objects, loader.recursive_objects = {}, {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag in _SCALARS:
+                _scalar(loader, node)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in reversed(node.value) for n in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+
+
 def _construct(loader: Any, root: yaml.Node) -> Any:
     """The document of ``root``, as ``loader.construct_document`` makes it, in one walk:
     PyYAML's constructor went through generators and checks for every node, half of the
@@ -66,7 +101,8 @@ def _construct(loader: Any, root: yaml.Node) -> Any:
     ``=`` value key, another tag, a collection tag on a scalar) leaves the whole document
     to the loader, so what it makes and the errors it raises stay PyYAML's. (A document
     with several scalars that cannot be read, ``!!int x``, names the first in document
-    order; PyYAML may name another.)"""
+    order, at its line, as a ConstructorError: PyYAML raised a bare ValueError or
+    KeyError, which ended ``loopd check`` in a traceback.)"""
     made: dict[int, Any] = {}  # collection node -> its value (aliases, recursion)
 
     def walk(node: yaml.Node) -> Any:
@@ -74,7 +110,7 @@ def _construct(loader: Any, root: yaml.Node) -> Any:
             if node.tag == _STR:
                 return node.value
             if node.tag in _SCALARS:
-                return loader.construct_object(node)
+                return _scalar(loader, node)
             raise _Unusual
         done = made.get(id(node))
         if done is not None:
@@ -97,7 +133,12 @@ def _construct(loader: Any, root: yaml.Node) -> Any:
     try:
         return walk(root)
     except _Unusual:
+        pass
+    try:
         return loader.construct_document(root)
+    except _UNREADABLE:
+        _first_unreadable(loader, root)  # the scalar, at its line
+        raise
 
 
 def error_where(exc: yaml.YAMLError, path: Path | str) -> tuple[str, str]:

@@ -321,6 +321,23 @@ def test_a_file_that_does_not_parse_keeps_its_previous_rules(tmp_path: Path,
     assert [r.name for r in load_rules([folder], registry.check_target).rules] == []
 
 
+def test_a_scalar_its_tag_cannot_read_is_reported_by_every_loader_at_its_line(
+        check: Check, site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``!!int x`` ended ``loopd check`` in a ValueError traceback: now every loader
+    names the file, the line and the value, and the other files are still checked."""
+    broken = "a: 1\nb: !!int x\n"
+    code, errors = check(rules__r_yaml=broken, packs__p__workflows__w_yaml=broken,
+                         packs__q__pack_yaml=broken, inventory_yaml=broken)
+    assert code == EXIT_INVALID
+    assert sorted(errors) == sorted(
+        f"error: SITE/{name}:2: invalid YAML: 'x' is not a valid !!int" for name in
+        ("inventory.yaml", "packs/q/pack.yaml", "packs/p/workflows/w.yaml", "rules/r.yaml"))
+    (site / "loopd.yaml").write_text(broken)
+    assert main(["check", "-c", str(site / "loopd.yaml")]) == EXIT_INVALID
+    assert capsys.readouterr().err == \
+        f"loopd: {site}/loopd.yaml:2: invalid YAML: 'x' is not a valid !!int\n"
+
+
 def test_every_loader_reports_invalid_yaml_alike(check: Check, site: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Rule files, pack manifests, workflows and the inventory report a YAML syntax error

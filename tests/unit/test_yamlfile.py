@@ -67,3 +67,22 @@ def test_what_pyyaml_refuses_is_refused_with_its_error(text: str) -> None:
     with pytest.raises(yaml.YAMLError) as got:
         yamlfile.compose(text)
     assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize(("text", "line", "problem"), [
+    ("a: 1\nb: !!int x\n", 2, "'x' is not a valid !!int"),
+    ("a:\n  - !!float nope\n", 2, "'nope' is not a valid !!float"),
+    ("when: !!timestamp 2026-13-45\n", 1, "'2026-13-45' is not a valid !!timestamp"),
+    ("a: !!bool maybe\n", 1, "'maybe' is not a valid !!bool"),
+    # the same scalar under a merge key, which leaves the document to PyYAML
+    ("base: &b {n: 1}\nm: {<<: *b, bad: !!int y}\n", 2, "'y' is not a valid !!int"),
+])
+def test_a_scalar_its_tag_cannot_read_is_a_yaml_error_at_its_line(
+        text: str, line: int, problem: str) -> None:
+    """``!!int x`` made PyYAML raise a bare ValueError (or KeyError for ``!!bool``), which
+    no loader catches: ``loopd check`` ended in a traceback. It is a YAML error at the
+    scalar's line, reported like a syntax error."""
+    with pytest.raises(yaml.YAMLError) as info:
+        yamlfile.compose(text)
+    where, message = yamlfile.error_where(info.value, "r.yaml")
+    assert (where, message) == (f"r.yaml:{line}", f"invalid YAML: {problem}")
