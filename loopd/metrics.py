@@ -377,7 +377,8 @@ def correlation_state(groups: int, absences: int, partials: int) -> None:
 
 
 def guard_suppressed(rule: str, guard: str) -> None:
-    _CURRENT.get(_PROCESS).guard_suppressions.labels(rule, guard).inc()
+    m = _CURRENT.get(_PROCESS)  # per event (a throttled stream): the kept child
+    m.child(m.guard_suppressions, rule, guard).inc()
 
 
 def circuit(rule: str, is_open: bool) -> None:
