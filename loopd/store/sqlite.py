@@ -362,43 +362,14 @@ class SqliteStore:
                     if not ops[0][1].done():
                         ops[0][1].set_result(plain)
                     return None
-            # IMMEDIATE: take the write lock up front, so a second process on the same file
-            # waits (busy_timeout) instead of failing half-way through the transaction.
-            await db.execute("BEGIN IMMEDIATE")
-            i = 0
-            while i < len(ops):
-                op = ops[i][0]
-                if isinstance(op, Batch):
-                    results.append(await self._batch(op))
-                    i += 1
-                    continue
-                if isinstance(op, _Check):
-                    checks = [op]
-                    i += 1
-                    while i < len(ops) and isinstance(ops[i][0], _Check):
-                        checks.append(ops[i][0])  # type: ignore[arg-type]
-                        i += 1
-                    results += await self._checked(checks)
-                    continue
-                if isinstance(op, _Fenced):
-                    fenced = [op]
-                    i += 1
-                    while i < len(ops) and isinstance(ops[i][0], _Fenced) \
-                            and ops[i][0].sql == op.sql:  # type: ignore[union-attr]
-                        fenced.append(ops[i][0])  # type: ignore[arg-type]
-                        i += 1
-                    results += await self._fenced(fenced)
-                    continue
-                sql, rows = op[0], [op[1]]
-                i += 1
-                results.append(None)
-                while i < len(ops) and not isinstance(ops[i][0], Batch | _Fenced | _Check) \
-                        and ops[i][0][0] == sql:  # type: ignore[index]
-                    rows.append(ops[i][0][1])  # type: ignore[index]
-                    results.append(None)
-                    i += 1
-                await db.executemany(sql, rows)
-            await db.execute("COMMIT")
+            steps = self._steps(ops)
+            if steps is not None:  # the whole group in one hop (sqlite_fast.write_steps)
+                answers = await db._execute(  # type: ignore[no-untyped-call]
+                    fast.write_steps, db._conn, steps)
+                if answers is not None:
+                    results = self._answers(ops, steps, answers)
+            if not results:
+                await self._regular(db, ops, results)
         except Exception as exc:
             # Whatever failed, never leave the transaction open (every later write would
             # fail) nor a waiter of this group without an answer (it would hang).
@@ -416,6 +387,107 @@ class SqliteStore:
             else:
                 done.set_result(result)
         return None
+
+    def _steps(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
+               ) -> list[fast.Step] | None:
+        """The group as sqlite_fast steps (consecutive checks, fenced writes of one
+        statement and plain statements of one statement each one step, as ``_regular``
+        groups them); None when it holds a batch that is not plain."""
+        steps: list[fast.Step] = []
+        for op, _ in ops:
+            last = steps[-1] if steps else None
+            if isinstance(op, Batch):
+                if not fast.plain(op):
+                    return None
+                for run in op.runs:
+                    run.owner = self.replica
+                steps.append(("batch", op, [self._run_row(r) for r in op.runs]))
+            elif isinstance(op, _Check):
+                if last is not None and last[0] == "check":
+                    last[1].append(op.run_id)
+                    last[2][1].append(op.epoch)
+                else:
+                    steps.append(("check", [op.run_id], (self.replica, [op.epoch])))
+            elif isinstance(op, _Fenced):
+                if last is not None and last[0] == "fenced" and last[1] == op.sql:
+                    last[2].append(op.params)
+                else:
+                    steps.append(("fenced", op.sql, [op.params]))
+            elif last is not None and last[0] == "sql" and last[1] == op[0]:
+                last[2].append(op[1])
+            else:
+                steps.append(("sql", op[0], [op[1]]))
+        return steps
+
+    def _answers(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]],
+                 steps: list[fast.Step], answers: list[Any]
+                 ) -> list[CommitResult | LeaseLost | None]:
+        """Each writer's result from its step's answer, as ``_regular`` gives them."""
+        results: list[CommitResult | LeaseLost | None] = []
+        writers = iter(op for op, _ in ops)
+        for (kind, first, _), answer in zip(steps, answers, strict=True):
+            if kind == "batch":
+                next(writers)
+                self._held.update((r.id, r.epoch) for r in first.runs)
+                results.append(CommitResult())
+            elif kind == "check":
+                for held in answer:
+                    next(writers)
+                    results.append(CommitResult() if held else None)
+            elif kind == "fenced":
+                for changed in answer:
+                    op = next(writers)
+                    assert isinstance(op, _Fenced)
+                    results.append(None if changed else self._lost(op.run_id))
+            else:
+                for _ in range(answer):
+                    next(writers)
+                    results.append(None)
+        return results
+
+    async def _regular(self, db: aiosqlite.Connection,
+                       ops: list[tuple[Op, asyncio.Future[CommitResult | None]]],
+                       results: list[CommitResult | LeaseLost | None]) -> None:
+        """The group in a hop per batch (a batch that is not plain reads and decides as it
+        writes), per run of checks and per run of one statement; its results appended to
+        ``results``."""
+        # IMMEDIATE: take the write lock up front, so a second process on the same file
+        # waits (busy_timeout) instead of failing half-way through the transaction.
+        await db.execute("BEGIN IMMEDIATE")
+        i = 0
+        while i < len(ops):
+            op = ops[i][0]
+            if isinstance(op, Batch):
+                results.append(await self._batch(op))
+                i += 1
+                continue
+            if isinstance(op, _Check):
+                checks = [op]
+                i += 1
+                while i < len(ops) and isinstance(ops[i][0], _Check):
+                    checks.append(ops[i][0])  # type: ignore[arg-type]
+                    i += 1
+                results += await self._checked(checks)
+                continue
+            if isinstance(op, _Fenced):
+                fenced = [op]
+                i += 1
+                while i < len(ops) and isinstance(ops[i][0], _Fenced) \
+                        and ops[i][0].sql == op.sql:  # type: ignore[union-attr]
+                    fenced.append(ops[i][0])  # type: ignore[arg-type]
+                    i += 1
+                results += await self._fenced(fenced)
+                continue
+            sql, rows = op[0], [op[1]]
+            i += 1
+            results.append(None)
+            while i < len(ops) and not isinstance(ops[i][0], Batch | _Fenced | _Check) \
+                    and ops[i][0][0] == sql:  # type: ignore[index]
+                rows.append(ops[i][0][1])  # type: ignore[index]
+                results.append(None)
+                i += 1
+            await db.executemany(sql, rows)
+        await db.execute("COMMIT")
 
     async def _fenced(self, ops: list[_Fenced]) -> list[LeaseLost | None]:
         """Fenced writes of one statement, as one ``executemany``: when every row changed

@@ -10,16 +10,21 @@ Two replicas are two stores on the same durable location (``impl(replica=...)``)
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from loopd.errors import LeaseLost
 from loopd.store.base import (
+    AuditQuery,
     Batch,
     BreakerRecord,
     CommandRecord,
+    CommitResult,
+    DecisionQuery,
     DecisionRecord,
     EventRecord,
     IncidentRecord,
@@ -27,7 +32,7 @@ from loopd.store.base import (
     RunRecord,
     StepRecord,
 )
-from tests.unit.test_store_contract import Opener, impl
+from tests.unit.test_store_contract import Opener, _audit, impl
 
 __all__ = ["impl"]  # the fixture, with its params (one per implementation)
 
@@ -276,3 +281,60 @@ async def test_a_closed_incident_is_never_opened_again(impl: Opener) -> None:
     await a.commit(Batch(incidents={stale.id: stale}))
     (stored,) = await a.list_incidents()
     assert (stored.status, stored.outcome, stored.events) == ("closed", "fixed", 2)
+
+
+async def test_writers_queued_together_each_get_their_own_answer(impl: Opener) -> None:
+    """Writers queued while a commit is written share the next transaction (SQLite writes
+    a group of plain batches, lease checks, fenced run writes and plain statements in one
+    hop; a group with a batch it must decide goes the regular way): each writer still
+    gets its own answer, a run taken over is refused and changes nothing, every other
+    record is written once."""
+    a, b = await _two(impl)
+    held, lost = _run("held", status="running"), _run("lost")
+    await a.commit(Batch(runs=[held, lost]))
+    assert set(await b.claim_runs(("pending",), lease=0.0)) == {"lost"}
+    now = time.time()
+    first = _decided(_run("new-1", key="web-11"))
+
+    def step(run_id: str, seq: int) -> StepRecord:
+        return StepRecord(run_id, seq, "action", "core.noop", 1, "running", now)
+
+    def saved(run: RunRecord, status: str) -> RunRecord:
+        run.status = status
+        return run
+
+    answers = await asyncio.gather(
+        a.commit(_decided(_run("new-0", key="web-10"))),  # alone: the others queue behind
+        a.commit(first), a.holds("held"), a.holds("lost"),
+        a.save_run(saved(held, "succeeded")), a.save_run(saved(lost, "running")),
+        a.save_step(step("held", 1)), a.save_step(step("lost", 1)),
+        a.append_audit(_audit(1)), a.append_audit(_audit(2)), return_exceptions=True)
+    assert [type(x).__name__ for x in answers] == [
+        "CommitResult", "CommitResult", "bool", "bool", "NoneType", "LeaseLost",
+        "NoneType", "LeaseLost", "NoneType", "NoneType"]
+    assert answers[2:4] == [True, False] and not answers[0] and not answers[1]
+    stored_lost, stored_held = await b.get_run("lost"), await b.get_run("held")
+    assert stored_lost is not None and (stored_lost.owner, stored_lost.status) == \
+        ("b", "pending")
+    assert stored_held is not None and stored_held.status == "succeeded"
+    assert [s.seq for s in await b.steps("held")] == [1] and await b.steps("lost") == []
+    assert [r.request for r in await b.audit(AuditQuery())] == ["req-2", "req-1"]
+
+    # the event of a batch decided before, decided again (a redelivery: another run and
+    # incident), among the writers: its duplicate is named, its run is not created, and
+    # the writers with it are written once
+    redelivered = _decided(_run("new-1b", key="web-13"))
+    redelivered.decisions = [replace(d, event_id="ev-new-1") for d in redelivered.decisions]
+    again = await asyncio.gather(
+        a.commit(_decided(_run("new-2", key="web-12"))), a.commit(redelivered),
+        a.save_step(step("held", 2)),
+        a.holds("held"), a.append_audit(_audit(3)), return_exceptions=True)
+    assert [type(x).__name__ for x in again] == [
+        "CommitResult", "CommitResult", "NoneType", "bool", "NoneType"]
+    assert isinstance(again[1], CommitResult)
+    assert again[1].duplicates == {("am", "ev-new-1", "r")} and again[3] is True
+    assert again[1].skipped_runs == {"new-1b"} and await b.get_run("new-1b") is None
+    assert [s.seq for s in await b.steps("held")] == [1, 2]
+    assert [r.request for r in await b.audit(AuditQuery())] == ["req-3", "req-2", "req-1"]
+    decided = await b.decisions(DecisionQuery())
+    assert sorted(d.event_id for d in decided) == ["ev-new-0", "ev-new-1", "ev-new-2"]

@@ -604,3 +604,32 @@ async def test_processes_opening_a_new_sqlite_file_together_migrate_it_once(
         await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_one_rejected_sqlite_writer_fails_alone_in_a_mixed_group(tmp_path: Path) -> None:
+    """A group SQLite writes in one hop (plain batches, a run's saves and an audit row):
+    the batch whose decision breaks NOT NULL gets StoreRejected, every other writer's
+    record is durable once."""
+    store = SqliteStore(tmp_path / "loopd.db")
+    await store.open()
+    try:
+        now = time.time()
+        run = _run("run-1")
+        await store.commit(Batch(runs=[run]))
+        writes = [store.commit(Batch(decisions=[DecisionRecord(
+            "w", f"e{i}", None if i == 3 else "r", "k", "suppressed", None, now)]))  # type: ignore[arg-type]
+            for i in range(6)]
+        run.status = "running"
+        results = await asyncio.gather(
+            *writes, store.save_run(run), store.append_audit(_audit(1)),
+            return_exceptions=True)
+        assert [type(r).__name__ for r in results] == [
+            "CommitResult", "CommitResult", "CommitResult", "StoreRejected", "CommitResult",
+            "CommitResult", "NoneType", "NoneType"]
+        assert "NOT NULL" in str(results[3])
+        assert await store.count_decisions() == 5
+        stored = await store.get_run("run-1")
+        assert stored is not None and stored.status == "running"
+        assert len(await store.audit(AuditQuery())) == 1
+    finally:
+        await store.close()
