@@ -47,7 +47,7 @@ from loopd.store.base import (
     RunRecord,
     StepRecord,
 )
-from loopd.store.group import write_group
+from loopd.store.group import write_in_turn
 from loopd.store.postgres_batch import Answer, Conn, Group, Op, SaveRun, SaveStep, Statement
 from loopd.store.postgres_batch import text as _text
 from loopd.store.postgres_reads import REJECTED, PostgresReads, Scrubber, configure, describe
@@ -219,16 +219,18 @@ class PostgresStore(PostgresReads):
 
     # -- the group commit -------------------------------------------------------------
 
+    def _take(self, done: asyncio.Future[Answer]) -> list[tuple[Op, asyncio.Future[Answer]]] | None:
+        """All that waits, unless another writer wrote ``done``'s op meanwhile."""
+        if done.done():
+            return None
+        ops, self._queue = self._queue, []
+        return ops
+
     async def _submit(self, op: Op) -> Answer:
         done: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._queue.append((op, done))
-        async with self._lock:
-            if not done.done():  # nobody wrote it for us meanwhile: write all that waits
-                ops, self._queue = self._queue, []
-                # Shielded: a cancelled writer (a run being cancelled) must not leave the
-                # other writers of its group without an answer. The write ends by itself
-                # (bounded by the timeout), so the shield's inner task needs no owner.
-                await asyncio.shield(write_group(ops, self._write_all))
+        # the write is bounded by the store's timeout, so a turn is never held for good
+        await write_in_turn(self._lock, lambda: self._take(done), self._write_all)
         answer = await done
         if isinstance(answer, LeaseLost):
             raise answer

@@ -52,7 +52,7 @@ from loopd.store.base import (
 )
 from loopd.store.codec import dump as _dump
 from loopd.store.codec import load as _load
-from loopd.store.group import write_group
+from loopd.store.group import write_in_turn
 from loopd.store.sqlite_schema import (
     APPEND_AUDIT,
     INSERT_DECISION,
@@ -338,14 +338,15 @@ class SqliteStore:
     async def _submit(self, op: Op) -> CommitResult | None:
         done: asyncio.Future[CommitResult | None] = asyncio.get_running_loop().create_future()
         self._queue.append((op, done))
-        async with self._lock:
-            if not done.done():  # nobody wrote it for us meanwhile: write all that waits
-                ops, self._queue = self._queue, []
-                # Shielded: a cancelled writer (a run being cancelled) must not leave the
-                # transaction open, nor the other writers of its group without an answer.
-                # The write ends by itself, so the shield's inner task needs no owner.
-                await asyncio.shield(write_group(ops, self._write_all))
+        await write_in_turn(self._lock, lambda: self._take(done), self._write_all)
         return await done
+
+    def _take(self, done: asyncio.Future[Any]) -> list[tuple[Op, asyncio.Future[Any]]] | None:
+        """All that waits, unless another writer wrote ``done``'s op meanwhile."""
+        if done.done():
+            return None
+        ops, self._queue = self._queue, []
+        return ops
 
     async def _write_all(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
                          ) -> StoreError | None:
@@ -355,14 +356,15 @@ class SqliteStore:
         except StoreError as exc:
             return exc
         try:
-            if len(ops) == 1 and isinstance(ops[0][0], Batch) and fast.plain(ops[0][0]):
-                # the common case alone in its group: BEGIN to COMMIT in one hop
-                plain = await self._plain(ops[0][0], whole=True)
+            alone = len(ops) == 1 and isinstance(ops[0][0], Batch) and fast.plain(ops[0][0])
+            if alone:  # the common case alone in its group: BEGIN to COMMIT in one hop
+                plain = await self._plain(ops[0][0], whole=True)  # type: ignore[arg-type]
                 if plain is not None:
                     if not ops[0][1].done():
                         ops[0][1].set_result(plain)
                     return None
-            steps = self._steps(ops)
+            # (a batch alone that met what the regular path decides goes there at once)
+            steps = None if alone else self._steps(ops)
             if steps is not None:  # the whole group in one hop (sqlite_fast.write_steps)
                 answers = await db._execute(  # type: ignore[no-untyped-call]
                     fast.write_steps, db._conn, steps)
@@ -491,16 +493,20 @@ class SqliteStore:
 
     async def _fenced(self, ops: list[_Fenced]) -> list[LeaseLost | None]:
         """Fenced writes of one statement, as one ``executemany``: when every row changed
-        the store, all were this replica's; otherwise each is written again alone (the
-        same values: harmless) to find those that changed nothing (``LeaseLost``)."""
+        the store, all were this replica's; otherwise each is written again alone, from
+        before the combined write (a run new to the store must not meet its own row, nor
+        its fence), to find those that changed nothing (``LeaseLost``)."""
         db = self.db
+        await db.execute("SAVEPOINT fenced")
         cur = await db.executemany(ops[0].sql, [op.params for op in ops])
-        if cur.rowcount == len(ops):
-            return [None] * len(ops)
-        answers: list[LeaseLost | None] = []
-        for op in ops:
-            cur = await db.execute(op.sql, op.params)
-            answers.append(None if cur.rowcount else self._lost(op.run_id))
+        answers: list[LeaseLost | None] = [None] * len(ops)
+        if cur.rowcount != len(ops):
+            await db.execute("ROLLBACK TO fenced")
+            answers = []
+            for op in ops:
+                cur = await db.execute(op.sql, op.params)
+                answers.append(None if cur.rowcount else self._lost(op.run_id))
+        await db.execute("RELEASE fenced")
         return answers
 
     def _lost(self, run_id: str) -> LeaseLost:

@@ -113,8 +113,8 @@ Step = tuple[str, Any, Any]
 def write_steps(conn: sqlite3.Connection, steps: list[Step]) -> list[Any] | None:
     """Each step's answer, all in one transaction: a batch True; checks whether each run
     is this replica's under its epoch; fenced writes whether each changed its row (the
-    regular path's rule: all at once, else each again alone, the same values, to find
-    which); a statement's rows, how many. None, with nothing written, when a batch met
+    regular path's rule: all at once, else each again alone from before that write, to
+    find which); a statement's rows, how many. None, with nothing written, when a batch met
     what only the regular path decides (see ``write``)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -135,10 +135,13 @@ def write_steps(conn: sqlite3.Connection, steps: list[Step]) -> list[Any] | None
                         f"({','.join('?' * len(ids))})", (replica, *ids)).fetchall())
                 answers.append([found.get(i) == e for i, e in zip(first, epochs, strict=True)])
             elif kind == "fenced":
+                conn.execute("SAVEPOINT fenced")
                 if conn.executemany(first, second).rowcount == len(second):
                     answers.append([True] * len(second))
-                else:
+                else:  # from before the combined write: a new run's row is not in yet
+                    conn.execute("ROLLBACK TO fenced")
                     answers.append([bool(conn.execute(first, p).rowcount) for p in second])
+                conn.execute("RELEASE fenced")
             else:
                 conn.executemany(first, second)
                 answers.append(len(second))

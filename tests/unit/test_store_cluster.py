@@ -326,15 +326,41 @@ async def test_writers_queued_together_each_get_their_own_answer(impl: Opener) -
     redelivered = _decided(_run("new-1b", key="web-13"))
     redelivered.decisions = [replace(d, event_id="ev-new-1") for d in redelivered.decisions]
     again = await asyncio.gather(
-        a.commit(_decided(_run("new-2", key="web-12"))), a.commit(redelivered),
-        a.save_step(step("held", 2)),
-        a.holds("held"), a.append_audit(_audit(3)), return_exceptions=True)
+        a.commit(_decided(_run("new-2", key="web-12"))), a.append_audit(_audit(3)),
+        a.commit(redelivered), a.save_step(step("held", 2)), a.holds("held"),
+        return_exceptions=True)
     assert [type(x).__name__ for x in again] == [
-        "CommitResult", "CommitResult", "NoneType", "bool", "NoneType"]
-    assert isinstance(again[1], CommitResult)
-    assert again[1].duplicates == {("am", "ev-new-1", "r")} and again[3] is True
-    assert again[1].skipped_runs == {"new-1b"} and await b.get_run("new-1b") is None
+        "CommitResult", "NoneType", "CommitResult", "NoneType", "bool"]
+    assert isinstance(again[2], CommitResult)
+    assert again[2].duplicates == {("am", "ev-new-1", "r")} and again[4] is True
+    held_now = await b.get_run("held")
+    assert held_now is not None and (held_now.owner, held_now.epoch) == ("a", held.epoch)
+    assert again[2].skipped_runs == {"new-1b"} and await b.get_run("new-1b") is None
     assert [s.seq for s in await b.steps("held")] == [1, 2]
     assert [r.request for r in await b.audit(AuditQuery())] == ["req-3", "req-2", "req-1"]
     decided = await b.decisions(DecisionQuery())
     assert sorted(d.event_id for d in decided) == ["ev-new-0", "ev-new-1", "ev-new-2"]
+
+
+async def test_a_new_run_saved_beside_a_run_taken_over_is_held_and_written(
+        impl: Opener) -> None:
+    """A run new to the store (a workflow's child) saved in the same group as a run this
+    replica lost: the combined write changes fewer rows than it has, so each is written
+    again alone, from before the combined write (review: the new run's row was already
+    in, its second insert met the fence and it was refused with LeaseLost, then held by
+    no one while this replica lived)."""
+    a, b = await _two(impl)
+    lost = _run("lost")
+    await a.commit(Batch(runs=[lost]))
+    assert set(await b.claim_runs(("pending",), lease=0.0)) == {"lost"}
+    child = _run("lost-parent/child", status="running")
+    lost.status = "running"
+    answers = await asyncio.gather(
+        a.append_audit(_audit(1)),  # alone: the two saves queue behind it, one group
+        a.save_run(child), a.save_run(lost), return_exceptions=True)
+    assert [type(x).__name__ for x in answers] == ["NoneType", "NoneType", "LeaseLost"]
+    assert await a.holds(child.id) and not await a.holds("lost")
+    child.status = "succeeded"
+    await a.save_run(child)
+    stored = await b.get_run(child.id)
+    assert stored is not None and (stored.owner, stored.status) == ("a", "succeeded")

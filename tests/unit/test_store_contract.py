@@ -7,6 +7,7 @@ Each implementation is one ``params`` entry of the ``impl`` fixture; a new store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,8 @@ from loopd.store.base import (
     AuditQuery,
     AuditRecord,
     Batch,
+    BreakerRecord,
+    CommitResult,
     DecisionQuery,
     DecisionRecord,
     EventRecord,
@@ -620,16 +623,40 @@ async def test_one_rejected_sqlite_writer_fails_alone_in_a_mixed_group(tmp_path:
             "w", f"e{i}", None if i == 3 else "r", "k", "suppressed", None, now)]))  # type: ignore[arg-type]
             for i in range(6)]
         run.status = "running"
+        # the first writes alone; the run's save and the audit row come before the
+        # rejected batch in the group, so its rollback undoes them before the retries
         results = await asyncio.gather(
-            *writes, store.save_run(run), store.append_audit(_audit(1)),
+            writes[0], store.save_run(run), store.append_audit(_audit(1)), *writes[1:],
             return_exceptions=True)
         assert [type(r).__name__ for r in results] == [
-            "CommitResult", "CommitResult", "CommitResult", "StoreRejected", "CommitResult",
-            "CommitResult", "NoneType", "NoneType"]
-        assert "NOT NULL" in str(results[3])
+            "CommitResult", "NoneType", "NoneType", "CommitResult", "CommitResult",
+            "StoreRejected", "CommitResult", "CommitResult"]
+        assert "NOT NULL" in str(results[5])
+        assert not any(r for r in results if isinstance(r, CommitResult))  # no duplicate
         assert await store.count_decisions() == 5
         stored = await store.get_run("run-1")
         assert stored is not None and stored.status == "running"
         assert len(await store.audit(AuditQuery())) == 1
     finally:
         await store.close()
+
+
+async def test_a_cancelled_writer_s_group_is_written_whole_before_the_next(
+        impl: Opener) -> None:
+    """A writer cancelled while its group is written (a run cancelled mid-save): the group
+    is still written whole, and the next group starts after it (review: the lock was
+    given back at the cancel, the next group's BEGIN met the open transaction and its
+    error handling rolled the first one back: a breaker lost, a kv row kept)."""
+    store = await impl()
+    now = time.time()
+    batch = Batch(breakers=[BreakerRecord("r", now, now + 60, "3 failures")],
+                  kv={("guards", "state"): {"n": 1}})  # not plain: several statements
+    writer = asyncio.create_task(store.commit(batch))
+    await asyncio.sleep(0)  # it holds the writers' turn and is writing
+    writer.cancel()
+    await store.append_audit(_audit(1))  # the next group: after the first, whole
+    with contextlib.suppress(asyncio.CancelledError):
+        await writer
+    assert [b.scope for b in await store.breakers()] == ["r"]
+    assert await store.kv_get("guards", "state") == {"n": 1}
+    assert len(await store.audit(AuditQuery())) == 1
