@@ -787,7 +787,9 @@ class SqliteStore:
         try:
             await self._submit(_Fenced(SAVE_RUN, (*self._run_row(run), self.replica, held),
                                        run.id))
-        except LeaseLost:
+        except (LeaseLost, asyncio.CancelledError):
+            # cancelled, the write goes on (shielded, in turn): a new run is stored and
+            # stays held (forgetting it here refused every later save of it)
             raise
         except BaseException:
             if held == -1:

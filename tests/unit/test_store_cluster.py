@@ -364,3 +364,32 @@ async def test_a_new_run_saved_beside_a_run_taken_over_is_held_and_written(
     await a.save_run(child)
     stored = await b.get_run(child.id)
     assert stored is not None and (stored.owner, stored.status) == ("a", "succeeded")
+    # the same beside a batch that is not plain (a breaker): SQLite's regular path
+    second = _run("lost-parent/second", status="running")
+    now = time.time()
+    answers = await asyncio.gather(
+        a.append_audit(_audit(2)),
+        a.commit(Batch(breakers=[BreakerRecord("r", now, now + 60, "3 failures")])),
+        a.save_run(second), a.save_run(lost), return_exceptions=True)
+    assert [type(x).__name__ for x in answers] == [
+        "NoneType", "CommitResult", "NoneType", "LeaseLost"]
+    assert await a.holds(second.id)
+
+
+async def test_a_new_runs_save_cancelled_mid_write_leaves_it_held(impl: Opener) -> None:
+    """The save of a run new to the store, cancelled while its group is written (a run
+    cancelled as it starts): the group is written whole, so the run is stored and stays
+    this replica's (review: the store forgot it held the run while the row went in, and
+    every later save was refused with LeaseLost, the run held by no one)."""
+    a = await impl(replica="a")
+    child = _run("parent/child", status="running")
+    saving = asyncio.create_task(a.save_run(child))
+    await asyncio.sleep(0)  # its group is being written
+    saving.cancel()
+    await asyncio.gather(saving, return_exceptions=True)
+    await a.append_audit(_audit(1))  # in the next group: the cancelled one is written
+    assert await a.holds(child.id)
+    child.status = "succeeded"
+    await a.save_run(child)
+    stored = await a.get_run(child.id)
+    assert stored is not None and (stored.owner, stored.status) == ("a", "succeeded")
