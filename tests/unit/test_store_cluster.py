@@ -367,11 +367,11 @@ async def test_a_new_run_saved_beside_a_run_taken_over_is_held_and_written(
     # the same beside a batch that is not plain (a breaker): SQLite's regular path
     second = _run("lost-parent/second", status="running")
     now = time.time()
-    answers = await asyncio.gather(
+    regular = await asyncio.gather(
         a.append_audit(_audit(2)),
         a.commit(Batch(breakers=[BreakerRecord("r", now, now + 60, "3 failures")])),
         a.save_run(second), a.save_run(lost), return_exceptions=True)
-    assert [type(x).__name__ for x in answers] == [
+    assert [type(x).__name__ for x in regular] == [
         "NoneType", "CommitResult", "NoneType", "LeaseLost"]
     assert await a.holds(second.id)
 
