@@ -435,13 +435,26 @@ def test_a_password_less_dsn_is_allowed_and_store_path_is_left_alone(
 async def test_a_commit_chosen_as_a_deadlock_victim_is_retried(
         postgres_dsn: str, stores: Open) -> None:
     """A group commit that PostgreSQL rolls back to break a deadlock is written again:
-    the writer sees its commit succeed, and the other transaction goes through too."""
+    the writer sees its commit succeed, and the other transaction goes through too.
+
+    PostgreSQL checks a waiting transaction for a deadlock once, deadlock_timeout after it
+    began to wait, and rolls back the one whose check finds the cycle. The store's
+    sessions wait 3 s before their check and the test's 60 s, so the store's check comes
+    after the cycle closed however slow the machine (with 1 s each, a busy machine let the
+    store's check pass before the test's second update, and the test's own was the one
+    rolled back)."""
     import psycopg
 
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
+        cur = await admin.execute("SELECT current_database()")
+        row = await cur.fetchone()
+        assert row is not None
+        await admin.execute(f'ALTER DATABASE "{row[0]}" SET deadlock_timeout = \'3s\'')
     store = await stores()
     first, second = _run("r1"), _run("r2")
     await store.commit(Batch(runs=[first, second]))
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as other:
+        await other.execute("SET deadlock_timeout = '60s'")
         await other.execute("UPDATE runs SET reason='other' WHERE id='r1'")  # holds r1
         # the store's statement locks r2, then waits for r1
         writing = asyncio.create_task(store.commit(Batch(run_updates=[second, first])))
