@@ -269,19 +269,6 @@ class SqliteStore:
             return False
         return await self._submit(_Check(run_id, epoch)) is not None
 
-    async def _checked(self, checks: list[_Check]) -> list[CommitResult | None]:
-        """Lease checks of one group in one query, answered as the group's writers are: a
-        result object (an empty CommitResult) for each run still held under its epoch,
-        None for the others (``holds`` tells them apart by ``is None``)."""
-        found: dict[str, int] = {}
-        for start in range(0, len(checks), 500):
-            ids = [c.run_id for c in checks[start:start + 500]]
-            async with self.db.execute(
-                    f"SELECT id, epoch FROM runs WHERE owner=? AND id IN ({_marks(ids)})",
-                    (self.replica, *ids)) as cur:
-                found.update((rid, int(ep)) for rid, ep in await cur.fetchall())
-        return [CommitResult() if found.get(c.run_id) == c.epoch else None for c in checks]
-
     def release(self, run_id: str) -> None:
         self._held.pop(run_id, None)
 
@@ -350,28 +337,22 @@ class SqliteStore:
 
     async def _write_all(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
                          ) -> StoreError | None:
-        results: list[CommitResult | LeaseLost | None] = []
         try:
             db = self.db  # a store closed under its writers fails them, never hangs them
         except StoreError as exc:
             return exc
+        steps = self._steps(ops)
         try:
-            alone = len(ops) == 1 and isinstance(ops[0][0], Batch) and fast.plain(ops[0][0])
-            if alone:  # the common case alone in its group: BEGIN to COMMIT in one hop
-                plain = await self._plain(ops[0][0], whole=True)  # type: ignore[arg-type]
-                if plain is not None:
-                    if not ops[0][1].done():
-                        ops[0][1].set_result(plain)
-                    return None
-            # (a batch alone that met what the regular path decides goes there at once)
-            steps = None if alone else self._steps(ops)
-            if steps is not None:  # the whole group in one hop (sqlite_fast.write_steps)
+            answers: list[Any] | None = None
+            if all(kind != "batch" or fast.plain(batch) for kind, batch, _ in steps):
+                # the common case: the whole group in one hop (sqlite_fast.write_steps)
                 answers = await db._execute(  # type: ignore[no-untyped-call]
-                    fast.write_steps, db._conn, steps)
-                if answers is not None:
-                    results = self._answers(ops, steps, answers)
-            if not results:
-                await self._regular(db, ops, results)
+                    fast.write_steps, db._conn,
+                    [("batch", b, self._owned_rows(b)) if kind == "batch" else (kind, b, x)
+                     for kind, b, x in steps])
+            if answers is None:  # a batch that is not plain, or one that met a duplicate
+                answers = await self._regular(db, steps)
+            results = self._answers(ops, steps, answers)
         except Exception as exc:
             # Whatever failed, never leave the transaction open (every later write would
             # fail) nor a waiter of this group without an answer (it would hang).
@@ -391,19 +372,15 @@ class SqliteStore:
         return None
 
     def _steps(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
-               ) -> list[fast.Step] | None:
-        """The group as sqlite_fast steps (consecutive checks, fenced writes of one
-        statement and plain statements of one statement each one step, as ``_regular``
-        groups them); None when it holds a batch that is not plain."""
+               ) -> list[fast.Step]:
+        """The group as sqlite_fast steps: each batch one, and consecutive checks,
+        fenced writes of one statement and plain statements of one statement one each (a
+        batch's runs' rows come in only when the whole group is written in one hop)."""
         steps: list[fast.Step] = []
         for op, _ in ops:
             last = steps[-1] if steps else None
             if isinstance(op, Batch):
-                if not fast.plain(op):
-                    return None
-                for run in op.runs:
-                    run.owner = self.replica
-                steps.append(("batch", op, [self._run_row(r) for r in op.runs]))
+                steps.append(("batch", op, None))
             elif isinstance(op, _Check):
                 if last is not None and last[0] == "check":
                     last[1].append(op.run_id)
@@ -421,17 +398,38 @@ class SqliteStore:
                 steps.append(("sql", op[0], [op[1]]))
         return steps
 
+    async def _regular(self, db: aiosqlite.Connection, steps: list[fast.Step]) -> list[Any]:
+        """The steps' answers, a hop each: a batch that is not plain reads and decides as
+        it writes (``_batch``), the others are ``sqlite_fast.step``."""
+        # IMMEDIATE: take the write lock up front, so a second process on the same file
+        # waits (busy_timeout) instead of failing half-way through the transaction.
+        await db.execute("BEGIN IMMEDIATE")
+        answers: list[Any] = []
+        for one in steps:
+            if one[0] == "batch":
+                answers.append(await self._batch(one[1]))
+            else:
+                answers.append(await db._execute(  # type: ignore[no-untyped-call]
+                    fast.step, db._conn, one))
+        await db.execute("COMMIT")
+        return answers
+
     def _answers(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]],
                  steps: list[fast.Step], answers: list[Any]
                  ) -> list[CommitResult | LeaseLost | None]:
-        """Each writer's result from its step's answer, as ``_regular`` gives them."""
+        """Each writer's result from its step's answer: a batch its CommitResult (True:
+        written in one hop, its runs now held); a check a result object when the run is
+        still held, None when not (``holds`` tells them apart by ``is None``); a fenced
+        write None, or LeaseLost when it changed nothing; a statement None."""
         results: list[CommitResult | LeaseLost | None] = []
         writers = iter(op for op, _ in ops)
         for (kind, first, _), answer in zip(steps, answers, strict=True):
             if kind == "batch":
                 next(writers)
-                self._held.update((r.id, r.epoch) for r in first.runs)
-                results.append(CommitResult())
+                if answer is True:
+                    self._held.update((r.id, r.epoch) for r in first.runs)
+                    answer = CommitResult()
+                results.append(answer)
             elif kind == "check":
                 for held in answer:
                     next(writers)
@@ -447,88 +445,29 @@ class SqliteStore:
                     results.append(None)
         return results
 
-    async def _regular(self, db: aiosqlite.Connection,
-                       ops: list[tuple[Op, asyncio.Future[CommitResult | None]]],
-                       results: list[CommitResult | LeaseLost | None]) -> None:
-        """The group in a hop per batch (a batch that is not plain reads and decides as it
-        writes), per run of checks and per run of one statement; its results appended to
-        ``results``."""
-        # IMMEDIATE: take the write lock up front, so a second process on the same file
-        # waits (busy_timeout) instead of failing half-way through the transaction.
-        await db.execute("BEGIN IMMEDIATE")
-        i = 0
-        while i < len(ops):
-            op = ops[i][0]
-            if isinstance(op, Batch):
-                results.append(await self._batch(op))
-                i += 1
-                continue
-            if isinstance(op, _Check):
-                checks = [op]
-                i += 1
-                while i < len(ops) and isinstance(ops[i][0], _Check):
-                    checks.append(ops[i][0])  # type: ignore[arg-type]
-                    i += 1
-                results += await self._checked(checks)
-                continue
-            if isinstance(op, _Fenced):
-                fenced = [op]
-                i += 1
-                while i < len(ops) and isinstance(ops[i][0], _Fenced) \
-                        and ops[i][0].sql == op.sql:  # type: ignore[union-attr]
-                    fenced.append(ops[i][0])  # type: ignore[arg-type]
-                    i += 1
-                results += await self._fenced(fenced)
-                continue
-            sql, rows = op[0], [op[1]]
-            i += 1
-            results.append(None)
-            while i < len(ops) and not isinstance(ops[i][0], Batch | _Fenced | _Check) \
-                    and ops[i][0][0] == sql:  # type: ignore[index]
-                rows.append(ops[i][0][1])  # type: ignore[index]
-                results.append(None)
-                i += 1
-            await db.executemany(sql, rows)
-        await db.execute("COMMIT")
-
-    async def _fenced(self, ops: list[_Fenced]) -> list[LeaseLost | None]:
-        """Fenced writes of one statement, as one ``executemany``: when every row changed
-        the store, all were this replica's; otherwise each is written again alone, from
-        before the combined write (a run new to the store must not meet its own row, nor
-        its fence), to find those that changed nothing (``LeaseLost``)."""
-        db = self.db
-        await db.execute("SAVEPOINT fenced")
-        cur = await db.executemany(ops[0].sql, [op.params for op in ops])
-        answers: list[LeaseLost | None] = [None] * len(ops)
-        if cur.rowcount != len(ops):
-            await db.execute("ROLLBACK TO fenced")
-            answers = []
-            for op in ops:
-                cur = await db.execute(op.sql, op.params)
-                answers.append(None if cur.rowcount else self._lost(op.run_id))
-        await db.execute("RELEASE fenced")
-        return answers
-
     def _lost(self, run_id: str) -> LeaseLost:
         self._held.pop(run_id, None)
         return LeaseLost(f"run {run_id} is no longer this replica's ({self.replica}): another "
                          "replica took it over; nothing was written", origin=str(self.path))
 
-    async def _plain(self, batch: Batch, *, whole: bool = False) -> CommitResult | None:
-        """``batch`` written in one hop to SQLite's thread (loopd.store.sqlite_fast); None
-        when it met something the regular path decides (nothing was written)."""
-        runs = batch.runs
-        for run in runs:
+    def _owned_rows(self, batch: Batch) -> list[tuple[Any, ...]]:
+        """The rows of ``batch``'s runs, this replica's (whoever writes a run holds it)."""
+        for run in batch.runs:
             run.owner = self.replica
-        rows = [self._run_row(r) for r in runs]
+        return [self._run_row(r) for r in batch.runs]
+
+    async def _plain(self, batch: Batch) -> CommitResult | None:
+        """``batch`` written in one hop to SQLite's thread (loopd.store.sqlite_fast), in
+        the group's transaction; None when it met something the regular path decides
+        (nothing was written)."""
         # aiosqlite's own queue to its thread, with the sqlite3 connection it runs on: the
         # public API offers statements only, one hop each
         db = self.db
         done = await db._execute(  # type: ignore[no-untyped-call]
-            fast.write, db._conn, batch, rows, whole=whole)
+            fast.write, db._conn, batch, self._owned_rows(batch))
         if not done:
             return None
-        self._held.update((r.id, r.epoch) for r in runs)
+        self._held.update((r.id, r.epoch) for r in batch.runs)
         return CommitResult()
 
     async def _batch(self, batch: Batch) -> CommitResult:

@@ -7,8 +7,9 @@ of the loop. The HTTP ingest path decides tens of events per batch, so those hop
 most of its latency; a Kafka backlog paid them per 2,000 events. Here the batch runs as
 one function in that thread, on the same connection and transaction.
 
-A group of writers comes here whole when it holds nothing else than plain batches, lease
-checks, fenced run writes and plain statements (``write_steps``).
+A whole group of writers comes here in one hop (``write_steps``) when it holds nothing
+but plain batches, lease checks, fenced run writes and plain statements; the regular path
+writes the same steps a hop each (``step``).
 
 Only a *plain* batch comes here: no cross-replica limits, breakers or updates of stored
 runs (those read the store and decide as they write; loopd.store.sqlite keeps them).
@@ -36,29 +37,17 @@ def plain(batch: Batch) -> bool:
     return not (batch.limits or batch.breakers or batch.breakers_closed or batch.run_updates)
 
 
-def write(conn: sqlite3.Connection, batch: Batch, runs: list[tuple[Any, ...]], *,
-          whole: bool) -> bool:
+def write(conn: sqlite3.Connection, batch: Batch, runs: list[tuple[Any, ...]]) -> bool:
     """Write ``batch`` (``runs``: its runs' rows, made on the loop's thread) in SQLite's
-    thread; ``whole``: in a transaction of its own (BEGIN ... COMMIT here too). False, with
-    nothing written, when a decision was already stored or an incident conflicts."""
-    if whole:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute("SAVEPOINT plain")
-        if not _records(conn, batch, runs):
-            conn.execute("ROLLBACK TO plain")
-            conn.execute("RELEASE plain")
-            if whole:
-                conn.execute("ROLLBACK")
-            return False
+    thread, inside the caller's transaction. False, with nothing written, when a decision
+    was already stored or an incident conflicts."""
+    conn.execute("SAVEPOINT plain")
+    if not _records(conn, batch, runs):
+        conn.execute("ROLLBACK TO plain")
         conn.execute("RELEASE plain")
-        if whole:
-            conn.execute("COMMIT")
-        return True
-    except BaseException:
-        if whole and conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        return False
+    conn.execute("RELEASE plain")
+    return True
 
 
 def _records(conn: sqlite3.Connection, batch: Batch, runs: list[tuple[Any, ...]]) -> bool:
@@ -108,47 +97,56 @@ def _records(conn: sqlite3.Connection, batch: Batch, runs: list[tuple[Any, ...]]
 # events) went 43,511-48,507 -> 58,416-64,507 events/s, alternating in one sitting.
 Step = tuple[str, Any, Any]
 """("batch", Batch, its runs' rows) | ("check", run ids, (replica, epochs)) |
-("fenced", statement, parameters of each) | ("sql", statement, rows)"""
+("fenced", statement, parameters of each) | ("sql", statement, rows). The regular path
+writes the same steps, a hop each (a batch that is not plain reads as it writes)."""
 
 
 def write_steps(conn: sqlite3.Connection, steps: list[Step]) -> list[Any] | None:
-    """Each step's answer, all in one transaction: a batch True; checks whether each run
-    is this replica's under its epoch; fenced writes whether each changed its row (the
-    regular path's rule: all at once, else each again alone from before that write, to
-    find which); a statement's rows, how many. None, with nothing written, when a batch met
-    what only the regular path decides (see ``write``)."""
+    """Each step's answer (a batch True, the others ``step``'s), all in one transaction;
+    None, with nothing written, when a batch met what only the regular path decides (see
+    ``write``)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         answers: list[Any] = []
-        for kind, first, second in steps:
-            if kind == "batch":
-                if not _records(conn, first, second):
-                    conn.execute("ROLLBACK")
-                    return None
+        for one in steps:
+            if one[0] != "batch":
+                answers.append(step(conn, one))
+            elif _records(conn, one[1], one[2]):
                 answers.append(True)
-            elif kind == "check":
-                replica, epochs = second
-                found: dict[str, int] = {}
-                for start in range(0, len(first), 500):
-                    ids = first[start:start + 500]
-                    found.update(conn.execute(
-                        f"SELECT id, epoch FROM runs WHERE owner=? AND id IN "
-                        f"({','.join('?' * len(ids))})", (replica, *ids)).fetchall())
-                answers.append([found.get(i) == e for i, e in zip(first, epochs, strict=True)])
-            elif kind == "fenced":
-                conn.execute("SAVEPOINT fenced")
-                if conn.executemany(first, second).rowcount == len(second):
-                    answers.append([True] * len(second))
-                else:  # from before the combined write: a new run's row is not in yet
-                    conn.execute("ROLLBACK TO fenced")
-                    answers.append([bool(conn.execute(first, p).rowcount) for p in second])
-                conn.execute("RELEASE fenced")
             else:
-                conn.executemany(first, second)
-                answers.append(len(second))
+                conn.execute("ROLLBACK")
+                return None
         conn.execute("COMMIT")
         return answers
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def step(conn: sqlite3.Connection, one: Step) -> Any:
+    """A step that is not a batch, in the caller's transaction: checks, whether each run
+    is this replica's under its epoch; fenced writes, whether each changed its row (all at
+    once, else each again alone from before that write, so a run new to the store does
+    not meet its own row, to find which); a statement's rows, how many."""
+    kind, first, second = one
+    if kind == "check":
+        replica, epochs = second
+        found: dict[str, int] = {}
+        for start in range(0, len(first), 500):
+            ids = first[start:start + 500]
+            found.update(conn.execute(
+                f"SELECT id, epoch FROM runs WHERE owner=? AND id IN "
+                f"({','.join('?' * len(ids))})", (replica, *ids)).fetchall())
+        return [found.get(i) == e for i, e in zip(first, epochs, strict=True)]
+    if kind == "fenced":
+        conn.execute("SAVEPOINT fenced")
+        if conn.executemany(first, second).rowcount == len(second):
+            changed = [True] * len(second)
+        else:
+            conn.execute("ROLLBACK TO fenced")
+            changed = [bool(conn.execute(first, p).rowcount) for p in second]
+        conn.execute("RELEASE fenced")
+        return changed
+    conn.executemany(first, second)
+    return len(second)
