@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from loopd.errors import StoreError, StoreRejected
 
 Op = TypeVar("Op")
+Answer = TypeVar("Answer")
 
 
 async def write_group(ops: list[tuple[Op, asyncio.Future[Any]]],
@@ -37,31 +38,40 @@ async def write_group(ops: list[tuple[Op, asyncio.Future[Any]]],
 _WRITING: set[asyncio.Task[None]] = set()
 
 
-async def write_in_turn(lock: asyncio.Lock, take: Callable[[], list[tuple[Op, Any]] | None],
-                        write_all: Callable[[list[tuple[Op, Any]]],
-                                            Awaitable[StoreError | None]]) -> None:
-    """Write the group ``take()`` hands over (None or empty: nothing left, another writer
-    wrote it) when it is this writer's turn under ``lock``. The write is shielded, so a
-    writer cancelled meanwhile (a run cancelled mid-save) leaves neither the transaction
-    open nor the others of its group without an answer; and the turn is given back when
-    the group is written, not at the cancel, so the next group never starts inside its
-    transaction (review: on SQLite's one connection the next BEGIN met it, and the error
-    handling rolled it back)."""
-    await lock.acquire()
-    try:
-        ops = take()
-    except BaseException:
-        lock.release()
-        raise
-    if not ops:
-        lock.release()
-        return
-    task = asyncio.ensure_future(write_group(ops, write_all))
-    _WRITING.add(task)
+class Writers(Generic[Op, Answer]):
+    """The writers waiting for a store's group commit, and whose turn it is to write
+    (``lock``: SQLite's one connection takes it for its transactions outside the group
+    commit too). ``write_all`` writes a group in one transaction and answers each
+    writer's future (``write_group`` splits a group that fails)."""
 
-    def written(_: asyncio.Task[None]) -> None:
-        _WRITING.discard(task)
-        lock.release()
+    def __init__(self, write_all: Callable[[list[tuple[Op, asyncio.Future[Answer]]]],
+                                           Awaitable[StoreError | None]]) -> None:
+        self.lock = asyncio.Lock()
+        self._queue: list[tuple[Op, asyncio.Future[Answer]]] = []
+        self._write_all = write_all
 
-    task.add_done_callback(written)
-    await asyncio.shield(task)
+    async def submit(self, op: Op) -> Answer:
+        """``op`` written with all that waits when it is this writer's turn; its answer.
+        The write is shielded, so a writer cancelled meanwhile (a run cancelled
+        mid-save) leaves neither the transaction open nor the others of its group
+        without an answer; and the turn is given back when the group is written, not at
+        the cancel, so the next group never starts inside its transaction (review: on
+        SQLite's one connection the next BEGIN met it, and the error handling rolled it
+        back)."""
+        done: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, done))
+        await self.lock.acquire()
+        if done.done():  # another writer wrote it meanwhile
+            self.lock.release()
+            return await done
+        ops, self._queue = self._queue, []
+        task = asyncio.ensure_future(write_group(ops, self._write_all))
+        _WRITING.add(task)
+
+        def written(_: asyncio.Task[None]) -> None:
+            _WRITING.discard(task)
+            self.lock.release()
+
+        task.add_done_callback(written)
+        await asyncio.shield(task)
+        return await done

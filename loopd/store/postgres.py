@@ -47,7 +47,7 @@ from loopd.store.base import (
     RunRecord,
     StepRecord,
 )
-from loopd.store.group import write_in_turn
+from loopd.store.group import Writers
 from loopd.store.postgres_batch import Answer, Conn, Group, Op, SaveRun, SaveStep, Statement
 from loopd.store.postgres_batch import text as _text
 from loopd.store.postgres_reads import REJECTED, PostgresReads, Scrubber, configure, describe
@@ -85,8 +85,8 @@ class PostgresStore(PostgresReads):
         self._scrub = Scrubber()
         self._incarnation = uuid.uuid4().hex
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] | None = None
-        self._lock = asyncio.Lock()  # the writer's turn (see _submit)
-        self._queue: list[tuple[Op, asyncio.Future[Answer]]] = []
+        # the group commit (each write bounded by the timeout: a turn is never held for good)
+        self._writers: Writers[Op, Answer] = Writers(self._write_all)
         self._held: dict[str, int] = {}  # run id -> the epoch this store holds it under
         self._changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -219,19 +219,8 @@ class PostgresStore(PostgresReads):
 
     # -- the group commit -------------------------------------------------------------
 
-    def _take(self, done: asyncio.Future[Answer]) -> list[tuple[Op, asyncio.Future[Answer]]] | None:
-        """All that waits, unless another writer wrote ``done``'s op meanwhile."""
-        if done.done():
-            return None
-        ops, self._queue = self._queue, []
-        return ops
-
     async def _submit(self, op: Op) -> Answer:
-        done: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._queue.append((op, done))
-        # the write is bounded by the store's timeout, so a turn is never held for good
-        await write_in_turn(self._lock, lambda: self._take(done), self._write_all)
-        answer = await done
+        answer = await self._writers.submit(op)
         if isinstance(answer, LeaseLost):
             raise answer
         return answer

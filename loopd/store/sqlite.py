@@ -52,7 +52,7 @@ from loopd.store.base import (
 )
 from loopd.store.codec import dump as _dump
 from loopd.store.codec import load as _load
-from loopd.store.group import write_in_turn
+from loopd.store.group import Writers
 from loopd.store.sqlite_schema import (
     APPEND_AUDIT,
     INSERT_DECISION,
@@ -138,8 +138,7 @@ class SqliteStore:
         self._db: aiosqlite.Connection | None = None
         # One connection: a transaction spans several awaits, so nothing else
         # may run statements on it meanwhile.
-        self._lock = asyncio.Lock()
-        self._queue: list[tuple[Op, asyncio.Future[CommitResult | None]]] = []
+        self._writers: Writers[Op, CommitResult | None] = Writers(self._write_all)
         # run id -> the epoch this process holds the run under (created, claimed, inserted)
         self._held: dict[str, int] = {}
         self._alone = True  # no other replica wrote since this store opened (see _shared)
@@ -243,7 +242,7 @@ class SqliteStore:
         skip = ",".join("?" * len(exclude))
         params = (self.replica, *statuses, *(() if others_only else (self.replica,)),
                   self.replica, stale, *sorted(exclude))
-        async with self._lock:
+        async with self._writers.lock:
             db = self.db
             try:
                 await db.execute("BEGIN IMMEDIATE")
@@ -323,17 +322,7 @@ class SqliteStore:
         return result if isinstance(result, CommitResult) else CommitResult()
 
     async def _submit(self, op: Op) -> CommitResult | None:
-        done: asyncio.Future[CommitResult | None] = asyncio.get_running_loop().create_future()
-        self._queue.append((op, done))
-        await write_in_turn(self._lock, lambda: self._take(done), self._write_all)
-        return await done
-
-    def _take(self, done: asyncio.Future[Any]) -> list[tuple[Op, asyncio.Future[Any]]] | None:
-        """All that waits, unless another writer wrote ``done``'s op meanwhile."""
-        if done.done():
-            return None
-        ops, self._queue = self._queue, []
-        return ops
+        return await self._writers.submit(op)
 
     async def _write_all(self, ops: list[tuple[Op, asyncio.Future[CommitResult | None]]]
                          ) -> StoreError | None:
@@ -695,7 +684,7 @@ class SqliteStore:
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         try:
-            async with self._lock, self.db.execute(sql, tuple(params)) as cur:
+            async with self._writers.lock, self.db.execute(sql, tuple(params)) as cur:
                 return list(await cur.fetchall())
         except aiosqlite.Error as exc:
             raise StoreError(f"read failed: {exc}", origin=str(self.path)) from None
