@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import os
 import sys
 from collections.abc import Coroutine
@@ -132,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "run":  # the command starts with it off (loopd.__main__)
+        gc.enable()
     if args.command == "version":
         print(f"loopd {__version__}")
         return EXIT_OK
