@@ -59,18 +59,13 @@ GC_THRESHOLD = (50_000, 50, 100)
 
 
 def tune_gc() -> None:
-    """For a process that is one daemon, once it is ready: move everything start-up made
-    (modules, compiled rules and workflows, the inventory) out of the collector's sight
-    (``gc.freeze``), collect the young generation less often, and turn the collector on
-    (the ``loopd`` command starts with it off: loopd.__main__). A scrape round of 100,000
-    samples into the engine went from 1.04 to 0.63 s of CPU (benchmarks/scrape.py), at
-    the same peak RSS.
-
-    No collection first: the cyclic garbage start-up leaves (at 1,000 rules, 7,187
-    objects: dicts, tuples, functions and cells of classes being built, YAML nodes,
-    argparse's formatters; nothing holding a file, a socket or a connection, which a
-    test checks) is frozen with the rest, where a full collection to free it took 61-119
-    ms of the time to ``/healthz``, for the same RSS."""
+    """For a process that is one daemon, once it is ready: collect, move everything
+    start-up made (modules, compiled rules and workflows, the inventory) out of the
+    collector's sight (``gc.freeze``), collect the young generation less often, and turn
+    the collector on (the ``loopd`` command starts with it off: loopd.__main__). A
+    scrape round of 100,000 samples into the engine went from 1.04 to 0.63 s of CPU
+    (benchmarks/scrape.py), at the same peak RSS."""
+    gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
     gc.enable()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from loopd.api.auth import _same
 
@@ -72,47 +71,3 @@ def test_the_command_starts_with_the_collector_off_and_only_run_keeps_it_off() -
     done = subprocess.run([sys.executable, "-c", COMMAND], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == "{'check': True, 'run': False}", done.stderr
-
-
-GARBAGE = """
-import asyncio, gc, io, os, socket, sqlite3, sys, threading
-import loopd.daemon as daemon
-
-def check():
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    gc.collect()
-    kinds = (io.IOBase, socket.socket, sqlite3.Connection, asyncio.BaseTransport,
-             threading.Thread)
-    held = sorted({type(o).__qualname__ for o in gc.garbage if isinstance(o, kinds)})
-    print(len(gc.garbage), held, flush=True)
-    os._exit(0)
-
-daemon.tune_gc = check
-from loopd.__main__ import main
-sys.argv = ["loopd", "run", "-c", sys.argv[1]]
-main()
-"""
-
-
-def test_the_garbage_start_up_leaves_holds_no_file_socket_or_connection(
-        tmp_path: Path) -> None:
-    """tune_gc freezes start-up's cyclic garbage instead of collecting it: a daemon with
-    the shipped rules, packs and inventory and a source of every pushed and consumed kind
-    leaves some (thousands of objects) and none of it holds a file, a socket, a
-    connection or a thread, which would stay open for good."""
-    root = Path(__file__).resolve().parents[2]
-    config = tmp_path / "loopd.yaml"
-    config.write_text(
-        "listen: 127.0.0.1:0\n"
-        "sources:\n  - {name: webhook, type: webhook}\n"
-        "  - {name: alertmanager, type: alertmanager}\n"
-        "  - {name: kafka, type: kafka, topics: [alerts], bootstrap: '127.0.0.1:9'}\n"
-        "  - {name: mqtt, type: mqtt, host: 127.0.0.1, port: 9, topics: ['alerts/#']}\n"
-        f"rules: [{root / 'rules'}]\npacks: [{root / 'packs'}]\n"
-        f"inventory: {root / 'config' / 'inventory.yaml'}\n"
-        "store: {path: state.db}\nlog: {format: json, level: warning}\n")
-    done = subprocess.run([sys.executable, "-c", GARBAGE, str(config)], capture_output=True,
-                          text=True, timeout=60, check=True)
-    count, _, held = done.stdout.strip().partition(" ")
-    assert held == "[]", done.stdout
-    assert 0 < int(count) < 50_000, done.stdout
