@@ -95,6 +95,32 @@ def alerts(count: int, rule_names: list[str], *, match_ratio: float | None = Non
     return out
 
 
+def threads_cpu_s(pid: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) so far of a process's main thread (``loop``: the event
+    loop's) and of its other threads together (``others``: SQLite's above all); ``pid``
+    None is this process. A thread that ends between two readings drops out of
+    ``others``."""
+    main = os.getpid() if pid is None else pid
+    tick = os.sysconf("SC_CLK_TCK")
+    spent = {"loop": 0.0, "others": 0.0}
+    for task in Path(f"/proc/{main}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            continue
+        spent["loop" if int(task.name) == main else "others"] += \
+            (int(fields[11]) + int(fields[12])) / tick
+    return spent
+
+
+def burst_threads(before: dict[str, float], after: dict[str, float],
+                  wall_s: float) -> dict[str, float]:
+    """The burst's CPU per thread beside its wall time: when ``loop`` and ``others`` add
+    up to ``wall_s``, the threads took turns instead of running side by side."""
+    return {"wall_s": round(wall_s, 2), **{
+        name: round(max(0.0, after[name] - before[name]), 2) for name in before}}
+
+
 def rss_mb() -> float:
     """Peak resident set size of this process, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from benchmarks.common import ROOT, alerts, percentile, write_rules
+from benchmarks.common import ROOT, alerts, burst_threads, percentile, threads_cpu_s, write_rules
 from benchmarks.kafka_mode import _cpu_s, _rss_mb
 
 PER_REQUEST = 10
@@ -108,10 +108,12 @@ async def http(rules: int, events: int, folder: Path) -> dict[str, object]:
                 for body in todo:  # the clients share one iterator: each body posted once
                     await _post(session, url, body)
 
+            threads = threads_cpu_s(daemon.pid)
             began, cpu = time.perf_counter(), _cpu_s(daemon.pid)
             await asyncio.gather(*(client() for _ in range(CLIENTS)))
             elapsed = time.perf_counter() - began
             cpu = _cpu_s(daemon.pid) - cpu
+            threads = burst_threads(threads, threads_cpu_s(daemon.pid), elapsed)
             sent = sum(len(orjson.loads(b)["alerts"]) for b in burst)
             # the runs the burst started finish first: latency is measured on a steady daemon
             await _runs_settled(session, port)
@@ -141,4 +143,4 @@ async def http(rules: int, events: int, folder: Path) -> dict[str, object]:
         "p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
         "p99_of": "a POST of 10 alerts, at 1,000 alerts/s", "runs": runs_created(
         folder / "http.db"), "clients": CLIENTS, "per_request": PER_REQUEST,
-        "daemon_rss_mb": rss}
+        "daemon_rss_mb": rss, "threads_cpu_s": threads}

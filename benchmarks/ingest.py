@@ -15,6 +15,10 @@ rss_mb_per_100k, the daemon's RSS as each 100,000 was decided). Mode ``http`` po
 payloads of 10 alerts from 8 concurrent clients to ``loopd run`` (benchmarks/http_mode.py);
 its p99 is a POST's answer at 1,000 alerts/s.
 
+Rows also give ``threads_cpu_s``: the burst's wall time and the CPU seconds of the
+measured process's main thread (``loop``) and of its other threads (``others``): when they
+add up to the wall time, the threads took turns.
+
 ``--match RATIO`` (default 0.1): the share of alerts that satisfy a rule; every row
 says which (``match``). Issue 15 measured the peer and set its targets with half the
 records matching (0.5): five times the durable decisions per event, most of them an
@@ -51,7 +55,17 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common, correlation
-from benchmarks.common import ROOT, alerts, emit, machine, percentile, rss_mb, write_rules
+from benchmarks.common import (
+    ROOT,
+    alerts,
+    burst_threads,
+    emit,
+    machine,
+    percentile,
+    rss_mb,
+    threads_cpu_s,
+    write_rules,
+)
 from loopd.cli import run_loop
 from loopd.config import load_config
 from loopd.daemon import Daemon, tune_gc
@@ -134,12 +148,14 @@ async def inproc(rules: int, events: int, folder: Path,
     templates = [ev for i, body in enumerate(pool) for ev in events_from(i, body)]
     decode_us = (time.perf_counter() - began) / len(pool) * 1e6
 
+    threads_before = threads_cpu_s()
     started, cpu_started = time.perf_counter(), time.process_time()
     for i, t in zip(range(events), itertools.cycle(templates), strict=False):
         await engine.emit(Delivery(Event(str(i), t.source, t.topic, t.data, t.key, t.time), ack))
     await engine.drain(timeout=600)
     elapsed = time.perf_counter() - started
     cpu_us = (time.process_time() - cpu_started) / events * 1e6  # every thread's CPU
+    threads = burst_threads(threads_before, threads_cpu_s(), elapsed)
     segments = [round(SEGMENT / (b - a)) for a, b in zip([started, *marks], marks,
                                                          strict=False)]
     matched = sum(engine.matches.values())
@@ -185,7 +201,8 @@ async def inproc(rules: int, events: int, folder: Path,
     if variant is not None:
         extra["decisions"] = correlation.decisions(folder / "state.db")
     return {"events_per_s": round(events / elapsed), "cpu_us_per_event": round(cpu_us, 1),
-            "runs": runs, **({"per_100k": segments} if len(segments) > 1 else {}),
+            "runs": runs, "threads_cpu_s": threads,
+            **({"per_100k": segments} if len(segments) > 1 else {}),
             "p99_ms": round(
         percentile(latencies, 0.99) * 1000, 3), "p50_ms": round(
         percentile(latencies, 0.5) * 1000, 3), "matched": matched, "acked": acked,

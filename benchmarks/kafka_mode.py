@@ -17,7 +17,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from benchmarks.common import ROOT, alerts, write_rules
+from benchmarks.common import ROOT, alerts, burst_threads, threads_cpu_s, write_rules
 
 SEGMENT = 100_000  # a long run's rate and RSS are reported per this many records
 
@@ -103,7 +103,7 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
             async with aiohttp.ClientSession() as http:
                 first = await _until(http, port, lambda m: m.get(RECEIVED, 0) > 0)
                 began = time.perf_counter() - 0.05  # the first poll is up to 100 ms late
-                cpu = _cpu_s(daemon.pid)
+                cpu, threads = _cpu_s(daemon.pid), threads_cpu_s(daemon.pid)
                 del first
                 # (when, decided, daemon RSS) at the first poll past each SEGMENT: a rate
                 # is decided over time between two of them, whatever the poll's lag
@@ -118,6 +118,7 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
                 await _until(http, port, segment)
                 elapsed = time.perf_counter() - began
                 cpu = _cpu_s(daemon.pid) - cpu
+                threads = burst_threads(threads, threads_cpu_s(daemon.pid), elapsed)
                 done = await _samples(http, port)  # every sample, once the run is over
             matched = int(sum(v for k, v in done.items()
                               if k.startswith("loopd_rule_matches_total")))
@@ -137,7 +138,8 @@ async def kafka(rules: int, events: int, folder: Path) -> dict[str, object]:
     return {"events_per_s": round(events / elapsed), "matched": matched,
             "cpu_us_per_event": round(cpu / events * 1e6, 1),
             "runs": runs_created(folder / "kafka.db"),
-            "partitions": PARTITIONS, "daemon_rss_mb": rss, **long}
+            "partitions": PARTITIONS, "daemon_rss_mb": rss, "threads_cpu_s": threads,
+            **long}
 
 
 RECEIVED = 'loopd_events_received_total{source="alertmanager"}'
