@@ -95,21 +95,26 @@ def alerts(count: int, rule_names: list[str], *, match_ratio: float | None = Non
     return out
 
 
+def stat_cpu_s(stat: Path) -> float:
+    """CPU seconds (user + system) in a ``/proc/PID/stat`` or ``/proc/PID/task/TID/stat``
+    file."""
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def threads_cpu_s(pid: int | None = None) -> dict[str, float]:
     """CPU seconds (user + system) so far of a process's main thread (``loop``: the event
     loop's) and of its other threads together (``others``: SQLite's above all); ``pid``
     None is this process. A thread that ends between two readings drops out of
     ``others``."""
     main = os.getpid() if pid is None else pid
-    tick = os.sysconf("SC_CLK_TCK")
     spent = {"loop": 0.0, "others": 0.0}
     for task in Path(f"/proc/{main}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            used = stat_cpu_s(task / "stat")
         except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
             continue
-        spent["loop" if int(task.name) == main else "others"] += \
-            (int(fields[11]) + int(fields[12])) / tick
+        spent["loop" if int(task.name) == main else "others"] += used
     return spent
 
 

@@ -17,7 +17,14 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from benchmarks.common import ROOT, alerts, burst_threads, threads_cpu_s, write_rules
+from benchmarks.common import (
+    ROOT,
+    alerts,
+    burst_threads,
+    stat_cpu_s,
+    threads_cpu_s,
+    write_rules,
+)
 
 SEGMENT = 100_000  # a long run's rate and RSS are reported per this many records
 
@@ -186,8 +193,7 @@ async def _until(http: aiohttp.ClientSession, port: int,
 
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system, every thread) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
