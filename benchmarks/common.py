@@ -54,9 +54,23 @@ def write_rules(folder: Path, count: int,
     return names
 
 
+def match_ratio(text: str) -> float:
+    """A share of alerts that satisfy a rule, in (0, 1] (ValueError with what is wrong)."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError(f"the match ratio must be a number in (0, 1], not {text!r}") from None
+    if not 0 < ratio <= 1:
+        raise ValueError(f"the match ratio must be in (0, 1], not {ratio}")
+    return ratio
+
+
 # the share of alerts that satisfy a rule (ingest.py --match sets it for the processes it
 # starts); issue 15 measured with half the records matching
-MATCH_RATIO = float(os.environ.get("LOOPD_BENCH_MATCH", "0.1"))
+try:
+    MATCH_RATIO = match_ratio(os.environ.get("LOOPD_BENCH_MATCH", "0.1"))
+except ValueError as exc:
+    raise SystemExit(f"LOOPD_BENCH_MATCH: {exc}") from None
 
 
 def alerts(count: int, rule_names: list[str], *, match_ratio: float | None = None,

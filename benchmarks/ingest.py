@@ -293,6 +293,13 @@ def startup(folder: Path) -> float:
         proc.wait(10)
 
 
+def _match(text: str) -> float:
+    try:
+        return common.match_ratio(text)
+    except ValueError as exc:  # argparse shows this one's message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", type=int, nargs="+", default=[10, 100, 1000])
@@ -304,12 +311,10 @@ def main() -> None:
     parser.add_argument("--correlation", nargs="+", choices=correlation.VARIANTS[1:],
                         help="compare these correlation variants with none (in-process)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--match", type=float, default=common.MATCH_RATIO,
+    parser.add_argument("--match", type=_match, default=common.MATCH_RATIO,
                         help="the share of alerts that satisfy a rule (default 0.1; issue "
                         "15's workload: 0.5)")
     args = parser.parse_args()
-    if not 0 < args.match <= 1:
-        parser.error(f"--match must be in (0, 1], not {args.match}")
     # the rows' processes (and the alerts they build) take it from the environment
     os.environ["LOOPD_BENCH_MATCH"] = str(args.match)
     if args.long:
